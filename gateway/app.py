@@ -1,0 +1,364 @@
+"""The Starlette apps: the mTLS API (KServe v2, as Triton speaks it) and the admin listener.
+
+Every route on the API app resolves the caller's identity first, from the verified peer
+certificate only; a request without one never reaches a handler's logic. Errors of every
+kind leave as RFC 9457 problem+json, mapped in one place (`_problem`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway import __version__
+from gateway.config import Config
+from gateway.identity import IdentityResolver
+from gateway.pipeline import (
+    AllowAuthenticated,
+    Exchange,
+    IdentityStage,
+    ModeStage,
+    Pipeline,
+    RouteStage,
+    VerifyStage,
+)
+from gateway.protocol.codec import binary_outputs, decode_request, encode_response
+from gateway.protocol.problems import (
+    BadRequest,
+    Internal,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    Problem,
+    UnknownModel,
+    UnknownVersion,
+    UnsupportedMediaType,
+    problem_response,
+)
+from gateway.protocol.tensors import InferResponse, Limits
+from gateway.registry import ModelEntry
+from gateway.routing.router import Router
+from gateway.verify import Verifier
+from gateway.verify.none import NoVerification
+
+log = logging.getLogger(__name__)
+
+DEADLINE_HEADER = "ztgate-deadline-ms"
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        self.requests = Counter(
+            "ztgate_requests",
+            "API requests by route and status",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "ztgate_infer_seconds",
+            "Inference latency through the gateway",
+            ["model", "mode"],
+            registry=self.registry,
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.app_calls = 0  # requests that reached the app at all (tests assert on it)
+
+
+@dataclass
+class Gateway:
+    """Everything a request needs, built once at start."""
+
+    cfg: Config
+    models: dict[str, dict[str, ModelEntry]]
+    router: Router
+    resolver: IdentityResolver
+    verifiers: dict[str, Verifier]
+    metrics: Metrics = field(default_factory=Metrics)
+    background: list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = field(
+        default_factory=list
+    )
+
+    def __post_init__(self) -> None:
+        self.identity = IdentityStage(self.resolver)
+        self.pipeline = Pipeline(
+            [
+                AllowAuthenticated(),
+                ModeStage(self.verifiers),
+                RouteStage(self.router),
+                VerifyStage(self.verifiers, self.router),
+            ]
+        )
+        self.limits = Limits(
+            max_body_bytes=self.cfg.limits.max_body_bytes,
+            max_tensor_elements=self.cfg.limits.max_tensor_elements,
+            max_inputs=self.cfg.limits.max_inputs,
+            max_json_depth=self.cfg.limits.max_json_depth,
+        )
+        self.router.probe_models = {name: self.latest(name) for name in self.models}
+
+    @classmethod
+    def default_verifiers(cls, cfg: Config) -> dict[str, Verifier]:
+        return {"none": NoVerification(cfg.limits.max_output_bytes)}
+
+    def latest(self, name: str) -> ModelEntry:
+        versions = self.models[name]
+        return versions[max(versions, key=int)]
+
+    def entry(self, name: str, version: str | None) -> ModelEntry:
+        versions = self.models.get(name)
+        if not versions:
+            raise UnknownModel(f"unknown model {name!r}")
+        if version is None:
+            return self.latest(name)
+        if version not in versions:
+            raise UnknownVersion(f"model {name!r} has no version {version!r}")
+        return versions[version]
+
+    def deadline(self, request: Request) -> float:
+        budget = self.cfg.routing.deadline_s
+        raw = request.headers.get(DEADLINE_HEADER)
+        if raw is not None:
+            if not raw.isdigit() or int(raw) <= 0:
+                raise BadRequest(f"{DEADLINE_HEADER} must be a positive integer of milliseconds")
+            # A client may shorten the deadline, never lengthen it past the cap.
+            budget = min(int(raw) / 1000, self.cfg.routing.max_deadline_s)
+        return time.monotonic() + budget
+
+
+# --- handlers ----------------------------------------------------------------------------
+def _authenticated(gw: Gateway, route: str, handler: Handler) -> Handler:
+    async def endpoint(request: Request) -> Response:
+        gw.metrics.app_calls += 1
+        try:
+            gw.resolver.resolve(dict(request.scope))
+            response = await handler(request)
+        except Problem as p:
+            response = problem_response(p)
+        except Exception:
+            log.exception("bug on %s", request.url.path)
+            response = problem_response(Internal())
+        gw.metrics.requests.labels(route, str(response.status_code)).inc()
+        return response
+
+    return endpoint
+
+
+def api_routes(gw: Gateway) -> list[Route]:
+    async def live(_: Request) -> Response:
+        return Response(status_code=200)
+
+    async def ready(_: Request) -> Response:
+        healthy = any(gw.router.candidates(m) for m in gw.models)
+        return Response(status_code=200 if healthy else 503)
+
+    async def server_metadata(_: Request) -> Response:
+        return JSONResponse(
+            {"name": "ztgate", "version": __version__, "extensions": ["binary_tensor_data"]}
+        )
+
+    async def model_metadata(request: Request) -> Response:
+        name = request.path_params["name"]
+        entry = gw.entry(name, request.path_params.get("version"))
+        return JSONResponse(
+            {
+                "name": entry.name,
+                "versions": sorted(gw.models[name], key=int),
+                "platform": "ztgate",
+                "inputs": [s.to_json() for s in entry.inputs],
+                "outputs": [s.to_json() for s in entry.outputs],
+                "parameters": {
+                    "sha256": entry.sha256,
+                    "classification": entry.classification,
+                    "allowed_modes": ",".join(entry.allowed_modes),
+                },
+            }
+        )
+
+    async def model_ready(request: Request) -> Response:
+        entry = gw.entry(request.path_params["name"], request.path_params.get("version"))
+        return Response(status_code=200 if gw.router.candidates(entry.name) else 400)
+
+    async def infer(request: Request) -> Response:
+        return await _infer(gw, request)
+
+    model = "/v2/models/{name}"
+    version = "/v2/models/{name}/versions/{version}"
+    routes = [
+        ("/v2/health/live", live, ["GET"], "live"),
+        ("/v2/health/ready", ready, ["GET"], "ready"),
+        ("/v2", server_metadata, ["GET"], "server_metadata"),
+        (model, model_metadata, ["GET"], "model_metadata"),
+        (version, model_metadata, ["GET"], "model_metadata"),
+        (model + "/ready", model_ready, ["GET"], "model_ready"),
+        (version + "/ready", model_ready, ["GET"], "model_ready"),
+        (model + "/infer", infer, ["POST"], "infer"),
+        (version + "/infer", infer, ["POST"], "infer"),
+    ]
+    return [
+        Route(path, _authenticated(gw, name, handler), methods=methods, name=f"{name}:{path}")
+        for path, handler, methods, name in routes
+    ]
+
+
+async def _read_body(request: Request, cap: int) -> bytes:
+    """The whole body, refused with 413 as soon as it passes the cap (never buffered past it)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise BadRequest("Content-Length must be a non-negative integer")
+        if int(declared) > cap:
+            raise PayloadTooLarge(f"body of {declared} bytes exceeds the cap of {cap}")
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding != "identity":
+        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not accepted")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            raise PayloadTooLarge(f"body exceeds the cap of {cap} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _infer(gw: Gateway, request: Request) -> Response:
+    started = time.monotonic()
+    x = Exchange(scope=request.scope, deadline=gw.deadline(request))
+    await gw.identity(x)
+    x.entry = gw.entry(request.path_params["name"], request.path_params.get("version"))
+    header_length = request.headers.get("inference-header-content-length")
+    if header_length is not None and not header_length.isdigit():
+        raise BadRequest("Inference-Header-Content-Length must be a non-negative integer")
+    body = await _read_body(request, gw.cfg.limits.max_body_bytes)
+    x.request = decode_request(
+        body,
+        int(header_length) if header_length is not None else None,
+        x.entry.name,
+        x.entry.version,
+        gw.limits,
+    )
+    check_inputs(x.entry, x.request.inputs)
+    await gw.pipeline(x)
+    assert x.outcome is not None
+    params: dict[str, Any] = {
+        "ztgate.request_id": x.request_id,
+        "ztgate.nodes": ",".join(x.outcome.nodes),
+        "ztgate.verification": x.outcome.mode,
+        "ztgate.verification_status": x.outcome.status,
+        "ztgate.attempts": x.outcome.attempts,
+    }
+    if x.outcome.nonfinite:
+        params["ztgate.nonfinite"] = True
+    resp = InferResponse(
+        model_name=x.entry.name,
+        model_version=x.entry.version,
+        id=x.request.id,
+        outputs=x.outcome.outputs,
+        parameters=params,
+    )
+    body_out, headers = encode_response(resp, binary_outputs(x.request))
+    headers["ztgate-request-id"] = x.request_id
+    gw.metrics.latency.labels(x.entry.name, x.outcome.mode).observe(time.monotonic() - started)
+    return Response(body_out, headers=headers)
+
+
+def check_inputs(entry: ModelEntry, inputs: tuple[Any, ...]) -> None:
+    """The request must match the registered signature before any node sees it."""
+    from gateway.protocol.problems import InvalidTensor
+
+    specs = {s.name: s for s in entry.inputs}
+    names = [t.name for t in inputs]
+    if sorted(names) != sorted(specs):
+        raise InvalidTensor(f"model {entry.name!r} takes inputs {sorted(specs)}, got {names}")
+    batch = None
+    for t in inputs:
+        spec = specs[t.name]
+        if t.datatype != spec.datatype:
+            raise InvalidTensor(f"input {t.name!r} must be {spec.datatype}, got {t.datatype}")
+        if len(t.shape) != len(spec.shape) or any(
+            s >= 0 and d != s for d, s in zip(t.shape, spec.shape, strict=True)
+        ):
+            raise InvalidTensor(
+                f"input {t.name!r} shape {list(t.shape)} does not fit {list(spec.shape)}"
+            )
+        if spec.shape and spec.shape[0] < 0:
+            if batch is not None and t.shape[0] != batch:
+                raise InvalidTensor("inputs disagree on the batch dimension")
+            batch = t.shape[0]
+        if t.shape and t.shape[0] == 0:
+            raise InvalidTensor(f"input {t.name!r} has an empty batch")
+
+
+# --- errors, in one place ----------------------------------------------------------------
+async def _problem(_: Request, exc: Exception) -> Response:
+    if isinstance(exc, Problem):
+        return problem_response(exc)
+    if isinstance(exc, HTTPException):
+        if exc.status_code == 404:
+            return problem_response(NotFound("no such route"))
+        if exc.status_code == 405:
+            return problem_response(MethodNotAllowed("method not allowed on this route"))
+        return problem_response(BadRequest(str(exc.detail)))
+    log.exception("bug", exc_info=exc)
+    return problem_response(Internal())
+
+
+def build_api(gw: Gateway) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        stop = asyncio.Event()
+        tasks: list[asyncio.Task[None]] = [asyncio.create_task(j(stop)) for j in gw.background]
+        tasks.append(asyncio.create_task(gw.router.run_health(stop)))
+        try:
+            yield
+        finally:
+            stop.set()
+            await asyncio.wait(tasks, timeout=5)
+            await gw.router.close()
+
+    return Starlette(
+        routes=api_routes(gw),
+        exception_handlers={Exception: _problem, HTTPException: _problem},
+        lifespan=lifespan,
+    )
+
+
+def build_admin(gw: Gateway) -> Starlette:
+    """Probes and metrics for the orchestrator: no client certificate (kubelets send none)."""
+
+    async def live(_: Request) -> Response:
+        return Response(status_code=200)
+
+    async def ready(_: Request) -> Response:
+        healthy = any(gw.router.candidates(m) for m in gw.models)
+        return Response(status_code=200 if healthy else 503)
+
+    async def metrics(_: Request) -> Response:
+        return Response(generate_latest(gw.metrics.registry), media_type="text/plain")
+
+    return Starlette(
+        routes=[
+            Route("/v2/health/live", live),
+            Route("/v2/health/ready", ready),
+            Route("/healthz", live),
+            Route("/readyz", ready),
+            Route("/metrics", metrics),
+        ],
+        exception_handlers={Exception: _problem, HTTPException: _problem},
+    )

@@ -1,0 +1,122 @@
+"""`ztgate model ...`: register ONNX models and inspect the registry."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from gateway.cli import UsageError
+from gateway.registry import (
+    CLASSIFICATIONS,
+    MODES,
+    ModelEntry,
+    Registry,
+    RegistryError,
+    seed_examples,
+)
+
+DEFAULT_REGISTRY = Path(".ztgate/registry")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("model", help="manage the model registry")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    add = verbs.add_parser("add", help="register an ONNX file")
+    add.add_argument("file", type=Path, metavar="FILE.onnx")
+    add.add_argument("--name", required=True)
+    add.add_argument("--version", default="1", help="positive integer (default 1)")
+    add.add_argument(
+        "--classification",
+        default="internal",
+        help=f"one of {', '.join(CLASSIFICATIONS)} (default internal)",
+    )
+    add.add_argument(
+        "--modes",
+        default="none",
+        help=f"comma-separated subset of {','.join(MODES)} (default none)",
+    )
+    _registry_option(add)
+    add.set_defaults(func=_add)
+
+    listing = verbs.add_parser("list", help="list registered models")
+    listing.add_argument("--json", action="store_true", help="one JSON array of entries")
+    _registry_option(listing)
+    listing.set_defaults(func=_list)
+
+    examples = verbs.add_parser("examples", help="register the shipped example models")
+    _registry_option(examples)
+    examples.set_defaults(func=_examples)
+
+    verify = verbs.add_parser("verify", help="re-hash every model file (exit 1 on mismatch)")
+    _registry_option(verify)
+    verify.set_defaults(func=_verify)
+
+
+def _registry_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--registry",
+        type=Path,
+        default=DEFAULT_REGISTRY,
+        metavar="DIR",
+        help=f"registry directory (default {DEFAULT_REGISTRY})",
+    )
+
+
+def _open(args: argparse.Namespace) -> Registry:
+    try:
+        return Registry.open(args.registry)
+    except RegistryError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _add(args: argparse.Namespace) -> int:
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    registry = _open(args)
+    try:
+        entry = registry.add(args.file, args.name, args.version, args.classification, modes)
+    except RegistryError as exc:
+        raise UsageError(str(exc)) from exc
+    print(json.dumps(entry.to_json(), indent=2))
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    try:
+        entries = _open(args).entries()
+    except RegistryError as exc:
+        raise UsageError(str(exc)) from exc
+    if args.json:
+        print(json.dumps([e.to_json() for e in entries], indent=2))
+        return 0
+    for entry in entries:
+        print(_row(entry) + f"\t{entry.sha256}")
+    return 0
+
+
+def _examples(args: argparse.Namespace) -> int:
+    registry = _open(args)
+    try:
+        entries = seed_examples(registry)
+    except RegistryError as exc:
+        raise UsageError(str(exc)) from exc
+    for entry in entries:
+        print(_row(entry))
+    return 0
+
+
+def _row(entry: ModelEntry) -> str:
+    modes = ",".join(entry.allowed_modes)
+    return f"{entry.name}\t{entry.version}\t{entry.classification}\t{modes}"
+
+
+def _verify(args: argparse.Namespace) -> int:
+    try:
+        problems = _open(args).verify()
+    except RegistryError as exc:
+        raise UsageError(str(exc)) from exc
+    for problem in problems:
+        print(problem)
+    return 1 if problems else 0

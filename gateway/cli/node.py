@@ -1,0 +1,163 @@
+"""`ztgate node`: run an inference node (tritonserver behind gRPC mTLS) under supervision."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from gateway.cli import UsageError
+from gateway.pki import DEFAULT_SITE, PKI, PKIError
+
+log = logging.getLogger("ztgate.node")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("node", help="inference nodes: tritonserver behind gRPC mTLS")
+    verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    serve = verbs.add_parser(
+        "serve", help="serve models on gRPC mTLS until SIGINT/SIGTERM, restarting on failure"
+    )
+    serve.add_argument("--name", required=True, help="node name (its cert: <name>.node.<td>)")
+    serve.add_argument("--region", required=True)
+    serve.add_argument("--provider", required=True)
+    serve.add_argument("--grpc-port", type=int, required=True)
+    serve.add_argument(
+        "--grpc-host", default="127.0.0.1", help="gRPC bind address (default 127.0.0.1)"
+    )
+    serve.add_argument(
+        "--http-port", type=int, help="loopback-only HTTP for health checks (default: any free)"
+    )
+    serve.add_argument("--pki", type=Path, required=True, help="PKI directory")
+    serve.add_argument("--site", default=DEFAULT_SITE, help="whose gateway may call this node")
+    src = serve.add_mutually_exclusive_group(required=True)
+    src.add_argument("--registry", type=Path, help="build the model repository from here")
+    src.add_argument("--repository", type=Path, help="serve this ready Triton repository")
+    serve.add_argument("--models", help="comma-separated model names (with --registry)")
+    serve.add_argument("--workdir", type=Path, help="default .ztgate/nodes/<name>")
+    serve.add_argument("--triton-home", type=Path, help="default <workdir>/triton-home")
+    serve.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    serve.add_argument("--start-deadline", type=float, default=30.0, metavar="SECONDS")
+    serve.add_argument("--check-interval", type=float, default=2.0, metavar="SECONDS")
+    serve.add_argument("--max-restarts", type=int, default=5, help="per 5 minutes")
+    serve.set_defaults(func=_serve)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _labels(raw: list[str]) -> dict[str, str]:
+    labels = {}
+    for item in raw:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--label {item!r}: expected KEY=VALUE")
+        labels[key] = value
+    return labels
+
+
+def _build_repository(args: argparse.Namespace, workdir: Path) -> Path:
+    if args.repository is not None:
+        if args.models:
+            raise UsageError("--models needs --registry")
+        if not args.repository.is_dir():
+            raise UsageError(f"--repository {args.repository} is not a directory")
+        return Path(args.repository).absolute()
+    from gateway.node.repository import RepositoryError, build_repository
+    from gateway.registry import Registry, RegistryError
+
+    try:
+        entries = Registry.open(args.registry).entries()
+        if args.models:
+            wanted = [m.strip() for m in args.models.split(",") if m.strip()]
+            unknown = sorted(set(wanted) - {e.name for e in entries})
+            if unknown:
+                raise UsageError(f"--models: not in {args.registry}: {', '.join(unknown)}")
+            entries = [e for e in entries if e.name in wanted]
+        if not entries:
+            raise UsageError(f"no models to serve in {args.registry}")
+        return build_repository(entries, workdir / "repository")
+    except (RegistryError, RepositoryError) as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gateway.node.triton import (
+        NodeSpec,
+        NodeStartError,
+        NodeSupervisor,
+        TritonNotInstalled,
+        TritonProcess,
+    )
+
+    workdir = (args.workdir or Path(".ztgate/nodes") / args.name).absolute()
+    labels = _labels(args.label)
+    try:
+        pki = PKI.open(args.pki)
+        if args.site not in pki.sites:
+            raise UsageError(f"--site {args.site!r} is not in {args.pki} ({', '.join(pki.sites)})")
+        issued = pki.ensure("node", args.name)
+    except PKIError as exc:
+        raise UsageError(str(exc)) from exc
+    repository = _build_repository(args, workdir)
+    spec = NodeSpec(
+        name=args.name,
+        region=args.region,
+        provider=args.provider,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port or _free_port(),
+        repository=repository,
+        cert=issued.cert.absolute(),
+        key=issued.key.absolute(),
+        client_ca=pki.gateway_ca_bundle(args.site).absolute(),
+        workdir=workdir,
+        labels=labels,
+        grpc_host=args.grpc_host,
+    )
+    supervisor = NodeSupervisor(
+        TritonProcess(spec, args.triton_home.absolute() if args.triton_home else None),
+        interval_s=args.check_interval,
+        start_deadline_s=args.start_deadline,
+        max_restarts=args.max_restarts,
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("node %s: %s, stopping", args.name, signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            took = supervisor.start()
+        except (NodeStartError, TritonNotInstalled) as exc:
+            print(f"ztgate: node {args.name} failed to start: {exc}")
+            return 1
+        print(f"node {spec.name} ready in {took:.2f}s ({spec.region}, {spec.provider})")
+        print(f"  gRPC (mTLS):  {spec.grpc_address}")
+        print(f"  pin DNS name: {pki.node_dns_name(spec.name)}   (grpc.ssl_target_name_override)")
+        print(f"  SPIFFE ID:    {issued.spiffe_id}")
+        print(f"  trusts:       {spec.client_ca}  (gateway CA of site {args.site})")
+        print(f"  repository:   {spec.repository}")
+        print(f"  log:          {supervisor.process.log_path}")
+        # Serving has no natural end; the loop ends on a signal or when supervision gives up.
+        while not stop.wait(1.0):
+            if supervisor.state == "failed":
+                print(f"ztgate: node {args.name} gave up: {supervisor.last_reason}")
+                return 1
+        return 0
+    finally:
+        supervisor.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        log.info("node %s stopped (restarts: %d)", args.name, supervisor.restarts)

@@ -1,0 +1,88 @@
+"""`ztgate pki`: the development PKI (init, issue)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any, cast
+
+from gateway.cli import UsageError
+from gateway.pki import DEFAULT_SITE, DEFAULT_TRUST_DOMAIN, PKI, ROLES, PKIError, Role
+
+DEFAULT_DIR = Path(".ztgate/pki")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("pki", help="development PKI: CAs, certificates, signing keys")
+    verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    init = verbs.add_parser("init", help="create the root, the per-role CAs and all keys")
+    init.add_argument("dir", type=Path, nargs="?", default=DEFAULT_DIR)
+    init.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
+    init.add_argument("--site", action="append", dest="sites", help="gateway site (repeat)")
+    init.set_defaults(func=_init)
+
+    issue = verbs.add_parser("issue", help="issue one more certificate")
+    issue.add_argument("role", choices=ROLES)
+    issue.add_argument("name")
+    issue.add_argument("--dir", type=Path, default=DEFAULT_DIR)
+    issue.add_argument("--site", default=DEFAULT_SITE)
+    issue.add_argument("--days", type=float, default=365.0, help="lifetime in days")
+    issue.add_argument("--not-before", help="ISO 8601 start (default: now - 5 min)")
+    issue.add_argument("--org", help="subject O (organisation)")
+    issue.add_argument("--unit", help="subject OU (unit)")
+    issue.add_argument("--out", type=Path, help="write CERT and KEY as OUT.crt / OUT.key")
+    issue.set_defaults(func=_issue)
+
+
+def _init(args: argparse.Namespace) -> int:
+    try:
+        pki = PKI.init(args.dir, args.trust_domain, args.sites or [DEFAULT_SITE])
+    except PKIError as exc:
+        raise UsageError(str(exc)) from exc
+    print(f"dev PKI for {pki.trust_domain} in {pki.root} (sites: {', '.join(pki.sites)})")
+    print("WARNING: development only; production mode refuses this PKI.")
+    return 0
+
+
+def _issue(args: argparse.Namespace) -> int:
+    try:
+        start = dt.datetime.fromisoformat(args.not_before) if args.not_before else None
+    except ValueError as exc:
+        raise UsageError(f"--not-before: {exc}") from exc
+    if start is not None and start.tzinfo is None:
+        start = start.replace(tzinfo=dt.UTC)
+    if not 0 < args.days <= 3650:
+        raise UsageError("--days must be in (0, 3650]")
+    out = (args.out.with_suffix(".crt"), args.out.with_suffix(".key")) if args.out else None
+    try:
+        pki = PKI.open(args.dir)
+        begin = start or dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+        issued = pki.issue(
+            cast(Role, args.role),
+            args.name,
+            site=args.site,
+            not_before=begin,
+            not_after=begin + dt.timedelta(days=args.days),
+            organization=args.org,
+            unit=args.unit,
+            out=out,
+        )
+    except PKIError as exc:
+        raise UsageError(str(exc)) from exc
+    print(
+        json.dumps(
+            {
+                "role": issued.role,
+                "spiffe_id": issued.spiffe_id,
+                "cert": str(issued.cert),
+                "key": str(issued.key),
+                "serial": format(issued.serial, "x"),
+                "not_after": issued.not_after.isoformat(),
+            },
+            indent=2,
+        )
+    )
+    return 0

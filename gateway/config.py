@@ -1,0 +1,206 @@
+"""The gateway's configuration: one TOML file, parsed once into frozen dataclasses.
+
+Nothing deeper in the gateway reads the environment or the file again. Relative paths
+are resolved against the config file's directory. See docs/config.md for every key.
+
+    mode = "dev"                  # or "production": refuses every dev-only item
+    trust_domain = "ztgate.local"
+    site = "site-a"
+    registry = "registry"         # model registry directory (signatures, hashes)
+    data_dir = "data"             # durable embedded state
+
+    [listen]    host, port, admin_host, admin_port, graceful_shutdown_s
+    [tls]       cert, key, client_ca, node_ca, node_client_cert, node_client_key,
+                reload_interval_s, dev_pki
+    [limits]    max_body_bytes, max_tensor_elements, max_inputs, max_json_depth,
+                max_output_bytes
+    [routing]   per_try_timeout_s, deadline_s, max_deadline_s, max_attempts,
+                eject_after_failures, eject_base_s, eject_max_s, max_ejected_share,
+                max_pending_per_node, health_interval_s, ewma_alpha
+    [state]     redis_url
+    [[nodes]]   name, address, dns_name, spiffe_id, region, provider, models, labels
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+Mode = Literal["dev", "production"]
+
+
+class ConfigError(Exception):
+    """The configuration file is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str = "127.0.0.1"
+    port: int = 8443
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 8081
+    graceful_shutdown_s: int = 2
+
+
+@dataclass(frozen=True)
+class TLS:
+    cert: Path
+    key: Path
+    client_ca: Path
+    node_ca: Path
+    node_client_cert: Path
+    node_client_key: Path
+    reload_interval_s: float = 5.0
+    dev_pki: bool = False
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_tensor_elements: int = 4 * 1024 * 1024
+    max_inputs: int = 64
+    max_json_depth: int = 32
+    max_output_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Routing:
+    per_try_timeout_s: float = 2.0
+    deadline_s: float = 10.0
+    max_deadline_s: float = 60.0
+    max_attempts: int = 3
+    eject_after_failures: int = 3
+    eject_base_s: float = 5.0
+    eject_max_s: float = 300.0
+    max_ejected_share: float = 0.5
+    max_pending_per_node: int = 64
+    health_interval_s: float = 2.0
+    ewma_alpha: float = 0.2
+
+
+@dataclass(frozen=True)
+class State:
+    redis_url: str | None = None
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    address: str  # host:port of the node's gRPC (mTLS) endpoint
+    dns_name: str  # the node certificate's unique DNS SAN, pinned per channel
+    spiffe_id: str
+    region: str
+    provider: str
+    models: tuple[str, ...] = ()  # empty: every model in the registry
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def serves(self, model: str) -> bool:
+        return not self.models or model in self.models
+
+
+@dataclass(frozen=True)
+class Config:
+    tls: TLS
+    registry: Path
+    data_dir: Path
+    mode: Mode = "dev"
+    trust_domain: str = "ztgate.local"
+    site: str = "site-a"
+    listen: Listen = field(default_factory=Listen)
+    limits: Limits = field(default_factory=Limits)
+    routing: Routing = field(default_factory=Routing)
+    state: State = field(default_factory=State)
+    nodes: tuple[NodeConfig, ...] = ()
+
+    def dev_only_items(self) -> list[str]:
+        """What production mode refuses, each named so the operator can fix it."""
+        items = []
+        if self.tls.dev_pki:
+            items.append("tls.dev_pki: certificates from the development PKI")
+        if self.state.redis_url is None:
+            items.append("state.redis_url unset: soft state only in this replica's memory")
+        elif self.state.redis_url.startswith("redis://"):
+            items.append("state.redis_url is plaintext redis://; use rediss:// with an ACL user")
+        return items
+
+
+T = TypeVar("T")
+
+
+def _build(cls: type[T], data: Any, where: str, base: Path) -> T:
+    if not isinstance(data, dict):
+        raise ConfigError(f"[{where}] must be a table")
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"[{where}] unknown key(s): {', '.join(unknown)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        ftype = str(known[name].type)
+        if "Path" in ftype:
+            if not isinstance(value, str):
+                raise ConfigError(f"{where}.{name} must be a path string")
+            value = (base / value).resolve()
+        elif ftype.startswith("tuple") and isinstance(value, list):
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        elif ftype.startswith("tuple") and isinstance(value, dict):
+            value = tuple(sorted((str(k), str(v)) for k, v in value.items()))
+        elif ftype == "float" and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        kwargs[name] = value
+    try:
+        obj = cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"[{where}] {exc}") from exc
+    _check_types(obj, where)
+    return obj
+
+
+def _check_types(obj: Any, where: str) -> None:
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        expected = {"int": int, "float": float, "str": str, "bool": bool}.get(str(f.type))
+        if expected and (not isinstance(value, expected) or (expected is int and value is True)):
+            raise ConfigError(f"{where}.{f.name} must be {f.type}, got {value!r}")
+
+
+def load_config(path: Path) -> Config:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return parse_config(raw, path.parent.resolve())
+
+
+def parse_config(raw: dict[str, Any], base: Path) -> Config:
+    raw = dict(raw)
+    sections: dict[str, Any] = {}
+    for name, cls in (("listen", Listen), ("limits", Limits), ("routing", Routing)):
+        if name in raw:
+            sections[name] = _build(cls, raw.pop(name), name, base)
+    if "state" in raw:
+        sections["state"] = _build(State, raw.pop("state"), "state", base)
+    if "tls" not in raw:
+        raise ConfigError("[tls] is required")
+    sections["tls"] = _build(TLS, raw.pop("tls"), "tls", base)
+    nodes = raw.pop("nodes", [])
+    if not isinstance(nodes, list):
+        raise ConfigError("[[nodes]] must be an array of tables")
+    sections["nodes"] = tuple(
+        _build(NodeConfig, n, f"nodes[{i}]", base) for i, n in enumerate(nodes)
+    )
+    names = [n.name for n in sections["nodes"]]
+    if len(set(names)) != len(names):
+        raise ConfigError("node names must be unique")
+    for key in ("registry", "data_dir"):
+        if key not in raw:
+            raise ConfigError(f"{key} is required")
+    cfg = _build(Config, {**raw, **sections}, "top level", base)
+    if cfg.mode not in ("dev", "production"):
+        raise ConfigError("mode must be 'dev' or 'production'")
+    r = cfg.routing
+    if not 0 < r.max_ejected_share <= 1 or r.max_attempts < 1 or r.deadline_s <= 0:
+        raise ConfigError("routing: max_ejected_share in (0,1], max_attempts >= 1, deadline_s > 0")
+    return cfg

@@ -1,0 +1,395 @@
+"""Recipes for the three small example models shipped in ``gateway/examples/``.
+
+The shipped ``.onnx`` files are what the gateway serves; this module is how they were made,
+so anyone can reproduce them (``build_examples``) without torch: scikit-learn trains a
+one-hidden-layer MLP with a fixed seed and the ONNX graph is written by hand
+(MatMul + Add + Relu, then Softmax or Sigmoid). Input standardisation is folded into the
+first layer, so every model takes raw features.
+
+* ``iris``  -- 4 -> 8 -> 3 classifier on sklearn's bundled iris data.
+* ``mnist`` -- 784 -> 64 -> 10 classifier on sklearn's bundled 8x8 digits, upsampled to 28x28.
+* ``risk``  -- 6 -> 16 -> 1 "credit risk score" on synthetic applicants; the sensitive one.
+
+scikit-learn is only needed for the recipes (the ``train`` extra); reading the shipped files
+needs nothing beyond the standard library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from numpy.typing import NDArray
+from onnx import TensorProto, helper, numpy_helper
+
+EXAMPLE_NAMES: tuple[str, ...] = ("iris", "mnist", "risk")
+SHIPPED_DIR = Path(__file__).resolve().parent / "examples"
+SUMS_FILE = "SHA256SUMS.json"
+
+INPUT_NAME = "input"
+OPSET = 17
+# onnxruntime accepts newer IRs too, but 8 is what opset 17 was released with, and pinning it
+# keeps the bytes independent of the onnx package's default.
+IR_VERSION = 8
+PRODUCER = "ztgate.examples"
+PRODUCER_VERSION = "1"
+
+RISK_FEATURES: tuple[str, ...] = (
+    "age_years",
+    "annual_income_k",
+    "debt_to_income",
+    "late_payments_12m",
+    "open_credit_lines",
+    "years_employed",
+)
+
+# Where the shipped bytes came from. sklearn's float maths goes through OpenBLAS, whose kernels
+# differ per CPU family, so byte-identical rebuilds are only promised when all of this matches
+# (see ``build_environment``); elsewhere the recipe still yields equivalent models.
+BUILT_WITH: dict[str, str] = {
+    "numpy": "1.26.4",
+    "scipy": "1.17.1",
+    "scikit-learn": "1.9.1",
+    "onnx": "1.23.2",
+    "blas": "Cooperlake,SkylakeX",
+}
+
+FloatArray = NDArray[np.float32]
+LabelArray = NDArray[np.int64]
+
+
+class ExampleError(Exception):
+    """A shipped example is missing or does not match its recorded SHA-256."""
+
+
+@dataclass(frozen=True)
+class Dense:
+    """One affine layer, ``x @ weight + bias``, in float32 as it will be stored."""
+
+    weight: FloatArray
+    bias: FloatArray
+
+
+@dataclass(frozen=True)
+class Mlp:
+    """A trained one-hidden-layer network ready for export."""
+
+    hidden: Dense
+    out: Dense
+    # "softmax" for multi-class, "sigmoid" for a single score.
+    head: str
+    output_name: str
+    doc: str
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def digits_to_mnist(images: NDArray[Any]) -> FloatArray:
+    """Turn 8x8 digits (values 0..16) into flattened 28x28 MNIST-like rows in [0, 1].
+
+    Nearest-neighbour 3x upsampling gives 24x24; a 2-pixel border centres it like MNIST.
+    """
+    imgs = np.asarray(images, dtype=np.float32).reshape(-1, 8, 8) / np.float32(16.0)
+    big = np.kron(imgs, np.ones((1, 3, 3), dtype=np.float32))
+    padded = np.pad(big, ((0, 0), (2, 2), (2, 2)))
+    return padded.reshape(len(imgs), 28 * 28).astype(np.float32)
+
+
+def _iris() -> tuple[FloatArray, LabelArray]:
+    from sklearn.datasets import load_iris
+
+    data = load_iris()
+    return data.data.astype(np.float32), data.target.astype(np.int64)
+
+
+def _digits() -> tuple[FloatArray, LabelArray]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return digits_to_mnist(data.images), data.target.astype(np.int64)
+
+
+def _risk(n: int = 4000, seed: int = 20240607) -> tuple[FloatArray, LabelArray]:
+    """Synthetic applicants whose default odds follow a known, mildly non-linear rule."""
+    rng = np.random.default_rng(seed)
+    age = rng.uniform(21, 70, n)
+    income = rng.lognormal(mean=4.0, sigma=0.45, size=n)  # thousands per year
+    dti = rng.beta(2.0, 5.0, n)
+    late = rng.poisson(0.6, n).astype(np.float64)
+    lines = rng.integers(0, 15, n).astype(np.float64)
+    employed = np.minimum(rng.exponential(6.0, n), age - 18)
+    logit = (
+        -1.2
+        + 4.0 * (dti - 0.3)
+        + 0.9 * late
+        - 0.025 * (income - 55.0)
+        - 0.04 * (age - 40.0)
+        - 0.12 * employed
+        + 0.06 * (lines - 7.0) ** 2 / 7.0
+    )
+    label = rng.uniform(size=n) < 1.0 / (1.0 + np.exp(-logit))
+    x = np.stack([age, income, dti, late, lines, employed], axis=1)
+    return x.astype(np.float32), label.astype(np.int64)
+
+
+_DATASETS: dict[str, Callable[[], tuple[FloatArray, LabelArray]]] = {
+    "iris": _iris,
+    "mnist": _digits,
+    "risk": _risk,
+}
+
+
+def load_dataset(name: str) -> tuple[FloatArray, LabelArray]:
+    """The training data of example ``name`` as (features, labels); needs scikit-learn."""
+    try:
+        return _DATASETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown example {name!r}; expected one of {EXAMPLE_NAMES}") from None
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _fold_standardisation(x: FloatArray, coef: NDArray[Any], intercept: NDArray[Any]) -> Dense:
+    """Absorb ``(x - mean) / std`` into the first layer so the exported model eats raw x."""
+    mean = x.astype(np.float64).mean(axis=0)
+    std = x.astype(np.float64).std(axis=0)
+    std[std == 0] = 1.0
+    weight = coef / std[:, None]
+    bias = intercept - (mean / std) @ coef
+    return Dense(weight.astype(np.float32), bias.astype(np.float32))
+
+
+def _standardise(x: FloatArray) -> NDArray[np.float64]:
+    x64 = x.astype(np.float64)
+    std = x64.std(axis=0)
+    std[std == 0] = 1.0
+    return np.asarray((x64 - x64.mean(axis=0)) / std)
+
+
+def _untyped(module: str) -> Any:
+    """Import a train-extra dependency that ships no type information."""
+    return importlib.import_module(module)
+
+
+def _fit(model: Any, x: NDArray[Any], y: LabelArray) -> Any:
+    from sklearn.exceptions import ConvergenceWarning
+
+    # One BLAS thread: the result must not depend on how many cores the machine has.
+    # The short training budgets are deliberate; the accuracy floors are tested instead.
+    with _untyped("threadpoolctl").threadpool_limits(limits=1), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(x, y)
+    return model
+
+
+def _to_mlp(clf: Any, first: Dense, head: str, output_name: str, doc: str) -> Mlp:
+    out = Dense(
+        np.asarray(clf.coefs_[1], dtype=np.float32),
+        np.asarray(clf.intercepts_[1], dtype=np.float32),
+    )
+    return Mlp(first, out, head, output_name, doc)
+
+
+def train_iris() -> Mlp:
+    from sklearn.neural_network import MLPClassifier
+
+    x, y = _iris()
+    clf = _fit(
+        MLPClassifier(hidden_layer_sizes=(8,), solver="lbfgs", max_iter=2000, random_state=0),
+        _standardise(x),
+        y,
+    )
+    first = _fold_standardisation(x, clf.coefs_[0], clf.intercepts_[0])
+    doc = "Iris species (setosa, versicolor, virginica) from 4 raw measurements in cm."
+    return _to_mlp(clf, first, "softmax", "probabilities", doc)
+
+
+def train_mnist() -> Mlp:
+    from sklearn.neural_network import MLPClassifier
+
+    x, y = _digits()
+    clf = _fit(
+        MLPClassifier(
+            hidden_layer_sizes=(64,),
+            solver="adam",
+            learning_rate_init=1e-3,
+            max_iter=40,
+            random_state=0,
+        ),
+        x,
+        y,
+    )
+    first = Dense(
+        np.asarray(clf.coefs_[0], dtype=np.float32),
+        np.asarray(clf.intercepts_[0], dtype=np.float32),
+    )
+    doc = "Digit 0-9 from a 28x28 grey image in [0, 1], flattened row-major to 784 floats."
+    return _to_mlp(clf, first, "softmax", "probabilities", doc)
+
+
+def train_risk() -> Mlp:
+    from sklearn.neural_network import MLPClassifier
+
+    x, y = _risk()
+    clf = _fit(
+        MLPClassifier(
+            hidden_layer_sizes=(16,), solver="lbfgs", alpha=1e-3, max_iter=1000, random_state=0
+        ),
+        _standardise(x),
+        y,
+    )
+    first = _fold_standardisation(x, clf.coefs_[0], clf.intercepts_[0])
+    doc = "Probability of default from 6 applicant features: " + ", ".join(RISK_FEATURES) + "."
+    return _to_mlp(clf, first, "sigmoid", "score", doc)
+
+
+_TRAINERS: dict[str, Callable[[], Mlp]] = {
+    "iris": train_iris,
+    "mnist": train_mnist,
+    "risk": train_risk,
+}
+
+
+# --------------------------------------------------------------------------- export
+
+
+def mlp_to_onnx(name: str, mlp: Mlp) -> onnx.ModelProto:
+    """Hand-build the ONNX graph; nothing in it depends on time, host or random state."""
+    n_in = mlp.hidden.weight.shape[0]
+    n_out = mlp.out.weight.shape[1]
+    inits = [
+        numpy_helper.from_array(mlp.hidden.weight, "w1"),
+        numpy_helper.from_array(mlp.hidden.bias, "b1"),
+        numpy_helper.from_array(mlp.out.weight, "w2"),
+        numpy_helper.from_array(mlp.out.bias, "b2"),
+    ]
+    head = (
+        helper.make_node("Softmax", ["logits"], [mlp.output_name], axis=-1)
+        if mlp.head == "softmax"
+        else helper.make_node("Sigmoid", ["logits"], [mlp.output_name])
+    )
+    nodes = [
+        helper.make_node("MatMul", [INPUT_NAME, "w1"], ["h_mm"]),
+        helper.make_node("Add", ["h_mm", "b1"], ["h_pre"]),
+        helper.make_node("Relu", ["h_pre"], ["h"]),
+        helper.make_node("MatMul", ["h", "w2"], ["o_mm"]),
+        helper.make_node("Add", ["o_mm", "b2"], ["logits"]),
+        head,
+    ]
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", n_in])],
+        [helper.make_tensor_value_info(mlp.output_name, TensorProto.FLOAT, ["batch", n_out])],
+        initializer=inits,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name=PRODUCER,
+        producer_version=PRODUCER_VERSION,
+        doc_string=mlp.doc,
+    )
+    model.ir_version = IR_VERSION
+    model.model_version = 1
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def build_example(name: str) -> bytes:
+    """Train example ``name`` and return its serialised ONNX model."""
+    try:
+        trainer = _TRAINERS[name]
+    except KeyError:
+        raise ValueError(f"unknown example {name!r}; expected one of {EXAMPLE_NAMES}") from None
+    return bytes(mlp_to_onnx(name, trainer()).SerializeToString())
+
+
+def build_examples(out_dir: Path) -> dict[str, Path]:
+    """Write ``<name>.onnx`` for every example into ``out_dir`` (created if missing)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    for name in EXAMPLE_NAMES:
+        path = out_dir / f"{name}.onnx"
+        path.write_bytes(build_example(name))
+        written[name] = path
+    return written
+
+
+def write_sums(paths: dict[str, Path], out_dir: Path) -> Path:
+    """Record each file's SHA-256 in ``out_dir/SHA256SUMS.json``."""
+    sums = {name: sha256_file(path) for name, path in sorted(paths.items())}
+    target = out_dir / SUMS_FILE
+    target.write_text(json.dumps(sums, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return target
+
+
+def build_environment() -> dict[str, str]:
+    """The library versions and BLAS kernels a rebuild here would use (cf. ``BUILT_WITH``)."""
+    import sklearn
+
+    # Loading scipy's own BLAS (used by the lbfgs solver) makes threadpoolctl report it too.
+    _untyped("scipy.linalg")
+    threadpool_info = _untyped("threadpoolctl").threadpool_info
+
+    kernels = {
+        str(lib.get("architecture")) for lib in threadpool_info() if lib["user_api"] == "blas"
+    }
+    return {
+        "numpy": np.__version__,
+        "scipy": _untyped("scipy").__version__,
+        "scikit-learn": sklearn.__version__,
+        "onnx": onnx.__version__,
+        "blas": ",".join(sorted(kernels)),
+    }
+
+
+# --------------------------------------------------------------------------- shipped files
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shipped_sums() -> dict[str, str]:
+    """The recorded SHA-256 of each shipped example."""
+    raw = json.loads((SHIPPED_DIR / SUMS_FILE).read_text(encoding="utf-8"))
+    if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+        raise ExampleError(f"{SHIPPED_DIR / SUMS_FILE} is not a name -> sha256 map")
+    return {str(k): str(v) for k, v in raw.items()}
+
+
+def shipped_examples() -> dict[str, Path]:
+    """Paths of the shipped examples, each checked against SHA256SUMS.json."""
+    sums = shipped_sums()
+    found: dict[str, Path] = {}
+    for name in EXAMPLE_NAMES:
+        path = SHIPPED_DIR / f"{name}.onnx"
+        if not path.is_file():
+            raise ExampleError(f"shipped example {path} is missing")
+        actual = sha256_file(path)
+        if sums.get(name) != actual:
+            raise ExampleError(f"{path} has sha256 {actual}, SHA256SUMS.json says {sums.get(name)}")
+        found[name] = path
+    return found
+
+
+if __name__ == "__main__":  # pragma: no cover - maintenance entry point
+    write_sums(build_examples(SHIPPED_DIR), SHIPPED_DIR)
+    print(f"built with {build_environment()} (update BUILT_WITH if it changed)")
+    for example, digest in shipped_sums().items():
+        print(f"{digest}  {example}.onnx")

@@ -1,0 +1,1 @@
+"""Node side: what runs next to (or inside) a Triton inference server."""

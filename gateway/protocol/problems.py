@@ -1,0 +1,232 @@
+"""RFC 9457 problem details (``application/problem+json``).
+
+Every error the gateway returns is a :class:`Problem`. Each subclass pins a
+stable ``type`` URI, a ``title`` and an HTTP ``status``; the instance carries the
+human-readable ``detail``. The body also repeats ``detail`` as ``error`` because
+``tritonclient`` (and Triton itself) report ``body["error"]`` to the user.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar, NamedTuple
+
+from starlette.responses import Response
+
+__all__ = [
+    "PROBLEM_BASE",
+    "PROBLEM_MEDIA_TYPE",
+    "PROBLEM_TYPES",
+    "BadRequest",
+    "DeadlineExceeded",
+    "Forbidden",
+    "Internal",
+    "InvalidTensor",
+    "MethodNotAllowed",
+    "NoHealthyNode",
+    "NotFound",
+    "PayloadTooLarge",
+    "Problem",
+    "ProblemInfo",
+    "RateLimited",
+    "Unauthenticated",
+    "UnknownModel",
+    "UnknownVersion",
+    "UnsupportedMediaType",
+    "UpstreamFailed",
+    "problem_response",
+]
+
+PROBLEM_BASE = "https://ztgate.dev/problems/"
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+
+class Problem(Exception):
+    """Base of every client-visible error. Subclasses only set class attributes."""
+
+    type: ClassVar[str] = PROBLEM_BASE + "internal"
+    title: ClassVar[str] = "Internal error"
+    status: ClassVar[int] = 500
+    # Whether the same request may succeed if retried later (unchanged).
+    retryable: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.detail: str = detail if detail is not None else self.title
+        self.headers: dict[str, str] = dict(headers or {})
+        self.extra: dict[str, Any] = dict(extra or {})
+        super().__init__(self.detail)
+
+    def to_dict(self) -> dict[str, Any]:
+        # Extension members first so they can never overwrite the standard ones.
+        body: dict[str, Any] = dict(self.extra)
+        body.update(
+            type=self.type,
+            title=self.title,
+            status=self.status,
+            detail=self.detail,
+            error=self.detail,
+        )
+        return body
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.detail!r})"
+
+
+class _RetryAfter(Problem):
+    """A problem that tells the client when to come back (``Retry-After``)."""
+
+    retryable = True
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        retry_after: float = 1.0,
+        headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        # Retry-After is delta-seconds: a non-negative integer (RFC 9110 10.2.3).
+        seconds = max(0, math.ceil(retry_after))
+        merged = {"Retry-After": str(seconds), **(headers or {})}
+        super().__init__(detail, headers=merged, extra=extra)
+        self.retry_after = seconds
+
+
+class BadRequest(Problem):
+    type = PROBLEM_BASE + "bad-request"
+    title = "Malformed request"
+    status = 400
+
+
+class InvalidTensor(BadRequest):
+    type = PROBLEM_BASE + "invalid-tensor"
+    title = "Invalid tensor"
+
+
+class Unauthenticated(Problem):
+    type = PROBLEM_BASE + "unauthenticated"
+    title = "Client identity missing or invalid"
+    status = 401
+
+
+class Forbidden(Problem):
+    type = PROBLEM_BASE + "forbidden"
+    title = "Not allowed by policy"
+    status = 403
+
+
+class NotFound(Problem):
+    type = PROBLEM_BASE + "not-found"
+    title = "No such route"
+    status = 404
+
+
+class UnknownModel(NotFound):
+    type = PROBLEM_BASE + "unknown-model"
+    title = "Unknown model"
+
+
+class UnknownVersion(NotFound):
+    type = PROBLEM_BASE + "unknown-version"
+    title = "Unknown model version"
+
+
+class MethodNotAllowed(Problem):
+    type = PROBLEM_BASE + "method-not-allowed"
+    title = "Method not allowed"
+    status = 405
+
+
+class PayloadTooLarge(Problem):
+    type = PROBLEM_BASE + "payload-too-large"
+    title = "Payload too large"
+    status = 413
+
+
+class UnsupportedMediaType(Problem):
+    type = PROBLEM_BASE + "unsupported-media-type"
+    title = "Unsupported media type"
+    status = 415
+
+
+class RateLimited(_RetryAfter):
+    type = PROBLEM_BASE + "rate-limited"
+    title = "Rate limit exceeded"
+    status = 429
+
+
+class Internal(Problem):
+    """A bug in the gateway. The detail is generic so no internals leak."""
+
+    type = PROBLEM_BASE + "internal"
+    title = "Internal error"
+    status = 500
+
+    def __init__(self, detail: str | None = None, **kwargs: Any) -> None:
+        super().__init__("internal error; see gateway logs", **kwargs)
+        # Kept for logs only; never serialised.
+        self.log_detail = detail
+
+
+class UpstreamFailed(Problem):
+    type = PROBLEM_BASE + "upstream-failed"
+    title = "Every inference node failed or returned an unverifiable answer"
+    status = 502
+    retryable = True
+
+
+class NoHealthyNode(_RetryAfter):
+    type = PROBLEM_BASE + "no-healthy-node"
+    title = "No healthy inference node"
+    status = 503
+
+
+class DeadlineExceeded(Problem):
+    type = PROBLEM_BASE + "deadline-exceeded"
+    title = "Deadline exceeded"
+    status = 504
+    retryable = True
+
+
+class ProblemInfo(NamedTuple):
+    """One row of :data:`PROBLEM_TYPES`, for generated docs."""
+
+    status: int
+    title: str
+    retryable: bool
+
+
+def _all_subclasses(cls: type[Problem]) -> list[type[Problem]]:
+    out: list[type[Problem]] = []
+    for sub in cls.__subclasses__():
+        out.append(sub)
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+# type URI -> (status, title, retryable). Built from the classes so the docs
+# can never disagree with what the gateway actually sends.
+PROBLEM_TYPES: dict[str, ProblemInfo] = {
+    c.type: ProblemInfo(c.status, c.title, c.retryable)
+    for c in _all_subclasses(Problem)
+    if not c.__name__.startswith("_")
+}
+
+
+def problem_response(p: Problem) -> Response:
+    """Render ``p`` as an ``application/problem+json`` response."""
+    body = json.dumps(p.to_dict(), ensure_ascii=False, allow_nan=False, default=str)
+    return Response(
+        content=body.encode("utf-8"),
+        status_code=p.status,
+        headers=p.headers,
+        media_type=PROBLEM_MEDIA_TYPE,
+    )

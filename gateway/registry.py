@@ -1,0 +1,443 @@
+"""The model registry: which ONNX models the gateway may serve, and under what rules.
+
+A registry is a directory::
+
+    <dir>/registry.json                       the index (below)
+    <dir>/registry.lock                       flock'd while the index is rewritten
+    <dir>/models/<name>/<version>/model.onnx  an immutable copy of each registered file
+
+``registry.json``::
+
+    {
+      "format": "ztgate.registry/1",
+      "models": {
+        "<name>": {
+          "<version>": {
+            "sha256": "<hex digest of model.onnx>",
+            "file": "models/<name>/<version>/model.onnx",
+            "classification": "public" | "internal" | "confidential" | "restricted",
+            "allowed_modes": ["none", "redundant", "zk", "mpc"],   (a non-empty subset)
+            "inputs":  [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}],
+            "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]}]
+          }
+        }
+      }
+    }
+
+Datatypes are KServe v2 names; ``-1`` marks a dynamic dimension. Versions are positive
+integers without leading zeros (Triton's version directories), compared numerically.
+A name/version is immutable once added: re-adding identical bytes is a no-op, different
+bytes are refused, so a SHA-256 seen by a client always means the same model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+from onnx import TensorProto
+from onnx.external_data_helper import uses_external_data
+
+FORMAT = "ztgate.registry/1"
+INDEX_FILE = "registry.json"
+LOCK_FILE = "registry.lock"
+MODEL_FILE = "model.onnx"
+
+CLASSIFICATIONS: tuple[str, ...] = ("public", "internal", "confidential", "restricted")
+MODES: tuple[str, ...] = ("none", "redundant", "zk", "mpc")
+
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+VERSION_RE = re.compile(r"[1-9][0-9]{0,8}")
+
+_ONNX_TO_KSERVE: dict[int, str] = {
+    TensorProto.FLOAT: "FP32",
+    TensorProto.DOUBLE: "FP64",
+    TensorProto.FLOAT16: "FP16",
+    TensorProto.BFLOAT16: "BF16",
+    TensorProto.INT8: "INT8",
+    TensorProto.INT16: "INT16",
+    TensorProto.INT32: "INT32",
+    TensorProto.INT64: "INT64",
+    TensorProto.UINT8: "UINT8",
+    TensorProto.UINT16: "UINT16",
+    TensorProto.UINT32: "UINT32",
+    TensorProto.UINT64: "UINT64",
+    TensorProto.BOOL: "BOOL",
+    TensorProto.STRING: "BYTES",
+}
+DATATYPES: frozenset[str] = frozenset(_ONNX_TO_KSERVE.values())
+
+
+class RegistryError(Exception):
+    """A model or registry that cannot be used as asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, raw: Any) -> TensorSpec:
+        if not isinstance(raw, dict):
+            raise RegistryError(f"tensor spec must be an object, got {raw!r}")
+        name, datatype, shape = raw.get("name"), raw.get("datatype"), raw.get("shape")
+        if not isinstance(name, str) or datatype not in DATATYPES or not isinstance(shape, list):
+            raise RegistryError(f"malformed tensor spec {raw!r}")
+        if not all(isinstance(d, int) and d >= -1 for d in shape):
+            raise RegistryError(f"malformed shape in tensor spec {raw!r}")
+        return cls(name, str(datatype), tuple(shape))
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    version: str
+    sha256: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    classification: str
+    allowed_modes: tuple[str, ...]
+    path: Path
+
+    def to_json(self) -> dict[str, Any]:
+        """The entry as a JSON object, including its name, version and absolute path."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "sha256": self.sha256,
+            "classification": self.classification,
+            "allowed_modes": list(self.allowed_modes),
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+            "path": str(self.path),
+        }
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate_name(name: str) -> str:
+    if not NAME_RE.fullmatch(name):
+        raise RegistryError(
+            f"invalid model name {name!r}: use 1-64 of a-z 0-9 _ . - starting with a-z or 0-9"
+        )
+    return name
+
+
+def validate_version(version: str) -> str:
+    if not VERSION_RE.fullmatch(version):
+        raise RegistryError(
+            f"invalid version {version!r}: use a positive integer without leading zeros"
+        )
+    return version
+
+
+def validate_classification(classification: str) -> str:
+    if classification not in CLASSIFICATIONS:
+        expected = ", ".join(CLASSIFICATIONS)
+        raise RegistryError(
+            f"invalid classification {classification!r}: expected one of {expected}"
+        )
+    return classification
+
+
+def validate_modes(modes: Sequence[str]) -> tuple[str, ...]:
+    """Check modes are known and non-empty; return them de-duplicated in canonical order."""
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        raise RegistryError(f"invalid mode(s) {', '.join(unknown)}: expected {', '.join(MODES)}")
+    if not modes:
+        raise RegistryError("a model needs at least one allowed mode")
+    return tuple(m for m in MODES if m in modes)
+
+
+# --------------------------------------------------------------------------- ONNX
+
+
+def _parse_onnx(data: bytes, origin: str) -> onnx.ModelProto:
+    try:
+        model = onnx.load_model_from_string(data)
+    # protobuf's DecodeError has no typed import path; any parse failure means "not ONNX".
+    except Exception as exc:
+        raise RegistryError(f"{origin} is not an ONNX model: {exc}") from exc
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError, RuntimeError) as exc:
+        raise RegistryError(f"{origin} is not a valid ONNX model: {exc}") from exc
+    if any(uses_external_data(t) for t in model.graph.initializer):
+        raise RegistryError(f"{origin} keeps weights in external files; embed them first")
+    return model
+
+
+def _tensor_spec(value: onnx.ValueInfoProto, origin: str) -> TensorSpec:
+    if not value.type.HasField("tensor_type"):
+        raise RegistryError(f"{origin}: {value.name!r} is not a tensor")
+    ttype = value.type.tensor_type
+    datatype = _ONNX_TO_KSERVE.get(ttype.elem_type)
+    if datatype is None:
+        elem = TensorProto.DataType.Name(ttype.elem_type)
+        raise RegistryError(f"{origin}: {value.name!r} has unsupported element type {elem}")
+    if not ttype.HasField("shape"):
+        raise RegistryError(f"{origin}: {value.name!r} has no declared rank")
+    shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in ttype.shape.dim)
+    return TensorSpec(value.name, datatype, shape)
+
+
+def _signature(
+    model: onnx.ModelProto, origin: str
+) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    # Old exporters list initializers among the inputs; they are weights, not request tensors.
+    weights = {t.name for t in model.graph.initializer}
+    inputs = tuple(_tensor_spec(v, origin) for v in model.graph.input if v.name not in weights)
+    outputs = tuple(_tensor_spec(v, origin) for v in model.graph.output)
+    if not inputs or not outputs:
+        raise RegistryError(f"{origin} has no inputs or no outputs")
+    return inputs, outputs
+
+
+def read_signature(onnx_path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """(inputs, outputs) of an ONNX file, with KServe datatypes and -1 for dynamic dims."""
+    try:
+        data = Path(onnx_path).read_bytes()
+    except OSError as exc:
+        raise RegistryError(f"cannot read {onnx_path}: {exc.strerror or exc}") from exc
+    return _signature(_parse_onnx(data, str(onnx_path)), str(onnx_path))
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_write(target: Path, data: bytes) -> None:
+    """Readers see the old file or the new one, never a torn write."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------- registry
+
+
+class Registry:
+    """A registry directory; every call re-reads the index, so several processes may share it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    @classmethod
+    def open(cls, root: Path | str) -> Registry:
+        """Open the registry at ``root``, creating an empty one if it does not exist."""
+        registry = cls(Path(root))
+        try:
+            (registry.root / "models").mkdir(parents=True, exist_ok=True)
+            if not registry.index_path.exists():
+                with registry._locked():
+                    if not registry.index_path.exists():
+                        registry._write_index({})
+        except OSError as exc:
+            raise RegistryError(f"cannot create registry at {root}: {exc}") from exc
+        registry._read_index()
+        return registry
+
+    @property
+    def index_path(self) -> Path:
+        return self.root / INDEX_FILE
+
+    def add(
+        self,
+        onnx_path: Path | str,
+        name: str,
+        version: str = "1",
+        classification: str = "internal",
+        allowed_modes: Sequence[str] = ("none",),
+    ) -> ModelEntry:
+        """Copy an ONNX file into the registry and index it; returns its entry."""
+        validate_name(name)
+        validate_version(version)
+        validate_classification(classification)
+        modes = validate_modes(allowed_modes)
+        source = Path(onnx_path)
+        try:
+            data = source.read_bytes()
+        except OSError as exc:
+            raise RegistryError(f"cannot read {source}: {exc.strerror or exc}") from exc
+        inputs, outputs = _signature(_parse_onnx(data, str(source)), str(source))
+        digest = hashlib.sha256(data).hexdigest()
+        relative = f"models/{name}/{version}/{MODEL_FILE}"
+        record: dict[str, Any] = {
+            "sha256": digest,
+            "file": relative,
+            "classification": classification,
+            "allowed_modes": list(modes),
+            "inputs": [t.to_json() for t in inputs],
+            "outputs": [t.to_json() for t in outputs],
+        }
+        with self._locked():
+            models = self._read_index()
+            existing = models.get(name, {}).get(version)
+            if existing is not None:
+                return self._same_or_refuse(name, version, existing, record)
+            target = self.root / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(target, data)
+            models.setdefault(name, {})[version] = record
+            self._write_index(models)
+        return self._entry(name, version, record)
+
+    def get(self, name: str, version: str | None = None) -> ModelEntry:
+        """The entry for ``name`` at ``version``, or its highest version when None."""
+        versions = self._read_index().get(name)
+        if not versions:
+            raise RegistryError(f"no model named {name!r} in {self.root}")
+        if version is None:
+            version = max(versions, key=int)
+        record = versions.get(version)
+        if record is None:
+            known = ", ".join(sorted(versions, key=int))
+            raise RegistryError(f"model {name!r} has no version {version!r} (has {known})")
+        return self._entry(name, version, record)
+
+    def entries(self) -> list[ModelEntry]:
+        """Every entry, sorted by name then numeric version."""
+        models = self._read_index()
+        return [
+            self._entry(name, version, models[name][version])
+            for name in sorted(models)
+            for version in sorted(models[name], key=int)
+        ]
+
+    def verify(self) -> list[str]:
+        """Re-hash every model file; one message per missing or altered file (empty: all good)."""
+        problems: list[str] = []
+        for entry in self.entries():
+            label = f"{entry.name}/{entry.version}"
+            try:
+                actual = _sha256(entry.path)
+            except OSError as exc:
+                problems.append(f"{label}: cannot read {entry.path}: {exc.strerror or exc}")
+                continue
+            if actual != entry.sha256:
+                problems.append(f"{label}: sha256 is {actual}, registry says {entry.sha256}")
+        return problems
+
+    # ------------------------------------------------------------------ internals
+
+    def _same_or_refuse(
+        self, name: str, version: str, existing: dict[str, Any], record: dict[str, Any]
+    ) -> ModelEntry:
+        if existing["sha256"] != record["sha256"]:
+            raise RegistryError(
+                f"{name} version {version} is already registered with different bytes "
+                f"(sha256 {existing['sha256']}); register a new version instead"
+            )
+        for key in ("classification", "allowed_modes"):
+            if existing[key] != record[key]:
+                raise RegistryError(
+                    f"{name} version {version} is already registered with {key} "
+                    f"{existing[key]!r}, not {record[key]!r}"
+                )
+        return self._entry(name, version, existing)
+
+    def _entry(self, name: str, version: str, record: dict[str, Any]) -> ModelEntry:
+        try:
+            return ModelEntry(
+                name=name,
+                version=version,
+                sha256=str(record["sha256"]),
+                inputs=tuple(TensorSpec.from_json(t) for t in record["inputs"]),
+                outputs=tuple(TensorSpec.from_json(t) for t in record["outputs"]),
+                classification=validate_classification(str(record["classification"])),
+                allowed_modes=validate_modes([str(m) for m in record["allowed_modes"]]),
+                path=self.root / str(record["file"]),
+            )
+        except (KeyError, TypeError) as exc:
+            raise RegistryError(f"{self.index_path}: malformed entry {name}/{version}") from exc
+
+    def _read_index(self) -> dict[str, dict[str, dict[str, Any]]]:
+        try:
+            raw = json.loads(self.index_path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise RegistryError(f"{self.root} is not a registry (no {INDEX_FILE})") from exc
+        except (OSError, ValueError) as exc:
+            raise RegistryError(f"cannot read {self.index_path}: {exc}") from exc
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise RegistryError(f"{self.index_path} is not a {FORMAT} index")
+        models = raw.get("models")
+        if not isinstance(models, dict) or not all(
+            isinstance(v, dict) and all(isinstance(r, dict) for r in v.values())
+            for v in models.values()
+        ):
+            raise RegistryError(f"{self.index_path}: 'models' is malformed")
+        return models
+
+    def _write_index(self, models: dict[str, dict[str, dict[str, Any]]]) -> None:
+        text = json.dumps({"format": FORMAT, "models": models}, indent=2, sort_keys=True)
+        _atomic_write(self.index_path, (text + "\n").encode("utf-8"))
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        # Serialises read-modify-write of the index across processes (os.replace alone would
+        # let two concurrent adds each drop the other's entry).
+        with (self.root / LOCK_FILE).open("a") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------- examples
+
+# iris/mnist expose nothing personal, so any mode may serve them. risk scores applicants:
+# MPC keeps the features hidden from nodes; redundant is kept as the fallback that still
+# catches a lying node when the deployment's nodes are trusted with plaintext.
+EXAMPLE_POLICY: dict[str, tuple[str, tuple[str, ...]]] = {
+    "iris": ("public", ("none", "redundant", "zk")),
+    "mnist": ("internal", ("none", "redundant", "zk")),
+    "risk": ("restricted", ("redundant", "mpc")),
+}
+
+
+def seed_examples(registry: Registry) -> list[ModelEntry]:
+    """Register the shipped example models as version 1 (a no-op when already there)."""
+    from gateway.examples import ExampleError, shipped_examples
+
+    try:
+        shipped = shipped_examples()
+    except (ExampleError, OSError, ValueError) as exc:
+        raise RegistryError(f"shipped examples are unusable: {exc}") from exc
+    added = []
+    for name, path in shipped.items():
+        classification, modes = EXAMPLE_POLICY[name]
+        added.append(registry.add(path, name, "1", classification, modes))
+    return added

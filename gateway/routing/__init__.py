@@ -1,0 +1,1 @@
+"""Routing over untrusted nodes: node clients, selection, health and ejection, retries."""

@@ -1,0 +1,284 @@
+"""Pick a node, call it, check its reply, retry elsewhere; eject nodes that keep failing.
+
+Selection is power-of-two-choices over the nodes that serve the model, pass the policy's
+constraints, are not ejected and are under their pending-request cap: of two random
+candidates, the one with the lower (pending + 1) x latency-EWMA wins.
+
+Ejection is by observed errors, not readiness: a Triton whose python stub crashed stays
+"ready" while every inference fails. N consecutive failures eject a node for a time that
+doubles with each ejection; at most a set share of a model's nodes is ejected at once;
+the health loop readmits a node only after a probe inference succeeds. Ejections live in
+the shared store, so every replica stops sending to a node any replica ejected; each
+replica keeps a local copy refreshed by its health loop, so the request path never waits
+on the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gateway.config import NodeConfig, Routing
+from gateway.protocol.problems import DeadlineExceeded, NoHealthyNode, UpstreamFailed
+from gateway.protocol.tensors import DATATYPES, Tensor
+from gateway.registry import ModelEntry
+from gateway.routing.node_client import NodeClient, NodeError
+from gateway.state import StateStore, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+NodeFilter = Callable[[NodeConfig], bool]
+
+
+@dataclass
+class NodeState:
+    client: NodeClient
+    pending: int = 0
+    ewma_s: float = 0.001
+    failures: int = 0  # consecutive, as this replica saw them
+    served: int = 0
+    failed: int = 0
+
+    @property
+    def config(self) -> NodeConfig:
+        return self.client.node
+
+    def score(self) -> float:
+        return (self.pending + 1) * self.ewma_s
+
+
+@dataclass(frozen=True)
+class Routed:
+    outputs: list[Tensor]
+    node: NodeConfig
+    attempts: int
+    tried: tuple[str, ...]
+    nonfinite: bool = False
+
+
+@dataclass
+class Router:
+    nodes: dict[str, NodeState]
+    store: StateStore
+    cfg: Routing
+    rng: random.Random = field(default_factory=random.Random)
+    ejected: dict[str, float] = field(default_factory=dict)  # node -> wall-clock until
+    probe_models: dict[str, ModelEntry] = field(default_factory=dict)
+
+    @classmethod
+    def from_clients(cls, clients: Iterable[NodeClient], store: StateStore, cfg: Routing) -> Router:
+        return cls({c.node.name: NodeState(c) for c in clients}, store, cfg)
+
+    def candidates(self, model: str, allowed: NodeFilter | None = None) -> list[NodeState]:
+        return [
+            s
+            for s in self.nodes.values()
+            if s.config.serves(model)
+            and s.config.name not in self.ejected
+            and s.pending < self.cfg.max_pending_per_node
+            and (allowed is None or allowed(s.config))
+        ]
+
+    def _pick(self, cands: list[NodeState]) -> NodeState:
+        if len(cands) == 1:
+            return cands[0]
+        a, b = self.rng.sample(cands, 2)
+        return a if a.score() <= b.score() else b
+
+    async def infer(
+        self,
+        entry: ModelEntry,
+        inputs: tuple[Tensor, ...],
+        output_names: tuple[str, ...],
+        deadline: float,
+        allowed: NodeFilter | None = None,
+        request_id: str = "",
+        max_output_bytes: int = 64 * 1024 * 1024,
+    ) -> Routed:
+        """Run on one node, retrying on others; `deadline` is time.monotonic() based."""
+        tried: list[str] = []
+        reasons: list[str] = []
+        for attempt in range(1, self.cfg.max_attempts + 1):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded(
+                    f"deadline passed after {attempt - 1} attempt(s): {'; '.join(reasons)}"
+                )
+            cands = [s for s in self.candidates(entry.name, allowed) if s.config.name not in tried]
+            if not cands:
+                if tried:
+                    break
+                raise NoHealthyNode(
+                    f"no healthy node may serve model {entry.name!r} now", retry_after=1
+                )
+            state = self._pick(cands)
+            name = state.config.name
+            tried.append(name)
+            state.pending += 1
+            start = time.monotonic()
+            try:
+                outputs = await state.client.infer(
+                    entry.name,
+                    entry.version,
+                    inputs,
+                    output_names,
+                    timeout_s=min(self.cfg.per_try_timeout_s, remaining),
+                    request_id=request_id,
+                )
+                nonfinite = check_reply(entry, inputs, outputs, output_names, max_output_bytes)
+            except NodeError as exc:
+                reasons.append(exc.reason)
+                log.warning("attempt %d failed on %s: %s", attempt, name, exc.reason)
+                await self._failed(state)
+                continue
+            finally:
+                state.pending -= 1
+            elapsed = time.monotonic() - start
+            state.ewma_s += self.cfg.ewma_alpha * (elapsed - state.ewma_s)
+            state.served += 1
+            if state.failures:
+                state.failures = 0
+                await self._quiet(self.store.record_success(name))
+            return Routed(outputs, state.config, attempt, tuple(tried), nonfinite)
+        raise UpstreamFailed(f"every node tried failed ({', '.join(tried)}): {'; '.join(reasons)}")
+
+    async def _failed(self, state: NodeState) -> None:
+        state.failures += 1
+        state.failed += 1
+        name = state.config.name
+        count = await self._quiet(self.store.record_failure(name))
+        failures = max(state.failures, count if isinstance(count, int) else 0)
+        if failures >= self.cfg.eject_after_failures and self._may_eject(state.config):
+            until = await self._quiet(
+                self.store.eject(name, self.cfg.eject_base_s, self.cfg.eject_max_s)
+            )
+            duration = until if isinstance(until, float) else self.cfg.eject_base_s
+            self.ejected[name] = time.time() + duration
+            log.warning("ejected node %s for %.1fs after %d failures", name, duration, failures)
+
+    def _may_eject(self, node: NodeConfig) -> bool:
+        """Never eject more than the configured share of any model's nodes."""
+        for model in {m for s in self.nodes.values() for m in s.config.models} or {""}:
+            if model and not node.serves(model):
+                continue
+            peers = [s for s in self.nodes.values() if not model or s.config.serves(model)]
+            out = sum(1 for s in peers if s.config.name in self.ejected)
+            if out + 1 > math.floor(self.cfg.max_ejected_share * len(peers)):
+                return False
+        return True
+
+    async def _quiet(self, op: object) -> object:
+        """A store call that may fail without failing the request (health is soft state)."""
+        try:
+            return await asyncio.wait_for(op, timeout=0.5)  # type: ignore[arg-type]
+        except (StoreUnavailable, TimeoutError) as exc:
+            log.warning("shared store unavailable for health state: %s", exc)
+            return None
+
+    # --- health loop --------------------------------------------------------------------
+    async def refresh(self) -> None:
+        """Pull ejections other replicas made, and probe nodes whose ejection ran out."""
+        got = await self._quiet(self.store.ejected_until(self.nodes))
+        if isinstance(got, dict):
+            self.ejected = {k: float(v) for k, v in got.items()}
+        now = time.time()
+        for name, until in list(self.ejected.items()):
+            if until <= now:
+                await self._probe(self.nodes[name])
+
+    async def _probe(self, state: NodeState, timeout_s: float = 1.0) -> None:
+        name = state.config.name
+        try:
+            await state.client.infer(*probe_request(state, self), timeout_s=timeout_s)
+        except NodeError as exc:
+            log.info("node %s still failing its probe: %s", name, exc.reason)
+            until = await self._quiet(
+                self.store.eject(name, self.cfg.eject_base_s, self.cfg.eject_max_s)
+            )
+            self.ejected[name] = time.time() + (until if isinstance(until, float) else 1.0)
+            return
+        await self._quiet(self.store.readmit(name))
+        self.ejected.pop(name, None)
+        state.failures = 0
+        log.warning("readmitted node %s after a successful probe", name)
+
+    async def run_health(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.refresh()
+            except Exception:  # the loop must outlive any one bad round
+                log.exception("health round failed")
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=self.cfg.health_interval_s)
+            except TimeoutError:
+                pass
+
+    async def close(self) -> None:
+        for s in self.nodes.values():
+            await s.client.close()
+
+
+def probe_request(
+    state: NodeState, router: Router
+) -> tuple[str, str, tuple[Tensor, ...], tuple[str, ...]]:
+    """A zero-filled inference of a model the node serves, batch 1."""
+    entry = next((e for e in router.probe_models.values() if state.config.serves(e.name)), None)
+    if entry is None:
+        raise NodeError(state.config.name, "no registered model to probe")
+    inputs = tuple(
+        Tensor(
+            spec.name,
+            spec.datatype,
+            shape := tuple(1 if d < 0 else d for d in spec.shape),
+            np.zeros(shape, dtype=DATATYPES[spec.datatype].dtype),
+        )
+        for spec in entry.inputs
+    )
+    return entry.name, entry.version, inputs, tuple(o.name for o in entry.outputs)
+
+
+def check_reply(
+    entry: ModelEntry,
+    inputs: tuple[Tensor, ...],
+    outputs: list[Tensor],
+    requested: tuple[str, ...],
+    max_bytes: int,
+) -> bool:
+    """Hold a node's reply to the model's signature; True if it holds NaN or Inf.
+
+    A mismatch raises NodeError: the reply is never passed on and the node is charged.
+    """
+    node = "reply"
+    want = requested or tuple(o.name for o in entry.outputs)
+    got = {t.name: t for t in outputs}
+    if sorted(got) != sorted(want) or len(got) != len(outputs):
+        raise NodeError(node, f"outputs {sorted(got)} != expected {sorted(want)}")
+    specs = {s.name: s for s in entry.outputs}
+    batch = inputs[0].shape[0] if inputs and inputs[0].shape else None
+    total = 0
+    nonfinite = False
+    for name in want:
+        t, spec = got[name], specs[name]
+        if t.datatype != spec.datatype:
+            raise NodeError(node, f"output {name} is {t.datatype}, model says {spec.datatype}")
+        if len(t.shape) != len(spec.shape) or any(
+            s >= 0 and d != s for d, s in zip(t.shape, spec.shape, strict=True)
+        ):
+            raise NodeError(node, f"output {name} shape {t.shape} does not fit {spec.shape}")
+        in_spec = entry.inputs[0].shape if entry.inputs else ()
+        if spec.shape and spec.shape[0] < 0 and in_spec and in_spec[0] < 0 and batch is not None:
+            if t.shape[0] != batch:
+                raise NodeError(node, f"output {name} batch {t.shape[0]} != input batch {batch}")
+        total += t.data.nbytes
+        if total > max_bytes:
+            raise NodeError(node, f"reply larger than {max_bytes} bytes")
+        if t.data.dtype.kind == "f" and not np.isfinite(t.data).all():
+            nonfinite = True
+    return nonfinite

@@ -1,0 +1,118 @@
+"""Build a gateway from its config and run it: the mTLS API and the admin listener."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import uvicorn
+from cryptography import x509
+
+from gateway.app import Gateway, build_admin, build_api
+from gateway.config import Config, ConfigError
+from gateway.identity import IdentityResolver
+from gateway.registry import ModelEntry, Registry, RegistryError
+from gateway.routing.node_client import NodeClient, NodeCredentials
+from gateway.routing.router import Router
+from gateway.server import HttpToolsTLSProtocol, ReloadingContext, TLSFiles
+from gateway.state.factory import open_store
+
+log = logging.getLogger(__name__)
+
+
+class ProductionRefused(ConfigError):
+    """Production mode found dev-only or unsafe items; each is listed."""
+
+
+def check_mode(cfg: Config) -> None:
+    items = cfg.dev_only_items()
+    if cfg.mode == "production" and items:
+        raise ProductionRefused(
+            "production mode refuses: " + "; ".join(items) + ' (set mode = "dev" to allow)'
+        )
+    for item in items:
+        log.warning("DEV-ONLY in use: %s", item)
+
+
+def load_models(cfg: Config) -> dict[str, dict[str, ModelEntry]]:
+    try:
+        registry = Registry.open(cfg.registry)
+        entries = registry.entries()
+        bad = registry.verify()
+    except (RegistryError, OSError) as exc:
+        raise ConfigError(f"registry {cfg.registry}: {exc}") from exc
+    if bad:
+        raise ConfigError(f"registry {cfg.registry} fails its hashes: {'; '.join(bad)}")
+    models: dict[str, dict[str, ModelEntry]] = {}
+    for e in entries:
+        models.setdefault(e.name, {})[e.version] = e
+    return models
+
+
+def build_gateway(cfg: Config) -> Gateway:
+    check_mode(cfg)
+    models = load_models(cfg)
+    creds = NodeCredentials(cfg.tls.node_ca, cfg.tls.node_client_cert, cfg.tls.node_client_key)
+    channel_creds = creds.channel_credentials()
+    clients = [NodeClient(n, channel_creds, cfg.limits.max_output_bytes) for n in cfg.nodes]
+    store = open_store(cfg.state.redis_url, cfg.data_dir)
+    router = Router.from_clients(clients, store, cfg.routing)
+    ca = x509.load_pem_x509_certificates(cfg.tls.client_ca.read_bytes())
+    resolver = IdentityResolver(cfg.trust_domain, [c.subject for c in ca])
+    return Gateway(cfg, models, router, resolver, Gateway.default_verifiers(cfg))
+
+
+def tls_files(cfg: Config) -> TLSFiles:
+    return TLSFiles(cfg.tls.cert, cfg.tls.key, cfg.tls.client_ca)
+
+
+def servers(cfg: Config, gw: Gateway) -> list[uvicorn.Server]:
+    tls = ReloadingContext(tls_files(cfg))
+
+    async def watch_tls(stop: asyncio.Event) -> None:
+        await tls.watch(cfg.tls.reload_interval_s, stop)
+
+    gw.background.append(watch_tls)
+    api = uvicorn.Config(
+        build_api(gw),
+        host=cfg.listen.host,
+        port=cfg.listen.port,
+        loop="uvloop",
+        http=HttpToolsTLSProtocol,
+        ssl_context_factory=lambda _cfg, _default: tls.listening,
+        ssl_certfile=str(cfg.tls.cert),  # uvicorn decides "is TLS" by this; context wins
+        timeout_graceful_shutdown=cfg.listen.graceful_shutdown_s,
+        access_log=False,
+        server_header=False,
+        lifespan="on",
+    )
+    admin = uvicorn.Config(
+        build_admin(gw),
+        host=cfg.listen.admin_host,
+        port=cfg.listen.admin_port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=cfg.listen.graceful_shutdown_s,
+    )
+    return [uvicorn.Server(api), uvicorn.Server(admin)]
+
+
+async def serve(cfg: Config) -> None:
+    api, admin = servers(cfg, build_gateway(cfg))
+    # Only the API server owns the signal handlers; the admin listener follows it down.
+    admin.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+    admin_task = asyncio.create_task(admin.serve())
+    try:
+        await api.serve()
+    finally:
+        admin.should_exit = True
+        await asyncio.wait([admin_task], timeout=cfg.listen.graceful_shutdown_s + 1)
+
+
+def run(cfg: Config) -> None:
+    import uvloop
+
+    uvloop.run(serve(cfg))

@@ -1,0 +1,164 @@
+"""TLS for the mTLS listener, and the uvicorn shim that hands the peer certificate to the app.
+
+uvicorn 0.54 puts no `extensions["tls"]` into the HTTP scope (for httptools or h11), so
+the protocol classes below add the ASGI TLS extension themselves: the handshake is done
+by `connection_made`, so the peer certificate is read once per connection and every
+request scope on that connection gets it. Delete this module's shim once uvicorn ships
+the extension (tests/test_server.py checks each enabled protocol class).
+
+Certificate rotation without a restart: the listening context never changes (uvicorn
+holds it), but its SNI callback, which OpenSSL calls on every handshake, with or without
+SNI, switches the connection to the newest context built from the files. A bad file
+keeps the previous context and logs an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import ssl
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = logging.getLogger(__name__)
+
+ASGIApp = Callable[
+    [MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
+    Awaitable[None],
+]
+_connection_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    cert: Path  # chain: leaf first
+    key: Path
+    client_ca: Path  # the client CA only: the gateway's whole client-auth trust store
+
+
+def server_context(files: TLSFiles) -> ssl.SSLContext:
+    """TLS 1.3 only, client certificate required, no session tickets."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    # The trust store is the issuing client CA, not the root: without PARTIAL_CHAIN
+    # OpenSSL insists on reaching a self-signed root.
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN | ssl.VERIFY_X509_STRICT
+    # With tickets, a revoked client could resume a pre-revocation session.
+    ctx.num_tickets = 0
+    ctx.options |= ssl.OP_NO_TICKET
+    ctx.load_cert_chain(files.cert, files.key)
+    ctx.load_verify_locations(cafile=files.client_ca)
+    return ctx
+
+
+class ReloadingContext:
+    """The listening context; each handshake uses the newest good context from the files."""
+
+    def __init__(self, files: TLSFiles) -> None:
+        self.files = files
+        self._stamp = self._stat()
+        self.current = server_context(files)
+        self.reloads = 0
+        self.failed_reloads = 0
+        self.listening = server_context(files)
+        self.listening.sni_callback = self._on_handshake
+
+    def _stat(self) -> tuple[tuple[int, int], ...]:
+        stamps = []
+        for p in (self.files.cert, self.files.key, self.files.client_ca):
+            try:
+                st = os.stat(p)
+                stamps.append((st.st_mtime_ns, st.st_size))
+            except OSError:
+                stamps.append((-1, -1))
+        return tuple(stamps)
+
+    def _on_handshake(self, sslobj: ssl.SSLObject, _name: str | None, _ctx: object) -> None:
+        sslobj.context = self.current
+
+    def check(self) -> bool:
+        """Rebuild the context if the files changed; True when a new one took effect."""
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            ctx = server_context(self.files)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            self.failed_reloads += 1
+            log.error(
+                "TLS reload REJECTED, keeping the previous certificates: %s (%s)",
+                exc,
+                ", ".join(str(p) for p in (self.files.cert, self.files.key, self.files.client_ca)),
+            )
+            return False
+        self.current = ctx
+        self.reloads += 1
+        log.warning("TLS certificates reloaded from %s", self.files.cert)
+        return True
+
+    async def watch(self, interval_s: float, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self.check()
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=interval_s)
+            except TimeoutError:
+                pass
+
+
+def tls_extension(transport: asyncio.BaseTransport) -> dict[str, Any] | None:
+    """The ASGI TLS extension for one connection (spec fields, PEM leaf only)."""
+    sslobj: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
+    if sslobj is None:
+        return None
+    der = sslobj.getpeercert(binary_form=True)
+    version = {"TLSv1.3": 0x0304, "TLSv1.2": 0x0303}.get(sslobj.version() or "")
+    cipher = sslobj.cipher()
+    return {
+        "server_cert": None,
+        # Python 3.11 exposes only the leaf, not the chain the client sent.
+        "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)] if der else [],
+        "client_cert_name": None,
+        "client_cert_error": None if der else "no client certificate",
+        "tls_version": version,
+        "cipher_suite": cipher[0] if cipher else None,
+        "connection_id": next(_connection_ids),
+    }
+
+
+class _TLSScopeMixin:
+    """Wraps the app per connection so every request scope carries `extensions["tls"]`."""
+
+    app: ASGIApp
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        ext = tls_extension(transport)
+        inner = self.app
+
+        async def app(
+            scope: MutableMapping[str, Any],
+            receive: Callable[[], Awaitable[Any]],
+            send: Callable[[Any], Awaitable[None]],
+        ) -> None:
+            extensions = scope.setdefault("extensions", {})
+            extensions["tls"] = ext
+            await inner(scope, receive, send)
+
+        self.app = app
+
+
+class HttpToolsTLSProtocol(_TLSScopeMixin, HttpToolsProtocol):  # type: ignore[misc]
+    """uvicorn's httptools protocol with the ASGI TLS extension."""
+
+
+class H11TLSProtocol(_TLSScopeMixin, H11Protocol):  # type: ignore[misc]
+    """uvicorn's h11 protocol with the ASGI TLS extension."""

@@ -1,0 +1,1 @@
+"""CrypTen MPC inference: party workers and the gateway-side coordinator."""

@@ -1,0 +1,222 @@
+"""Shared fixtures. Each group lives in its own section; keep new ones in new sections."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gateway.node.repository import build_repository
+from gateway.node.triton import NodeSpec, NodeSupervisor, TritonProcess
+from gateway.node.triton import triton_home as lay_out_triton_home
+from gateway.pki import PKI
+from gateway.registry import ModelEntry, Registry, seed_examples
+
+# =========================================================================== ports
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (the usual race applies; good enough here)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture(name="free_port")
+def free_port_fixture() -> Callable[[], int]:
+    return free_port
+
+
+# =========================================================================== PKI
+
+SITE = "site-a"
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    """One dev PKI for the session (trust domain ztgate.local, site-a)."""
+    return PKI.init(tmp_path_factory.mktemp("pki"), sites=[SITE])
+
+
+# =========================================================================== triton nodes
+
+# Every tritonserver this process starts carries the launching pid in its shm prefix
+# (see TritonProcess.shm_prefix), which is how the session-end leak check finds ours.
+_OUR_SHM_MARK = f"_{os.getpid()}_"
+
+
+def our_tritonservers() -> list[int]:
+    """Live tritonserver processes started by this test process (and their stubs)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state in ("Z", "X"):
+            continue
+        if "shm-region-prefix-name=ztgate_" in cmd and _OUR_SHM_MARK in cmd:
+            found.append(int(entry.name))
+        elif "triton_python_backend_stub" in cmd and "ztgate_" in cmd and _OUR_SHM_MARK in cmd:
+            found.append(int(entry.name))
+    return found
+
+
+def our_shm_segments() -> list[Path]:
+    return [p for p in Path("/dev/shm").glob("ztgate_*") if _OUR_SHM_MARK in p.name]
+
+
+def example_entries(tmp: Path) -> list[ModelEntry]:
+    """Registry entries for the example models, from a registry seeded in ``tmp``."""
+    registry = Registry.open(tmp / "registry")
+    seed_examples(registry)
+    return list(registry.entries())
+
+
+@pytest.fixture(scope="session")
+def triton_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tritonserver home (binary, python backend, stub) shared by every node."""
+    return lay_out_triton_home(tmp_path_factory.mktemp("triton-home"))
+
+
+@pytest.fixture(scope="session")
+def triton_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A python-backend Triton repository with the example models (iris, mnist, risk)."""
+    tmp = tmp_path_factory.mktemp("models")
+    return build_repository(example_entries(tmp), tmp / "repository")
+
+
+@dataclass
+class ClusterNode:
+    name: str
+    region: str
+    provider: str
+    address: str  # host:port of gRPC (mTLS)
+    dns_name: str  # what the gateway pins (grpc.ssl_target_name_override)
+    spiffe_id: str
+    supervisor: NodeSupervisor
+
+    @property
+    def process(self) -> TritonProcess:
+        return self.supervisor.process
+
+
+@dataclass
+class TritonCluster:
+    pki: PKI
+    site: str
+    nodes: dict[str, ClusterNode]
+    gateway_cert: Path  # what the gateway presents to nodes
+    gateway_key: Path
+    node_ca: Path  # what the gateway trusts for nodes
+
+    def stop(self) -> None:
+        threads = [threading.Thread(target=n.supervisor.stop) for n in self.nodes.values()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+
+
+CLUSTER_LAYOUT = (
+    ("n1", "eu-west", "prov-a"),
+    ("n2", "eu-central", "prov-b"),
+    ("n3", "us-east", "prov-c"),
+)
+
+
+@pytest.fixture(scope="session")
+def triton_cluster(
+    pki: PKI,
+    triton_home: Path,
+    triton_repository: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[TritonCluster]:
+    """Three real tritonservers (n1..n3) on loopback gRPC mTLS, each under a supervisor.
+
+    Nodes trust only ``pki.gateway_ca_bundle(site-a)``; call them with the gateway's
+    node-client cert, ``node_ca`` as root, and ``dns_name`` pinned.
+    """
+    base = tmp_path_factory.mktemp("cluster")
+    nodes: dict[str, ClusterNode] = {}
+    for name, region, provider in CLUSTER_LAYOUT:
+        issued = pki.ensure("node", name)
+        spec = NodeSpec(
+            name=name,
+            region=region,
+            provider=provider,
+            grpc_port=free_port(),
+            http_port=free_port(),
+            repository=triton_repository,
+            cert=issued.cert,
+            key=issued.key,
+            client_ca=pki.gateway_ca_bundle(SITE),
+            workdir=base / name,
+            labels={"region": region, "provider": provider},
+        )
+        sup = NodeSupervisor(
+            TritonProcess(spec, triton_home),
+            interval_s=0.5,
+            start_deadline_s=60.0,
+            backoff_s=0.2,
+            max_restarts=10,
+        )
+        nodes[name] = ClusterNode(
+            name,
+            region,
+            provider,
+            spec.grpc_address,
+            pki.node_dns_name(name),
+            issued.spiffe_id,
+            sup,
+        )
+    gw_cert, gw_key = pki.leaf_paths("gateway-node-client", SITE, SITE)
+    cluster = TritonCluster(pki, SITE, nodes, gw_cert, gw_key, pki.node_ca_bundle())
+    errors: list[BaseException] = []
+
+    def start(node: ClusterNode) -> None:
+        try:
+            node.supervisor.start()
+        except BaseException as exc:
+            errors.append(exc)
+
+    # In parallel: three sequential starts would triple the session's set-up time.
+    threads = [threading.Thread(target=start, args=(n,)) for n in nodes.values()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    try:
+        if errors:
+            raise errors[0]
+        yield cluster
+    finally:
+        cluster.stop()
+    leaked, shm = our_tritonservers(), our_shm_segments()
+    assert not leaked and not shm, f"cluster left processes {leaked} and shm {shm}"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if any tritonserver or shm segment of ours outlived it, then clean up."""
+    leaked, shm = our_tritonservers(), our_shm_segments()
+    if not leaked and not shm:
+        return
+    for pid in leaked:
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for seg in shm:
+        seg.unlink(missing_ok=True)
+    print(f"\nLEAK: tritonserver processes {leaked}, shm segments {[s.name for s in shm]}")
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -1,0 +1,131 @@
+"""A real gateway (uvicorn, TLS, the shim) in a thread of the test process, and mTLS clients.
+
+In-process so tests can read app-side counters (did a refused caller ever reach the app?)
+while every byte still crosses a real TLS connection on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+import uvloop
+
+from gateway.app import Gateway
+from gateway.config import Config, parse_config
+from gateway.pki import PKI
+from gateway.runtime import build_gateway, servers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def gateway_config(
+    pki: PKI,
+    registry: Path,
+    data_dir: Path,
+    nodes: list[dict[str, Any]],
+    site: str = "site-a",
+    **overrides: Any,
+) -> Config:
+    gw_dir = pki.root / "gateway" / site
+    raw: dict[str, Any] = {
+        "mode": "dev",
+        "trust_domain": pki.trust_domain,
+        "site": site,
+        "registry": str(registry),
+        "data_dir": str(data_dir),
+        "listen": {"port": free_port(), "admin_port": free_port(), "graceful_shutdown_s": 1},
+        "tls": {
+            "cert": str(gw_dir / "server.crt"),
+            "key": str(gw_dir / "server.key"),
+            "client_ca": str(pki.client_ca_bundle()),
+            "node_ca": str(pki.node_ca_bundle()),
+            "node_client_cert": str(gw_dir / "node-client.crt"),
+            "node_client_key": str(gw_dir / "node-client.key"),
+            "reload_interval_s": 0.2,
+            "dev_pki": True,
+        },
+        "routing": {
+            "per_try_timeout_s": 2.0,
+            "health_interval_s": 0.3,
+            "eject_base_s": 0.5,
+            "eject_max_s": 5.0,
+        },
+        "nodes": nodes,
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return parse_config(raw, Path("/"))
+
+
+@dataclass
+class RunningGateway:
+    cfg: Config
+    gw: Gateway
+    api: uvicorn.Server
+    admin: uvicorn.Server
+    thread: threading.Thread
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.cfg.listen.port}"
+
+    @property
+    def base(self) -> str:
+        return f"https://{self.url}"
+
+    @property
+    def admin_base(self) -> str:
+        return f"http://127.0.0.1:{self.cfg.listen.admin_port}"
+
+
+@contextmanager
+def running_gateway(cfg: Config, gw: Gateway | None = None) -> Iterator[RunningGateway]:
+    gw = gw or build_gateway(cfg)
+    api, admin = servers(cfg, gw)
+
+    async def main() -> None:
+        admin_task = asyncio.create_task(admin.serve())
+        try:
+            await api.serve()
+        finally:
+            admin.should_exit = True
+            await asyncio.wait([admin_task], timeout=5)
+
+    thread = threading.Thread(target=uvloop.run, args=(main(),), daemon=True)
+    thread.start()
+    end = time.monotonic() + 15
+    while not (api.started and admin.started):
+        if time.monotonic() > end or not thread.is_alive():
+            raise RuntimeError("gateway did not start")
+        time.sleep(0.02)
+    try:
+        yield RunningGateway(cfg, gw, api, admin, thread)
+    finally:
+        api.should_exit = True
+        thread.join(timeout=15)
+
+
+def client_context(pki: PKI, cert: Path | None, key: Path | None) -> ssl.SSLContext:
+    """What a client uses: the root CA, and its own certificate (httpx needs it this way)."""
+    ctx = ssl.create_default_context(cafile=str(pki.root_ca))
+    if cert is not None and key is not None:
+        ctx.load_cert_chain(cert, key)
+    return ctx

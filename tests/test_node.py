@@ -1,0 +1,415 @@
+"""Inference nodes: real tritonservers behind gRPC mTLS, and their supervision.
+
+Every refusal test calls the node twice through the same helper: once with the gateway's
+cert (must answer) and once with the credential under test (must be refused), so a refusal
+cannot come from a client that silently sent nothing or dialled the wrong place.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from gateway.examples import SHIPPED_DIR
+from gateway.node.triton import NodeSpec, NodeStartError, NodeSupervisor, TritonProcess
+from gateway.pki import PKI
+
+if TYPE_CHECKING:
+    # Annotations only: whether `conftest` is importable depends on the pytest import mode.
+    from conftest import ClusterNode, TritonCluster
+
+pytestmark = pytest.mark.timeout(120)
+SITE = "site-a"  # the site the conftest PKI and cluster use
+
+IRIS = SHIPPED_DIR / "iris.onnx"
+
+
+def _client(
+    address: str, dns_name: str, root: Path, cert: Path | None, key: Path | None
+) -> grpcclient.InferenceServerClient:
+    return grpcclient.InferenceServerClient(
+        address,
+        ssl=True,
+        root_certificates=str(root),
+        private_key=None if key is None else str(key),
+        certificate_chain=None if cert is None else str(cert),
+        channel_args=[
+            ("grpc.ssl_target_name_override", dns_name),
+            # A private subchannel pool: no TLS session is shared with an earlier client.
+            ("grpc.use_local_subchannel_pool", 1),
+        ],
+    )
+
+
+def _infer_iris(client: grpcclient.InferenceServerClient, x: np.ndarray) -> np.ndarray:
+    inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    out = grpcclient.InferRequestedOutput("probabilities")
+    result = client.infer("iris", [inp], outputs=[out], client_timeout=10)
+    probs: np.ndarray = result.as_numpy("probabilities")
+    return probs
+
+
+def call_node(
+    node: ClusterNode | tuple[str, str],
+    root: Path,
+    cert: Path | None,
+    key: Path | None,
+    x: np.ndarray | None = None,
+    dns_name: str | None = None,
+) -> np.ndarray:
+    """One iris inference on a fresh mTLS connection; ``node`` or (address, DNS name)."""
+    address, pinned = node if isinstance(node, tuple) else (node.address, node.dns_name)
+    client = _client(address, dns_name or pinned, root, cert, key)
+    try:
+        return _infer_iris(client, np.zeros((1, 4), np.float32) if x is None else x)
+    finally:
+        client.close()
+
+
+def gateway_call(
+    cluster: TritonCluster, node: ClusterNode | tuple[str, str], x: np.ndarray | None = None
+) -> np.ndarray:
+    return call_node(node, cluster.node_ca, cluster.gateway_cert, cluster.gateway_key, x)
+
+
+def _reference(x: np.ndarray) -> np.ndarray:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1  # as in the node's wrapper: same kernels, same bits
+    opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(IRIS), opts, providers=["CPUExecutionProvider"])
+    out: np.ndarray = session.run(["probabilities"], {"input": x})[0]
+    return out
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if text in cmd and state not in ("Z", "X") and int(entry.name) != os.getpid():
+            found.append(int(entry.name))
+    return found
+
+
+# --------------------------------------------------------------------------- serving
+
+
+def test_cluster_layout(triton_cluster: TritonCluster) -> None:
+    got = {(n.name, n.region, n.provider) for n in triton_cluster.nodes.values()}
+    assert got == {
+        ("n1", "eu-west", "prov-a"),
+        ("n2", "eu-central", "prov-b"),
+        ("n3", "us-east", "prov-c"),
+    }
+    for node in triton_cluster.nodes.values():
+        assert node.dns_name == f"{node.name}.node.ztgate.local"
+        assert node.spiffe_id == f"spiffe://ztgate.local/node/{node.name}"
+        assert node.process.alive() and node.process.ready()
+        # HTTP has no TLS, so it must never listen beyond loopback.
+        assert "--http-address=127.0.0.1" in node.process.command()
+
+
+def test_mtls_inference_matches_onnxruntime(triton_cluster: TritonCluster) -> None:
+    x = np.random.default_rng(7).normal(5.0, 2.0, size=(16, 4)).astype(np.float32)
+    expected = _reference(x)
+    for node in triton_cluster.nodes.values():
+        got = gateway_call(triton_cluster, node, x)
+        assert got.shape == (16, 3)
+        np.testing.assert_array_equal(got, expected)
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+@pytest.fixture(scope="module")
+def foreign_pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    # Same trust domain and names: only the issuing CA differs from the real one.
+    return PKI.init(tmp_path_factory.mktemp("foreign-pki"), sites=[SITE])
+
+
+def _bad_credentials(
+    kind: str, pki: PKI, foreign: PKI, tmp: Path
+) -> tuple[Path | None, Path | None]:
+    if kind == "no-client-cert":
+        return None, None
+    if kind == "foreign-ca":
+        return foreign.leaf_paths("gateway-node-client", SITE, SITE)
+    if kind == "expired":
+        now = dt.datetime.now(dt.UTC)
+        issued = pki.issue(
+            "gateway-node-client",
+            SITE,
+            site=SITE,
+            not_before=now - dt.timedelta(days=10),
+            not_after=now - dt.timedelta(days=1),
+            # Never the default path: that would overwrite the real gateway cert.
+            out=(tmp / "expired.crt", tmp / "expired.key"),
+        )
+        return issued.cert, issued.key
+    if kind == "client-role":
+        issued = pki.issue("client", "mallory", out=(tmp / "client.crt", tmp / "client.key"))
+        return issued.cert, issued.key
+    if kind == "sibling-node":
+        # Nodes trust only the gateway CA; a node cert (node CA) cannot call another node.
+        issued = pki.ensure("node", "n2")
+        return issued.cert, issued.key
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind", ["no-client-cert", "foreign-ca", "expired", "client-role", "sibling-node"]
+)
+def test_node_refuses_callers_other_than_its_gateway(
+    kind: str, triton_cluster: TritonCluster, foreign_pki: PKI, tmp_path: Path
+) -> None:
+    node = triton_cluster.nodes["n1"]
+    cert, key = _bad_credentials(kind, triton_cluster.pki, foreign_pki, tmp_path)
+    # Positive control: same helper, same node, the gateway's own cert.
+    assert gateway_call(triton_cluster, node).shape == (1, 3)
+    with pytest.raises(InferenceServerException) as refused:
+        call_node(node, triton_cluster.node_ca, cert, key)
+    assert "UNAVAILABLE" in str(refused.value.status()), refused.value
+
+
+def test_gateway_refuses_a_node_under_the_wrong_name(triton_cluster: TritonCluster) -> None:
+    n1, n2 = triton_cluster.nodes["n1"], triton_cluster.nodes["n2"]
+    gw = (triton_cluster.node_ca, triton_cluster.gateway_cert, triton_cluster.gateway_key)
+    assert call_node(n1, *gw, dns_name=n1.dns_name).shape == (1, 3)
+    # n1's address while expecting n2: n1's cert does not name n2, the client must hang up.
+    with pytest.raises(InferenceServerException):
+        call_node(n1, *gw, dns_name=n2.dns_name)
+
+
+def test_gateway_refuses_a_node_from_a_foreign_ca(
+    triton_cluster: TritonCluster, foreign_pki: PKI
+) -> None:
+    node = triton_cluster.nodes["n1"]
+    gw = (triton_cluster.gateway_cert, triton_cluster.gateway_key)
+    assert call_node(node, triton_cluster.node_ca, *gw).shape == (1, 3)
+    with pytest.raises(InferenceServerException):
+        call_node(node, foreign_pki.node_ca_bundle(), *gw)
+
+
+# --------------------------------------------------------------------------- supervision
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_killed_tritonserver_is_restarted(triton_cluster: TritonCluster) -> None:
+    node = triton_cluster.nodes["n3"]
+    sup = node.supervisor
+    before, old_pid = sup.restarts, node.process.pid
+    assert old_pid is not None
+    os.kill(old_pid, signal.SIGKILL)
+    assert _wait_for(lambda: sup.restarts > before, 10), "supervisor did not notice"
+    assert sup.last_reason is not None and "exited" in sup.last_reason
+    assert sup.wait_healthy(30), f"not back: {sup.state} {sup.last_reason}"
+    assert node.process.pid != old_pid
+    assert gateway_call(triton_cluster, node).shape == (1, 3)
+
+
+def test_killed_python_stub_is_detected_and_node_restarted(triton_cluster: TritonCluster) -> None:
+    node = triton_cluster.nodes["n2"]
+    sup, proc = node.supervisor, node.process
+    before = sup.restarts
+    with sup.paused():
+        stubs = proc.stub_pids()
+        assert len(stubs) == 3  # iris, mnist, risk: one instance each
+        iris_stub = [p for p in stubs if b"/iris/" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(iris_stub) == 1
+        os.kill(iris_stub[0], signal.SIGKILL)
+        # The trap: the server still claims ready while iris inference fails.
+        assert _wait_for(lambda: iris_stub[0] not in proc.stub_pids(), 5)
+        assert proc.ready()
+        with pytest.raises(InferenceServerException, match="not healthy"):
+            gateway_call(triton_cluster, node)
+        failure = sup.probe()
+        assert failure is not None and "not healthy" in failure
+        reason = sup.check()
+        assert reason is not None and str(iris_stub[0]) in reason
+    assert _wait_for(lambda: sup.restarts > before, 10)
+    assert sup.wait_healthy(30), f"not back: {sup.state} {sup.last_reason}"
+    assert gateway_call(triton_cluster, node).shape == (1, 3)
+    assert sup.probe() is None
+
+
+# --------------------------------------------------------------------------- start-up
+
+
+STUCK_MODEL = """
+import time
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        time.sleep(3600)  # a model that never finishes loading
+
+    def execute(self, requests):
+        return []
+"""
+
+STUCK_CONFIG = """
+name: "stuck"
+backend: "python"
+max_batch_size: 0
+input [ { name: "x", data_type: TYPE_FP32, dims: [ 1 ] } ]
+output [ { name: "y", data_type: TYPE_FP32, dims: [ 1 ] } ]
+instance_group [ { kind: KIND_CPU, count: 1 } ]
+"""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _spec(pki: PKI, repository: Path, workdir: Path, name: str = "n9") -> NodeSpec:
+    issued = pki.ensure("node", name)
+    return NodeSpec(
+        name=name,
+        region="test",
+        provider="test",
+        grpc_port=_free_port(),
+        http_port=_free_port(),
+        repository=repository,
+        cert=issued.cert,
+        key=issued.key,
+        client_ca=pki.gateway_ca_bundle(SITE),
+        workdir=workdir,
+    )
+
+
+def test_node_that_never_gets_ready_is_killed_at_the_deadline(
+    pki: PKI, triton_home: Path, tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    (repo / "stuck" / "1").mkdir(parents=True)
+    (repo / "stuck" / "config.pbtxt").write_text(STUCK_CONFIG)
+    (repo / "stuck" / "1" / "model.py").write_text(STUCK_MODEL)
+    proc = TritonProcess(_spec(pki, repo, tmp_path / "node"), triton_home)
+    t0 = time.monotonic()
+    with pytest.raises(NodeStartError, match="not ready within 8s") as failed:
+        proc.start(deadline_s=8)
+    took = time.monotonic() - t0
+    assert 8 <= took < 8 + 7, took  # the deadline, plus at most one stop()
+    assert "stuck" in str(failed.value)  # the log tail names the model it was loading
+    assert not proc.alive() and proc.pid is None
+    assert not _processes_mentioning(proc.shm_prefix)
+    assert not proc.shm_segments()
+
+
+def test_missing_cert_fails_fast_with_the_real_reason(
+    pki: PKI, triton_home: Path, triton_repository: Path, tmp_path: Path
+) -> None:
+    spec = _spec(pki, triton_repository, tmp_path / "node")
+    bad = NodeSpec(**{**spec.__dict__, "cert": tmp_path / "missing.crt"})
+    with pytest.raises(NodeStartError, match=r"cert file .*missing\.crt does not exist"):
+        TritonProcess(bad, triton_home).start(deadline_s=8)
+
+
+def test_stop_leaves_no_process_or_shm(
+    pki: PKI, triton_home: Path, triton_repository: Path, tmp_path: Path
+) -> None:
+    proc = TritonProcess(_spec(pki, triton_repository, tmp_path / "node"), triton_home)
+    sup = NodeSupervisor(proc, interval_s=0.5)
+    sup.start()
+    try:
+        pid, stubs = proc.pid, proc.stub_pids()
+        assert pid is not None and len(stubs) == 3 and proc.shm_segments()
+    finally:
+        sup.stop()
+    assert sup.state == "stopped" and sup.restarts == 0
+    for p in [pid, *stubs]:
+        assert not Path(f"/proc/{p}").exists() or "Z" in Path(f"/proc/{p}/stat").read_text()
+    assert not _processes_mentioning(proc.shm_prefix)
+    assert not proc.shm_segments()
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_node_serve_until_sigterm(triton_cluster: TritonCluster, tmp_path: Path) -> None:
+    from gateway.registry import Registry, seed_examples
+
+    pki = triton_cluster.pki
+    registry = Registry.open(tmp_path / "registry")
+    seed_examples(registry)
+    grpc_port = _free_port()
+    workdir = tmp_path / "n7"
+    out = (tmp_path / "stdout").open("w+")
+    cli = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "node",
+            "serve",
+            "--name",
+            "n7",
+            "--region",
+            "eu-north",
+            "--provider",
+            "prov-d",
+            "--grpc-port",
+            str(grpc_port),
+            "--pki",
+            str(pki.root),
+            "--registry",
+            str(tmp_path / "registry"),
+            "--models",
+            "iris",
+            "--workdir",
+            str(workdir),
+            "--check-interval",
+            "0.5",
+        ],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        n7 = (f"127.0.0.1:{grpc_port}", pki.node_dns_name("n7"))
+        assert _wait_for(lambda: "ready in" in Path(out.name).read_text(), 30), out.name
+        assert gateway_call(triton_cluster, n7).shape == (1, 3)
+        assert _processes_mentioning(str(workdir))
+        cli.send_signal(signal.SIGTERM)
+        assert cli.wait(timeout=20) == 0
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait(timeout=10)
+        out.close()
+    text = Path(out.name).read_text()
+    assert f"127.0.0.1:{grpc_port}" in text
+    assert "n7.node.ztgate.local" in text
+    assert "spiffe://ztgate.local/node/n7" in text
+    assert not _processes_mentioning(str(workdir))
+    assert not [p for p in Path("/dev/shm").glob("ztgate_n7_*") if f"_{cli.pid}_" in p.name]

@@ -1,0 +1,388 @@
+"""The model registry and the `ztgate model` commands."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from gateway.cli import main
+from gateway.examples import SHIPPED_DIR, shipped_sums
+from gateway.registry import (
+    EXAMPLE_POLICY,
+    INDEX_FILE,
+    Registry,
+    RegistryError,
+    TensorSpec,
+    read_signature,
+    seed_examples,
+)
+
+IRIS = SHIPPED_DIR / "iris.onnx"
+RISK = SHIPPED_DIR / "risk.onnx"
+
+
+def identity_model(
+    path: Path,
+    elem_type: int = TensorProto.FLOAT,
+    dims: list[int | str | None] | None = None,
+    weight_as_input: bool = False,
+) -> Path:
+    """A one-node ONNX file whose input/output declaration the test controls."""
+    shape: list[int | str | None] = ["batch", 3] if dims is None else dims
+    x = helper.make_tensor_value_info("x", elem_type, shape)
+    y = helper.make_tensor_value_info("y", elem_type, shape)
+    inputs = [x]
+    initializers = []
+    if weight_as_input:
+        initializers.append(helper.make_tensor("w", TensorProto.FLOAT, [1], [1.0]))
+        inputs.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, [1]))
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "g", inputs, [y], initializer=initializers
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    return Registry.open(tmp_path / "reg")
+
+
+# --------------------------------------------------------------------------- signatures
+
+
+def test_signature_of_shipped_model() -> None:
+    inputs, outputs = read_signature(IRIS)
+    assert inputs == (TensorSpec("input", "FP32", (-1, 4)),)
+    assert outputs == (TensorSpec("probabilities", "FP32", (-1, 3)),)
+
+
+@pytest.mark.parametrize(
+    ("elem_type", "datatype"),
+    [
+        (TensorProto.FLOAT, "FP32"),
+        (TensorProto.DOUBLE, "FP64"),
+        (TensorProto.FLOAT16, "FP16"),
+        (TensorProto.INT64, "INT64"),
+        (TensorProto.INT32, "INT32"),
+        (TensorProto.UINT8, "UINT8"),
+        (TensorProto.BOOL, "BOOL"),
+        (TensorProto.STRING, "BYTES"),
+    ],
+)
+def test_signature_maps_onnx_types_to_kserve(tmp_path: Path, elem_type: int, datatype: str) -> None:
+    inputs, outputs = read_signature(identity_model(tmp_path / "m.onnx", elem_type))
+    assert inputs == (TensorSpec("x", datatype, (-1, 3)),)
+    assert outputs == (TensorSpec("y", datatype, (-1, 3)),)
+
+
+def test_signature_dynamic_dims_and_initializer_inputs(tmp_path: Path) -> None:
+    path = identity_model(tmp_path / "m.onnx", dims=["n", None, 5], weight_as_input=True)
+    inputs, outputs = read_signature(path)
+    assert inputs == (TensorSpec("x", "FP32", (-1, -1, 5)),)
+    assert outputs == (TensorSpec("y", "FP32", (-1, -1, 5)),)
+
+
+def test_signature_refuses_unsupported_type(tmp_path: Path) -> None:
+    path = identity_model(tmp_path / "m.onnx", TensorProto.COMPLEX64)
+    with pytest.raises(RegistryError, match="unsupported element type COMPLEX64"):
+        read_signature(path)
+
+
+# --------------------------------------------------------------------------- add / get
+
+
+def test_open_creates_an_empty_registry(tmp_path: Path) -> None:
+    root = tmp_path / "a" / "b"
+    registry = Registry.open(root)
+    index = json.loads((root / INDEX_FILE).read_text())
+    assert index == {"format": "ztgate.registry/1", "models": {}}
+    assert registry.entries() == []
+    assert Registry.open(root).entries() == []
+
+
+def test_add_copies_hashes_and_indexes(registry: Registry) -> None:
+    entry = registry.add(IRIS, "iris", "3", "public", ("zk", "none"))
+    assert entry.sha256 == hashlib.sha256(IRIS.read_bytes()).hexdigest()
+    assert entry.path == registry.root / "models/iris/3/model.onnx"
+    assert entry.path.read_bytes() == IRIS.read_bytes()
+    assert entry.allowed_modes == ("none", "zk")  # canonical order
+    assert entry.inputs == (TensorSpec("input", "FP32", (-1, 4)),)
+    # The index on disk is the source of truth: a fresh handle sees the same entry.
+    assert Registry.open(registry.root).get("iris", "3") == entry
+    record = json.loads(registry.index_path.read_text())["models"]["iris"]["3"]
+    assert record["file"] == "models/iris/3/model.onnx"
+    assert record["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}]
+
+
+def test_defaults(registry: Registry) -> None:
+    entry = registry.add(IRIS, "iris")
+    assert (entry.version, entry.classification, entry.allowed_modes) == (
+        "1",
+        "internal",
+        ("none",),
+    )
+
+
+def test_get_latest_compares_versions_numerically(registry: Registry) -> None:
+    for version in ("2", "10", "9"):
+        registry.add(IRIS, "iris", version)
+    assert registry.get("iris").version == "10"
+    assert registry.get("iris", "2").version == "2"
+    assert [(e.name, e.version) for e in registry.entries()] == [
+        ("iris", "2"),
+        ("iris", "9"),
+        ("iris", "10"),
+    ]
+
+
+def test_get_unknown(registry: Registry) -> None:
+    registry.add(IRIS, "iris")
+    with pytest.raises(RegistryError, match="no model named 'nope'"):
+        registry.get("nope")
+    with pytest.raises(RegistryError, match=r"no version '2' \(has 1\)"):
+        registry.get("iris", "2")
+
+
+def test_readd_same_bytes_is_a_noop(registry: Registry) -> None:
+    first = registry.add(IRIS, "iris", "1", "public", ("none",))
+    before = registry.index_path.read_bytes()
+    assert registry.add(IRIS, "iris", "1", "public", ("none",)) == first
+    assert registry.index_path.read_bytes() == before
+
+
+def test_readd_different_bytes_is_refused(registry: Registry) -> None:
+    first = registry.add(IRIS, "iris")
+    with pytest.raises(RegistryError, match="already registered with different bytes"):
+        registry.add(RISK, "iris")
+    assert registry.get("iris") == first
+    assert first.path.read_bytes() == IRIS.read_bytes()
+
+
+def test_readd_with_other_policy_is_refused(registry: Registry) -> None:
+    registry.add(IRIS, "iris", classification="public")
+    with pytest.raises(RegistryError, match="classification 'public', not 'restricted'"):
+        registry.add(IRIS, "iris", classification="restricted")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"name": "Iris"}, "invalid model name"),
+        ({"name": "-iris"}, "invalid model name"),
+        ({"name": "a" * 65}, "invalid model name"),
+        ({"name": "../etc"}, "invalid model name"),
+        ({"name": "ir is"}, "invalid model name"),
+        ({"version": "0"}, "invalid version"),
+        ({"version": "01"}, "invalid version"),
+        ({"version": "v1"}, "invalid version"),
+        ({"version": ""}, "invalid version"),
+        ({"classification": "secret"}, "invalid classification"),
+        ({"allowed_modes": ("tee",)}, "invalid mode"),
+        ({"allowed_modes": ()}, "at least one allowed mode"),
+    ],
+)
+def test_invalid_arguments(registry: Registry, kwargs: dict[str, object], message: str) -> None:
+    args: dict[str, object] = {"name": "iris", **kwargs}
+    with pytest.raises(RegistryError, match=message):
+        registry.add(IRIS, **args)  # type: ignore[arg-type]
+    assert registry.entries() == []
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "not a valid ONNX model"),
+        (b"hello, I am not a model\n", "not an ONNX model|not a valid ONNX model"),
+        (bytes(range(256)) * 4, "not an ONNX model|not a valid ONNX model"),
+    ],
+)
+def test_garbage_files_are_refused(
+    registry: Registry, tmp_path: Path, content: bytes, message: str
+) -> None:
+    path = tmp_path / "garbage.onnx"
+    path.write_bytes(content)
+    with pytest.raises(RegistryError, match=message):
+        registry.add(path, "junk")
+    assert registry.entries() == []
+    assert not (registry.root / "models" / "junk").exists()
+
+
+def test_missing_file_is_refused(registry: Registry, tmp_path: Path) -> None:
+    with pytest.raises(RegistryError, match="cannot read"):
+        registry.add(tmp_path / "absent.onnx", "absent")
+
+
+def test_model_without_inputs_is_refused(registry: Registry, tmp_path: Path) -> None:
+    const = helper.make_node(
+        "Constant", [], ["y"], value=helper.make_tensor("c", TensorProto.FLOAT, [1], [1.0])
+    )
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    model = helper.make_model(
+        helper.make_graph([const], "g", [], [y]), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "c.onnx")
+    with pytest.raises(RegistryError, match="no inputs or no outputs"):
+        registry.add(tmp_path / "c.onnx", "const")
+
+
+def test_no_temp_files_left_behind(registry: Registry) -> None:
+    registry.add(IRIS, "iris")
+    registry.add(RISK, "risk")
+    leftovers = [p for p in registry.root.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+def _add_in_child(root: str, name: str) -> None:
+    Registry.open(root).add(IRIS, name)
+
+
+def test_concurrent_adds_from_processes_all_survive(tmp_path: Path) -> None:
+    root = tmp_path / "reg"
+    Registry.open(root)
+    ctx = multiprocessing.get_context("fork")
+    names = [f"m{i}" for i in range(6)]
+    procs = [ctx.Process(target=_add_in_child, args=(str(root), n)) for n in names]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(30)
+        assert proc.exitcode == 0
+    assert sorted(e.name for e in Registry.open(root).entries()) == names
+
+
+# --------------------------------------------------------------------------- index problems
+
+
+def test_corrupt_index(tmp_path: Path) -> None:
+    root = tmp_path / "reg"
+    Registry.open(root)
+    (root / INDEX_FILE).write_text("{not json")
+    with pytest.raises(RegistryError, match="cannot read"):
+        Registry.open(root)
+    (root / INDEX_FILE).write_text('{"format": "other", "models": {}}')
+    with pytest.raises(RegistryError, match=r"is not a ztgate\.registry/1 index"):
+        Registry.open(root)
+    (root / INDEX_FILE).write_text(
+        '{"format": "ztgate.registry/1", "models": {"iris": {"1": {"sha256": "x"}}}}'
+    )
+    with pytest.raises(RegistryError, match="malformed entry iris/1"):
+        Registry.open(root).entries()
+
+
+def test_registry_path_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RegistryError, match="cannot create registry"):
+        Registry.open(tmp_path / "file")
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def test_verify_reports_tampered_and_missing_files(registry: Registry) -> None:
+    iris = registry.add(IRIS, "iris")
+    risk = registry.add(RISK, "risk")
+    assert registry.verify() == []
+    tampered = iris.path.read_bytes() + b"\0"
+    iris.path.write_bytes(tampered)
+    risk.path.unlink()
+    assert registry.verify() == [
+        f"iris/1: sha256 is {hashlib.sha256(tampered).hexdigest()}, registry says {iris.sha256}",
+        f"risk/1: cannot read {risk.path}: No such file or directory",
+    ]
+
+
+# --------------------------------------------------------------------------- examples
+
+
+def test_seed_examples_is_idempotent(registry: Registry) -> None:
+    first = seed_examples(registry)
+    assert seed_examples(registry) == first
+    sums = shipped_sums()
+    assert {(e.name, e.sha256) for e in first} == set(sums.items())
+    for entry in first:
+        assert (entry.classification, entry.allowed_modes) == EXAMPLE_POLICY[entry.name]
+    risk = registry.get("risk")
+    assert risk.classification == "restricted" and "none" not in risk.allowed_modes
+    assert registry.verify() == []
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_add_prints_entry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    reg = str(tmp_path / "reg")
+    rc = main(
+        ["model", "add", str(IRIS), "--name", "iris", "--version", "2", "--classification",
+         "public", "--modes", "zk, none", "--registry", reg]
+    )  # fmt: skip
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["name"] == "iris" and printed["version"] == "2"
+    assert printed["allowed_modes"] == ["none", "zk"]
+    assert printed["sha256"] == hashlib.sha256(IRIS.read_bytes()).hexdigest()
+    assert Registry.open(reg).get("iris").to_json() == printed
+
+
+def test_cli_list_examples_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    reg = str(tmp_path / "reg")
+    assert main(["model", "examples", "--registry", reg]) == 0
+    assert "risk\t1\trestricted\tredundant,mpc" in capsys.readouterr().out
+    assert main(["model", "list", "--registry", reg]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["iris", "mnist", "risk"]
+    assert main(["model", "list", "--json", "--registry", reg]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 3
+    assert main(["model", "verify", "--registry", reg]) == 0
+    (Path(reg) / "models/mnist/1/model.onnx").write_bytes(b"swapped")
+    assert main(["model", "verify", "--registry", reg]) == 1
+    assert capsys.readouterr().out.startswith("mnist/1: sha256 is")
+
+
+def test_cli_default_registry_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["model", "add", str(IRIS), "--name", "iris"]) == 0
+    assert (tmp_path / ".ztgate/registry/models/iris/1/model.onnx").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["model", "add", "GARBAGE", "--name", "x"],
+        ["model", "add", "IRIS", "--name", "Bad Name"],
+        ["model", "add", "IRIS", "--name", "x", "--version", "1.0"],
+        ["model", "add", "IRIS", "--name", "x", "--modes", "none,tee"],
+        ["model", "add", "IRIS", "--name", "x", "--modes", ","],
+        ["model", "add", "IRIS", "--name", "x", "--classification", "top-secret"],
+        ["model", "add", "MISSING", "--name", "x"],
+    ],
+)
+def test_cli_user_errors_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x08\x01garbage")
+    files = {"GARBAGE": str(garbage), "IRIS": str(IRIS), "MISSING": str(tmp_path / "no.onnx")}
+    argv = [files.get(a, a) for a in argv] + ["--registry", str(tmp_path / "reg")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ztgate: error: ") and "Traceback" not in err
+
+
+def test_cli_corrupt_registry_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    (reg / INDEX_FILE).write_text("[]")
+    assert main(["model", "list", "--registry", str(reg)]) == 2
+    assert "is not a ztgate.registry/1 index" in capsys.readouterr().err

@@ -1,0 +1,1 @@
+"""Zero-knowledge proofs of inference (ezkl): onboarding, node-side prover, verifier."""
