@@ -203,4 +203,6 @@ def parse_config(raw: dict[str, Any], base: Path) -> Config:
     r = cfg.routing
     if not 0 < r.max_ejected_share <= 1 or r.max_attempts < 1 or r.deadline_s <= 0:
         raise ConfigError("routing: max_ejected_share in (0,1], max_attempts >= 1, deadline_s > 0")
+    if not 0 < r.eject_base_s <= r.eject_max_s:
+        raise ConfigError("routing: need 0 < eject_base_s <= eject_max_s")
     return cfg

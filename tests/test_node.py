@@ -29,8 +29,8 @@ from gateway.node.triton import NodeSpec, NodeStartError, NodeSupervisor, Triton
 from gateway.pki import PKI
 
 if TYPE_CHECKING:
-    # Annotations only: whether `conftest` is importable depends on the pytest import mode.
-    from conftest import ClusterNode, TritonCluster
+    # Annotations only: importing conftest at run time would load it a second time.
+    from tests.conftest import ClusterNode, TritonCluster
 
 pytestmark = pytest.mark.timeout(120)
 SITE = "site-a"  # the site the conftest PKI and cluster use
@@ -354,7 +354,42 @@ def test_stop_leaves_no_process_or_shm(
     assert not proc.shm_segments()
 
 
+def test_restarts_are_bounded(
+    pki: PKI, triton_home: Path, triton_repository: Path, tmp_path: Path
+) -> None:
+    proc = TritonProcess(_spec(pki, triton_repository, tmp_path / "node", "n8"), triton_home)
+    sup = NodeSupervisor(proc, interval_s=0.3, max_restarts=1, backoff_s=0.1)
+    sup.start()
+    try:
+        first = proc.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        assert _wait_for(lambda: sup.restarts == 1 and sup.state == "running", 20)
+        second = proc.pid
+        assert second is not None and second != first
+        os.kill(second, signal.SIGKILL)
+        # The budget (1 restart per window) is spent: give up instead of flapping.
+        assert _wait_for(lambda: sup.state == "failed", 10), sup.state
+        assert sup.restarts == 1 and "exited" in (sup.last_reason or "")
+        assert not sup.wait_healthy(0.5)
+        assert not proc.alive() and not proc.shm_segments()
+    finally:
+        sup.stop()
+    assert not _processes_mentioning(proc.shm_prefix)
+
+
 # --------------------------------------------------------------------------- CLI
+
+
+def test_cli_node_serve_rejects_unknown_models(pki: PKI, tmp_path: Path) -> None:
+    from gateway.cli import main
+    from gateway.registry import Registry, seed_examples
+
+    seed_examples(Registry.open(tmp_path / "registry"))
+    argv = ["node", "serve", "--name", "n6", "--region", "r", "--provider", "p"]
+    argv += ["--grpc-port", "1", "--pki", str(pki.root), "--registry", str(tmp_path / "registry")]
+    assert main([*argv, "--models", "iris,nope", "--workdir", str(tmp_path / "n6")]) == 2
+    assert main([*argv, "--site", "site-z", "--workdir", str(tmp_path / "n6")]) == 2
 
 
 def test_cli_node_serve_until_sigterm(triton_cluster: TritonCluster, tmp_path: Path) -> None:

@@ -476,7 +476,6 @@ class NodeSupervisor:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._failures = 0
 
     @property
     def name(self) -> str:
@@ -484,6 +483,8 @@ class NodeSupervisor:
 
     def start(self) -> float:
         """Start the node (raises NodeStartError) and the watch thread; returns secs to ready."""
+        if self._thread is not None:
+            raise RuntimeError(f"supervisor of {self.name} is already running")
         with self._lock:
             took = self.process.start(self.start_deadline_s)
             self._after_start()
@@ -526,6 +527,8 @@ class NodeSupervisor:
         """One health check; the reason the node needs a restart, or None if it is fine."""
         self.checks += 1
         p = self.process
+        if p.pid is None:
+            return "tritonserver not running (the last start failed)"
         if not p.alive():
             return f"tritonserver (pid {p.pid}) exited"
         stubs = set(p.stub_pids())
@@ -579,7 +582,6 @@ class NodeSupervisor:
                     return
                 reason = self.check()
                 if reason is None:
-                    self._failures = 0
                     continue
                 if not self._restart(reason):
                     return
@@ -589,7 +591,8 @@ class NodeSupervisor:
         now = time.time()
         recent = [e for e in self.history if now - e.at < self.restart_window_s]
         if len(recent) >= self.max_restarts:
-            self.state = "failed"
+            # Clean up before announcing "failed": a watcher may act on the state at once.
+            self.process.stop()
             self.last_reason = reason
             log.error(
                 "node %s: %s; %d restarts in %.0fs already, giving up",
@@ -598,12 +601,15 @@ class NodeSupervisor:
                 len(recent),
                 self.restart_window_s,
             )
-            self.process.stop()
+            self.state = "failed"
             return False
+        # Reason and state first: a watcher keyed on the counter then sees all three.
+        self.last_reason = reason
         self.state = "restarting"
         self.restarts += 1
-        self.last_reason = reason
-        delay = min(self.backoff_s * 2**self._failures, self.backoff_max_s)
+        # Backoff grows with recent restarts, so a node that crashes right after every
+        # successful start backs off just like one that fails to start.
+        delay = min(self.backoff_s * 2 ** len(recent), self.backoff_max_s)
         log.warning("node %s: restart #%d in %.1fs: %s", self.name, self.restarts, delay, reason)
         self.process.stop()
         if self._stop.wait(delay):
@@ -613,7 +619,6 @@ class NodeSupervisor:
         try:
             event.ready_after_s = self.process.start(self.start_deadline_s)
         except NodeStartError as exc:
-            self._failures += 1
             log.error("node %s: restart #%d failed: %s", self.name, self.restarts, exc)
             # Stay in "restarting": the next check sees the process dead and tries again.
             return True

@@ -56,13 +56,12 @@ _DEFAULT_LIMITS = Limits()
 _SCALARS = (str, int, float, bool)
 # JSON depth of a tensor's ``data`` list: body object > inputs list > tensor > data.
 _DATA_DEPTH = 4
-_NUMBER_TYPES = frozenset({int, float})
 # Allowed Python types of JSON ``data`` elements, by numpy dtype kind.
 _JSON_ELEMENT_TYPES = {
     "b": frozenset({bool}),
     "i": frozenset({int}),
     "u": frozenset({int}),
-    "f": _NUMBER_TYPES,
+    "f": frozenset({int, float}),
     "O": frozenset({str}),
 }
 _KIND_WORDS = {"b": "booleans", "i": "integers", "u": "integers", "f": "numbers", "O": "strings"}
@@ -148,7 +147,8 @@ def _str(obj: dict[str, Any], key: str, where: str, *, required: bool = True) ->
     if value is None and not required and key not in obj:
         return None
     if not isinstance(value, str) or (required and not value):
-        raise BadRequest(f"{where}: '{key}' must be a non-empty string")
+        what = "a non-empty string" if required else "a string"
+        raise BadRequest(f"{where}: '{key}' must be {what}")
     try:
         value.encode("utf-8")  # lone surrogates would break re-encoding later
     except UnicodeEncodeError:
@@ -268,7 +268,7 @@ def _from_json(data: Any, dt: DataType, count: int, where: str, limits: Limits) 
     if kind == "O":
         try:
             return _bytes_array([s.encode("utf-8") for s in flat], where)
-        except UnicodeEncodeError:  # a lone surrogate (JSON "\\ud800")
+        except UnicodeEncodeError:  # a lone surrogate, from a JSON escape
             raise InvalidTensor(
                 f"{where}: 'data' holds a string that is not valid Unicode"
             ) from None
@@ -329,9 +329,7 @@ def _unpack_bytes(chunk: memoryview, count: int, where: str) -> npt.NDArray[Any]
     return _bytes_array(items, where)
 
 
-def _tensor(
-    raw: Any, kind: str, index: int, binary: _Binary, limits: Limits
-) -> tuple[Tensor, dict[str, JsonScalar]]:
+def _tensor(raw: Any, kind: str, index: int, binary: _Binary, limits: Limits) -> Tensor:
     obj = _obj(raw, f"{kind}s[{index}]")
     name = _str(obj, "name", f"{kind}s[{index}]")
     where = f"{kind} '{name}'"
@@ -349,18 +347,16 @@ def _tensor(
         arr = _from_binary(binary.take(_size(size, where), where), dt, count, where)
     _check_extra(obj, ("name", "datatype", "shape", "parameters", "data"), 3, limits)
     assert name is not None
-    return Tensor(name, dt.name, shape, arr.reshape(shape)), params
+    return Tensor(name, dt.name, shape, arr.reshape(shape))
 
 
-def _tensors(
-    raw: Any, kind: str, binary: _Binary, limits: Limits
-) -> list[tuple[Tensor, dict[str, JsonScalar]]]:
+def _tensors(raw: Any, kind: str, binary: _Binary, limits: Limits) -> tuple[Tensor, ...]:
     if not isinstance(raw, list) or not raw:
         raise BadRequest(f"'{kind}s' must be a non-empty list")
     if len(raw) > limits.max_inputs:
         raise PayloadTooLarge(f"{len(raw)} {kind}s exceed the limit of {limits.max_inputs}")
-    out = [_tensor(t, kind, i, binary, limits) for i, t in enumerate(raw)]
-    _unique([t.name for t, _ in out], kind)
+    out = tuple(_tensor(t, kind, i, binary, limits) for i, t in enumerate(raw))
+    _unique([t.name for t in out], kind)
     if binary.pos != len(binary.buf):
         raise InvalidTensor(
             f"{len(binary.buf) - binary.pos} bytes of binary data were not claimed by any {kind}"
@@ -401,13 +397,14 @@ def decode_request(
 
     ``header_length`` is the value of the ``Inference-Header-Content-Length``
     header, or None when absent. Raises BadRequest/InvalidTensor (400) or
-    PayloadTooLarge (413).
+    PayloadTooLarge (413). Binary tensors are zero-copy, read-only views of
+    ``body``.
     """
     doc, binary = _split(body, header_length, limits)
     _check_extra(doc, ("id", "parameters", "inputs", "outputs"), 1, limits)
     params = _params(doc, "request")
     default_binary = _flag(params, "binary_data_output", False, "request")
-    inputs = tuple(t for t, _ in _tensors(doc.get("inputs"), "input", binary, limits))
+    inputs = _tensors(doc.get("inputs"), "input", binary, limits)
     outputs = _requested_outputs(doc.get("outputs", []), default_binary, limits)
     return InferRequest(
         model=model,
@@ -448,7 +445,7 @@ def decode_response(
     """Parse and validate a node's inference response (same rules as requests)."""
     doc, binary = _split(body, header_length, limits)
     _check_extra(doc, ("model_name", "model_version", "id", "parameters", "outputs"), 1, limits)
-    outputs = tuple(t for t, _ in _tensors(doc.get("outputs"), "output", binary, limits))
+    outputs = _tensors(doc.get("outputs"), "output", binary, limits)
     version = doc.get("model_version")
     if version is not None and not isinstance(version, str):
         raise BadRequest("response: 'model_version' must be a string")

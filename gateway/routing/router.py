@@ -186,9 +186,12 @@ class Router:
     async def refresh(self) -> None:
         """Pull ejections other replicas made, and probe nodes whose ejection ran out."""
         got = await self._quiet(self.store.ejected_until(self.nodes))
-        if isinstance(got, dict):
-            self.ejected = {k: float(v) for k, v in got.items()}
         now = time.time()
+        if isinstance(got, dict):
+            # The store forgets an ejection once its time runs out; this replica keeps
+            # the node out until its own probe passes.
+            expired = {k: v for k, v in self.ejected.items() if k not in got and v <= now}
+            self.ejected = {**{k: float(v) for k, v in got.items()}, **expired}
         for name, until in list(self.ejected.items()):
             if until <= now:
                 await self._probe(self.nodes[name])

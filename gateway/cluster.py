@@ -1,0 +1,154 @@
+"""A local cluster on loopback: dev PKI, model registry, N real Triton nodes, gateway config.
+
+What `ztgate up` and `make demo` run. Everything lives under one directory (default
+`.ztgate/`), made on first use and reused after: the PKI is not re-issued, the registry
+keeps its models, and each node's repository is rebuilt from the registry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.node.repository import build_repository
+from gateway.node.triton import NodeSpec, NodeSupervisor, TritonProcess, triton_home
+from gateway.pki import DEFAULT_SITE, PKI
+from gateway.registry import Registry, seed_examples
+
+log = logging.getLogger(__name__)
+
+LAYOUT: tuple[tuple[str, str, str], ...] = (
+    ("n1", "eu-west", "prov-a"),
+    ("n2", "eu-central", "prov-b"),
+    ("n3", "us-east", "prov-c"),
+    ("n4", "eu-west", "prov-d"),
+    ("n5", "us-west", "prov-e"),
+)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class LocalCluster:
+    root: Path
+    nodes: int = 3
+    site: str = DEFAULT_SITE
+    gateway_port: int = 8443
+    admin_port: int = 8081
+    supervisors: list[NodeSupervisor] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.nodes <= len(LAYOUT):
+            raise ValueError(f"nodes must be between 1 and {len(LAYOUT)}")
+        self.root = self.root.resolve()
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "gateway.toml"
+
+    def prepare(self) -> PKI:
+        pki = PKI.init(self.root / "pki", sites=[self.site])
+        registry = Registry.open(self.root / "registry")
+        if not registry.entries():
+            seed_examples(registry)
+        pki.ensure("client", "demo")
+        return pki
+
+    def start(self) -> list[dict[str, str]]:
+        """Start the nodes (in parallel) and write the gateway config; returns the node table."""
+        pki = self.prepare()
+        entries = Registry.open(self.root / "registry").entries()
+        repo = build_repository(entries, self.root / "nodes" / "repository")
+        home = triton_home(self.root / "triton-home")
+        table = []
+        for name, region, provider in LAYOUT[: self.nodes]:
+            issued = pki.ensure("node", name)
+            spec = NodeSpec(
+                name=name,
+                region=region,
+                provider=provider,
+                grpc_port=free_port(),
+                http_port=free_port(),
+                repository=repo,
+                cert=issued.cert,
+                key=issued.key,
+                client_ca=pki.gateway_ca_bundle(self.site),
+                workdir=self.root / "nodes" / name,
+                labels={"region": region, "provider": provider},
+            )
+            self.supervisors.append(NodeSupervisor(TritonProcess(spec, home)))
+            table.append(
+                {
+                    "name": name,
+                    "address": spec.grpc_address,
+                    "dns_name": pki.node_dns_name(name),
+                    "spiffe_id": issued.spiffe_id,
+                    "region": region,
+                    "provider": provider,
+                }
+            )
+        errors: list[BaseException] = []
+
+        def start(sup: NodeSupervisor) -> None:
+            try:
+                took = sup.start()
+                log.info("node %s ready in %.2fs", sup.name, took)
+            except Exception as exc:  # reported below, after every start has been tried
+                errors.append(exc)
+
+        threads = [threading.Thread(target=start, args=(s,)) for s in self.supervisors]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        if errors:
+            self.stop()
+            raise errors[0]
+        self.write_config(pki, table)
+        return table
+
+    def write_config(self, pki: PKI, table: list[dict[str, str]]) -> None:
+        gw = f"pki/gateway/{self.site}"
+        lines = [
+            "# Written by `ztgate up`: a dev-mode gateway in front of the local nodes.",
+            'mode = "dev"',
+            f'trust_domain = "{pki.trust_domain}"',
+            f'site = "{self.site}"',
+            'registry = "registry"',
+            'data_dir = "data"',
+            "",
+            "[listen]",
+            'host = "127.0.0.1"',
+            f"port = {self.gateway_port}",
+            'admin_host = "127.0.0.1"',
+            f"admin_port = {self.admin_port}",
+            "",
+            "[tls]",
+            f'cert = "{gw}/server.crt"',
+            f'key = "{gw}/server.key"',
+            'client_ca = "pki/ca/client/ca.crt"',
+            'node_ca = "pki/ca/node/ca.crt"',
+            f'node_client_cert = "{gw}/node-client.crt"',
+            f'node_client_key = "{gw}/node-client.key"',
+            "dev_pki = true",
+        ]
+        for node in table:
+            lines += ["", "[[nodes]]"] + [f"{k} = {json.dumps(v)}" for k, v in node.items()]
+        self.config_path.write_text("\n".join(lines) + "\n")
+
+    def stop(self) -> None:
+        threads = [threading.Thread(target=s.stop) for s in self.supervisors]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        self.supervisors.clear()

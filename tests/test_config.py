@@ -1,0 +1,98 @@
+"""Config parsing, and production mode refusing every dev-only item, each on its own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.cli import main
+from gateway.config import ConfigError, load_config, parse_config
+from gateway.runtime import ProductionRefused, check_mode
+
+
+def raw(**over: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "mode": "dev",
+        "registry": "registry",
+        "data_dir": "data",
+        "tls": {
+            "cert": "c.crt",
+            "key": "c.key",
+            "client_ca": "ca.crt",
+            "node_ca": "node.crt",
+            "node_client_cert": "nc.crt",
+            "node_client_key": "nc.key",
+        },
+        "state": {"redis_url": "rediss://gw@redis.internal:6380/0"},
+    }
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return base
+
+
+def test_paths_resolve_against_the_config_dir() -> None:
+    cfg = parse_config(raw(), Path("/etc/ztgate"))
+    assert cfg.tls.cert == Path("/etc/ztgate/c.crt")
+    assert cfg.registry == Path("/etc/ztgate/registry")
+    assert cfg.routing.max_attempts == 3
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (raw(mode="staging"), "mode"),
+        (raw(routing={"max_attempts": 0}), "max_attempts"),
+        (raw(routing={"eject_base_s": 10, "eject_max_s": 1}), "eject_base_s"),
+        (raw(routing={"deadline_s": "ten"}), "deadline_s"),
+        (raw(listen={"port": True}), "port"),
+        (raw(tls={"cert": 5}), "cert"),
+        (raw(surprise=1), "unknown"),
+        (raw(nodes=[{"name": "a"}]), "nodes[0]"),
+        (raw(nodes="n1"), "nodes"),
+        ({k: v for k, v in raw().items() if k != "tls"}, "tls"),
+    ],
+)
+def test_invalid_config_names_the_key(bad: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_config(bad, Path("/"))
+
+
+@pytest.mark.parametrize(
+    "over, item",
+    [
+        ({"tls": {"dev_pki": True}}, "dev_pki"),
+        ({"state": {"redis_url": None}}, "redis_url unset"),
+        ({"state": {"redis_url": "redis://127.0.0.1:6379/0"}}, "plaintext"),
+    ],
+)
+def test_production_refuses_each_dev_only_item(
+    over: dict[str, Any], item: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    prod = parse_config(raw(mode="production", **over), Path("/"))
+    with pytest.raises(ProductionRefused, match=item):
+        check_mode(prod)
+    # The same item in dev mode is allowed, with a warning each time.
+    check_mode(parse_config(raw(mode="dev", **over), Path("/")))
+    assert "DEV-ONLY" in caplog.text and item.split()[0] in caplog.text
+
+
+def test_production_accepts_a_clean_config() -> None:
+    check_mode(parse_config(raw(mode="production"), Path("/")))
+
+
+def test_cli_reports_bad_config_without_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "gw.toml"
+    bad.write_text("mode = [unclosed\n")
+    assert main(["serve", "--config", str(bad)]) == 2
+    assert main(["serve", "--config", str(tmp_path / "missing.toml")]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+    with pytest.raises(ConfigError):
+        load_config(bad)
