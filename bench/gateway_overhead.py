@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -68,6 +69,7 @@ class Setup:
     client_ca: Path  # the root the gateway's server certificate chains to
     client_cert: Path
     client_key: Path
+    gateway_pid: int
 
 
 def direct_client(s: Setup) -> tuple[Call, Call]:
@@ -206,6 +208,7 @@ class Run:
     latencies_s: list[float]
     wall_s: float
     server_mean_ms: float | None = None  # gateway handler, from its own histogram
+    gateway_cpu_ms: float | None = None  # gateway process CPU (all threads) per request
 
     def summary(self) -> dict[str, Any]:
         lat = self.latencies_s
@@ -219,6 +222,7 @@ class Run:
             "mean_ms": statistics.fmean(lat) * 1e3,
             "rps": len(lat) / self.wall_s,
             "server_mean_ms": self.server_mean_ms,
+            "gateway_cpu_ms": self.gateway_cpu_ms,
         }
 
 
@@ -297,10 +301,19 @@ def concurrent(factory: Factory, n: int, workers: int, warmup: int) -> tuple[lis
     return [x for xs in lat for x in xs], wall
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def server_histogram(admin_port: int) -> tuple[float, float]:
     """(sum seconds, count) of the gateway's own infer-latency histogram for iris/none."""
     url = f"http://127.0.0.1:{admin_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 (loopback URL)
+    with urllib.request.urlopen(url, timeout=5) as r:
         text = r.read().decode()
     total = count = 0.0
     for line in text.splitlines():
@@ -318,7 +331,7 @@ def _wait_ready(url: str, deadline_s: float, proc: subprocess.Popen[bytes]) -> b
     end = time.monotonic() + deadline_s
     while time.monotonic() < end and proc.poll() is None:
         try:
-            with urllib.request.urlopen(url, timeout=1) as r:  # noqa: S310 (loopback URL)
+            with urllib.request.urlopen(url, timeout=1) as r:
                 if r.status == 200:
                     return True
         except OSError:
@@ -381,6 +394,7 @@ def environment(root: Path, nodes: int, gateway_cmd_prefix: list[str]) -> Iterat
                 client_ca=pki / "root" / "ca.crt",
                 client_cert=pki / "clients" / "demo" / "client.crt",
                 client_key=pki / "clients" / "demo" / "client.key",
+                gateway_pid=gateway.pid,
             )
         finally:
             _stop_gateway(gateway)
@@ -409,15 +423,19 @@ def describe_config(root: Path) -> str:
 def report(rows: list[dict[str, Any]], concurrency: int) -> list[dict[str, Any]]:
     print(
         f"\n{'variant':<17}{'mode':<6}{'n':>6}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
-        f"{'mean ms':>9}{'req/s':>8}{'gw-side ms':>12}"
+        f"{'mean ms':>9}{'req/s':>8}{'gw-side ms':>12}{'gw CPU ms':>11}"
     )
     for r in rows:
         srv = f"{r['server_mean_ms']:.2f}" if r["server_mean_ms"] is not None else "-"
+        cpu = f"{r['gateway_cpu_ms']:.2f}" if r["gateway_cpu_ms"] is not None else "-"
         print(
             f"{r['variant']:<17}{r['mode']:<6}{r['n']:>6}{r['p50_ms']:>9.2f}{r['p90_ms']:>9.2f}"
-            f"{r['p99_ms']:>9.2f}{r['mean_ms']:>9.2f}{r['rps']:>8.0f}{srv:>12}"
+            f"{r['p99_ms']:>9.2f}{r['mean_ms']:>9.2f}{r['rps']:>8.0f}{srv:>12}{cpu:>11}"
         )
-    print("\ngw-side ms: mean of the gateway's own ztgate_infer_seconds (handler, incl. node call)")
+    print(
+        "\ngw-side ms: mean of the gateway's own ztgate_infer_seconds (its handler, node call "
+        "included)\ngw CPU ms:  CPU time of the gateway process (all threads) per request served"
+    )
     by = {(r["variant"], r["mode"]): r for r in rows}
     ratios = []
     print(f"\n{'vs direct':<17}{'mode':<6}{'p50 x':>8}{'req/s x':>9}{'added p50 ms':>14}")
@@ -426,15 +444,15 @@ def report(rows: list[dict[str, Any]], concurrency: int) -> list[dict[str, Any]]
         if base is None:
             continue
         for variant in ("gw-tritonclient", "gw-raw"):
-            r = by.get((variant, mode))
-            if r is None:
+            gw = by.get((variant, mode))
+            if gw is None:
                 continue
             ratio = {
                 "variant": variant,
                 "mode": mode,
-                "p50_ratio": r["p50_ms"] / base["p50_ms"],
-                "rps_ratio": r["rps"] / base["rps"],
-                "added_p50_ms": r["p50_ms"] - base["p50_ms"],
+                "p50_ratio": gw["p50_ms"] / base["p50_ms"],
+                "rps_ratio": gw["rps"] / base["rps"],
+                "added_p50_ms": gw["p50_ms"] - base["p50_ms"],
             }
             ratios.append(ratio)
             print(
@@ -466,11 +484,13 @@ def main() -> int:
     ap.add_argument(
         "--gateway-prefix",
         default="",
-        help="command words put before the gateway's command, e.g. "
-        "'.venv/bin/py-spy record -o gw.svg --' to profile it",
+        help="command words put before the gateway's command, e.g. 'taskset -c 1' to pin it "
+        "(to profile, attach py-spy to the pid it prints instead)",
     )
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, _sigterm)
+    # Even when started in the background (SIGINT ignored), SIGINT must clean up.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     variants: dict[str, Callable[[Setup], tuple[Call, Call]]] = {
         "direct": direct_client,
@@ -482,40 +502,45 @@ def main() -> int:
     gpu = "GPU present" if shutil.which("nvidia-smi") else "no GPU"
     machine = f"{cores} cores ({platform.machine()}), {gpu}, Python {platform.python_version()}"
 
+    load = os.getloadavg()
+    if load[0] > 0.5:
+        print(f"warning: load average {load[0]:.2f} before the run: the figures will be noisy")
     runs: list[Run] = []
     with contextlib.ExitStack() as stack:
         root = args.dir
         if root is None:
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ztgate-bench-")))
         try:
-            setup = stack.enter_context(
-                environment(root, args.nodes, args.gateway_prefix.split())
-            )
+            setup = stack.enter_context(environment(root, args.nodes, args.gateway_prefix.split()))
             config_line = describe_config(setup.root)
             got = answers(setup)
             if not np.allclose(got["direct"], got["gateway"], atol=1e-6):
                 raise RuntimeError(f"direct and gateway disagree: {got}")
             for mode in ("seq", f"c={args.concurrency}"):
                 for name in chosen:
-                    factory: Factory = lambda f=variants[name]: f(setup)  # noqa: E731
+                    factory: Factory = functools.partial(variants[name], setup)
                     before = server_histogram(setup.admin_port)
+                    cpu0 = cpu_seconds(setup.gateway_pid)
                     print(f"  {name:<16} {mode} ...", flush=True)
                     if mode == "seq":
                         lat, wall = sequential(factory, args.requests, args.warmup)
                     else:
                         warm = max(1, args.warmup // args.concurrency)
                         lat, wall = concurrent(factory, args.requests, args.concurrency, warm)
+                    cpu = cpu_seconds(setup.gateway_pid) - cpu0
                     after = server_histogram(setup.admin_port)
-                    srv = None
+                    srv = cpu_ms = None
                     if name != "direct" and after[1] > before[1]:
-                        srv = (after[0] - before[0]) / (after[1] - before[1]) * 1e3
-                    runs.append(Run(name, mode, lat, wall, srv))
+                        served = after[1] - before[1]
+                        srv = (after[0] - before[0]) / served * 1e3
+                        cpu_ms = cpu / served * 1e3
+                    runs.append(Run(name, mode, lat, wall, srv, cpu_ms))
         except KeyboardInterrupt:
             print("\ninterrupted: stopping the gateway and nodes", file=sys.stderr)
             return 130
 
     rows = [r.summary() for r in runs]
-    print(f"\nmachine: {machine}")
+    print(f"\nmachine: {machine}; load average before the run: {load[0]:.2f}")
     print(f"config:  {config_line}")
     print(
         f"model:   {MODEL}, batch 1, FP32 [1,4]; {args.requests} requests per run after "
@@ -537,6 +562,7 @@ def main() -> int:
                 {
                     "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "machine": machine,
+                    "load_average_before": load[0],
                     "config": config_line,
                     "args": {k: str(v) for k, v in vars(args).items()},
                     "summary": rows,

@@ -47,7 +47,7 @@ from gateway.protocol.problems import (
     UnsupportedMediaType,
     problem_response,
 )
-from gateway.protocol.tensors import InferResponse, Limits
+from gateway.protocol.tensors import InferResponse, Limits, RequestedOutput
 from gateway.registry import ModelEntry
 from gateway.routing.router import Router
 from gateway.verify import Verifier
@@ -134,11 +134,27 @@ class Gateway:
         budget = self.cfg.routing.deadline_s
         raw = request.headers.get(DEADLINE_HEADER)
         if raw is not None:
-            if not raw.isdigit() or int(raw) <= 0:
+            ms = header_int(raw)
+            if ms is None or ms <= 0:
                 raise BadRequest(f"{DEADLINE_HEADER} must be a positive integer of milliseconds")
             # A client may shorten the deadline, never lengthen it past the cap.
-            budget = min(int(raw) / 1000, self.cfg.routing.max_deadline_s)
+            budget = min(ms / 1000, self.cfg.routing.max_deadline_s)
         return time.monotonic() + budget
+
+
+_HEADER_INT_MAX = 10**18
+
+
+def header_int(raw: str) -> int | None:
+    """A header's non-negative decimal integer (saturated at 10**18), or None if it is not one.
+
+    `str.isdigit` alone admits "²" and other non-ASCII digits that `int` refuses, and `int`
+    refuses more than 4300 digits: either would end as a 500 instead of a 400.
+    """
+    if not (raw.isascii() and raw.isdigit()):
+        return None
+    digits = raw.lstrip("0")
+    return _HEADER_INT_MAX if len(digits) > 18 else int(digits or "0")
 
 
 # --- handlers ----------------------------------------------------------------------------
@@ -220,9 +236,10 @@ async def _read_body(request: Request, cap: int) -> bytes:
     """The whole body, refused with 413 as soon as it passes the cap (never buffered past it)."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        length = header_int(declared)
+        if length is None:
             raise BadRequest("Content-Length must be a non-negative integer")
-        if int(declared) > cap:
+        if length > cap:
             raise PayloadTooLarge(f"body of {declared} bytes exceeds the cap of {cap}")
     encoding = request.headers.get("content-encoding", "identity").lower()
     if encoding != "identity":
@@ -242,18 +259,20 @@ async def _infer(gw: Gateway, request: Request) -> Response:
     x = Exchange(scope=request.scope, deadline=gw.deadline(request))
     await gw.identity(x)
     x.entry = gw.entry(request.path_params["name"], request.path_params.get("version"))
-    header_length = request.headers.get("inference-header-content-length")
-    if header_length is not None and not header_length.isdigit():
+    raw_length = request.headers.get("inference-header-content-length")
+    header_length = header_int(raw_length) if raw_length is not None else None
+    if raw_length is not None and header_length is None:
         raise BadRequest("Inference-Header-Content-Length must be a non-negative integer")
     body = await _read_body(request, gw.cfg.limits.max_body_bytes)
     x.request = decode_request(
         body,
-        int(header_length) if header_length is not None else None,
+        header_length,
         x.entry.name,
         x.entry.version,
         gw.limits,
     )
     check_inputs(x.entry, x.request.inputs)
+    check_outputs(x.entry, x.request.outputs)
     await gw.pipeline(x)
     assert x.outcome is not None
     params: dict[str, Any] = {
@@ -305,6 +324,17 @@ def check_inputs(entry: ModelEntry, inputs: tuple[Any, ...]) -> None:
             raise InvalidTensor(f"input {t.name!r} has an empty batch")
 
 
+def check_outputs(entry: ModelEntry, requested: tuple[RequestedOutput, ...]) -> None:
+    """Only the model's own outputs may be asked for: a node refuses any other, and that
+    refusal would be charged to the node (and retried on every other) as a failure."""
+    from gateway.protocol.problems import InvalidTensor
+
+    known = {s.name for s in entry.outputs}
+    unknown = [o.name for o in requested if o.name not in known]
+    if unknown:
+        raise InvalidTensor(f"model {entry.name!r} has outputs {sorted(known)}, not {unknown}")
+
+
 # --- errors, in one place ----------------------------------------------------------------
 async def _problem(_: Request, exc: Exception) -> Response:
     if isinstance(exc, Problem):
@@ -313,7 +343,10 @@ async def _problem(_: Request, exc: Exception) -> Response:
         if exc.status_code == 404:
             return problem_response(NotFound("no such route"))
         if exc.status_code == 405:
-            return problem_response(MethodNotAllowed("method not allowed on this route"))
+            # Starlette's exception carries `Allow`, which a 405 must send (RFC 9110 15.5.6).
+            return problem_response(
+                MethodNotAllowed("method not allowed on this route", headers=exc.headers)
+            )
         return problem_response(BadRequest(str(exc.detail)))
     log.exception("bug", exc_info=exc)
     return problem_response(Internal())

@@ -85,6 +85,8 @@ def servers(cfg: Config, gw: Gateway) -> list[uvicorn.Server]:
         timeout_graceful_shutdown=cfg.listen.graceful_shutdown_s,
         access_log=False,
         server_header=False,
+        # Zero trust: nothing a peer writes in X-Forwarded-* may change who or where it is.
+        proxy_headers=False,
         lifespan="on",
     )
     admin = uvicorn.Config(
@@ -94,6 +96,7 @@ def servers(cfg: Config, gw: Gateway) -> list[uvicorn.Server]:
         loop="uvloop",
         http="httptools",
         access_log=False,
+        proxy_headers=False,
         lifespan="off",
         timeout_graceful_shutdown=cfg.listen.graceful_shutdown_s,
     )

@@ -18,6 +18,9 @@ from gateway.node.triton import triton_home as lay_out_triton_home
 from gateway.pki import PKI
 from gateway.registry import ModelEntry, Registry, seed_examples
 
+# The session's own redis-server (tests/redis_fixture.py).
+pytest_plugins = ["tests.redis_fixture"]
+
 # =========================================================================== ports
 
 

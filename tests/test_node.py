@@ -448,3 +448,22 @@ def test_cli_node_serve_until_sigterm(triton_cluster: TritonCluster, tmp_path: P
     assert "spiffe://ztgate.local/node/n7" in text
     assert not _processes_mentioning(str(workdir))
     assert not [p for p in Path("/dev/shm").glob("ztgate_n7_*") if f"_{cli.pid}_" in p.name]
+
+
+def test_cli_node_repository_for_gpu_nodes(tmp_path: Path) -> None:
+    """The stock onnxruntime_onnx repository for NVIDIA's Triton image, from the registry."""
+    from gateway.cli import main
+    from gateway.registry import Registry, seed_examples
+
+    seed_examples(Registry.open(tmp_path / "reg"))
+    out = tmp_path / "repo"
+    args = ["node", "repository", "--registry", str(tmp_path / "reg"), "--out", str(out)]
+    assert main([*args, "--models", "iris"]) == 0
+    config = (out / "iris" / "config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in config and "KIND_GPU" in config
+    assert (out / "iris" / "1" / "model.onnx").is_file()
+    assert not (out / "mnist").exists()
+    assert main([*args, "--models", "nope"]) == 2
+    assert (
+        main(["node", "repository", "--registry", str(tmp_path / "none"), "--out", str(out)]) == 2
+    )

@@ -28,7 +28,6 @@ from gateway.state.memory import MemoryStore
 from gateway.state.redis import RedisStore
 from tests.conftest import SITE, TritonCluster, free_port
 from tests.gateway_harness import RunningGateway, client_context, gateway_config, running_gateway
-from tests.redis_fixture import redis_server  # noqa: F401
 from tests.test_gateway import IRIS, infer_body, node_table
 
 
@@ -106,8 +105,9 @@ def test_a_dead_stub_is_ejected_then_readmitted(
         time.sleep(0.3)
         statuses = asyncio.run(_fire(gateway, pki, total=60, concurrency=3))
         assert statuses.count(200) == 60  # every failure on n2 was retried elsewhere
-        assert "n2" in router.ejected
+        assert router.nodes["n2"].ejections >= 1
         assert router.nodes["n2"].failed >= router.cfg.eject_after_failures
+        assert "n2" in router.ejected  # still out: its probes keep failing
         # While ejected, no request goes to n2.
         served = router.nodes["n2"].served
         asyncio.run(_fire(gateway, pki, total=20, concurrency=2))
@@ -294,7 +294,7 @@ def _router(
 @pytest.mark.parametrize("shared", [True, False])
 def test_replicas_sharing_redis_honour_each_others_ejections(
     shared: bool,
-    redis_server: str,  # noqa: F811
+    redis_server: str,
     pki: PKI,
     triton_cluster: TritonCluster,
     registry_dir: Path,

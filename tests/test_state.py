@@ -20,7 +20,6 @@ from gateway.state.durable import FileRevocations, RevocationFileError
 from gateway.state.factory import REVOCATIONS_FILE, open_store
 from gateway.state.memory import MemoryStore
 from gateway.state.redis import RedisStore
-from tests.redis_fixture import redis_server  # noqa: F401
 
 
 class FakeClock:
@@ -203,7 +202,7 @@ def _check_joint_limit(admitted: int, burst: int) -> None:
     assert burst - 1 <= admitted <= burst + 1, f"admitted {admitted}, burst {burst}"
 
 
-async def test_two_replicas_enforce_one_bucket(redis_server: str) -> None:  # noqa: F811
+async def test_two_replicas_enforce_one_bucket(redis_server: str) -> None:
     prefix = _prefix()
     replicas: list[StateStore] = [RedisStore(redis_server, prefix=prefix) for _ in range(2)]
     try:
@@ -231,7 +230,7 @@ async def test_joint_limit_check_catches_broken_stores(
         _check_joint_limit(admitted, burst=10)
 
 
-async def test_replicas_share_health_and_revocations(redis_server: str) -> None:  # noqa: F811
+async def test_replicas_share_health_and_revocations(redis_server: str) -> None:
     prefix = _prefix()
     a, b = RedisStore(redis_server, prefix=prefix), RedisStore(redis_server, prefix=prefix)
     try:
@@ -379,7 +378,7 @@ async def test_memory_store_revocations_survive_restart(tmp_path: Path) -> None:
     assert (tmp_path / "data" / REVOCATIONS_FILE).exists()
 
 
-async def test_open_store_picks_redis_for_a_url(redis_server: str, tmp_path: Path) -> None:  # noqa: F811
+async def test_open_store_picks_redis_for_a_url(redis_server: str, tmp_path: Path) -> None:
     store = open_store(redis_server, tmp_path)
     try:
         assert isinstance(store, RedisStore)

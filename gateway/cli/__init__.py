@@ -9,7 +9,15 @@ import sys
 from collections.abc import Sequence
 
 # Each module exposes `register(subparsers)`, and every verb sets `func(args) -> int`.
-NOUNS: tuple[str, ...] = ("pki", "model", "node", "serve", "up", "demo")
+NOUNS: tuple[str, ...] = (
+    "pki",
+    "model",
+    "node",
+    "serve",
+    "up",
+    "demo",
+    "policy",
+)
 
 
 class UsageError(Exception):

@@ -48,6 +48,20 @@ def register(sub: Any) -> None:
     serve.add_argument("--max-restarts", type=int, default=5, help="per 5 minutes")
     serve.set_defaults(func=_serve)
 
+    repo = verbs.add_parser(
+        "repository", help="write a Triton model repository from the registry (e.g. for GPU nodes)"
+    )
+    repo.add_argument("--registry", type=Path, required=True)
+    repo.add_argument("--out", type=Path, required=True)
+    repo.add_argument("--models", help="comma-separated model names (default: all)")
+    repo.add_argument(
+        "--flavour",
+        choices=("python", "onnxruntime"),
+        default="onnxruntime",
+        help="onnxruntime: NVIDIA's Triton image; python: the wheel's tritonserver",
+    )
+    repo.set_defaults(func=_repository)
+
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -73,20 +87,30 @@ def _build_repository(args: argparse.Namespace, workdir: Path) -> Path:
         if not args.repository.is_dir():
             raise UsageError(f"--repository {args.repository} is not a directory")
         return Path(args.repository).absolute()
+    return _from_registry(args.registry, args.models, workdir / "repository", "python")
+
+
+def _repository(args: argparse.Namespace) -> int:
+    out = _from_registry(args.registry, args.models, args.out, args.flavour)
+    print(f"{args.flavour} repository written to {out}")
+    return 0
+
+
+def _from_registry(registry: Path, models: str | None, out: Path, flavour: str) -> Path:
     from gateway.node.repository import RepositoryError, build_repository
     from gateway.registry import Registry, RegistryError
 
     try:
-        entries = Registry.open(args.registry).entries()
-        if args.models:
-            wanted = [m.strip() for m in args.models.split(",") if m.strip()]
+        entries = Registry.open(registry).entries()
+        if models:
+            wanted = [m.strip() for m in models.split(",") if m.strip()]
             unknown = sorted(set(wanted) - {e.name for e in entries})
             if unknown:
-                raise UsageError(f"--models: not in {args.registry}: {', '.join(unknown)}")
+                raise UsageError(f"--models: not in {registry}: {', '.join(unknown)}")
             entries = [e for e in entries if e.name in wanted]
         if not entries:
-            raise UsageError(f"no models to serve in {args.registry}")
-        return build_repository(entries, workdir / "repository")
+            raise UsageError(f"no models to serve in {registry}")
+        return build_repository(entries, out, flavour=flavour)  # type: ignore[arg-type]
     except (RegistryError, RepositoryError) as exc:
         raise UsageError(str(exc)) from exc
 

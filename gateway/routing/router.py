@@ -45,6 +45,7 @@ class NodeState:
     failures: int = 0  # consecutive, as this replica saw them
     served: int = 0
     failed: int = 0
+    ejections: int = 0
 
     @property
     def config(self) -> NodeConfig:
@@ -161,6 +162,7 @@ class Router:
             )
             duration = until if isinstance(until, float) else self.cfg.eject_base_s
             self.ejected[name] = time.time() + duration
+            state.ejections += 1
             log.warning("ejected node %s for %.1fs after %d failures", name, duration, failures)
 
     def _may_eject(self, node: NodeConfig) -> bool:

@@ -1,0 +1,441 @@
+"""The Cedar policy engine: one batched, cached decision per inference request.
+
+Built once per policy source and set of model/node facts. Cedar's parsed handles
+(policy set, schema, entities) are kept, so a decision costs one `is_authorized_batch`
+call for the (mode, node) pairs not already cached.
+
+Fail closed, three ways: a pair whose evaluation reports an error in any policy is
+denied even if a permit matched (Cedar itself skips an erroring policy, which would
+silently disarm a `forbid`); NoDecision (e.g. a context the schema refuses) is a deny;
+and every context attribute the schema declares is always filled (facts.infer_context).
+
+Cache: each (mode, node) decision is keyed by the exact Cedar request it came from
+(every principal, resource and context attribute, via the facts that determine them),
+the policy set hash and the caller's revocation version. High-cardinality inputs reach
+Cedar only as coarse values the schema names (payload_class, hour), so exact keys still
+hit and a cached allow can never straddle a threshold a `forbid` draws.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import cedarpy
+
+from gateway.policy import facts as F
+from gateway.policy.source import PolicySource
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RATE = F.Rate(60, 60)
+_ERROR_POLICY = re.compile(r"evaluating policy `([^`]+)`")
+
+
+class _Key(NamedTuple):
+    """The request facts shared by every (mode, node) pair of one call; with mode, node
+    and provider count they fix the exact Cedar request (model and node facts are fixed
+    per engine, a client's attributes by its identity and identities.json)."""
+
+    policy_hash: str
+    revocation_version: int
+    spiffe_id: str
+    name: str
+    organization: str
+    unit: str
+    model: str
+    batch_size: int
+    payload_class: str
+    hour: int
+    purpose: str
+
+
+class PairResult(NamedTuple):
+    """Cedar's answer for one (mode, node), after the fail-closed rules."""
+
+    allowed: bool
+    determining: tuple[str, ...]  # the permits (allowed) or forbids (denied) that matched
+    errors: tuple[str, ...]
+    distinct_providers: int
+
+
+@dataclass(frozen=True)
+class InferDecision:
+    id: str
+    allowed: bool
+    modes: tuple[str, ...]  # allowed modes, cheapest first
+    nodes_by_mode: dict[str, tuple[str, ...]]  # allowed mode -> the nodes allowed in it
+    rate: F.Rate | None  # strictest @rate among the permits behind any allowed pair
+    determining: tuple[str, ...]
+    errors: tuple[str, ...]
+    policy_hash: str
+    reason: str
+    pairs: Mapping[tuple[str, str], PairResult]  # every (mode, node) evaluated
+
+    def node_allowed(self, mode: str, node: str) -> bool:
+        return node in self.nodes_by_mode.get(mode, ())
+
+
+@dataclass(frozen=True)
+class AuthzDecision:
+    id: str
+    allowed: bool
+    action: str
+    determining: tuple[str, ...]
+    errors: tuple[str, ...]
+    policy_hash: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    hits: int
+    misses: int
+    size: int
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+class PolicyEngine:
+    def __init__(
+        self,
+        source: PolicySource,
+        *,
+        models: Mapping[str, F.ModelFacts],
+        nodes: Sequence[F.NodeFacts],
+        default_rate: F.Rate = DEFAULT_RATE,
+        cache_size: int = 65536,
+        check_requests: bool = True,
+    ) -> None:
+        """`check_requests`: hand Cedar the schema per call so it re-checks each request's
+        shape (roughly doubles the cost of a cache miss; off only for measurement)."""
+        for m in models.values():
+            F.check_model(m)
+        self.source = source
+        self.policy_hash = source.hash
+        self.default_rate = default_rate
+        self._models = dict(models)
+        self._nodes = {n.name: n for n in nodes}
+        self._policies = cedarpy.PolicySet.from_json_str(source.policy_set_json())
+        self._schema = cedarpy.Schema.from_str(source.schema_text)
+        self._request_schema = self._schema if check_requests else None
+        ents = [F.group_entity(g) for g in source.identities.groups()]
+        ents += [F.model_entity(m) for m in self._models.values()]
+        ents.append(F.resource_entity(F.ResourceFacts("Gateway")))
+        self._base = cedarpy.Entities.from_json_str(json.dumps(ents), self._schema)
+        # A permit without @rate still gets a limit: never unlimited.
+        self._rates = {
+            p.id: p.rate or default_rate for p in source.policies if p.effect == "permit"
+        }
+        self._node_json = {n.name: F.node_record(n) for n in nodes}
+        # Cedar lists reasons in no fixed order; report them in file order.
+        self._order = {p.id: i for i, p in enumerate(source.policies)}
+        self._cache: OrderedDict[tuple[Any, ...], PairResult] = OrderedDict()
+        self._cache_size = cache_size
+        self._clients: OrderedDict[F.IdentityFacts, tuple[str, cedarpy.Entities]] = OrderedDict()
+        self._version: int | None = None
+        self._hits = 0
+        self._misses = 0
+
+    # ------------------------------------------------------------------ infer
+
+    def decide_infer(
+        self,
+        identity: F.IdentityFacts,
+        model: str,
+        ctx: F.InferContext,
+        candidate_nodes: Sequence[str],
+        revocation_version: int = 0,
+    ) -> InferDecision:
+        """Which modes and nodes policy allows for this request, and why."""
+        self._check_version(revocation_version)
+        facts = self._models.get(model)
+        if facts is None:
+            return self._denied(f"unknown model {model!r}: deny by default")
+        nodes = [self._nodes[n] for n in dict.fromkeys(candidate_nodes) if n in self._nodes]
+        if not nodes:
+            return self._denied(f"no known candidate node among {list(candidate_nodes)}")
+        base = _Key(
+            self.policy_hash,
+            revocation_version,
+            identity.spiffe_id,
+            identity.name,
+            identity.organization,
+            identity.unit,
+            model,
+            ctx.batch_size,
+            F.payload_class(ctx.payload_bytes),
+            F.utc_hour(ctx.now),
+            ctx.purpose,
+        )
+        everyone = len({n.provider for n in nodes})
+        pairs = [(m, n, everyone if m in F.MULTI_NODE_MODES else 1) for m in F.MODES for n in nodes]
+        results = self._evaluate(identity, base, pairs)
+        # Provider independence counts the nodes actually allowed: re-decide a multi-node
+        # mode with the smaller count until it holds (it only shrinks, so this ends).
+        for mode in F.MULTI_NODE_MODES:
+            count = everyone
+            while True:
+                ok = [n for n in nodes if results[(mode, n.name)].allowed]
+                now = len({n.provider for n in ok})
+                if not ok or now == count:
+                    break
+                count = now
+                results.update(self._evaluate(identity, base, [(mode, n, count) for n in ok]))
+        return self._assemble(facts, nodes, results)
+
+    def _evaluate(
+        self,
+        identity: F.IdentityFacts,
+        base: _Key,
+        pairs: Sequence[tuple[str, F.NodeFacts, int]],
+    ) -> dict[tuple[str, str], PairResult]:
+        out: dict[tuple[str, str], PairResult] = {}
+        misses: list[tuple[tuple[Any, ...], str, F.NodeFacts, int]] = []
+        cache = self._cache
+        for mode, node, count in pairs:
+            key = (*base, mode, node.name, count)
+            hit = cache.get(key)
+            if hit is not None:
+                cache.move_to_end(key)
+                out[(mode, node.name)] = hit
+            else:
+                misses.append((key, mode, node, count))
+        self._hits += len(pairs) - len(misses)
+        self._misses += len(misses)
+        if not misses:
+            return out
+        principal, entities = self._client(identity)
+        requests = [
+            {
+                "principal": principal,
+                "action": F.action_uid(F.INFER),
+                "resource": F.uid("Model", base.model),
+                "context": {
+                    "mode": mode,
+                    "node": self._node_json[node.name],
+                    "batch_size": base.batch_size,
+                    "payload_class": base.payload_class,
+                    "hour": base.hour,
+                    "purpose": base.purpose,
+                    "distinct_providers": count,
+                },
+            }
+            for _, mode, node, count in misses
+        ]
+        answers = cedarpy.is_authorized_batch(
+            requests, self._policies, entities, self._request_schema
+        )
+        for (key, mode, node, count), answer in zip(misses, answers, strict=True):
+            result = _judge(answer, count, self._order)
+            if result.errors:
+                log.warning(
+                    "policy evaluation error for %s on %s/%s, denied (fail closed): %s",
+                    identity.spiffe_id,
+                    mode,
+                    node.name,
+                    "; ".join(result.errors),
+                )
+            cache[key] = result
+            out[(mode, node.name)] = result
+        while len(cache) > self._cache_size:
+            cache.popitem(last=False)
+        return out
+
+    def _assemble(
+        self,
+        model: F.ModelFacts,
+        nodes: Sequence[F.NodeFacts],
+        results: dict[tuple[str, str], PairResult],
+    ) -> InferDecision:
+        modes: list[str] = []
+        by_mode: dict[str, tuple[str, ...]] = {}
+        permits: set[tuple[str, ...]] = set()  # determining ids of allowed pairs
+        forbids: list[str] = []
+        errors: list[str] = []
+        for mode in F.MODES:
+            offered = mode in model.allowed_modes  # the registry's technical limit
+            ok: list[str] = []
+            for node in nodes:
+                r = results[(mode, node.name)]
+                if r.errors:
+                    errors.extend(r.errors)
+                if r.allowed:
+                    if offered:
+                        ok.append(node.name)
+                        permits.add(r.determining)
+                else:
+                    forbids.extend(r.determining)
+            if ok:
+                modes.append(mode)
+                by_mode[mode] = tuple(ok)
+        rate: F.Rate | None = None
+        if modes:
+            determining = tuple(dict.fromkeys(pid for ids in sorted(permits) for pid in ids))
+            for pid in determining:
+                rate = self._rates.get(pid, self.default_rate).stricter(rate)
+            reason = f"allowed by {', '.join(determining)}"
+        else:
+            determining = tuple(dict.fromkeys(forbids))
+            reason = _deny_reason(determining, tuple(dict.fromkeys(errors)))
+        return InferDecision(
+            id=os.urandom(16).hex(),
+            allowed=bool(modes),
+            modes=tuple(modes),
+            nodes_by_mode=by_mode,
+            rate=rate,
+            determining=determining,
+            errors=tuple(dict.fromkeys(errors)),
+            policy_hash=self.policy_hash,
+            reason=reason,
+            pairs=results,
+        )
+
+    def _denied(self, reason: str) -> InferDecision:
+        return InferDecision(
+            os.urandom(16).hex(), False, (), {}, None, (), (), self.policy_hash, reason, {}
+        )
+
+    # ------------------------------------------------------------------ other actions
+
+    def authorize(
+        self, identity: F.IdentityFacts, action: str, resource: F.ResourceFacts
+    ) -> AuthzDecision:
+        """admin_reload, admin_revoke, read_receipt, read_proof, read_decision. Not cached:
+        these are rare, and a receipt's owner is part of each request."""
+        expected = F.RESOURCE_ACTIONS.get(action)
+        if expected is None:
+            raise ValueError(f"unknown action {action!r}; one of {', '.join(F.RESOURCE_ACTIONS)}")
+        if resource.type != expected:
+            raise ValueError(f"{action} applies to a {expected}, not a {resource.type}")
+        principal, entities = self._client(identity)
+        if resource.type != "Gateway":
+            delta = json.dumps([F.resource_entity(resource)])
+            entities = entities.with_added_json_str(delta, self._schema)
+        request = {
+            "principal": principal,
+            "action": F.action_uid(action),
+            "resource": F.uid(resource.type, resource.id),
+            "context": {},
+        }
+        answer = cedarpy.is_authorized(request, self._policies, entities, self._request_schema)
+        r = _judge(answer, 0, self._order)
+        if r.errors:
+            log.warning(
+                "policy evaluation error for %s %s, denied: %s",
+                identity.spiffe_id,
+                action,
+                r.errors,
+            )
+        reason = (
+            f"allowed by {', '.join(r.determining)}"
+            if r.allowed
+            else _deny_reason(r.determining, r.errors)
+        )
+        return AuthzDecision(
+            os.urandom(16).hex(),
+            r.allowed,
+            action,
+            r.determining,
+            r.errors,
+            self.policy_hash,
+            reason,
+        )
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _client(self, identity: F.IdentityFacts) -> tuple[dict[str, str], cedarpy.Entities]:
+        """The caller's entity added to the base set; kept per caller (a small LRU)."""
+        hit = self._clients.get(identity)
+        if hit is None:
+            grant = self.source.identities.resolve(identity)
+            delta = json.dumps([F.client_entity(identity, grant)])
+            hit = (identity.spiffe_id, self._base.with_added_json_str(delta, self._schema))
+            self._clients[identity] = hit
+            if len(self._clients) > 1024:
+                self._clients.popitem(last=False)
+        else:
+            self._clients.move_to_end(identity)
+        return F.uid("Client", hit[0]), hit[1]
+
+    def _check_version(self, version: int) -> None:
+        # The version is part of every key, so entries from before a bump never match;
+        # dropping them on the bump frees the memory. A straggler still passing an older
+        # version gets its own (unshared) entries and does not wipe the new ones.
+        if self._version is None or version > self._version:
+            self._cache.clear()
+            self._version = version
+
+    def stats(self) -> CacheStats:
+        return CacheStats(self._hits, self._misses, len(self._cache))
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+        self._hits = self._misses = 0
+
+
+def _judge(answer: cedarpy.AuthzResult, count: int, order: Mapping[str, int]) -> PairResult:
+    """Cedar's result with the fail-closed rules applied."""
+    errors = tuple(sorted(answer.diagnostics.errors))
+    reasons = tuple(sorted(answer.diagnostics.reasons, key=lambda pid: order.get(pid, -1)))
+    if answer.decision == cedarpy.Decision.NoDecision:
+        return PairResult(False, (), errors or ("no decision",), count)
+    return PairResult(answer.allowed and not errors, reasons, errors, count)
+
+
+def _deny_reason(forbids: tuple[str, ...], errors: tuple[str, ...]) -> str:
+    if errors:
+        failing = sorted({m.group(1) for e in errors if (m := _ERROR_POLICY.search(e))})
+        named = f" in {', '.join(failing)}" if failing else ""
+        return f"denied: evaluation error{named}, which denies (fail closed): {errors[0]}"
+    if forbids:
+        return f"denied by {', '.join(forbids)}"
+    return "denied: no policy permits this (deny by default)"
+
+
+def decision_record(
+    decision: InferDecision | AuthzDecision,
+    identity: F.IdentityFacts,
+    model: str | None = None,
+    mode: str | None = None,
+    *,
+    now: dt.datetime | None = None,
+) -> dict[str, Any]:
+    """One JSON-able line for the decision log: who, what, which policies, never data."""
+    record: dict[str, Any] = {
+        "decision_id": decision.id,
+        "time": (now or dt.datetime.now(dt.UTC)).isoformat(),
+        "policy_hash": decision.policy_hash,
+        "spiffe_id": identity.spiffe_id,
+        "serial": identity.serial,
+        "issuer": identity.issuer,
+        "determining": list(decision.determining),
+        "errors": list(decision.errors),
+        "reason": decision.reason,
+    }
+    if isinstance(decision, InferDecision):
+        allowed = decision.allowed if mode is None else mode in decision.modes
+        nodes = decision.nodes_by_mode.get(mode, ()) if mode else ()
+        record.update(
+            action=F.INFER,
+            model=model,
+            mode=mode,
+            modes=list(decision.modes),
+            nodes=list(nodes),
+            rate=str(decision.rate) if decision.rate else None,
+        )
+    else:
+        allowed = decision.allowed
+        record["action"] = decision.action
+    record["result"] = "allow" if allowed else "deny"
+    return record

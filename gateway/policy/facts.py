@@ -1,0 +1,261 @@
+"""The facts a decision is made from, and how each becomes a Cedar value.
+
+This is the one place that turns gateway facts into Cedar entities and contexts, so the
+engine, the load-time schema probe and the golden tests all build requests the same way.
+Every context attribute the schema declares is filled on every request: Cedar skips a
+policy whose evaluation errors, so a missing attribute could silently disarm a `forbid`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass
+from typing import Any
+
+NAMESPACE = "Ztgate"
+# Cheapest first; the order decisions report modes in (same as gateway.verify.MODES).
+MODES: tuple[str, ...] = ("none", "redundant", "zk", "mpc")
+# Modes that spread one request over several nodes, where provider independence counts.
+MULTI_NODE_MODES: tuple[str, ...] = ("redundant", "mpc")
+CLASSIFICATIONS: tuple[str, ...] = ("public", "internal", "confidential", "restricted")
+INFER = "infer"
+# Non-infer actions and the resource type each applies to (mirrors schema.cedarschema).
+RESOURCE_ACTIONS: dict[str, str] = {
+    "read_receipt": "Receipt",
+    "read_proof": "Receipt",
+    "read_decision": "Log",
+    "admin_reload": "Gateway",
+    "admin_revoke": "Gateway",
+}
+ACTIONS: tuple[str, ...] = (INFER, *RESOURCE_ACTIONS)
+GATEWAY_ID = "gateway"
+
+SMALL_PAYLOAD = 64 * 1024
+MEDIUM_PAYLOAD = 1024 * 1024
+
+_RATE_RE = re.compile(r"([1-9][0-9]{0,8})/(second|minute|hour)")
+_UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600}
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """At most `count` requests per `per_seconds`, per client."""
+
+    count: int
+    per_seconds: int
+
+    @classmethod
+    def parse(cls, text: str) -> Rate:
+        """'600/minute' -> Rate(600, 60); ValueError with the accepted forms otherwise."""
+        m = _RATE_RE.fullmatch(text.strip())
+        if m is None:
+            raise ValueError(
+                f"rate {text!r} is not N/second, N/minute or N/hour with N a positive whole number"
+            )
+        return cls(int(m.group(1)), _UNIT_SECONDS[m.group(2)])
+
+    @property
+    def per_second(self) -> float:
+        return self.count / self.per_seconds
+
+    def stricter(self, other: Rate | None) -> Rate:
+        return self if other is None or self.per_second <= other.per_second else other
+
+    def __str__(self) -> str:
+        unit = {1: "second", 60: "minute", 3600: "hour"}.get(self.per_seconds)
+        return f"{self.count}/{unit}" if unit else f"{self.count}/{self.per_seconds}s"
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityFacts:
+    """The caller, as its verified certificate says (see gateway.identity.Identity)."""
+
+    spiffe_id: str
+    name: str
+    organization: str = ""
+    unit: str = ""
+    issuer: str = ""
+    serial: str = ""
+
+    @classmethod
+    def from_identity(cls, identity: Any) -> IdentityFacts:
+        """From a gateway.identity.Identity (duck-typed to keep this module import-light)."""
+        return cls(
+            spiffe_id=identity.spiffe_id,
+            name=identity.name,
+            organization=identity.organization or "",
+            unit=identity.unit or "",
+            issuer=identity.issuer,
+            serial=identity.serial,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFacts:
+    name: str
+    classification: str
+    owner: str = ""
+    residency: tuple[str, ...] = ()
+    allowed_modes: tuple[str, ...] = ("none",)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeFacts:
+    name: str
+    region: str
+    provider: str
+    trust: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class InferContext:
+    """Per-request facts; the engine derives the coarse Cedar attributes from them."""
+
+    batch_size: int
+    payload_bytes: int
+    purpose: str = ""
+    now: dt.datetime | None = None  # None: the current time
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceFacts:
+    """A receipt, decision-log entry or the gateway, for the non-infer actions."""
+
+    type: str  # "Receipt", "Log" or "Gateway"
+    id: str = GATEWAY_ID
+    owner: str = ""
+    model: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What identities.json gives a caller."""
+
+    groups: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
+    clearance: int = 0
+
+
+# --------------------------------------------------------------------------- coarse values
+
+
+def payload_class(payload_bytes: int) -> str:
+    """A coarse size, so decisions cache well and no cached allow crosses a size forbid."""
+    if payload_bytes <= SMALL_PAYLOAD:
+        return "small"
+    return "medium" if payload_bytes <= MEDIUM_PAYLOAD else "large"
+
+
+def utc_hour(now: dt.datetime | None) -> int:
+    now = now or dt.datetime.now(dt.UTC)
+    if now.tzinfo is None:  # a naive time is taken as UTC rather than the host's zone
+        return now.hour
+    return now.astimezone(dt.UTC).hour
+
+
+def region_prefixes(region: str) -> tuple[str, ...]:
+    """What residency entries match `region`: '*', each prefix ending in '-', the region.
+
+    Cedar has no "starts with one of" over a set, and `like` needs literal patterns, so
+    the gateway lists the prefixes and policies ask `residency.containsAny(...)`.
+    'eu-west-1' -> ('*', 'eu-', 'eu-west-', 'eu-west-1').
+    """
+    out = ["*"]
+    for i, ch in enumerate(region):
+        if ch == "-":
+            out.append(region[: i + 1])
+    out.append(region)
+    return tuple(dict.fromkeys(out))
+
+
+# --------------------------------------------------------------------------- Cedar JSON
+
+
+def uid(type_: str, id_: str) -> dict[str, str]:
+    return {"type": f"{NAMESPACE}::{type_}", "id": id_}
+
+
+def action_uid(action: str) -> dict[str, str]:
+    return uid("Action", action)
+
+
+def client_entity(identity: IdentityFacts, grant: Grant) -> dict[str, Any]:
+    return {
+        "uid": uid("Client", identity.spiffe_id),
+        "attrs": {
+            "spiffe_id": identity.spiffe_id,
+            "name": identity.name,
+            "organization": identity.organization,
+            "unit": identity.unit,
+            "roles": sorted(grant.roles),
+            "clearance": grant.clearance,
+        },
+        "parents": [uid("Group", g) for g in sorted(grant.groups)],
+    }
+
+
+def model_entity(model: ModelFacts) -> dict[str, Any]:
+    return {
+        "uid": uid("Model", model.name),
+        "attrs": {
+            "classification": model.classification,
+            "owner": model.owner,
+            "residency": sorted(model.residency),
+            "allowed_modes": sorted(model.allowed_modes),
+        },
+        "parents": [],
+    }
+
+
+def group_entity(name: str) -> dict[str, Any]:
+    return {"uid": uid("Group", name), "attrs": {}, "parents": []}
+
+
+def resource_entity(resource: ResourceFacts) -> dict[str, Any]:
+    attrs: dict[str, Any] = {}
+    if resource.type == "Receipt":
+        attrs = {"owner": resource.owner, "model": resource.model}
+    elif resource.type == "Log":
+        attrs = {"owner": resource.owner}
+    return {"uid": uid(resource.type, resource.id), "attrs": attrs, "parents": []}
+
+
+def node_record(node: NodeFacts) -> dict[str, Any]:
+    return {
+        "name": node.name,
+        "region": node.region,
+        "region_prefixes": list(region_prefixes(node.region)),
+        "provider": node.provider,
+        "trust": node.trust,
+    }
+
+
+def infer_context(
+    mode: str,
+    node: NodeFacts,
+    batch_size: int,
+    payload_cls: str,
+    hour: int,
+    purpose: str,
+    distinct_providers: int,
+) -> dict[str, Any]:
+    """Every attribute the schema declares for `infer`, always all of them."""
+    return {
+        "mode": mode,
+        "node": node_record(node),
+        "batch_size": batch_size,
+        "payload_class": payload_cls,
+        "hour": hour,
+        "purpose": purpose,
+        "distinct_providers": distinct_providers,
+    }
+
+
+def check_model(model: ModelFacts) -> None:
+    """Cedar strings have no enums: hold the registry values to the known set here."""
+    if model.classification not in CLASSIFICATIONS:
+        raise ValueError(f"model {model.name!r}: unknown classification {model.classification!r}")
+    unknown = set(model.allowed_modes) - set(MODES)
+    if unknown:
+        raise ValueError(f"model {model.name!r}: unknown modes {sorted(unknown)}")

@@ -1,0 +1,434 @@
+"""Reading a policy directory, and saying exactly where it is wrong.
+
+A policy directory holds `schema.cedarschema`, any number of `*.cedar` files (read in
+name order) and `identities.json`. Cedar reports parse errors without a line and
+validation errors by a generated policy id, so each file is split into its policies and
+each policy parsed alone; a parse error is then placed on the first line at which the
+policy's text, read line by line, produces that same error. Validation errors are mapped
+back through the policy's `@id`, and to the line that names the offending attribute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cedarpy
+
+from gateway.policy import facts as F
+from gateway.policy.identities import EMPTY, IdentityMap, parse_identities
+
+SCHEMA_FILE = "schema.cedarschema"
+IDENTITIES_FILE = "identities.json"
+KNOWN_ANNOTATIONS = frozenset({"id", "rate", "description"})
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+_EOF = "unexpected end of input"
+
+# Advice for the validation messages a policy author meets most, in their words.
+_HINTS: tuple[tuple[str, str], ...] = (
+    (
+        "in context for",
+        "this policy covers actions that have no such context: name the action, "
+        'e.g. action == Ztgate::Action::"infer"',
+    ),
+    (
+        "optional attribute",
+        "check it is there first, e.g. `resource has note && resource.note == ...`",
+    ),
+    ("not found", "the attributes you can use are listed in schema.cedarschema"),
+    ("unrecognized action", "the actions are listed at the end of schema.cedarschema"),
+    ("unrecognized entity type", "the entity types are listed in schema.cedarschema"),
+    ("type error", "compare like with like: text with text in quotes, numbers with numbers"),
+    ("unexpected type", "compare like with like: text with text in quotes, numbers with numbers"),
+    ("impossiblePolicy", "this policy can never apply: check the action and resource types"),
+    ("unable to find an applicable action", "this policy names no action that exists"),
+)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem, placed where the author can fix it."""
+
+    file: str
+    line: int  # 1-based
+    column: int | None
+    policy_id: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" + (f":{self.column}" if self.column else "")
+        who = f" [{self.policy_id}]" if self.policy_id else ""
+        return f"{where}:{who} {self.message}"
+
+
+class PolicyError(Exception):
+    """A policy directory that cannot be used; `findings` says where and why."""
+
+    def __init__(self, findings: list[Finding]) -> None:
+        self.findings = findings
+        super().__init__("\n".join(str(f) for f in findings))
+
+
+@dataclass(frozen=True)
+class PolicyInfo:
+    id: str  # the @id: the name decisions, logs and errors use
+    file: str
+    line: int
+    effect: str  # "permit" or "forbid"
+    rate: F.Rate | None
+    text: str  # the policy's own source, annotations included
+
+
+@dataclass(frozen=True)
+class PolicySource:
+    directory: Path
+    schema_text: str
+    policies: tuple[PolicyInfo, ...]
+    identities: IdentityMap
+    hash: str  # SHA-256 over schema, policy files in order, identities (canonical)
+    files: tuple[str, ...] = field(default=())
+
+    def policy(self, policy_id: str) -> PolicyInfo | None:
+        return next((p for p in self.policies if p.id == policy_id), None)
+
+    def policy_set_json(self) -> str:
+        """The policy set as Cedar JSON keyed by @id, so every diagnostic names our ids."""
+        est = json.loads(cedarpy.policies_to_json_str("\n".join(p.text for p in self.policies)))
+        static = est["staticPolicies"]
+        est["staticPolicies"] = {body["annotations"]["id"]: body for body in static.values()}
+        return json.dumps(est)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_policy_dir(directory: Path | str) -> PolicySource:
+    """Read and check a policy directory; PolicyError lists every problem found."""
+    root = Path(directory)
+    findings: list[Finding] = []
+    if not root.is_dir():
+        raise PolicyError([Finding(str(root), 1, None, None, "no such policy directory")])
+
+    schema_text = _read(root / SCHEMA_FILE, findings)
+    schema = _parse_schema(schema_text, findings) if schema_text is not None else None
+
+    files = sorted(root.glob("*.cedar"))
+    if not files:
+        findings.append(Finding(str(root), 1, None, None, "no *.cedar policy files here"))
+    texts: list[tuple[str, str]] = []
+    policies: list[PolicyInfo] = []
+    for path in files:
+        text = _read(path, findings)
+        if text is not None:
+            texts.append((path.name, text))
+            policies += _parse_file(path.name, text, findings)
+    _check_unique_ids(policies, findings)
+
+    identities = EMPTY
+    id_text = _read(root / IDENTITIES_FILE, findings)
+    if id_text is not None:
+
+        def report(line: int, msg: str) -> None:
+            findings.append(Finding(IDENTITIES_FILE, line, None, None, msg))
+
+        identities = parse_identities(id_text, report)
+
+    if schema is not None and policies:
+        _validate(schema, policies, findings)
+    if schema is not None:
+        assert schema_text is not None
+        _probe_schema(schema, schema_text, identities, findings)
+    if findings:
+        raise PolicyError(sorted(findings, key=lambda f: (f.file, f.line)))
+
+    assert schema_text is not None
+    digest = hashlib.sha256(
+        json.dumps(
+            {
+                "format": "ztgate.policy/1",
+                "schema": schema_text,
+                "policies": [{"file": n, "text": t} for n, t in texts],
+                "identities": identities.canonical(),
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        ).encode()
+    ).hexdigest()
+    return PolicySource(
+        directory=root,
+        schema_text=schema_text,
+        policies=tuple(policies),
+        identities=identities,
+        hash=digest,
+        files=tuple(n for n, _ in texts),
+    )
+
+
+def _read(path: Path, findings: list[Finding]) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        findings.append(Finding(path.name, 1, None, None, f"missing {path.name}"))
+    except (OSError, UnicodeDecodeError) as exc:
+        findings.append(Finding(path.name, 1, None, None, f"cannot read: {exc}"))
+    return None
+
+
+def _parse_schema(text: str, findings: list[Finding]) -> cedarpy.Schema | None:
+    try:
+        return cedarpy.Schema.from_str(text)
+    except ValueError as exc:
+        line, col = _locate(text, 1, cedarpy.Schema.from_str, str(exc))
+        findings.append(Finding(SCHEMA_FILE, line, col, None, f"schema: {exc}"))
+        return None
+
+
+# --------------------------------------------------------------------------- one file
+
+
+def split_policies(text: str) -> Iterator[tuple[int, str]]:
+    """(first line, text) of each policy: statements end at a `;` outside strings/comments."""
+    start, i, n = 0, 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == '"':
+            i += 1
+            while i < n and text[i] != '"':
+                i += 2 if text[i] == "\\" else 1
+        elif text.startswith("//", i):
+            while i < n and text[i] != "\n":
+                i += 1
+        elif ch == ";":
+            yield from _chunk(text, start, i + 1)
+            start = i + 1
+        i += 1
+    yield from _chunk(text, start, n)
+
+
+def _chunk(text: str, start: int, end: int) -> Iterator[tuple[int, str]]:
+    """Skip leading blank and comment lines so a policy's line is where its text starts."""
+    lines = text[start:end].split("\n")
+    line0 = text.count("\n", 0, start) + 1
+    for k, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped and not stripped.startswith("//"):
+            yield line0 + k, "\n".join(lines[k:]).strip()
+            return
+
+
+def _parse_file(name: str, text: str, findings: list[Finding]) -> list[PolicyInfo]:
+    out: list[PolicyInfo] = []
+    for line, chunk in split_policies(text):
+        declared = re.search(r'@id\s*\(\s*"([^"]*)"', chunk)
+        pid = declared.group(1) if declared else None
+        try:
+            est = json.loads(cedarpy.policies_to_json_str(chunk))
+        except ValueError as exc:
+            at, col = _locate(chunk, line, cedarpy.policies_to_json_str, str(exc))
+            findings.append(Finding(name, at, col, pid, _parse_message(str(exc))))
+            continue
+        if est["templates"]:
+            findings.append(
+                Finding(
+                    name,
+                    line,
+                    None,
+                    pid,
+                    "?principal / ?resource placeholders (templates) are not supported: "
+                    "name the principal or resource, or use `principal in Ztgate::Group::...`",
+                ),
+            )
+            continue
+        for body in est["staticPolicies"].values():
+            info = _policy_info(name, line, chunk, body, findings)
+            if info is not None:
+                out.append(info)
+    return out
+
+
+def _parse_message(raw: str) -> str:
+    if raw == _EOF:
+        return "the policy is cut short: check every ( { [ is closed and it ends with ;"
+    return f"cannot read this policy: {raw}"
+
+
+def _policy_info(
+    name: str, line: int, chunk: str, body: dict[str, Any], findings: list[Finding]
+) -> PolicyInfo | None:
+    ann: dict[str, str] = body.get("annotations", {})
+
+    def bad(msg: str, pid: str | None = None) -> None:
+        findings.append(Finding(name, line, None, pid, msg))
+
+    pid = ann.get("id")
+    if not pid:
+        bad('every policy needs a name: add @id("...") on the line before permit/forbid')
+        return None
+    if not _ID_RE.fullmatch(pid):
+        bad(f"@id {pid!r}: use letters, digits and _ . : - (at most 128)", pid)
+        return None
+    for key in sorted(set(ann) - KNOWN_ANNOTATIONS):
+        bad(f"unknown annotation @{key}; the gateway reads @id, @rate and @description", pid)
+    rate = None
+    if "rate" in ann:
+        if body["effect"] != "permit":
+            bad("@rate belongs on a permit; a forbid allows nothing to limit", pid)
+        try:
+            rate = F.Rate.parse(ann["rate"])
+        except ValueError as exc:
+            bad(f"@rate: {exc}", pid)
+    return PolicyInfo(pid, name, line, body["effect"], rate, chunk)
+
+
+def _check_unique_ids(policies: list[PolicyInfo], findings: list[Finding]) -> None:
+    seen: dict[str, PolicyInfo] = {}
+    for p in policies:
+        first = seen.setdefault(p.id, p)
+        if first is not p:
+            findings.append(
+                Finding(
+                    p.file,
+                    p.line,
+                    None,
+                    p.id,
+                    f"@id {p.id!r} is already used at {first.file}:{first.line}; "
+                    "every policy needs its own name",
+                )
+            )
+
+
+# --------------------------------------------------------------------------- locating
+
+
+def _locate(text: str, line0: int, parse: Callable[[str], object], error: str) -> tuple[int, int]:
+    """Line and column of a parse error Cedar reported without either.
+
+    Reads the text one more line at a time: the first prefix that fails with the same
+    error (rather than "end of input") ends on the offending line.
+    """
+    lines = text.split("\n")
+    last = max((k for k, line in enumerate(lines) if line.strip()), default=0)
+    at = last
+    if error != _EOF:
+        for k in range(1, last + 2):
+            try:
+                parse("\n".join(lines[:k]))
+            except ValueError as exc:
+                if str(exc) == error:
+                    at = k - 1
+                    break
+    if at == last and error != _EOF and not _column(lines[last], error):
+        # An error only the whole text shows (an unknown type, say) that the last line
+        # does not name: the first line naming the error's token is a better guess.
+        at = next((k for k, line in enumerate(lines) if _column(line, error)), last)
+    return line0 + at, _column(lines[at], error) or 1
+
+
+def _column(line: str, message: str) -> int | None:
+    for token in re.findall(r"`([^`]+)`", message) + re.findall(r":\s*(\S+)$", message):
+        m = re.search(rf"(?<![\w]){re.escape(token)}(?![\w])", line)
+        if m:
+            return m.start() + 1
+    return None
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def _validate(schema: cedarpy.Schema, policies: list[PolicyInfo], findings: list[Finding]) -> None:
+    result = cedarpy.validate_policies("\n".join(p.text for p in policies), schema)
+    by_id = {p.id: p for p in policies}
+    # One mistake in a policy that names no action is reported once per action: merge.
+    merged: dict[tuple[str, int, int | None, str, str], list[str]] = {}
+    for err in result.errors:
+        # Cedar numbers the policies of one text policy0, policy1, ... in order.
+        pos = re.fullmatch(r"policy(\d+)", err.policy_id or "")
+        if pos and int(pos.group(1)) < len(policies):
+            info: PolicyInfo | None = policies[int(pos.group(1))]
+        else:
+            info = by_id.get(result.id_annotations_by_policy_id.get(err.policy_id, ""))
+        message = re.sub(r"^for policy `[^`]*`, ", "", err.error)
+        if info is None:
+            findings.append(Finding(SCHEMA_FILE, 1, None, None, message))
+            continue
+        actions = re.findall(r'for Ztgate::Action::"(\w+)"', message)
+        message = re.sub(r'for Ztgate::Action::"\w+"', "for {actions}", message)
+        line, col = _attribute_position(info, err.error)
+        merged.setdefault((info.file, line, col, info.id, message), []).extend(actions)
+    for (file, line, col, pid, message), actions in merged.items():
+        text = message.replace("{actions}", "action " + ", ".join(sorted(set(actions))))
+        hints = _HINTS[1:] if F.INFER in actions else _HINTS  # infer has a context
+        hint = next((h for key, h in hints if key in message), None)
+        findings.append(Finding(file, line, col, pid, text + (f" ({hint})" if hint else "")))
+
+
+def _attribute_position(info: PolicyInfo, error: str) -> tuple[int, int | None]:
+    """Where in the policy the error's first named attribute appears, else its first line."""
+    for token in re.findall(r"`([^`:]+)`", error):
+        if token == info.id or token.startswith("policy"):
+            continue
+        for k, text in enumerate(info.text.split("\n")):
+            m = re.search(rf"(\.|\bhas\s+){re.escape(token)}\b", text)
+            if m:
+                return info.line + k, m.start() + 1
+    return info.line, None
+
+
+def _probe_schema(
+    schema: cedarpy.Schema, text: str, identities: IdentityMap, findings: list[Finding]
+) -> None:
+    """Fail at load, not per request, if the schema and what the gateway computes differ.
+
+    Cedar refuses a request whose context does not match the schema (NoDecision), and a
+    policy reading an attribute the gateway leaves out would error and be skipped.
+    """
+    who = F.IdentityFacts("spiffe://probe/client/p", "p")
+    model = F.ModelFacts("probe", "public", "", ("*",), F.MODES)
+    node = F.NodeFacts("n", "eu-west", "prov-a", 1)
+    resources = [
+        F.ResourceFacts("Receipt", "r", who.spiffe_id, "probe"),
+        F.ResourceFacts("Log", "l", who.spiffe_id),
+        F.ResourceFacts("Gateway"),
+    ]
+    ents = [F.client_entity(who, F.Grant()), F.model_entity(model)]
+    ents += [F.group_entity(g) for g in identities.groups()]
+    ents += [F.resource_entity(r) for r in resources]
+    try:
+        entities = cedarpy.Entities.from_json_str(json.dumps(ents), schema)
+    except ValueError as exc:
+        msg = f"the schema does not match the entities the gateway builds: {exc}"
+        findings.append(Finding(SCHEMA_FILE, 1, None, None, msg))
+        return
+    ctx = F.infer_context("none", node, 1, "small", 0, "", 1)
+    requests: list[dict[str, Any]] = [
+        {
+            "principal": F.uid("Client", who.spiffe_id),
+            "action": F.action_uid(F.INFER),
+            "resource": F.uid("Model", model.name),
+            "context": ctx,
+        }
+    ]
+    for action, rtype in F.RESOURCE_ACTIONS.items():
+        rid = next(r.id for r in resources if r.type == rtype)
+        requests.append(
+            {
+                "principal": F.uid("Client", who.spiffe_id),
+                "action": F.action_uid(action),
+                "resource": F.uid(rtype, rid),
+                "context": {},
+            }
+        )
+    results = cedarpy.is_authorized_batch(requests, "", entities, schema)
+    for req, res in zip(requests, results, strict=True):
+        if res.decision == cedarpy.Decision.NoDecision:
+            action = req["action"]["id"]
+            m = re.search(rf"\baction\b[^;{{]*\b{action}\b", text)
+            line = text.count("\n", 0, m.start()) + 1 if m else 1
+            msg = f"action {action}: the gateway computes a different context than this: "
+            msg += "; ".join(res.diagnostics.errors)
+            findings.append(Finding(SCHEMA_FILE, line, None, None, msg))
