@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -24,19 +26,23 @@ from starlette.routing import Route
 
 from gateway import __version__
 from gateway.config import Config
-from gateway.identity import IdentityResolver
+from gateway.identity import Identity, IdentityResolver
 from gateway.pipeline import (
-    AllowAuthenticated,
     Exchange,
     IdentityStage,
     ModeStage,
     Pipeline,
+    PolicyStage,
+    RateLimitStage,
     RouteStage,
     VerifyStage,
 )
+from gateway.policy.facts import IdentityFacts, Rate, ResourceFacts
+from gateway.policy.live import LivePolicy
 from gateway.protocol.codec import binary_outputs, decode_request, encode_response
 from gateway.protocol.problems import (
     BadRequest,
+    Forbidden,
     Internal,
     MethodNotAllowed,
     NotFound,
@@ -49,7 +55,9 @@ from gateway.protocol.problems import (
 )
 from gateway.protocol.tensors import InferResponse, Limits, RequestedOutput
 from gateway.registry import ModelEntry
+from gateway.revocation import Revocations
 from gateway.routing.router import Router
+from gateway.state import StateStore
 from gateway.verify import Verifier
 from gateway.verify.none import NoVerification
 
@@ -89,17 +97,25 @@ class Gateway:
     router: Router
     resolver: IdentityResolver
     verifiers: dict[str, Verifier]
+    policy: LivePolicy
+    store: StateStore
+    revocations: Revocations
     metrics: Metrics = field(default_factory=Metrics)
     background: list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = field(
         default_factory=list
     )
 
     def __post_init__(self) -> None:
-        self.identity = IdentityStage(self.resolver)
+        self.identity = IdentityStage(self.resolver, self.revocations)
+        # Before policy, so a client cannot flood the gateway (or the log) with denials.
+        self.admission = RateLimitStage(
+            self.store, "admit", Rate.parse(self.cfg.policy.pre_policy_rate)
+        )
         self.pipeline = Pipeline(
             [
-                AllowAuthenticated(),
+                PolicyStage(self.policy, self.router, self.revocations),
                 ModeStage(self.verifiers),
+                RateLimitStage(self.store, "rate"),
                 RouteStage(self.router),
                 VerifyStage(self.verifiers, self.router),
             ]
@@ -115,6 +131,28 @@ class Gateway:
     @classmethod
     def default_verifiers(cls, cfg: Config) -> dict[str, Verifier]:
         return {"none": NoVerification(cfg.limits.max_output_bytes)}
+
+    async def authenticate(self, scope: Any) -> Identity:
+        x = Exchange(scope=scope, deadline=0.0)
+        await self.identity(x)
+        await self.admission(x)
+        assert x.identity is not None
+        return x.identity
+
+    def authorize(self, identity: Identity, action: str, resource: ResourceFacts) -> None:
+        decision = self.policy.engine.authorize(
+            IdentityFacts.from_identity(identity), action, resource
+        )
+        log.warning(
+            "authorization %s: %s %s by %s (%s)",
+            "granted" if decision.allowed else "DENIED",
+            action,
+            resource.id,
+            identity.spiffe_id,
+            ", ".join(decision.determining) or decision.reason,
+        )
+        if not decision.allowed:
+            raise Forbidden(f"policy denies {action}: {decision.reason}")
 
     def latest(self, name: str) -> ModelEntry:
         versions = self.models[name]
@@ -162,7 +200,7 @@ def _authenticated(gw: Gateway, route: str, handler: Handler) -> Handler:
     async def endpoint(request: Request) -> Response:
         gw.metrics.app_calls += 1
         try:
-            gw.resolver.resolve(dict(request.scope))
+            request.state.identity = await gw.authenticate(request.scope)
             response = await handler(request)
         except Problem as p:
             response = problem_response(p)
@@ -213,6 +251,36 @@ def api_routes(gw: Gateway) -> list[Route]:
     async def infer(request: Request) -> Response:
         return await _infer(gw, request)
 
+    async def admin_revoke(request: Request) -> Response:
+        gw.authorize(request.state.identity, "admin_revoke", ResourceFacts("Gateway"))
+        issuer, serial = _revocation_target(await _read_body(request, 64 * 1024))
+        new = await gw.revocations.revoke(issuer, serial)
+        log.warning(
+            "AUDIT revoke serial=%s issuer=%s by %s (new=%s)",
+            serial,
+            issuer,
+            request.state.identity.spiffe_id,
+            new,
+        )
+        return JSONResponse({"revoked": True, "new": new, "issuer": issuer, "serial": serial})
+
+    async def admin_reload(request: Request) -> Response:
+        gw.authorize(request.state.identity, "admin_reload", ResourceFacts("Gateway"))
+        body = await _read_body(request, 16 * 1024 * 1024)
+        ok = gw.policy.reload(body or None)
+        log.warning(
+            "AUDIT policy reload by %s: %s",
+            request.state.identity.spiffe_id,
+            "ok" if ok else f"rejected ({gw.policy.last_error})",
+        )
+        if not ok:
+            raise BadRequest(f"policy rejected, previous policy kept: {gw.policy.last_error}")
+        return JSONResponse(_policy_status(gw))
+
+    async def admin_policy(request: Request) -> Response:
+        gw.authorize(request.state.identity, "admin_reload", ResourceFacts("Gateway"))
+        return JSONResponse(_policy_status(gw))
+
     model = "/v2/models/{name}"
     version = "/v2/models/{name}/versions/{version}"
     routes = [
@@ -225,11 +293,52 @@ def api_routes(gw: Gateway) -> list[Route]:
         (version + "/ready", model_ready, ["GET"], "model_ready"),
         (model + "/infer", infer, ["POST"], "infer"),
         (version + "/infer", infer, ["POST"], "infer"),
+        ("/admin/revoke", admin_revoke, ["POST"], "admin_revoke"),
+        ("/admin/reload", admin_reload, ["POST"], "admin_reload"),
+        ("/admin/policy", admin_policy, ["GET"], "admin_policy"),
     ]
     return [
         Route(path, _authenticated(gw, name, handler), methods=methods, name=f"{name}:{path}")
         for path, handler, methods, name in routes
     ]
+
+
+def _policy_status(gw: Gateway) -> dict[str, Any]:
+    stats = gw.policy.engine.stats()
+    return {
+        "origin": gw.policy.current.origin,
+        "version": gw.policy.current.version,
+        "hash": gw.policy.engine.source.hash,
+        "rejected_reloads": gw.policy.rejected,
+        "last_error": gw.policy.last_error,
+        "cache_hit_rate": stats.hit_rate,
+        "revocations": gw.revocations.version,
+    }
+
+
+def _revocation_target(body: bytes) -> tuple[str, str]:
+    """(issuer, serial) from {"certificate": PEM} or {"issuer": ..., "serial": hex}."""
+    try:
+        doc = json.loads(body)
+    except ValueError as exc:
+        raise BadRequest("body must be JSON: {certificate} or {issuer, serial}") from exc
+    if not isinstance(doc, dict):
+        raise BadRequest("body must be a JSON object")
+    pem = doc.get("certificate")
+    if isinstance(pem, str):
+        try:
+            cert = x509.load_pem_x509_certificate(pem.encode())
+        except ValueError as exc:
+            raise BadRequest("certificate is not a PEM X.509 certificate") from exc
+        return cert.issuer.rfc4514_string(), format(cert.serial_number, "x")
+    issuer, serial = doc.get("issuer"), doc.get("serial")
+    if not isinstance(issuer, str) or not isinstance(serial, str) or not issuer:
+        raise BadRequest("give certificate, or issuer (RFC 4514) and serial (hex)")
+    try:
+        value = int(serial, 16)
+    except ValueError as exc:
+        raise BadRequest("serial must be hexadecimal") from exc
+    return issuer, format(value, "x")
 
 
 async def _read_body(request: Request, cap: int) -> bytes:
@@ -257,7 +366,7 @@ async def _read_body(request: Request, cap: int) -> bytes:
 async def _infer(gw: Gateway, request: Request) -> Response:
     started = time.monotonic()
     x = Exchange(scope=request.scope, deadline=gw.deadline(request))
-    await gw.identity(x)
+    x.identity = request.state.identity
     x.entry = gw.entry(request.path_params["name"], request.path_params.get("version"))
     raw_length = request.headers.get("inference-header-content-length")
     header_length = header_int(raw_length) if raw_length is not None else None
@@ -271,12 +380,15 @@ async def _infer(gw: Gateway, request: Request) -> Response:
         x.entry.version,
         gw.limits,
     )
+    x.payload_bytes = len(body)
     check_inputs(x.entry, x.request.inputs)
     check_outputs(x.entry, x.request.outputs)
     await gw.pipeline(x)
-    assert x.outcome is not None
+    assert x.outcome is not None and x.decision is not None
     params: dict[str, Any] = {
         "ztgate.request_id": x.request_id,
+        "ztgate.decision_id": x.decision.id,
+        "ztgate.policy_hash": x.decision.policy_hash,
         "ztgate.nodes": ",".join(x.outcome.nodes),
         "ztgate.verification": x.outcome.mode,
         "ztgate.verification_status": x.outcome.status,
@@ -364,6 +476,8 @@ def build_api(gw: Gateway) -> Starlette:
             stop.set()
             await asyncio.wait(tasks, timeout=5)
             await gw.router.close()
+            await gw.store.close()
+            gw.revocations.close()
 
     return Starlette(
         routes=api_routes(gw),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -20,6 +21,9 @@ from gateway.pki import DEFAULT_SITE, PKI
 from gateway.registry import Registry, seed_examples
 
 log = logging.getLogger(__name__)
+
+# The policies shipped with the source tree, copied into a new cluster's directory.
+SHIPPED_POLICIES = Path(__file__).resolve().parent.parent / "policies"
 
 LAYOUT: tuple[tuple[str, str, str], ...] = (
     ("n1", "eu-west", "prov-a"),
@@ -57,6 +61,11 @@ class LocalCluster:
 
     def prepare(self) -> PKI:
         pki = PKI.init(self.root / "pki", sites=[self.site])
+        policies = self.root / "policies"
+        if not policies.is_dir():
+            if not SHIPPED_POLICIES.is_dir():
+                raise FileNotFoundError(f"shipped policies not found at {SHIPPED_POLICIES}")
+            shutil.copytree(SHIPPED_POLICIES, policies, ignore=shutil.ignore_patterns("tests"))
         registry = Registry.open(self.root / "registry")
         if not registry.entries():
             seed_examples(registry)
@@ -140,6 +149,9 @@ class LocalCluster:
             f'node_client_cert = "{gw}/node-client.crt"',
             f'node_client_key = "{gw}/node-client.key"',
             "dev_pki = true",
+            "",
+            "[policy]",
+            'dir = "policies"   # unsigned: dev only; production loads a signed bundle',
         ]
         for node in table:
             lines += ["", "[[nodes]]"] + [f"{k} = {json.dumps(v)}" for k, v in node.items()]

@@ -17,12 +17,16 @@ are resolved against the config file's directory. See docs/config.md for every k
     [routing]   per_try_timeout_s, deadline_s, max_deadline_s, max_attempts,
                 eject_after_failures, eject_base_s, eject_max_s, max_ejected_share,
                 max_pending_per_node, health_interval_s, ewma_alpha
-    [state]     redis_url
-    [[nodes]]   name, address, dns_name, spiffe_id, region, provider, models, labels
+    [state]     redis_url, revocation_sync_s
+    [policy]    dir | bundle, officer_keys, default_rate, pre_policy_rate,
+                default_residency, watch_interval_s
+    [policy.models.<name>]  owner, residency
+    [[nodes]]   name, address, dns_name, spiffe_id, region, provider, trust, models, labels
 """
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -83,6 +87,29 @@ class Routing:
 @dataclass(frozen=True)
 class State:
     redis_url: str | None = None
+    revocation_sync_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class ModelPolicy:
+    """Facts about a model that policy decides on and the registry does not hold."""
+
+    owner: str = ""
+    residency: tuple[str, ...] = ("*",)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    dir: Path | None = None  # an unsigned policy directory: dev mode only, watched
+    bundle: Path | None = None  # a signed policy bundle (required in production)
+    officer_keys: tuple[str, ...] = ()  # Ed25519 public keys (PEM paths) trusted to sign bundles
+    default_rate: str = "60/minute"  # for a permit without @rate: never unlimited
+    pre_policy_rate: str = "1200/minute"  # per identity, before policy runs
+    watch_interval_s: float = 2.0
+    models: tuple[tuple[str, ModelPolicy], ...] = ()
+
+    def model(self, name: str) -> ModelPolicy:
+        return dict(self.models).get(name, ModelPolicy())
 
 
 @dataclass(frozen=True)
@@ -93,6 +120,7 @@ class NodeConfig:
     spiffe_id: str
     region: str
     provider: str
+    trust: int = 1  # 0: untrusted hardware (policy may allow only mpc there)
     models: tuple[str, ...] = ()  # empty: every model in the registry
     labels: tuple[tuple[str, str], ...] = ()
 
@@ -112,6 +140,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     routing: Routing = field(default_factory=Routing)
     state: State = field(default_factory=State)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     nodes: tuple[NodeConfig, ...] = ()
 
     def dev_only_items(self) -> list[str]:
@@ -123,6 +152,10 @@ class Config:
             items.append("state.redis_url unset: soft state only in this replica's memory")
         elif self.state.redis_url.startswith("redis://"):
             items.append("state.redis_url is plaintext redis://; use rediss:// with an ACL user")
+        if self.policy.dir is not None:
+            items.append("policy.dir: an unsigned policy directory; use a signed policy.bundle")
+        if self.policy.bundle is not None and not self.policy.officer_keys:
+            items.append("policy.bundle without policy.officer_keys to check its signature")
         return items
 
 
@@ -166,6 +199,34 @@ def _check_types(obj: Any, where: str) -> None:
             raise ConfigError(f"{where}.{f.name} must be {f.type}, got {value!r}")
 
 
+def _policy(data: Any, base: Path) -> PolicyConfig:
+    if not isinstance(data, dict):
+        raise ConfigError("[policy] must be a table")
+    data = dict(data)
+    models = data.pop("models", {})
+    if not isinstance(models, dict):
+        raise ConfigError("[policy.models] must be a table of model tables")
+    keys = data.get("officer_keys", [])
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise ConfigError("policy.officer_keys must be a list of paths")
+    data["officer_keys"] = [str((base / k).resolve()) for k in keys]
+    cfg = _build(PolicyConfig, data, "policy", base)
+    facts = tuple(
+        (str(name), _build(ModelPolicy, m, f"policy.models.{name}", base))
+        for name, m in sorted(models.items())
+    )
+    if cfg.dir is not None and cfg.bundle is not None:
+        raise ConfigError("policy: set either dir (dev) or bundle, not both")
+    from gateway.policy.facts import Rate
+
+    for key in ("default_rate", "pre_policy_rate"):
+        try:
+            Rate.parse(getattr(cfg, key))
+        except ValueError as exc:
+            raise ConfigError(f"policy.{key}: {exc}") from exc
+    return dataclasses.replace(cfg, models=facts)
+
+
 def load_config(path: Path) -> Config:
     try:
         raw = tomllib.loads(path.read_text())
@@ -182,6 +243,8 @@ def parse_config(raw: dict[str, Any], base: Path) -> Config:
             sections[name] = _build(cls, raw.pop(name), name, base)
     if "state" in raw:
         sections["state"] = _build(State, raw.pop("state"), "state", base)
+    if "policy" in raw:
+        sections["policy"] = _policy(raw.pop("policy"), base)
     if "tls" not in raw:
         raise ConfigError("[tls] is required")
     sections["tls"] = _build(TLS, raw.pop("tls"), "tls", base)

@@ -1,4 +1,6 @@
-"""The request pipeline: identity -> policy -> route -> verify, each stage a plain object.
+"""The request pipeline, each stage a plain object:
+
+    identity -> admission limit -> policy -> mode -> rate limit -> route -> verify
 
 A stage is `async def __call__(x: Exchange) -> None`: it reads what earlier stages put on
 the exchange, adds its own part, or ends the request by raising a `Problem`. Each can be
@@ -7,32 +9,35 @@ built and tested alone with a hand-made Exchange.
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gateway.config import NodeConfig
 from gateway.identity import Identity, IdentityResolver
-from gateway.protocol.problems import Forbidden, NoHealthyNode
+from gateway.policy.engine import InferDecision, decision_record
+from gateway.policy.facts import IdentityFacts, InferContext, Rate
+from gateway.policy.live import LivePolicy
+from gateway.protocol.problems import (
+    Forbidden,
+    NoHealthyNode,
+    RateLimited,
+    Unauthenticated,
+)
 from gateway.protocol.tensors import InferRequest
 from gateway.registry import ModelEntry
+from gateway.revocation import Revocations
 from gateway.routing.router import Router
+from gateway.state import StateStore, StoreUnavailable
 from gateway.verify import MODES, Outcome, Verifier
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What policy allows this request: which modes, which nodes, and why."""
-
-    id: str
-    allowed_modes: tuple[str, ...]
-    node_allowed: Callable[[NodeConfig], bool]
-    determining: tuple[str, ...] = ()
+decisions = logging.getLogger("ztgate.decisions")
 
 
 @dataclass
@@ -44,10 +49,15 @@ class Exchange:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     entry: ModelEntry | None = None
     request: InferRequest | None = None
+    payload_bytes: int = 0
     identity: Identity | None = None
-    decision: Decision | None = None
+    decision: InferDecision | None = None
     mode: str = "none"
     outcome: Outcome | None = None
+
+    def node_allowed(self, node: NodeConfig) -> bool:
+        """Policy's verdict for this node in the chosen mode (deny until policy has run)."""
+        return self.decision is not None and self.decision.node_allowed(self.mode, node.name)
 
 
 class Stage(Protocol):
@@ -55,27 +65,94 @@ class Stage(Protocol):
 
 
 class IdentityStage:
-    def __init__(self, resolver: IdentityResolver) -> None:
+    """The verified certificate, not expired, not revoked: checked on every request."""
+
+    def __init__(self, resolver: IdentityResolver, revocations: Revocations) -> None:
         self.resolver = resolver
+        self.revocations = revocations
 
     async def __call__(self, x: Exchange) -> None:
-        x.identity = self.resolver.resolve(dict(x.scope))
+        identity = self.resolver.resolve(dict(x.scope))
+        if self.revocations.revoked(identity.issuer, identity.serial):
+            raise Unauthenticated("client certificate has been revoked")
+        if self.revocations.stale():
+            # Fail closed: the last-known set may be missing a revocation by now.
+            raise NoHealthyNode(
+                "revocation list unavailable for longer than its staleness budget",
+                retry_after=5,
+            )
+        x.identity = identity
 
 
-class AllowAuthenticated:
-    """Placeholder policy until Cedar lands: any verified caller, the model's own modes.
+class RateLimitStage:
+    """A token bucket in the shared store; `rate_of` says which bucket and how fast."""
 
-    Deny-by-default still holds where it matters: no identity, no call.
-    """
+    def __init__(self, store: StateStore, name: str, fixed: Rate | None = None) -> None:
+        self.store = store
+        self.name = name
+        self.fixed = fixed
 
-    async def __call__(self, x: Exchange) -> None:
-        assert x.identity is not None and x.entry is not None
-        x.decision = Decision(
-            id=uuid.uuid4().hex,
-            allowed_modes=tuple(m for m in MODES if m in x.entry.allowed_modes),
-            node_allowed=lambda _node: True,
-            determining=("config:allow-authenticated",),
+    def bucket(self, x: Exchange) -> tuple[str, Rate] | None:
+        assert x.identity is not None
+        if self.fixed is not None:  # the admission limit: per identity, before policy
+            return f"{self.name}:{x.identity.spiffe_id}", self.fixed
+        assert x.decision is not None and x.entry is not None
+        rate = x.decision.rate
+        if rate is None:
+            return None
+        return (
+            f"{self.name}:{x.identity.spiffe_id}:{x.entry.name}:{rate.count}/{rate.per_seconds}",
+            rate,
         )
+
+    async def __call__(self, x: Exchange) -> None:
+        got = self.bucket(x)
+        if got is None:
+            return
+        key, rate = got
+        try:
+            allowed, retry_after = await self.store.take_token(
+                key, rate.count / rate.per_seconds, rate.count
+            )
+        except StoreUnavailable as exc:
+            # Fail closed: an unlimited gateway is what the limit exists to prevent.
+            raise NoHealthyNode(f"rate limiter unavailable: {exc}", retry_after=1) from exc
+        if not allowed:
+            raise RateLimited(
+                f"over the limit of {rate.count} requests per {rate.per_seconds}s",
+                retry_after=max(retry_after, 0.001),
+            )
+
+
+class PolicyStage:
+    """Cedar decides which modes and nodes this request may use; no permit, no call."""
+
+    def __init__(self, policy: LivePolicy, router: Router, revocations: Revocations) -> None:
+        self.policy = policy
+        self.router = router
+        self.revocations = revocations
+
+    async def __call__(self, x: Exchange) -> None:
+        assert x.identity is not None and x.entry is not None and x.request is not None
+        batch = x.request.inputs[0].shape[0] if x.request.inputs[0].shape else 1
+        purpose = x.request.parameters.get("ztgate.purpose", "")
+        ctx = InferContext(
+            batch_size=batch,
+            payload_bytes=x.payload_bytes,
+            purpose=str(purpose),
+            now=dt.datetime.now(dt.UTC),
+        )
+        nodes = [s.config.name for s in self.router.nodes.values() if s.config.serves(x.entry.name)]
+        if not nodes:
+            raise NoHealthyNode(f"no node serves {x.entry.name!r}", retry_after=5)
+        facts = IdentityFacts.from_identity(x.identity)
+        decision = self.policy.engine.decide_infer(
+            facts, x.entry.name, ctx, nodes, revocation_version=self.revocations.version
+        )
+        x.decision = decision
+        if not decision.allowed:
+            log_decision(decision, facts, x.entry.name, None)
+            raise Forbidden(f"policy denies this request: {decision.reason}")
 
 
 class ModeStage:
@@ -85,19 +162,24 @@ class ModeStage:
         self.verifiers = verifiers
 
     async def __call__(self, x: Exchange) -> None:
-        assert x.decision is not None and x.request is not None
-        allowed = [m for m in x.decision.allowed_modes if m in self.verifiers]
+        assert x.decision is not None and x.request is not None and x.identity is not None
+        allowed = [m for m in x.decision.modes if m in self.verifiers]
         asked = x.request.parameters.get("ztgate.verification")
+        assert x.entry is not None
+        facts = IdentityFacts.from_identity(x.identity)
         if asked is not None:
             if asked not in MODES:
                 raise Forbidden(f"unknown verification mode {asked!r}; one of {', '.join(MODES)}")
+            x.mode = str(asked)
+            log_decision(x.decision, facts, x.entry.name, x.mode)
             if asked not in allowed:
                 raise Forbidden(f"verification mode {asked!r} is not allowed for this request")
-            x.mode = str(asked)
-        elif allowed:
-            x.mode = allowed[0]
-        else:
-            raise Forbidden("no verification mode this gateway offers is allowed for this model")
+            return
+        if not allowed:
+            log_decision(x.decision, facts, x.entry.name, None)
+            raise Forbidden("policy allows no verification mode this gateway offers")
+        x.mode = allowed[0]
+        log_decision(x.decision, facts, x.entry.name, x.mode)
 
 
 class RouteStage:
@@ -107,10 +189,12 @@ class RouteStage:
         self.router = router
 
     async def __call__(self, x: Exchange) -> None:
-        assert x.entry is not None and x.decision is not None
-        if not self.router.candidates(x.entry.name, x.decision.node_allowed):
+        assert x.entry is not None
+        if not self.router.candidates(x.entry.name, x.node_allowed):
             raise NoHealthyNode(
-                f"no healthy node allowed to serve {x.entry.name!r} right now", retry_after=1
+                f"no healthy node that policy allows can serve {x.entry.name!r} in mode "
+                f"{x.mode!r} right now",
+                retry_after=1,
             )
 
 
@@ -130,6 +214,14 @@ class Pipeline:
     async def __call__(self, x: Exchange) -> None:
         for stage in self.stages:
             await stage(x)
+
+
+def log_decision(
+    decision: InferDecision, identity: IdentityFacts, model: str, mode: str | None
+) -> None:
+    """One JSON line per decision; never tensors or payloads."""
+    if decisions.isEnabledFor(logging.INFO):
+        decisions.info(json.dumps(decision_record(decision, identity, model, mode)))
 
 
 def remaining(x: Exchange) -> float:

@@ -12,7 +12,10 @@ from cryptography import x509
 from gateway.app import Gateway, build_admin, build_api
 from gateway.config import Config, ConfigError
 from gateway.identity import IdentityResolver
+from gateway.policy.live import LivePolicy, ReloadRefused, bundle_loader, dir_loader
+from gateway.policy.source import PolicyError
 from gateway.registry import ModelEntry, Registry, RegistryError
+from gateway.revocation import Revocations
 from gateway.routing.node_client import NodeClient, NodeCredentials
 from gateway.routing.router import Router
 from gateway.server import HttpToolsTLSProtocol, ReloadingContext, TLSFiles
@@ -50,17 +53,57 @@ def load_models(cfg: Config) -> dict[str, dict[str, ModelEntry]]:
     return models
 
 
+def build_policy(cfg: Config, models: dict[str, dict[str, ModelEntry]]) -> LivePolicy:
+    latest = {name: v[max(v, key=int)] for name, v in models.items()}
+    try:
+        if cfg.policy.dir is not None:
+            return LivePolicy(dir_loader(cfg, latest), watch=[cfg.policy.dir])
+        if cfg.policy.bundle is not None:
+            return LivePolicy(bundle_loader(cfg, latest))
+    except (PolicyError, ReloadRefused, OSError) as exc:
+        raise ConfigError(f"policy: {exc}") from exc
+    # Deny by default goes as far as refusing to start without a policy.
+    raise ConfigError("no policy: set policy.dir (dev) or policy.bundle")
+
+
 def build_gateway(cfg: Config) -> Gateway:
     check_mode(cfg)
     models = load_models(cfg)
+    policy = build_policy(cfg, models)
     creds = NodeCredentials(cfg.tls.node_ca, cfg.tls.node_client_cert, cfg.tls.node_client_key)
     channel_creds = creds.channel_credentials()
     clients = [NodeClient(n, channel_creds, cfg.limits.max_output_bytes) for n in cfg.nodes]
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
     store = open_store(cfg.state.redis_url, cfg.data_dir)
+    revocations = Revocations(store, cfg.data_dir / "revoked.jsonl")
     router = Router.from_clients(clients, store, cfg.routing)
     ca = x509.load_pem_x509_certificates(cfg.tls.client_ca.read_bytes())
     resolver = IdentityResolver(cfg.trust_domain, [c.subject for c in ca])
-    return Gateway(cfg, models, router, resolver, Gateway.default_verifiers(cfg))
+    gw = Gateway(
+        cfg,
+        models,
+        router,
+        resolver,
+        Gateway.default_verifiers(cfg),
+        policy=policy,
+        store=store,
+        revocations=revocations,
+    )
+
+    async def sync_revocations(stop: asyncio.Event) -> None:
+        await revocations.run(cfg.state.revocation_sync_s, stop)
+
+    async def watch_policy(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            if policy.changed():
+                policy.reload()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=cfg.policy.watch_interval_s)
+
+    gw.background.append(sync_revocations)
+    if cfg.policy.dir is not None:
+        gw.background.append(watch_policy)
+    return gw
 
 
 def tls_files(cfg: Config) -> TLSFiles:

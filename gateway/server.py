@@ -34,6 +34,12 @@ ASGIApp = Callable[
     Awaitable[None],
 ]
 _connection_ids = itertools.count(1)
+_last_connection_id = 0
+
+
+def connections_opened() -> int:
+    """TLS connections this process has accepted (tests count connections with it)."""
+    return _last_connection_id
 
 
 @dataclass(frozen=True)
@@ -122,6 +128,8 @@ def tls_extension(transport: asyncio.BaseTransport) -> dict[str, Any] | None:
     der = sslobj.getpeercert(binary_form=True)
     version = {"TLSv1.3": 0x0304, "TLSv1.2": 0x0303}.get(sslobj.version() or "")
     cipher = sslobj.cipher()
+    global _last_connection_id
+    _last_connection_id = next(_connection_ids)
     return {
         "server_cert": None,
         # Python 3.11 exposes only the leaf, not the chain the client sent.
@@ -130,7 +138,7 @@ def tls_extension(transport: asyncio.BaseTransport) -> dict[str, Any] | None:
         "client_cert_error": None if der else "no client certificate",
         "tls_version": version,
         "cipher_suite": cipher[0] if cipher else None,
-        "connection_id": next(_connection_ids),
+        "connection_id": _last_connection_id,
     }
 
 

@@ -7,6 +7,8 @@ while every byte still crosses a real TLS connection on loopback.
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 import socket
 import ssl
 import threading
@@ -31,6 +33,23 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+SHIPPED_POLICIES = Path(__file__).resolve().parent.parent / "policies"
+TEST_CALLERS = ("bob", "short", "schemathesis", "bench")
+
+
+def policy_dir(dest: Path, extra_apps: tuple[str, ...] = TEST_CALLERS) -> Path:
+    """The shipped policies, with a few more test callers in the `apps` group."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in SHIPPED_POLICIES.iterdir():
+        if f.is_file() and f.suffix in (".cedar", ".cedarschema", ".json"):
+            shutil.copy(f, dest / f.name)
+    mapping = json.loads((dest / "identities.json").read_text())
+    for name in extra_apps:
+        mapping["clients"][f"spiffe://ztgate.local/client/{name}"] = {"groups": ["apps"]}
+    (dest / "identities.json").write_text(json.dumps(mapping, indent=2))
+    return dest
 
 
 def gateway_config(
@@ -65,11 +84,17 @@ def gateway_config(
             "eject_base_s": 0.5,
             "eject_max_s": 5.0,
         },
+        # Generous admission: tests that are about the admission limit set their own.
+        "policy": {
+            "dir": str(policy_dir(data_dir / "policies")),
+            "pre_policy_rate": "100000/minute",
+        },
         "nodes": nodes,
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(raw.get(key), dict):
-            raw[key] = {**raw[key], **value}
+            merged = {**raw[key], **value}
+            raw[key] = {k: v for k, v in merged.items() if v is not None}
         else:
             raw[key] = value
     return parse_config(raw, Path("/"))

@@ -50,8 +50,8 @@ def gateway(
 async def _fire(
     gw: RunningGateway, pki: PKI, total: int, concurrency: int, during: Any = None
 ) -> list[int]:
-    alice = pki.ensure("client", "alice")
-    ctx = client_context(pki, alice.cert, alice.key)
+    caller = pki.ensure("client", "bench")  # apps only: 600/minute
+    ctx = client_context(pki, caller.cert, caller.key)
     statuses: list[int] = []
     body = infer_body(IRIS)
     async with httpx.AsyncClient(verify=ctx, timeout=10) as client:
@@ -103,8 +103,12 @@ def test_a_dead_stub_is_ejected_then_readmitted(
         for pid in stubs:
             os.kill(pid, signal.SIGKILL)
         time.sleep(0.3)
-        statuses = asyncio.run(_fire(gateway, pki, total=60, concurrency=3))
-        assert statuses.count(200) == 60  # every failure on n2 was retried elsewhere
+        statuses: list[int] = []
+        for _ in range(8):  # bounded: until n2 has failed often enough to be ejected
+            statuses += asyncio.run(_fire(gateway, pki, total=30, concurrency=3))
+            if router.nodes["n2"].ejections:
+                break
+        assert statuses.count(200) == len(statuses)  # every failure was retried elsewhere
         assert router.nodes["n2"].ejections >= 1
         assert router.nodes["n2"].failed >= router.cfg.eject_after_failures
         assert "n2" in router.ejected  # still out: its probes keep failing
@@ -269,7 +273,7 @@ def test_no_node_and_deadline_problems(
     with running_gateway(cfg) as gw, httpx.Client(verify=ctx, timeout=10) as c:
         r = c.post(
             f"{gw.base}/v2/models/iris/infer",
-            json=infer_body(np.tile(IRIS, (200, 1))),
+            json=infer_body(np.tile(IRIS, (80, 1))),
             headers={"ztgate-deadline-ms": "1"},
         )
         assert r.status_code == 504, r.text

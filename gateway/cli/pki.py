@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import sys
 from pathlib import Path
 from typing import Any, cast
+
+from cryptography.hazmat.primitives import serialization
 
 from gateway.cli import UsageError
 from gateway.pki import DEFAULT_SITE, DEFAULT_TRUST_DOMAIN, PKI, ROLES, PKIError, Role
@@ -35,6 +38,21 @@ def register(sub: Any) -> None:
     issue.add_argument("--unit", help="subject OU (unit)")
     issue.add_argument("--out", type=Path, help="write CERT and KEY as OUT.crt / OUT.key")
     issue.set_defaults(func=_issue)
+
+    revoke = verbs.add_parser(
+        "revoke",
+        help="revoke a client certificate: through a running gateway (audited, reaches "
+        "every replica) or, with --data-dir, offline in a stopped replica's store",
+    )
+    revoke.add_argument("certificate", type=Path, help="PEM certificate to revoke")
+    where = revoke.add_mutually_exclusive_group(required=True)
+    where.add_argument("--gateway", help="HOST:PORT of the gateway's mTLS API")
+    where.add_argument("--data-dir", type=Path, help="a stopped replica's data_dir")
+    revoke.add_argument("--cert", type=Path, help="your (officer's) client certificate")
+    revoke.add_argument("--key", type=Path, help="its key")
+    revoke.add_argument("--ca", type=Path, help="CA that signed the gateway's certificate")
+    revoke.add_argument("--timeout", type=float, default=10.0)
+    revoke.set_defaults(func=_revoke)
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -85,4 +103,55 @@ def _issue(args: argparse.Namespace) -> int:
             indent=2,
         )
     )
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(args.certificate.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{args.certificate}: not a PEM certificate ({exc})") from exc
+    issuer, serial = cert.issuer.rfc4514_string(), format(cert.serial_number, "x")
+    if args.data_dir is not None:
+        from gateway.state.durable import FileRevocations, RevocationFileError
+
+        try:
+            revocations = FileRevocations(args.data_dir / "revoked.jsonl")
+        except (OSError, RevocationFileError) as exc:
+            msg = f"cannot open {args.data_dir} (is the gateway running?): {exc}"
+            raise UsageError(msg) from exc
+        try:
+            revocations.add(issuer, serial)
+        finally:
+            revocations.close()
+        print(f"revoked serial {serial} of {issuer} in {args.data_dir} (offline)")
+        return 0
+    if not (args.cert and args.key and args.ca):
+        raise UsageError("--gateway needs --cert, --key and --ca (an officer's identity)")
+    import ssl
+
+    import httpx
+
+    ctx = ssl.create_default_context(cafile=str(args.ca))
+    try:
+        ctx.load_cert_chain(args.cert, args.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot load {args.cert} / {args.key}: {exc}") from exc
+    body = {"certificate": cert.public_bytes(serialization.Encoding.PEM).decode()}
+    try:
+        with httpx.Client(verify=ctx, timeout=args.timeout) as client:
+            r = client.post(f"https://{args.gateway}/admin/revoke", json=body)
+    except httpx.HTTPError as exc:
+        print(f"ztgate: gateway unreachable or refused the connection: {exc}", file=sys.stderr)
+        return 1
+    if r.status_code != 200:
+        try:
+            detail = r.json().get("detail", r.text)
+        except ValueError:
+            detail = r.text
+        print(f"ztgate: revocation refused ({r.status_code}): {detail}", file=sys.stderr)
+        return 1
+    print(f"revoked serial {serial} of {issuer} via {args.gateway}")
     return 0

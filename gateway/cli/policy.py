@@ -40,6 +40,8 @@ def register(subparsers: Any) -> None:
     explain.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="default: policies")
     explain.set_defaults(func=_explain)
 
+    _register_bundle(verbs)
+
 
 def _load(directory: Path) -> PolicySource | None:
     """The source, or None after printing every finding (the caller exits 1)."""
@@ -149,3 +151,209 @@ def _table(decision: InferDecision, nodes: list[str]) -> None:
         print(
             f"\nallowed modes (cheapest first): {', '.join(decision.modes)}; rate {decision.rate}"
         )
+
+
+# --------------------------------------------------------------------------- bundle sign/verify
+# Signed policy bundles (gateway/policy/bundle.py): the policy plus the facts it decides on,
+# under an officer's key. Imports are local so this block stands on its own.
+
+
+def _register_bundle(verbs: Any) -> None:
+    import gateway
+
+    parser = verbs.add_parser("bundle", help="sign or verify a policy bundle (officer key)")
+    sub = parser.add_subparsers(dest="bundle_verb", required=True, metavar="VERB")
+
+    sign = sub.add_parser("sign", help="pack policy and the facts it decides on; sign it")
+    sign.add_argument("--policies", type=Path, default=DEFAULT_DIR, help="default: policies")
+    sign.add_argument("--registry", type=Path, required=True, help="model registry directory")
+    sign.add_argument(
+        "--nodes", type=Path, required=True, help="TOML with [[nodes]] (e.g. gateway.toml)"
+    )
+    sign.add_argument(
+        "--model-policy",
+        type=Path,
+        help='JSON {"MODEL": {"owner": SPIFFE_ID, "residency": [...]}} (default: the '
+        "[policy.models.MODEL] tables of --nodes); a model not named runs nowhere",
+    )
+    sign.add_argument("--key", type=Path, required=True, help="officer Ed25519 key (PEM)")
+    sign.add_argument("--version", type=int, required=True, help="bundle version (>= 1)")
+    sign.add_argument("--expires-in-days", type=float, default=30.0)
+    sign.add_argument("--min-gateway-version", default=gateway.__version__)
+    sign.add_argument("--staleness-budget-s", type=int, default=300)
+    sign.add_argument("--out", type=Path, required=True, metavar="BUNDLE")
+    sign.set_defaults(func=_bundle_sign)
+
+    verify = sub.add_parser("verify", help="check a bundle's signature, dates and content")
+    verify.add_argument("bundle", type=Path, metavar="BUNDLE")
+    verify.add_argument(
+        "--trust-key",
+        type=Path,
+        action="append",
+        required=True,
+        metavar="PUB",
+        help="officer public key (PEM); repeat for several",
+    )
+    verify.add_argument("--min-version", type=int, default=0, help="refuse older bundles")
+    verify.add_argument(
+        "--gateway-version",
+        default=gateway.__version__,
+        help="the gateway version to check min_gateway_version against (default: this one)",
+    )
+    verify.set_defaults(func=_bundle_verify)
+
+
+def _read_nodes(path: Path) -> tuple[list[Any], dict[str, Any]]:
+    """[[nodes]] from a TOML file (gateway.toml format) as NodeConfig (only name, region,
+    provider and trust matter here, so the connection keys may be left out), and its
+    [policy.models.NAME] tables (owner, residency) if it has any."""
+    import dataclasses
+    import tomllib
+
+    from gateway.config import NodeConfig
+
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"{path}: {exc}") from None
+    tables = raw.get("nodes", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise UsageError(f"{path}: [[nodes]] must be an array of tables")
+    known = {f.name for f in dataclasses.fields(NodeConfig)}
+    nodes = []
+    for i, table in enumerate(tables):
+        where = f"{path}: nodes[{i}]"
+        for key in ("name", "region", "provider"):
+            if not isinstance(table.get(key), str) or not table[key]:
+                raise UsageError(f"{where}.{key} is required (a string)")
+        labels = table.get("labels", {})
+        if not isinstance(labels, dict):
+            raise UsageError(f"{where}.labels must be a table")
+        kwargs: dict[str, Any] = {k: "" for k in ("address", "dns_name", "spiffe_id")}
+        kwargs.update({k: v for k, v in table.items() if k in known and k != "labels"})
+        kwargs["models"] = tuple(kwargs.get("models", ()))
+        pairs = {str(k): str(v) for k, v in labels.items()}
+        if "trust" in table:
+            trust = table["trust"]
+            if isinstance(trust, bool) or not isinstance(trust, int):
+                raise UsageError(f"{where}.trust must be 0, 1 or 2")
+            if "trust" not in known:
+                pairs["trust"] = str(trust)
+        kwargs["labels"] = tuple(sorted(pairs.items()))
+        nodes.append(NodeConfig(**kwargs))
+    policy = raw.get("policy", {})
+    models = policy.get("models", {}) if isinstance(policy, dict) else None
+    if not isinstance(models, dict) or not all(isinstance(m, dict) for m in models.values()):
+        raise UsageError(f"{path}: [policy.models.NAME] must be tables of owner, residency")
+    return nodes, models
+
+
+def _bundle_sign(args: argparse.Namespace) -> int:
+    import datetime as dt
+    import json
+
+    from gateway.pki import PKIError, load_signing_key
+    from gateway.policy.bundle import build_bundle, facts_from, sign_bundle
+    from gateway.registry import INDEX_FILE, Registry, RegistryError
+
+    if not args.policies.is_dir():
+        raise UsageError(f"{args.policies} is not a directory")
+    if not (args.registry / INDEX_FILE).is_file():
+        raise UsageError(f"{args.registry} is not a model registry (no {INDEX_FILE})")
+    try:
+        key = load_signing_key(args.key)
+    except (OSError, ValueError, TypeError, PKIError) as exc:
+        raise UsageError(f"{args.key}: not an Ed25519 private key ({exc})") from None
+    nodes, model_policy = _read_nodes(args.nodes)
+    if args.model_policy is not None:
+        try:
+            model_policy = json.loads(args.model_policy.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise UsageError(f"{args.model_policy}: {exc}") from None
+        if not isinstance(model_policy, dict) or not all(
+            isinstance(v, dict) for v in model_policy.values()
+        ):
+            raise UsageError(f"{args.model_policy}: expected {{MODEL: {{owner, residency}}}}")
+    try:
+        entries = Registry.open(args.registry).entries()
+        facts = facts_from(entries, nodes, model_policy)
+    except (RegistryError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    if _load(args.policies) is None:
+        return 1
+    try:
+        bundle = build_bundle(
+            args.policies,
+            facts,
+            args.version,
+            dt.timedelta(days=args.expires_in_days),
+            args.min_gateway_version,
+            args.staleness_budget_s,
+        )
+    except PolicyError as exc:  # changed since _load checked it
+        for finding in exc.findings:
+            print(f"{args.policies}/{finding}")
+        return 1
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    data = sign_bundle(bundle, key)
+    try:
+        args.out.write_bytes(data)
+    except OSError as exc:
+        raise UsageError(f"cannot write {args.out}: {exc}") from None
+    for m in bundle.facts.models:
+        if not m.residency:
+            print(f"warning: model {m.name} has no residency: it will run nowhere")
+    print(f"signed policy bundle v{bundle.version} -> {args.out}")
+    _bundle_summary(bundle, bundle.policy_hash)
+    return 0
+
+
+def _bundle_verify(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from gateway.policy.bundle import compare_versions, load_trusted_keys, verify_bundle
+
+    try:
+        keys = load_trusted_keys(args.trust_key)
+        compare_versions(args.gateway_version, args.gateway_version)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        data = args.bundle.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.bundle}: {exc.strerror or exc}") from None
+    result = verify_bundle(
+        data,
+        keys,
+        now=dt.datetime.now(dt.UTC),
+        running_version=args.gateway_version,
+        min_version=args.min_version,
+    )
+    if not result.ok or result.bundle is None or result.source is None:
+        print(f"INVALID ({result.reason}): {result.message}")
+        return 1
+    print(f"OK: policy bundle v{result.bundle.version} signed by {result.bundle.signer_key_id}")
+    _bundle_summary(result.bundle, result.source.hash)
+    return 0
+
+
+def _bundle_summary(bundle: Any, policy_hash: str) -> None:
+    print(f"  version:             {bundle.version}")
+    if bundle.signer_key_id:
+        print(f"  signer:              {bundle.signer_key_id}")
+    print(f"  created:             {bundle.created.isoformat()}")
+    print(f"  expires:             {bundle.expires.isoformat()}")
+    print(f"  min gateway version: {bundle.min_gateway_version}")
+    print(f"  staleness budget:    {bundle.staleness_budget_s} s")
+    print(f"  policy hash:         {policy_hash}")
+    print(f"  policy files:        {', '.join(sorted(bundle.policy_files))}")
+    print(f"  models ({len(bundle.facts.models)}):")
+    for m in bundle.facts.models:
+        print(
+            f"    {m.name}: {m.classification}, modes {','.join(m.allowed_modes)}, "
+            f"residency {','.join(m.residency) or '(none)'}, owner {m.owner or '-'}"
+        )
+    print(f"  nodes ({len(bundle.facts.nodes)}):")
+    for n in bundle.facts.nodes:
+        print(f"    {n.name}: region {n.region}, provider {n.provider}, trust {n.trust}")

@@ -24,7 +24,7 @@ class NoVerification:
             x.request.inputs,
             tuple(o.name for o in x.request.outputs),
             x.deadline,
-            allowed=x.decision.node_allowed,
+            allowed=x.node_allowed,
             request_id=x.request_id,
             max_output_bytes=self.max_output_bytes,
         )

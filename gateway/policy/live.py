@@ -1,0 +1,192 @@
+"""The policy the gateway runs now, and how it changes: validate first, swap atomically.
+
+The gateway never runs with no policy or a half-loaded one: a new policy set (a changed
+directory in dev mode, a signed bundle in production) is loaded and checked off to the
+side and swapped in whole; a rejected one leaves the last-known-good set in place and is
+logged loudly, with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.config import Config, NodeConfig
+from gateway.policy.engine import PolicyEngine
+from gateway.policy.facts import ModelFacts, NodeFacts, Rate
+from gateway.policy.source import PolicyError, PolicySource, load_policy_dir
+from gateway.registry import ModelEntry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    engine: PolicyEngine
+    origin: str  # "dir:<path>" or "bundle:<path> v<N>"
+    version: int = 0  # bundle version; 0 for an unsigned directory
+
+
+def model_facts(entries: Mapping[str, ModelEntry], cfg: Config) -> dict[str, ModelFacts]:
+    return {
+        name: ModelFacts(
+            name=name,
+            classification=entry.classification,
+            owner=cfg.policy.model(name).owner,
+            residency=cfg.policy.model(name).residency,
+            allowed_modes=tuple(entry.allowed_modes),
+        )
+        for name, entry in entries.items()
+    }
+
+
+def node_facts(nodes: Sequence[NodeConfig]) -> list[NodeFacts]:
+    return [NodeFacts(n.name, n.region, n.provider, n.trust) for n in nodes]
+
+
+class LivePolicy:
+    """Holds the current engine; `reload()` replaces it only with one that loaded cleanly."""
+
+    def __init__(
+        self,
+        load: Callable[[bytes | None], Loaded],
+        watch: Sequence[Path] = (),
+    ) -> None:
+        self._load = load
+        self._watch = tuple(watch)
+        self._stamp = self._stat()
+        self.current = load(None)  # at start a bad policy is fatal: never serve without one
+        self.rejected = 0
+        self.last_error: str | None = None
+        log.warning("policy loaded: %s (hash %s)", self.current.origin, self.engine.source.hash)
+
+    @property
+    def engine(self) -> PolicyEngine:
+        return self.current.engine
+
+    def _stat(self) -> tuple[tuple[str, int, int], ...]:
+        stamps = []
+        for root in self._watch:
+            paths = sorted(root.rglob("*")) if root.is_dir() else [root]
+            for p in paths:
+                try:
+                    st = os.stat(p)
+                except OSError:
+                    continue
+                stamps.append((str(p), st.st_mtime_ns, st.st_size))
+        return tuple(stamps)
+
+    def changed(self) -> bool:
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        return True
+
+    def reload(self, bundle: bytes | None = None) -> bool:
+        """Load anew (from `bundle` if given); True when the new policy took effect."""
+        try:
+            fresh = self._load(bundle)
+        except (PolicyError, ReloadRefused, OSError, ValueError) as exc:
+            self.rejected += 1
+            self.last_error = str(exc)
+            log.error(
+                "policy reload REJECTED, keeping %s (hash %s): %s",
+                self.current.origin,
+                self.engine.source.hash,
+                exc,
+            )
+            return False
+        self.current = fresh
+        log.warning("policy reloaded: %s (hash %s)", fresh.origin, fresh.engine.source.hash)
+        return True
+
+
+class ReloadRefused(Exception):
+    """A policy that loaded but must not replace the current one (older, untrusted, ...)."""
+
+
+def engine_for(
+    source: PolicySource,
+    models: Mapping[str, ModelFacts],
+    nodes: Sequence[NodeFacts],
+    cfg: Config,
+) -> PolicyEngine:
+    return PolicyEngine(
+        source, models=models, nodes=nodes, default_rate=Rate.parse(cfg.policy.default_rate)
+    )
+
+
+def dir_loader(cfg: Config, entries: Mapping[str, ModelEntry]) -> Callable[[bytes | None], Loaded]:
+    """Dev mode: an unsigned directory; facts from the registry and the config."""
+    assert cfg.policy.dir is not None
+    directory = cfg.policy.dir
+
+    def load(bundle: bytes | None) -> Loaded:
+        if bundle:
+            raise ReloadRefused("this gateway reads an unsigned policy directory (dev mode)")
+        log.warning("DEV-ONLY: loading UNSIGNED policy directory %s", directory)
+        source = load_policy_dir(directory)
+        engine = engine_for(source, model_facts(entries, cfg), node_facts(cfg.nodes), cfg)
+        return Loaded(engine, f"dir:{directory}")
+
+    return load
+
+
+def bundle_loader(
+    cfg: Config, entries: Mapping[str, ModelEntry]
+) -> Callable[[bytes | None], Loaded]:
+    """Signed bundles: the policy AND the facts it decides on come from the bundle.
+
+    Only bundles signed by a configured officer key load, never one older than the
+    running one (rollback), never one that needs a newer gateway.
+    """
+    import datetime as dt
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    from gateway import __version__
+    from gateway.pki import signing_key_id
+    from gateway.policy.bundle import verify_bundle
+
+    assert cfg.policy.bundle is not None
+    path = cfg.policy.bundle
+    keys: dict[str, Ed25519PublicKey] = {}
+    for key_path in cfg.policy.officer_keys:
+        key = load_pem_public_key(Path(key_path).read_bytes())
+        if not isinstance(key, Ed25519PublicKey):
+            raise ReloadRefused(f"{key_path} is not an Ed25519 public key")
+        keys[signing_key_id(key)] = key
+    state: dict[str, object] = {"version": 0, "hash": ""}
+
+    def load(bundle: bytes | None) -> Loaded:
+        data = path.read_bytes() if bundle is None else bundle
+        result = verify_bundle(
+            data,
+            keys,
+            now=dt.datetime.now(dt.UTC),
+            running_version=__version__,
+            min_version=int(str(state["version"])),
+        )
+        if not result.ok or result.bundle is None or result.source is None:
+            raise ReloadRefused(f"{result.reason}: {result.message}")
+        b = result.bundle
+        if b.version == state["version"] and result.source.hash != state["hash"]:
+            raise ReloadRefused(f"version {b.version} is already loaded with other content")
+        missing = sorted(set(entries) - {m.name for m in b.facts.models})
+        if missing:
+            log.warning("models without facts in the bundle are denied: %s", ", ".join(missing))
+        engine = engine_for(result.source, {m.name: m for m in b.facts.models}, b.facts.nodes, cfg)
+        if bundle is not None:
+            # Survive a restart: the accepted bundle becomes the one read at start.
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        state["version"], state["hash"] = b.version, result.source.hash
+        return Loaded(engine, f"bundle:{path} v{b.version} by {b.signer_key_id}", b.version)
+
+    return load
