@@ -8,6 +8,7 @@ kind leave as RFC 9457 problem+json, mapped in one place (`_problem`).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -22,7 +23,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from gateway import __version__
 from gateway.config import Config
@@ -34,8 +35,11 @@ from gateway.pipeline import (
     Pipeline,
     PolicyStage,
     RateLimitStage,
+    ReceiptStage,
     RouteStage,
+    Stage,
     VerifyStage,
+    client_ref,
 )
 from gateway.policy.facts import IdentityFacts, Rate, ResourceFacts
 from gateway.policy.live import LivePolicy
@@ -48,12 +52,16 @@ from gateway.protocol.problems import (
     NotFound,
     PayloadTooLarge,
     Problem,
+    RateLimited,
     UnknownModel,
     UnknownVersion,
     UnsupportedMediaType,
     problem_response,
 )
 from gateway.protocol.tensors import InferResponse, Limits, RequestedOutput
+from gateway.receipts.http import log_routes
+from gateway.receipts.model import FormatError, ModelRef, SignedReceipt, parse_receipt_id
+from gateway.receipts.service import ReceiptService
 from gateway.registry import ModelEntry
 from gateway.revocation import Revocations
 from gateway.routing.router import Router
@@ -100,6 +108,7 @@ class Gateway:
     policy: LivePolicy
     store: StateStore
     revocations: Revocations
+    receipts: ReceiptService | None = None
     metrics: Metrics = field(default_factory=Metrics)
     background: list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = field(
         default_factory=list
@@ -111,15 +120,16 @@ class Gateway:
         self.admission = RateLimitStage(
             self.store, "admit", Rate.parse(self.cfg.policy.pre_policy_rate)
         )
-        self.pipeline = Pipeline(
-            [
-                PolicyStage(self.policy, self.router, self.revocations),
-                ModeStage(self.verifiers),
-                RateLimitStage(self.store, "rate"),
-                RouteStage(self.router),
-                VerifyStage(self.verifiers, self.router),
-            ]
-        )
+        stages: list[Stage] = [
+            PolicyStage(self.policy, self.router, self.revocations),
+            ModeStage(self.verifiers),
+            RateLimitStage(self.store, "rate"),
+            RouteStage(self.router),
+            VerifyStage(self.verifiers, self.router),
+        ]
+        if self.receipts is not None:
+            stages.append(ReceiptStage(self.receipts))
+        self.pipeline = Pipeline(stages)
         self.limits = Limits(
             max_body_bytes=self.cfg.limits.max_body_bytes,
             max_tensor_elements=self.cfg.limits.max_tensor_elements,
@@ -199,11 +209,14 @@ def header_int(raw: str) -> int | None:
 def _authenticated(gw: Gateway, route: str, handler: Handler) -> Handler:
     async def endpoint(request: Request) -> Response:
         gw.metrics.app_calls += 1
+        request.state.identity = None
         try:
             request.state.identity = await gw.authenticate(request.scope)
             response = await handler(request)
         except Problem as p:
             response = problem_response(p)
+            if isinstance(p, Forbidden | RateLimited) and request.state.identity is not None:
+                await _receipt_denial(gw, request, p, response)
         except Exception:
             log.exception("bug on %s", request.url.path)
             response = problem_response(Internal())
@@ -211,6 +224,29 @@ def _authenticated(gw: Gateway, route: str, handler: Handler) -> Handler:
         return response
 
     return endpoint
+
+
+async def _receipt_denial(gw: Gateway, request: Request, p: Problem, response: Response) -> None:
+    """Denials are receipted too; identical ones within a window share one receipt."""
+    if gw.receipts is None:
+        return
+    name = request.path_params.get("name")
+    model = None
+    if isinstance(name, str) and name in gw.models:
+        e = gw.latest(name)
+        model = ModelRef(e.name, e.version, e.sha256)
+    try:
+        issued, coalesced = await gw.receipts.deny(
+            client=client_ref(request.state.identity),
+            model=model,
+            problem_type=p.type,
+            reason=p.detail or p.title,
+            request_id=request.headers.get("ztgate-request-id", "") or "-",
+        )
+    except Exception:  # the denial stands either way; a missing denial receipt is logged
+        log.exception("could not receipt a denial")
+        return
+    response.headers["ztgate-receipt"] = issued.summary + ("; coalesced" if coalesced else "")
 
 
 def api_routes(gw: Gateway) -> list[Route]:
@@ -277,6 +313,31 @@ def api_routes(gw: Gateway) -> list[Route]:
             raise BadRequest(f"policy rejected, previous policy kept: {gw.policy.last_error}")
         return JSONResponse(_policy_status(gw))
 
+    async def read_receipt(request: Request) -> Response:
+        rid = request.path_params["receipt_id"]
+        if gw.receipts is None:
+            raise NotFound("this gateway keeps no receipts")
+        try:
+            log_id, _ = parse_receipt_id(rid)
+        except FormatError as exc:
+            raise BadRequest(str(exc)) from exc
+        holder = next((rl for rl in gw.receipts.logs() if rl.log_id == log_id), None)
+        stored = holder.body(rid) if holder is not None else None
+        if stored is None:
+            # Unknown, erased, or held by another replica's log: the same answer for all,
+            # so an id cannot be probed for existence.
+            raise NotFound(f"no receipt {rid} here (log {log_id})")
+        signed = SignedReceipt.from_bytes(stored.body)
+        owner = signed.receipt.client.spiffe_id if signed.receipt.client else ""
+        model = signed.receipt.model.name if signed.receipt.model else ""
+        gw.authorize(
+            request.state.identity, "read_receipt", ResourceFacts("Receipt", rid, owner, model)
+        )
+        body = signed.to_dict()
+        assert holder is not None
+        body["inclusion_proof"] = holder.proof(stored.index)  # None while pending
+        return JSONResponse(body)
+
     async def admin_policy(request: Request) -> Response:
         gw.authorize(request.state.identity, "admin_reload", ResourceFacts("Gateway"))
         return JSONResponse(_policy_status(gw))
@@ -293,6 +354,7 @@ def api_routes(gw: Gateway) -> list[Route]:
         (version + "/ready", model_ready, ["GET"], "model_ready"),
         (model + "/infer", infer, ["POST"], "infer"),
         (version + "/infer", infer, ["POST"], "infer"),
+        ("/v2/receipts/{receipt_id}", read_receipt, ["GET"], "read_receipt"),
         ("/admin/revoke", admin_revoke, ["POST"], "admin_revoke"),
         ("/admin/reload", admin_reload, ["POST"], "admin_reload"),
         ("/admin/policy", admin_policy, ["GET"], "admin_policy"),
@@ -396,6 +458,13 @@ async def _infer(gw: Gateway, request: Request) -> Response:
     }
     if x.outcome.nonfinite:
         params["ztgate.nonfinite"] = True
+    if x.receipt is not None:
+        params["ztgate.receipt_id"] = x.receipt.receipt.receipt_id
+        params["ztgate.receipt"] = x.receipt.summary
+        if x.receipt.salt is not None:
+            # Only the client gets the salt: with it, and only with it, it can later
+            # prove what it sent and got against the receipt's commitments.
+            params["ztgate.salt"] = base64.b64encode(x.receipt.salt).decode()
     resp = InferResponse(
         model_name=x.entry.name,
         model_version=x.entry.version,
@@ -405,6 +474,8 @@ async def _infer(gw: Gateway, request: Request) -> Response:
     )
     body_out, headers = encode_response(resp, binary_outputs(x.request))
     headers["ztgate-request-id"] = x.request_id
+    if x.receipt is not None:
+        headers["ztgate-receipt"] = x.receipt.summary
     gw.metrics.latency.labels(x.entry.name, x.outcome.mode).observe(time.monotonic() - started)
     return Response(body_out, headers=headers)
 
@@ -468,7 +539,11 @@ def build_api(gw: Gateway) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         stop = asyncio.Event()
-        tasks: list[asyncio.Task[None]] = [asyncio.create_task(j(stop)) for j in gw.background]
+        jobs = list(gw.background)
+        if gw.receipts is not None:
+            gw.receipts.start()
+            jobs.append(gw.receipts.run)
+        tasks: list[asyncio.Task[None]] = [asyncio.create_task(j(stop)) for j in jobs]
         tasks.append(asyncio.create_task(gw.router.run_health(stop)))
         try:
             yield
@@ -478,9 +553,20 @@ def build_api(gw: Gateway) -> Starlette:
             await gw.router.close()
             await gw.store.close()
             gw.revocations.close()
+            if gw.receipts is not None:
+                await gw.receipts.close()
 
+    routes: list[BaseRoute] = list(api_routes(gw))
+    if gw.receipts is not None:
+        receipts = gw.receipts
+        # Any verified caller may read the logs (hashes only); nobody without an identity.
+        for r in log_routes(receipts.logs).routes:
+            assert isinstance(r, Route)
+            routes.append(
+                Route(r.path, _authenticated(gw, "log", r.endpoint), methods=r.methods, name=r.name)
+            )
     return Starlette(
-        routes=api_routes(gw),
+        routes=routes,
         exception_handlers={Exception: _problem, HTTPException: _problem},
         lifespan=lifespan,
     )

@@ -152,6 +152,10 @@ class LocalCluster:
             "",
             "[policy]",
             'dir = "policies"   # unsigned: dev only; production loads a signed bundle',
+            "",
+            "[receipts]",
+            'signing_key = "pki/keys/receipt-signing.key"',
+            'log_key = "pki/keys/log-checkpoint.key"',
         ]
         for node in table:
             lines += ["", "[[nodes]]"] + [f"{k} = {json.dumps(v)}" for k, v in node.items()]

@@ -18,6 +18,7 @@ are resolved against the config file's directory. See docs/config.md for every k
                 eject_after_failures, eject_base_s, eject_max_s, max_ejected_share,
                 max_pending_per_node, health_interval_s, ewma_alpha
     [state]     redis_url, revocation_sync_s
+    [receipts]  signing_key, log_key, dir, checkpoint_interval_s
     [policy]    dir | bundle, officer_keys, default_rate, pre_policy_rate,
                 default_residency, watch_interval_s
     [policy.models.<name>]  owner, residency
@@ -91,6 +92,18 @@ class State:
 
 
 @dataclass(frozen=True)
+class Receipts:
+    signing_key: Path | None = None  # Ed25519: signs receipts
+    log_key: Path | None = None  # Ed25519, a different key: signs the log's checkpoints
+    dir: Path | None = None  # default: <data_dir>/receipts
+    checkpoint_interval_s: float = 1.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.signing_key is not None and self.log_key is not None
+
+
+@dataclass(frozen=True)
 class ModelPolicy:
     """Facts about a model that policy decides on and the registry does not hold."""
 
@@ -141,6 +154,7 @@ class Config:
     routing: Routing = field(default_factory=Routing)
     state: State = field(default_factory=State)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    receipts: Receipts = field(default_factory=Receipts)
     nodes: tuple[NodeConfig, ...] = ()
 
     def dev_only_items(self) -> list[str]:
@@ -154,6 +168,8 @@ class Config:
             items.append("state.redis_url is plaintext redis://; use rediss:// with an ACL user")
         if self.policy.dir is not None:
             items.append("policy.dir: an unsigned policy directory; use a signed policy.bundle")
+        if not self.receipts.enabled:
+            items.append("receipts disabled (receipts.signing_key and receipts.log_key unset)")
         if self.policy.bundle is not None and not self.policy.officer_keys:
             items.append("policy.bundle without policy.officer_keys to check its signature")
         return items
@@ -243,6 +259,13 @@ def parse_config(raw: dict[str, Any], base: Path) -> Config:
             sections[name] = _build(cls, raw.pop(name), name, base)
     if "state" in raw:
         sections["state"] = _build(State, raw.pop("state"), "state", base)
+    if "receipts" in raw:
+        sections["receipts"] = _build(Receipts, raw.pop("receipts"), "receipts", base)
+        r = sections["receipts"]
+        if (r.signing_key is None) != (r.log_key is None):
+            raise ConfigError("receipts: set both signing_key and log_key, or neither")
+        if r.enabled and r.signing_key == r.log_key:
+            raise ConfigError("receipts: the log key must differ from the receipt signing key")
     if "policy" in raw:
         sections["policy"] = _policy(raw.pop("policy"), base)
     if "tls" not in raw:

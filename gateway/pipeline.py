@@ -30,6 +30,10 @@ from gateway.protocol.problems import (
     Unauthenticated,
 )
 from gateway.protocol.tensors import InferRequest
+from gateway.receipts.issue import Issued
+from gateway.receipts.log import LogError, LogFrozen
+from gateway.receipts.model import ClientRef, ModelRef, PolicyRef, VerificationRef
+from gateway.receipts.service import ReceiptService
 from gateway.registry import ModelEntry
 from gateway.revocation import Revocations
 from gateway.routing.router import Router
@@ -54,6 +58,7 @@ class Exchange:
     decision: InferDecision | None = None
     mode: str = "none"
     outcome: Outcome | None = None
+    receipt: Issued | None = None
 
     def node_allowed(self, node: NodeConfig) -> bool:
         """Policy's verdict for this node in the chosen mode (deny until policy has run)."""
@@ -205,6 +210,42 @@ class VerifyStage:
 
     async def __call__(self, x: Exchange) -> None:
         x.outcome = await self.verifiers[x.mode].run(x, self.router)
+
+
+class ReceiptStage:
+    """Signs and durably logs what was asked and answered; only then may the answer leave."""
+
+    def __init__(self, service: ReceiptService) -> None:
+        self.service = service
+
+    async def __call__(self, x: Exchange) -> None:
+        assert x.identity is not None and x.entry is not None and x.request is not None
+        assert x.outcome is not None and x.decision is not None
+        evidence = x.outcome.evidence
+        try:
+            x.receipt = await self.service.answer(
+                client=client_ref(x.identity),
+                model=ModelRef(x.entry.name, x.entry.version, x.entry.sha256),
+                inputs=x.request.inputs,
+                outputs=x.outcome.outputs,
+                policy=PolicyRef(x.decision.policy_hash, x.decision.id),
+                verification=VerificationRef(
+                    x.outcome.mode,
+                    x.outcome.status,
+                    public_instances_sha256=evidence.get("instances_sha256"),
+                    proof_sha256=evidence.get("proof_sha256"),
+                ),
+                nodes=x.outcome.nodes,
+                request_id=x.request_id,
+            )
+        except (LogError, LogFrozen, OSError) as exc:
+            # Never an answer without a receipt.
+            log.error("receipt log refused an answer's receipt: %s", exc)
+            raise NoHealthyNode("the receipt log is unavailable", retry_after=5) from exc
+
+
+def client_ref(identity: Identity) -> ClientRef:
+    return ClientRef(identity.spiffe_id, identity.serial, identity.issuer)
 
 
 class Pipeline:

@@ -14,6 +14,7 @@ from gateway.config import Config, ConfigError
 from gateway.identity import IdentityResolver
 from gateway.policy.live import LivePolicy, ReloadRefused, bundle_loader, dir_loader
 from gateway.policy.source import PolicyError
+from gateway.receipts.service import ReceiptService
 from gateway.registry import ModelEntry, Registry, RegistryError
 from gateway.revocation import Revocations
 from gateway.routing.node_client import NodeClient, NodeCredentials
@@ -66,6 +67,22 @@ def build_policy(cfg: Config, models: dict[str, dict[str, ModelEntry]]) -> LiveP
     raise ConfigError("no policy: set policy.dir (dev) or policy.bundle")
 
 
+def open_receipts(cfg: Config) -> ReceiptService | None:
+    r = cfg.receipts
+    if r.signing_key is None or r.log_key is None:
+        return None
+    try:
+        return ReceiptService.open(
+            r.dir or cfg.data_dir / "receipts",
+            r.signing_key,
+            r.log_key,
+            f"{cfg.trust_domain}/{cfg.site}/receipts",
+            r.checkpoint_interval_s,
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"receipts: {exc}") from exc
+
+
 def build_gateway(cfg: Config) -> Gateway:
     check_mode(cfg)
     models = load_models(cfg)
@@ -88,6 +105,7 @@ def build_gateway(cfg: Config) -> Gateway:
         policy=policy,
         store=store,
         revocations=revocations,
+        receipts=open_receipts(cfg),
     )
 
     async def sync_revocations(stop: asyncio.Event) -> None:

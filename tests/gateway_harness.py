@@ -89,6 +89,11 @@ def gateway_config(
             "dir": str(policy_dir(data_dir / "policies")),
             "pre_policy_rate": "100000/minute",
         },
+        "receipts": {
+            "signing_key": str(pki.key_path("receipt-signing")),
+            "log_key": str(pki.key_path("log-checkpoint")),
+            "checkpoint_interval_s": 0.2,
+        },
         "nodes": nodes,
     }
     for key, value in overrides.items():

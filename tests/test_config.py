@@ -26,10 +26,13 @@ def raw(**over: Any) -> dict[str, Any]:
             "node_client_key": "nc.key",
         },
         "state": {"redis_url": "rediss://gw@redis.internal:6380/0"},
+        "policy": {"bundle": "bundle.json", "officer_keys": ["officer.pub"]},
+        "receipts": {"signing_key": "receipt.key", "log_key": "log.key"},
     }
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
-            base[key] = {**base[key], **value}
+            merged = {**base[key], **value}
+            base[key] = {k: v for k, v in merged.items() if v is not None}
         else:
             base[key] = value
     return base
@@ -48,6 +51,10 @@ def test_paths_resolve_against_the_config_dir() -> None:
         (raw(mode="staging"), "mode"),
         (raw(routing={"max_attempts": 0}), "max_attempts"),
         (raw(routing={"eject_base_s": 10, "eject_max_s": 1}), "eject_base_s"),
+        (raw(receipts={"log_key": None}), "both"),
+        (raw(receipts={"log_key": "receipt.key"}), "differ"),
+        (raw(policy={"dir": "p"}), "either dir"),
+        (raw(policy={"default_rate": "lots"}), "default_rate"),
         (raw(routing={"deadline_s": "ten"}), "deadline_s"),
         (raw(listen={"port": True}), "port"),
         (raw(tls={"cert": 5}), "cert"),
@@ -68,6 +75,9 @@ def test_invalid_config_names_the_key(bad: dict[str, Any], message: str) -> None
         ({"tls": {"dev_pki": True}}, "dev_pki"),
         ({"state": {"redis_url": None}}, "redis_url unset"),
         ({"state": {"redis_url": "redis://127.0.0.1:6379/0"}}, "plaintext"),
+        ({"policy": {"bundle": None, "dir": "policies"}}, "unsigned policy directory"),
+        ({"policy": {"officer_keys": []}}, "without policy.officer_keys"),
+        ({"receipts": {"signing_key": None, "log_key": None}}, "receipts disabled"),
     ],
 )
 def test_production_refuses_each_dev_only_item(

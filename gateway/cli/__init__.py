@@ -17,6 +17,11 @@ NOUNS: tuple[str, ...] = (
     "up",
     "demo",
     "policy",
+    "zk",
+    "audit",
+    "verify",
+    "witness",
+    "mpc",
 )
 
 

@@ -1,0 +1,136 @@
+"""`ztgate audit ...`: compliance exports, published keys, retention and erasure."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from gateway.cli import UsageError
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("audit", help="receipt logs: audit bundles, keys, retention, erasure")
+    verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    export = verbs.add_parser("export", help="write an offline audit bundle (dir or .tar)")
+    export.add_argument("--log-dir", type=Path, required=True, metavar="DIR")
+    export.add_argument("--since", metavar="ISO", help="receipts created at or after this time")
+    export.add_argument("out", type=Path, metavar="OUT", help="directory, or a path ending .tar")
+    export.set_defaults(func=_export)
+
+    trust = verbs.add_parser(
+        "trust", help="print a trust-file template from a log dir's published keys"
+    )
+    trust.add_argument("--log-dir", type=Path, required=True, metavar="DIR")
+    trust.add_argument("--origin-prefix", help="trust log keys for origins with this prefix")
+    trust.set_defaults(func=_trust)
+
+    erase = verbs.add_parser("erase", help="delete receipt bodies (erasure request)")
+    erase.add_argument("--log-dir", type=Path, required=True, metavar="DIR")
+    erase.add_argument("--reason", default="erasure-request")
+    erase.add_argument("receipt_ids", nargs="+", metavar="RECEIPT_ID")
+    erase.set_defaults(func=_erase)
+
+    expire = verbs.add_parser("expire", help="delete receipt bodies past the retention period")
+    expire.add_argument("--log-dir", type=Path, required=True, metavar="DIR")
+    expire.add_argument("--older-than-days", type=float, required=True)
+    expire.set_defaults(func=_expire)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from gateway.receipts.bundle import BundleError, export_bundle
+    from gateway.receipts.signing import parse_time
+
+    try:
+        since = parse_time(args.since) if args.since else None
+    except ValueError as exc:
+        raise UsageError(f"--since: {exc}") from exc
+    try:
+        s = export_bundle(args.log_dir, args.out, since)
+    except BundleError as exc:
+        raise UsageError(str(exc)) from exc
+    print(
+        f"{s.out}: {s.logs} log(s), {s.receipts} receipt(s), {s.checkpoints} checkpoint(s), "
+        f"{s.erased} erased"
+    )
+    return 0
+
+
+def _logs(log_dir: Path) -> list[Path]:
+    from gateway.receipts.log import ReceiptLog
+
+    paths = ReceiptLog.all_logs(log_dir)
+    if not paths:
+        raise UsageError(f"no receipt logs under {log_dir}")
+    return paths
+
+
+def _trust(args: argparse.Namespace) -> int:
+    from gateway.receipts.canonical import b64
+    from gateway.receipts.log import ReceiptLog
+    from gateway.receipts.signing import KeySet, raw_public
+
+    keys: dict[str, dict[str, str]] = {}
+    witnesses: dict[str, str] = {}
+    for path in _logs(args.log_dir):
+        rl = ReceiptLog.open_readonly(path)
+        try:
+            nk = rl.note_key()
+            prefix = args.origin_prefix or rl.origin.rsplit("/", 1)[0] + "/"
+            keys[prefix + b64(raw_public(nk.public_key))] = {
+                "origin_prefix": prefix,
+                "public_key": b64(raw_public(nk.public_key)),
+            }
+            witnesses.update(rl.witness_vkeys())
+        finally:
+            rl.close_sync()
+    keyset = KeySet.load(args.log_dir / "keys.json")
+    doc = {
+        "format": "ztgate-trust/v1",
+        "receipt_keys": json.loads(keyset.to_json()),
+        "log_keys": list(keys.values()),
+        "witnesses": [{"vkey": v} for v in witnesses.values()],
+    }
+    print(json.dumps(doc, indent=2))
+    return 0
+
+
+def _erase(args: argparse.Namespace) -> int:
+    from gateway.receipts.log import ReceiptLog
+    from gateway.receipts.model import FormatError, parse_receipt_id
+
+    by_log: dict[str, list[str]] = {}
+    for rid in args.receipt_ids:
+        try:
+            log_id, _ = parse_receipt_id(rid)
+        except FormatError as exc:
+            raise UsageError(str(exc)) from exc
+        by_log.setdefault(log_id, []).append(rid)
+    total = 0
+    for log_id, rids in by_log.items():
+        path = args.log_dir / log_id
+        if not (path / "log.db").is_file():
+            raise UsageError(f"no log {log_id} under {args.log_dir}")
+        rl = ReceiptLog(path, None, read_only=True)
+        try:
+            total += rl.erase_sync(rids, args.reason)
+        finally:
+            rl.close_sync()
+    print(f"erased {total} receipt bod{'y' if total == 1 else 'ies'}; leaves and proofs kept")
+    return 0
+
+
+def _expire(args: argparse.Namespace) -> int:
+    from gateway.receipts.log import ReceiptLog
+
+    total = 0
+    for path in _logs(args.log_dir):
+        rl = ReceiptLog(path, None, read_only=True)
+        try:
+            total += rl.expire_sync(args.older_than_days * 86400)
+        finally:
+            rl.close_sync()
+    print(f"deleted {total} receipt bod{'y' if total == 1 else 'ies'} past retention")
+    return 0

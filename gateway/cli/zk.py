@@ -1,0 +1,134 @@
+"""`ztgate zk ...`: onboard a model for zk mode, add it to a node, re-verify a proof offline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gateway.cli import UsageError
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("zk", help="zero-knowledge proofs of inference (ezkl)")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    onboard = verbs.add_parser("onboard", help="build circuit, keys and zk.json for a model")
+    onboard.add_argument("model", type=Path, metavar="MODEL.onnx")
+    onboard.add_argument("--name", required=True)
+    onboard.add_argument("--version", default="1")
+    onboard.add_argument(
+        "--calibration",
+        type=Path,
+        required=True,
+        metavar="DATA.json|npy",
+        help="representative inputs: .npy, ezkl's {input_data: [[...]]} or a list of rows",
+    )
+    onboard.add_argument("--out", type=Path, default=None, metavar="DIR")
+    onboard.add_argument("--mode", choices=("dev", "production"), default="dev")
+    onboard.add_argument("--srs", type=Path, default=None, metavar="FILE")
+    onboard.add_argument("--srs-sha256", default=None, metavar="HEX")
+    onboard.add_argument("--tolerance", type=float, default=1e-2)
+    onboard.add_argument(
+        "--scales", default=None, help="comma-separated fixed-point scales to try (7..11)"
+    )
+    onboard.set_defaults(func=_onboard)
+
+    add = verbs.add_parser("add-to-repository", help="add <name>-zk to a Triton repository")
+    add.add_argument("repository", type=Path, metavar="REPO")
+    add.add_argument("--name", required=True)
+    add.add_argument("--artefacts", type=Path, required=True, metavar="DIR")
+    add.set_defaults(func=_add)
+
+    verify = verbs.add_parser("verify", help="re-verify a proof offline (auditor)")
+    verify.add_argument("proof", type=Path, metavar="PROOF.json")
+    verify.add_argument("--artefacts", type=Path, required=True, metavar="DIR")
+    verify.add_argument(
+        "--input", required=True, help="the request input as a JSON list (or @FILE)"
+    )
+    verify.set_defaults(func=_verify)
+
+
+def _onboard(args: argparse.Namespace) -> int:
+    from zk.onboard import DEFAULT_SCALES, load_calibration, onboard
+    from zk.record import ZkError
+
+    out = args.out or Path(".ztgate/zk") / args.name / args.version
+    scales = (
+        tuple(int(s) for s in args.scales.split(",") if s.strip())
+        if args.scales
+        else DEFAULT_SCALES
+    )
+    try:
+        result = onboard(
+            args.model,
+            args.name,
+            load_calibration(args.calibration),
+            out,
+            version=args.version,
+            mode=args.mode,
+            srs=args.srs,
+            srs_sha256=args.srs_sha256,
+            tolerance=args.tolerance,
+            scales=scales,
+        )
+    except ZkError as exc:
+        raise UsageError(str(exc)) from exc
+    record = result.record
+    for tried in result.tried:
+        print(
+            f"scale {tried.scale}: logrows {tried.logrows}, "
+            f"max |error| vs onnxruntime {tried.max_abs_error:.3g}"
+        )
+    print(f"onboarded {record.name} v{record.version} into {result.out_dir}")
+    print(json.dumps(record.to_json(), indent=2))
+    for name, size in result.files.items():
+        print(f"  {size:>12,d}  {name}")
+    if record.dev_srs:
+        print("WARNING: DEV-ONLY SRS generated here; production needs --mode production --srs")
+    return 0
+
+
+def _add(args: argparse.Namespace) -> int:
+    from zk.record import ZkError
+    from zk.repository import add_zk_model
+
+    try:
+        path = add_zk_model(args.repository, args.name, args.artefacts)
+    except ZkError as exc:
+        raise UsageError(str(exc)) from exc
+    print(path)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from zk.record import VerifierArtefacts, ZkError
+    from zk.verifier import verify_proof
+
+    raw = args.input
+    try:
+        text = Path(raw[1:]).read_text(encoding="utf-8") if raw.startswith("@") else raw
+        values = np.asarray(json.loads(text), dtype=np.float32)
+        artefacts = VerifierArtefacts.from_dir(args.artefacts)
+        proof = args.proof.read_bytes()
+    except (OSError, ValueError, ZkError) as exc:
+        raise UsageError(str(exc)) from exc
+    result = verify_proof(
+        proof, values, artefacts.record, artefacts.vk, artefacts.settings, artefacts.srs
+    )
+    report = {
+        "success": result.success,
+        "reason": result.reason,
+        "detail": result.detail,
+        "outputs": [o.tolist() for o in result.outputs],
+        "proof_sha256": result.proof_sha256,
+        "instances_sha256": result.instances_sha256,
+        **artefacts.record.evidence(),
+    }
+    json.dump(report, sys.stdout, indent=2)
+    print()
+    return 0 if result.success else 1

@@ -1,0 +1,270 @@
+"""Issuing receipts: what the gateway's receipt stage calls for every answer and denial.
+
+`issue` commits to the tensors with a fresh salt, reserves the next log index, builds and
+signs the receipt with that index, and returns only once the receipt is durably in the
+log (group commit). The caller returns the answer after that, never before.
+
+`summary` is the compact line that rides on the response (a header or a response
+parameter): ``ztgate-receipt/v1 <receipt id> <b64 SHA-256 of the receipt> <key id>
+<b64 signature>``. It carries the receipt's own signature (which signs the id and the
+digest), so a client can check it offline against the published key set
+(`verify_summary`) and later match it with the full receipt.
+
+`DenialCoalescer` folds repeated identical denials (same caller, model, problem) into
+one receipt with a count, so a client hammering a forbidden model cannot flood the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+
+from gateway.protocol.tensors import Tensor
+from gateway.receipts.canonical import b64, unb64
+from gateway.receipts.commit import commit_tensor, new_salt
+from gateway.receipts.log import LogEntry, ReceiptLog
+from gateway.receipts.model import (
+    ClientRef,
+    Denial,
+    Kind,
+    ModelRef,
+    PolicyRef,
+    Receipt,
+    SignedReceipt,
+    TensorRef,
+    VerificationRef,
+    make_receipt_id,
+)
+from gateway.receipts.signing import KeySet, Signer, Verdict, format_time, receipt_digest
+
+__all__ = [
+    "SUMMARY_PREFIX",
+    "DenialCoalescer",
+    "Issued",
+    "issue",
+    "summary",
+    "tensor_refs",
+    "verify_summary",
+]
+
+SUMMARY_PREFIX = "ztgate-receipt/v1"
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    signed: SignedReceipt
+    salt: bytes | None  # for the client only; never stored by the gateway
+
+    @property
+    def receipt(self) -> Receipt:
+        return self.signed.receipt
+
+    @property
+    def summary(self) -> str:
+        return summary(self.signed)
+
+
+def tensor_refs(tensors: Sequence[Tensor], salt: bytes) -> tuple[TensorRef, ...]:
+    return tuple(TensorRef(t.name, t.datatype, t.shape, commit_tensor(t, salt)) for t in tensors)
+
+
+async def issue(
+    receipt_log: ReceiptLog,
+    signer: Signer,
+    *,
+    kind: Kind = "answer",
+    client: ClientRef | None = None,
+    model: ModelRef | None = None,
+    inputs: Sequence[Tensor] = (),
+    outputs: Sequence[Tensor] = (),
+    policy: PolicyRef | None = None,
+    verification: VerificationRef | None = None,
+    nodes: Sequence[str] = (),
+    denial: Denial | None = None,
+    request_id: str | None = None,
+    salt: bytes | None = None,
+    now: dt.datetime | None = None,
+) -> Issued:
+    """Sign and durably log one receipt; returns it with the client's salt."""
+    salt = salt if salt is not None else (new_salt() if inputs or outputs else None)
+    ins = tensor_refs(inputs, salt) if salt is not None else ()
+    outs = tensor_refs(outputs, salt) if salt is not None else ()
+    stamp = format_time(now or dt.datetime.now(dt.UTC))
+    nonce = secrets.token_hex(8)
+    out: list[SignedReceipt] = []
+
+    def build(index: int) -> tuple[LogEntry, tuple[str, bytes]]:
+        rid = make_receipt_id(receipt_log.log_id, index, nonce)
+        receipt = Receipt(
+            receipt_id=rid,
+            log_id=receipt_log.log_id,
+            index=index,
+            time=stamp,
+            kind=kind,
+            key_id=signer.key_id,
+            client=client,
+            model=model,
+            inputs=ins,
+            outputs=outs,
+            policy=policy,
+            verification=verification,
+            nodes=tuple(nodes),
+            denial=denial,
+            request_id=request_id,
+        )
+        signed = signer.sign(receipt)
+        body = signed.to_bytes()
+        out.append(signed)
+        return LogEntry("receipt", _sha256(body)), (rid, body)
+
+    await receipt_log.append_built(build)
+    return Issued(out[0], salt)
+
+
+def _sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def summary(signed: SignedReceipt) -> str:
+    r = signed.receipt
+    return " ".join(
+        (SUMMARY_PREFIX, r.receipt_id, b64(receipt_digest(r)), r.key_id, b64(signed.signature))
+    )
+
+
+def verify_summary(line: str, keys: KeySet, receipt: Receipt | None = None) -> Verdict:
+    """Check a response's summary line against trusted keys (and, if given, the receipt)."""
+    parts = line.strip().split(" ")
+    if len(parts) != 5 or parts[0] != SUMMARY_PREFIX:
+        return Verdict.failure("malformed", "not a ztgate-receipt/v1 summary line")
+    _, rid, digest64, key_id, sig64 = parts
+    try:
+        digest, sig = unb64(digest64, 32), unb64(sig64, 64)
+    except ValueError as exc:
+        return Verdict.failure("malformed", str(exc))
+    v = keys.verify_digest(key_id, rid, digest, sig)
+    if (
+        v
+        and receipt is not None
+        and (receipt.receipt_id != rid or receipt_digest(receipt) != digest)
+    ):
+        return Verdict.failure("mismatch", "the summary is for another receipt")
+    return v
+
+
+# --- coalescing identical denials --------------------------------------------------------
+DenialKey = tuple[str, ...]
+
+
+@dataclass
+class _Run:
+    first: Issued
+    count: int  # denials folded in after the first
+    first_time: float  # monotonic
+    first_wall: float
+    last_wall: float
+    template: dict[str, object]
+
+
+class DenialCoalescer:
+    """Folds identical denials within `window_s` into one receipt with a count.
+
+    The first denial of a run gets its own receipt at once. Identical ones that follow
+    within the window are counted and answered with the first one's receipt (the caller
+    says so in its response); when the window closes (`flush`, or the next denial after
+    it) one receipt with ``denial.count`` = N and ``denial.follows`` = the first receipt's
+    id records them. At most `max_runs` runs are open; the oldest is flushed beyond that.
+    """
+
+    def __init__(
+        self,
+        issue_fn: Callable[..., Awaitable[Issued]],
+        window_s: float = 10.0,
+        max_runs: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._issue = issue_fn
+        self.window_s = window_s
+        self.max_runs = max_runs
+        self._clock = clock
+        self._runs: OrderedDict[DenialKey, _Run] = OrderedDict()
+        self._lock = asyncio.Lock()
+
+    @staticmethod
+    def key(client: ClientRef | None, model: ModelRef | None, denial: Denial) -> DenialKey:
+        return (
+            client.spiffe_id if client else "",
+            client.serial if client else "",
+            f"{model.name}/{model.version}" if model else "",
+            denial.problem_type,
+            denial.reason,
+        )
+
+    async def deny(self, **fields: object) -> tuple[Issued, bool]:
+        """(receipt, coalesced?) for one denial; `fields` are `issue`'s keyword arguments."""
+        denial = fields["denial"]
+        assert isinstance(denial, Denial)
+        client, model = fields.get("client"), fields.get("model")
+        assert client is None or isinstance(client, ClientRef)
+        assert model is None or isinstance(model, ModelRef)
+        key = self.key(client, model, denial)
+        now = self._clock()
+        async with self._lock:
+            await self._close_expired(now)
+            run = self._runs.get(key)
+            if run is not None:
+                run.count += 1
+                run.last_wall = time.time()
+                return run.first, True
+        issued = await self._issue(**fields)
+        async with self._lock:
+            self._runs[key] = _Run(issued, 0, now, time.time(), time.time(), dict(fields))
+            while len(self._runs) > self.max_runs:
+                _, oldest = self._runs.popitem(last=False)
+                await self._record(oldest)
+        return issued, False
+
+    async def _close_expired(self, now: float) -> None:
+        for key in [k for k, r in self._runs.items() if now - r.first_time >= self.window_s]:
+            await self._record(self._runs.pop(key))
+
+    async def _record(self, run: _Run) -> None:
+        if run.count == 0:
+            return
+        fields = dict(run.template)
+        denial = fields["denial"]
+        assert isinstance(denial, Denial)
+        fields["denial"] = replace(
+            denial,
+            count=run.count,
+            first_time=format_time(dt.datetime.fromtimestamp(run.first_wall, dt.UTC)),
+            last_time=format_time(dt.datetime.fromtimestamp(run.last_wall, dt.UTC)),
+            follows=run.first.receipt.receipt_id,
+        )
+        fields.pop("now", None)
+        await self._issue(**fields)
+
+    async def flush(self) -> None:
+        """Record every open run (call at the window's end and at shutdown)."""
+        async with self._lock:
+            runs = list(self._runs.values())
+            self._runs.clear()
+            for run in runs:
+                await self._record(run)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Background task for `Gateway.background`: closes runs as windows end."""
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), self.window_s / 2)
+            except TimeoutError:
+                pass
+            async with self._lock:
+                await self._close_expired(self._clock())
+        await self.flush()

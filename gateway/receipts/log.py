@@ -1,0 +1,799 @@
+"""The receipt log: one append-only, tamper-evident transparency log per gateway replica.
+
+Storage: SQLite in WAL mode with ``synchronous=FULL`` (every commit fsyncs the WAL),
+embedded, one file per log. A leaf holds only a typed hash (`LogEntry`); receipt bodies
+live in a separate table of the same file and may be deleted (retention, erasure) while
+every leaf, and so every proof and checkpoint, stays.
+
+Group commit: `append` reserves the next index and queues the leaf without awaiting
+anything in between (so indices follow queue order), then waits. One writer task takes
+everything queued, writes it in ONE transaction (one fsync) on the log's own database
+thread, and only then advances the tree and releases every waiting caller. No caller is
+released before its batch is on disk, so a receipt handed to a client survives a SIGKILL
+of the process right after. The queue is bounded (`max_queue`): past it, appenders wait.
+
+Checkpoints: `checkpoint()` signs the durable head as a C2SP tlog-checkpoint (origin
+``<origin>/<log id>``, key name = origin, Ed25519 signed-note signature with the log key,
+separate from the receipt key), stores it and pushes it to the configured witnesses.
+A receipt is final once a signed checkpoint includes it.
+
+Frozen logs. A log restored from a backup must never append again: appending after a
+rollback would give two different entries the same index, a fork. Two independent checks
+at open, either of which freezes the log for good (``FROZEN`` file, read-only from then
+on) and starts a fresh log with a new log id for this replica:
+
+1. Birth inode: the database records the inode number its file had when created. A copy
+   or restore (``cp``, ``tar x``, ``rsync``, a restore tool) makes a new file, hence a
+   new inode. Cheap, no write per append, catches file-level restores at any moment.
+2. Head marker (`gateway.receipts.marker`): after every durable batch the log records,
+   off the append path, its log id, size and root in a marker file kept *outside* the
+   log directory (default ``<dir>.head`` beside it; in production, other storage). At
+   open, the log must be the one the marker names, hold at least that many leaves, and
+   reproduce that root. Catches block-level restores (volume snapshots keep inode
+   numbers) and file-level ones where the file system reused the old inode number.
+
+What neither can catch, a restore of a state newer than the marker's last write (a
+backup taken within the same millisecond as the crash) or a marker restored together
+with the log, the witnesses catch: a witness refuses any checkpoint that is not
+consistent with the last one it cosigned (409/422), and the log reports it loudly.
+At open the log also re-derives its latest checkpoint's root from its leaves, so a
+truncated or edited database is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from gateway.receipts.canonical import b64, canonical_json
+from gateway.receipts.marker import HeadMarker
+from gateway.receipts.merkle import EMPTY_ROOT, MerkleTree, leaf_hash
+from gateway.receipts.note import Checkpoint, NoteKey, SignedNote
+
+__all__ = [
+    "ENTRY_TYPES",
+    "LogClosed",
+    "LogEntry",
+    "LogError",
+    "LogFrozen",
+    "ReceiptLog",
+    "StoredBody",
+    "tlog_proof",
+]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+ENTRY_TYPES = (
+    "receipt",
+    "policy_load",
+    "revocation",
+    "node_quarantine",
+    "node_release",
+    "late_evidence",
+)
+TLOG_PROOF_HEADER = "c2sp.org/tlog-proof@v1"
+
+
+class LogError(Exception):
+    """The log cannot do what was asked."""
+
+
+class LogFrozen(LogError):
+    """This log was restored from a backup (or failed a check) and never appends again."""
+
+
+class LogClosed(LogError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """A typed leaf: only hashes (and, for late evidence, the receipt id it concerns)."""
+
+    type: str
+    sha256: bytes
+    ref: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.type not in ENTRY_TYPES:
+            raise ValueError(f"unknown entry type {self.type!r}")
+        if len(self.sha256) != 32:
+            raise ValueError("an entry holds a 32-byte SHA-256")
+        if (self.type == "late_evidence") != (self.ref is not None):
+            raise ValueError("late_evidence (and only it) names the receipt it concerns")
+
+    def leaf_data(self) -> bytes:
+        """RFC 8785 JSON of {"ref"?, "sha256", "type"}: the leaf's bytes."""
+        if self.ref is None:  # the canonical form, written directly (hot path)
+            return (
+                b'{"sha256":"'
+                + self.sha256.hex().encode()
+                + b'","type":"'
+                + self.type.encode()
+                + b'"}'
+            )
+        d = {"type": self.type, "sha256": self.sha256.hex()}
+        if self.ref is not None:
+            d["ref"] = self.ref
+        return canonical_json(d)
+
+    @classmethod
+    def parse(cls, data: bytes) -> LogEntry:
+        doc = json.loads(data)
+        if not isinstance(doc, dict) or not {"type", "sha256"} <= set(doc) <= {
+            "type",
+            "sha256",
+            "ref",
+        }:
+            raise ValueError("malformed log entry")
+        entry = cls(str(doc["type"]), bytes.fromhex(str(doc["sha256"])), doc.get("ref"))
+        if entry.leaf_data() != data:
+            raise ValueError("log entry is not canonical")
+        return entry
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBody:
+    index: int
+    receipt_id: str
+    body: bytes
+    created: float
+
+
+@dataclass(slots=True)
+class _Pending:
+    index: int
+    data: bytes
+    hash: bytes
+    body: tuple[str, bytes] | None
+    future: asyncio.Future[int]
+
+
+@dataclass
+class _Stats:
+    batches: int = 0
+    entries: int = 0
+    fsync_seconds: float = 0.0
+    largest_batch: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS leaves(idx INTEGER PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS bodies(
+    idx INTEGER PRIMARY KEY, receipt_id TEXT NOT NULL UNIQUE, body BLOB NOT NULL,
+    created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS erasures(idx INTEGER PRIMARY KEY, reason TEXT NOT NULL,
+    at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS checkpoints(size INTEGER PRIMARY KEY, note TEXT NOT NULL,
+    created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS witnesses(name TEXT PRIMARY KEY, size INTEGER NOT NULL,
+    vkey TEXT NOT NULL DEFAULT '');
+"""
+
+
+def new_log_id() -> str:
+    """16 lowercase base32 characters (80 random bits)."""
+    return base64.b32encode(secrets.token_bytes(10)).decode("ascii").lower()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def tlog_proof(index: int, path: Sequence[bytes], checkpoint_note: str) -> str:
+    """A C2SP tlog-proof: index, inclusion path, then the (cosigned) checkpoint verbatim."""
+    lines = [TLOG_PROOF_HEADER, f"index {index}", *(b64(h) for h in path)]
+    return "\n".join(lines) + "\n\n" + checkpoint_note
+
+
+class ReceiptLog:
+    """One log (one log id). `ReceiptLog.open` picks, or starts, this replica's active log."""
+
+    def __init__(
+        self,
+        path: Path,
+        log_key: ed25519.Ed25519PrivateKey | None,
+        *,
+        marker: Path | None = None,
+        max_batch: int = 4096,
+        max_queue: int = 16384,
+        read_only: bool = False,
+    ) -> None:
+        self.path = path
+        self._key = log_key
+        self.marker = HeadMarker(marker) if marker is not None and not read_only else None
+        self._marker_path = marker
+        self._marker_thread = ThreadPoolExecutor(1, thread_name_prefix="receipt-log-marker")
+        self._marker_task: asyncio.Task[None] | None = None
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self._db_thread = ThreadPoolExecutor(1, thread_name_prefix=f"receipt-log-{path.name}")
+        self._db = sqlite3.connect(
+            path / "log.db", check_same_thread=False, isolation_level=None, timeout=30
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        # Reads go through their own connection: in WAL mode it sees committed data only,
+        # never a batch the writer thread has not yet committed.
+        self._rdb = sqlite3.connect(
+            f"file:{path / 'log.db'}?mode=ro", uri=True, check_same_thread=False, timeout=30
+        )
+        meta = dict(self._rdb.execute("SELECT k, v FROM meta").fetchall())
+        if "log_id" not in meta:
+            raise LogError(f"{path} is not a receipt log (no log id)")
+        self.log_id: str = meta["log_id"]
+        self.origin: str = meta["origin"]
+        self.created: str = meta.get("created", "")
+        self.frozen_reason: str | None = None
+        self.tree = MerkleTree()
+        last_idx = -1
+        contiguous = True
+        for idx, data in self._rdb.execute("SELECT idx, data FROM leaves ORDER BY idx"):
+            contiguous = contiguous and idx == last_idx + 1
+            last_idx = idx
+            self.tree.append(leaf_hash(bytes(data)))
+        if not contiguous:
+            self._freeze_reason("leaf indices are not contiguous")
+        self.public_key: ed25519.Ed25519PublicKey | None = None
+        if "public_key" in meta:
+            self.public_key = ed25519.Ed25519PublicKey.from_public_bytes(
+                base64.b64decode(meta["public_key"])
+            )
+        self._next = self.tree.size
+        self._pending: list[_Pending] = []
+        self._inflight: list[_Pending] = []
+        self._wake: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+        self._write_lock: asyncio.Lock | None = None
+        self.stats = _Stats()
+        self.clock: Callable[[], float] = time.time  # checkpoint times (tests move it)
+        self.witnesses: list[Any] = []  # gateway.receipts.witness.WitnessClient
+        self._check_integrity(meta, read_only)
+
+    # --- opening -----------------------------------------------------------------------
+    @classmethod
+    def create(cls, directory: Path, log_key: ed25519.Ed25519PrivateKey, origin: str) -> Path:
+        log_id = new_log_id()
+        path = directory / log_id
+        path.mkdir(parents=True)
+        db = sqlite3.connect(path / "log.db", isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+            ino = os.stat(path / "log.db").st_ino
+            pub = log_key.public_key().public_bytes_raw()
+            rows = {
+                "log_id": log_id,
+                "origin": f"{origin}/{log_id}",
+                "created": dt.datetime.now(dt.UTC).isoformat(),
+                "birth_inode": str(ino),
+                "public_key": b64(pub),
+            }
+            db.executemany("INSERT INTO meta VALUES (?, ?)", rows.items())
+        finally:
+            db.close()
+        _fsync_dir(path)
+        _fsync_dir(directory)
+        return path
+
+    @classmethod
+    def open(
+        cls,
+        directory: Path,
+        log_key: ed25519.Ed25519PrivateKey,
+        origin: str,
+        *,
+        marker: Path | None = None,
+        max_batch: int = 4096,
+        max_queue: int = 16384,
+    ) -> ReceiptLog:
+        """This replica's active log in `directory`; a new one if none, or if it is frozen.
+
+        `origin` is a prefix, e.g. ``ztgate.local/site-a/receipts``; the log's C2SP origin
+        is ``<origin>/<log id>``. Earlier (frozen) logs in the directory stay readable
+        through `ReceiptLog.all_logs`.
+        """
+        directory.mkdir(parents=True, exist_ok=True)
+        marker = marker or directory.parent / f"{directory.name}.head"
+        current = directory / "CURRENT"
+        if current.is_file():
+            path = directory / current.read_text().strip()
+            receipt_log = cls(
+                path, log_key, marker=marker, max_batch=max_batch, max_queue=max_queue
+            )
+            if receipt_log.frozen_reason is None:
+                if (
+                    receipt_log.public_key is not None
+                    and receipt_log.public_key.public_bytes_raw()
+                    != log_key.public_key().public_bytes_raw()
+                ):
+                    log.warning(
+                        "receipt log %s: log key changed; new checkpoints use the new key",
+                        receipt_log.log_id,
+                    )
+                return receipt_log
+            log.error(
+                "receipt log %s is frozen (%s); starting a new log",
+                receipt_log.log_id,
+                receipt_log.frozen_reason,
+            )
+            receipt_log.close_sync()
+        path = cls.create(directory, log_key, origin)
+        marker_file = HeadMarker(marker)
+        try:
+            marker_file.write(path.name, 0, b64(EMPTY_ROOT))
+        finally:
+            marker_file.close()
+        _atomic_write(current, path.name.encode())
+        return cls(path, log_key, marker=marker, max_batch=max_batch, max_queue=max_queue)
+
+    @classmethod
+    def open_readonly(cls, path: Path) -> ReceiptLog:
+        return cls(path, None, read_only=True)
+
+    @staticmethod
+    def all_logs(directory: Path) -> list[Path]:
+        """Every log directory under `directory` (active and frozen), oldest first."""
+        found = [p.parent for p in directory.glob("*/log.db")]
+        return sorted(found, key=lambda p: (p / "log.db").stat().st_mtime)
+
+    def _freeze_reason(self, reason: str) -> None:
+        if self.frozen_reason is None:
+            self.frozen_reason = reason
+
+    def _check_integrity(self, meta: dict[str, str], read_only: bool) -> None:
+        frozen_file = self.path / "FROZEN"
+        if frozen_file.is_file():
+            self._freeze_reason(frozen_file.read_text().strip() or "frozen")
+        ino = os.stat(self.path / "log.db").st_ino
+        if meta.get("birth_inode") != str(ino):
+            self._freeze_reason(
+                "the database file is not the one this log was created in (restored or "
+                "copied from a backup)"
+            )
+        last = self.latest_checkpoint()
+        if last is not None:
+            cp = Checkpoint.parse_text(last.text)
+            if cp.size > self.tree.size or self.tree.root(cp.size) != cp.root:
+                self._freeze_reason(
+                    f"leaves do not reproduce the last checkpoint (size {cp.size}): "
+                    "truncated or edited"
+                )
+        head = HeadMarker(self._marker_path).read() if self._marker_path is not None else None
+        if head is not None and not read_only:
+            if head.log_id != self.log_id:
+                self._freeze_reason(
+                    f"the head marker names log {head.log_id} as this replica's current log: "
+                    "this one was restored from a backup"
+                )
+            elif head.size > self.tree.size or b64(self.tree.root(head.size)) != head.root:
+                self._freeze_reason(
+                    f"behind its head marker (marker says size {head.size}, log has "
+                    f"{self.tree.size}): restored from a backup"
+                )
+        if self.frozen_reason is not None and not read_only and not frozen_file.is_file():
+            _atomic_write(frozen_file, (self.frozen_reason + "\n").encode())
+
+    @property
+    def frozen(self) -> bool:
+        return self.frozen_reason is not None
+
+    @property
+    def size(self) -> int:
+        """Durable size: leaves that are on disk (fsynced)."""
+        return self.tree.size
+
+    def note_key(self) -> NoteKey:
+        pub = self._key.public_key() if self._key is not None else self.public_key
+        if pub is None:
+            raise LogError("log has no key")
+        return NoteKey(self.origin, pub)
+
+    # --- appending (group commit) --------------------------------------------------------
+    async def append(self, entry: LogEntry, body: tuple[str, bytes] | None = None) -> int:
+        """Append one entry (and an optional (receipt id, body)); returns its index once
+        the batch holding it is fsynced."""
+        return await self.append_built(lambda _index: (entry, body))
+
+    async def append_built(
+        self, build: Callable[[int], tuple[LogEntry, tuple[str, bytes] | None]]
+    ) -> int:
+        """Like `append`, for entries that embed their own index (receipts).
+
+        `build(index)` runs synchronously right after the index is reserved, so it must
+        not fail for reasons other than bugs; its entry takes exactly that index.
+        """
+        if self.frozen_reason is not None:
+            raise LogFrozen(f"log {self.log_id} is frozen: {self.frozen_reason}")
+        if self._closed:
+            raise LogClosed(f"log {self.log_id} is closed")
+        self._start()
+        assert self._slots is not None and self._wake is not None
+        await self._slots.acquire()
+        try:
+            index = self._next
+            entry, body = build(index)
+            data = entry.leaf_data()
+            fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            self._pending.append(_Pending(index, data, leaf_hash(data), body, fut))
+            self._next += 1
+        except BaseException:
+            self._slots.release()
+            raise
+        self._wake.set()
+        return await fut
+
+    def _start(self) -> None:
+        if self._writer is None:
+            self._wake = asyncio.Event()
+            self._slots = asyncio.Semaphore(self.max_queue)
+            self._write_lock = asyncio.Lock()
+            self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+
+    async def _in_db(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._db_thread, fn)
+
+    async def _write_loop(self) -> None:
+        assert self._wake is not None and self._slots is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch = self._pending[: self.max_batch]
+                del self._pending[: len(batch)]
+                self._inflight = batch
+                try:
+                    seconds = await self._in_db(partial(self._write_batch, batch))
+                except BaseException as exc:
+                    # Nothing of this batch is durable: fail it and everything queued
+                    # behind it (their indices follow the failed ones), then reuse them.
+                    failed = batch + self._pending
+                    self._pending = []
+                    self._inflight = []
+                    self._next = self.tree.size
+                    for p in failed:
+                        if not p.future.done():
+                            p.future.set_exception(LogError(f"receipt log write failed: {exc}"))
+                        self._slots.release()
+                    log.error("receipt log %s: batch write failed: %s", self.log_id, exc)
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                    continue
+                for p in batch:
+                    self.tree.append(p.hash)
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_result(p.index)
+                    self._slots.release()
+                self._inflight = []
+                self._schedule_marker()
+                self.stats.batches += 1
+                self.stats.entries += len(batch)
+                self.stats.fsync_seconds += seconds
+                self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+            if self._closed and not self._pending:
+                return
+
+    def _write_batch(self, batch: list[_Pending]) -> float:
+        """One transaction, one WAL fsync (synchronous=FULL) for the whole batch."""
+        t0 = time.perf_counter()
+        now = time.time()
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("INSERT INTO leaves VALUES (?, ?)", [(p.index, p.data) for p in batch])
+            bodies = [(p.index, p.body[0], p.body[1], now) for p in batch if p.body is not None]
+            if bodies:
+                db.executemany("INSERT INTO bodies VALUES (?, ?, ?, ?)", bodies)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return time.perf_counter() - t0
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is durable (or has failed)."""
+        futures = [p.future for p in (*self._inflight, *self._pending)]
+        if futures:
+            await asyncio.gather(*futures, return_exceptions=True)
+
+    # --- checkpoints -------------------------------------------------------------------
+    async def checkpoint(self, *, push: bool = True) -> SignedNote:
+        """Sign the durable head (unless the latest checkpoint already covers it), store
+        it, update the head marker, and push it to the witnesses."""
+        if self.frozen_reason is not None:
+            raise LogFrozen(f"log {self.log_id} is frozen: {self.frozen_reason}")
+        if self._key is None:
+            raise LogError("a read-only log signs nothing")
+        self._start()
+        assert self._write_lock is not None
+        async with self._write_lock:
+            last = self.latest_checkpoint()
+            size = self.tree.size
+            if last is not None and Checkpoint.parse_text(last.text).size == size:
+                note = last
+            else:
+                cp = Checkpoint(self.origin, size, self.tree.root(size), int(self.clock()))
+                text = cp.text()
+                note = SignedNote(text, (self.note_key().sign(self._key, text),))
+                await self._in_db(lambda: self._store_checkpoint(size, note))
+        if push and self.witnesses:
+            note = await self.push_to_witnesses(note)
+        return note
+
+    def _tx(self, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
+        """Run statements in one transaction on the writer connection (database thread)."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, args in statements:
+                db.execute(sql, args)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _store_checkpoint(self, size: int, note: SignedNote) -> None:
+        self._tx(
+            [
+                (
+                    "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?)",
+                    (size, note.render(), time.time()),
+                )
+            ]
+        )
+
+    def _schedule_marker(self) -> None:
+        if self.marker is not None and (self._marker_task is None or self._marker_task.done()):
+            self._marker_task = asyncio.get_running_loop().create_task(self._marker_loop())
+
+    async def _marker_loop(self) -> None:
+        """Record the newest durable head; one write in flight, repeated while it grows."""
+        assert self.marker is not None
+        written = -1
+        while written != self.tree.size:
+            size = self.tree.size
+            root = b64(self.tree.root(size))
+            try:
+                await asyncio.get_running_loop().run_in_executor(
+                    self._marker_thread, self.marker.write, self.log_id, size, root
+                )
+            except OSError as exc:
+                log.error("receipt log %s: head marker write failed: %s", self.log_id, exc)
+                return
+            written = size
+
+    async def push_to_witnesses(self, note: SignedNote) -> SignedNote:
+        """Push `note` to every witness; attach valid cosignatures; store the result."""
+        from gateway.receipts.witness import WitnessRefused  # circular at import time
+
+        cp = Checkpoint.parse_text(note.text)
+        for w in self.witnesses:
+            old = await self._in_db(partial(self._witness_size, w.name))
+            try:
+                lines, seen = await w.add_checkpoint(self, note, old)
+            except WitnessRefused as exc:
+                log.error("receipt log %s: witness %s refused: %s", self.log_id, w.name, exc)
+                continue
+            except Exception as exc:  # network: retried at the next checkpoint
+                log.warning("receipt log %s: witness %s unreachable: %s", self.log_id, w.name, exc)
+                continue
+            note = note.with_signatures(lines)
+            vkey = w.key.vkey()
+            await self._in_db(partial(self._set_witness_size, w.name, seen, vkey))
+        await self._in_db(lambda: self._store_checkpoint(cp.size, note))
+        return note
+
+    def _witness_size(self, name: str) -> int:
+        row = self._rdb.execute("SELECT size FROM witnesses WHERE name = ?", (name,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _set_witness_size(self, name: str, size: int, vkey: str) -> None:
+        self._tx([("INSERT OR REPLACE INTO witnesses VALUES (?, ?, ?)", (name, size, vkey))])
+
+    def witness_vkeys(self) -> dict[str, str]:
+        """Witnesses that cosigned this log: name -> vkey (published in bundles)."""
+        return {n: k for n, k in self._rdb.execute("SELECT name, vkey FROM witnesses") if k}
+
+    def latest_checkpoint(self) -> SignedNote | None:
+        row = self._rdb.execute(
+            "SELECT note FROM checkpoints ORDER BY size DESC LIMIT 1"
+        ).fetchone()
+        return SignedNote.parse(row[0]) if row else None
+
+    def checkpoints(self, since_size: int = 0) -> list[SignedNote]:
+        rows = self._rdb.execute(
+            "SELECT note FROM checkpoints WHERE size >= ? ORDER BY size", (since_size,)
+        ).fetchall()
+        return [SignedNote.parse(r[0]) for r in rows]
+
+    def checkpoint_including(self, index: int) -> SignedNote | None:
+        """The earliest checkpoint whose tree includes leaf `index` (None: pending)."""
+        row = self._rdb.execute(
+            "SELECT note FROM checkpoints WHERE size > ? ORDER BY size LIMIT 1", (index,)
+        ).fetchone()
+        return SignedNote.parse(row[0]) if row else None
+
+    async def run_checkpointer(self, stop: asyncio.Event, interval: float = 1.0) -> None:
+        """Sign a checkpoint every `interval` seconds while new leaves arrive.
+
+        Matches `Gateway.background`: ``gw.background.append(lambda stop:
+        receipt_log.run_checkpointer(stop, interval))``.
+        """
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+            if self.frozen_reason is not None:
+                return
+            try:
+                await self.checkpoint()
+            except LogError as exc:
+                log.error("receipt log %s: checkpoint failed: %s", self.log_id, exc)
+
+    # --- proofs ------------------------------------------------------------------------
+    def inclusion(self, index: int, size: int | None = None) -> list[bytes]:
+        return self.tree.inclusion_proof(index, size)
+
+    def consistency(self, first: int, second: int | None = None) -> list[bytes]:
+        return self.tree.consistency_proof(first, second)
+
+    def proof(self, index: int, *, latest: bool = False) -> str | None:
+        """A self-contained C2SP tlog-proof for leaf `index`: against the earliest
+        checkpoint including it (or the latest), cosignatures included; None: pending."""
+        note = self.latest_checkpoint() if latest else self.checkpoint_including(index)
+        if note is None:
+            return None
+        cp = Checkpoint.parse_text(note.text)
+        if cp.size <= index:
+            return None
+        return tlog_proof(index, self.inclusion(index, cp.size), note.render())
+
+    def entry(self, index: int) -> LogEntry:
+        row = self._rdb.execute("SELECT data FROM leaves WHERE idx = ?", (index,)).fetchone()
+        if row is None:
+            raise IndexError(index)
+        return LogEntry.parse(bytes(row[0]))
+
+    def entries(self, start: int = 0, end: int | None = None) -> Iterable[tuple[int, LogEntry]]:
+        end = self.tree.size if end is None else end
+        for idx, data in self._rdb.execute(
+            "SELECT idx, data FROM leaves WHERE idx >= ? AND idx < ? ORDER BY idx", (start, end)
+        ):
+            yield int(idx), LogEntry.parse(bytes(data))
+
+    # --- bodies: retention and erasure ----------------------------------------------------
+    def body(self, receipt_id: str) -> StoredBody | None:
+        row = self._rdb.execute(
+            "SELECT idx, receipt_id, body, created FROM bodies WHERE receipt_id = ?",
+            (receipt_id,),
+        ).fetchone()
+        return StoredBody(int(row[0]), row[1], bytes(row[2]), float(row[3])) if row else None
+
+    def bodies(self, since: float = 0.0) -> Iterable[StoredBody]:
+        for row in self._rdb.execute(
+            "SELECT idx, receipt_id, body, created FROM bodies WHERE created >= ? ORDER BY idx",
+            (since,),
+        ):
+            yield StoredBody(int(row[0]), row[1], bytes(row[2]), float(row[3]))
+
+    def erased(self) -> dict[int, str]:
+        return {int(i): r for i, r in self._rdb.execute("SELECT idx, reason FROM erasures")}
+
+    async def erase(self, receipt_ids: Iterable[str], reason: str) -> int:
+        """Delete receipt bodies (an erasure request); leaves and proofs stay. Returns count."""
+        wanted = list(receipt_ids)
+        return await self._in_db(lambda: self.erase_sync(wanted, reason))
+
+    def erase_sync(self, receipt_ids: list[str], reason: str) -> int:
+        """`erase` for a process that does not append (the `ztgate audit erase` CLI)."""
+        now = time.time()
+        rows = []
+        for rid in receipt_ids:
+            row = self._db.execute("SELECT idx FROM bodies WHERE receipt_id = ?", (rid,)).fetchone()
+            if row is not None:
+                rows.append(int(row[0]))
+        self._tx(
+            [
+                s
+                for i in rows
+                for s in (
+                    ("DELETE FROM bodies WHERE idx = ?", (i,)),
+                    ("INSERT OR REPLACE INTO erasures VALUES (?, ?, ?)", (i, reason, now)),
+                )
+            ]
+        )
+        return len(rows)
+
+    async def expire(self, older_than_s: float, reason: str = "retention") -> int:
+        """Delete receipt bodies older than the retention period; returns how many."""
+        return await self._in_db(lambda: self.expire_sync(older_than_s, reason))
+
+    def expire_sync(self, older_than_s: float, reason: str = "retention") -> int:
+        """`expire` for a process that does not append (the `ztgate audit expire` CLI)."""
+        cutoff = time.time() - older_than_s
+        rows = [
+            int(r[0])
+            for r in self._db.execute("SELECT idx FROM bodies WHERE created < ?", (cutoff,))
+        ]
+        now = time.time()
+        self._tx(
+            [
+                s
+                for i in rows
+                for s in (
+                    ("DELETE FROM bodies WHERE idx = ?", (i,)),
+                    ("INSERT OR REPLACE INTO erasures VALUES (?, ?, ?)", (i, reason, now)),
+                )
+            ]
+        )
+        return len(rows)
+
+    # --- closing -----------------------------------------------------------------------
+    async def close(self) -> None:
+        self._closed = True
+        if self._writer is not None and self._wake is not None:
+            self._wake.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        if self._marker_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._marker_task
+        self.close_sync()
+
+    def close_sync(self) -> None:
+        self._closed = True
+        self._marker_thread.shutdown(wait=True)
+        if self.marker is not None:
+            self.marker.close()
+        self._db_thread.shutdown(wait=True)
+        self._db.close()
+        self._rdb.close()
+
+    def describe(self) -> dict[str, Any]:
+        """What `GET /log` shows for this log."""
+        last = self.latest_checkpoint()
+        return {
+            "log_id": self.log_id,
+            "origin": self.origin,
+            "size": self.size,
+            "frozen": self.frozen_reason,
+            "checkpoint_vkey": self.note_key().vkey(),
+            "checkpoint": last.render() if last else None,
+        }

@@ -1,0 +1,358 @@
+"""The receipt: what the gateway signs for every answer and every denial.
+
+A receipt is a JSON object, canonicalised with RFC 8785 (`to_canonical`), signed with
+Ed25519 (`gateway.receipts.signing`), and stored as a `SignedReceipt` envelope::
+
+    {"receipt": {...fields below...}, "sig": "<base64 Ed25519 signature>"}
+
+The log holds only SHA-256 of the envelope's canonical bytes (`SignedReceipt.digest`);
+the envelope itself lives in the body store beside the log and may be erased.
+
+Field names are part of the format (version `v` = 1); `docs/compliance.md` describes each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from json import dumps as _dumps
+from typing import Any, Literal
+
+from gateway.receipts.canonical import MAX_SAFE_INTEGER, b64, canonical_json, unb64
+
+__all__ = [
+    "FORMAT_VERSION",
+    "ClientRef",
+    "Denial",
+    "FormatError",
+    "ModelRef",
+    "PolicyRef",
+    "Receipt",
+    "SignedReceipt",
+    "TensorRef",
+    "VerificationRef",
+    "make_receipt_id",
+    "parse_receipt_id",
+]
+
+FORMAT_VERSION = 1
+Kind = Literal["answer", "denial"]
+_RID = re.compile(r"^([a-z2-7]{16})\.([0-9]{1,19})\.([0-9a-f]{16})$")
+_LOG_ID = re.compile(r"^[a-z2-7]{16}$")
+
+
+class FormatError(ValueError):
+    """A receipt or envelope that does not parse as format version 1."""
+
+
+def make_receipt_id(log_id: str, index: int, nonce: str) -> str:
+    """`<log id>.<index>.<16 hex nonce>`: routable (log id), locatable, not guessable."""
+    return f"{log_id}.{index}.{nonce}"
+
+
+def parse_receipt_id(rid: str) -> tuple[str, int]:
+    m = _RID.match(rid)
+    if not m:
+        raise FormatError(f"malformed receipt id {rid!r}")
+    return m.group(1), int(m.group(2))
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRef:
+    spiffe_id: str
+    serial: str  # lowercase hex, as `Identity.serial`
+    issuer: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRef:
+    name: str
+    version: str
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class TensorRef:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    commitment: str  # gateway.receipts.commit.commit_tensor
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRef:
+    set_hash: str
+    decision_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class VerificationRef:
+    mode: str  # none | redundant | zk | mpc
+    result: str  # e.g. "unverified" (mode none), "agreed", "proof-valid", ...
+    public_instances_sha256: str | None = None  # zk: hash of the proof's public instances
+    proof_sha256: str | None = None  # zk: hash of the proof itself
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    problem_type: str  # the problem+json `type`
+    reason: str
+    count: int = 1  # > 1: identical denials coalesced into this receipt
+    first_time: str | None = None
+    last_time: str | None = None
+    follows: str | None = None  # the receipt id of the first denial of a coalesced run
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    receipt_id: str
+    log_id: str
+    index: int
+    time: str  # RFC 3339 UTC, milliseconds; informational: key validity is judged by checkpoints
+    kind: Kind
+    key_id: str
+    client: ClientRef | None = None
+    model: ModelRef | None = None
+    inputs: tuple[TensorRef, ...] = ()
+    outputs: tuple[TensorRef, ...] = ()
+    policy: PolicyRef | None = None
+    verification: VerificationRef | None = None
+    nodes: tuple[str, ...] = ()
+    denial: Denial | None = None
+    request_id: str | None = None
+    version: int = FORMAT_VERSION
+    extensions: Mapping[str, str] = field(default_factory=dict)
+
+    # --- encoding ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "v": self.version,
+            "id": self.receipt_id,
+            "log": {"id": self.log_id, "index": self.index},
+            "time": self.time,
+            "kind": self.kind,
+            "key_id": self.key_id,
+            "client": _obj(self.client),
+            "model": _obj(self.model),
+            "inputs": [_tensor(t) for t in self.inputs],
+            "outputs": [_tensor(t) for t in self.outputs],
+            "policy": _obj(self.policy),
+            "verification": _obj(self.verification),
+            "nodes": list(self.nodes),
+            "denial": _obj(self.denial),
+            "request_id": self.request_id,
+        }
+        if self.extensions:
+            d["ext"] = dict(self.extensions)
+        return d
+
+    def to_canonical(self) -> bytes:
+        """RFC 8785 bytes: what is hashed and signed (`gateway.receipts.signing`).
+
+        A receipt is made of ASCII-keyed objects, strings and integers; when every
+        integer is within ±(2^53-1) and every extension key is ASCII, RFC 8785 is exactly
+        `json.dumps` with sorted keys and no whitespace (see `canonical_json`), taken
+        directly here because receipts are on the hot path of every request.
+        """
+        d = self.to_dict()
+        if self._plain():
+            return _dumps(d, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode()
+        return canonical_json(d)
+
+    def _plain(self) -> bool:
+        ints = [self.index, self.version]
+        if self.denial is not None:
+            ints.append(self.denial.count)
+        for t in (*self.inputs, *self.outputs):
+            ints.extend(t.shape)
+        return all(-MAX_SAFE_INTEGER <= i <= MAX_SAFE_INTEGER for i in ints) and all(
+            k.isascii() for k in self.extensions
+        )
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Receipt:
+        try:
+            return _parse_receipt(d)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise FormatError(f"malformed receipt: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class SignedReceipt:
+    receipt: Receipt
+    signature: bytes
+    # Receipt.to_canonical(), when the signer already computed it (not part of equality).
+    canonical: bytes | None = field(default=None, compare=False, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"receipt": self.receipt.to_dict(), "sig": b64(self.signature)}
+
+    def to_bytes(self) -> bytes:
+        """The envelope's canonical bytes: what is stored and what the log leaf hashes.
+
+        RFC 8785 of {"receipt": ..., "sig": ...}: the keys sort as written, the receipt
+        is its own canonical form and base64 needs no escaping, so the envelope is a
+        plain concatenation."""
+        c = self.canonical if self.canonical is not None else self.receipt.to_canonical()
+        return b'{"receipt":' + c + b',"sig":"' + b64(self.signature).encode() + b'"}'
+
+    def digest(self) -> bytes:
+        return hashlib.sha256(self.to_bytes()).digest()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> SignedReceipt:
+        """Parse an envelope; the bytes must be exactly canonical (one encoding per receipt)."""
+        try:
+            doc = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FormatError(f"receipt is not JSON: {exc}") from None
+        if not isinstance(doc, dict) or set(doc) != {"receipt", "sig"}:
+            raise FormatError("receipt envelope must hold exactly 'receipt' and 'sig'")
+        try:
+            sig = unb64(_s(doc["sig"]), 64)
+        except ValueError as exc:
+            raise FormatError(f"malformed signature: {exc}") from None
+        signed = cls(Receipt.from_dict(doc["receipt"]), sig)
+        if signed.to_bytes() != raw:
+            raise FormatError("receipt is not in canonical (RFC 8785) form")
+        return signed
+
+
+# --- helpers -----------------------------------------------------------------------------
+def _obj(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    return {k: getattr(value, k) for k in value.__slots__ if getattr(value, k) is not None}
+
+
+def _tensor(t: TensorRef) -> dict[str, Any]:
+    return {
+        "name": t.name,
+        "datatype": t.datatype,
+        "shape": list(t.shape),
+        "commitment": t.commitment,
+    }
+
+
+def _s(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError(f"expected a string, got {type(v).__name__}")
+    return v
+
+
+def _os(v: Any) -> str | None:
+    return None if v is None else _s(v)
+
+
+def _i(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int | str):
+        raise TypeError(f"expected an integer, got {type(v).__name__}")
+    if isinstance(v, str):
+        if not v.isdigit():
+            raise ValueError(f"expected an integer, got {v!r}")
+        return int(v)
+    return v
+
+
+def _keys(d: Any, allowed: set[str], required: set[str]) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        raise TypeError("expected an object")
+    extra = set(d) - allowed
+    if extra:
+        raise ValueError(f"unknown fields {sorted(extra)}")
+    missing = required - set(d)
+    if missing:
+        raise ValueError(f"missing fields {sorted(missing)}")
+    return d
+
+
+def _sub(cls: Any, d: Any, optional: frozenset[str] = frozenset()) -> Any:
+    if d is None:
+        return None
+    names = set(cls.__slots__)
+    d = _keys(d, names, names - optional)
+    kwargs = {
+        k: (_i(v) if k == "count" else _os(v) if k in optional else _s(v)) for k, v in d.items()
+    }
+    return cls(**kwargs)
+
+
+def _tensors(items: Any) -> tuple[TensorRef, ...]:
+    if not isinstance(items, list):
+        raise TypeError("tensors must be a list")
+    out = []
+    for t in items:
+        t = _keys(
+            t,
+            {"name", "datatype", "shape", "commitment"},
+            {"name", "datatype", "shape", "commitment"},
+        )
+        if not isinstance(t["shape"], list):
+            raise TypeError("shape must be a list")
+        out.append(
+            TensorRef(
+                _s(t["name"]),
+                _s(t["datatype"]),
+                tuple(_i(x) for x in t["shape"]),
+                _s(t["commitment"]),
+            )
+        )
+    return tuple(out)
+
+
+_RECEIPT_KEYS = {
+    "v", "id", "log", "time", "kind", "key_id", "client", "model", "inputs", "outputs",
+    "policy", "verification", "nodes", "denial", "request_id", "ext",
+}  # fmt: skip
+
+
+def _parse_receipt(d: Any) -> Receipt:
+    d = _keys(d, _RECEIPT_KEYS, _RECEIPT_KEYS - {"ext"})
+    if d["v"] != FORMAT_VERSION or isinstance(d["v"], bool):
+        raise ValueError(f"unsupported receipt format version {d['v']!r}")
+    log = _keys(d["log"], {"id", "index"}, {"id", "index"})
+    kind = _s(d["kind"])
+    if kind not in ("answer", "denial"):
+        raise ValueError(f"unknown receipt kind {kind!r}")
+    log_id, index = _s(log["id"]), _i(log["index"])
+    if not _LOG_ID.match(log_id):
+        raise ValueError(f"malformed log id {log_id!r}")
+    rid = _s(d["id"])
+    if parse_receipt_id(rid) != (log_id, index):
+        raise ValueError("receipt id does not match its log id and index")
+    if not isinstance(d["nodes"], list):
+        raise TypeError("nodes must be a list")
+    ext = d.get("ext", {})
+    if not isinstance(ext, dict) or not all(isinstance(v, str) for v in ext.values()):
+        raise TypeError("ext must map names to strings")
+    return Receipt(
+        receipt_id=rid,
+        log_id=log_id,
+        index=index,
+        time=_s(d["time"]),
+        kind="answer" if kind == "answer" else "denial",
+        key_id=_s(d["key_id"]),
+        client=_sub(ClientRef, d["client"]),
+        model=_sub(ModelRef, d["model"]),
+        inputs=_tensors(d["inputs"]),
+        outputs=_tensors(d["outputs"]),
+        policy=_sub(PolicyRef, d["policy"]),
+        verification=_sub(
+            VerificationRef,
+            d["verification"],
+            frozenset({"public_instances_sha256", "proof_sha256"}),
+        ),
+        nodes=tuple(_s(n) for n in d["nodes"]),
+        denial=_sub(
+            Denial, d["denial"], frozenset({"first_time", "last_time", "follows", "count"})
+        ),
+        request_id=_os(d["request_id"]),
+        extensions=dict(ext),
+    )
+
+
+def tensors_from(items: Sequence[TensorRef]) -> list[dict[str, Any]]:
+    return [_tensor(t) for t in items]

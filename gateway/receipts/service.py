@@ -1,0 +1,156 @@
+"""The gateway's receipt service: one log per replica, its signer, and denial coalescing.
+
+What the pipeline's receipt stage and the error path call. An answer leaves only after
+its receipt is durably in this replica's log; if the log cannot take it, the request
+fails (503) rather than answer without a receipt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.pki import load_signing_key
+from gateway.protocol.tensors import Tensor
+from gateway.receipts.issue import DenialCoalescer, Issued, issue
+from gateway.receipts.log import ReceiptLog
+from gateway.receipts.model import (
+    ClientRef,
+    Denial,
+    ModelRef,
+    PolicyRef,
+    VerificationRef,
+)
+from gateway.receipts.signing import KeySet, Signer
+
+log = logging.getLogger(__name__)
+
+
+async def _unset(**_: object) -> Issued:
+    raise RuntimeError("receipt service not initialised")
+
+
+@dataclass
+class ReceiptService:
+    log: ReceiptLog
+    signer: Signer
+    keyset: KeySet
+    coalescer: DenialCoalescer
+    checkpoint_interval_s: float = 1.0
+    frozen: list[ReceiptLog] = field(default_factory=list)
+    reopen: Callable[[], ReceiptLog] | None = None
+    closed: bool = False
+
+    @classmethod
+    def open(
+        cls,
+        directory: Path,
+        signing_key: Path,
+        log_key: Path,
+        origin: str,
+        checkpoint_interval_s: float = 1.0,
+    ) -> ReceiptService:
+        directory.mkdir(parents=True, exist_ok=True)
+        receipt_log = ReceiptLog.open(directory, load_signing_key(log_key), origin)
+        signer = Signer(load_signing_key(signing_key))
+        # The published key set: verifiers judge a key by the checkpoints in its window.
+        keys_path = directory / "keys.json"
+        keyset = KeySet.load(keys_path)
+        if keyset.get(signer.key_id) is None:
+            # Whole seconds: checkpoints carry whole-second times, and one in this same
+            # second must count as inside the key's window.
+            keyset.rotate(signer.public_key, dt.datetime.now(dt.UTC).replace(microsecond=0))
+            keyset.save(keys_path)
+
+        frozen = [
+            ReceiptLog.open_readonly(p)
+            for p in ReceiptLog.all_logs(directory)
+            if p.name != receipt_log.log_id
+        ]
+        service = cls(
+            receipt_log,
+            signer,
+            keyset,
+            DenialCoalescer(_unset),
+            checkpoint_interval_s,
+            frozen,
+            reopen=lambda: ReceiptLog.open(directory, load_signing_key(log_key), origin),
+        )
+
+        async def issue_denial(**fields: object) -> Issued:
+            # service.log, not a captured log: the log is reopened after a restart.
+            return await issue(service.log, signer, kind="denial", **fields)  # type: ignore[arg-type]
+
+        service.coalescer = DenialCoalescer(issue_denial)
+        return service
+
+    def start(self) -> None:
+        """Reopen after a close (an app whose lifespan is restarted in one process)."""
+        if self.closed and self.reopen is not None:
+            self.log = self.reopen()
+            self.closed = False
+
+    def logs(self) -> list[ReceiptLog]:
+        return [self.log, *self.frozen]
+
+    async def answer(
+        self,
+        *,
+        client: ClientRef,
+        model: ModelRef,
+        inputs: Sequence[Tensor],
+        outputs: Sequence[Tensor],
+        policy: PolicyRef,
+        verification: VerificationRef,
+        nodes: Sequence[str],
+        request_id: str,
+    ) -> Issued:
+        return await issue(
+            self.log,
+            self.signer,
+            client=client,
+            model=model,
+            inputs=inputs,
+            outputs=outputs,
+            policy=policy,
+            verification=verification,
+            nodes=nodes,
+            request_id=request_id,
+        )
+
+    async def deny(
+        self,
+        *,
+        client: ClientRef,
+        model: ModelRef | None,
+        problem_type: str,
+        reason: str,
+        request_id: str,
+    ) -> tuple[Issued, bool]:
+        return await self.coalescer.deny(
+            client=client,
+            model=model,
+            denial=Denial(problem_type, reason),
+            request_id=request_id,
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await asyncio.gather(
+            self.log.run_checkpointer(stop, self.checkpoint_interval_s),
+            self.coalescer.run(stop),
+        )
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            await self.coalescer.flush()
+            await self.log.checkpoint(push=True)
+        except Exception:  # closing must not mask the shutdown; the log is durable anyway
+            log.exception("final checkpoint failed")
+        await self.log.close()

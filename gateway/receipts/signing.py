@@ -1,0 +1,243 @@
+"""Receipt signatures (Ed25519) and the published key set with validity windows.
+
+Signed message::
+
+    b"ztgate-receipt/v1\\n" || receipt id || "\\n" || SHA-256(Receipt.to_canonical())
+
+The prefix keeps a receipt signature from ever being valid for anything else the key
+signs; signing the digest (with the id) lets the compact summary that rides on the
+response (`gateway.receipts.issue.summary`) carry the very same signature, verifiable
+without the full receipt.
+A key id is `gateway.pki.signing_key_id` (16 hex digits of SHA-256 over the raw key).
+
+Key rotation: the operator publishes a `KeySet`; each key has `valid_from` and, once
+retired, `valid_until`. Whether a receipt's key was valid is judged by the time of the
+signed checkpoint that includes it (see `gateway.receipts.verify`), never by the
+receipt's own `time` field, which the signer controls.
+
+Verification helpers return a `Verdict` (success, or failure with a reason), in the style
+of sigstore-python's `VerificationResult`; they never raise on bad input.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from gateway.pki import signing_key_id
+from gateway.receipts.canonical import b64, canonical_json, unb64
+from gateway.receipts.model import Receipt, SignedReceipt
+
+__all__ = [
+    "RECEIPT_DOMAIN",
+    "KeySet",
+    "PublishedKey",
+    "Signer",
+    "Verdict",
+    "format_time",
+    "parse_time",
+    "raw_public",
+    "receipt_digest",
+    "signed_message",
+]
+
+RECEIPT_DOMAIN = b"ztgate-receipt/v1\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The outcome of one check: `ok`, or not with a machine `code` and a human `reason`."""
+
+    ok: bool
+    code: str = "ok"
+    reason: str = ""
+
+    @classmethod
+    def success(cls) -> Verdict:
+        return cls(True)
+
+    @classmethod
+    def failure(cls, code: str, reason: str) -> Verdict:
+        return cls(False, code, reason)
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def raw_public(key: ed25519.Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def format_time(t: dt.datetime) -> str:
+    """RFC 3339, UTC, milliseconds, `Z`."""
+    t = t.astimezone(dt.UTC)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+
+
+def parse_time(text: str) -> dt.datetime:
+    t = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return t.astimezone(dt.UTC)
+
+
+class Signer:
+    """Signs receipts with one Ed25519 key."""
+
+    def __init__(self, key: ed25519.Ed25519PrivateKey, key_id: str | None = None) -> None:
+        self.key = key
+        self.public_key = key.public_key()
+        self.key_id = key_id or signing_key_id(self.public_key)
+
+    def sign_bytes(self, message: bytes) -> bytes:
+        return self.key.sign(message)
+
+    def sign(self, receipt: Receipt) -> SignedReceipt:
+        if receipt.key_id != self.key_id:
+            receipt = replace(receipt, key_id=self.key_id)
+        canonical = receipt.to_canonical()
+        digest = hashlib.sha256(canonical).digest()
+        return SignedReceipt(receipt, self.key.sign(signed_message(receipt, digest)), canonical)
+
+
+def receipt_digest(receipt: Receipt) -> bytes:
+    return hashlib.sha256(receipt.to_canonical()).digest()
+
+
+def signed_message(receipt: Receipt, digest: bytes | None = None) -> bytes:
+    digest = receipt_digest(receipt) if digest is None else digest
+    return RECEIPT_DOMAIN + receipt.receipt_id.encode() + b"\n" + digest
+
+
+@dataclass(frozen=True, slots=True)
+class PublishedKey:
+    key_id: str
+    public_key: ed25519.Ed25519PublicKey
+    valid_from: dt.datetime
+    valid_until: dt.datetime | None = None  # None: current key
+
+    def covers(self, t: dt.datetime) -> bool:
+        return self.valid_from <= t and (self.valid_until is None or t <= self.valid_until)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key_id": self.key_id,
+            "alg": "Ed25519",
+            "public_key": b64(raw_public(self.public_key)),
+            "valid_from": format_time(self.valid_from),
+            "valid_until": None if self.valid_until is None else format_time(self.valid_until),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> PublishedKey:
+        if not isinstance(d, dict):
+            raise ValueError("a key entry must be an object")
+        if d.get("alg", "Ed25519") != "Ed25519":
+            raise ValueError(f"unsupported algorithm {d.get('alg')!r}")
+        pub = ed25519.Ed25519PublicKey.from_public_bytes(unb64(str(d["public_key"]), 32))
+        key_id = str(d.get("key_id") or signing_key_id(pub))
+        if key_id != signing_key_id(pub):
+            raise ValueError(f"key id {key_id} does not match its public key")
+        until = d.get("valid_until")
+        return cls(
+            key_id,
+            pub,
+            parse_time(str(d["valid_from"])),
+            None if until is None else parse_time(str(until)),
+        )
+
+
+class KeySet:
+    """Published receipt keys with validity windows (`keys.json` beside the log)."""
+
+    def __init__(self, keys: Iterable[PublishedKey] = ()) -> None:
+        self._keys: dict[str, PublishedKey] = {}
+        for k in keys:
+            self._keys[k.key_id] = k
+
+    def __iter__(self) -> Iterator[PublishedKey]:
+        return iter(self._keys.values())
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def get(self, key_id: str) -> PublishedKey | None:
+        return self._keys.get(key_id)
+
+    def add(self, key: ed25519.Ed25519PublicKey, valid_from: dt.datetime) -> PublishedKey:
+        k = PublishedKey(signing_key_id(key), key, valid_from)
+        self._keys.setdefault(k.key_id, k)
+        return self._keys[k.key_id]
+
+    def retire(self, key_id: str, at: dt.datetime) -> None:
+        self._keys[key_id] = replace(self._keys[key_id], valid_until=at)
+
+    def rotate(self, new: ed25519.Ed25519PublicKey, at: dt.datetime) -> PublishedKey:
+        """Retire every current key at `at`; `new` is valid from `at`."""
+        for k in list(self._keys.values()):
+            if k.valid_until is None and k.key_id != signing_key_id(new):
+                self.retire(k.key_id, at)
+        return self.add(new, at)
+
+    def to_json(self) -> bytes:
+        return canonical_json({"keys": [k.to_dict() for k in self._keys.values()]})
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> KeySet:
+        doc = json.loads(raw)
+        if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+            raise ValueError("a key set is an object with a 'keys' list")
+        return cls(PublishedKey.from_dict(k) for k in doc["keys"])
+
+    @classmethod
+    def load(cls, path: Path) -> KeySet:
+        return cls.from_json(path.read_bytes()) if path.is_file() else cls()
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(self.to_json())
+        tmp.replace(path)
+
+    # --- verification ------------------------------------------------------------------
+    def verify(self, signed: SignedReceipt) -> Verdict:
+        """The signature only; the key's window is checked against a checkpoint's time."""
+        return self.verify_digest(
+            signed.receipt.key_id,
+            signed.receipt.receipt_id,
+            receipt_digest(signed.receipt),
+            signed.signature,
+        )
+
+    def verify_digest(self, key_id: str, receipt_id: str, digest: bytes, sig: bytes) -> Verdict:
+        key = self._keys.get(key_id)
+        if key is None:
+            return Verdict.failure(
+                "unknown-key", f"receipt key {key_id} is not in the trusted key set"
+            )
+        try:
+            key.public_key.verify(sig, RECEIPT_DOMAIN + receipt_id.encode() + b"\n" + digest)
+        except InvalidSignature:
+            return Verdict.failure("bad-signature", "receipt signature does not verify")
+        return Verdict.success()
+
+    def window(self, key_id: str, t: dt.datetime) -> Verdict:
+        key = self._keys.get(key_id)
+        if key is None:
+            return Verdict.failure("unknown-key", f"receipt key {key_id} is not trusted")
+        if not key.covers(t):
+            until = "now" if key.valid_until is None else format_time(key.valid_until)
+            return Verdict.failure(
+                "key-outside-window",
+                f"key {key_id} is valid {format_time(key.valid_from)} .. {until}; "
+                f"the including checkpoint is from {format_time(t)}",
+            )
+        return Verdict.success()

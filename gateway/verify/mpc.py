@@ -1,0 +1,150 @@
+"""Mode `mpc`: the request runs under secret sharing on k >= 2 nodes of distinct providers.
+
+The gateway secret-shares the input (and, once per session, the weights), each node party
+computes on its shares with CrypTen, and only the gateway adds the output shares up. No
+node sees the input, the weights or the output; the gateway's own dealer supplies the
+Beaver tuples. Security is semi-honest: it assumes the parties do not collude with each
+other, and a party that deviates can change the output undetected (`docs/mpc.md`).
+
+A session per (model, version, party set) is started on first use and reused; a session
+that fails is dropped and the request gets 503, the next one starts a fresh session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gateway.config import NodeConfig
+from gateway.protocol.problems import DeadlineExceeded, Forbidden, InvalidTensor, NoHealthyNode
+from gateway.protocol.tensors import Tensor
+from gateway.verify import Outcome
+from mpc.model import ModelError, MpcModel
+from mpc.session import MpcError, MpcSession, MpcSettings, MpcUnavailable, PartyEndpoint
+
+if TYPE_CHECKING:
+    from gateway.pipeline import Exchange
+    from gateway.registry import ModelEntry
+    from gateway.routing.router import Router
+
+SessionKey = tuple[str, str, tuple[str, ...]]
+SessionFactory = Callable[[MpcModel, Sequence[PartyEndpoint], MpcSettings], Awaitable[MpcSession]]
+
+
+async def _start(model: MpcModel, eps: Sequence[PartyEndpoint], s: MpcSettings) -> MpcSession:
+    return await MpcSession.start(model, eps, s)
+
+
+class MpcVerification:
+    mode = "mpc"
+
+    def __init__(
+        self,
+        settings: MpcSettings,
+        party_addresses: Mapping[str, str],
+        *,
+        parties: int = 2,
+        start_session: SessionFactory = _start,
+    ) -> None:
+        if parties < 2:
+            raise ValueError("MPC needs at least two node parties")
+        self.settings = settings
+        self.party_addresses = dict(party_addresses)  # node name -> its party host:port
+        self.parties = parties
+        self._start_session = start_session
+        self._sessions: dict[SessionKey, MpcSession] = {}
+        self._models: dict[tuple[str, str], MpcModel] = {}
+        self._lock = asyncio.Lock()
+
+    def choose(self, nodes: Sequence[NodeConfig]) -> list[NodeConfig]:
+        """k nodes with a party listener, one per provider; stable, so sessions are reused."""
+        chosen: list[NodeConfig] = []
+        providers: set[str] = set()
+        for node in sorted(nodes, key=lambda n: n.name):
+            if node.name in self.party_addresses and node.provider not in providers:
+                chosen.append(node)
+                providers.add(node.provider)
+            if len(chosen) == self.parties:
+                return chosen
+        raise NoHealthyNode(
+            f"MPC needs {self.parties} healthy party nodes from distinct providers; "
+            f"{len(chosen)} available",
+            retry_after=1,
+        )
+
+    def model(self, entry: ModelEntry) -> MpcModel:
+        key = (entry.name, entry.version)
+        if key not in self._models:
+            try:
+                self._models[key] = MpcModel.from_onnx(entry.path, entry.name)
+            except ModelError as exc:
+                raise Forbidden(f"model {entry.name} cannot run in mode 'mpc': {exc}") from exc
+        return self._models[key]
+
+    async def session(self, entry: ModelEntry, nodes: Sequence[NodeConfig]) -> MpcSession:
+        key: SessionKey = (entry.name, entry.version, tuple(n.name for n in nodes))
+        async with self._lock:
+            current = self._sessions.get(key)
+            if current is not None and current.alive:
+                return current
+            endpoints = [
+                PartyEndpoint(n.name, self.party_addresses[n.name], n.provider) for n in nodes
+            ]
+            try:
+                session = await self._start_session(self.model(entry), endpoints, self.settings)
+            except MpcError as exc:
+                raise NoHealthyNode(
+                    f"could not start an MPC session: {exc}", retry_after=1
+                ) from exc
+            self._sessions[key] = session
+            return session
+
+    async def run(self, x: Exchange, router: Router) -> Outcome:
+        assert x.entry is not None and x.request is not None
+        if len(x.request.inputs) != 1:
+            raise InvalidTensor("MPC mode takes exactly one input tensor")
+        tensor = x.request.inputs[0]
+        if tensor.datatype not in ("FP32", "FP64"):
+            raise InvalidTensor("MPC mode takes FP32 or FP64 inputs")
+        model = self.model(x.entry)
+        wanted = {o.name for o in x.request.outputs}
+        if wanted - {model.output_name}:
+            raise InvalidTensor(f"model {x.entry.name} has only the output {model.output_name!r}")
+        nodes = self.choose([s.config for s in router.candidates(x.entry.name, x.node_allowed)])
+        session = await self.session(x.entry, nodes)
+        remaining = x.deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded("the request deadline passed before MPC started")
+        try:
+            result = await session.infer(np.asarray(tensor.data), budget_s=remaining)
+        except ValueError as exc:
+            raise InvalidTensor(str(exc)) from exc
+        except MpcUnavailable as exc:
+            raise NoHealthyNode(f"MPC session failed: {exc}", retry_after=1) from exc
+        out = Tensor(model.output_name, "FP32", tuple(result.outputs.shape), result.outputs)
+        evidence: dict[str, Any] = {
+            "parties": list(result.parties),
+            "dealer": result.dealer,
+            "session": result.session_id,
+            "bytes_per_party": result.bytes_per_party,
+            "rounds": result.rounds,
+            "protocol": "CrypTen 0.4.1 arithmetic sharing, gateway dealer (TTP)",
+            "security": "semi-honest, non-colluding parties",
+        }
+        return Outcome(
+            outputs=(out,),
+            nodes=result.parties,
+            mode=self.mode,
+            status="semi-honest-mpc",
+            evidence=evidence,
+        )
+
+    async def close(self) -> None:
+        async with self._lock:
+            sessions, self._sessions = list(self._sessions.values()), {}
+        for s in sessions:
+            await s.close()

@@ -1,0 +1,244 @@
+"""Mode `zk`: the node computes the answer and an ezkl proof of it; the gateway only verifies.
+
+Per request:
+
+1. The model's zk record (``zk.json``) is looked up by the registry entry's SHA-256, so a
+   proof is only ever checked against the artefacts onboarded for exactly these bytes.
+2. The request must be one finite row of the circuit's input shape (circuits have a fixed
+   batch of 1); anything else is the client's error (400), before any node is called.
+3. A node is picked among those the router would use for the model, that also serve
+   ``<name>-zk`` (``NodeConfig.serves``; an empty model list means every model), and asked
+   for the ``proof`` output only of model ``<name>-zk``.
+4. The proof is checked in the verifier pool (zk/verifier.py): structure, the input
+   instances equal the gateway's own quantisation of the request, ezkl.verify with the
+   registered vk/settings/SRS.
+5. The answer is the dequantised output instances of the verified proof, never a tensor the
+   node sent alongside it.
+
+A missing, malformed or failing proof is the node's failure: it is charged to the node
+through the router's own bookkeeping (``Router._failed``: consecutive failures, ejection),
+and the request moves to the next candidate, like a transport error does in
+``Router.infer``. The loop here mirrors that one instead of calling it because proving takes
+seconds: it uses its own per-try timeout and does not feed proving time into the latency
+EWMA that plain requests are balanced by.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from gateway.config import NodeConfig
+from gateway.protocol.problems import (
+    DeadlineExceeded,
+    Forbidden,
+    Internal,
+    InvalidTensor,
+    NoHealthyNode,
+    UpstreamFailed,
+)
+from gateway.protocol.tensors import RequestedOutput, Tensor
+from gateway.registry import TensorSpec
+from gateway.routing.node_client import NodeError
+from gateway.verify import Outcome
+from zk.record import VerifierArtefacts
+from zk.verifier import ZkResult, ZkVerifierPool
+
+if TYPE_CHECKING:
+    from gateway.pipeline import Exchange
+    from gateway.routing.router import NodeState, Router
+
+log = logging.getLogger(__name__)
+
+PROOF_OUTPUT = "proof"
+
+
+class ZkVerification:
+    mode = "zk"
+
+    def __init__(
+        self,
+        artefacts: Mapping[str, VerifierArtefacts],
+        pool: ZkVerifierPool,
+        *,
+        prove_timeout_s: float = 120.0,
+        max_attempts: int = 3,
+        node_filter: Callable[[NodeConfig], bool] | None = None,
+    ) -> None:
+        """``artefacts`` maps a registered model's SHA-256 to its verifier artefacts."""
+        self.artefacts = dict(artefacts)
+        self.pool = pool
+        self.prove_timeout_s = prove_timeout_s
+        self.max_attempts = max_attempts
+        self.node_filter = node_filter
+        for digest, found in self.artefacts.items():
+            if found.record.model_sha256 != digest:
+                raise ValueError(f"zk artefacts for {found.record.name} are keyed by {digest}")
+
+    @classmethod
+    def from_dirs(
+        cls, dirs: Iterable[Path | str], pool: ZkVerifierPool, **kw: Any
+    ) -> ZkVerification:
+        """From onboarding output directories; each is hash-checked against its zk.json."""
+        found = [VerifierArtefacts.from_dir(Path(d)) for d in dirs]
+        return cls({a.record.model_sha256: a for a in found}, pool, **kw)
+
+    async def run(self, x: Exchange, router: Router) -> Outcome:
+        assert x.entry is not None and x.request is not None and x.decision is not None
+        entry, request = x.entry, x.request
+        artefacts = self.artefacts.get(entry.sha256)
+        if artefacts is None:
+            raise Forbidden(f"model {entry.name!r} v{entry.version} has no zk artefacts here")
+        record = artefacts.record
+        row = self._request_row(request.inputs, artefacts)
+        zk_name = record.zk_model_name
+        allowed = x.node_allowed  # policy's verdict for each node in this mode
+        extra = self.node_filter
+
+        def eligible(node: NodeConfig) -> bool:
+            return allowed(node) and node.serves(zk_name) and (extra is None or extra(node))
+
+        tried: list[str] = []
+        reasons: list[str] = []
+        for attempt in range(1, self.max_attempts + 1):
+            remaining = x.deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded(
+                    f"deadline passed after {attempt - 1} zk attempt(s): {'; '.join(reasons)}"
+                )
+            cands = [
+                s for s in router.candidates(entry.name, eligible) if s.config.name not in tried
+            ]
+            if not cands:
+                if tried:
+                    break
+                raise NoHealthyNode(
+                    f"no healthy zk-capable node may serve {entry.name!r} now", retry_after=1
+                )
+            state = router._pick(cands)
+            tried.append(state.config.name)
+            result = await self._attempt(
+                state,
+                router,
+                request.inputs,
+                zk_name,
+                entry.version,
+                row,
+                artefacts,
+                timeout_s=min(self.prove_timeout_s, remaining),
+                request_id=x.request_id,
+            )
+            if isinstance(result, str):
+                reasons.append(f"{state.config.name}: {result}")
+                log.warning("zk attempt %d on %s failed: %s", attempt, state.config.name, result)
+                await router._failed(state)
+                continue
+            state.served += 1
+            if state.failures:
+                state.failures = 0
+                await router._quiet(router.store.record_success(state.config.name))
+            if record.dev_srs:
+                log.warning(
+                    "DEV-ONLY: zk proof for %s verified under a locally generated SRS; "
+                    "whoever generated it could forge proofs",
+                    entry.name,
+                )
+            return Outcome(
+                outputs=self._outputs(entry.outputs, request.outputs, artefacts, result),
+                nodes=(state.config.name,),
+                mode=self.mode,
+                status="verified",
+                attempts=attempt,
+                evidence={
+                    **record.evidence(),
+                    "proof_sha256": result.proof_sha256,
+                    "instances_sha256": result.instances_sha256,
+                    "proof": result.canonical_proof.decode("ascii"),
+                },
+            )
+        raise UpstreamFailed(
+            f"no zk-capable node returned a valid proof ({', '.join(tried)}): {'; '.join(reasons)}"
+        )
+
+    async def _attempt(
+        self,
+        state: NodeState,
+        router: Router,
+        inputs: tuple[Tensor, ...],
+        zk_name: str,
+        version: str,
+        row: npt.NDArray[np.float32],
+        artefacts: VerifierArtefacts,
+        *,
+        timeout_s: float,
+        request_id: str,
+    ) -> ZkResult | str:
+        """A verified result, or why this node's reply is refused (the node is at fault)."""
+        state.pending += 1
+        try:
+            outputs = await state.client.infer(
+                zk_name,
+                version,
+                inputs,
+                (PROOF_OUTPUT,),
+                timeout_s=timeout_s,
+                request_id=request_id,
+            )
+        except NodeError as exc:
+            return exc.reason
+        finally:
+            state.pending -= 1
+        proofs = [t for t in outputs if t.name == PROOF_OUTPUT]
+        if len(outputs) != 1 or len(proofs) != 1 or proofs[0].datatype != "BYTES":
+            return f"reply is not one BYTES {PROOF_OUTPUT!r} tensor"
+        if proofs[0].data.size != 1 or not isinstance(proofs[0].data.reshape(-1)[0], bytes):
+            return f"{PROOF_OUTPUT!r} must hold exactly one element"
+        proof = proofs[0].data.reshape(-1)[0]
+        result = await self.pool.verify(proof, row, artefacts)
+        if result.success:
+            return result
+        if not result.node_at_fault:
+            raise Internal(f"zk verifier unavailable: {result.detail}")
+        return f"{result.reason}: {result.detail}"
+
+    @staticmethod
+    def _request_row(
+        inputs: tuple[Tensor, ...], artefacts: VerifierArtefacts
+    ) -> npt.NDArray[np.float32]:
+        spec = artefacts.record.inputs[0]
+        if len(inputs) != 1 or inputs[0].name != spec.name:
+            raise InvalidTensor(f"zk mode takes exactly one input {spec.name!r}")
+        data = inputs[0].data
+        if tuple(data.shape) != spec.shape:
+            raise InvalidTensor(
+                f"zk mode proves one row at a time: input {spec.name!r} must have shape "
+                f"{list(spec.shape)}, got {list(inputs[0].shape)}"
+            )
+        if data.dtype.kind != "f" or not np.isfinite(data).all():
+            raise InvalidTensor("zk mode takes finite floating-point inputs only")
+        return np.ascontiguousarray(data, dtype=np.float32)
+
+    @staticmethod
+    def _outputs(
+        specs: tuple[TensorSpec, ...],
+        requested: tuple[RequestedOutput, ...],
+        artefacts: VerifierArtefacts,
+        result: ZkResult,
+    ) -> tuple[Tensor, ...]:
+        proven = {t.name: v for t, v in zip(artefacts.record.outputs, result.outputs, strict=True)}
+        want = {r.name for r in requested} or {s.name for s in specs}
+        tensors = []
+        for spec in specs:
+            if spec.name not in want:
+                continue
+            if spec.name not in proven:
+                raise Internal(f"zk record proves no output {spec.name!r}")
+            arr = np.asarray(proven[spec.name], dtype=np.float32)
+            tensors.append(Tensor(spec.name, "FP32", tuple(arr.shape), arr))
+        return tuple(tensors)

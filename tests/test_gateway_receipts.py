@@ -1,0 +1,154 @@
+"""Receipts from the running gateway: every answer and denial, readable by policy, and
+verifiable offline by an auditor (with the client's salts) from an exported bundle."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from gateway.cli import main
+from gateway.pki import PKI
+from gateway.receipts.issue import verify_summary
+from gateway.receipts.signing import KeySet
+from tests.conftest import TritonCluster
+from tests.gateway_harness import RunningGateway, client_context, gateway_config, running_gateway
+from tests.test_gateway import IRIS, infer_body, node_table
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    pki: PKI,
+    triton_cluster: TritonCluster,
+    triton_repository: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RunningGateway]:
+    cfg = gateway_config(
+        pki,
+        triton_repository.parent / "registry",
+        tmp_path_factory.mktemp("gwr"),
+        node_table(triton_cluster),
+    )
+    with running_gateway(cfg) as gw:
+        yield gw
+
+
+def client(pki: PKI, name: str) -> httpx.Client:
+    issued = pki.ensure("client", name)
+    return httpx.Client(verify=client_context(pki, issued.cert, issued.key), timeout=10)
+
+
+def test_every_answer_carries_a_durable_signed_receipt(gateway: RunningGateway, pki: PKI) -> None:
+    assert gateway.gw.receipts is not None
+    keys = gateway.gw.receipts.keyset
+    with client(pki, "demo") as demo:
+        r = demo.post(f"{gateway.base}/v2/models/iris/infer", json=infer_body(IRIS))
+    assert r.status_code == 200
+    params = r.json()["parameters"]
+    assert params["ztgate.receipt"] == r.headers["ztgate-receipt"]
+    assert verify_summary(params["ztgate.receipt"], keys).ok
+    assert len(params["ztgate.salt"]) >= 40  # 32 random bytes, base64
+    rid = params["ztgate.receipt_id"]
+    # Durable before the answer left: the body is in the log already.
+    assert gateway.gw.receipts.log.body(rid) is not None
+    tampered = params["ztgate.receipt"][:-4] + "AAAA"
+    assert not verify_summary(tampered, keys).ok
+
+
+def test_receipts_are_read_by_their_owner_or_an_auditor_only(
+    gateway: RunningGateway, pki: PKI
+) -> None:
+    with client(pki, "demo") as demo:
+        rid = demo.post(f"{gateway.base}/v2/models/iris/infer", json=infer_body(IRIS)).json()[
+            "parameters"
+        ]["ztgate.receipt_id"]
+        own = demo.get(f"{gateway.base}/v2/receipts/{rid}")
+        assert own.status_code == 200
+        receipt = own.json()["receipt"]
+        assert receipt["client"]["spiffe_id"].endswith("/client/demo")
+        assert receipt["model"]["name"] == "iris" and receipt["verification"]["mode"] == "none"
+        assert receipt["inputs"][0]["commitment"].startswith("sha256:")
+        # No tensor data and no salt are kept in the receipt.
+        assert '"data"' not in json.dumps(receipt) and '"salt"' not in json.dumps(receipt)
+        assert demo.get(f"{gateway.base}/v2/receipts/not-an-id").status_code == 400
+        assert demo.get(f"{gateway.base}/v2/receipts/zz.1.00").status_code in (400, 404)
+    with client(pki, "alice") as alice:
+        assert alice.get(f"{gateway.base}/v2/receipts/{rid}").status_code == 403
+    with client(pki, "audrey") as auditor:
+        assert auditor.get(f"{gateway.base}/v2/receipts/{rid}").status_code == 200
+        # The log endpoints: hashes only, any verified caller.
+        logs = auditor.get(f"{gateway.base}/log").json()["logs"]
+        assert any(rid.startswith(entry["log_id"]) for entry in logs)
+
+
+def test_denials_are_receipted_and_coalesced(gateway: RunningGateway, pki: PKI) -> None:
+    with client(pki, "nobody") as nobody:
+        first = nobody.post(f"{gateway.base}/v2/models/iris/infer", json=infer_body(IRIS))
+        again = nobody.post(f"{gateway.base}/v2/models/iris/infer", json=infer_body(IRIS))
+    assert first.status_code == again.status_code == 403
+    assert first.headers["ztgate-receipt"].startswith("ztgate-receipt/v1 ")
+    assert again.headers["ztgate-receipt"].endswith("; coalesced")
+
+
+def test_an_auditor_verifies_offline_with_the_clients_salts(
+    gateway: RunningGateway, pki: PKI, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert gateway.gw.receipts is not None
+    x = np.array([[6.1, 2.8, 4.7, 1.2]], np.float32)
+    with client(pki, "demo") as demo:
+        r = demo.post(f"{gateway.base}/v2/models/iris/infer", json=infer_body(x))
+    body = r.json()
+    rid = body["parameters"]["ztgate.receipt_id"]
+    out = body["outputs"][0]
+    # Wait for a checkpoint to include it: a receipt is final once a checkpoint does.
+    end = time.monotonic() + 10
+    while gateway.gw.receipts.log.proof(int(rid.split(".")[1])) is None:
+        assert time.monotonic() < end, "no checkpoint covered the receipt"
+        time.sleep(0.1)
+    log_dir = gateway.gw.receipts.log.path.parent
+    bundle = tmp_path / "bundle"
+    trust = tmp_path / "trust.json"
+    assert main(["audit", "export", "--log-dir", str(log_dir), str(bundle)]) == 0
+    capsys.readouterr()
+    assert main(["audit", "trust", "--log-dir", str(log_dir)]) == 0
+    trust.write_text(capsys.readouterr().out)
+    salts = {
+        rid: {
+            "salt": body["parameters"]["ztgate.salt"],
+            "inputs": [
+                {"name": "input", "datatype": "FP32", "shape": [1, 4], "data": x.ravel().tolist()}
+            ],
+            "outputs": [out],
+        }
+    }
+    (tmp_path / "salts.json").write_text(json.dumps(salts))
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "verify",
+                str(bundle),
+                "--trust",
+                str(trust),
+                "--salts",
+                str(tmp_path / "salts.json"),
+                "--json",
+            ]
+        )
+        == 0
+    )
+    # A client who misremembers what it sent is told so.
+    salts[rid]["inputs"][0]["data"][0] = 9.9
+    (tmp_path / "salts.json").write_text(json.dumps(salts))
+    assert (
+        main(
+            ["verify", str(bundle), "--trust", str(trust), "--salts", str(tmp_path / "salts.json")]
+        )
+        == 1
+    )
+    assert len(KeySet.load(log_dir / "keys.json")) >= 1

@@ -1,0 +1,579 @@
+"""MPC mode: real party processes on loopback, two node parties, the gateway's dealer.
+
+Sized for 2 cores: every party runs with OMP_NUM_THREADS=1, the model is the `risk`
+example (6 -> 16 -> 1, ReLU, sigmoid), sessions are short. The leak tests record every
+frame a node party receives (``--record``) and search it for what it must not learn
+(`mpc.audit`); the same check is shown to trip on three broken layouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from gateway.pki import PKI
+from mpc.audit import Secrets, View, find_leaks
+from mpc.model import SCALE, ModelError, MpcModel, decode, encode, reconstruct, share
+from mpc.session import MpcError, MpcSession, MpcSettings, MpcUnavailable, PartyEndpoint
+from mpc.tls import Credentials, TrustStore, client_context
+from mpc.wire import WireError, decode_tensor, encode_json, encode_tensor, read_frame
+from tests.conftest import SITE
+
+pytestmark = pytest.mark.timeout(120)
+on_loop = pytest.mark.asyncio(loop_scope="session")
+
+REPO = Path(__file__).resolve().parents[1]
+RISK = REPO / "gateway" / "examples" / "risk.onnx"
+# CrypTen's sigmoid is a polynomial/Newton approximation on 16-bit fixed point; measured
+# max abs error on the risk model over N(0, 1.5) inputs is ~2e-3.
+TOLERANCE = 1e-2
+Array = np.ndarray[Any, Any]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+# =========================================================================== processes
+
+
+@dataclass
+class Party:
+    name: str
+    proc: subprocess.Popen[str]
+    address: str
+    record: Path
+    log: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_parties(
+    pki: PKI, names: Sequence[str], base: Path, code: str | None = None
+) -> list[Party]:
+    """Start party workers in parallel; ``code`` replaces ``-m mpc.party`` (leaky variants)."""
+    base.mkdir(parents=True, exist_ok=True)
+    pending = []
+    for name in names:
+        pki.ensure("node", name)
+        record, log = base / "record" / name, base / f"{name}.log"
+        head = [sys.executable, "-m", "mpc.party"] if code is None else [sys.executable, "-c", code]
+        cmd = [*head, "--name", name, "--pki", str(pki.root), "--record", str(record)]
+        with log.open("w") as err:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=ENV)
+        pending.append((name, proc, record, log))
+    parties = []
+    for name, proc, record, log in pending:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if "LISTENING" not in line:
+            proc.kill()
+            raise RuntimeError(f"party {name} did not start: {log.read_text()[-2000:]}")
+        parties.append(Party(name, proc, line.split()[-1], record, log))
+    return parties
+
+
+def endpoints(parties: Sequence[Party]) -> list[PartyEndpoint]:
+    return [PartyEndpoint(p.name, p.address, f"prov-{p.name}") for p in parties]
+
+
+@pytest.fixture(scope="module")
+def parties(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Party]]:
+    ps = start_parties(pki, ["n1", "n2"], tmp_path_factory.mktemp("mpc-parties"))
+    yield ps
+    for p in ps:
+        p.stop()
+
+
+@pytest.fixture(scope="module")
+def settings(pki: PKI) -> MpcSettings:
+    return MpcSettings.from_pki(pki.root, SITE, message_timeout_s=5.0, setup_timeout_s=30.0)
+
+
+@pytest.fixture(scope="module")
+def model() -> MpcModel:
+    return MpcModel.from_onnx(RISK, "risk")
+
+
+def plaintext(x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    sess = ort.InferenceSession(str(RISK), providers=["CPUExecutionProvider"])
+    out: np.ndarray[Any, Any] = sess.run(None, {"input": x.astype(np.float32)})[0]
+    return out
+
+
+def inputs(batch: int, seed: int) -> np.ndarray[Any, Any]:
+    return np.random.default_rng(seed).normal(0.0, 1.5, size=(batch, 6)).astype(np.float32)
+
+
+class ShareLog:
+    """The gateway's side of every secret: plaintext, encoding, shares by rank."""
+
+    def __init__(self, model: MpcModel) -> None:
+        self.model = model
+        self.secrets = Secrets()
+
+    def __call__(
+        self,
+        kind: str,
+        name: str,
+        shares: Sequence[np.ndarray[Any, Any]],
+        enc: np.ndarray[Any, Any],
+    ) -> None:
+        plain = self.model.weights[name] if kind == "weight" else decode(enc)
+        self.secrets.add(plain, enc, shares)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+# =========================================================================== shims
+
+
+def test_shim_onnx_registration_alias_is_needed_and_in_effect() -> None:
+    bare = subprocess.run(
+        [sys.executable, "-c", "import crypten"], capture_output=True, text=True, env=ENV
+    )
+    assert bare.returncode != 0 and "torch.onnx._internal.registration" in bare.stderr
+    from mpc import crypten_shim
+
+    assert crypten_shim.REGISTRATION_ALIASED
+    assert (
+        sys.modules["torch.onnx._internal.registration"]
+        is sys.modules["torch.onnx._internal.torchscript_exporter.registration"]
+    )
+    assert crypten_shim.crypten.__version__ == "0.4.1"
+
+
+def test_shim_guards_crypten_direct_torch_distributed() -> None:
+    from mpc import crypten_shim
+
+    # Still needed: CrypTen's own TTP code calls torch.distributed directly.
+    src = inspect.getsource(crypten_shim.crypten_ttp)
+    assert "dist.irecv" in src and "dist.barrier" in src and "dist.isend" in src
+    assert crypten_shim.crypten_ttp.dist is crypten_shim.GUARD
+    assert crypten_shim.crypten_dist_comm.dist is crypten_shim.GUARD
+    with pytest.raises(RuntimeError, match=r"torch\.distributed"):
+        crypten_shim.crypten_ttp.dist.irecv(None)
+    import torch
+
+    assert not torch.distributed.is_initialized()
+
+
+def test_shim_routes_communicator_and_ttp_client_through_tls() -> None:
+    from mpc import comm, crypten_shim
+
+    crypten = crypten_shim.crypten
+    # Needed: the names CrypTen looks up at call time are its gloo/pickle classes.
+    assert crypten_shim.ORIGINAL_COMMUNICATOR.__name__ == "DistributedCommunicator"
+    assert hasattr(crypten_shim.ORIGINAL_TTP_CLIENT, "get")
+    comm.install()
+    assert crypten.communicator.DistributedCommunicator is comm.TlsCommunicator
+    assert crypten.mpc.provider.ttp_provider.TTPClient is comm.DealerClient
+    assert crypten.cfg.mpc.provider == "TTP"
+    fake = comm.TlsCommunicator(0, 2, {}, 1.0)
+    comm.TlsCommunicator.instance = fake
+    try:
+        assert crypten.communicator.get() is fake
+        with pytest.raises(comm.MpcLinkError, match="pickle"):
+            fake.broadcast_obj({"x": 1}, 0)
+    finally:
+        comm.reset()
+    # crypten.init() would build gloo groups; with the shim it refuses instead.
+    with pytest.raises(RuntimeError, match=r"crypten\.init"):
+        crypten.init()
+
+
+# =========================================================================== units
+
+
+def test_fixed_point_sharing_round_trips_and_hides() -> None:
+    v = np.array([[0.5, -1.25, 3.0], [1e-3, -7.0, 0.0]])
+    enc = encode(v)
+    assert enc[0, 0] == SCALE // 2 and enc[1, 1] == -7 * SCALE
+    shares = share(enc, 3)
+    assert all(s.dtype == np.int64 for s in shares)
+    assert np.array_equal(reconstruct(shares), enc)
+    assert np.allclose(decode(reconstruct(shares)), v, atol=1 / SCALE)
+    # Any k-1 shares look uniform: none is the encoding itself.
+    assert not any(np.array_equal(s, enc) for s in shares)
+    with pytest.raises(ValueError):
+        encode(np.array([np.nan]))
+
+
+def test_model_extraction(tmp_path: Path) -> None:
+    m = MpcModel.from_onnx(RISK)
+    assert [o.op for o in m.program] == ["matmul", "add", "relu", "matmul", "add", "sigmoid"]
+    assert (m.input_dim, m.output_dim) == (6, 1)
+    assert "values" not in str(m.plan_json()) and m.plan_json()["weights"]["w1"] == [6, 16]
+    import onnx
+
+    bad = onnx.load(str(RISK))
+    bad.graph.node[2].op_type = "Tanh"
+    onnx.save(bad, tmp_path / "bad.onnx")
+    with pytest.raises(ModelError, match="Tanh"):
+        MpcModel.from_onnx(tmp_path / "bad.onnx")
+
+
+@on_loop
+async def test_wire_frames_only_int64_tensors_and_bounded_json() -> None:
+    with pytest.raises(WireError):
+        encode_tensor(np.zeros(3, dtype=np.float32))
+    arr = np.arange(6, dtype=np.int64).reshape(2, 3)
+    frame = encode_tensor(arr)
+    assert np.array_equal(decode_tensor(frame[8:]), arr)
+    reader = asyncio.StreamReader()
+    reader.feed_data(frame[:5])
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):  # one deadline for the whole message
+        await read_frame(reader, time.monotonic() + 0.2)
+    assert time.monotonic() - t0 < 1.0
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"ZMJ\x00" + (2**21).to_bytes(4, "little"))
+    with pytest.raises(WireError):
+        await read_frame(reader, time.monotonic() + 1)
+
+
+# =========================================================================== sessions
+
+
+@on_loop
+async def test_mpc_matches_plaintext(
+    parties: list[Party], settings: MpcSettings, model: MpcModel
+) -> None:
+    x_all = inputs(64, seed=1)
+    async with await MpcSession.start(model, endpoints(parties), settings) as session:
+        worst = 0.0
+        for batch in (x_all[:1], x_all[1:2], x_all[:16], x_all):
+            result = await session.infer(batch)
+            assert result.outputs.shape == (len(batch), 1)
+            worst = max(worst, float(np.max(np.abs(result.outputs - plaintext(batch)))))
+        assert worst < TOLERANCE, worst
+        assert result.parties == ("n1", "n2")
+        assert result.dealer == f"spiffe://{settings.trust_domain}/gateway/dealer"
+        assert set(result.bytes_per_party) == {"n1", "n2"}
+        assert all(
+            b["mesh_sent"] > 0 and b["to_gateway"] > 0 for b in result.bytes_per_party.values()
+        )
+        dealer = session.dealer_proc
+        assert dealer is not None
+    assert not session.alive and dealer.returncode is not None
+
+
+def leaks_of(parties: Sequence[Party], sid: str, log: ShareLog) -> dict[str, list[str]]:
+    return {
+        p.name: find_leaks(rank, View.load(p.record / sid), log.secrets)
+        for rank, p in enumerate(parties)
+    }
+
+
+@on_loop
+async def test_no_node_receives_inputs_weights_or_outputs(
+    parties: list[Party], settings: MpcSettings, model: MpcModel
+) -> None:
+    log = ShareLog(model)
+    session = await MpcSession.start(model, endpoints(parties), settings, share_hook=log)
+    for seed in (2, 3):
+        await session.infer(inputs(4, seed))
+    await session.close()
+    sid = session.session_id
+    views = {p.name: View.load(p.record / sid) for p in parties}
+    # The recording really is the session: inputs shares and the Beaver openings.
+    assert all(len(v.received) > 10_000 and v.opened.size > 100 for v in views.values())
+    assert len(log.secrets.encoded) == 4 + 2 * 2  # 4 weights, 2 inputs, 2 outputs
+    assert leaks_of(parties, sid, log) == {"n1": [], "n2": []}
+
+
+LEAKY_PARTY = r"""
+import os, sys, torch
+from mpc import party
+from mpc.comm import TlsCommunicator
+from mpc.worker_args import build_parser, config_from_args
+
+def ring_reduce(self, input, dst, op=None, batched=False):
+    # gloo's ring: reduce-scatter (each party sums one chunk), then the chunks go to dst.
+    t = input.clone().reshape(-1)
+    half = t.numel() // 2
+    chunks = [t[:half].contiguous(), t[half:].contiguous()]
+    other = 1 - self.rank
+    self._send(other, chunks[other])
+    mine = chunks[self.rank] + self._recv(other, chunks[self.rank].size())
+    if self.rank != dst:
+        self._send(dst, mine)
+        return None
+    theirs = self._recv(other, chunks[other].size())
+    return torch.cat([mine, theirs] if self.rank == 0 else [theirs, mine]).reshape(input.size())
+
+class Leaky(party.PartyWorker):
+    def output_share(self, y):
+        if open(os.environ["LEAK_MODE"]).read().strip() == "ring":
+            TlsCommunicator.reduce = ring_reduce
+        y.get_plain_text(dst=0)  # CrypTen's usual way to hand the result to party 0
+        return super().output_share(y)
+
+sys.exit(party.run_worker(config_from_args(build_parser().parse_args()), Leaky))
+"""
+
+
+@on_loop
+async def test_leak_check_trips_when_the_output_is_revealed_to_a_party(
+    pki: PKI, settings: MpcSettings, model: MpcModel, tmp_path: Path
+) -> None:
+    mode = tmp_path / "mode"
+    mode.write_text("gather")
+    ENV["LEAK_MODE"] = str(mode)
+    leaky = start_parties(pki, ["n1", "n2"], tmp_path, code=LEAKY_PARTY)
+    try:
+        found = {}
+        for how in ("gather", "ring"):
+            mode.write_text(how)
+            log = ShareLog(model)
+            async with await MpcSession.start(
+                model, endpoints(leaky), settings, share_hook=log
+            ) as session:
+                result = await session.infer(inputs(8, seed=4))
+                assert np.max(np.abs(result.outputs - plaintext(inputs(8, seed=4)))) < TOLERANCE
+            found[how] = leaks_of(leaky, session.session_id, log)
+        # Gather-then-sum at party 0: it received party 1's output share.
+        assert any(x.startswith("share") for x in found["gather"]["n1"]), found
+        # gloo-style ring reduce: reduced (plaintext) output chunks crossed the wire.
+        assert any(x.startswith("plaintext") for x in found["ring"]["n1"]), found
+    finally:
+        for p in leaky:
+            p.stop()
+
+
+@on_loop
+async def test_leak_check_trips_when_a_node_is_the_dealer(
+    pki: PKI, parties: list[Party], settings: MpcSettings, model: MpcModel, tmp_path: Path
+) -> None:
+    """The TFP-like layout: the dealer runs on a node (n3, operated by n1's provider).
+
+    Parties refuse a plan whose dealer is one of them, and the gateway refuses a node
+    dealer unless told it is a test; here it is told, and the dealer records its masks.
+    Any party's view plus those masks opens every Beaver-masked input and weight.
+    """
+    n3 = pki.ensure("node", "n3")
+    unsafe = replace(settings, dealer_cert=n3.cert, dealer_key=n3.key, dealer_record_dir=tmp_path)
+    with pytest.raises(MpcError, match="must not be a node"):
+        await MpcSession.start(model, endpoints(parties), unsafe)
+    tfp = replace(unsafe, allow_node_dealer=True)
+    log = ShareLog(model)
+    async with await MpcSession.start(model, endpoints(parties), tfp, share_hook=log) as session:
+        await session.infer(inputs(4, seed=5))
+    sid, masks = session.session_id, tmp_path / "dealer-masks.bin"
+    assert masks.stat().st_size > 0
+    assert leaks_of(parties, sid, log) == {"n1": [], "n2": []}
+    for p in parties:  # the node that also holds the dealer's masks
+        leaks = find_leaks(0, View.load(p.record / sid, masks), log.secrets)
+        assert any(x.startswith("unmasked") for x in leaks), leaks
+
+
+@on_loop
+async def test_dead_or_silent_party_ends_the_session_and_leaves_nothing(
+    pki: PKI, settings: MpcSettings, model: MpcModel, tmp_path: Path
+) -> None:
+    fast = replace(settings, message_timeout_s=2.0)
+    ps = start_parties(pki, ["n1", "n2"], tmp_path)
+    try:
+        # Killed mid-request: its peer and the gateway see the socket close at once.
+        session = await MpcSession.start(model, endpoints(ps), fast)
+        dealer = session.dealer_proc
+        assert dealer is not None
+        big = inputs(32768, seed=6)  # ~1.5 s of MPC here: long enough to die in
+        task = asyncio.ensure_future(session.infer(big))
+        await asyncio.sleep(0.3)
+        assert not task.done(), "request finished before the kill; raise the batch"
+        ps[1].proc.kill()
+        t_kill = time.monotonic()
+        with pytest.raises(MpcUnavailable) as err:
+            await task
+        assert time.monotonic() - t_kill < 2.0
+        assert "n1" in str(err.value) or "closed" in str(err.value), err.value
+        assert not session.alive and not alive(dealer.pid)
+        with pytest.raises(MpcUnavailable, match="closed"):
+            await session.infer(inputs(1, seed=7))
+        # Recovery is a new session: restart the party, re-init, re-share.
+        ps[1].proc.wait()
+        ps[1] = start_parties(pki, ["n2"], tmp_path / "again")[0]
+        session = await MpcSession.start(model, endpoints(ps), fast)
+        await session.infer(inputs(2, seed=8))
+        # Stopped (SIGSTOP) mid-request: nobody hangs; the deadline ends it.
+        dealer = session.dealer_proc
+        assert dealer is not None
+        task = asyncio.ensure_future(session.infer(big))
+        await asyncio.sleep(0.3)
+        os.kill(ps[1].proc.pid, signal.SIGSTOP)
+        t_stop = time.monotonic()
+        with pytest.raises(MpcUnavailable, match=r"no message from party1|before the deadline"):
+            await task
+        assert time.monotonic() - t_stop < fast.message_timeout_s + 2.0
+        assert not alive(dealer.pid)
+    finally:
+        for p in ps:
+            p.stop()
+    assert not any(alive(p.proc.pid) for p in ps)
+
+
+def _tls_try(address: str, creds: Credentials, hello: dict[str, Any]) -> dict[str, Any] | str:
+    """Connect, say hello, return the first reply or why there was none."""
+    host, port = address.rsplit(":", 1)
+    ctx = client_context(creds)
+    try:
+        with socket.create_connection((host, int(port)), timeout=5) as raw:
+            with ctx.wrap_socket(raw, server_hostname=host) as tls:
+                tls.sendall(encode_json(hello))
+                head = tls.recv(8)
+                if len(head) < 8:
+                    return "closed"
+                n = int.from_bytes(head[4:8], "little")
+                body = b""
+                while len(body) < n:
+                    chunk = tls.recv(n - len(body))
+                    if not chunk:
+                        return "closed"
+                    body += chunk
+                import json
+
+                reply: dict[str, Any] = json.loads(body)
+                return reply
+    except (ssl.SSLError, OSError) as exc:
+        return f"tls: {exc}"
+
+
+@on_loop
+async def test_only_this_sessions_identities_can_join(
+    pki: PKI, parties: list[Party], settings: MpcSettings, model: MpcModel
+) -> None:
+    n3 = pki.ensure("node", "n3")  # valid node certificate, same CA, not in the session
+    mallory = pki.ensure("client", "mallory")
+    node_trust = TrustStore(pki.node_ca_bundle(), pki.gateway_ca_bundle(SITE))
+    as_n3 = Credentials(n3.cert, n3.key, node_trust)
+    as_client = Credentials(mallory.cert, mallory.key, node_trust)
+    # Gateway-side pinning: n2's listener presented as n1's is refused before any plan.
+    swapped = [
+        PartyEndpoint("n1", parties[1].address, "a"),
+        PartyEndpoint("n2", parties[0].address, "b"),
+    ]
+    with pytest.raises(MpcUnavailable, match=r"is spiffe://ztgate.local/node/n\d, expected"):
+        await MpcSession.start(model, swapped, settings)
+    async with await MpcSession.start(model, endpoints(parties), settings) as session:
+        sid = session.session_id
+        dealer_address = session.dealer_address
+        loop = asyncio.get_running_loop()
+
+        async def attempt(addr: str, creds: Credentials, hello: dict[str, Any]) -> Any:
+            return await loop.run_in_executor(None, _tls_try, addr, creds, hello)
+
+        # n3 claims rank 0 towards party n2, and towards the dealer.
+        r = await attempt(parties[1].address, as_n3, {"type": "peer", "session": sid, "rank": 0})
+        assert isinstance(r, dict) and r["type"] == "rejected" and "not rank 0" in r["reason"], r
+        r = await attempt(dealer_address, as_n3, {"type": "party", "session": sid, "rank": 0})
+        assert isinstance(r, dict) and r["type"] == "rejected" and "not rank 0" in r["reason"], r
+        # A node certificate cannot act as the gateway.
+        r = await attempt(parties[0].address, as_n3, {"type": "plan", "session": sid})
+        assert isinstance(r, dict) and r["type"] == "rejected", r
+        # A client certificate fails the TLS handshake everywhere.
+        for addr in (parties[0].address, dealer_address):
+            r = await attempt(addr, as_client, {"type": "peer", "session": sid, "rank": 0})
+            assert isinstance(r, str) and (r.startswith("tls") or r == "closed"), r
+        # ...and the session is untouched.
+        x = inputs(2, seed=9)
+        result = await session.infer(x)
+        assert np.max(np.abs(result.outputs - plaintext(x))) < TOLERANCE
+
+
+# =========================================================================== the verifier
+
+
+@on_loop
+async def test_verifier_outcome(
+    parties: list[Party], settings: MpcSettings, tmp_path: Path
+) -> None:
+    from gateway.config import NodeConfig
+    from gateway.pipeline import Exchange
+    from gateway.protocol.problems import NoHealthyNode
+    from gateway.protocol.tensors import InferRequest, Tensor
+    from gateway.registry import Registry, seed_examples
+    from gateway.verify.mpc import MpcVerification
+
+    registry = Registry.open(tmp_path / "registry")
+    seed_examples(registry)
+    entry = next(e for e in registry.entries() if e.name == "risk")
+
+    @dataclass
+    class State:
+        config: NodeConfig
+
+    class Router:
+        nodes = [
+            State(NodeConfig(p.name, "-", f"{p.name}.node", "-", "eu", f"prov-{p.name}"))
+            for p in parties
+        ]
+
+        def candidates(self, model: str, allowed: Any = None) -> list[State]:
+            return [s for s in self.nodes if allowed is None or allowed(s.config)]
+
+    verifier = MpcVerification(settings, {p.name: p.address for p in parties})
+    x_in = inputs(3, seed=10)
+    exchange = Exchange(scope={}, deadline=time.monotonic() + 60)
+    exchange.entry = entry
+    exchange.request = InferRequest("risk", None, None, (Tensor("input", "FP32", (3, 6), x_in),))
+    exchange.mode = "mpc"
+
+    class Allow:  # policy's decision, as far as the verifier reads it
+        def node_allowed(self, mode: str, node: str) -> bool:
+            return mode == "mpc"
+
+    exchange.decision = Allow()  # type: ignore[assignment]
+    try:
+        outcome = await verifier.run(exchange, Router())  # type: ignore[arg-type]
+        assert outcome.status == "semi-honest-mpc" and outcome.nodes == ("n1", "n2")
+        assert outcome.outputs[0].name == "score" and outcome.outputs[0].shape == (3, 1)
+        assert np.max(np.abs(outcome.outputs[0].data - plaintext(x_in))) < TOLERANCE
+        ev = outcome.evidence
+        assert ev["parties"] == ["n1", "n2"] and ev["dealer"].endswith("/gateway/dealer")
+        assert ev["session"] and set(ev["bytes_per_party"]) == {"n1", "n2"}
+        # Same provider twice: refused (non-collusion needs distinct providers).
+        Router.nodes[1].config = NodeConfig("n2", "-", "-", "-", "eu", "prov-n1")
+        with pytest.raises(NoHealthyNode, match="distinct providers"):
+            await verifier.run(exchange, Router())  # type: ignore[arg-type]
+    finally:
+        await verifier.close()
+
+
+def test_cli_registers_party_and_dealer() -> None:
+    import argparse
+
+    from gateway.cli import mpc as cli_mpc
+
+    parser = argparse.ArgumentParser()
+    cli_mpc.register(parser.add_subparsers(dest="noun"))
+    args = parser.parse_args(
+        ["mpc", "party", "--name", "n1", "--pki", "/x", "--listen", "0.0.0.0:7000"]
+    )
+    assert args.name == "n1" and args.listen == "0.0.0.0:7000" and callable(args.func)
