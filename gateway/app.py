@@ -68,6 +68,7 @@ from gateway.routing.router import Router
 from gateway.state import StateStore
 from gateway.verify import Verifier
 from gateway.verify.none import NoVerification
+from gateway.verify.redundant import RedundantVerification
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,9 @@ class Gateway:
         )
         stages: list[Stage] = [
             PolicyStage(self.policy, self.router, self.revocations),
-            ModeStage(self.verifiers),
+            ModeStage(
+                self.verifiers, {"zk": self.cfg.zk.deadline_s, "mpc": self.cfg.mpc.deadline_s}
+            ),
             RateLimitStage(self.store, "rate"),
             RouteStage(self.router),
             VerifyStage(self.verifiers, self.router),
@@ -140,7 +143,10 @@ class Gateway:
 
     @classmethod
     def default_verifiers(cls, cfg: Config) -> dict[str, Verifier]:
-        return {"none": NoVerification(cfg.limits.max_output_bytes)}
+        return {
+            "none": NoVerification(cfg.limits.max_output_bytes),
+            "redundant": RedundantVerification(cfg.limits.max_output_bytes),
+        }
 
     async def authenticate(self, scope: Any) -> Identity:
         x = Exchange(scope=scope, deadline=0.0)
@@ -428,6 +434,7 @@ async def _read_body(request: Request, cap: int) -> bytes:
 async def _infer(gw: Gateway, request: Request) -> Response:
     started = time.monotonic()
     x = Exchange(scope=request.scope, deadline=gw.deadline(request))
+    x.client_deadline = DEADLINE_HEADER in request.headers
     x.identity = request.state.identity
     x.entry = gw.entry(request.path_params["name"], request.path_params.get("version"))
     raw_length = request.headers.get("inference-header-content-length")

@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import select
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from gateway.node.repository import build_repository
 from gateway.node.triton import NodeSpec, NodeSupervisor, TritonProcess, triton_home
 from gateway.pki import DEFAULT_SITE, PKI
-from gateway.registry import Registry, seed_examples
+from gateway.registry import ModelEntry, Registry, seed_examples
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,9 @@ class LocalCluster:
     gateway_port: int = 8443
     admin_port: int = 8081
     supervisors: list[NodeSupervisor] = field(default_factory=list)
+    parties: list[subprocess.Popen[str]] = field(default_factory=list)
+    with_zk: bool = True
+    with_mpc: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.nodes <= len(LAYOUT):
@@ -77,6 +86,7 @@ class LocalCluster:
         pki = self.prepare()
         entries = Registry.open(self.root / "registry").entries()
         repo = build_repository(entries, self.root / "nodes" / "repository")
+        zk_dirs = self.prepare_zk(repo, entries) if self.with_zk else []
         home = triton_home(self.root / "triton-home")
         table = []
         for name, region, provider in LAYOUT[: self.nodes]:
@@ -122,10 +132,56 @@ class LocalCluster:
         if errors:
             self.stop()
             raise errors[0]
-        self.write_config(pki, table)
+        if self.with_mpc:
+            try:
+                for node in table:
+                    node["mpc_address"] = self.start_party(node["name"])
+            except RuntimeError:
+                self.stop()
+                raise
+        self.write_config(pki, table, zk_dirs)
         return table
 
-    def write_config(self, pki: PKI, table: list[dict[str, str]]) -> None:
+    def prepare_zk(self, repo: Path, entries: list[ModelEntry]) -> list[str]:
+        """Onboard iris for zk once (ezkl setup: tens of seconds), and serve `iris-zk`."""
+        from zk.onboard import onboard
+        from zk.repository import add_zk_model
+
+        iris = next(e for e in entries if e.name == "iris")
+        out = self.root / "zk" / "iris"
+        if not (out / "zk.json").is_file():
+            log.info("onboarding iris for zk proofs (one time; ezkl setup takes a while)")
+            rng = np.random.default_rng(0)
+            low = np.array([4.3, 2.0, 1.0, 0.1], np.float32)
+            high = np.array([7.9, 4.4, 6.9, 2.5], np.float32)
+            calibration = (low + rng.random((32, 4), dtype=np.float32) * (high - low)).astype(
+                np.float32
+            )
+            onboard(iris.path, "iris", calibration, out, mode="dev")
+        add_zk_model(repo, "iris", out, iris)
+        return ["zk/iris"]
+
+    def start_party(self, name: str, deadline_s: float = 60.0) -> str:
+        """This node's MPC party worker (same node identity); returns its address."""
+        log_path = self.root / "nodes" / name / "mpc-party.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            sys.executable, "-m", "mpc.party", "--name", name, "--pki", str(self.root / "pki"),
+            "--site", self.site, "--listen", "127.0.0.1:0",
+        ]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        with log_path.open("w") as err:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        self.parties.append(proc)
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], deadline_s)
+        line = proc.stdout.readline() if ready else ""
+        if "LISTENING" not in line:
+            proc.kill()
+            raise RuntimeError(f"MPC party {name} did not start: {log_path.read_text()[-800:]}")
+        return line.split()[-1]
+
+    def write_config(self, pki: PKI, table: list[dict[str, str]], zk_dirs: list[str]) -> None:
         gw = f"pki/gateway/{self.site}"
         lines = [
             "# Written by `ztgate up`: a dev-mode gateway in front of the local nodes.",
@@ -157,11 +213,29 @@ class LocalCluster:
             'signing_key = "pki/keys/receipt-signing.key"',
             'log_key = "pki/keys/log-checkpoint.key"',
         ]
+        if zk_dirs:
+            lines += ["", "[zk]", f"artefacts = {json.dumps(zk_dirs)}"]
+        if any("mpc_address" in n for n in table):
+            lines += [
+                "",
+                "[mpc]",
+                f'dealer_cert = "{gw}/dealer.crt"',
+                f'dealer_key = "{gw}/dealer.key"',
+            ]
         for node in table:
             lines += ["", "[[nodes]]"] + [f"{k} = {json.dumps(v)}" for k, v in node.items()]
         self.config_path.write_text("\n".join(lines) + "\n")
 
     def stop(self) -> None:
+        for proc in self.parties:
+            proc.terminate()
+        for proc in self.parties:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        self.parties.clear()
         threads = [threading.Thread(target=s.stop) for s in self.supervisors]
         for t in threads:
             t.start()

@@ -19,10 +19,14 @@ are resolved against the config file's directory. See docs/config.md for every k
                 max_pending_per_node, health_interval_s, ewma_alpha
     [state]     redis_url, revocation_sync_s
     [receipts]  signing_key, log_key, dir, checkpoint_interval_s
+    [zk]        artefacts, workers, deadline_s
+    [mpc]       dealer_cert, dealer_key, dealer_listen, dealer_advertise_host, parties,
+                deadline_s
     [policy]    dir | bundle, officer_keys, default_rate, pre_policy_rate,
                 default_residency, watch_interval_s
     [policy.models.<name>]  owner, residency
-    [[nodes]]   name, address, dns_name, spiffe_id, region, provider, trust, models, labels
+    [[nodes]]   name, address, dns_name, spiffe_id, region, provider, trust, models, labels,
+                mpc_address
 """
 
 from __future__ import annotations
@@ -104,6 +108,23 @@ class Receipts:
 
 
 @dataclass(frozen=True)
+class Zk:
+    artefacts: tuple[str, ...] = ()  # `ztgate zk onboard` output directories (verifier side)
+    workers: int = 1  # proof-verification worker processes
+    deadline_s: float = 120.0  # proving takes seconds: the default deadline for mode zk
+
+
+@dataclass(frozen=True)
+class Mpc:
+    dealer_cert: Path | None = None  # spiffe://<td>/gateway/dealer, from the site gateway CA
+    dealer_key: Path | None = None
+    dealer_listen: str = "127.0.0.1:0"
+    dealer_advertise_host: str | None = None  # what parties dial; default: the listen host
+    parties: int = 2
+    deadline_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class ModelPolicy:
     """Facts about a model that policy decides on and the registry does not hold."""
 
@@ -134,6 +155,7 @@ class NodeConfig:
     region: str
     provider: str
     trust: int = 1  # 0: untrusted hardware (policy may allow only mpc there)
+    mpc_address: str | None = None  # host:port of the node's `ztgate mpc party`
     models: tuple[str, ...] = ()  # empty: every model in the registry
     labels: tuple[tuple[str, str], ...] = ()
 
@@ -155,6 +177,8 @@ class Config:
     state: State = field(default_factory=State)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     receipts: Receipts = field(default_factory=Receipts)
+    zk: Zk = field(default_factory=Zk)
+    mpc: Mpc = field(default_factory=Mpc)
     nodes: tuple[NodeConfig, ...] = ()
 
     def dev_only_items(self) -> list[str]:
@@ -254,11 +278,23 @@ def load_config(path: Path) -> Config:
 def parse_config(raw: dict[str, Any], base: Path) -> Config:
     raw = dict(raw)
     sections: dict[str, Any] = {}
-    for name, cls in (("listen", Listen), ("limits", Limits), ("routing", Routing)):
+    simple: tuple[tuple[str, type], ...] = (
+        ("listen", Listen),
+        ("limits", Limits),
+        ("routing", Routing),
+        ("zk", Zk),
+        ("mpc", Mpc),
+    )
+    for name, cls in simple:
         if name in raw:
             sections[name] = _build(cls, raw.pop(name), name, base)
     if "state" in raw:
         sections["state"] = _build(State, raw.pop("state"), "state", base)
+    if "zk" in sections:
+        z = sections["zk"]
+        sections["zk"] = dataclasses.replace(
+            z, artefacts=tuple(str((base / a).resolve()) for a in z.artefacts)
+        )
     if "receipts" in raw:
         sections["receipts"] = _build(Receipts, raw.pop("receipts"), "receipts", base)
         r = sections["receipts"]

@@ -51,6 +51,8 @@ class Exchange:
     scope: Mapping[str, Any]
     deadline: float  # time.monotonic()
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    started: float = field(default_factory=time.monotonic)
+    client_deadline: bool = False  # the client set its own deadline: modes keep it
     entry: ModelEntry | None = None
     request: InferRequest | None = None
     payload_bytes: int = 0
@@ -163,8 +165,17 @@ class PolicyStage:
 class ModeStage:
     """Chooses the verification mode: the client's ask if allowed, else the cheapest."""
 
-    def __init__(self, verifiers: Mapping[str, Verifier]) -> None:
+    def __init__(
+        self, verifiers: Mapping[str, Verifier], deadlines: Mapping[str, float] | None = None
+    ) -> None:
         self.verifiers = verifiers
+        # Slow modes (proving, MPC) get their own default deadline.
+        self.deadlines = dict(deadlines or {})
+
+    def _chose(self, x: Exchange, mode: str) -> None:
+        x.mode = mode
+        if not x.client_deadline and mode in self.deadlines:
+            x.deadline = max(x.deadline, x.started + self.deadlines[mode])
 
     async def __call__(self, x: Exchange) -> None:
         assert x.decision is not None and x.request is not None and x.identity is not None
@@ -175,7 +186,7 @@ class ModeStage:
         if asked is not None:
             if asked not in MODES:
                 raise Forbidden(f"unknown verification mode {asked!r}; one of {', '.join(MODES)}")
-            x.mode = str(asked)
+            self._chose(x, str(asked))
             log_decision(x.decision, facts, x.entry.name, x.mode)
             if asked not in allowed:
                 raise Forbidden(f"verification mode {asked!r} is not allowed for this request")
@@ -183,7 +194,7 @@ class ModeStage:
         if not allowed:
             log_decision(x.decision, facts, x.entry.name, None)
             raise Forbidden("policy allows no verification mode this gateway offers")
-        x.mode = allowed[0]
+        self._chose(x, allowed[0])
         log_decision(x.decision, facts, x.entry.name, x.mode)
 
 

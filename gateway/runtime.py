@@ -83,6 +83,50 @@ def open_receipts(cfg: Config) -> ReceiptService | None:
         raise ConfigError(f"receipts: {exc}") from exc
 
 
+def add_proof_modes(cfg: Config, gw: Gateway) -> None:
+    """zk and mpc, where configured; each owns worker processes for the gateway's lifetime."""
+    if cfg.zk.artefacts:
+        from gateway.verify.zk import ZkVerification
+        from zk.verifier import ZkVerifierPool
+
+        pool = ZkVerifierPool(cfg.zk.workers, cache_dir=cfg.data_dir / "ezkl")
+        try:
+            gw.verifiers["zk"] = ZkVerification.from_dirs(cfg.zk.artefacts, pool)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"zk.artefacts: {exc}") from exc
+
+        async def zk_pool(stop: asyncio.Event) -> None:
+            await pool.warm()
+            await stop.wait()
+            pool.close()
+
+        gw.background.append(zk_pool)
+    parties = {n.name: n.mpc_address for n in cfg.nodes if n.mpc_address}
+    if cfg.mpc.dealer_cert is not None and cfg.mpc.dealer_key is not None and parties:
+        from gateway.verify.mpc import MpcVerification
+        from mpc.session import MpcSettings
+
+        settings = MpcSettings(
+            trust_domain=cfg.trust_domain,
+            node_ca=cfg.tls.node_ca,
+            client_cert=cfg.tls.node_client_cert,
+            client_key=cfg.tls.node_client_key,
+            dealer_cert=cfg.mpc.dealer_cert,
+            dealer_key=cfg.mpc.dealer_key,
+            dealer_listen=cfg.mpc.dealer_listen,
+            dealer_advertise_host=cfg.mpc.dealer_advertise_host,
+            request_timeout_s=cfg.mpc.deadline_s,
+        )
+        verifier = MpcVerification(settings, parties, parties=cfg.mpc.parties)
+        gw.verifiers["mpc"] = verifier
+
+        async def mpc_sessions(stop: asyncio.Event) -> None:
+            await stop.wait()
+            await verifier.close()
+
+        gw.background.append(mpc_sessions)
+
+
 def build_gateway(cfg: Config) -> Gateway:
     check_mode(cfg)
     models = load_models(cfg)
@@ -118,6 +162,7 @@ def build_gateway(cfg: Config) -> Gateway:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=cfg.policy.watch_interval_s)
 
+    add_proof_modes(cfg, gw)
     gw.background.append(sync_revocations)
     if cfg.policy.dir is not None:
         gw.background.append(watch_policy)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -14,9 +13,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 IRIS = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]], np.float32)
+RISK = np.array([[0.3, 1.2, -0.5, 0.8, 0.0, 1.5]], np.float32)
 SPECIES = ("setosa", "versicolor", "virginica")
+# One request per mode, each by a caller the shipped policies allow it for
+# (policies/identities.json): apps may use none/redundant on public models, analysts any
+# mode, and only cleared staff may call the restricted risk model, under mpc, with a purpose.
+DEMO_REQUESTS: tuple[tuple[str, str, str, npt.NDArray[np.float32], dict[str, str]], ...] = (
+    ("none", "demo", "iris", IRIS, {}),
+    ("redundant", "demo", "iris", IRIS, {}),
+    ("zk", "alice", "iris", IRIS[:1], {}),
+    ("mpc", "carol", "risk", RISK, {"ztgate.purpose": "credit-decision"}),
+)
 
 
 def register(sub: Any) -> None:
@@ -44,7 +54,7 @@ def _demo(args: argparse.Namespace) -> int:
     from tritonclient.utils import InferenceServerException
 
     from gateway.cluster import LocalCluster, free_port
-    from gateway.verify import MODES
+    from gateway.pki import PKI
 
     cluster = LocalCluster(args.dir, args.nodes, gateway_port=free_port(), admin_port=free_port())
     print(f"starting {args.nodes} Triton nodes under {cluster.root} ...")
@@ -53,10 +63,15 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"nodes ready in {time.monotonic() - t0:.1f}s:")
     for n in table:
         print(f"  {n['name']}  {n['address']}  {n['region']}/{n['provider']}")
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(cluster.config_path)],
-        start_new_session=True,
-    )
+    gateway_log = cluster.root / "gateway.log"
+    print(f"gateway log (decisions, warnings): {gateway_log}")
+    with gateway_log.open("w") as sink:
+        gateway = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(cluster.config_path)],
+            start_new_session=True,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
     try:
         admin = f"http://127.0.0.1:{cluster.admin_port}/v2/health/ready"
         if not _wait_ready(admin, 30, gateway):
@@ -64,38 +79,44 @@ def _demo(args: argparse.Namespace) -> int:
             return 1
         print(f"gateway ready on https://127.0.0.1:{cluster.gateway_port} (mTLS)\n")
         pki = cluster.root / "pki"
-        client = httpclient.InferenceServerClient(
-            f"127.0.0.1:{cluster.gateway_port}",
-            ssl=True,
-            ssl_options={
-                "ca_certs": str(pki / "root" / "ca.crt"),
-                "certfile": str(pki / "clients" / "demo" / "client.crt"),
-                "keyfile": str(pki / "clients" / "demo" / "client.key"),
-            },
-            network_timeout=30.0,
-        )
         failures = 0
-        for mode in MODES:
-            inp = httpclient.InferInput("input", list(IRIS.shape), "FP32")
-            inp.set_data_from_numpy(IRIS, binary_data=True)
+        for mode, caller, model, x, params in DEMO_REQUESTS:
+            pki_obj = PKI.open(pki)
+            pki_obj.ensure("client", caller)
+            client = httpclient.InferenceServerClient(
+                f"127.0.0.1:{cluster.gateway_port}",
+                ssl=True,
+                ssl_options={
+                    "ca_certs": str(pki / "root" / "ca.crt"),
+                    "certfile": str(pki / "clients" / caller / "client.crt"),
+                    "keyfile": str(pki / "clients" / caller / "client.key"),
+                },
+                network_timeout=180.0,
+            )
+            inp = httpclient.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x, binary_data=True)
             start = time.monotonic()
             try:
-                result = client.infer("iris", [inp], parameters={"ztgate.verification": mode})
+                result = client.infer(
+                    model, [inp], parameters={"ztgate.verification": mode, **params}
+                )
             except InferenceServerException as exc:
-                print(f"[{mode:9}] not served: {exc.message()}")
-                failures += mode == "none"
+                print(f"[{mode:9}] {caller}/{model}: not served: {exc.message()}")
+                failures += 1
                 continue
+            finally:
+                client.close()
             ms = (time.monotonic() - start) * 1000
-            probs = result.as_numpy("probabilities")
-            params = result.get_response().get("parameters", {})
-            names = [SPECIES[i] for i in probs.argmax(axis=1)]
+            out = result.get_response()["outputs"][0]["name"]
+            y = result.as_numpy(out)
+            p = result.get_response().get("parameters", {})
+            shown = [SPECIES[i] for i in y.argmax(axis=1)] if model == "iris" else y.ravel()
             print(
-                f"[{mode:9}] {names}  node={params.get('ztgate.nodes')}  "
-                f"status={params.get('ztgate.verification_status')}  {ms:.1f} ms"
+                f"[{mode:9}] {caller}/{model} -> {shown}  nodes={p.get('ztgate.nodes')}  "
+                f"{p.get('ztgate.verification_status')}  {ms:.0f} ms"
             )
-            print(f"            probabilities={np.round(probs, 4).tolist()}")
-            print(f"            parameters={json.dumps(params, sort_keys=True)}")
-        client.close()
+            print(f"            receipt {p.get('ztgate.receipt_id')}")
+            print(f"            {p.get('ztgate.receipt')}")
         return 1 if failures else 0
     finally:
         os.killpg(gateway.pid, signal.SIGTERM)

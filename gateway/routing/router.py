@@ -150,6 +150,12 @@ class Router:
             return Routed(outputs, state.config, attempt, tuple(tried), nonfinite)
         raise UpstreamFailed(f"every node tried failed ({', '.join(tried)}): {'; '.join(reasons)}")
 
+    async def charge(self, node: str) -> None:
+        """Count a failure a verifier found after the reply passed routing's checks."""
+        state = self.nodes.get(node)
+        if state is not None:
+            await self._failed(state)
+
     async def _failed(self, state: NodeState) -> None:
         state.failures += 1
         state.failed += 1

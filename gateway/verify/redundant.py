@@ -1,0 +1,127 @@
+"""Mode `redundant`: the same request on nodes of independent providers; answer only if they agree.
+
+Two nodes from different providers run the request at once. If their outputs agree (floats
+within a tolerance, everything else exactly), that is the answer. If they disagree, a node
+from a third provider breaks the tie: the majority answer stands and the outvoted node is
+charged a failure (so it is ejected if it keeps lying). With no majority the request fails
+(502): the gateway never picks one of two conflicting answers.
+
+This catches a lying node unless nodes of different providers collude; it does not prove
+anything about the model, as `zk` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from gateway.protocol.problems import NoHealthyNode, UpstreamFailed
+from gateway.protocol.tensors import Tensor
+from gateway.verify import Outcome
+
+if TYPE_CHECKING:
+    from gateway.config import NodeConfig
+    from gateway.pipeline import Exchange
+    from gateway.routing.router import Routed, Router
+
+
+def agree(
+    a: list[Tensor] | tuple[Tensor, ...],
+    b: list[Tensor] | tuple[Tensor, ...],
+    rtol: float,
+    atol: float,
+) -> bool:
+    by_name = {t.name: t for t in b}
+    if len(a) != len(b) or set(by_name) != {t.name for t in a}:
+        return False
+    for t in a:
+        u = by_name[t.name]
+        if t.datatype != u.datatype or t.shape != u.shape:
+            return False
+        if t.data.dtype.kind == "f":
+            if not np.allclose(t.data, u.data, rtol=rtol, atol=atol, equal_nan=True):
+                return False
+        elif not np.array_equal(t.data, u.data):
+            return False
+    return True
+
+
+class RedundantVerification:
+    mode = "redundant"
+
+    def __init__(self, max_output_bytes: int, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+        self.max_output_bytes = max_output_bytes
+        self.rtol = rtol
+        self.atol = atol
+
+    async def _on(self, x: Exchange, router: Router, node: NodeConfig) -> Routed | None:
+        assert x.entry is not None and x.request is not None
+        try:
+            return await router.infer(
+                x.entry,
+                x.request.inputs,
+                tuple(o.name for o in x.request.outputs),
+                x.deadline,
+                allowed=lambda n: n.name == node.name and x.node_allowed(n),
+                request_id=x.request_id,
+                max_output_bytes=self.max_output_bytes,
+            )
+        except (UpstreamFailed, NoHealthyNode):
+            return None
+
+    async def run(self, x: Exchange, router: Router) -> Outcome:
+        assert x.entry is not None
+        candidates = sorted(
+            (s for s in router.candidates(x.entry.name, x.node_allowed)),
+            key=lambda s: s.score(),
+        )
+        # One node per provider, best-scoring first: independence is the point.
+        by_provider: dict[str, NodeConfig] = {}
+        for s in candidates:
+            by_provider.setdefault(s.config.provider, s.config)
+        pool = list(by_provider.values())
+        if len(pool) < 2:
+            raise NoHealthyNode(
+                "redundant mode needs healthy nodes of two independent providers", retry_after=1
+            )
+        first = await asyncio.gather(*(self._on(x, router, n) for n in pool[:2]))
+        answers = [r for r in first if r is not None]
+        spare = pool[2:]
+        # Replace a failed node by one of another provider, while any are left.
+        while len(answers) < 2 and spare:
+            got = await self._on(x, router, spare.pop(0))
+            if got is not None:
+                answers.append(got)
+        if len(answers) < 2:
+            raise UpstreamFailed("fewer than two independent nodes answered")
+        a, b = answers[0], answers[1]
+        if agree(a.outputs, b.outputs, self.rtol, self.atol):
+            return self._outcome([a, b], "agreed")
+        # Disagreement: a third provider breaks the tie, or nobody gets an answer.
+        while spare:
+            c = await self._on(x, router, spare.pop(0))
+            if c is None:
+                continue
+            for winner, loser in ((a, b), (b, a)):
+                if agree(winner.outputs, c.outputs, self.rtol, self.atol):
+                    await router.charge(loser.node.name)
+                    return self._outcome([winner, c], "agreed-by-majority")
+            break
+        for r in (a, b):
+            await router.charge(r.node.name)
+        raise UpstreamFailed(
+            f"nodes {a.node.name} and {b.node.name} disagree and no majority could be formed"
+        )
+
+    def _outcome(self, routed: list[Routed], status: str) -> Outcome:
+        return Outcome(
+            outputs=tuple(routed[0].outputs),
+            nodes=tuple(r.node.name for r in routed),
+            mode=self.mode,
+            status=status,
+            attempts=sum(r.attempts for r in routed),
+            nonfinite=any(r.nonfinite for r in routed),
+            evidence={"providers": [r.node.provider for r in routed]},
+        )

@@ -1,0 +1,138 @@
+"""Mode `redundant` against real nodes: agreement across providers, and a subtle liar."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from gateway.node.repository import build_repository
+from gateway.node.triton import NodeSpec, TritonProcess
+from gateway.pki import PKI
+from gateway.protocol.tensors import Tensor
+from gateway.registry import Registry
+from gateway.verify.redundant import agree
+from tests.conftest import SITE, TritonCluster, free_port
+from tests.gateway_harness import client_context, gateway_config, running_gateway
+from tests.test_gateway import IRIS, infer_body, node_table
+
+# Right names, dtypes and shapes, wrong numbers: only a second opinion catches it.
+SUBTLE_LIAR = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        out = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, "input").as_numpy()
+            lie = np.tile(np.array([[0.0, 0.0, 1.0]], dtype=np.float32), (x.shape[0], 1))
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("probabilities", lie)]))
+        return out
+"""
+
+
+@pytest.fixture(scope="module")
+def registry_dir(triton_repository: Path) -> Path:
+    return triton_repository.parent / "registry"
+
+
+@pytest.fixture(scope="module")
+def subtle_liar(
+    pki: PKI, triton_home: Path, registry_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    base = tmp_path_factory.mktemp("subtle")
+    entries = [e for e in Registry.open(registry_dir).entries() if e.name == "iris"]
+    repo = build_repository(entries, base / "repository")
+    (repo / "iris" / entries[0].version / "model.py").write_text(SUBTLE_LIAR)
+    issued = pki.ensure("node", "sly")
+    spec = NodeSpec(
+        name="sly",
+        region="eu-west",
+        provider="prov-x",
+        grpc_port=free_port(),
+        http_port=free_port(),
+        repository=repo,
+        cert=issued.cert,
+        key=issued.key,
+        client_ca=pki.gateway_ca_bundle(SITE),
+        workdir=base / "work",
+    )
+    proc = TritonProcess(spec, triton_home)
+    proc.start(60)
+    try:
+        yield {
+            "name": "sly",
+            "address": spec.grpc_address,
+            "dns_name": pki.node_dns_name("sly"),
+            "spiffe_id": issued.spiffe_id,
+            "region": "eu-west",
+            "provider": "prov-x",
+        }
+    finally:
+        proc.stop()
+
+
+def _ask(gw: Any, pki: PKI) -> httpx.Response:
+    demo = pki.ensure("client", "demo")
+    body = infer_body(IRIS)
+    body["parameters"] = {"ztgate.verification": "redundant"}
+    with httpx.Client(verify=client_context(pki, demo.cert, demo.key), timeout=20) as c:
+        return c.post(f"{gw.base}/v2/models/iris/infer", json=body)
+
+
+def test_honest_nodes_of_two_providers_agree(
+    pki: PKI, triton_cluster: TritonCluster, registry_dir: Path, tmp_path: Path
+) -> None:
+    cfg = gateway_config(pki, registry_dir, tmp_path / "a", node_table(triton_cluster))
+    with running_gateway(cfg) as gw:
+        r = _ask(gw, pki)
+    assert r.status_code == 200, r.text
+    params = r.json()["parameters"]
+    assert params["ztgate.verification"] == "redundant"
+    assert params["ztgate.verification_status"] == "agreed"
+    nodes = params["ztgate.nodes"].split(",")
+    providers = {n["name"]: n["provider"] for n in node_table(triton_cluster)}
+    assert len(nodes) == 2 and providers[nodes[0]] != providers[nodes[1]]
+
+
+def test_a_subtle_liar_is_outvoted_or_nobody_gets_an_answer(
+    pki: PKI,
+    subtle_liar: dict[str, Any],
+    triton_cluster: TritonCluster,
+    registry_dir: Path,
+    tmp_path: Path,
+) -> None:
+    honest = node_table(triton_cluster)
+    # Two providers, one of them lying: no majority, so no answer at all.
+    cfg = gateway_config(pki, registry_dir, tmp_path / "a", [subtle_liar, honest[0]])
+    with running_gateway(cfg) as gw:
+        r = _ask(gw, pki)
+        assert r.status_code == 502 and "disagree" in r.json()["detail"]
+    # Three providers: the honest majority answers, and the liar is charged.
+    cfg = gateway_config(pki, registry_dir, tmp_path / "b", [subtle_liar, *honest[:2]])
+    with running_gateway(cfg) as gw:
+        for _ in range(6):
+            r = _ask(gw, pki)
+            assert r.status_code == 200, r.text
+            probs = np.array(r.json()["outputs"][0]["data"], np.float32).reshape(3, 3)
+            assert probs.argmax(axis=1).tolist() != [2, 2, 2]  # not the lie
+            assert "sly" not in r.json()["parameters"]["ztgate.nodes"].split(",")
+        assert gw.gw.router.nodes["sly"].failed >= 1
+
+
+def test_agreement_rules() -> None:
+    def t(v: Any, dt: str = "FP32") -> list[Tensor]:
+        arr = np.asarray(v, dtype=np.float32 if dt == "FP32" else np.int64)
+        return [Tensor("y", dt, arr.shape, arr)]
+
+    assert agree(t([1.0, 2.0]), t([1.0, 2.0 + 1e-7]), 1e-4, 1e-5)
+    assert not agree(t([1.0, 2.0]), t([1.0, 2.1]), 1e-4, 1e-5)
+    assert not agree(t([1.0, 2.0]), t([[1.0, 2.0]]), 1e-4, 1e-5)
+    assert not agree(t([1, 2], "INT64"), t([1, 3], "INT64"), 1e-4, 1e-5)
+    assert not agree(t([1.0]), [], 1e-4, 1e-5)
