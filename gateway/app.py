@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -49,10 +49,12 @@ from gateway.protocol.problems import (
     Forbidden,
     Internal,
     MethodNotAllowed,
+    NoHealthyNode,
     NotFound,
     PayloadTooLarge,
     Problem,
     RateLimited,
+    Replayed,
     UnknownModel,
     UnknownVersion,
     UnsupportedMediaType,
@@ -65,7 +67,7 @@ from gateway.receipts.service import ReceiptService
 from gateway.registry import ModelEntry
 from gateway.revocation import Revocations
 from gateway.routing.router import Router
-from gateway.state import StateStore
+from gateway.state import StateStore, StoreUnavailable
 from gateway.verify import Verifier
 from gateway.verify.none import NoVerification
 from gateway.verify.redundant import RedundantVerification
@@ -73,6 +75,7 @@ from gateway.verify.redundant import RedundantVerification
 log = logging.getLogger(__name__)
 
 DEADLINE_HEADER = "ztgate-deadline-ms"
+NONCE_HEADER = "ztgate-nonce"
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -95,6 +98,7 @@ class Metrics:
             buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
         self.app_calls = 0  # requests that reached the app at all (tests assert on it)
+        self.gauges = False
 
 
 @dataclass
@@ -140,6 +144,34 @@ class Gateway:
             max_json_depth=self.cfg.limits.max_json_depth,
         )
         self.router.probe_models = {name: self.latest(name) for name in self.models}
+        self._gauges()
+
+    def _gauges(self) -> None:
+        """State an operator alerts on, read when Prometheus scrapes."""
+        if self.metrics.gauges:  # a copy of a Gateway (dataclasses.replace) shares them
+            return
+        self.metrics.gauges = True
+        reg = self.metrics.registry
+        for name, doc, fn in (
+            (
+                "ztgate_revocation_staleness_seconds",
+                "Seconds since the revocation set last synced (fails closed past the budget)",
+                self.revocations.stale_for,
+            ),
+            ("ztgate_revocations", "Revoked certificates known", lambda: self.revocations.version),
+            (
+                "ztgate_policy_rejected_reloads",
+                "Policy reloads rejected (the last good policy kept)",
+                lambda: self.policy.rejected,
+            ),
+            (
+                "ztgate_policy_cache_hit_ratio",
+                "Hit rate of the policy decision cache",
+                lambda: self.policy.engine.stats().hit_rate,
+            ),
+            ("ztgate_nodes_ejected", "Nodes ejected now", lambda: len(self.router.ejected)),
+        ):
+            Gauge(name, doc, registry=reg).set_function(fn)
 
     @classmethod
     def default_verifiers(cls, cfg: Config) -> dict[str, Verifier]:
@@ -147,6 +179,33 @@ class Gateway:
             "none": NoVerification(cfg.limits.max_output_bytes),
             "redundant": RedundantVerification(cfg.limits.max_output_bytes),
         }
+
+    async def record(self, kind: str, payload: bytes) -> None:
+        """Events that bear on answers go into the transparency log (hashes only)."""
+        if self.receipts is None:
+            return
+        try:
+            await self.receipts.record(kind, payload)
+        except Exception:  # the event happened either way; losing its leaf is logged
+            log.exception("could not log a %s event", kind)
+
+    async def check_nonce(self, identity: Identity, nonce: str) -> None:
+        if not (1 <= len(nonce) <= 128 and nonce.isascii() and nonce.isprintable()):
+            raise BadRequest(f"{NONCE_HEADER} must be 1-128 printable ASCII characters")
+        try:
+            fresh = await self.store.check_nonce(
+                f"nonce:{identity.spiffe_id}:{nonce}", self.cfg.policy.nonce_window_s
+            )
+        except StoreUnavailable as exc:
+            raise NoHealthyNode(f"replay check unavailable: {exc}", retry_after=1) from exc
+        if not fresh:
+            raise Replayed(f"{NONCE_HEADER} {nonce!r} was already used within the replay window")
+
+    def policy_changed(self) -> None:
+        """After any successful (re)load: the bundle's staleness budget applies."""
+        budget = self.policy.current.staleness_budget_s
+        if budget is not None:
+            self.revocations.staleness_budget_s = budget
 
     async def authenticate(self, scope: Any) -> Identity:
         x = Exchange(scope=scope, deadline=0.0)
@@ -297,6 +356,7 @@ def api_routes(gw: Gateway) -> list[Route]:
         gw.authorize(request.state.identity, "admin_revoke", ResourceFacts("Gateway"))
         issuer, serial = _revocation_target(await _read_body(request, 64 * 1024))
         new = await gw.revocations.revoke(issuer, serial)
+        await gw.record("revocation", f"{issuer}\n{serial}".encode())
         log.warning(
             "AUDIT revoke serial=%s issuer=%s by %s (new=%s)",
             serial,
@@ -310,6 +370,9 @@ def api_routes(gw: Gateway) -> list[Route]:
         gw.authorize(request.state.identity, "admin_reload", ResourceFacts("Gateway"))
         body = await _read_body(request, 16 * 1024 * 1024)
         ok = gw.policy.reload(body or None)
+        if ok:
+            gw.policy_changed()
+            await gw.record("policy_load", gw.policy.engine.source.hash.encode())
         log.warning(
             "AUDIT policy reload by %s: %s",
             request.state.identity.spiffe_id,
@@ -452,6 +515,10 @@ async def _infer(gw: Gateway, request: Request) -> Response:
     x.payload_bytes = len(body)
     check_inputs(x.entry, x.request.inputs)
     check_outputs(x.entry, x.request.outputs)
+    # After validation: a malformed request neither consumes a nonce nor hides behind one.
+    nonce = request.headers.get(NONCE_HEADER)
+    if nonce is not None:
+        await gw.check_nonce(request.state.identity, nonce)
     await gw.pipeline(x)
     assert x.outcome is not None and x.decision is not None
     params: dict[str, Any] = {
@@ -550,6 +617,8 @@ def build_api(gw: Gateway) -> Starlette:
         if gw.receipts is not None:
             gw.receipts.start()
             jobs.append(gw.receipts.run)
+        gw.policy_changed()
+        await gw.record("policy_load", gw.policy.engine.source.hash.encode())
         tasks: list[asyncio.Task[None]] = [asyncio.create_task(j(stop)) for j in jobs]
         tasks.append(asyncio.create_task(gw.router.run_health(stop)))
         try:

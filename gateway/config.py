@@ -63,6 +63,7 @@ class TLS:
     node_client_key: Path
     reload_interval_s: float = 5.0
     dev_pki: bool = False
+    crl: Path | None = None  # client-CA CRL honoured at the handshake (`ztgate pki crl`)
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,8 @@ class Receipts:
     log_key: Path | None = None  # Ed25519, a different key: signs the log's checkpoints
     dir: Path | None = None  # default: <data_dir>/receipts
     checkpoint_interval_s: float = 1.0
+    # Witnesses that cosign each checkpoint: [vkey (C2SP note verifier key), URL] pairs.
+    witnesses: tuple[tuple[str, str], ...] = ()
 
     @property
     def enabled(self) -> bool:
@@ -140,6 +143,7 @@ class PolicyConfig:
     default_rate: str = "60/minute"  # for a permit without @rate: never unlimited
     pre_policy_rate: str = "1200/minute"  # per identity, before policy runs
     watch_interval_s: float = 2.0
+    nonce_window_s: float = 300.0  # replay window of the optional ztgate-nonce header
     models: tuple[tuple[str, ModelPolicy], ...] = ()
 
     def model(self, name: str) -> ModelPolicy:
@@ -300,6 +304,8 @@ def parse_config(raw: dict[str, Any], base: Path) -> Config:
         r = sections["receipts"]
         if (r.signing_key is None) != (r.log_key is None):
             raise ConfigError("receipts: set both signing_key and log_key, or neither")
+        if any(len(w) != 2 for w in r.witnesses):
+            raise ConfigError("receipts.witnesses: a list of [vkey, url] pairs")
         if r.enabled and r.signing_key == r.log_key:
             raise ConfigError("receipts: the log key must differ from the receipt signing key")
     if "policy" in raw:

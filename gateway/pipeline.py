@@ -223,6 +223,22 @@ class VerifyStage:
         x.outcome = await self.verifiers[x.mode].run(x, self.router)
 
 
+# Mode evidence that goes into the receipt: hashes and identities, never proofs or data.
+RECEIPTED_EVIDENCE = frozenset(
+    {
+        "model_sha256",
+        "vk_sha256",
+        "settings_sha256",
+        "srs_sha256",
+        "dev_srs",
+        "logrows",
+        "dealer",
+        "session",
+        "providers",
+    }
+)
+
+
 class ReceiptStage:
     """Signs and durably logs what was asked and answered; only then may the answer leave."""
 
@@ -248,6 +264,9 @@ class ReceiptStage:
                 ),
                 nodes=x.outcome.nodes,
                 request_id=x.request_id,
+                extensions={
+                    k: str(v) for k, v in sorted(evidence.items()) if k in RECEIPTED_EVIDENCE
+                },
             )
         except (LogError, LogFrozen, OSError) as exc:
             # Never an answer without a receipt.

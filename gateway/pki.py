@@ -321,6 +321,29 @@ class PKI:
         return self.issue(role, name, site=site)
 
 
+def client_crl(pki: PKI, serials: Iterable[int], out: Path, days: int = 7) -> Path:
+    """A CRL from the client CA: loaded at start, the gateway refuses these at the handshake.
+
+    The per-request revocation set is what takes effect at once; a CRL also stops a
+    revoked client before its TLS session exists, and other TLS terminators can load it.
+    """
+    ca_cert, ca_key = _load_pair(pki.ca_cert("client"), pki.ca_dir("client") / "ca.key")
+    now = _now()
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - dt.timedelta(minutes=5))
+        .next_update(now + dt.timedelta(days=days))
+    )
+    for serial in sorted(set(serials)):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
+        )
+    crl = builder.sign(ca_key, hashes.SHA256())
+    _atomic_write(out, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+    return out
+
+
 def signing_key_id(public_key: ed25519.Ed25519PublicKey) -> str:
     """A key id: the first 16 hex digits of SHA-256 over the raw public key."""
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)

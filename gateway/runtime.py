@@ -71,16 +71,22 @@ def open_receipts(cfg: Config) -> ReceiptService | None:
     r = cfg.receipts
     if r.signing_key is None or r.log_key is None:
         return None
+    from gateway.receipts.note import WitnessKey
+    from gateway.receipts.witness import WitnessClient
+
     try:
-        return ReceiptService.open(
+        service = ReceiptService.open(
             r.dir or cfg.data_dir / "receipts",
             r.signing_key,
             r.log_key,
             f"{cfg.trust_domain}/{cfg.site}/receipts",
             r.checkpoint_interval_s,
         )
+        for vkey, url in r.witnesses:
+            service.log.witnesses.append(WitnessClient(WitnessKey.from_vkey(vkey), url))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"receipts: {exc}") from exc
+    return service
 
 
 def add_proof_modes(cfg: Config, gw: Gateway) -> None:
@@ -157,8 +163,9 @@ def build_gateway(cfg: Config) -> Gateway:
 
     async def watch_policy(stop: asyncio.Event) -> None:
         while not stop.is_set():
-            if policy.changed():
-                policy.reload()
+            if policy.changed() and policy.reload():
+                gw.policy_changed()
+                await gw.record("policy_load", policy.engine.source.hash.encode())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=cfg.policy.watch_interval_s)
 
@@ -170,7 +177,7 @@ def build_gateway(cfg: Config) -> Gateway:
 
 
 def tls_files(cfg: Config) -> TLSFiles:
-    return TLSFiles(cfg.tls.cert, cfg.tls.key, cfg.tls.client_ca)
+    return TLSFiles(cfg.tls.cert, cfg.tls.key, cfg.tls.client_ca, cfg.tls.crl)
 
 
 def servers(cfg: Config, gw: Gateway) -> list[uvicorn.Server]:

@@ -47,6 +47,7 @@ class TLSFiles:
     cert: Path  # chain: leaf first
     key: Path
     client_ca: Path  # the client CA only: the gateway's whole client-auth trust store
+    crl: Path | None = None  # PEM CRL(s) of the client CA, checked at every handshake
 
 
 def server_context(files: TLSFiles) -> ssl.SSLContext:
@@ -62,6 +63,10 @@ def server_context(files: TLSFiles) -> ssl.SSLContext:
     ctx.options |= ssl.OP_NO_TICKET
     ctx.load_cert_chain(files.cert, files.key)
     ctx.load_verify_locations(cafile=files.client_ca)
+    if files.crl is not None:
+        ctx.load_verify_locations(cafile=files.crl)
+        # Only with a CRL loaded: without one for the issuer, every handshake would fail.
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     return ctx
 
 
@@ -79,7 +84,9 @@ class ReloadingContext:
 
     def _stat(self) -> tuple[tuple[int, int], ...]:
         stamps = []
-        for p in (self.files.cert, self.files.key, self.files.client_ca):
+        for p in (self.files.cert, self.files.key, self.files.client_ca, self.files.crl):
+            if p is None:
+                continue
             try:
                 st = os.stat(p)
                 stamps.append((st.st_mtime_ns, st.st_size))

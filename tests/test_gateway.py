@@ -226,4 +226,6 @@ def test_admin_listener_needs_no_cert(gateway: RunningGateway) -> None:
         assert c.get(f"{gateway.admin_base}/v2/health/ready").status_code == 200
         metrics = c.get(f"{gateway.admin_base}/metrics").text
     assert "ztgate_requests_total" in metrics
+    for gauge in ("ztgate_revocation_staleness_seconds", "ztgate_nodes_ejected"):
+        assert gauge in metrics
     assert json is not None

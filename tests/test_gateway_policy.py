@@ -296,3 +296,19 @@ def test_cli_revoke_offline_and_errors(pki: PKI, tmp_path: Path) -> None:
     garbage.write_text("nope")
     assert main(["pki", "revoke", str(garbage), "--data-dir", str(data)]) == 2
     assert main(["pki", "revoke", str(victim.cert), "--gateway", "127.0.0.1:1"]) == 2
+
+
+def test_a_nonce_is_accepted_once_per_window(gateway: RunningGateway, pki: PKI) -> None:
+    with client(pki, "demo") as demo:
+        url = f"{gateway.base}/v2/models/iris/infer"
+        first = demo.post(url, json=infer_body(IRIS), headers={"ztgate-nonce": "n-1"})
+        replay = demo.post(url, json=infer_body(IRIS), headers={"ztgate-nonce": "n-1"})
+        other = demo.post(url, json=infer_body(IRIS), headers={"ztgate-nonce": "n-2"})
+        bad = demo.post(url, json=infer_body(IRIS), headers={"ztgate-nonce": "x" * 200})
+    assert first.status_code == 200 and other.status_code == 200
+    assert replay.status_code == 409 and replay.json()["type"].endswith("/replayed-request")
+    assert bad.status_code == 400
+    # Another identity's nonces are its own.
+    with client(pki, "bob") as bob:
+        again = bob.post(url, json=infer_body(IRIS), headers={"ztgate-nonce": "n-1"})
+    assert again.status_code == 200

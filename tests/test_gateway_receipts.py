@@ -152,3 +152,74 @@ def test_an_auditor_verifies_offline_with_the_clients_salts(
         == 1
     )
     assert len(KeySet.load(log_dir / "keys.json")) >= 1
+
+
+def test_configured_witness_cosigns_and_the_auditor_can_require_it(
+    pki: PKI,
+    triton_cluster: TritonCluster,
+    triton_repository: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import threading
+
+    import uvicorn
+
+    from gateway.cli.witness import load_witness
+    from gateway.pki import load_signing_key
+    from gateway.receipts.canonical import b64
+    from gateway.receipts.signing import raw_public
+    from gateway.receipts.witness import witness_app
+    from tests.gateway_harness import free_port
+
+    name = "witness.example/w1"
+    log_pub = b64(raw_public(load_signing_key(pki.key_path("log-checkpoint")).public_key()))
+    capsys.readouterr()
+    args = ["witness", "init", "--dir", str(tmp_path / "w"), "--name", name]
+    assert main([*args, "--trust-log", f"ztgate.local/={log_pub}"]) == 0
+    vkey = capsys.readouterr().out.strip()
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            witness_app(load_witness(tmp_path / "w")),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            lifespan="off",
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        cfg = gateway_config(
+            pki,
+            triton_repository.parent / "registry",
+            tmp_path / "data",
+            node_table(triton_cluster),
+            receipts={"witnesses": [[vkey, f"http://127.0.0.1:{port}"]]},
+        )
+        with running_gateway(cfg) as gw, client(pki, "demo") as demo:
+            r = demo.post(f"{gw.base}/v2/models/iris/infer", json=infer_body(IRIS))
+            assert r.status_code == 200
+            assert gw.gw.receipts is not None
+            log_dir = gw.gw.receipts.log.path.parent
+            end = time.monotonic() + 15
+            while True:  # the checkpointer signs, then pushes to the witness
+                note = gw.gw.receipts.log.latest_checkpoint()
+                if note is not None and name in note.render():
+                    break
+                assert time.monotonic() < end, "the witness never cosigned"
+                time.sleep(0.2)
+        capsys.readouterr()
+        assert main(["audit", "trust", "--log-dir", str(log_dir)]) == 0
+        trust = json.loads(capsys.readouterr().out)
+        trust["witnesses"] = [{"vkey": vkey}]  # obtained out of band from the witness
+        (tmp_path / "trust.json").write_text(json.dumps(trust))
+        bundle = tmp_path / "bundle"
+        assert main(["audit", "export", "--log-dir", str(log_dir), str(bundle)]) == 0
+        verify = ["verify", str(bundle), "--trust", str(tmp_path / "trust.json")]
+        assert main([*verify, "--require-witness", name]) == 0
+        assert main([*verify, "--require-witness", "witness.example/absent"]) in (2, 3)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

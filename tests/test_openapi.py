@@ -18,6 +18,7 @@ import copy
 import json
 import os
 import time
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from pathlib import Path
@@ -265,8 +266,11 @@ def steered_infer(draw: st.DrawFn, case: schemathesis.Case) -> schemathesis.Case
     headers = {
         k: v
         for k, v in new.headers.items()
-        if k.lower() not in {"inference-header-content-length", DEADLINE_HEADER}
+        if k.lower() not in {"inference-header-content-length", DEADLINE_HEADER, "ztgate-nonce"}
     }
+    # A steered (valid) request carries a fresh nonce, or none: a replayed one is a 409.
+    if draw(st.booleans()):
+        headers["ztgate-nonce"] = uuid.uuid4().hex
     deadline = draw(st.none() | st.integers(1000, 60_000))
     if deadline is not None:
         headers[DEADLINE_HEADER] = str(deadline)

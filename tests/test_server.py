@@ -132,3 +132,37 @@ def test_certificates_rotate_without_restart_and_bad_files_keep_the_old(
         assert tls.failed_reloads == 1
         assert "REJECTED" in caplog.text
         assert _served_serial(port, ctx) == fresh.serial
+
+
+def test_a_crl_loaded_at_start_is_honoured_at_the_handshake(
+    pki: PKI, files: TLSFiles, tmp_path: Path
+) -> None:
+    from gateway.cli import main
+
+    revoked = pki.issue("client", "crl-victim")
+    kept = pki.issue("client", "crl-kept")
+    crl = tmp_path / "client.crl"
+    args = ["pki", "crl", str(revoked.cert), "--dir", str(pki.root), "--out", str(crl)]
+    assert main(args) == 0
+    with_crl = TLSFiles(files.cert, files.key, files.client_ca, crl)
+    with serve(HttpToolsTLSProtocol, ReloadingContext(with_crl)) as port:
+        # TLS 1.3: the client's handshake ends before the server has checked its
+        # certificate, so the refusal shows as an alert or a closed connection, never an answer.
+        assert _get(port, client_context(pki, revoked.cert, revoked.key)) == b""
+        # Positive control: same server, same code path, a certificate not on the CRL.
+        assert _get(port, client_context(pki, kept.cert, kept.key)).startswith(b"HTTP/1.1 200")
+    assert main(["pki", "crl", str(files.key), "--dir", str(pki.root), "--out", str(crl)]) == 2
+
+
+def _get(port: int, ctx: ssl.SSLContext) -> bytes:
+    """The raw response to one GET, or b"" when the server refuses the connection."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                data = b""
+                while chunk := tls.recv(65536):
+                    data += chunk
+                return data
+    except (ssl.SSLError, ConnectionResetError):
+        return b""

@@ -54,6 +54,16 @@ def register(sub: Any) -> None:
     revoke.add_argument("--timeout", type=float, default=10.0)
     revoke.set_defaults(func=_revoke)
 
+    crl = verbs.add_parser(
+        "crl", help="write a client-CA CRL (for tls.crl) from certificates and/or a data_dir"
+    )
+    crl.add_argument("certificates", type=Path, nargs="*", help="PEM certificates to list")
+    crl.add_argument("--dir", type=Path, default=DEFAULT_DIR)
+    crl.add_argument("--data-dir", type=Path, help="also list what this replica has revoked")
+    crl.add_argument("--days", type=int, default=7, help="next update in days")
+    crl.add_argument("--out", type=Path, required=True)
+    crl.set_defaults(func=_crl)
+
 
 def _init(args: argparse.Namespace) -> int:
     try:
@@ -154,4 +164,46 @@ def _revoke(args: argparse.Namespace) -> int:
         print(f"ztgate: revocation refused ({r.status_code}): {detail}", file=sys.stderr)
         return 1
     print(f"revoked serial {serial} of {issuer} via {args.gateway}")
+    return 0
+
+
+def _crl(args: argparse.Namespace) -> int:
+    from cryptography import x509
+
+    from gateway.pki import client_crl
+
+    try:
+        pki = PKI.open(args.dir)
+        issuer = x509.load_pem_x509_certificate(pki.ca_cert("client").read_bytes()).subject
+    except (PKIError, OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+    serials: list[int] = []
+    for path in args.certificates:
+        try:
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{path}: not a PEM certificate ({exc})") from exc
+        if cert.issuer != issuer:
+            raise UsageError(f"{path} was not issued by the client CA")
+        serials.append(cert.serial_number)
+    if args.data_dir is not None:
+        path = args.data_dir / "revoked.jsonl"
+        try:
+            lines = path.read_text().splitlines() if path.exists() else []
+        except OSError as exc:
+            raise UsageError(f"{path}: {exc}") from exc
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # a torn last line: the revocation file's own loader drops it too
+            if isinstance(entry, dict) and entry.get("issuer") == issuer.rfc4514_string():
+                try:
+                    serials.append(int(str(entry.get("serial")), 16))
+                except ValueError:
+                    continue
+    if not 1 <= args.days <= 366:
+        raise UsageError("--days must be between 1 and 366")
+    out = client_crl(pki, serials, args.out, args.days)
+    print(f"CRL with {len(set(serials))} revoked certificate(s) written to {out}")
     return 0

@@ -28,6 +28,7 @@ class Loaded:
     engine: PolicyEngine
     origin: str  # "dir:<path>" or "bundle:<path> v<N>"
     version: int = 0  # bundle version; 0 for an unsigned directory
+    staleness_budget_s: float | None = None  # the bundle's revocation staleness budget
 
 
 def model_facts(entries: Mapping[str, ModelEntry], cfg: Config) -> dict[str, ModelFacts]:
@@ -187,6 +188,11 @@ def bundle_loader(
             tmp.write_bytes(data)
             os.replace(tmp, path)
         state["version"], state["hash"] = b.version, result.source.hash
-        return Loaded(engine, f"bundle:{path} v{b.version} by {b.signer_key_id}", b.version)
+        return Loaded(
+            engine,
+            f"bundle:{path} v{b.version} by {b.signer_key_id}",
+            b.version,
+            float(b.staleness_budget_s),
+        )
 
     return load

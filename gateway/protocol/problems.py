@@ -145,6 +145,12 @@ class MethodNotAllowed(Problem):
     status = 405
 
 
+class Replayed(Problem):
+    type = PROBLEM_BASE + "replayed-request"
+    title = "Replayed request"
+    status = 409
+
+
 class PayloadTooLarge(Problem):
     type = PROBLEM_BASE + "payload-too-large"
     title = "Payload too large"

@@ -22,7 +22,7 @@ import hashlib
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from gateway.protocol.tensors import Tensor
@@ -90,8 +90,11 @@ async def issue(
     request_id: str | None = None,
     salt: bytes | None = None,
     now: dt.datetime | None = None,
+    extensions: Mapping[str, str] | None = None,
 ) -> Issued:
-    """Sign and durably log one receipt; returns it with the client's salt."""
+    """Sign and durably log one receipt; returns it with the client's salt.
+
+    `extensions` carries mode-specific evidence (zk artefact hashes, the mpc dealer)."""
     salt = salt if salt is not None else (new_salt() if inputs or outputs else None)
     ins = tensor_refs(inputs, salt) if salt is not None else ()
     outs = tensor_refs(outputs, salt) if salt is not None else ()
@@ -117,6 +120,7 @@ async def issue(
             nodes=tuple(nodes),
             denial=denial,
             request_id=request_id,
+            extensions=dict(extensions or {}),
         )
         signed = signer.sign(receipt)
         body = signed.to_bytes()

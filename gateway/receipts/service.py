@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.pki import load_signing_key
 from gateway.protocol.tensors import Tensor
 from gateway.receipts.issue import DenialCoalescer, Issued, issue
-from gateway.receipts.log import ReceiptLog
+from gateway.receipts.log import LogEntry, ReceiptLog
 from gateway.receipts.model import (
     ClientRef,
     Denial,
@@ -91,7 +92,9 @@ class ReceiptService:
     def start(self) -> None:
         """Reopen after a close (an app whose lifespan is restarted in one process)."""
         if self.closed and self.reopen is not None:
+            witnesses = self.log.witnesses
             self.log = self.reopen()
+            self.log.witnesses = witnesses
             self.closed = False
 
     def logs(self) -> list[ReceiptLog]:
@@ -108,6 +111,7 @@ class ReceiptService:
         verification: VerificationRef,
         nodes: Sequence[str],
         request_id: str,
+        extensions: Mapping[str, str] | None = None,
     ) -> Issued:
         return await issue(
             self.log,
@@ -120,7 +124,12 @@ class ReceiptService:
             verification=verification,
             nodes=nodes,
             request_id=request_id,
+            extensions=extensions,
         )
+
+    async def record(self, kind: str, payload: bytes) -> int:
+        """A typed event (policy_load, revocation, ...) as a hash-only leaf of the log."""
+        return await self.log.append(LogEntry(kind, hashlib.sha256(payload).digest()))
 
     async def deny(
         self,
