@@ -31,6 +31,7 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import ssl
 import statistics
 import subprocess
@@ -354,22 +355,104 @@ def _stop_gateway(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def environment(root: Path, nodes: int, gateway_cmd_prefix: list[str]) -> Iterator[Setup]:
-    """Nodes + gateway process, torn down on the way out whatever happens."""
+def cluster_env(root: Path, nodes: int) -> Iterator[Any]:
+    """The Triton nodes, torn down on the way out whatever happens."""
     from gateway.cluster import LocalCluster, free_port
 
-    cluster = LocalCluster(root, nodes, gateway_port=free_port(), admin_port=free_port())
+    cluster = LocalCluster(
+        root, nodes, gateway_port=free_port(), admin_port=free_port(), with_zk=False,
+        with_mpc=False,
+    )  # fmt: skip
     try:
         t0 = time.monotonic()
         print(f"starting {nodes} Triton node(s) under {cluster.root} ...", flush=True)
         cluster.start()
         print(f"  nodes ready in {time.monotonic() - t0:.1f}s", flush=True)
-        cfg = tomllib.loads(cluster.config_path.read_text())
-        log_path = cluster.root / "gateway.log"
+        yield cluster
+    finally:
+        cluster.stop()
+        print("nodes stopped", flush=True)
+
+
+GATEWAY_CONFIGS = ("full", "no-receipts", "redis")
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    from gateway.cluster import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+BENCH_POLICY = """
+// The bench's own caller: every check still runs (policy, @rate bucket, admission), with
+// limits high enough that a benchmark is never throttled.
+@id("bench-caller")
+@rate("100000000/minute")
+permit (principal in Ztgate::Group::"bench", action == Ztgate::Action::"infer", resource)
+when { resource.classification == "public" && context.mode == "none" };
+"""
+
+
+def bench_identity(cluster: Any) -> None:
+    from gateway.pki import PKI
+
+    policies = cluster.root / "policies"
+    (policies / "15-bench.cedar").write_text(BENCH_POLICY)
+    ids = json.loads((policies / "identities.json").read_text())
+    ids["clients"]["spiffe://ztgate.local/client/bench"] = {"groups": ["bench"]}
+    (policies / "identities.json").write_text(json.dumps(ids, indent=2))
+    PKI.open(cluster.root / "pki").ensure("client", "bench")
+
+
+def variant_config(cluster: Any, name: str, redis_url: str | None) -> Path:
+    """The cluster's gateway.toml, changed for one side of the comparison."""
+    bench_identity(cluster)
+    text = cluster.config_path.read_text().replace(
+        "\n[policy]\n", '\n[policy]\npre_policy_rate = "100000000/minute"\n'
+    )
+    if name == "no-receipts":
+        head, _, rest = text.partition("\n[receipts]\n")
+        tail = rest.split("\n[", 1)
+        text = head + ("\n[" + tail[1] if len(tail) > 1 else "\n")
+    if name == "redis":
+        assert redis_url is not None
+        text += f'\n[state]\nredis_url = "{redis_url}"\n'
+    out = cluster.root / f"gateway-{name}.toml"
+    out.write_text(text)
+    return out
+
+
+@contextlib.contextmanager
+def gateway_env(cluster: Any, name: str, prefix: list[str]) -> Iterator[Setup]:
+    """One gateway process with configuration `name`, stopped on the way out."""
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(redis_server()) if name == "redis" else None
+        config = variant_config(cluster, name, url)
+        cfg = tomllib.loads(config.read_text())
+        log_path = cluster.root / f"gateway-{name}.log"
         with log_path.open("wb") as log_file:
-            cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(cluster.config_path)]
+            cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
             gateway = subprocess.Popen(
-                gateway_cmd_prefix + cmd,
+                prefix + cmd,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches us, and we stop it in order
@@ -379,7 +462,7 @@ def environment(root: Path, nodes: int, gateway_cmd_prefix: list[str]) -> Iterat
             if not _wait_ready(admin, 60, gateway):
                 tail = log_path.read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"the gateway did not become ready; its log:\n{tail}")
-            print(f"  gateway ready (pid {gateway.pid}), log: {log_path}", flush=True)
+            print(f"  gateway [{name}] ready (pid {gateway.pid}), log: {log_path}", flush=True)
             pki = cluster.root / "pki"
             node = cfg["nodes"][0]
             yield Setup(
@@ -392,15 +475,12 @@ def environment(root: Path, nodes: int, gateway_cmd_prefix: list[str]) -> Iterat
                 node_client_cert=cluster.root / cfg["tls"]["node_client_cert"],
                 node_client_key=cluster.root / cfg["tls"]["node_client_key"],
                 client_ca=pki / "root" / "ca.crt",
-                client_cert=pki / "clients" / "demo" / "client.crt",
-                client_key=pki / "clients" / "demo" / "client.key",
+                client_cert=pki / "clients" / "bench" / "client.crt",
+                client_key=pki / "clients" / "bench" / "client.key",
                 gateway_pid=gateway.pid,
             )
         finally:
             _stop_gateway(gateway)
-    finally:
-        cluster.stop()
-        print("nodes and gateway stopped", flush=True)
 
 
 def _sigterm(_signum: int, _frame: FrameType | None) -> None:
@@ -409,27 +489,24 @@ def _sigterm(_signum: int, _frame: FrameType | None) -> None:
 
 # --- report --------------------------------------------------------------------------------
 def describe_config(root: Path) -> str:
-    from gateway.config import load_config
-
-    cfg = load_config(root / "gateway.toml")
-    state = "redis" if cfg.state.redis_url else "in memory"
     return (
-        "receipts: off (none exist yet) | policy: off (allow-authenticated placeholder) | "
-        f"state: {state} | verification: none | nodes behind gateway: {len(cfg.nodes)} | "
-        "uvicorn: uvloop + httptools, access log off"
+        "full = Cedar policy (decision cache) + admission and @rate limits + receipts "
+        "(signed, fsynced before the answer) with state in memory | no-receipts = the same "
+        "without receipts | redis = full with limits and health in Redis | verification: "
+        "none | uvicorn: uvloop + httptools, access log off"
     )
 
 
 def report(rows: list[dict[str, Any]], concurrency: int) -> list[dict[str, Any]]:
     print(
-        f"\n{'variant':<17}{'mode':<6}{'n':>6}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
+        f"\n{'variant':<26}{'mode':<6}{'n':>6}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
         f"{'mean ms':>9}{'req/s':>8}{'gw-side ms':>12}{'gw CPU ms':>11}"
     )
     for r in rows:
         srv = f"{r['server_mean_ms']:.2f}" if r["server_mean_ms"] is not None else "-"
         cpu = f"{r['gateway_cpu_ms']:.2f}" if r["gateway_cpu_ms"] is not None else "-"
         print(
-            f"{r['variant']:<17}{r['mode']:<6}{r['n']:>6}{r['p50_ms']:>9.2f}{r['p90_ms']:>9.2f}"
+            f"{r['variant']:<26}{r['mode']:<6}{r['n']:>6}{r['p50_ms']:>9.2f}{r['p90_ms']:>9.2f}"
             f"{r['p99_ms']:>9.2f}{r['mean_ms']:>9.2f}{r['rps']:>8.0f}{srv:>12}{cpu:>11}"
         )
     print(
@@ -438,12 +515,12 @@ def report(rows: list[dict[str, Any]], concurrency: int) -> list[dict[str, Any]]
     )
     by = {(r["variant"], r["mode"]): r for r in rows}
     ratios = []
-    print(f"\n{'vs direct':<17}{'mode':<6}{'p50 x':>8}{'req/s x':>9}{'added p50 ms':>14}")
+    print(f"\n{'vs direct':<26}{'mode':<6}{'p50 x':>8}{'req/s x':>9}{'added p50 ms':>14}")
     for mode in ("seq", f"c={concurrency}"):
         base = by.get(("direct", mode))
         if base is None:
             continue
-        for variant in ("gw-tritonclient", "gw-raw"):
+        for variant in sorted({r["variant"] for r in rows if r["variant"] != "direct"}):
             gw = by.get((variant, mode))
             if gw is None:
                 continue
@@ -456,7 +533,7 @@ def report(rows: list[dict[str, Any]], concurrency: int) -> list[dict[str, Any]]
             }
             ratios.append(ratio)
             print(
-                f"{variant:<17}{mode:<6}{ratio['p50_ratio']:>8.2f}{ratio['rps_ratio']:>9.2f}"
+                f"{variant:<26}{mode:<6}{ratio['p50_ratio']:>8.2f}{ratio['rps_ratio']:>9.2f}"
                 f"{ratio['added_p50_ms']:>14.2f}"
             )
     return ratios
@@ -480,6 +557,13 @@ def main() -> int:
         choices=("direct", "gw-tritonclient", "gw-raw"),
         action="append",
         help="run only these variants (repeatable)",
+    )
+    ap.add_argument(
+        "--gateway-config",
+        choices=GATEWAY_CONFIGS,
+        action="append",
+        help="gateway configurations to compare, side by side in one run (repeatable; "
+        "default: full)",
     )
     ap.add_argument(
         "--gateway-prefix",
@@ -511,30 +595,39 @@ def main() -> int:
         if root is None:
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ztgate-bench-")))
         try:
-            setup = stack.enter_context(environment(root, args.nodes, args.gateway_prefix.split()))
-            config_line = describe_config(setup.root)
-            got = answers(setup)
-            if not np.allclose(got["direct"], got["gateway"], atol=1e-6):
-                raise RuntimeError(f"direct and gateway disagree: {got}")
-            for mode in ("seq", f"c={args.concurrency}"):
-                for name in chosen:
-                    factory: Factory = functools.partial(variants[name], setup)
-                    before = server_histogram(setup.admin_port)
-                    cpu0 = cpu_seconds(setup.gateway_pid)
-                    print(f"  {name:<16} {mode} ...", flush=True)
-                    if mode == "seq":
-                        lat, wall = sequential(factory, args.requests, args.warmup)
-                    else:
-                        warm = max(1, args.warmup // args.concurrency)
-                        lat, wall = concurrent(factory, args.requests, args.concurrency, warm)
-                    cpu = cpu_seconds(setup.gateway_pid) - cpu0
-                    after = server_histogram(setup.admin_port)
-                    srv = cpu_ms = None
-                    if name != "direct" and after[1] > before[1]:
-                        served = after[1] - before[1]
-                        srv = (after[0] - before[0]) / served * 1e3
-                        cpu_ms = cpu / served * 1e3
-                    runs.append(Run(name, mode, lat, wall, srv, cpu_ms))
+            cluster = stack.enter_context(cluster_env(root, args.nodes))
+            config_line = describe_config(root)
+            direct_done = False
+            for cfg_name in args.gateway_config or ["full"]:
+                with gateway_env(cluster, cfg_name, args.gateway_prefix.split()) as setup:
+                    got = answers(setup)
+                    if not np.allclose(got["direct"], got["gateway"], atol=1e-6):
+                        raise RuntimeError(f"direct and gateway disagree: {got}")
+                    for mode in ("seq", f"c={args.concurrency}"):
+                        for name in chosen:
+                            if name == "direct" and direct_done:
+                                continue
+                            label = name if name == "direct" else f"{name}[{cfg_name}]"
+                            factory: Factory = functools.partial(variants[name], setup)
+                            before = server_histogram(setup.admin_port)
+                            cpu0 = cpu_seconds(setup.gateway_pid)
+                            print(f"  {label:<26} {mode} ...", flush=True)
+                            if mode == "seq":
+                                lat, wall = sequential(factory, args.requests, args.warmup)
+                            else:
+                                warm = max(1, args.warmup // args.concurrency)
+                                lat, wall = concurrent(
+                                    factory, args.requests, args.concurrency, warm
+                                )
+                            cpu = cpu_seconds(setup.gateway_pid) - cpu0
+                            after = server_histogram(setup.admin_port)
+                            srv = cpu_ms = None
+                            if name != "direct" and after[1] > before[1]:
+                                served = after[1] - before[1]
+                                srv = (after[0] - before[0]) / served * 1e3
+                                cpu_ms = cpu / served * 1e3
+                            runs.append(Run(label, mode, lat, wall, srv, cpu_ms))
+                    direct_done = True
         except KeyboardInterrupt:
             print("\ninterrupted: stopping the gateway and nodes", file=sys.stderr)
             return 130
