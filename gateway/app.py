@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from gateway import __version__
@@ -201,6 +201,23 @@ class Gateway:
         if not fresh:
             raise Replayed(f"{NONCE_HEADER} {nonce!r} was already used within the replay window")
 
+    async def where_is(self, log_id: str) -> str | None:
+        """The base URL of the replica holding another log, from the shared store."""
+        try:
+            return await self.store.find_log(log_id)
+        except StoreUnavailable:
+            return None
+
+    async def announce_logs(self) -> None:
+        url = self.cfg.receipts.public_url
+        if self.receipts is None or url is None:
+            return
+        try:
+            for rl in self.receipts.logs():
+                await self.store.publish_log(rl.log_id, url.rstrip("/"))
+        except StoreUnavailable as exc:
+            log.error("could not announce this replica's receipt logs: %s", exc)
+
     def policy_changed(self) -> None:
         """After any successful (re)load: the bundle's staleness budget applies."""
         budget = self.policy.current.staleness_budget_s
@@ -289,6 +306,25 @@ def _authenticated(gw: Gateway, route: str, handler: Handler) -> Handler:
         return response
 
     return endpoint
+
+
+def _redirect_foreign_logs(gw: Gateway, endpoint: Any) -> Handler:
+    """Another replica's log: send the reader there, so nobody mistakes two logs for a fork."""
+
+    async def handler(request: Request) -> Response:
+        log_id = request.path_params.get("log_id")
+        assert gw.receipts is not None
+        if isinstance(log_id, str) and log_id not in {rl.log_id for rl in gw.receipts.logs()}:
+            elsewhere = await gw.where_is(log_id)
+            if elsewhere is not None:
+                target = f"{elsewhere}{request.url.path}"
+                if request.url.query:
+                    target += f"?{request.url.query}"
+                return RedirectResponse(target, status_code=307)
+        response: Response = await endpoint(request)
+        return response
+
+    return handler
 
 
 async def _receipt_denial(gw: Gateway, request: Request, p: Problem, response: Response) -> None:
@@ -391,6 +427,10 @@ def api_routes(gw: Gateway) -> list[Route]:
         except FormatError as exc:
             raise BadRequest(str(exc)) from exc
         holder = next((rl for rl in gw.receipts.logs() if rl.log_id == log_id), None)
+        if holder is None:
+            elsewhere = await gw.where_is(log_id)
+            if elsewhere is not None:
+                return RedirectResponse(f"{elsewhere}/v2/receipts/{rid}", status_code=307)
         stored = holder.body(rid) if holder is not None else None
         if stored is None:
             # Unknown, erased, or held by another replica's log: the same answer for all,
@@ -619,6 +659,7 @@ def build_api(gw: Gateway) -> Starlette:
             jobs.append(gw.receipts.run)
         gw.policy_changed()
         await gw.record("policy_load", gw.policy.engine.source.hash.encode())
+        await gw.announce_logs()
         tasks: list[asyncio.Task[None]] = [asyncio.create_task(j(stop)) for j in jobs]
         tasks.append(asyncio.create_task(gw.router.run_health(stop)))
         try:
@@ -638,8 +679,9 @@ def build_api(gw: Gateway) -> Starlette:
         # Any verified caller may read the logs (hashes only); nobody without an identity.
         for r in log_routes(receipts.logs).routes:
             assert isinstance(r, Route)
+            handler = _redirect_foreign_logs(gw, r.endpoint)
             routes.append(
-                Route(r.path, _authenticated(gw, "log", r.endpoint), methods=r.methods, name=r.name)
+                Route(r.path, _authenticated(gw, "log", handler), methods=r.methods, name=r.name)
             )
     return Starlette(
         routes=routes,

@@ -102,6 +102,9 @@ class Receipts:
     log_key: Path | None = None  # Ed25519, a different key: signs the log's checkpoints
     dir: Path | None = None  # default: <data_dir>/receipts
     checkpoint_interval_s: float = 1.0
+    # This replica's API base URL (https://host:port), announced in the shared store so
+    # another replica asked for this replica's log or receipts redirects the reader here.
+    public_url: str | None = None
     # Witnesses that cosign each checkpoint: [vkey (C2SP note verifier key), URL] pairs.
     witnesses: tuple[tuple[str, str], ...] = ()
 

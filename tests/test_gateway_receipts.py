@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -223,3 +224,41 @@ def test_configured_witness_cosigns_and_the_auditor_can_require_it(
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_a_replica_sends_readers_of_another_replicas_log_to_it(
+    pki: PKI,
+    triton_cluster: TritonCluster,
+    triton_repository: Path,
+    tmp_path: Path,
+    redis_server: str,
+) -> None:
+    from tests.gateway_harness import free_port
+
+    def cfg(name: str) -> Any:
+        port = free_port()
+        return gateway_config(
+            pki,
+            triton_repository.parent / "registry",
+            tmp_path / name,
+            node_table(triton_cluster),
+            listen={"port": port},
+            state={"redis_url": redis_server},
+            receipts={"public_url": f"https://127.0.0.1:{port}"},
+        )
+
+    with running_gateway(cfg("a")) as a, running_gateway(cfg("b")) as b:
+        with client(pki, "demo") as demo:
+            rid = demo.post(f"{a.base}/v2/models/iris/infer", json=infer_body(IRIS)).json()[
+                "parameters"
+            ]["ztgate.receipt_id"]
+            log_id = rid.split(".")[0]
+            assert b.gw.receipts is not None and b.gw.receipts.log.log_id != log_id
+            moved = demo.get(f"{b.base}/v2/receipts/{rid}")
+            assert moved.status_code == 307
+            assert moved.headers["location"] == f"{a.base}/v2/receipts/{rid}"
+            assert demo.get(moved.headers["location"]).status_code == 200
+            cp = demo.get(f"{b.base}/log/{log_id}/checkpoint")
+            assert cp.status_code == 307 and cp.headers["location"].startswith(a.base)
+            # A log nobody announced is simply not found.
+            assert demo.get(f"{b.base}/log/unknownlog/checkpoint").status_code == 404

@@ -103,6 +103,15 @@ class StateStore(Protocol):
         """True the first time `key` is seen within `ttl_s`, False on replay."""
         ...
 
+    # -- where each replica's receipt log lives -------------------------------------
+    async def publish_log(self, log_id: str, url: str) -> None:
+        """Announce that `log_id` is served at `url` (this replica's API base URL)."""
+        ...
+
+    async def find_log(self, log_id: str) -> str | None:
+        """The base URL of the replica holding `log_id`, if any replica announced it."""
+        ...
+
     # -- lifecycle ------------------------------------------------------------------
     async def ping(self) -> bool:
         """True if the store answers now; never raises."""

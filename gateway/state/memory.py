@@ -59,6 +59,7 @@ class MemoryStore:
         self._nodes: OrderedDict[str, _Node] = OrderedDict()
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
         self._nonces: OrderedDict[str, float] = OrderedDict()  # key -> expiry
+        self._logs: dict[str, str] = {}  # receipt log id -> replica URL (this replica only)
         self._next_full_sweep = 0.0
         self._file = FileRevocations(revocations_path) if revocations_path else None
         self._revoked: list[tuple[str, str]] = []  # used when there is no file
@@ -158,6 +159,12 @@ class MemoryStore:
         return len(self._revoked), set(self._revoked[max(0, version) :])
 
     # -- replay protection ----------------------------------------------------------
+    async def publish_log(self, log_id: str, url: str) -> None:
+        self._logs[log_id] = url
+
+    async def find_log(self, log_id: str) -> str | None:
+        return self._logs.get(log_id)
+
     async def check_nonce(self, key: str, ttl_s: float) -> bool:
         check_ttl(ttl_s)
         now = self._clock()

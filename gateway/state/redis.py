@@ -304,6 +304,16 @@ class RedisStore:
         out = await self._do(self._nonce(keys=[f"{self._prefix}nonce:{key}"], args=args))
         return bool(out)
 
+    # -- receipt log directory -------------------------------------------------------
+    async def publish_log(self, log_id: str, url: str) -> None:
+        await self._do(self._client.hset(f"{self._prefix}logs", log_id, url))
+
+    async def find_log(self, log_id: str) -> str | None:
+        got = await self._do(self._client.hget(f"{self._prefix}logs", log_id))
+        if got is None:
+            return None
+        return got.decode() if isinstance(got, bytes) else str(got)
+
     # -- lifecycle ------------------------------------------------------------------
     async def ping(self) -> bool:
         try:
