@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -223,3 +224,44 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         seg.unlink(missing_ok=True)
     print(f"\nLEAK: tritonserver processes {leaked}, shm segments {[s.name for s in shm]}")
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# =========================================================================== one-off nodes
+
+
+@contextlib.contextmanager
+def one_off_node(
+    pki: PKI,
+    triton_home: Path,
+    repository: Path,
+    name: str,
+    workdir: Path,
+    region: str = "eu-west",
+    provider: str = "prov-x",
+    deadline_s: float = 90.0,
+) -> Iterator[dict[str, str]]:
+    """A real tritonserver serving `repository` (a liar's, a prover's ...) for one test
+    module, outside the shared cluster; yields its `[[nodes]]` table for a gateway config."""
+    issued = pki.ensure("node", name)
+    spec = NodeSpec(
+        name=name,
+        region=region,
+        provider=provider,
+        grpc_port=free_port(),
+        http_port=free_port(),
+        repository=repository,
+        cert=issued.cert,
+        key=issued.key,
+        client_ca=pki.gateway_ca_bundle(SITE),
+        workdir=workdir,
+    )
+    with TritonProcess(spec, triton_home) as proc:
+        proc.start(deadline_s)
+        yield {
+            "name": name,
+            "address": spec.grpc_address,
+            "dns_name": pki.node_dns_name(name),
+            "spiffe_id": issued.spiffe_id,
+            "region": region,
+            "provider": provider,
+        }

@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 
 from gateway.node.repository import build_repository
-from gateway.node.triton import NodeSpec, TritonProcess
 from gateway.pki import PKI
 from gateway.protocol.tensors import Tensor
 from gateway.registry import Registry
 from gateway.verify.redundant import agree
-from tests.conftest import SITE, TritonCluster, free_port
+from tests.conftest import TritonCluster, one_off_node
 from tests.gateway_harness import client_context, gateway_config, running_gateway
 from tests.test_gateway import IRIS, infer_body, node_table
 
@@ -50,32 +49,8 @@ def subtle_liar(
     entries = [e for e in Registry.open(registry_dir).entries() if e.name == "iris"]
     repo = build_repository(entries, base / "repository")
     (repo / "iris" / entries[0].version / "model.py").write_text(SUBTLE_LIAR)
-    issued = pki.ensure("node", "sly")
-    spec = NodeSpec(
-        name="sly",
-        region="eu-west",
-        provider="prov-x",
-        grpc_port=free_port(),
-        http_port=free_port(),
-        repository=repo,
-        cert=issued.cert,
-        key=issued.key,
-        client_ca=pki.gateway_ca_bundle(SITE),
-        workdir=base / "work",
-    )
-    proc = TritonProcess(spec, triton_home)
-    proc.start(60)
-    try:
-        yield {
-            "name": "sly",
-            "address": spec.grpc_address,
-            "dns_name": pki.node_dns_name("sly"),
-            "spiffe_id": issued.spiffe_id,
-            "region": "eu-west",
-            "provider": "prov-x",
-        }
-    finally:
-        proc.stop()
+    with one_off_node(pki, triton_home, repo, "sly", base / "work") as node:
+        yield node
 
 
 def _ask(gw: Any, pki: PKI) -> httpx.Response:

@@ -17,7 +17,6 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from gateway.node.repository import build_repository
-from gateway.node.triton import NodeSpec, TritonProcess
 from gateway.pki import PKI
 from gateway.protocol.tensors import Tensor
 from gateway.registry import ModelEntry, Registry
@@ -26,7 +25,7 @@ from gateway.routing.router import Router
 from gateway.state import StateStore
 from gateway.state.memory import MemoryStore
 from gateway.state.redis import RedisStore
-from tests.conftest import SITE, TritonCluster, free_port
+from tests.conftest import SITE, TritonCluster, free_port, one_off_node
 from tests.gateway_harness import RunningGateway, client_context, gateway_config, running_gateway
 from tests.test_gateway import IRIS, infer_body, node_table
 
@@ -155,32 +154,8 @@ def liar(
     (version_dir / "model.py").write_text(LIAR)
     config = repo / "iris" / "config.pbtxt"
     config.write_text(config.read_text().replace("[ -1, 3 ]", "[ -1, 2 ]"))
-    issued = pki.ensure("node", "liar")
-    spec = NodeSpec(
-        name="liar",
-        region="eu-west",
-        provider="prov-x",
-        grpc_port=free_port(),
-        http_port=free_port(),
-        repository=repo,
-        cert=issued.cert,
-        key=issued.key,
-        client_ca=pki.gateway_ca_bundle(SITE),
-        workdir=base / "work",
-    )
-    proc = TritonProcess(spec, triton_home)
-    proc.start(60)
-    try:
-        yield {
-            "name": "liar",
-            "address": spec.grpc_address,
-            "dns_name": pki.node_dns_name("liar"),
-            "spiffe_id": issued.spiffe_id,
-            "region": "eu-west",
-            "provider": "prov-x",
-        }
-    finally:
-        proc.stop()
+    with one_off_node(pki, triton_home, repo, "liar", base / "work") as node:
+        yield node
 
 
 def test_a_lying_node_is_never_passed_on(

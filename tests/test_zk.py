@@ -27,7 +27,6 @@ from onnx import numpy_helper
 from gateway.app import Gateway
 from gateway.config import NodeConfig, Routing
 from gateway.node.repository import build_repository
-from gateway.node.triton import NodeSpec, TritonProcess
 from gateway.pipeline import Exchange
 from gateway.pki import PKI
 from gateway.protocol.problems import InvalidTensor, UpstreamFailed
@@ -38,7 +37,7 @@ from gateway.routing.router import Router
 from gateway.runtime import build_gateway
 from gateway.state.memory import MemoryStore
 from gateway.verify.zk import ZkVerification
-from tests.conftest import SITE, free_port
+from tests.conftest import SITE, one_off_node
 from tests.gateway_harness import client_context, gateway_config, running_gateway
 from zk.onboard import onboard
 from zk.prover import Prover
@@ -148,29 +147,8 @@ def zk_node(
     iris = registry.get("iris")
     repo = build_repository([iris], base / "repository")
     add_zk_model(repo, "iris", zk_dir, entry=iris)
-    issued = pki.ensure("node", "zk1")
-    spec = NodeSpec(
-        name="zk1",
-        region="eu-west",
-        provider="prov-z",
-        grpc_port=free_port(),
-        http_port=free_port(),
-        repository=repo,
-        cert=issued.cert,
-        key=issued.key,
-        client_ca=pki.gateway_ca_bundle(SITE),
-        workdir=base / "work",
-    )
-    with TritonProcess(spec, triton_home) as proc:
-        proc.start(deadline_s=90)
-        yield NodeConfig(
-            name="zk1",
-            address=spec.grpc_address,
-            dns_name=pki.node_dns_name("zk1"),
-            spiffe_id=issued.spiffe_id,
-            region="eu-west",
-            provider="prov-z",
-        )
+    with one_off_node(pki, triton_home, repo, "zk1", base / "work", provider="prov-z") as node:
+        yield NodeConfig(**node)
 
 
 @pytest.fixture(scope="module")
