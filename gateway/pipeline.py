@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from gateway.config import NodeConfig
@@ -268,6 +269,13 @@ class ReceiptStage:
                     k: str(v) for k, v in sorted(evidence.items()) if k in RECEIPTED_EVIDENCE
                 },
             )
+            proof = evidence.get("proof")
+            material = evidence.get("verification_material")
+            if isinstance(proof, str) and isinstance(material, dict):
+                self.service.save_evidence(
+                    x.receipt.receipt.receipt_id,
+                    {"proof.json": proof.encode(), **{k: Path(v) for k, v in material.items()}},
+                )
         except (LogError, LogFrozen, OSError) as exc:
             # Never an answer without a receipt.
             log.error("receipt log refused an answer's receipt: %s", exc)

@@ -493,6 +493,7 @@ def test_zk_request_through_the_gateway(
     artefacts: VerifierArtefacts,
     honest: Honest,
     tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     node = {f.name: getattr(zk_node, f.name) for f in dataclasses.fields(zk_node)}
     node.pop("labels")
@@ -526,6 +527,25 @@ def test_zk_request_through_the_gateway(
     assert reply["parameters"]["ztgate.verification_status"] == "verified"
     got = np.asarray(reply["outputs"][0]["data"], np.float32).reshape(1, 3)
     np.testing.assert_array_equal(got, honest.outputs)  # same input, same proven answer
+    # The auditor, offline: the bundle carries the proof and the verification material,
+    # and `ztgate verify` re-verifies the proof against what the receipt names.
+    from gateway.cli import main
+
+    rid = reply["parameters"]["ztgate.receipt_id"]
+    bundle, trust = tmp_path / "bundle", tmp_path / "trust.json"
+    assert main(["audit", "export", "--log-dir", str(tmp_path / "receipts"), str(bundle)]) == 0
+    capsys.readouterr()
+    assert main(["audit", "trust", "--log-dir", str(tmp_path / "receipts")]) == 0
+    trust.write_text(capsys.readouterr().out)
+    assert main(["verify", str(bundle), "--trust", str(trust), "--json"]) == 0
+    report = capsys.readouterr().out
+    assert '"proof_reverified": true' in report
+    proof = next(bundle.glob(f"logs/*/evidence/{rid}.proof.json"))
+    doctored = json.loads(proof.read_text())
+    doctored["instances"][0][-1] = doctored["instances"][0][0]  # another claimed output
+    proof.write_text(json.dumps(doctored))
+    assert main(["verify", str(bundle), "--trust", str(trust), "--json"]) == 1
+    assert "zk-evidence-mismatch" in capsys.readouterr().out
 
 
 def test_pool_runs_off_the_event_loop(honest: Honest, artefacts: VerifierArtefacts) -> None:

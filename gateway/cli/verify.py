@@ -38,7 +38,20 @@ def register(sub: Any) -> None:
 def _verify(args: argparse.Namespace) -> int:
     from gateway.receipts.bundle import BundleError
     from gateway.receipts.signing import parse_time
-    from gateway.receipts.verify import TrustError, TrustPolicy, load_salts, verify_path
+    from gateway.receipts.verify import (
+        TrustError,
+        TrustPolicy,
+        load_salts,
+        register_proof_verifier,
+        verify_path,
+    )
+
+    try:  # zk receipts' proofs are re-verified when ezkl is installed
+        from zk.offline import verify_zk_evidence
+
+        register_proof_verifier("zk", verify_zk_evidence)
+    except ImportError:
+        pass
 
     try:
         trust = TrustPolicy.load(args.trust)

@@ -58,6 +58,7 @@ class ExportSummary:
 class _Writer:
     def __init__(self, out: Path) -> None:
         self.out = out
+        self.written: set[str] = set()
         self.tar: tarfile.TarFile | None = None
         if out.suffix == ".tar":
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -66,6 +67,7 @@ class _Writer:
             out.mkdir(parents=True, exist_ok=True)
 
     def put(self, name: str, data: bytes) -> None:
+        self.written.add(name)
         if self.tar is not None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -128,6 +130,18 @@ def export_bundle(log_dir: Path, out: Path, since: dt.datetime | None = None) ->
     )
 
 
+def _export_evidence(rl: ReceiptLog, w: _Writer, base: str, receipt_id: str) -> None:
+    """A receipt's evidence files, and the shared material they name (once per bundle)."""
+    root = rl.path / "evidence"
+    for f in sorted(root.glob(f"{receipt_id}.*")) if root.is_dir() else ():
+        w.put(f"{base}/evidence/{f.name}", f.read_bytes())
+        if f.name.endswith(".shared.json"):
+            for digest in sorted(set(json.loads(f.read_text()).values())):
+                name = f"{base}/evidence/shared/{digest}"
+                if name not in w.written:
+                    w.put(name, (root / "shared" / digest).read_bytes())
+
+
 def _export_log(
     rl: ReceiptLog, w: _Writer, since_ts: float, totals: dict[str, int]
 ) -> dict[str, Any]:
@@ -145,6 +159,7 @@ def _export_log(
             assert proof is not None
             w.put(f"{base}/receipts/{body.receipt_id}.tlog-proof", proof.encode())
             item["proof"] = True
+        _export_evidence(rl, w, base, body.receipt_id)
         receipts.append(item)
     latest = rl.latest_checkpoint()
     if latest is not None:

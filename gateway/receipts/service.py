@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import json
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +128,29 @@ class ReceiptService:
             request_id=request_id,
             extensions=extensions,
         )
+
+    def save_evidence(self, receipt_id: str, files: Mapping[str, bytes | Path]) -> None:
+        """Evidence beside the log, never in its leaves (so retention can remove it):
+        `evidence/<receipt id>.<name>`; large shared material (keys, SRS) is stored once,
+        by content hash, under `evidence/shared/`, and referenced by the receipt's file."""
+        root = self.log.path / "evidence"
+        shared = root / "shared"
+        shared.mkdir(parents=True, exist_ok=True)
+        refs: dict[str, str] = {}
+        for name, content in files.items():
+            if isinstance(content, Path):
+                data = content.read_bytes()
+                digest = hashlib.sha256(data).hexdigest()
+                target = shared / digest
+                if not target.exists():
+                    tmp = target.with_suffix(".tmp")
+                    tmp.write_bytes(data)
+                    os.replace(tmp, target)
+                refs[name] = digest
+            else:
+                (root / f"{receipt_id}.{name}").write_bytes(content)
+        if refs:
+            (root / f"{receipt_id}.shared.json").write_text(json.dumps(refs, sort_keys=True))
 
     async def record(self, kind: str, payload: bytes) -> int:
         """A typed event (policy_load, revocation, ...) as a hash-only leaf of the log."""

@@ -508,6 +508,18 @@ def _verify_log(
             n.rsplit("/", 1)[-1]: bundle.read(n) or b""
             for n in bundle.names(f"{base}/evidence/{rid}.")
         }
+        shared = evidence.get(f"{rid}.shared.json")
+        if shared:
+            # Large material stored once per bundle by content hash; hashed again on use.
+            try:
+                refs = json.loads(shared)
+            except ValueError:
+                refs = {}
+            for name, digest in refs.items() if isinstance(refs, dict) else ():
+                data = bundle.read(f"{base}/evidence/shared/{digest}")
+                if isinstance(name, str) and data is not None:
+                    if hashlib.sha256(data).hexdigest() == digest:
+                        evidence[f"{rid}.{name}"] = data
         _check_receipt(raw, proof_raw, trust, require, chain, salts, evidence, now, report, rid)
     for e in entry.get("erased", []):
         report.add(

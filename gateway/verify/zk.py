@@ -47,7 +47,7 @@ from gateway.protocol.tensors import RequestedOutput, Tensor
 from gateway.registry import TensorSpec
 from gateway.routing.node_client import NodeError
 from gateway.verify import Outcome
-from zk.record import VerifierArtefacts
+from zk.record import RECORD_FILE, VerifierArtefacts
 from zk.verifier import ZkResult, ZkVerifierPool
 
 if TYPE_CHECKING:
@@ -160,6 +160,14 @@ class ZkVerification:
                     "proof_sha256": result.proof_sha256,
                     "instances_sha256": result.instances_sha256,
                     "proof": result.canonical_proof.decode("ascii"),
+                    # Kept beside the log (not in the receipt) so audit bundles can carry
+                    # what an auditor needs to re-verify the proof offline.
+                    "verification_material": {
+                        "zk.json": str(artefacts.vk.parent.parent / RECORD_FILE),
+                        "vk": str(artefacts.vk),
+                        "settings.json": str(artefacts.settings),
+                        "srs": str(artefacts.srs),
+                    },
                 },
             )
         raise UpstreamFailed(
