@@ -94,6 +94,7 @@ class Routing:
 class State:
     redis_url: str | None = None
     revocation_sync_s: float = 2.0
+    timeout_s: float = 0.5  # every Redis call; past it, soft state degrades, limits fail closed
 
 
 @dataclass(frozen=True)

@@ -141,7 +141,7 @@ def build_gateway(cfg: Config) -> Gateway:
     channel_creds = creds.channel_credentials()
     clients = [NodeClient(n, channel_creds, cfg.limits.max_output_bytes) for n in cfg.nodes]
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    store = open_store(cfg.state.redis_url, cfg.data_dir)
+    store = open_store(cfg.state.redis_url, cfg.data_dir, cfg.state.timeout_s)
     revocations = Revocations(store, cfg.data_dir / "revoked.jsonl")
     router = Router.from_clients(clients, store, cfg.routing)
     ca = x509.load_pem_x509_certificates(cfg.tls.client_ca.read_bytes())

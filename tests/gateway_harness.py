@@ -89,6 +89,8 @@ def gateway_config(
             "dir": str(policy_dir(data_dir / "policies")),
             "pre_policy_rate": "100000/minute",
         },
+        # Loaded test machines (2 cores, several servers) need more than production's 0.5 s.
+        "state": {"timeout_s": 3.0},
         "receipts": {
             "signing_key": str(pki.key_path("receipt-signing")),
             "log_key": str(pki.key_path("log-checkpoint")),

@@ -283,8 +283,10 @@ def test_replicas_sharing_redis_honour_each_others_ejections(
 
     async def scenario() -> tuple[dict[str, float], int]:
         prefix = f"t{uuid.uuid4().hex}:"
-        store_a = RedisStore(redis_server, prefix=prefix)
-        store_b = RedisStore(redis_server, prefix=prefix) if shared else MemoryStore()
+        store_a = RedisStore(redis_server, prefix=prefix, timeout_s=5.0)
+        store_b = (
+            RedisStore(redis_server, prefix=prefix, timeout_s=5.0) if shared else MemoryStore()
+        )
         a, entry = _router(triton_cluster, pki, store_a, dead_port, registry_dir)
         b, _ = _router(triton_cluster, pki, store_b, dead_port, registry_dir)
         try:

@@ -204,7 +204,9 @@ def _check_joint_limit(admitted: int, burst: int) -> None:
 
 async def test_two_replicas_enforce_one_bucket(redis_server: str) -> None:
     prefix = _prefix()
-    replicas: list[StateStore] = [RedisStore(redis_server, prefix=prefix) for _ in range(2)]
+    replicas: list[StateStore] = [
+        RedisStore(redis_server, prefix=prefix, timeout_s=5.0) for _ in range(2)
+    ]
     try:
         _check_joint_limit(await _admitted(replicas, "shared", 200, burst=10), burst=10)
     finally:
@@ -232,7 +234,10 @@ async def test_joint_limit_check_catches_broken_stores(
 
 async def test_replicas_share_health_and_revocations(redis_server: str) -> None:
     prefix = _prefix()
-    a, b = RedisStore(redis_server, prefix=prefix), RedisStore(redis_server, prefix=prefix)
+    a, b = (
+        RedisStore(redis_server, prefix=prefix, timeout_s=5.0),
+        RedisStore(redis_server, prefix=prefix, timeout_s=5.0),
+    )
     try:
         assert await a.record_failure("n") == 1
         assert await b.record_failure("n") == 2

@@ -11,7 +11,7 @@ __all__ = ["REVOCATIONS_FILE", "open_store"]
 REVOCATIONS_FILE = "revocations.jsonl"
 
 
-def open_store(redis_url: str | None, data_dir: Path) -> StateStore:
+def open_store(redis_url: str | None, data_dir: Path, timeout_s: float = 0.5) -> StateStore:
     """A `RedisStore` when a URL is configured, else a `MemoryStore` whose revocations
     persist under `data_dir` (they must survive a restart; the rest is soft state).
 
@@ -22,7 +22,7 @@ def open_store(redis_url: str | None, data_dir: Path) -> StateStore:
         # Imported here so that a gateway without Redis never imports redis-py.
         from gateway.state.redis import RedisStore
 
-        return RedisStore(redis_url)
+        return RedisStore(redis_url, timeout_s=timeout_s)
     from gateway.state.memory import MemoryStore
 
     data_dir = Path(data_dir)
