@@ -301,7 +301,3 @@ def log_decision(
     """One JSON line per decision; never tensors or payloads."""
     if decisions.isEnabledFor(logging.INFO):
         decisions.info(json.dumps(decision_record(decision, identity, model, mode)))
-
-
-def remaining(x: Exchange) -> float:
-    return x.deadline - time.monotonic()
