@@ -600,3 +600,19 @@ def test_cli_refuses_unpinned_production_and_auditor_reverifies(
     assert report["proof_sha256"] == honest.evidence["proof_sha256"]
     assert main(["zk", "verify", str(lie), "--artefacts", str(zk_dir), "--input", request]) == 1
     assert json.loads(capsys.readouterr().out)["reason"] == "input_mismatch"
+
+
+def test_node_cli_serves_the_prover_from_onboarded_artefacts(
+    zk_dir: Path, registry: Registry, tmp_path: Path
+) -> None:
+    from gateway.cli import main
+
+    out = tmp_path / "repo"
+    base = ["node", "repository", "--registry", str(registry.root), "--out", str(out)]
+    assert main([*base, "--flavour", "python", "--zk-artefacts", str(zk_dir)]) == 0
+    assert (out / "iris" / "config.pbtxt").is_file()
+    config = (out / "iris-zk" / "config.pbtxt").read_text()
+    assert '"proof"' in config and "TYPE_STRING" in config
+    # The prover is a python model: not for the stock onnxruntime flavour.
+    assert main([*base, "--flavour", "onnxruntime", "--zk-artefacts", str(zk_dir)]) == 2
+    assert main([*base, "--flavour", "python", "--zk-artefacts", str(tmp_path)]) == 2

@@ -46,6 +46,14 @@ def register(sub: Any) -> None:
     serve.add_argument("--start-deadline", type=float, default=30.0, metavar="SECONDS")
     serve.add_argument("--check-interval", type=float, default=2.0, metavar="SECONDS")
     serve.add_argument("--max-restarts", type=int, default=5, help="per 5 minutes")
+    serve.add_argument(
+        "--zk-artefacts",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="`ztgate zk onboard` output: also serve <model>-zk, which proves (repeatable)",
+    )
     serve.set_defaults(func=_serve)
 
     repo = verbs.add_parser(
@@ -60,6 +68,7 @@ def register(sub: Any) -> None:
         default="onnxruntime",
         help="onnxruntime: NVIDIA's Triton image; python: the wheel's tritonserver",
     )
+    repo.add_argument("--zk-artefacts", type=Path, action="append", default=[], metavar="DIR")
     repo.set_defaults(func=_repository)
 
 
@@ -87,11 +96,38 @@ def _build_repository(args: argparse.Namespace, workdir: Path) -> Path:
         if not args.repository.is_dir():
             raise UsageError(f"--repository {args.repository} is not a directory")
         return Path(args.repository).absolute()
-    return _from_registry(args.registry, args.models, workdir / "repository", "python")
+    repo = _from_registry(args.registry, args.models, workdir / "repository", "python")
+    _add_zk(repo, args.registry, args.zk_artefacts)
+    return repo
+
+
+def _add_zk(repo: Path, registry: Path, dirs: list[Path]) -> None:
+    """Serve `<name>-zk` (prove as well as answer) for each onboarded model given."""
+    if not dirs:
+        return
+    from gateway.registry import Registry, RegistryError
+    from zk.record import ZkError, load_record
+    from zk.repository import add_zk_model
+
+    for d in dirs:
+        try:
+            record = load_record(d / "zk.json")
+            entry = next(
+                (e for e in Registry.open(registry).entries() if e.sha256 == record.model_sha256),
+                None,
+            )
+            if entry is None:
+                raise UsageError(f"--zk-artefacts {d}: its model is not in {registry}")
+            add_zk_model(repo, entry.name, d, entry)
+        except (ZkError, RegistryError, OSError) as exc:
+            raise UsageError(f"--zk-artefacts {d}: {exc}") from exc
 
 
 def _repository(args: argparse.Namespace) -> int:
     out = _from_registry(args.registry, args.models, args.out, args.flavour)
+    if args.zk_artefacts and args.flavour != "python":
+        raise UsageError("--zk-artefacts needs --flavour python (the prover is a python model)")
+    _add_zk(out, args.registry, args.zk_artefacts)
     print(f"{args.flavour} repository written to {out}")
     return 0
 
