@@ -191,6 +191,11 @@ def test_configured_witness_cosigns_and_the_auditor_can_require_it(
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
+    # Bound before the gateway picks its own free ports, or they could collide.
+    end = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < end and thread.is_alive(), "witness did not start"
+        time.sleep(0.02)
     try:
         cfg = gateway_config(
             pki,
