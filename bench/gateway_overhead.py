@@ -49,6 +49,8 @@ from typing import Any
 
 import numpy as np
 
+from gateway.ports import wait_ready as _wait_ready
+
 MODEL = "iris"
 X = np.array([[5.1, 3.5, 1.4, 0.2]], np.float32)
 
@@ -328,19 +330,6 @@ def server_histogram(admin_port: int) -> tuple[float, float]:
 
 
 # --- the cluster and the gateway process ---------------------------------------------------
-def _wait_ready(url: str, deadline_s: float, proc: subprocess.Popen[bytes]) -> bool:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return True
-        except OSError:
-            pass
-        time.sleep(0.2)
-    return False
-
-
 def _stop_gateway(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is not None:
         return
@@ -357,7 +346,8 @@ def _stop_gateway(proc: subprocess.Popen[bytes]) -> None:
 @contextlib.contextmanager
 def cluster_env(root: Path, nodes: int) -> Iterator[Any]:
     """The Triton nodes, torn down on the way out whatever happens."""
-    from gateway.cluster import LocalCluster, free_port
+    from gateway.cluster import LocalCluster
+    from gateway.ports import free_port
 
     cluster = LocalCluster(
         root, nodes, gateway_port=free_port(), admin_port=free_port(), with_zk=False,
@@ -379,7 +369,7 @@ GATEWAY_CONFIGS = ("full", "no-receipts", "redis")
 
 @contextlib.contextmanager
 def redis_server() -> Iterator[str]:
-    from gateway.cluster import free_port
+    from gateway.ports import free_port
 
     port = free_port()
     proc = subprocess.Popen(

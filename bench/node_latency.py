@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import socket
 import statistics
 import sys
 import tempfile
@@ -28,16 +27,10 @@ import tritonclient.grpc as grpcclient
 from gateway.node.repository import build_repository
 from gateway.node.triton import NodeSpec, TritonProcess, triton_home
 from gateway.pki import PKI
+from gateway.ports import free_port
 from gateway.registry import Registry, seed_examples
 
 SITE = "site-a"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Target:

@@ -48,6 +48,7 @@ from gateway.protocol.problems import (
     BadRequest,
     Forbidden,
     Internal,
+    InvalidTensor,
     MethodNotAllowed,
     NoHealthyNode,
     NotFound,
@@ -596,8 +597,6 @@ async def _infer(gw: Gateway, request: Request) -> Response:
 
 def check_inputs(entry: ModelEntry, inputs: tuple[Any, ...]) -> None:
     """The request must match the registered signature before any node sees it."""
-    from gateway.protocol.problems import InvalidTensor
-
     specs = {s.name: s for s in entry.inputs}
     names = [t.name for t in inputs]
     if sorted(names) != sorted(specs):
@@ -624,8 +623,6 @@ def check_inputs(entry: ModelEntry, inputs: tuple[Any, ...]) -> None:
 def check_outputs(entry: ModelEntry, requested: tuple[RequestedOutput, ...]) -> None:
     """Only the model's own outputs may be asked for: a node refuses any other, and that
     refusal would be charged to the node (and retried on every other) as a failure."""
-    from gateway.protocol.problems import InvalidTensor
-
     known = {s.name for s in entry.outputs}
     unknown = [o.name for o in requested if o.name not in known]
     if unknown:

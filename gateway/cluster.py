@@ -12,7 +12,6 @@ import logging
 import os
 import select
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ import numpy as np
 from gateway.node.repository import build_repository
 from gateway.node.triton import NodeSpec, NodeSupervisor, TritonProcess, triton_home
 from gateway.pki import DEFAULT_SITE, PKI
+from gateway.ports import free_port
 from gateway.registry import ModelEntry, Registry, seed_examples
 
 log = logging.getLogger(__name__)
@@ -38,13 +38,6 @@ LAYOUT: tuple[tuple[str, str, str], ...] = (
     ("n4", "eu-west", "prov-d"),
     ("n5", "us-west", "prov-e"),
 )
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass

@@ -58,6 +58,7 @@ class Exchange:
     request: InferRequest | None = None
     payload_bytes: int = 0
     identity: Identity | None = None
+    facts: IdentityFacts | None = None  # the identity as policy sees it, made once
     decision: InferDecision | None = None
     mode: str = "none"
     outcome: Outcome | None = None
@@ -153,7 +154,7 @@ class PolicyStage:
         nodes = [s.config.name for s in self.router.nodes.values() if s.config.serves(x.entry.name)]
         if not nodes:
             raise NoHealthyNode(f"no node serves {x.entry.name!r}", retry_after=5)
-        facts = IdentityFacts.from_identity(x.identity)
+        x.facts = facts = IdentityFacts.from_identity(x.identity)
         decision = self.policy.engine.decide_infer(
             facts, x.entry.name, ctx, nodes, revocation_version=self.revocations.version
         )
@@ -182,8 +183,8 @@ class ModeStage:
         assert x.decision is not None and x.request is not None and x.identity is not None
         allowed = [m for m in x.decision.modes if m in self.verifiers]
         asked = x.request.parameters.get("ztgate.verification")
-        assert x.entry is not None
-        facts = IdentityFacts.from_identity(x.identity)
+        assert x.entry is not None and x.facts is not None
+        facts = x.facts
         if asked is not None:
             if asked not in MODES:
                 raise Forbidden(f"unknown verification mode {asked!r}; one of {', '.join(MODES)}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,20 +16,13 @@ from gateway.node.repository import build_repository
 from gateway.node.triton import NodeSpec, NodeSupervisor, TritonProcess
 from gateway.node.triton import triton_home as lay_out_triton_home
 from gateway.pki import PKI
+from gateway.ports import free_port
 from gateway.registry import ModelEntry, Registry, seed_examples
 
 # The session's own redis-server (tests/redis_fixture.py).
 pytest_plugins = ["tests.redis_fixture"]
 
 # =========================================================================== ports
-
-
-def free_port() -> int:
-    """A TCP port free on loopback right now (the usual race applies; good enough here)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture(name="free_port")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import ssl
 import threading
 import time
@@ -25,15 +24,8 @@ import uvloop
 from gateway.app import Gateway
 from gateway.config import Config, parse_config
 from gateway.pki import PKI
+from gateway.ports import free_port
 from gateway.runtime import build_gateway, servers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
 
 SHIPPED_POLICIES = Path(__file__).resolve().parent.parent / "policies"
 TEST_CALLERS = ("bob", "short", "schemathesis", "bench")

@@ -19,16 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from gateway.ports import free_port as _free_port
+
 __all__ = ["redis_server"]
 
 _START_DEADLINE_S = 10.0
 _PORT_ATTEMPTS = 3  # the free port we pick can be taken before redis binds it
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _pings(port: int) -> bool:

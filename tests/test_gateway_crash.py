@@ -8,13 +8,12 @@ import signal
 import ssl
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import httpx
 
-from gateway.cluster import LocalCluster, free_port
+from gateway.cluster import LocalCluster
+from gateway.ports import free_port, wait_ready
 from gateway.receipts.log import ReceiptLog
 from tests.test_gateway import IRIS, infer_body
 
@@ -33,17 +32,8 @@ def test_sigkill_right_after_a_200_loses_no_receipt(tmp_path: Path) -> None:
             start_new_session=True,
         )
         try:
-            end = time.monotonic() + 60
             ready = f"http://127.0.0.1:{cluster.admin_port}/v2/health/ready"
-            while True:
-                try:
-                    with urllib.request.urlopen(ready, timeout=1) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                assert time.monotonic() < end and gateway.poll() is None, "gateway not ready"
-                time.sleep(0.2)
+            assert wait_ready(ready, 60, gateway), "gateway not ready"
             pki = cluster.root / "pki"
             ctx = ssl.create_default_context(cafile=str(pki / "root" / "ca.crt"))
             ctx.load_cert_chain(pki / "clients/demo/client.crt", pki / "clients/demo/client.key")

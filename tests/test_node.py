@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from tritonclient.utils import InferenceServerException
 from gateway.examples import SHIPPED_DIR
 from gateway.node.triton import NodeSpec, NodeStartError, NodeSupervisor, TritonProcess
 from gateway.pki import PKI
+from gateway.ports import free_port as _free_port
 
 if TYPE_CHECKING:
     # Annotations only: importing conftest at run time would load it a second time.
@@ -283,13 +283,6 @@ input [ { name: "x", data_type: TYPE_FP32, dims: [ 1 ] } ]
 output [ { name: "y", data_type: TYPE_FP32, dims: [ 1 ] } ]
 instance_group [ { kind: KIND_CPU, count: 1 } ]
 """
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _spec(pki: PKI, repository: Path, workdir: Path, name: str = "n9") -> NodeSpec:

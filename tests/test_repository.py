@@ -8,7 +8,6 @@ import dataclasses
 import hashlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -30,6 +29,7 @@ from gateway.node.repository import (
     render_config,
     triton_datatype,
 )
+from gateway.ports import free_port as _free_port
 from gateway.registry import Registry, TensorSpec, seed_examples
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "gateway/node/python_model.py.tmpl"
@@ -216,12 +216,6 @@ def _pytriton_server_dir() -> Path | None:
         return None
     server = Path(pytriton.__file__).parent / "tritonserver"
     return server if (server / "bin/tritonserver").is_file() else None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _triton_home(server: Path, home: Path) -> Path:

@@ -8,12 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from gateway.ports import wait_ready as _wait_ready
 
 IRIS = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]], np.float32)
 RISK = np.array([[0.3, 1.2, -0.5, 0.8, 0.0, 1.5]], np.float32)
@@ -36,25 +37,13 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_demo)
 
 
-def _wait_ready(url: str, deadline_s: float, proc: subprocess.Popen[bytes]) -> bool:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:  # noqa: S310 (loopback URL)
-                if r.status == 200:
-                    return True
-        except OSError:
-            pass
-        time.sleep(0.2)
-    return False
-
-
 def _demo(args: argparse.Namespace) -> int:
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
-    from gateway.cluster import LocalCluster, free_port
+    from gateway.cluster import LocalCluster
     from gateway.pki import PKI
+    from gateway.ports import free_port
 
     cluster = LocalCluster(args.dir, args.nodes, gateway_port=free_port(), admin_port=free_port())
     print(f"starting {args.nodes} Triton nodes under {cluster.root} ...")

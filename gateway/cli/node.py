@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import socket
 import threading
 from pathlib import Path
 from types import FrameType
@@ -13,6 +12,7 @@ from typing import Any
 
 from gateway.cli import UsageError
 from gateway.pki import DEFAULT_SITE, PKI, PKIError
+from gateway.ports import free_port as _free_port
 
 log = logging.getLogger("ztgate.node")
 
@@ -70,13 +70,6 @@ def register(sub: Any) -> None:
     )
     repo.add_argument("--zk-artefacts", type=Path, action="append", default=[], metavar="DIR")
     repo.set_defaults(func=_repository)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _labels(raw: list[str]) -> dict[str, str]:
