@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from gateway import __version__
+from gateway.background import Job, supervise
 from gateway.config import Config
 from gateway.identity import Identity, IdentityResolver
 from gateway.pipeline import (
@@ -98,6 +99,12 @@ class Metrics:
             registry=self.registry,
             buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
+        self.background_failures = Counter(
+            "ztgate_background_failures",
+            "Background loops (checkpoints, health, policy watch) that died and were restarted",
+            ["job"],
+            registry=self.registry,
+        )
         self.app_calls = 0  # requests that reached the app at all (tests assert on it)
         self.gauges = False
 
@@ -119,6 +126,8 @@ class Gateway:
     background: list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = field(
         default_factory=list
     )
+    # Background jobs that died and wait to be restarted: the gateway is not ready.
+    down: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.identity = IdentityStage(self.resolver, self.revocations)
@@ -203,11 +212,22 @@ class Gateway:
             raise Replayed(f"{NONCE_HEADER} {nonce!r} was already used within the replay window")
 
     async def where_is(self, log_id: str) -> str | None:
-        """The base URL of the replica holding another log, from the shared store."""
+        """The base URL of the replica holding another log: the shared store names it, and
+        only a replica from configuration (`receipts.replicas`) is believed."""
         try:
-            return await self.store.find_log(log_id)
+            url = await self.store.find_log(log_id)
         except StoreUnavailable:
             return None
+        if url is None:
+            return None
+        if url.rstrip("/") not in self.cfg.receipts.replicas:
+            log.warning("the shared store names an unconfigured replica for log %s", log_id)
+            return None
+        return url.rstrip("/")
+
+    def ready(self) -> bool:
+        """Ready: some model has a node to go to and no background loop is down."""
+        return not self.down and any(self.router.candidates(m) for m in self.models)
 
     async def announce_logs(self) -> None:
         url = self.cfg.receipts.public_url
@@ -356,8 +376,7 @@ def api_routes(gw: Gateway) -> list[Route]:
         return Response(status_code=200)
 
     async def ready(_: Request) -> Response:
-        healthy = any(gw.router.candidates(m) for m in gw.models)
-        return Response(status_code=200 if healthy else 503)
+        return Response(status_code=200 if gw.ready() else 503)
 
     async def server_metadata(_: Request) -> Response:
         return JSONResponse(
@@ -646,19 +665,26 @@ async def _problem(_: Request, exc: Exception) -> Response:
     return problem_response(Internal())
 
 
+def _job_name(job: Job) -> str:
+    return str(getattr(job, "__qualname__", None) or getattr(job, "__name__", None) or job)
+
+
 def build_api(gw: Gateway) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         stop = asyncio.Event()
-        jobs = list(gw.background)
+        jobs: list[tuple[str, Job]] = [(_job_name(j), j) for j in gw.background]
         if gw.receipts is not None:
             gw.receipts.start()
-            jobs.append(gw.receipts.run)
+            jobs.append(("receipts", gw.receipts.run))
+        jobs.append(("health", gw.router.run_health))
         gw.policy_changed()
         await gw.record("policy_load", gw.policy.engine.source.hash.encode())
         await gw.announce_logs()
-        tasks: list[asyncio.Task[None]] = [asyncio.create_task(j(stop)) for j in jobs]
-        tasks.append(asyncio.create_task(gw.router.run_health(stop)))
+        failures = gw.metrics.background_failures
+        tasks: list[asyncio.Task[None]] = [
+            asyncio.create_task(supervise(name, j, stop, gw.down, failures)) for name, j in jobs
+        ]
         try:
             yield
         finally:
@@ -694,8 +720,7 @@ def build_admin(gw: Gateway) -> Starlette:
         return Response(status_code=200)
 
     async def ready(_: Request) -> Response:
-        healthy = any(gw.router.candidates(m) for m in gw.models)
-        return Response(status_code=200 if healthy else 503)
+        return Response(status_code=200 if gw.ready() else 503)
 
     async def metrics(_: Request) -> Response:
         return Response(generate_latest(gw.metrics.registry), media_type="text/plain")

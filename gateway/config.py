@@ -106,6 +106,10 @@ class Receipts:
     # This replica's API base URL (https://host:port), announced in the shared store so
     # another replica asked for this replica's log or receipts redirects the reader here.
     public_url: str | None = None
+    # Every replica's public_url. A redirect goes only to one of these: the shared store
+    # says which replica holds a log, but whoever can write Redis must not be able to send
+    # auditors and witnesses somewhere else.
+    replicas: tuple[str, ...] = ()
     # Witnesses that cosign each checkpoint: [vkey (C2SP note verifier key), URL] pairs.
     witnesses: tuple[tuple[str, str], ...] = ()
 
@@ -310,6 +314,11 @@ def parse_config(raw: dict[str, Any], base: Path) -> Config:
             raise ConfigError("receipts: set both signing_key and log_key, or neither")
         if any(len(w) != 2 for w in r.witnesses):
             raise ConfigError("receipts.witnesses: a list of [vkey, url] pairs")
+        sections["receipts"] = r = dataclasses.replace(
+            r, replicas=tuple(u.rstrip("/") for u in r.replicas)
+        )
+        if r.public_url is not None and r.replicas and r.public_url.rstrip("/") not in r.replicas:
+            raise ConfigError("receipts.replicas must include this replica's public_url")
         if r.enabled and r.signing_key == r.log_key:
             raise ConfigError("receipts: the log key must differ from the receipt signing key")
     if "policy" in raw:

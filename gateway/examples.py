@@ -12,6 +12,13 @@ first layer, so every model takes raw features.
 
 scikit-learn is only needed for the recipes (the ``train`` extra); reading the shipped files
 needs nothing beyond the standard library.
+
+Reproducing the bytes: the float maths of a training run depends on the CPU in three places,
+each chosen once at process start -- OpenBLAS's kernels (per CPU model), numpy's SIMD loops
+(per CPU feature) and glibc's libm variants (FMA or not). ``build_examples`` therefore trains in
+a child process with all three pinned to portable choices (``pinned_environment``), so the
+bytes depend only on the libraries (``build_environment``, recorded in ``BUILT_WITH``) and not
+on which CPU of the instruction set runs the recipe.
 """
 
 from __future__ import annotations
@@ -19,8 +26,13 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,16 +63,29 @@ RISK_FEATURES: tuple[str, ...] = (
     "years_employed",
 )
 
-# Where the shipped bytes came from. sklearn's float maths goes through OpenBLAS, whose kernels
-# differ per CPU family, so byte-identical rebuilds are only promised when all of this matches
-# (see ``build_environment``); elsewhere the recipe still yields equivalent models.
+# The libraries the shipped bytes were built with (``build_environment``). A rebuild with the same
+# versions reproduces them byte for byte on any CPU of this instruction set, because the
+# CPU-dependent choices are pinned (``pinned_environment``); with other versions the recipe
+# yields equivalent models, equal up to float rounding.
 BUILT_WITH: dict[str, str] = {
+    "machine": "x86_64",
+    "libc": "glibc 2.36",
     "numpy": "1.26.4",
     "scipy": "1.17.1",
     "scikit-learn": "1.9.1",
     "onnx": "1.23.2",
-    "blas": "Cooperlake,SkylakeX",
+    "blas": "openblas 0.3.23.dev,openblas 0.3.30",
 }
+
+# The OpenBLAS kernel every build uses, per instruction set: one that every CPU of it can run.
+BLAS_CORETYPE: dict[str, str] = {"x86_64": "Nehalem", "aarch64": "ARMV8"}
+# glibc's libm picks FMA/AVX variants of exp, log, pow ... per CPU; these take the plain ones.
+# (Both spellings: glibc 2.33 dropped the _Usable suffix; unknown names are ignored.)
+LIBM_TUNABLES: dict[str, str] = {
+    "x86_64": "glibc.cpu.hwcaps="
+    + ",".join(f"-{f}{s}" for s in ("", "_Usable") for f in ("AVX", "AVX2", "FMA", "FMA4"))
+}
+_PINNED_BUILD = "--pinned-build"
 
 FloatArray = NDArray[np.float32]
 LabelArray = NDArray[np.int64]
@@ -306,8 +331,8 @@ def mlp_to_onnx(name: str, mlp: Mlp) -> onnx.ModelProto:
     return model
 
 
-def build_example(name: str) -> bytes:
-    """Train example ``name`` and return its serialised ONNX model."""
+def _build_here(name: str) -> bytes:
+    """Train example ``name`` in this process; the bytes depend on this process's CPU choices."""
     try:
         trainer = _TRAINERS[name]
     except KeyError:
@@ -315,15 +340,32 @@ def build_example(name: str) -> bytes:
     return bytes(mlp_to_onnx(name, trainer()).SerializeToString())
 
 
-def build_examples(out_dir: Path) -> dict[str, Path]:
-    """Write ``<name>.onnx`` for every example into ``out_dir`` (created if missing)."""
+def build_example(name: str) -> bytes:
+    """Train example ``name`` (in a pinned child process) and return its serialised model."""
+    with tempfile.TemporaryDirectory(prefix="ztgate-example-") as tmp:
+        return build_examples(Path(tmp), (name,))[name].read_bytes()
+
+
+def build_examples(out_dir: Path, names: Sequence[str] = EXAMPLE_NAMES) -> dict[str, Path]:
+    """Write ``<name>.onnx`` for each example into ``out_dir`` (created if missing).
+
+    Training runs in a child process started with ``pinned_environment()``, which is the only
+    way to pin the BLAS kernels, numpy's SIMD loops and libm's variants: each is chosen at start.
+    """
+    unknown = [n for n in names if n not in _TRAINERS]
+    if unknown:
+        raise ValueError(f"unknown example {unknown[0]!r}; expected one of {EXAMPLE_NAMES}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    written: dict[str, Path] = {}
-    for name in EXAMPLE_NAMES:
-        path = out_dir / f"{name}.onnx"
-        path.write_bytes(build_example(name))
-        written[name] = path
-    return written
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway.examples", _PINNED_BUILD, str(out_dir), *names],
+        env=pinned_environment(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise ExampleError(f"building {list(names)} failed:\n{proc.stderr[-4000:]}")
+    return {name: out_dir / f"{name}.onnx" for name in names}
 
 
 def write_sums(paths: dict[str, Path], out_dir: Path) -> Path:
@@ -334,23 +376,80 @@ def write_sums(paths: dict[str, Path], out_dir: Path) -> Path:
     return target
 
 
+def _umath() -> Any:
+    try:
+        return _untyped("numpy._core._multiarray_umath")
+    except ImportError:  # numpy < 1.26
+        return _untyped("numpy.core._multiarray_umath")
+
+
+def pinned_environment(base: dict[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: this process's environment) with the CPU-dependent choices pinned.
+
+    One BLAS thread and the ``BLAS_CORETYPE`` kernel; numpy's runtime-dispatched SIMD loops off
+    (its baseline, which every CPU of the instruction set has, stays); libm's plain variants.
+    """
+    env = dict(os.environ if base is None else base)
+    machine = platform.machine()
+    umath = _umath()
+    dispatched = [f for f in umath.__cpu_dispatch__ if f not in umath.__cpu_baseline__]
+    env.pop("NPY_ENABLE_CPU_FEATURES", None)  # numpy 2 refuses both variables together
+    env["NPY_DISABLE_CPU_FEATURES"] = " ".join(dispatched)
+    env["OPENBLAS_NUM_THREADS"] = env["OMP_NUM_THREADS"] = "1"
+    env.pop("OPENBLAS_CORETYPE", None)
+    if machine in BLAS_CORETYPE:
+        env["OPENBLAS_CORETYPE"] = BLAS_CORETYPE[machine]
+    if machine in LIBM_TUNABLES:
+        others = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+        others = [t for t in others if not t.startswith("glibc.cpu.hwcaps=")]
+        env["GLIBC_TUNABLES"] = ":".join([*others, LIBM_TUNABLES[machine]])
+    return env
+
+
+def _blas_libraries() -> list[dict[str, Any]]:
+    _untyped("scipy.linalg")  # loads scipy's own BLAS, so threadpoolctl reports it too
+    info: list[dict[str, Any]] = _untyped("threadpoolctl").threadpool_info()
+    return [lib for lib in info if lib["user_api"] == "blas"]
+
+
+def check_pinned() -> None:
+    """Raise ExampleError unless this process runs with ``pinned_environment``'s choices."""
+    machine = platform.machine()
+    umath = _umath()
+    dispatching = [
+        f
+        for f in umath.__cpu_dispatch__
+        if f not in umath.__cpu_baseline__ and umath.__cpu_features__.get(f)
+    ]
+    if dispatching:
+        raise ExampleError(f"numpy still dispatches {dispatching}: not a pinned_environment()")
+    kernels = {str(lib.get("architecture")) for lib in _blas_libraries()}
+    if machine in BLAS_CORETYPE and kernels != {BLAS_CORETYPE[machine]}:
+        raise ExampleError(f"BLAS kernels {sorted(kernels)}, not {BLAS_CORETYPE[machine]}")
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if machine in LIBM_TUNABLES and LIBM_TUNABLES[machine] not in tunables:
+        raise ExampleError("libm variants not pinned: not a pinned_environment()")
+
+
 def build_environment() -> dict[str, str]:
-    """The library versions and BLAS kernels a rebuild here would use (cf. ``BUILT_WITH``)."""
+    """The library versions a rebuild here would use (cf. ``BUILT_WITH``).
+
+    Versions only: the CPU-dependent choices are pinned for every build, so with equal versions
+    the bytes are equal whatever the CPU. ``machine`` is the instruction set, whose kernels are
+    other code altogether.
+    """
     import sklearn
 
-    # Loading scipy's own BLAS (used by the lbfgs solver) makes threadpoolctl report it too.
-    _untyped("scipy.linalg")
-    threadpool_info = _untyped("threadpoolctl").threadpool_info
-
-    kernels = {
-        str(lib.get("architecture")) for lib in threadpool_info() if lib["user_api"] == "blas"
-    }
+    blas = sorted(f"{lib.get('internal_api')} {lib.get('version')}" for lib in _blas_libraries())
+    libc, libc_version = platform.libc_ver()
     return {
+        "machine": platform.machine(),
+        "libc": f"{libc} {libc_version}".strip(),
         "numpy": np.__version__,
         "scipy": _untyped("scipy").__version__,
         "scikit-learn": sklearn.__version__,
         "onnx": onnx.__version__,
-        "blas": ",".join(sorted(kernels)),
+        "blas": ",".join(blas),
     }
 
 
@@ -388,8 +487,24 @@ def shipped_examples() -> dict[str, Path]:
     return found
 
 
-if __name__ == "__main__":  # pragma: no cover - maintenance entry point
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m gateway.examples``: rebuild the shipped examples and their SHA256SUMS.json."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == [_PINNED_BUILD]:  # the child build_examples starts
+        check_pinned()
+        out = Path(args[1])
+        for name in args[2:]:
+            (out / f"{name}.onnx").write_bytes(_build_here(name))
+        return 0
+    if args:
+        print("usage: python -m gateway.examples", file=sys.stderr)
+        return 2
     write_sums(build_examples(SHIPPED_DIR), SHIPPED_DIR)
     print(f"built with {build_environment()} (update BUILT_WITH if it changed)")
     for example, digest in shipped_sums().items():
         print(f"{digest}  {example}.onnx")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - maintenance entry point
+    raise SystemExit(main())

@@ -33,7 +33,13 @@ from gateway.protocol.problems import (
 from gateway.protocol.tensors import InferRequest
 from gateway.receipts.issue import Issued
 from gateway.receipts.log import LogError, LogFrozen
-from gateway.receipts.model import ClientRef, ModelRef, PolicyRef, VerificationRef
+from gateway.receipts.model import (
+    ClientRef,
+    ModelRef,
+    PolicyRef,
+    VerificationRef,
+    ext_value,
+)
 from gateway.receipts.service import ReceiptService
 from gateway.registry import ModelEntry
 from gateway.revocation import Revocations
@@ -267,7 +273,7 @@ class ReceiptStage:
                 nodes=x.outcome.nodes,
                 request_id=x.request_id,
                 extensions={
-                    k: str(v) for k, v in sorted(evidence.items()) if k in RECEIPTED_EVIDENCE
+                    k: ext_value(v) for k, v in sorted(evidence.items()) if k in RECEIPTED_EVIDENCE
                 },
             )
             proof = evidence.get("proof")

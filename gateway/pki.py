@@ -28,7 +28,6 @@ production mode refuses a PKI directory that carries the marker.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import ipaddress
 import json
 import os
@@ -42,6 +41,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from gateway.keyid import signing_key_id as signing_key_id  # re-exported for `ztgate pki`
 
 Role = Literal["client", "node", "gateway-server", "gateway-node-client", "dealer"]
 ROLES: tuple[Role, ...] = ("client", "node", "gateway-server", "gateway-node-client", "dealer")
@@ -148,7 +149,7 @@ class PKI:
         leaf_days: int = 365,
     ) -> PKI:
         """Create a PKI; an existing one is opened and only missing parts are added."""
-        if not _TD_RE.match(trust_domain):
+        if not _TD_RE.fullmatch(trust_domain):
             raise PKIError(f"invalid trust domain {trust_domain!r}")
         site_list = list(dict.fromkeys(sites))
         for site in site_list:
@@ -344,12 +345,6 @@ def client_crl(pki: PKI, serials: Iterable[int], out: Path, days: int = 7) -> Pa
     return out
 
 
-def signing_key_id(public_key: ed25519.Ed25519PublicKey) -> str:
-    """A key id: the first 16 hex digits of SHA-256 over the raw public key."""
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
-
-
 def load_signing_key(path: Path) -> ed25519.Ed25519PrivateKey:
     key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(key, ed25519.Ed25519PrivateKey):
@@ -363,7 +358,7 @@ def _now() -> dt.datetime:
 
 
 def _check_name(name: str) -> None:
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise PKIError(f"invalid name {name!r}: lowercase letters, digits and '-', 1-63 chars")
 
 

@@ -71,19 +71,19 @@ def open_receipts(cfg: Config) -> ReceiptService | None:
     r = cfg.receipts
     if r.signing_key is None or r.log_key is None:
         return None
+    from gateway.receipts.checkpointer import WitnessClient
     from gateway.receipts.note import WitnessKey
-    from gateway.receipts.witness import WitnessClient
 
     try:
+        witnesses = [WitnessClient(WitnessKey.from_vkey(vkey), url) for vkey, url in r.witnesses]
         service = ReceiptService.open(
             r.dir or cfg.data_dir / "receipts",
             r.signing_key,
             r.log_key,
             f"{cfg.trust_domain}/{cfg.site}/receipts",
             r.checkpoint_interval_s,
+            witnesses,
         )
-        for vkey, url in r.witnesses:
-            service.log.witnesses.append(WitnessClient(WitnessKey.from_vkey(vkey), url))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"receipts: {exc}") from exc
     return service
@@ -93,12 +93,14 @@ def add_proof_modes(cfg: Config, gw: Gateway) -> None:
     """zk and mpc, where configured; each owns worker processes for the gateway's lifetime."""
     if cfg.zk.artefacts:
         from gateway.verify.zk import ZkVerification
+        from zk.record import ZkError
         from zk.verifier import ZkVerifierPool
 
         pool = ZkVerifierPool(cfg.zk.workers, cache_dir=cfg.data_dir / "ezkl")
         try:
             gw.verifiers["zk"] = ZkVerification.from_dirs(cfg.zk.artefacts, pool)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, ZkError) as exc:
+            pool.close()
             raise ConfigError(f"zk.artefacts: {exc}") from exc
 
         async def zk_pool(stop: asyncio.Event) -> None:

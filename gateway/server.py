@@ -6,6 +6,10 @@ by `connection_made`, so the peer certificate is read once per connection and ev
 request scope on that connection gets it. Delete this module's shim once uvicorn ships
 the extension (tests/test_server.py checks each enabled protocol class).
 
+A refused handshake sends the peer no alert (the event loop's TLS transport closes
+without flushing it), so the reason is recorded here instead: logged, and counted by
+reason in `handshake_failures()`.
+
 Certificate rotation without a restart: the listening context never changes (uvicorn
 holds it), but its SNI callback, which OpenSSL calls on every handshake, with or without
 SNI, switches the connection to the newest context built from the files. A bad file
@@ -19,6 +23,7 @@ import itertools
 import logging
 import os
 import ssl
+from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +40,33 @@ ASGIApp = Callable[
 ]
 _connection_ids = itertools.count(1)
 _last_connection_id = 0
+_handshake_failures: Counter[str] = Counter()
 
 
 def connections_opened() -> int:
     """TLS connections this process has accepted (tests count connections with it)."""
     return _last_connection_id
+
+
+def handshake_failures() -> Counter[str]:
+    """TLS handshakes this process refused, by reason ("certificate has expired", ...)."""
+    return Counter(_handshake_failures)
+
+
+class _RecordingSSLObject(ssl.SSLObject):
+    """Records why a handshake failed: the peer is told nothing (see the module doc)."""
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError as exc:
+            verify = getattr(exc, "verify_message", None)
+            reason = str(verify or exc.reason or type(exc).__name__)
+            _handshake_failures[reason] += 1
+            log.info("TLS handshake refused: %s", reason)
+            raise
 
 
 @dataclass(frozen=True)
@@ -81,6 +108,7 @@ class ReloadingContext:
         self.failed_reloads = 0
         self.listening = server_context(files)
         self.listening.sni_callback = self._on_handshake
+        self.listening.sslobject_class = _RecordingSSLObject
 
     def _stat(self) -> tuple[tuple[int, int], ...]:
         stamps = []

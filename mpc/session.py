@@ -159,6 +159,7 @@ class MpcSession:
     closed: str | None = None
     requests: int = 0
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _links_closed: bool = False
 
     # --- start -------------------------------------------------------------------------
     @classmethod
@@ -326,6 +327,8 @@ class MpcSession:
             for t in tasks:
                 if not t.done():
                     t.cancel()
+                elif not t.cancelled():
+                    t.exception()  # mark it retrieved: only the first failure is raised
 
     # --- inference ---------------------------------------------------------------------
     @property
@@ -398,6 +401,8 @@ class MpcSession:
             for t in tasks:
                 if not t.done():
                     t.cancel()
+                elif not t.cancelled():
+                    t.exception()  # mark it retrieved: only the first failure is raised
         results = [t.result() for t in tasks]
         out_shares = [r[1] for r in results]
         y_enc = reconstruct(out_shares)
@@ -438,14 +443,18 @@ class MpcSession:
         if self.closed is None:
             self.closed = reason
             log.info("MPC session %s ends: %s", self.session_id, reason)
-        for p in self.parties:
-            with contextlib.suppress(Exception):
-                if polite:
-                    p.writer.write(encode_json({"type": "close"}))
-                p.writer.close()
-        for p in self.parties:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(p.writer.wait_closed(), 1.0)
+        # Once only: a wait_closed that timed out cancelled the stream's close waiter, and
+        # awaiting it again (close() after a failure) would raise CancelledError.
+        if not self._links_closed:
+            self._links_closed = True
+            for p in self.parties:
+                with contextlib.suppress(Exception):
+                    if polite:
+                        p.writer.write(encode_json({"type": "close"}))
+                    p.writer.close()
+            for p in self.parties:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(p.writer.wait_closed(), 1.0)
         proc, self.dealer_proc = self.dealer_proc, None
         if proc is not None:
             await _stop_process(proc)

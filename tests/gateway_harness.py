@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import secrets
 import shutil
+import socket
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import uvicorn
 import uvloop
 
@@ -153,3 +158,66 @@ def client_context(pki: PKI, cert: Path | None, key: Path | None) -> ssl.SSLCont
     if cert is not None and key is not None:
         ctx.load_cert_chain(cert, key)
     return ctx
+
+
+@contextmanager
+def tls_redis(pki: PKI, workdir: Path) -> Iterator[str]:
+    """A redis-server that speaks only TLS and knows one ACL user (what production asks for).
+
+    Yields its `rediss://user:password@...` URL, trusting the PKI's root for the server.
+    """
+    exe = shutil.which("redis-server")
+    if exe is None:
+        msg = "redis-server not installed (apt-get install redis-server)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    workdir.mkdir(parents=True, exist_ok=True)
+    # A server certificate for 127.0.0.1 from the PKI (the gateway-server role has that SAN).
+    issued = pki.issue("gateway-server", "redis", out=(workdir / "tls.crt", workdir / "tls.key"))
+    password = secrets.token_hex(16)
+    port = free_port()
+    with open(workdir / "redis.log", "wb") as log:
+        proc = subprocess.Popen(
+            [
+                exe,
+                "--port", "0",
+                "--tls-port", str(port),
+                "--bind", "127.0.0.1",
+                "--tls-cert-file", str(issued.cert),
+                "--tls-key-file", str(issued.key),
+                "--tls-auth-clients", "no",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", str(workdir),
+                "--user", "default", "off",
+                "--user", "ztgate", "on", f">{password}", "~*", "&*", "+@all",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        ctx = ssl.create_default_context(cafile=str(pki.root_ca))
+        end = time.monotonic() + 15
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as raw:
+                    with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                        tls.sendall(f"AUTH ztgate {password}\r\n".encode())
+                        if tls.recv(64).startswith(b"+OK"):
+                            break
+            except OSError:
+                pass
+            if time.monotonic() > end or proc.poll() is not None:
+                raise RuntimeError(
+                    f"TLS redis-server did not start: {(workdir / 'redis.log').read_text()[-2000:]}"
+                )
+            time.sleep(0.05)
+        yield f"rediss://ztgate:{password}@127.0.0.1:{port}/0?ssl_ca_certs={pki.root_ca}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import socket
 import tarfile
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,8 +28,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from gateway.cli import main
 from gateway.pki import signing_key_id
 from gateway.protocol.tensors import Tensor
-from gateway.receipts.bundle import BundleReader, export_bundle
+from gateway.receipts.bundle import BundleReader
 from gateway.receipts.canonical import b64
+from gateway.receipts.export import export_bundle
 from gateway.receipts.issue import issue
 from gateway.receipts.log import LogEntry
 from gateway.receipts.merkle import MerkleTree
@@ -47,21 +51,54 @@ from tests.test_receipts import EPOCH, WITNESS, World, make_world
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Verification is offline: any network socket fails the test. (Unix socket pairs
-    stay: the event loop wakes itself up with one.)"""
-    real = socket.socket
+    stay: the event loop wakes itself up with one.) Threads that were running before the
+    test (a session fixture's node supervisors, say) are not the test's and keep theirs."""
+    real, real_connect = socket.socket, socket.create_connection
+    background = set(threading.enumerate()) - {threading.current_thread()}
+
+    def offline() -> bool:
+        return threading.current_thread() not in background
 
     class NoNetwork(real):  # type: ignore[misc,valid-type]
         def __init__(self, family: int = -1, *args: object, **kwargs: object) -> None:
-            if family in (socket.AF_INET, socket.AF_INET6, -1) and not kwargs.get("fileno"):
+            if (
+                offline()
+                and family in (socket.AF_INET, socket.AF_INET6, -1)
+                and not kwargs.get("fileno")
+            ):
                 raise AssertionError("tried to use the network")
             super().__init__(family, *args, **kwargs)
 
-    def refuse(*_a: object, **_k: object) -> socket.socket:
-        raise AssertionError("tried to use the network")
+    def refuse(*a: Any, **k: Any) -> socket.socket:
+        if offline():
+            raise AssertionError("tried to use the network")
+        return real_connect(*a, **k)
 
     monkeypatch.setattr(socket, "socket", NoNetwork)
     monkeypatch.setattr(socket, "create_connection", refuse)
     yield
+
+
+def test_the_network_guard_refuses_the_test_and_its_threads() -> None:
+    with pytest.raises(AssertionError, match="tried to use the network"):
+        socket.create_connection(("127.0.0.1", 9))
+    with pytest.raises(AssertionError, match="tried to use the network"):
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    caught: list[BaseException] = []
+
+    def in_a_thread() -> None:
+        try:
+            socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        except AssertionError as exc:
+            caught.append(exc)
+
+    worker = threading.Thread(target=in_a_thread)
+    worker.start()
+    worker.join()
+    assert [str(e) for e in caught] == ["tried to use the network"]
+    a, b = socket.socketpair()  # what the event loop needs still works
+    a.close()
+    b.close()
 
 
 @pytest_asyncio.fixture(loop_scope="function")
@@ -71,11 +108,11 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     w = await make_world(tmp_path)
     for _ in range(3):
         await w.receipt()
-    await w.log.checkpoint()
+    await w.checkpoint()
     await w.log.append(LogEntry("policy_load", b"\x01" * 32))
     for _ in range(2):
         await w.receipt()
-    await w.log.checkpoint()
+    await w.checkpoint()
     yield w
     if not w.log._closed:
         await w.log.close()
@@ -84,11 +121,6 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
 def _bundle(w: World, out: Path) -> Path:
     export_bundle(w.log_dir, out)
     return out
-
-
-def _verify(path: Path, trust: Path, *extra: str) -> tuple[int, dict[str, object]]:
-    rc = main(["verify", str(path), "--trust", str(trust), "--json", *extra])
-    return rc, {}
 
 
 # =========================================================================== happy path
@@ -107,7 +139,9 @@ async def test_export_and_verify_valid_bundle(
     rc = main(["verify", str(out), "--trust", str(trust), "--require-witness", WITNESS, "--json"])
     report = json.loads(capsys.readouterr().out)
     assert rc == 0, report
-    assert report["status"] == "valid" and report["counts"]["valid"] >= 6
+    assert report["status"] == "valid"
+    assert [f for f in report["findings"] if f["status"] != "valid"] == []
+    assert report["counts"]["valid"] == len(report["findings"]) > 5  # receipts and more
     receipts = [f for f in report["findings"] if f["subject"].startswith("receipt ")]
     assert len(receipts) == 5 and all(f["status"] == "valid" for f in receipts)
     assert {f["details"]["checkpoint_size"] for f in receipts} == {3, 6}
@@ -121,11 +155,23 @@ async def test_export_and_verify_valid_bundle(
 
 
 async def test_since_filters_receipts(world: World, tmp_path: Path) -> None:
-    future = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
-    s = export_bundle(world.log_dir, tmp_path / "b", future)
-    assert s.receipts == 0
+    """`since` cuts at a receipt's creation time: the receipts from then on, no earlier one."""
+    created = {b.receipt_id: b.created for b in world.log.bodies()}
+    ids = [i.receipt.receipt_id for i in world.issued]
+    cut = created[ids[3]]
+    since = dt.datetime.fromtimestamp(math.floor(cut * 1e6) / 1e6, dt.UTC)  # <= cut, to the µs
+    assert created[ids[2]] < since.timestamp() <= cut  # the fixture's receipts are apart
+    s = export_bundle(world.log_dir, tmp_path / "b", since)
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert manifest["since"] is not None
+    assert manifest["since"] == since.isoformat()
+    exported = [r["id"] for log in manifest["logs"] for r in log["receipts"]]
+    assert s.receipts == 2 and exported == ids[3:]
+    assert sorted(
+        p.stem for p in (tmp_path / "b").rglob("*.json") if p.parent.name == "receipts"
+    ) == sorted(ids[3:])
+    future = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    assert export_bundle(world.log_dir, tmp_path / "none", future).receipts == 0
+    assert export_bundle(world.log_dir, tmp_path / "all").receipts == 5  # no since: all
 
 
 async def test_pending_receipt_exits_3(
@@ -142,7 +188,7 @@ async def test_pending_receipt_exits_3(
     single = tmp_path / "r.json"
     single.write_bytes(pending.signed.to_bytes())
     assert main(["verify", str(single), "--trust", str(trust)]) == 3
-    await world.log.checkpoint()
+    await world.checkpoint()
     proof = world.log.proof(pending.receipt.index)
     assert proof is not None
     single.with_suffix(".tlog-proof").write_text(proof)
@@ -252,11 +298,12 @@ async def test_tamper_corpus_every_byte(world: World, tmp_path: Path) -> None:
     codes = _flip_all(reader, cp_name, 0, cosig_at, trust, cp_codes)
     assert "bad-checkpoint-signature" in codes
     codes = _flip_all(reader, cp_name, cosig_at, len(cp), trust, cp_codes)
-    assert "bad-cosignature" in codes or "missing-cosignature" in codes
+    # a flipped signature byte is a bad cosignature; a flipped name or key id, none at all
+    assert {"bad-cosignature", "missing-cosignature"} <= codes
     # the checkpoint embedded in the proof is held to the same
     embedded = proof.index(b"\n\n") + 2
     codes = _flip_all(reader, proof_name, embedded, len(proof), trust, cp_codes)
-    assert {"bad-cosignature", "bad-checkpoint-signature"} & codes
+    assert {"bad-cosignature", "bad-checkpoint-signature"} <= codes
     # 6. a consistency proof between checkpoints
     cons = f"{base}/consistency/3-6.proof"
     codes = _flip_all(reader, cons, 0, len(reader._files[cons]), trust,
@@ -275,7 +322,7 @@ async def test_bundle_resigned_with_fresh_keys_fails(world: World, tmp_path: Pat
             forger.log, forger.signer, client=r.client, model=r.model, policy=r.policy,
             verification=r.verification, nodes=r.nodes, request_id=r.request_id,
         )  # fmt: skip
-    await forger.log.checkpoint()
+    await forger.checkpoint()
     forged = _bundle(forger, tmp_path / "forged")
     assert verify_bundle(BundleReader(forged), forger.trust(), [WITNESS]).status == "valid"
     report = verify_bundle(BundleReader(forged), world.trust(), [WITNESS])
@@ -292,6 +339,8 @@ async def test_truncated_or_reordered_log_detected(world: World, tmp_path: Path)
     """The log key signs a rewritten history (leaves reordered, or truncated and
     regrown); its checkpoint is inconsistent with the earlier signed one."""
     out = _bundle(world, tmp_path / "b")
+    # Positive control: the bundle as exported, before anyone rewrites it, is valid.
+    assert verify_bundle(BundleReader(out), world.trust(), [WITNESS]).status == "valid"
     base = out / "logs" / world.log.log_id
     leaves = [world.log.tree.leaf(i) for i in range(world.log.size)]
     nk = NoteKey(world.log.origin, world.log_key.public_key())
@@ -350,7 +399,7 @@ async def test_backdated_receipt_with_retired_key_fails(world: World, tmp_path: 
         (r.receipt_id, signed.to_bytes()),
     )
     await world.receipt()  # a fresh receipt with the new key
-    await world.log.checkpoint()
+    await world.checkpoint()
     report = verify_bundle(BundleReader(_bundle(world, tmp_path / "b")), world.trust(), [WITNESS])
     mine = [f for f in report.findings if r.receipt_id in f.subject]
     assert mine[0].status == "invalid" and mine[0].code == "key-outside-window"
@@ -364,7 +413,7 @@ async def test_backdated_receipt_with_retired_key_fails(world: World, tmp_path: 
 async def test_witness_required_but_absent(tmp_path: Path) -> None:
     w = await make_world(tmp_path, witness_http=False)
     await w.receipt()
-    await w.log.checkpoint()
+    await w.checkpoint()
     out = _bundle(w, tmp_path / "b")
     assert verify_bundle(BundleReader(out), w.trust()).status == "valid"
     report = verify_bundle(BundleReader(out), w.trust(), [WITNESS])
@@ -414,7 +463,11 @@ async def test_audit_trust_template(
     doc = json.loads(capsys.readouterr().out)
     trust = TrustPolicy.from_dict(doc)
     assert WITNESS in trust.witnesses
-    assert trust.receipt_keys.get(signing_key_id(world.receipt_key.public_key())) is not None
+    published = trust.receipt_keys.get(signing_key_id(world.receipt_key.public_key()))
+    assert published is not None
+    assert published.public_key.public_bytes_raw() == (
+        world.receipt_key.public_key().public_bytes_raw()
+    )
     report = verify_bundle(BundleReader(_bundle(world, tmp_path / "b")), trust, [WITNESS])
     assert report.status == "valid"
 
@@ -430,7 +483,7 @@ async def test_proof_verifier_extension_point(world: World, tmp_path: Path) -> N
         verification=VerificationRef("zk", "proof-valid", "aa" * 32, "bb" * 32),
         inputs=[Tensor("input", "FP32", (1, 4), np.zeros((1, 4), "<f4"))],
     )
-    await world.log.checkpoint()
+    await world.checkpoint()
     out = _bundle(world, tmp_path / "b")
     evidence = out / "logs" / world.log.log_id / "evidence"
     evidence.mkdir()

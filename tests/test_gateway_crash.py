@@ -15,6 +15,7 @@ import httpx
 from gateway.cluster import LocalCluster
 from gateway.ports import free_port, wait_ready
 from gateway.receipts.log import ReceiptLog
+from gateway.receipts.model import SignedReceipt
 from tests.test_gateway import IRIS, infer_body
 
 
@@ -56,7 +57,12 @@ def test_sigkill_right_after_a_200_loses_no_receipt(tmp_path: Path) -> None:
         found = set()
         for path in ReceiptLog.all_logs(logs_dir):
             log = ReceiptLog.open_readonly(path)
-            found |= {rid for rid in ids if log.body(rid) is not None}
+            for rid in ids:
+                stored = log.body(rid)
+                if stored is not None:
+                    # The body kept is the receipt the client was given, not just a row.
+                    assert SignedReceipt.from_bytes(stored.body).receipt.receipt_id == rid
+                    found.add(rid)
             asyncio.run(log.close())
         assert found == set(ids)
     finally:

@@ -3,6 +3,7 @@ verifiable offline by an auditor (with the client's salts) from an exported bund
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -16,6 +17,8 @@ import pytest
 from gateway.cli import main
 from gateway.pki import PKI
 from gateway.receipts.issue import verify_summary
+from gateway.receipts.log import ReceiptLog
+from gateway.receipts.model import SignedReceipt
 from gateway.receipts.signing import KeySet
 from tests.conftest import TritonCluster
 from tests.gateway_harness import RunningGateway, client_context, gateway_config, running_gateway
@@ -55,8 +58,18 @@ def test_every_answer_carries_a_durable_signed_receipt(gateway: RunningGateway, 
     assert verify_summary(params["ztgate.receipt"], keys).ok
     assert len(params["ztgate.salt"]) >= 40  # 32 random bytes, base64
     rid = params["ztgate.receipt_id"]
-    # Durable before the answer left: the body is in the log already.
-    assert gateway.gw.receipts.log.body(rid) is not None
+    # Durable before the answer left: a second reader of the log's files finds the body,
+    # and it is the receipt the summary signs, for this caller.
+    reader = ReceiptLog.open_readonly(gateway.gw.receipts.log.path)
+    try:
+        stored = reader.body(rid)
+    finally:
+        asyncio.run(reader.close())
+    assert stored is not None
+    receipt = SignedReceipt.from_bytes(stored.body).receipt
+    assert receipt.receipt_id == rid
+    assert verify_summary(params["ztgate.receipt"], keys, receipt).ok
+    assert receipt.client is not None and receipt.client.spiffe_id.endswith("/client/demo")
     tampered = params["ztgate.receipt"][:-4] + "AAAA"
     assert not verify_summary(tampered, keys).ok
 
@@ -77,7 +90,12 @@ def test_receipts_are_read_by_their_owner_or_an_auditor_only(
         # No tensor data and no salt are kept in the receipt.
         assert '"data"' not in json.dumps(receipt) and '"salt"' not in json.dumps(receipt)
         assert demo.get(f"{gateway.base}/v2/receipts/not-an-id").status_code == 400
-        assert demo.get(f"{gateway.base}/v2/receipts/zz.1.00").status_code in (400, 404)
+        assert demo.get(f"{gateway.base}/v2/receipts/zz.1.00").status_code == 400
+        # Well formed, this log, but no such receipt: the nonce or the index is wrong.
+        log_id, index, nonce = rid.split(".")
+        for unknown in (f"{log_id}.{index}.{'0' * 16}", f"{log_id}.{10**9}.{nonce}"):
+            missing = demo.get(f"{gateway.base}/v2/receipts/{unknown}")
+            assert missing.status_code == 404, missing.text
     with client(pki, "alice") as alice:
         assert alice.get(f"{gateway.base}/v2/receipts/{rid}").status_code == 403
     with client(pki, "audrey") as auditor:
@@ -92,8 +110,13 @@ def test_denials_are_receipted_and_coalesced(gateway: RunningGateway, pki: PKI) 
         first = nobody.post(f"{gateway.base}/v2/models/iris/infer", json=infer_body(IRIS))
         again = nobody.post(f"{gateway.base}/v2/models/iris/infer", json=infer_body(IRIS))
     assert first.status_code == again.status_code == 403
-    assert first.headers["ztgate-receipt"].startswith("ztgate-receipt/v1 ")
-    assert again.headers["ztgate-receipt"].endswith("; coalesced")
+    summary = first.headers["ztgate-receipt"]
+    assert summary.startswith("ztgate-receipt/v1 ")
+    assert gateway.gw.receipts is not None
+    assert verify_summary(summary, gateway.gw.receipts.keyset).ok
+    # The second, identical denial points at the first one's receipt. Timing margin: the
+    # coalescing window is 10 s, and two denials in a row take milliseconds.
+    assert again.headers["ztgate-receipt"] == summary + "; coalesced"
 
 
 def test_an_auditor_verifies_offline_with_the_clients_salts(
@@ -143,16 +166,38 @@ def test_an_auditor_verifies_offline_with_the_clients_salts(
         )
         == 0
     )
+    report = json.loads(capsys.readouterr().out)
+    assert report["status"] == "valid"
+    mine = [f["status"] for f in report["findings"] if f["subject"] == f"receipt {rid}"]
+    assert mine == ["valid"]
     # A client who misremembers what it sent is told so.
     salts[rid]["inputs"][0]["data"][0] = 9.9
     (tmp_path / "salts.json").write_text(json.dumps(salts))
+    capsys.readouterr()
     assert (
         main(
-            ["verify", str(bundle), "--trust", str(trust), "--salts", str(tmp_path / "salts.json")]
+            [
+                "verify",
+                str(bundle),
+                "--trust",
+                str(trust),
+                "--salts",
+                str(tmp_path / "salts.json"),
+                "--json",
+            ]
         )
         == 1
     )
-    assert len(KeySet.load(log_dir / "keys.json")) >= 1
+    report = json.loads(capsys.readouterr().out)
+    wrong = [
+        (f["subject"], f["code"], f["reason"]) for f in report["findings"] if f["status"] != "valid"
+    ]
+    assert wrong == [
+        (f"receipt {rid}", "commitment-mismatch", "input 'input' does not match its commitment")
+    ]
+    # The exported key set holds the key that signed this receipt.
+    key_id = body["parameters"]["ztgate.receipt"].split(" ")[3]
+    assert KeySet.load(log_dir / "keys.json").get(key_id) is not None
 
 
 def test_configured_witness_cosigns_and_the_auditor_can_require_it(
@@ -225,7 +270,10 @@ def test_configured_witness_cosigns_and_the_auditor_can_require_it(
         assert main(["audit", "export", "--log-dir", str(log_dir), str(bundle)]) == 0
         verify = ["verify", str(bundle), "--trust", str(tmp_path / "trust.json")]
         assert main([*verify, "--require-witness", name]) == 0
-        assert main([*verify, "--require-witness", "witness.example/absent"]) in (2, 3)
+        capsys.readouterr()
+        assert main([*verify, "--require-witness", "witness.example/absent"]) == 2
+        err = capsys.readouterr().err
+        assert "required witness 'witness.example/absent' is not in the trust file" in err
     finally:
         server.should_exit = True
         thread.join(timeout=10)
@@ -240,16 +288,18 @@ def test_a_replica_sends_readers_of_another_replicas_log_to_it(
 ) -> None:
     from tests.gateway_harness import free_port
 
-    def cfg(name: str) -> Any:
-        port = free_port()
+    ports = {name: free_port() for name in ("a", "b", "c")}
+    urls = {name: f"https://127.0.0.1:{port}" for name, port in ports.items()}
+
+    def cfg(name: str, replicas: tuple[str, ...] = (urls["a"], urls["b"])) -> Any:
         return gateway_config(
             pki,
             triton_repository.parent / "registry",
             tmp_path / name,
             node_table(triton_cluster),
-            listen={"port": port},
+            listen={"port": ports[name]},
             state={"redis_url": redis_server},
-            receipts={"public_url": f"https://127.0.0.1:{port}"},
+            receipts={"public_url": urls[name], "replicas": list(replicas)},
         )
 
     with running_gateway(cfg("a")) as a, running_gateway(cfg("b")) as b:
@@ -264,6 +314,12 @@ def test_a_replica_sends_readers_of_another_replicas_log_to_it(
             assert moved.headers["location"] == f"{a.base}/v2/receipts/{rid}"
             assert demo.get(moved.headers["location"]).status_code == 200
             cp = demo.get(f"{b.base}/log/{log_id}/checkpoint")
-            assert cp.status_code == 307 and cp.headers["location"].startswith(a.base)
+            assert cp.status_code == 307
+            assert cp.headers["location"] == f"{a.base}/log/{log_id}/checkpoint"
             # A log nobody announced is simply not found.
             assert demo.get(f"{b.base}/log/unknownlog/checkpoint").status_code == 404
+            # A replica whose configuration does not list a's URL is not sent there, even
+            # though the shared store names it.
+            with running_gateway(cfg("c", replicas=(urls["c"],))) as c:
+                assert demo.get(f"{c.base}/v2/receipts/{rid}").status_code == 404
+                assert demo.get(f"{c.base}/log/{log_id}/checkpoint").status_code == 404

@@ -154,9 +154,24 @@ def test_reordered_or_truncated_history_is_inconsistent() -> None:
     assert not verify_consistency(
         20, 30, honest.root(20), truncated.root(30), truncated.consistency_proof(20)
     )
+    # Positive control: the honest history grown to 30 the same way is consistent.
+    grown = MerkleTree(leaf_hash(x) for x in DATA[:30])
+    for m in (10, 20):
+        assert verify_consistency(m, 30, honest.root(m), grown.root(30), grown.consistency_proof(m))
 
 
 def test_trivial_cases_and_bad_inputs() -> None:
+    # Positive controls: the right proofs for the same sizes and indexes verify.
+    assert verify_consistency(5, 5, TREE.root(5), TREE.root(5), [])
+    assert verify_consistency(3, 5, TREE.root(3), TREE.root(5), TREE.consistency_proof(3, 5))
+    assert verify_inclusion(4, 5, leaf_hash(DATA[4]), TREE.inclusion_proof(4, 5), TREE.root(5))
+    assert verify_inclusion(0, 2, leaf_hash(DATA[0]), TREE.inclusion_proof(0, 2), TREE.root(2))
+    assert TREE.inclusion_proof(299, 300) == path(299, DATA)
+    assert TREE.consistency_proof(5, 300) == proof(5, DATA)
+    grown = MerkleTree()
+    grown.append(leaf_hash(b"x"))
+    assert grown.root() == leaf_hash(b"x")
+    # ... and the wrong ones do not.
     assert verify_consistency(0, 5, EMPTY_ROOT, TREE.root(5), [])
     assert not verify_consistency(0, 5, EMPTY_ROOT, TREE.root(5), [b"\0" * 32])
     assert not verify_consistency(5, 5, TREE.root(5), TREE.root(5), [b"\0" * 32])

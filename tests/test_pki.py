@@ -20,6 +20,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     return PKI.init(tmp_path_factory.mktemp("pki"), "example.test", ["site-a", "site-b"])
 
 
+CLIENT = "spiffe://example.test/client/"
+
+
 def _cert(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())
 
@@ -76,17 +79,20 @@ def test_keys_are_private_and_distinct(pki: PKI) -> None:
 
 def test_client_ca_store_rejects_a_node_cert(pki: PKI) -> None:
     """The gateway's trust store (client CA only) verifies clients and nothing else."""
-    from cryptography.hazmat.primitives.serialization import Encoding
     from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-    store = Store([_cert(pki.client_ca_bundle())])
-    verifier = PolicyBuilder().store(store).build_client_verifier()
+    client_ca = _cert(pki.client_ca_bundle())
+    verifier = PolicyBuilder().store(Store([client_ca])).build_client_verifier()
+    # Positive control, the same verifier: a client leaf chains to the client CA.
     good = _cert(pki.issue("client", "carol").cert)
-    assert verifier.verify(good, []).subjects is not None
+    verified = verifier.verify(good, [])
+    assert verified.chain == [good, client_ca]
+    assert verified.subjects == [x509.UniformResourceIdentifier(CLIENT + "carol")]
+    # A node leaf (it has the client-auth EKU too), even with its own CA offered beside it.
     node = _cert(pki.issue("node", "n3").cert)
-    with pytest.raises(VerificationError):
+    assert ExtendedKeyUsageOID.CLIENT_AUTH in _ekus(node)
+    with pytest.raises(VerificationError, match="candidates exhausted"):
         verifier.verify(node, [_cert(pki.node_ca_bundle())])
-    assert good.public_bytes(Encoding.PEM)  # the positive control used the same verifier
 
 
 def test_ssl_context_loads_every_pair(pki: PKI) -> None:
@@ -98,6 +104,11 @@ def test_ssl_context_loads_every_pair(pki: PKI) -> None:
         cert, key = pki.leaf_paths(role, name, site)  # type: ignore[arg-type]
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(cert, key)
+    # ... which would refuse a certificate with another role's key
+    cert, _ = pki.leaf_paths("gateway-server", "site-a", "site-a")
+    _, other_key = pki.leaf_paths("dealer", "dealer", "site-a")
+    with pytest.raises(ssl.SSLError, match="KEY_VALUES_MISMATCH"):
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, other_key)
 
 
 def test_init_is_idempotent_and_refuses_other_trust_domain(pki: PKI) -> None:
@@ -113,9 +124,14 @@ def test_expired_issue_and_bad_names(pki: PKI) -> None:
     past = dt.datetime.now(dt.UTC) - dt.timedelta(days=2)
     old = pki.issue("client", "old", not_before=past, not_after=past + dt.timedelta(days=1))
     assert _cert(old.cert).not_valid_after_utc < dt.datetime.now(dt.UTC)
-    for bad in ("", "UPPER", "a/b", "x" * 64, "../etc"):
-        with pytest.raises(PKIError):
+    for bad in ("", "UPPER", "a/b", "x" * 64, "../etc", "alice\n", "-lead"):
+        with pytest.raises(PKIError, match="invalid name"):
             pki.issue("client", bad)
+    # Positive control: the longest and the shortest good names, issued the same way.
+    for good in ("x" * 63, "0", "a-b"):
+        assert _uris(_cert(pki.issue("client", good).cert)) == [CLIENT + good]
+    with pytest.raises(PKIError, match="invalid trust domain"):
+        PKI.init(pki.root.parent / "td", "example.test\n")
     with pytest.raises(PKIError, match="site"):
         pki.issue("gateway-server", "x", site="nowhere")
 

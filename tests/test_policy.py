@@ -358,6 +358,11 @@ def test_a_forbid_reading_a_missing_optional_attribute(tmp_path: Path) -> None:
     dec = engine.decide_infer(who("demo"), "iris", InferContext(1, 10, "", NOON), ["eu-a", "eu-b"])
     assert not dec.allowed and any("withdrawn" in e for e in dec.errors)
     assert "fail closed" in dec.reason
+    # Positive control: without that forbid, the same engine set-up allows the same request.
+    ok = _app_engine(good).decide_infer(
+        who("demo"), "iris", InferContext(1, 10, "", NOON), ["eu-a", "eu-b"]
+    )
+    assert ok.allowed and not ok.errors
 
 
 def test_no_decision_is_a_deny(shipped: PolicySource) -> None:
@@ -369,6 +374,11 @@ def test_no_decision_is_a_deny(shipped: PolicySource) -> None:
         who("demo"), "iris", InferContext(1, 10, "", NOON), ["eu-a"]
     )
     assert not d.allowed and d.errors and "fail closed" in d.reason
+    # Positive control: the shipped schema, the same request: allowed.
+    ok = _app_engine(shipped).decide_infer(
+        who("demo"), "iris", InferContext(1, 10, "", NOON), ["eu-a"]
+    )
+    assert ok.allowed and not ok.errors
 
 
 def test_schema_that_differs_from_the_gateway_context_is_refused(tmp_path: Path) -> None:
@@ -463,10 +473,13 @@ def test_rate_parsing(text: str, rate: Rate) -> None:
 def test_bad_rates_are_refused(text: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         Rate.parse(text)
-    policy = f'@id("r")\n@rate("{text}")\npermit (principal, action, resource) when {{ false }};\n'
+    policy = '@id("r")\n@rate("{}")\npermit (principal, action, resource) when {{ false }};\n'
     with pytest.raises(PolicyError) as exc:
-        load_policy_dir(policy_dir(tmp_path, {"50-r.cedar": policy}))
+        load_policy_dir(policy_dir(tmp_path / "bad", {"50-r.cedar": policy.format(text)}))
     assert [(f.line, f.policy_id) for f in exc.value.findings] == [(1, "r")]
+    # Positive control: the same policy with a good rate loads, with that rate.
+    good = load_policy_dir(policy_dir(tmp_path / "good", {"50-r.cedar": policy.format("5/second")}))
+    assert good.policy("r").rate == Rate(5, 1)  # type: ignore[union-attr]
 
 
 RATES = """

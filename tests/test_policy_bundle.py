@@ -219,6 +219,8 @@ def test_the_facts_policy_decides_on_cannot_be_changed_without_an_officers_signa
     forged = with_payload(signed, relabel)
     assert payload_of(forged) != payload_of(signed)
     refused(check(forged, officer), "bad-signature")
+    # Positive control: re-encoded the same way, unchanged, the signature still holds.
+    assert check(with_payload(signed, lambda p: None), officer).ok
 
 
 def test_a_signature_made_for_another_purpose_is_not_accepted(
@@ -309,6 +311,18 @@ def _resign(data: bytes, officer: Officer, edit: Callable[[dict[str, Any]], None
         officer.key.sign(pae(PAYLOAD_TYPE, body))
     ).decode()
     return json.dumps(env).encode()
+
+
+def test_a_payload_an_officer_really_resigned_is_accepted(signed: bytes, officer: Officer) -> None:
+    """The positive control of the two tests below: `_resign` with a harmless edit (a new
+    version, a shorter staleness budget) gives a bundle that verifies, with those values."""
+
+    def edit(p: dict[str, Any]) -> None:
+        p.update(version=8, staleness_budget_s=120)
+
+    result = check(_resign(signed, officer, edit), officer)
+    assert result.ok and result.bundle is not None, result
+    assert (result.bundle.version, result.bundle.staleness_budget_s) == (8, 120)
 
 
 def test_a_signed_payload_that_is_not_a_bundle_is_malformed(
@@ -514,21 +528,30 @@ def test_cli_usage_errors(
     nodes.write_text(NODES_TOML)
     junk = tmp_path / "junk"
     junk.write_text("not a key")
+    out = tmp_path / "b"
     base = [
-        "policy", "bundle", "sign", "--registry", str(registry), "--nodes", str(nodes),
-        "--key", str(officer.key_path), "--version", "1", "--out", str(tmp_path / "b"),
+        "policy", "bundle", "sign", "--policies", str(POLICIES), "--registry", str(registry),
+        "--nodes", str(nodes), "--key", str(officer.key_path), "--version", "1",
+        "--out", str(out),
     ]  # fmt: skip
-    assert main([*base, "--policies", str(tmp_path / "nope")]) == 2
-    assert main([*base[:-2], "--out", str(tmp_path / "b"), "--key", str(junk)]) == 2
-    assert main([*base, "--registry", str(tmp_path / "no-registry")]) == 2
+
+    def usage_error(argv: list[str], complaint: str) -> None:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("ztgate: error: ") and complaint in err, err
+        assert not out.exists()
+
+    # Each is `base` with one thing wrong (a later option wins over base's own).
+    usage_error([*base, "--policies", str(tmp_path / "nope")], "nope is not a directory")
+    usage_error([*base, "--key", str(junk)], "junk: not an Ed25519 private key")
+    usage_error([*base, "--registry", str(tmp_path / "no-registry")], "is not a model registry")
     assert not (tmp_path / "no-registry").exists()  # not created by the signing tool
+    usage_error([*base, "--version", "0"], "version must be a whole number >= 1, got 0")
     nodes.write_text("[[nodes]]\nname = 'n1'\n")
-    assert main(base) == 2
-    assert "region is required" in capsys.readouterr().err
+    usage_error(base, "region is required")
     nodes.write_text("[[nodes\n")
-    assert main(base) == 2
+    usage_error(base, "nodes.toml: Expected ']]'")
     nodes.write_text(NODES_TOML)
-    assert main([*base, "--version", "0"]) == 2
     # a policy with findings: exit 1, each finding named
     bad = tmp_path / "policies"
     bad.mkdir()
@@ -537,18 +560,18 @@ def test_cli_usage_errors(
     (bad / "50-broken.cedar").write_text(BROKEN)
     assert main([*base, "--policies", str(bad)]) == 1
     assert "50-broken.cedar:3" in capsys.readouterr().out
-    assert not (tmp_path / "b").exists()
+    assert not out.exists()
     # verify: missing bundle, junk trust key, no trust key at all
-    verify = [
-        "policy",
-        "bundle",
-        "verify",
-        str(tmp_path / "missing"),
-        "--trust-key",
-        str(officer.pub_path),
-    ]
-    assert main(verify) == 2
-    assert main(["policy", "bundle", "verify", str(nodes), "--trust-key", str(junk)]) == 2
+    trust = ["--trust-key", str(officer.pub_path)]
+    usage_error(["policy", "bundle", "verify", str(tmp_path / "missing"), *trust], "cannot read")
+    usage_error(
+        ["policy", "bundle", "verify", str(nodes), "--trust-key", str(junk)],
+        "junk: not a PEM public key",
+    )
     with pytest.raises(SystemExit) as exc:
         main(["policy", "bundle", "verify", str(nodes)])
     assert exc.value.code == 2
+    capsys.readouterr()
+    # Positive control: `base` itself signs, and the bundle verifies with the same options.
+    assert main(base) == 0 and out.is_file()
+    assert main(["policy", "bundle", "verify", str(out), *trust]) == 0

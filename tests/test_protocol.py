@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from gateway.pki import PKI
 from gateway.protocol import (
     DATATYPES,
     PROBLEM_TYPES,
@@ -37,6 +40,8 @@ from gateway.protocol import (
     problem_response,
 )
 from gateway.protocol.codec import HEADER_LENGTH
+from gateway.protocol.problems import PROBLEM_BASE, ProblemInfo
+from tests.gateway_harness import RunningGateway, gateway_config, running_gateway
 
 Client = th.InferenceServerClient
 RNG = np.random.default_rng(0)
@@ -443,6 +448,65 @@ def _mutate(doc: Any, path: list[int], value: Any) -> Any:
     return doc
 
 
+# What decoding may refuse with: client errors of stable, documented types, never a crash.
+DECODE_PROBLEMS = {BadRequest: 400, InvalidTensor: 400, PayloadTooLarge: 413}
+T = TypeVar("T")
+
+
+def decoded_or_refused(decode: Callable[[], T]) -> T | None:
+    """``decode()``'s result, or None when it refused with one of DECODE_PROBLEMS.
+
+    Anything else (another exception, another Problem, a Problem that cannot be rendered)
+    fails the test.
+    """
+    try:
+        return decode()
+    except Problem as exc:
+        assert type(exc) in DECODE_PROBLEMS, repr(exc)
+        assert exc.status == DECODE_PROBLEMS[type(exc)]
+        assert PROBLEM_TYPES[exc.type] == ProblemInfo(exc.status, exc.title, False)
+        assert exc.detail and exc.detail != exc.title, repr(exc)  # says what was wrong
+        body = json.loads(bytes(problem_response(exc).body))
+        assert (body["type"], body["status"], body["detail"]) == (
+            exc.type,
+            exc.status,
+            exc.detail,
+        )
+        return None
+
+
+def assert_reencodes(req: InferRequest) -> None:
+    """An accepted request is a well-formed one: it survives our own encoder, both ways."""
+    for binary in (True, False):
+        if not binary and any(t.datatype == "FP16" for t in req.inputs):
+            continue  # FP16 has no JSON form (test_decode_tritonclient_request)
+        try:
+            body, headers = encode_request(req, binary)
+        except Problem as exc:  # BYTES that are not UTF-8 cannot be JSON; binary always works
+            assert not binary and isinstance(exc, InvalidTensor), repr(exc)
+            continue
+        assert decode_request(body, _hl(headers), req.model, req.version) == req
+
+
+MUTATED_ARRAYS = {
+    "a": sample("FP32", (2, 2)),
+    "b": sample("BYTES", (3,)),
+    "c": sample("INT64", (1,)),
+}
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_the_unmutated_request_decodes(binary: bool) -> None:
+    """Positive control of the mutation test below: the body it mutates is accepted."""
+    body, n = triton_body(MUTATED_ARRAYS, binary, [th.InferRequestedOutput("o")])
+    req = decode_request(body, n, "m", None)
+    assert [(t.name, t.shape) for t in req.inputs] == [("a", (2, 2)), ("b", (3,)), ("c", (1,))]
+    for t in req.inputs:
+        assert np.array_equal(t.data, MUTATED_ARRAYS[t.name])
+    assert req.outputs == (RequestedOutput("o", True),)  # tritonclient: binary by default
+    assert_reencodes(req)
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     st.lists(st.integers(0, 100), max_size=6),
@@ -453,39 +517,65 @@ def _mutate(doc: Any, path: list[int], value: Any) -> Any:
 def test_mutated_requests_only_raise_problems(
     path: list[int], value: Any, binary: bool, hl_shift: int | None
 ) -> None:
-    arrays = {"a": sample("FP32", (2, 2)), "b": sample("BYTES", (3,)), "c": sample("INT64", (1,))}
-    body, n = triton_body(arrays, binary, [th.InferRequestedOutput("o")])
+    body, n = triton_body(MUTATED_ARRAYS, binary, [th.InferRequestedOutput("o")])
     doc = _mutate(json.loads(body[:n] if n else body), path, value)
     js = json.dumps(doc).encode()  # may emit NaN/Infinity: also must be refused cleanly
     hl = len(js) if n else None
     if hl_shift is not None:
         hl = len(js) + hl_shift
-    try:
-        decode_request(js + body[n or len(body) :], hl, "m", None)
-    except Problem:
-        pass
+    req = decoded_or_refused(lambda: decode_request(js + body[n or len(body) :], hl, "m", None))
+    if req is not None:
+        assert_reencodes(req)
+
+
+def test_garbage_positive_control() -> None:
+    """The decoders that the garbage test feeds do accept a well-formed body."""
+    good = InferRequest("m", None, None, (Tensor("x", "INT8", (2,), np.array([1, -2], "i1")),))
+    for binary in (True, False):
+        body, headers = encode_request(good, binary)
+        assert decode_request(body, _hl(headers), "m", None) == good
+        resp = InferResponse("m", None, None, good.inputs)
+        body, headers = encode_response(resp, binary)
+        assert decode_response(body, _hl(headers)) == resp
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300), st.one_of(st.none(), st.integers(-2, 300)))
 def test_garbage_only_raises_problems(body: bytes, hl: int | None) -> None:
-    for decode in (lambda: decode_request(body, hl, "m", None), lambda: decode_response(body, hl)):
-        try:
-            decode()
-        except Problem:
-            pass
+    req = decoded_or_refused(lambda: decode_request(body, hl, "m", None))
+    if req is not None:
+        assert_reencodes(req)
+    resp = decoded_or_refused(lambda: decode_response(body, hl))
+    if resp is not None:
+        for binary in (True, False):
+            again, headers = encode_response(resp, binary)
+            assert decode_response(again, _hl(headers)) == resp
+
+
+CORRUPTED = {"a": sample("BYTES", (3,)), "b": sample("BOOL", (4,))}
+
+
+def test_uncorrupted_binary_section_decodes() -> None:
+    """Positive control of the corruption test below."""
+    body, n = triton_body(CORRUPTED, True)
+    req = decode_request(body, n, "m", None)
+    assert [t.data.tolist() for t in req.inputs] == [v.tolist() for v in CORRUPTED.values()]
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.binary(min_size=1, max_size=64), st.integers(0, 200))
 def test_corrupted_binary_section_only_raises_problems(noise: bytes, at: int) -> None:
-    body, n = triton_body({"a": sample("BYTES", (3,)), "b": sample("BOOL", (4,))}, True)
+    body, n = triton_body(CORRUPTED, True)
     assert n is not None
     at = n + at % (len(body) - n + 1)
-    try:
-        decode_request(body[:at] + noise + body[at + len(noise) // 2 :], n, "m", None)
-    except Problem:
-        pass
+    corrupted = body[:at] + noise + body[at + len(noise) // 2 :]
+    req = decoded_or_refused(lambda: decode_request(corrupted, n, "m", None))
+    if req is not None:  # the JSON header is untouched: only the data may differ
+        assert [(t.name, t.datatype, t.shape) for t in req.inputs] == [
+            ("a", "BYTES", (3,)),
+            ("b", "BOOL", (4,)),
+        ]
+        assert_reencodes(req)
 
 
 # ---------------------------------------------------------------------- problems
@@ -529,23 +619,65 @@ def test_retry_after_and_internal() -> None:
     assert internal.log_detail == "KeyError: 'secret'"
 
 
-def test_tritonclient_reads_problem_error() -> None:
-    from tritonclient.http._utils import _get_error
+@pytest.fixture(scope="module")
+def gateway(
+    pki: PKI, triton_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningGateway]:
+    """A real gateway (TLS, the example registry, no nodes): enough to answer a 404."""
+    cfg = gateway_config(
+        pki, triton_repository.parent / "registry", tmp_path_factory.mktemp("gw"), []
+    )
+    with running_gateway(cfg) as gw:
+        yield gw
 
-    class Resp:
-        status_code = 404
 
-        def read(self) -> bytes:
-            return bytes(problem_response(UnknownModel("no model 'q'")).body)
+def test_tritonclient_reads_problem_error(gateway: RunningGateway, pki: PKI) -> None:
+    """tritonclient's own error handling, over a real connection, reports the problem's
+    detail and status; positive control: the same client reads a model that exists."""
+    from tritonclient.utils import InferenceServerException
 
-    err = _get_error(Resp())
-    assert err.message() == "no model 'q'" and err.status() == "404"
+    bob = pki.ensure("client", "bob")
+    client = th.InferenceServerClient(
+        gateway.url,
+        ssl=True,
+        ssl_options={
+            "ca_certs": str(pki.root_ca),
+            "certfile": str(bob.cert),
+            "keyfile": str(bob.key),
+        },
+        network_timeout=30.0,
+        connection_timeout=30.0,
+    )
+    try:
+        assert client.get_model_metadata("iris")["name"] == "iris"
+        with pytest.raises(InferenceServerException) as err:
+            client.get_model_metadata("q")
+    finally:
+        client.close()
+    assert err.value.message() == "unknown model 'q'"
+    assert err.value.status() == "404"
 
 
 def test_problem_types_table() -> None:
-    statuses = {v.status for v in PROBLEM_TYPES.values()}
-    assert {400, 401, 403, 404, 405, 413, 415, 429, 500, 502, 503, 504} <= statuses
-    assert all(t.startswith("https://ztgate.dev/problems/") for t in PROBLEM_TYPES)
-    assert PROBLEM_TYPES["https://ztgate.dev/problems/no-healthy-node"].retryable
-    assert not PROBLEM_TYPES["https://ztgate.dev/problems/invalid-tensor"].retryable
-    assert len(PROBLEM_TYPES) >= 15
+    """Every problem type the gateway can send, with its status and retryability: exactly."""
+    expected = {
+        "bad-request": (400, False),
+        "invalid-tensor": (400, False),
+        "unauthenticated": (401, False),
+        "forbidden": (403, False),
+        "not-found": (404, False),
+        "unknown-model": (404, False),
+        "unknown-version": (404, False),
+        "method-not-allowed": (405, False),
+        "replayed-request": (409, False),
+        "payload-too-large": (413, False),
+        "unsupported-media-type": (415, False),
+        "rate-limited": (429, True),
+        "internal": (500, False),
+        "upstream-failed": (502, True),
+        "no-healthy-node": (503, True),
+        "deadline-exceeded": (504, True),
+    }
+    got = {t: (info.status, info.retryable) for t, info in PROBLEM_TYPES.items()}
+    assert got == {PROBLEM_BASE + k: v for k, v in expected.items()}
+    assert all(info.title for info in PROBLEM_TYPES.values())

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,6 +31,7 @@ from gateway.pki import PKI, load_signing_key, signing_key_id
 from gateway.protocol.codec import decode_request, encode_request
 from gateway.protocol.tensors import InferRequest, Tensor, canonical_bytes
 from gateway.receipts.canonical import canonical_json, json_safe, unb64
+from gateway.receipts.checkpointer import Checkpointer, WitnessClient
 from gateway.receipts.commit import commit_tensor, new_salt
 from gateway.receipts.http import log_routes
 from gateway.receipts.issue import DenialCoalescer, Issued, issue, summary, verify_summary
@@ -52,7 +54,6 @@ from gateway.receipts.verify import TrustedLogKey, TrustPolicy
 from gateway.receipts.witness import (
     TrustedLog,
     Witness,
-    WitnessClient,
     add_checkpoint_body,
     witness_app,
 )
@@ -77,7 +78,12 @@ class World:
     witness: Witness
     signer: Signer
     keyset: KeySet
+    checkpointer: Checkpointer
     issued: list[Issued] = field(default_factory=list)
+
+    async def checkpoint(self) -> SignedNote:
+        """Sign the head and have the witness cosign it (what the gateway's loop does)."""
+        return await self.checkpointer.tick()
 
     @property
     def log_dir(self) -> Path:
@@ -128,13 +134,25 @@ async def make_world(tmp: Path, *, witness_http: bool = True) -> World:
     witness = Witness(
         WITNESS, witness_key, [TrustedLog("ztgate.local/", log_key.public_key())], tmp / "w.json"
     )
+    witnesses = []
     if witness_http:
         http = httpx.AsyncClient(transport=httpx.ASGITransport(app=witness_app(witness)))
-        rl.witnesses.append(WitnessClient(witness.key, "http://witness", http))
+        witnesses.append(WitnessClient(witness.key, "http://witness", http))
     keyset = KeySet()
     keyset.add(receipt_key.public_key(), EPOCH)
     keyset.save(tmp / "logs" / "keys.json")
-    return World(tmp, log_key, receipt_key, witness_key, rl, witness, Signer(receipt_key), keyset)
+    world = World(
+        tmp,
+        log_key,
+        receipt_key,
+        witness_key,
+        rl,
+        witness,
+        Signer(receipt_key),
+        keyset,
+        Checkpointer(lambda: world.log, witnesses),
+    )
+    return world
 
 
 @pytest_asyncio.fixture(loop_scope="function")
@@ -193,9 +211,33 @@ async def test_receipt_encoding_is_rfc8785(world: World) -> None:
 def test_fast_path_matches_rfc8785(value: object) -> None:
     try:
         expected = rfc8785.dumps(json_safe(value))
-    except Exception:
-        return  # e.g. lone surrogates: not encodable either way
+    except (rfc8785.CanonicalizationError, UnicodeEncodeError):
+        # The strategy has no floats, so the one thing JCS cannot encode is text that is not
+        # UTF-8 (a lone surrogate, in a value or a key): the fast path refuses it as well.
+        assert _has_surrogate(value), value
+        with pytest.raises(UnicodeEncodeError):
+            canonical_json(value)
+        return
     assert canonical_json(value) == expected
+
+
+def _has_surrogate(value: object) -> bool:
+    if isinstance(value, str):
+        return any(0xD800 <= ord(c) <= 0xDFFF for c in value)
+    if isinstance(value, list):
+        return any(_has_surrogate(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
+    return False
+
+
+def test_unencodable_text_is_refused_by_both() -> None:
+    """The branch above, pinned down: a lone surrogate as a value and as a key."""
+    for value in ("\ud800", {"\udc00": 1}, [{"ok": "\udfff"}]):
+        with pytest.raises((rfc8785.CanonicalizationError, UnicodeEncodeError)):
+            rfc8785.dumps(json_safe(value))
+        with pytest.raises(UnicodeEncodeError):
+            canonical_json(value)
 
 
 def test_strict_base64() -> None:
@@ -272,9 +314,12 @@ async def test_receipt_round_trip_signature_and_summary(world: World) -> None:
     other = KeySet()
     other.add(ed25519.Ed25519PrivateKey.generate().public_key(), EPOCH)
     assert verify_summary(line, other).code == "unknown-key"
-    assert verify_summary(
-        line.replace(r.receipt_id, r.receipt_id[:-1] + "0"), world.keyset
-    ).code in ("bad-signature",) or r.receipt_id.endswith("0")
+    # another receipt id (its last hex digit changed) under the same signature
+    other_id = r.receipt_id[:-1] + ("1" if r.receipt_id.endswith("0") else "0")
+    assert other_id != r.receipt_id
+    assert verify_summary(line.replace(r.receipt_id, other_id), world.keyset).code == (
+        "bad-signature"
+    )
     # non-canonical or altered bytes never parse as the same receipt
     with pytest.raises(FormatError):
         SignedReceipt.from_bytes(json.dumps(json.loads(raw), indent=1).encode())
@@ -363,15 +408,19 @@ async def test_typed_entries_hold_only_hashes(tmp_path: Path) -> None:
 
 
 async def test_checkpoints_proofs_and_pending(world: World) -> None:
+    start = time.time()
+    signed_at = [start + 0.25, start + 7.75]  # what the log's clock says at each checkpoint
     first = [await world.receipt() for _ in range(5)]
     assert world.log.proof(first[0].receipt.index) is None  # pending: no checkpoint yet
-    cp1 = await world.log.checkpoint()
+    world.log.clock = lambda: signed_at[0]
+    cp1 = await world.checkpoint()
     later = [await world.receipt() for _ in range(6)]
     assert world.log.proof(later[0].receipt.index) is None
-    cp2 = await world.log.checkpoint()
+    world.log.clock = lambda: signed_at[1]
+    cp2 = await world.checkpoint()
     c1, c2 = Checkpoint.parse_text(cp1.text), Checkpoint.parse_text(cp2.text)
     assert (c1.size, c2.size) == (5, 11) and c1.origin == world.log.origin
-    assert c1.time is not None and abs(c1.time - dt.datetime.now(dt.UTC).timestamp()) < 60
+    assert (c1.time, c2.time) == (int(signed_at[0]), int(signed_at[1]))  # the log's clock
     # both checkpoints are signed by the log and cosigned by the witness
     for note in (cp1, cp2):
         assert NoteKey(world.log.origin, world.log_key.public_key()).verify(note) is True
@@ -384,7 +433,7 @@ async def test_checkpoints_proofs_and_pending(world: World) -> None:
     leaf = leaf_hash(LogEntry("receipt", first[2].signed.digest()).leaf_data())
     assert verify_inclusion(2, 5, leaf, world.log.inclusion(2, 5), c1.root)
     # an unchanged head is not re-signed
-    assert (await world.log.checkpoint(push=False)).text == cp2.text
+    assert (await world.checkpoint()).text == cp2.text
 
 
 def test_killed_right_after_append_loses_no_receipt(tmp_path: Path) -> None:
@@ -437,9 +486,56 @@ def test_killed_right_after_append_loses_no_receipt(tmp_path: Path) -> None:
         rl.close_sync()
 
 
+# Why ReceiptLog freezes a log (gateway/receipts/log.py, _check_integrity), word for word.
+RESTORED_FILE = (
+    "the database file is not the one this log was created in (restored or copied from a backup)"
+)
+
+
+def behind_marker(marker_size: int, log_size: int) -> str:
+    return (
+        f"behind its head marker (marker says size {marker_size}, log has {log_size}): "
+        "restored from a backup"
+    )
+
+
+async def assert_continues(
+    logs: Path, key: ed25519.Ed25519PrivateKey, log_id: str, size: int
+) -> None:
+    """The unedited control: reopened as it was left, the same log continues, not frozen."""
+    rl = ReceiptLog.open(logs, key, ORIGIN)
+    try:
+        assert (rl.log_id, rl.size, rl.frozen_reason) == (log_id, size, None)
+        assert not (logs / log_id / "FROZEN").exists()
+        assert ReceiptLog.all_logs(logs) == [logs / log_id]
+    finally:
+        await rl.close()
+
+
+async def assert_frozen_and_replaced(
+    logs: Path, key: ed25519.Ed25519PrivateKey, old_id: str, reason: str
+) -> None:
+    """Reopened after the tampering: a fresh, empty log; the old one frozen for `reason`."""
+    rl = ReceiptLog.open(logs, key, ORIGIN)
+    try:
+        assert rl.log_id != old_id and rl.size == 0 and not rl.frozen
+        assert (logs / old_id / "FROZEN").read_text() == reason + "\n"
+        old = ReceiptLog.open_readonly(logs / old_id)
+        try:
+            assert old.frozen_reason == reason
+            with pytest.raises(LogFrozen, match="is frozen: "):
+                await old.append(LogEntry("revocation", hashlib.sha256(b"x").digest()))
+        finally:
+            old.close_sync()
+    finally:
+        await rl.close()
+
+
 async def test_restored_backup_is_frozen_and_a_new_log_starts(tmp_path: Path) -> None:
+    """A file-level restore makes new files, so new inodes: the birth-inode check freezes the
+    log on its own (the backup holds the head marker of its day too, so that one agrees)."""
     key = ed25519.Ed25519PrivateKey.generate()
-    logs = tmp_path / "logs"
+    logs, marker = tmp_path / "logs", tmp_path / "logs.head"
     rl = ReceiptLog.open(logs, key, ORIGIN)
     for i in range(3):
         await rl.append(LogEntry("revocation", hashlib.sha256(bytes([i])).digest()))
@@ -447,26 +543,25 @@ async def test_restored_backup_is_frozen_and_a_new_log_starts(tmp_path: Path) ->
     old_id = rl.log_id
     await rl.close()
     backup = tmp_path / "backup"
-    shutil.copytree(logs, backup)
+    shutil.copytree(logs, backup / "logs")
+    shutil.copy(marker, backup / "logs.head")
     # the live log moves on ...
     rl = ReceiptLog.open(logs, key, ORIGIN)
     assert rl.log_id == old_id and not rl.frozen
     await rl.append(LogEntry("revocation", hashlib.sha256(b"later").digest()))
     await rl.close()
-    # ... then the directory is restored from the backup (new files: new inodes)
+    await assert_continues(logs, key, old_id, 4)  # control: no restore, the same log
+    # ... then log and marker are restored from the backup. Copied while the live files
+    # still exist, so the file system cannot hand the restored database the old inode number.
+    shutil.copytree(backup / "logs", tmp_path / "restored")
+    old_inode = (logs / old_id / "log.db").stat().st_ino
+    assert (tmp_path / "restored" / old_id / "log.db").stat().st_ino != old_inode
     shutil.rmtree(logs)
-    shutil.copytree(backup, logs)
-    rl = ReceiptLog.open(logs, key, ORIGIN)
-    try:
-        assert rl.log_id != old_id and rl.size == 0 and not rl.frozen
-        old = ReceiptLog.open_readonly(logs / old_id)
-        assert old.frozen and "backup" in (old.frozen_reason or "")
-        with pytest.raises(LogFrozen):
-            await old.append(LogEntry("revocation", hashlib.sha256(b"x").digest()))
-        old.close_sync()
-        assert (logs / old_id / "FROZEN").is_file()
-    finally:
-        await rl.close()
+    (tmp_path / "restored").rename(logs)
+    shutil.copy(backup / "logs.head", marker)
+    head = HeadMarker(marker).read()
+    assert head is not None and (head.log_id, head.size) == (old_id, 3)  # agrees with the log
+    await assert_frozen_and_replaced(logs, key, old_id, RESTORED_FILE)
 
 
 async def test_block_level_restore_caught_by_the_head_marker(tmp_path: Path) -> None:
@@ -486,19 +581,15 @@ async def test_block_level_restore_caught_by_the_head_marker(tmp_path: Path) -> 
     await rl.close()
     head = HeadMarker(tmp_path / "logs.head").read()
     assert head is not None and (head.log_id, head.size) == (old_id, 2)
+    await assert_continues(logs, key, old_id, 2)  # control: no restore, the same log
+    inodes = {p: p.stat().st_ino for p in snapshot}
     for p in list(db.parent.iterdir()):  # restore in place: same inodes
         if p in snapshot:
             p.write_bytes(snapshot[p])  # truncates and rewrites the same inode
         else:
             p.unlink()
-    rl = ReceiptLog.open(logs, key, ORIGIN)
-    try:
-        assert rl.log_id != old_id
-        old = ReceiptLog.open_readonly(logs / old_id)
-        assert old.frozen and "head marker" in (old.frozen_reason or "")
-        old.close_sync()
-    finally:
-        await rl.close()
+    assert {p: p.stat().st_ino for p in snapshot} == inodes  # invisible to the inode check
+    await assert_frozen_and_replaced(logs, key, old_id, behind_marker(2, 1))
 
 
 async def test_edited_database_is_refused(tmp_path: Path) -> None:
@@ -511,21 +602,19 @@ async def test_edited_database_is_refused(tmp_path: Path) -> None:
     await rl.checkpoint()
     old_id = rl.log_id
     await rl.close()
+    await assert_continues(tmp_path / "logs", key, old_id, 4)  # control: unedited
     db = sqlite3.connect(tmp_path / "logs" / old_id / "log.db")
     forged = LogEntry("revocation", hashlib.sha256(b"forged").digest()).leaf_data()
     db.execute("UPDATE leaves SET data = ? WHERE idx = 1", (forged,))
     db.commit()
     db.close()
-    rl = ReceiptLog.open(tmp_path / "logs", key, ORIGIN)
-    try:
-        assert rl.log_id != old_id
-    finally:
-        await rl.close()
+    reason = "leaves do not reproduce the last checkpoint (size 4): truncated or edited"
+    await assert_frozen_and_replaced(tmp_path / "logs", key, old_id, reason)
 
 
 async def test_erasure_keeps_the_log_verifiable(world: World) -> None:
     issued = [await world.receipt() for _ in range(4)]
-    await world.log.checkpoint()
+    await world.checkpoint()
     target = issued[1].receipt
     assert await world.log.erase([target.receipt_id], "erasure-request") == 1
     assert world.log.body(target.receipt_id) is None
@@ -543,7 +632,7 @@ async def test_erasure_keeps_the_log_verifiable(world: World) -> None:
 async def test_witness_cosigns_and_refuses_a_forked_log(world: World) -> None:
     for _ in range(6):
         await world.receipt()
-    note = await world.log.checkpoint()
+    note = await world.checkpoint()
     assert world.witness.latest(world.log.origin)[0] == 6
     assert world.witness.key.verify(note)[0] == "valid"
     # A fork: same origin and log key, history rewritten (two leaves swapped), grown to 8.
@@ -585,12 +674,12 @@ async def test_witness_cosigns_and_refuses_a_forked_log(world: World) -> None:
 async def test_witness_state_survives_restart_and_client_recovers_from_409(world: World) -> None:
     for _ in range(3):
         await world.receipt()
-    await world.log.checkpoint()
+    await world.checkpoint()
     # the log forgets what the witness saw; its client learns it from the 409
     world.log._db.execute("DELETE FROM witnesses")
     for _ in range(2):
         await world.receipt()
-    note = await world.log.checkpoint()
+    note = await world.checkpoint()
     assert world.witness.key.verify(note)[0] == "valid"
     reborn = Witness(WITNESS, world.witness_key, world.witness.trusted, world.dir / "w.json")
     assert reborn.latest(world.log.origin)[0] == 5
@@ -615,7 +704,7 @@ async def test_witness_cli_and_app(tmp_path: Path, capsys: pytest.CaptureFixture
     try:
         async with _client(witness_app(w)) as client:
             await rl.append(LogEntry("revocation", hashlib.sha256(b"a").digest()))
-            note = await rl.checkpoint(push=False)
+            note = await rl.checkpoint()
             r = await client.post("/add-checkpoint", content=add_checkpoint_body(0, [], note))
             assert r.status_code == 200 and r.text.startswith("\u2014 " + WITNESS + " ")
             assert (await client.get("/")).text.strip() == vkey
@@ -656,7 +745,7 @@ def test_signed_note_key_id_and_format() -> None:
 
 async def test_log_endpoints(world: World) -> None:
     issued = [await world.receipt() for _ in range(3)]
-    await world.log.checkpoint()
+    await world.checkpoint()
     pending = await world.receipt()
     from starlette.applications import Starlette
     from starlette.routing import Mount

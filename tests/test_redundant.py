@@ -17,7 +17,7 @@ from gateway.registry import Registry
 from gateway.verify.redundant import agree
 from tests.conftest import TritonCluster, one_off_node
 from tests.gateway_harness import client_context, gateway_config, running_gateway
-from tests.test_gateway import IRIS, infer_body, node_table
+from tests.test_gateway import IRIS, infer_body, iris_session, node_table
 
 # Right names, dtypes and shapes, wrong numbers: only a second opinion catches it.
 SUBTLE_LIAR = """
@@ -74,6 +74,20 @@ def test_honest_nodes_of_two_providers_agree(
     nodes = params["ztgate.nodes"].split(",")
     providers = {n["name"]: n["provider"] for n in node_table(triton_cluster)}
     assert len(nodes) == 2 and providers[nodes[0]] != providers[nodes[1]]
+    np.testing.assert_allclose(_probabilities(r), _expected(registry_dir), rtol=1e-5, atol=1e-6)
+
+
+def _probabilities(r: httpx.Response) -> np.ndarray:
+    out = r.json()["outputs"][0]
+    assert (out["name"], out["datatype"], out["shape"]) == ("probabilities", "FP32", [3, 3])
+    return np.array(out["data"], np.float32).reshape(3, 3)
+
+
+def _expected(registry_dir: Path) -> np.ndarray:
+    """What the registered model computes for IRIS, by onnxruntime on the same file."""
+    session = iris_session(registry_dir)
+    expected: np.ndarray = session.run(None, {"input": IRIS})[0]
+    return expected
 
 
 def test_a_subtle_liar_is_outvoted_or_nobody_gets_an_answer(
@@ -90,15 +104,18 @@ def test_a_subtle_liar_is_outvoted_or_nobody_gets_an_answer(
         r = _ask(gw, pki)
         assert r.status_code == 502 and "disagree" in r.json()["detail"]
     # Three providers: the honest majority answers, and the liar is charged.
+    expected = _expected(registry_dir)
     cfg = gateway_config(pki, registry_dir, tmp_path / "b", [subtle_liar, *honest[:2]])
     with running_gateway(cfg) as gw:
         for _ in range(6):
             r = _ask(gw, pki)
             assert r.status_code == 200, r.text
-            probs = np.array(r.json()["outputs"][0]["data"], np.float32).reshape(3, 3)
-            assert probs.argmax(axis=1).tolist() != [2, 2, 2]  # not the lie
+            # The model's own answer, not the lie.
+            np.testing.assert_allclose(_probabilities(r), expected, rtol=1e-5, atol=1e-6)
             assert "sly" not in r.json()["parameters"]["ztgate.nodes"].split(",")
-        assert gw.gw.router.nodes["sly"].failed >= 1
+        sly = gw.gw.router.nodes["sly"]
+        # The liar was asked, and each time it answered it was outvoted and charged.
+        assert sly.attempts >= 1 and sly.failed == sly.attempts and sly.served == sly.attempts
 
 
 def test_agreement_rules() -> None:

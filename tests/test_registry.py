@@ -195,14 +195,17 @@ def test_invalid_arguments(registry: Registry, kwargs: dict[str, object], messag
     with pytest.raises(RegistryError, match=message):
         registry.add(IRIS, **args)  # type: ignore[arg-type]
     assert registry.entries() == []
+    # Positive control: the same call without the one bad argument is accepted.
+    assert registry.add(IRIS, name="iris").name == "iris"
 
 
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (b"", "not a valid ONNX model"),
-        (b"hello, I am not a model\n", "not an ONNX model|not a valid ONNX model"),
-        (bytes(range(256)) * 4, "not an ONNX model|not a valid ONNX model"),
+        # parses as an empty ModelProto, which the checker refuses
+        (b"", "is not a valid ONNX model: The model does not have an ir_version"),
+        (b"hello, I am not a model\n", "is not an ONNX model: Error parsing message"),
+        (bytes(range(256)) * 4, "is not an ONNX model: Error parsing message"),
     ],
 )
 def test_garbage_files_are_refused(
@@ -357,27 +360,34 @@ def test_cli_default_registry_dir(
 
 
 @pytest.mark.parametrize(
-    "argv",
+    ("argv", "complaint"),
     [
-        ["model", "add", "GARBAGE", "--name", "x"],
-        ["model", "add", "IRIS", "--name", "Bad Name"],
-        ["model", "add", "IRIS", "--name", "x", "--version", "1.0"],
-        ["model", "add", "IRIS", "--name", "x", "--modes", "none,tee"],
-        ["model", "add", "IRIS", "--name", "x", "--modes", ","],
-        ["model", "add", "IRIS", "--name", "x", "--classification", "top-secret"],
-        ["model", "add", "MISSING", "--name", "x"],
+        (["model", "add", "GARBAGE", "--name", "x"], "is not an ONNX model"),
+        (["model", "add", "IRIS", "--name", "Bad Name"], "invalid model name 'Bad Name'"),
+        (["model", "add", "IRIS", "--name", "x", "--version", "1.0"], "invalid version '1.0'"),
+        (["model", "add", "IRIS", "--name", "x", "--modes", "none,tee"], "invalid mode(s) tee"),
+        (["model", "add", "IRIS", "--name", "x", "--modes", ","], "at least one allowed mode"),
+        (
+            ["model", "add", "IRIS", "--name", "x", "--classification", "top-secret"],
+            "invalid classification 'top-secret'",
+        ),
+        (["model", "add", "MISSING", "--name", "x"], "cannot read"),
     ],
 )
 def test_cli_user_errors_exit_2(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], complaint: str
 ) -> None:
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"\x08\x01garbage")
     files = {"GARBAGE": str(garbage), "IRIS": str(IRIS), "MISSING": str(tmp_path / "no.onnx")}
-    argv = [files.get(a, a) for a in argv] + ["--registry", str(tmp_path / "reg")]
+    registry = ["--registry", str(tmp_path / "reg")]
+    argv = [files.get(a, a) for a in argv] + registry
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("ztgate: error: ") and "Traceback" not in err
+    assert err.startswith("ztgate: error: ") and complaint in err and "Traceback" not in err
+    assert Registry.open(tmp_path / "reg").entries() == []
+    # Positive control: the same command line for IRIS, name x, nothing else, is accepted.
+    assert main(["model", "add", str(IRIS), "--name", "x", *registry]) == 0
 
 
 def test_cli_corrupt_registry_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,8 +8,10 @@ import socket
 import ssl
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,14 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from gateway.pki import PKI
-from gateway.server import H11TLSProtocol, HttpToolsTLSProtocol, ReloadingContext, TLSFiles
+from gateway.server import (
+    H11TLSProtocol,
+    HttpToolsTLSProtocol,
+    ReloadingContext,
+    TLSFiles,
+    handshake_failures,
+    server_context,
+)
 from tests.gateway_harness import client_context, free_port
 
 
@@ -33,8 +42,16 @@ async def echo(request: Request) -> JSONResponse:
     return JSONResponse(tls)
 
 
+@dataclass
+class FixedContext:
+    """A listening context that never reloads (for controls built apart from the gateway's)."""
+
+    files: TLSFiles
+    listening: ssl.SSLContext
+
+
 @contextmanager
-def serve(protocol: Any, tls: ReloadingContext) -> Iterator[int]:
+def serve(protocol: Any, tls: ReloadingContext | FixedContext) -> Iterator[int]:
     port = free_port()
     config = uvicorn.Config(
         Starlette(routes=[Route("/", echo)]),
@@ -94,17 +111,51 @@ def test_tls13_only_and_no_tickets(pki: PKI, files: TLSFiles) -> None:
     with serve(HttpToolsTLSProtocol, ReloadingContext(files)) as port:
         old = client_context(pki, alice.cert, alice.key)
         old.maximum_version = ssl.TLSVersion.TLSv1_2
-        with pytest.raises(ssl.SSLError), socket.create_connection(("127.0.0.1", port)) as raw:
-            old.wrap_socket(raw, server_hostname="localhost")
-        ctx = client_context(pki, alice.cert, alice.key)  # positive control
-        with socket.create_connection(("127.0.0.1", port)) as raw:
-            with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-                tls.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                data = b""
-                while chunk := tls.recv(65536):
-                    data += chunk
-                assert data.startswith(b"HTTP/1.1 200")
-                assert tls.session is None or not tls.session.has_ticket
+        before = handshake_failures()
+        # The server hangs up without an alert; why it did is what it recorded.
+        with pytest.raises(ssl.SSLError) as refused:
+            with socket.create_connection(("127.0.0.1", port)) as raw:
+                old.wrap_socket(raw, server_hostname="localhost")
+        assert refused.value.reason == "UNEXPECTED_EOF_WHILE_READING", refused.value
+        assert handshake_failures() - before == Counter({"UNSUPPORTED_PROTOCOL": 1})
+        # Positive control: the same code with TLS 1.3 allowed gets an answer.
+        ctx = client_context(pki, alice.cert, alice.key)
+        data, session, reused = _get_with_session(port, ctx)
+        assert data.startswith(b"HTTP/1.1 200")
+        assert not reused
+        # Resumption is attempted with whatever session the first connection left: the
+        # server issued no ticket, so the second connection is a full handshake.
+        assert not session.has_ticket
+        data, again, reused = _get_with_session(port, ctx, session)
+        assert data.startswith(b"HTTP/1.1 200")
+        assert reused is False and not again.has_ticket
+    # Positive control for the observation: the same context with tickets allowed, the
+    # same client code, and resumption does show.
+    tickets = server_context(files)
+    tickets.num_tickets = 2
+    tickets.options &= ~ssl.OP_NO_TICKET
+    with serve(HttpToolsTLSProtocol, FixedContext(files, tickets)) as port:
+        ctx = client_context(pki, alice.cert, alice.key)
+        data, session, reused = _get_with_session(port, ctx)
+        assert data.startswith(b"HTTP/1.1 200") and not reused
+        assert session.has_ticket
+        data, _, reused = _get_with_session(port, ctx, session)
+        assert data.startswith(b"HTTP/1.1 200")
+        assert reused is True
+
+
+def _get_with_session(
+    port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None = None
+) -> tuple[bytes, ssl.SSLSession, bool]:
+    """One GET read to the end (so any session ticket has arrived): (reply, session, reused)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+            assert tls.session is not None
+            return data, tls.session, tls.session_reused
 
 
 def _served_serial(port: int, ctx: ssl.SSLContext) -> int:
@@ -135,7 +186,7 @@ def test_certificates_rotate_without_restart_and_bad_files_keep_the_old(
 
 
 def test_a_crl_loaded_at_start_is_honoured_at_the_handshake(
-    pki: PKI, files: TLSFiles, tmp_path: Path
+    pki: PKI, files: TLSFiles, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from gateway.cli import main
 
@@ -147,11 +198,17 @@ def test_a_crl_loaded_at_start_is_honoured_at_the_handshake(
     with_crl = TLSFiles(files.cert, files.key, files.client_ca, crl)
     with serve(HttpToolsTLSProtocol, ReloadingContext(with_crl)) as port:
         # TLS 1.3: the client's handshake ends before the server has checked its
-        # certificate, so the refusal shows as an alert or a closed connection, never an answer.
+        # certificate; the server then hangs up without an alert, and records why.
+        before = handshake_failures()
         assert _get(port, client_context(pki, revoked.cert, revoked.key)) == b""
+        assert handshake_failures() - before == Counter({"certificate revoked": 1})
         # Positive control: same server, same code path, a certificate not on the CRL.
+        before = handshake_failures()
         assert _get(port, client_context(pki, kept.cert, kept.key)).startswith(b"HTTP/1.1 200")
+        assert handshake_failures() == before
+    capsys.readouterr()
     assert main(["pki", "crl", str(files.key), "--dir", str(pki.root), "--out", str(crl)]) == 2
+    assert "not a PEM certificate" in capsys.readouterr().err
 
 
 def _get(port: int, ctx: ssl.SSLContext) -> bytes:

@@ -1,18 +1,22 @@
 """zk mode end to end: real ezkl, a real tritonserver proving, the gateway verifying.
 
 Costly steps run once per module: onboarding iris (dev SRS) and a second, slightly different
-iris (production mode, the first SRS pinned) for the wrong-model case; one node start; one
-proof through the node, two more in-process (another input, the other model). Every forgery
-test reuses those proofs.
+iris (production mode, the first SRS pinned) for the wrong-model case; one proving node
+start; one proof through the node, two more in-process (another input, the other model).
+Every forgery test reuses those proofs. Lying nodes are real tritonservers too (started side
+by side, once), each replaying one of those proofs; what reached a node is counted by the
+node's own inference statistics. Requests get the gateway's own Router and Cedar policy.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
+import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,27 +26,25 @@ import numpy.typing as npt
 import onnx
 import onnxruntime as ort
 import pytest
+import tritonclient.grpc as grpcclient
 from onnx import numpy_helper
 
 from gateway.app import Gateway
-from gateway.config import NodeConfig, Routing
-from gateway.node.repository import build_repository
-from gateway.pipeline import Exchange
+from gateway.config import NodeConfig
+from gateway.node.repository import build_repository, render_config
+from gateway.pipeline import Exchange, PolicyStage
 from gateway.pki import PKI
 from gateway.protocol.problems import InvalidTensor, UpstreamFailed
 from gateway.protocol.tensors import InferRequest, Tensor
 from gateway.registry import ModelEntry, Registry, seed_examples
-from gateway.routing.node_client import NodeClient, NodeCredentials
-from gateway.routing.router import Router
 from gateway.runtime import build_gateway
-from gateway.state.memory import MemoryStore
 from gateway.verify.zk import ZkVerification
 from tests.conftest import SITE, one_off_node
 from tests.gateway_harness import client_context, gateway_config, running_gateway
 from zk.onboard import onboard
 from zk.prover import Prover
-from zk.record import NODE_DIR, VerifierArtefacts, ZkError, load_record, sha256_file
-from zk.repository import add_zk_model
+from zk.record import NODE_DIR, VerifierArtefacts, ZkError, ZkRecord, load_record, sha256_file
+from zk.repository import add_zk_model, zk_entry
 from zk.verifier import ZkResult, ZkVerifierPool, quantise, verify_proof
 
 pytestmark = pytest.mark.slow
@@ -159,40 +161,73 @@ async def pool() -> AsyncIterator[ZkVerifierPool]:
     p.close()
 
 
-@dataclasses.dataclass(frozen=True)
-class Allow:
-    """Stands in for policy's decision: which nodes may serve in which mode."""
+@contextlib.asynccontextmanager
+async def zk_gateway(
+    pki: PKI, registry: Registry, nodes: Sequence[NodeConfig], data_dir: Path
+) -> AsyncIterator[Gateway]:
+    """The gateway `ztgate serve` builds for these nodes, not listening: its Router (real
+    node clients, the gateway's node-client certificate) and its Cedar policy engine on the
+    shipped policies. Requests go to ZkVerification by hand (see zk_exchange)."""
+    rows = [
+        {f.name: getattr(n, f.name) for f in dataclasses.fields(n) if f.name in NODE_ROW}
+        for n in nodes
+    ]
+    cfg = gateway_config(
+        pki, registry.root, data_dir, rows, receipts={"signing_key": None, "log_key": None}
+    )
+    gw = build_gateway(cfg)
+    try:
+        yield gw
+    finally:
+        await gw.router.close()
+        await gw.store.close()
 
-    nodes: Callable[[str], bool] = lambda _name: True
 
-    def node_allowed(self, mode: str, node: str) -> bool:
-        return mode == "zk" and self.nodes(node)
+NODE_ROW = ("name", "address", "dns_name", "spiffe_id", "region", "provider")
 
 
-def exchange(
-    entry: ModelEntry, x: npt.NDArray[Any], deadline_s: float = 240.0, allow: Allow = Allow()
+async def zk_exchange(
+    pki: PKI, gw: Gateway, x: npt.NDArray[Any], deadline_s: float = 240.0
 ) -> Exchange:
-    request = InferRequest(
+    """alice asks for iris in mode zk; the gateway's own policy stage decides over its
+    nodes, as it would for a request on the wire. The deadline leaves room for proving on
+    a loaded machine (~20 s a proof there, bench/README.md); it is no claim about speed."""
+    alice = pki.ensure("client", "alice")
+    scope = {"extensions": {"tls": {"client_cert_chain": [alice.cert.read_text()]}}}
+    x_exchange = Exchange(scope=scope, deadline=time.monotonic() + deadline_s)
+    x_exchange.identity = gw.resolver.resolve(scope)
+    x_exchange.entry = gw.latest("iris")
+    x_exchange.request = InferRequest(
         model="iris",
         version=None,
         id=None,
         inputs=(Tensor("input", "FP32", tuple(x.shape), x),),
         parameters={"ztgate.verification": "zk"},
     )
-    return Exchange(
-        scope={},
-        deadline=time.monotonic() + deadline_s,
-        entry=entry,
-        request=request,
-        decision=allow,  # type: ignore[arg-type]
-        mode="zk",
-    )
+    x_exchange.payload_bytes = x.nbytes
+    await PolicyStage(gw.policy, gw.router, gw.revocations)(x_exchange)
+    assert x_exchange.decision is not None and "zk" in x_exchange.decision.modes
+    x_exchange.mode = "zk"
+    return x_exchange
 
 
-def real_router(pki: PKI, node: NodeConfig) -> Router:
+def node_inferences(pki: PKI, node: NodeConfig, model: str = "iris-zk") -> int:
+    """How many requests for ``model`` the node has answered, by its own statistics
+    (gRPC, the gateway's credentials): what a test counts at the node."""
     cert, key = pki.leaf_paths("gateway-node-client", SITE, SITE)
-    creds = NodeCredentials(pki.node_ca_bundle(), cert, key).channel_credentials()
-    return Router.from_clients([NodeClient(node, creds)], MemoryStore(), Routing())
+    client = grpcclient.InferenceServerClient(
+        node.address,
+        ssl=True,
+        root_certificates=str(pki.node_ca_bundle()),
+        private_key=str(key),
+        certificate_chain=str(cert),
+        channel_args=[("grpc.ssl_target_name_override", node.dns_name)],
+    )
+    try:
+        stats = client.get_inference_statistics(model, as_json=True)
+    finally:
+        client.close()
+    return sum(int(m.get("inference_count", 0)) for m in stats.get("model_stats", []))
 
 
 @dataclasses.dataclass
@@ -204,15 +239,17 @@ class Honest:
 
 @pytest.fixture(scope="module")
 async def honest(
-    pki: PKI, zk_node: NodeConfig, registry: Registry, artefacts: VerifierArtefacts, pool: Any
+    pki: PKI,
+    zk_node: NodeConfig,
+    registry: Registry,
+    artefacts: VerifierArtefacts,
+    pool: Any,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Honest:
     """One request through ZkVerification and the real node: the proof every test reuses."""
     verifier = ZkVerification({artefacts.record.model_sha256: artefacts}, pool)
-    router = real_router(pki, zk_node)
-    try:
-        outcome = await verifier.run(exchange(registry.get("iris"), X), router)
-    finally:
-        await router.close()
+    async with zk_gateway(pki, registry, [zk_node], tmp_path_factory.mktemp("gw")) as gw:
+        outcome = await verifier.run(await zk_exchange(pki, gw, X), gw.router)
     assert outcome.status == "verified" and outcome.mode == "zk" and outcome.nodes == ("zk1",)
     (out,) = outcome.outputs
     assert out.name == "probabilities" and out.datatype == "FP32" and out.shape == (1, 3)
@@ -235,6 +272,80 @@ def other_model_proof(other_model_dir: Path, tmp_path_factory: pytest.TempPathFa
     return proof
 
 
+# A lying node, for real: a tritonserver whose iris-zk answers every request with the proof
+# stored beside its model.py, whatever the input. (The proofs are real ones, made above.)
+REPLAY_MODEL = """
+import os
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+PROOF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "proof.json")
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        with open(PROOF, "rb") as f:
+            self.proof = f.read()
+
+    def execute(self, requests):
+        proof = pb_utils.Tensor("proof", np.array([self.proof], dtype=np.object_))
+        return [pb_utils.InferenceResponse(output_tensors=[proof]) for _ in requests]
+"""
+
+
+def replay_repository(dest: Path, entry: ModelEntry, record: ZkRecord, proof: bytes) -> Path:
+    """A repository with only ``<name>-zk``, configured as the prover's, replaying ``proof``."""
+    model_dir = dest / record.zk_model_name
+    version_dir = model_dir / record.version
+    version_dir.mkdir(parents=True)
+    (model_dir / "config.pbtxt").write_text(render_config(zk_entry(entry, record), "python"))
+    (version_dir / "model.py").write_text(REPLAY_MODEL)
+    (version_dir / "proof.json").write_bytes(proof)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def liars(
+    pki: PKI,
+    triton_home: Path,
+    registry: Registry,
+    artefacts: VerifierArtefacts,
+    other_input_proof: bytes,
+    other_model_proof: bytes,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[str, NodeConfig]]:
+    """Three real lying nodes: lazy (an honest proof of another input), impostor (a valid
+    proof made with other weights), garbage (``{}``). Started side by side."""
+    base = tmp_path_factory.mktemp("zk-liars")
+    lies = {"lazy": other_input_proof, "impostor": other_model_proof, "garbage": b"{}"}
+    iris = registry.get("iris")
+    with contextlib.ExitStack() as stack:
+        tables: dict[str, dict[str, str]] = {}
+        errors: list[BaseException] = []
+
+        def start(name: str, node: contextlib.AbstractContextManager[dict[str, str]]) -> None:
+            try:
+                tables[name] = node.__enter__()
+            except BaseException as exc:
+                errors.append(exc)
+            else:
+                stack.push(node)  # stopped with the fixture, also when another one failed
+
+        threads = []
+        for name, lie in lies.items():
+            repo = replay_repository(base / name / "repository", iris, artefacts.record, lie)
+            node = one_off_node(pki, triton_home, repo, name, base / name / "work")
+            threads.append(threading.Thread(target=start, args=(name, node)))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        yield {name: NodeConfig(**tables[name]) for name in lies}
+
+
 # =========================================================================== onboarding refusals
 
 
@@ -249,14 +360,20 @@ def other_model_proof(other_model_dir: Path, tmp_path_factory: pytest.TempPathFa
     ],
 )
 def test_onboarding_refuses_unsound_settings(
-    kwargs: dict[str, Any], needle: str, tmp_path: Path
+    kwargs: dict[str, Any], needle: str, zk_dir: Path, tmp_path: Path
 ) -> None:
+    # Control: zk_dir is this very call, without the unsound setting, and it onboarded.
+    assert load_record(zk_dir).check_mode == "SAFE"
     with pytest.raises(ZkError, match=needle):
         onboard(IRIS_ONNX, "iris", CALIBRATION, tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
 
 
-def test_onboarding_refuses_srs_that_does_not_match_its_pin(tmp_path: Path) -> None:
+def test_onboarding_refuses_srs_that_does_not_match_its_pin(
+    other_model_dir: Path, tmp_path: Path
+) -> None:
+    # Control: other_model_dir onboarded in production mode with an SRS matching its pin.
+    assert not load_record(other_model_dir).dev_srs
     srs = tmp_path / "ceremony.srs"
     srs.write_bytes(b"not the ceremony")
     with pytest.raises(ZkError, match="pinned"):
@@ -265,13 +382,19 @@ def test_onboarding_refuses_srs_that_does_not_match_its_pin(tmp_path: Path) -> N
         onboard(IRIS_ONNX, "iris", CALIBRATION, tmp_path / "o", mode="production", srs=srs)
 
 
-def test_onboarding_refuses_above_tolerance(tmp_path: Path) -> None:
+def test_onboarding_refuses_above_tolerance(zk_dir: Path, tmp_path: Path) -> None:
+    # Control: zk_dir is the same call at tolerance 1e-2, and its measured error is in it.
+    assert load_record(zk_dir).quantisation["max_abs_error"] <= 1e-2
     with pytest.raises(ZkError, match="above tolerance"):
         onboard(IRIS_ONNX, "iris", CALIBRATION, tmp_path / "o", tolerance=1e-9, scales=(7,))
 
 
 def test_record_and_artefacts_refuse_unsafe_and_tampering(zk_dir: Path, tmp_path: Path) -> None:
     raw = json.loads((zk_dir / "zk.json").read_text())
+    # Control: the record as written, through the same steps, loads.
+    (tmp_path / "as-written").mkdir()
+    (tmp_path / "as-written" / "zk.json").write_text(json.dumps(raw))
+    assert load_record(tmp_path / "as-written").check_mode == "SAFE"
     for key, value, needle in (
         ("check_mode", "UNSAFE", "only SAFE"),
         ("visibility", {"input": "public", "output": "public", "params": "private"}, "weights"),
@@ -287,12 +410,46 @@ def test_record_and_artefacts_refuse_unsafe_and_tampering(zk_dir: Path, tmp_path
     (copy / "zk.json").write_text(json.dumps(raw))
     for f in (zk_dir / "verifier").iterdir():
         (copy / "verifier" / f.name).write_bytes(f.read_bytes())
+    assert VerifierArtefacts.from_dir(copy).record.vk_sha256 == raw["vk_sha256"]  # control
     vk = copy / "verifier" / "vk.key"
     data = bytearray(vk.read_bytes())
     data[-1] ^= 0xFF
     vk.write_bytes(bytes(data))
     with pytest.raises(ZkError, match="vk"):
         VerifierArtefacts.from_dir(copy)
+
+
+def test_a_bad_artefact_is_a_config_error_at_start_not_a_traceback(
+    pki: PKI, registry: Registry, zk_dir: Path, tmp_path: Path
+) -> None:
+    """`ztgate serve` reports ConfigError as a usage error (exit 2, one line); a ZkError
+    escaping it was a start-up traceback."""
+    from gateway.config import ConfigError
+
+    copy = tmp_path / "iris-zk"
+    (copy / "verifier").mkdir(parents=True)
+    (copy / "zk.json").write_bytes((zk_dir / "zk.json").read_bytes())
+    for f in (zk_dir / "verifier").iterdir():
+        (copy / "verifier" / f.name).write_bytes(f.read_bytes())
+
+    def build(data: str) -> None:
+        cfg = gateway_config(
+            pki,
+            registry.root,
+            tmp_path / data,
+            [],
+            receipts={"signing_key": None, "log_key": None},
+            zk={"artefacts": [str(copy)]},
+        )
+        gw = build_gateway(cfg)
+        gw.verifiers["zk"].pool.close()  # type: ignore[attr-defined]
+        gw.revocations.close()
+
+    build("control")  # the same artefacts, untouched, load
+    vk = copy / "verifier" / "vk.key"
+    vk.write_bytes(vk.read_bytes()[:-1] + bytes([vk.read_bytes()[-1] ^ 0xFF]))
+    with pytest.raises(ConfigError, match=r"zk\.artefacts: .*vk"):
+        build("tampered")
 
 
 # =========================================================================== the honest path
@@ -354,6 +511,8 @@ def test_altered_output_is_refused(honest: Honest, artefacts: VerifierArtefacts)
     record = artefacts.record
     n_in = record.inputs[0].size
     base = json.loads(honest.proof)
+    # Control: the same JSON round trip, with no instance altered, verifies.
+    assert check(json.dumps(base).encode(), X, artefacts).success
     winner = int(np.argmax(honest.outputs))
     for i in range(record.outputs[0].size):
         doctored = json.loads(json.dumps(base))
@@ -380,6 +539,7 @@ def test_flipped_byte_and_malformed_proofs_are_refused(
     honest: Honest, artefacts: VerifierArtefacts
 ) -> None:
     base = json.loads(honest.proof)
+    assert check(json.dumps(base).encode(), X, artefacts).success  # control: untouched
     for index in (0, 17, len(base["proof"]) // 2, len(base["proof"]) - 1):
         doctored = json.loads(honest.proof)
         doctored["proof"][index] ^= 0x01
@@ -410,77 +570,80 @@ def test_quantise_matches_the_node(honest: Honest, artefacts: VerifierArtefacts)
 # =========================================================================== through the verifier
 
 
-@dataclasses.dataclass
-class ReplayClient:
-    """A node that answers every zk request with a fixed proof."""
-
-    node: NodeConfig
-    proof: bytes
-    calls: int = 0
-
-    async def infer(self, model: str, *_a: Any, **_k: Any) -> list[Tensor]:
-        self.calls += 1
-        assert model == "iris-zk"
-        data = np.array([self.proof], dtype=np.object_)
-        return [Tensor("proof", "BYTES", (1,), data)]
-
-    async def close(self) -> None:
-        return None
-
-
-def fake_node(name: str) -> NodeConfig:
-    return NodeConfig(name, "127.0.0.1:1", f"{name}.invalid", f"spiffe://x/{name}", "r", "p")
-
-
 @pytest.mark.asyncio(loop_scope="session")
 async def test_lying_node_is_charged_and_the_request_fails_over(
+    pki: PKI,
+    zk_node: NodeConfig,
+    liars: dict[str, NodeConfig],
     honest: Honest,
-    other_input_proof: bytes,
-    other_model_proof: bytes,
     registry: Registry,
     artefacts: VerifierArtefacts,
     pool: ZkVerifierPool,
+    tmp_path: Path,
 ) -> None:
     verifier = ZkVerification({artefacts.record.model_sha256: artefacts}, pool)
-    entry = registry.get("iris")
-    liars = [
-        ReplayClient(fake_node("lazy"), other_input_proof),
-        ReplayClient(fake_node("impostor"), other_model_proof),
-        ReplayClient(fake_node("garbage"), b"{}"),
-    ]
-    good = ReplayClient(fake_node("good"), honest.proof)
-    router = Router.from_clients([*liars, good], MemoryStore(), Routing())  # type: ignore[list-item]
-    for liar in liars:  # the liars look fastest, so they are picked first
-        router.nodes[liar.node.name].ewma_s = 1e-6
-    router.nodes["good"].ewma_s = 10.0
+    everyone = {**liars, "zk1": zk_node}  # zk1 is the honest prover
+    asked = {name: node_inferences(pki, node) for name, node in everyone.items()}
     # Only the liars: the request fails, every liar is charged, no lie reaches the client.
-    only_liars = exchange(entry, X, allow=Allow(lambda n: n != "good"))
-    with pytest.raises(UpstreamFailed) as info:
-        await verifier.run(only_liars, router)
-    for word in ("input_mismatch", "bad_proof", "malformed"):
-        assert word in info.value.detail
-    assert all(router.nodes[c.node.name].failed == 1 for c in liars)
-    # With the honest node in the set the answer comes from it, after the liar.
-    lazy_or_good = exchange(entry, X, allow=Allow(lambda n: n in ("lazy", "good")))
-    outcome = await verifier.run(lazy_or_good, router)
-    assert outcome.nodes == ("good",) and outcome.status == "verified" and outcome.attempts == 2
-    assert router.nodes["lazy"].failed == 2 and router.nodes["good"].served == 1
+    async with zk_gateway(pki, registry, list(liars.values()), tmp_path / "liars") as gw:
+        with pytest.raises(UpstreamFailed) as info:
+            await verifier.run(await zk_exchange(pki, gw, X), gw.router)
+        assert all(gw.router.nodes[name].failed == 1 for name in liars)
+    for word in ("lazy: input_mismatch", "impostor: bad_proof", "garbage: malformed"):
+        assert word in info.value.detail, info.value.detail
+    # A liar beside the honest node: the answer comes from the honest one, after the liar.
+    lazy_and_good = [liars["lazy"], zk_node]
+    async with zk_gateway(pki, registry, lazy_and_good, tmp_path / "mixed") as gw:
+        gw.router.nodes["lazy"].ewma_s = 1e-6  # the liar looks fastest: it is tried first
+        gw.router.nodes["zk1"].ewma_s = 10.0
+        outcome = await verifier.run(await zk_exchange(pki, gw, X), gw.router)
+        assert gw.router.nodes["lazy"].failed == 1 and gw.router.nodes["zk1"].served == 1
+    assert outcome.nodes == ("zk1",) and outcome.status == "verified" and outcome.attempts == 2
     np.testing.assert_array_equal(outcome.outputs[0].data, honest.outputs)
-    assert good.calls == 1
+    # Counted at the nodes: each liar answered every request it was tried for, and the
+    # honest node proved exactly once.
+    now = {name: node_inferences(pki, node) for name, node in everyone.items()}
+    assert {name: now[name] - asked[name] for name in everyone} == {
+        "lazy": 2,
+        "impostor": 1,
+        "garbage": 1,
+        "zk1": 1,
+    }
 
 
+@pytest.mark.parametrize(
+    ("x", "refused", "needle", "reaches_node"),
+    [
+        pytest.param(np.tile(X, (2, 1)), InvalidTensor, "one row at a time", 0, id="two-rows"),
+        pytest.param(
+            np.array([[np.nan, 1, 1, 1]], np.float32), InvalidTensor, "finite", 0, id="nan"
+        ),
+        # Passes every check of the gateway's: the node is asked, and its reply is refused.
+        pytest.param(X, UpstreamFailed, "garbage: malformed", 1, id="node-reply"),
+    ],
+)
 @pytest.mark.asyncio(loop_scope="session")
-async def test_requests_a_circuit_cannot_take_are_refused_before_any_node(
-    registry: Registry, artefacts: VerifierArtefacts, pool: ZkVerifierPool
+async def test_zk_refusals_before_the_node_and_of_its_reply(
+    x: npt.NDArray[Any],
+    refused: type[Exception],
+    needle: str,
+    reaches_node: int,
+    pki: PKI,
+    liars: dict[str, NodeConfig],
+    registry: Registry,
+    artefacts: VerifierArtefacts,
+    pool: ZkVerifierPool,
+    tmp_path: Path,
 ) -> None:
+    """Requests a circuit cannot take are the client's error (400) and never reach a
+    node; the row built the same way with a request it can take does reach it."""
     verifier = ZkVerification({artefacts.record.model_sha256: artefacts}, pool)
-    client = ReplayClient(fake_node("n"), b"{}")
-    router = Router.from_clients([client], MemoryStore(), Routing())  # type: ignore[list-item]
-    entry = registry.get("iris")
-    for x in (np.tile(X, (2, 1)), np.array([[np.nan, 1, 1, 1]], np.float32)):
-        with pytest.raises(InvalidTensor):
-            await verifier.run(exchange(entry, x), router)
-    assert client.calls == 0
+    garbage = liars["garbage"]
+    before = node_inferences(pki, garbage)
+    async with zk_gateway(pki, registry, [garbage], tmp_path) as gw:
+        with pytest.raises(refused, match=needle):
+            await verifier.run(await zk_exchange(pki, gw, x), gw.router)
+    assert node_inferences(pki, garbage) - before == reaches_node
 
 
 # =========================================================================== the real gateway
@@ -549,28 +712,22 @@ def test_zk_request_through_the_gateway(
 
 
 def test_pool_runs_off_the_event_loop(honest: Honest, artefacts: VerifierArtefacts) -> None:
-    async def main() -> tuple[ZkResult, int]:
+    async def main() -> tuple[list[ZkResult], bool]:
         p = ZkVerifierPool(workers=1, max_pending=2)
-        ticks = 0
-
-        async def tick() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.005)
-                ticks += 1
-
-        ticker = asyncio.create_task(tick())
         try:
-            results = await asyncio.gather(
-                *(p.verify(honest.proof, X, artefacts) for _ in range(3))
-            )
+            tasks = [asyncio.ensure_future(p.verify(honest.proof, X, artefacts)) for _ in range(3)]
+            # One turn of the loop: each task has handed its proof on and yielded. Had
+            # verify run ezkl on the loop, each would have finished before this line ran.
+            await asyncio.sleep(0)
+            loop_ran_while_verifying = not any(t.done() for t in tasks)
+            results = await asyncio.gather(*tasks)
         finally:
-            ticker.cancel()
             p.close()
-        return results[0], ticks
+        return results, loop_ran_while_verifying
 
-    result, ticks = asyncio.run(main())
-    assert result.success and ticks > 5
+    results, loop_ran_while_verifying = asyncio.run(main())
+    assert all(r.success for r in results), results
+    assert loop_ran_while_verifying
 
 
 # =========================================================================== CLI
@@ -603,7 +760,7 @@ def test_cli_refuses_unpinned_production_and_auditor_reverifies(
 
 
 def test_node_cli_serves_the_prover_from_onboarded_artefacts(
-    zk_dir: Path, registry: Registry, tmp_path: Path
+    zk_dir: Path, registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from gateway.cli import main
 
@@ -613,6 +770,10 @@ def test_node_cli_serves_the_prover_from_onboarded_artefacts(
     assert (out / "iris" / "config.pbtxt").is_file()
     config = (out / "iris-zk" / "config.pbtxt").read_text()
     assert '"proof"' in config and "TYPE_STRING" in config
+    capsys.readouterr()
     # The prover is a python model: not for the stock onnxruntime flavour.
     assert main([*base, "--flavour", "onnxruntime", "--zk-artefacts", str(zk_dir)]) == 2
+    assert "needs --flavour python" in (err := capsys.readouterr().err), err
+    # A directory that holds no onboarded model.
     assert main([*base, "--flavour", "python", "--zk-artefacts", str(tmp_path)]) == 2
+    assert f"--zk-artefacts {tmp_path}:" in (err := capsys.readouterr().err), err

@@ -40,7 +40,8 @@ def register(sub: Any) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from gateway.receipts.bundle import BundleError, export_bundle
+    from gateway.receipts.bundle import BundleError
+    from gateway.receipts.export import export_bundle
     from gateway.receipts.signing import parse_time
 
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,9 @@ def _serve(args: argparse.Namespace) -> int:
             runtime.build_gateway(cfg)
             print(f"{args.config}: OK ({cfg.mode} mode, {len(cfg.nodes)} nodes)")
             return 0
+        # Logs, evidence and state hold clients' data: nothing the gateway writes is
+        # readable by another user of the host.
+        os.umask(0o077)
         runtime.run(cfg)
     except ConfigError as exc:
         raise UsageError(str(exc)) from exc

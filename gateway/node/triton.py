@@ -33,7 +33,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -216,8 +216,11 @@ class TritonProcess:
         *,
         env: Mapping[str, str] | None = None,
         extra_args: Sequence[str] = (),
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock`` times the start-up deadline (seconds, monotonic); tests inject one."""
         self.spec = spec
+        self.clock = clock
         self.home = home if home is not None else spec.workdir / "triton-home"
         self.env_overrides = dict(env or {})
         self.extra_args = tuple(extra_args)
@@ -317,7 +320,7 @@ class TritonProcess:
         self._log = self.log_path.open("a")
         self._log.write(f"\n=== ztgate: starting node {s.name} at {time.ctime()} ===\n")
         self._log.flush()
-        self.started_at = time.monotonic()
+        self.started_at = self.clock()
         self.ready_after_s = None
         self._proc = subprocess.Popen(
             self.command(),
@@ -331,7 +334,7 @@ class TritonProcess:
         )
         log.info("node %s: tritonserver pid %d starting", s.name, self._proc.pid)
         deadline = self.started_at + deadline_s
-        while time.monotonic() < deadline:
+        while self.clock() < deadline:
             if self._proc.poll() is not None:
                 rc = self._proc.returncode
                 self.stop()
@@ -339,8 +342,8 @@ class TritonProcess:
                     f"node {s.name}: tritonserver exited with {rc} before ready; "
                     f"log {self.log_path}:\n{self.log_tail()}"
                 )
-            if self.ready(timeout=min(_POLL_TIMEOUT_S, max(0.05, deadline - time.monotonic()))):
-                self.ready_after_s = time.monotonic() - self.started_at
+            if self.ready(timeout=min(_POLL_TIMEOUT_S, max(0.05, deadline - self.clock()))):
+                self.ready_after_s = self.clock() - self.started_at
                 log.info("node %s ready in %.2fs", s.name, self.ready_after_s)
                 return self.ready_after_s
             time.sleep(_POLL_INTERVAL_S)

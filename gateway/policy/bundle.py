@@ -64,7 +64,7 @@ import rfc8785
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from gateway.pki import signing_key_id
+from gateway.keyid import signing_key_id
 from gateway.policy import facts as F
 from gateway.policy.facts import ModelFacts, NodeFacts
 from gateway.policy.source import (

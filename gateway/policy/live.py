@@ -151,7 +151,7 @@ def bundle_loader(
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
     from gateway import __version__
-    from gateway.pki import signing_key_id
+    from gateway.keyid import signing_key_id
     from gateway.policy.bundle import verify_bundle
 
     assert cfg.policy.bundle is not None

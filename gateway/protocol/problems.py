@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
-from starlette.responses import Response
+if TYPE_CHECKING:
+    from starlette.responses import Response
 
 __all__ = [
     "PROBLEM_BASE",
@@ -229,6 +230,9 @@ PROBLEM_TYPES: dict[str, ProblemInfo] = {
 
 def problem_response(p: Problem) -> Response:
     """Render ``p`` as an ``application/problem+json`` response."""
+    # Imported here: the offline verifier uses the problem types without a web framework.
+    from starlette.responses import Response
+
     body = json.dumps(p.to_dict(), ensure_ascii=False, allow_nan=False, default=str)
     return Response(
         content=body.encode("utf-8"),

@@ -7,7 +7,8 @@
 - `note`:      C2SP signed notes, checkpoints, cosignatures
 - `log`:       `ReceiptLog`: group-committed SQLite log, checkpoints, frozen-log detection
 - `issue`:     `issue` (what the gateway's receipt stage calls), `summary`, `DenialCoalescer`
-- `witness`:   C2SP tlog-witness app and the log's `WitnessClient`
+- `checkpointer`: signs checkpoints on a timer; `WitnessClient`s get each new one cosigned
+- `witness`:   the C2SP tlog-witness server (a process of its own)
 - `http`:      `log_routes`: GET /log, checkpoint, inclusion, consistency
 - `bundle`, `verify`: offline audit bundles and their verification (`ztgate verify`)
 

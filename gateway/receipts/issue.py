@@ -32,6 +32,7 @@ from gateway.receipts.log import LogEntry, ReceiptLog
 from gateway.receipts.model import (
     ClientRef,
     Denial,
+    ExtValue,
     Kind,
     ModelRef,
     PolicyRef,
@@ -90,7 +91,7 @@ async def issue(
     request_id: str | None = None,
     salt: bytes | None = None,
     now: dt.datetime | None = None,
-    extensions: Mapping[str, str] | None = None,
+    extensions: Mapping[str, ExtValue] | None = None,
 ) -> Issued:
     """Sign and durably log one receipt; returns it with the client's salt.
 

@@ -14,7 +14,9 @@ of the process right after. The queue is bounded (`max_queue`): past it, appende
 
 Checkpoints: `checkpoint()` signs the durable head as a C2SP tlog-checkpoint (origin
 ``<origin>/<log id>``, key name = origin, Ed25519 signed-note signature with the log key,
-separate from the receipt key), stores it and pushes it to the configured witnesses.
+separate from the receipt key) and stores it. Witnesses are above the log
+(`gateway.receipts.checkpointer`): their cosignatures are stored per (size, witness)
+and attached to a checkpoint when it is read, at most one per witness.
 A receipt is final once a signed checkpoint includes it.
 
 Frozen logs. A log restored from a backup must never append again: appending after a
@@ -46,7 +48,6 @@ import asyncio
 import base64
 import contextlib
 import datetime as dt
-import json
 import logging
 import os
 import secrets
@@ -61,7 +62,8 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from gateway.receipts.canonical import b64, canonical_json
+from gateway.receipts.canonical import b64
+from gateway.receipts.entry import ENTRY_TYPES, TLOG_PROOF_HEADER, LogEntry
 from gateway.receipts.marker import HeadMarker
 from gateway.receipts.merkle import EMPTY_ROOT, MerkleTree, leaf_hash
 from gateway.receipts.note import Checkpoint, NoteKey, SignedNote
@@ -80,16 +82,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-ENTRY_TYPES = (
-    "receipt",
-    "policy_load",
-    "revocation",
-    "node_quarantine",
-    "node_release",
-    "late_evidence",
-)
-TLOG_PROOF_HEADER = "c2sp.org/tlog-proof@v1"
-
 
 class LogError(Exception):
     """The log cannot do what was asked."""
@@ -101,52 +93,6 @@ class LogFrozen(LogError):
 
 class LogClosed(LogError):
     pass
-
-
-@dataclass(frozen=True, slots=True)
-class LogEntry:
-    """A typed leaf: only hashes (and, for late evidence, the receipt id it concerns)."""
-
-    type: str
-    sha256: bytes
-    ref: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.type not in ENTRY_TYPES:
-            raise ValueError(f"unknown entry type {self.type!r}")
-        if len(self.sha256) != 32:
-            raise ValueError("an entry holds a 32-byte SHA-256")
-        if (self.type == "late_evidence") != (self.ref is not None):
-            raise ValueError("late_evidence (and only it) names the receipt it concerns")
-
-    def leaf_data(self) -> bytes:
-        """RFC 8785 JSON of {"ref"?, "sha256", "type"}: the leaf's bytes."""
-        if self.ref is None:  # the canonical form, written directly (hot path)
-            return (
-                b'{"sha256":"'
-                + self.sha256.hex().encode()
-                + b'","type":"'
-                + self.type.encode()
-                + b'"}'
-            )
-        d = {"type": self.type, "sha256": self.sha256.hex()}
-        if self.ref is not None:
-            d["ref"] = self.ref
-        return canonical_json(d)
-
-    @classmethod
-    def parse(cls, data: bytes) -> LogEntry:
-        doc = json.loads(data)
-        if not isinstance(doc, dict) or not {"type", "sha256"} <= set(doc) <= {
-            "type",
-            "sha256",
-            "ref",
-        }:
-            raise ValueError("malformed log entry")
-        entry = cls(str(doc["type"]), bytes.fromhex(str(doc["sha256"])), doc.get("ref"))
-        if entry.leaf_data() != data:
-            raise ValueError("log entry is not canonical")
-        return entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +133,8 @@ CREATE TABLE IF NOT EXISTS checkpoints(size INTEGER PRIMARY KEY, note TEXT NOT N
     created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS witnesses(name TEXT PRIMARY KEY, size INTEGER NOT NULL,
     vkey TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS cosignatures(size INTEGER NOT NULL, witness TEXT NOT NULL,
+    sig BLOB NOT NULL, PRIMARY KEY(size, witness));
 """
 
 
@@ -246,6 +194,8 @@ class ReceiptLog:
         )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        # Erased bodies are overwritten, not just unlinked from the b-tree.
+        self._db.execute("PRAGMA secure_delete=ON")
         self._db.executescript(_SCHEMA)
         # Reads go through their own connection: in WAL mode it sees committed data only,
         # never a batch the writer thread has not yet committed.
@@ -283,7 +233,6 @@ class ReceiptLog:
         self._write_lock: asyncio.Lock | None = None
         self.stats = _Stats()
         self.clock: Callable[[], float] = time.time  # checkpoint times (tests move it)
-        self.witnesses: list[Any] = []  # gateway.receipts.witness.WitnessClient
         self._check_integrity(meta, read_only)
 
     # --- opening -----------------------------------------------------------------------
@@ -291,7 +240,10 @@ class ReceiptLog:
     def create(cls, directory: Path, log_key: ed25519.Ed25519PrivateKey, origin: str) -> Path:
         log_id = new_log_id()
         path = directory / log_id
-        path.mkdir(parents=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.mkdir(mode=0o700)
+        # The database is private (SQLite gives its WAL and shm files the same mode).
+        os.close(os.open(path / "log.db", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         db = sqlite3.connect(path / "log.db", isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode=WAL")
@@ -535,9 +487,9 @@ class ReceiptLog:
             await asyncio.gather(*futures, return_exceptions=True)
 
     # --- checkpoints -------------------------------------------------------------------
-    async def checkpoint(self, *, push: bool = True) -> SignedNote:
-        """Sign the durable head (unless the latest checkpoint already covers it), store
-        it, update the head marker, and push it to the witnesses."""
+    async def checkpoint(self) -> SignedNote:
+        """Sign the durable head (unless the latest checkpoint already covers it) and
+        store it. Witnessing is the checkpointer's job, above the log."""
         if self.frozen_reason is not None:
             raise LogFrozen(f"log {self.log_id} is frozen: {self.frozen_reason}")
         if self._key is None:
@@ -548,15 +500,12 @@ class ReceiptLog:
             last = self.latest_checkpoint()
             size = self.tree.size
             if last is not None and Checkpoint.parse_text(last.text).size == size:
-                note = last
-            else:
-                cp = Checkpoint(self.origin, size, self.tree.root(size), int(self.clock()))
-                text = cp.text()
-                note = SignedNote(text, (self.note_key().sign(self._key, text),))
-                await self._in_db(lambda: self._store_checkpoint(size, note))
-        if push and self.witnesses:
-            note = await self.push_to_witnesses(note)
-        return note
+                return last
+            cp = Checkpoint(self.origin, size, self.tree.root(size), int(self.clock()))
+            text = cp.text()
+            note = SignedNote(text, (self.note_key().sign(self._key, text),))
+            await self._in_db(lambda: self._store_checkpoint(size, note))
+            return note
 
     def _tx(self, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
         """Run statements in one transaction on the writer connection (database thread)."""
@@ -600,33 +549,38 @@ class ReceiptLog:
                 return
             written = size
 
-    async def push_to_witnesses(self, note: SignedNote) -> SignedNote:
-        """Push `note` to every witness; attach valid cosignatures; store the result."""
-        from gateway.receipts.witness import WitnessRefused  # circular at import time
+    def log_signed(self, note: SignedNote) -> SignedNote:
+        """`note` with only this log's own signature (what a witness is asked to cosign)."""
+        return SignedNote(note.text, tuple(s for s in note.signatures if s[0] == self.origin))
 
-        cp = Checkpoint.parse_text(note.text)
-        for w in self.witnesses:
-            old = await self._in_db(partial(self._witness_size, w.name))
-            try:
-                lines, seen = await w.add_checkpoint(self, note, old)
-            except WitnessRefused as exc:
-                log.error("receipt log %s: witness %s refused: %s", self.log_id, w.name, exc)
-                continue
-            except Exception as exc:  # network: retried at the next checkpoint
-                log.warning("receipt log %s: witness %s unreachable: %s", self.log_id, w.name, exc)
-                continue
-            note = note.with_signatures(lines)
-            vkey = w.key.vkey()
-            await self._in_db(partial(self._set_witness_size, w.name, seen, vkey))
-        await self._in_db(lambda: self._store_checkpoint(cp.size, note))
-        return note
-
-    def _witness_size(self, name: str) -> int:
+    def witness_size(self, name: str) -> int:
+        """The size witness `name` last cosigned for this log (0: never)."""
         row = self._rdb.execute("SELECT size FROM witnesses WHERE name = ?", (name,)).fetchone()
         return int(row[0]) if row else 0
 
-    def _set_witness_size(self, name: str, size: int, vkey: str) -> None:
-        self._tx([("INSERT OR REPLACE INTO witnesses VALUES (?, ?, ?)", (name, size, vkey))])
+    def has_cosignature(self, size: int, witness: str) -> bool:
+        row = self._rdb.execute(
+            "SELECT 1 FROM cosignatures WHERE size = ? AND witness = ?", (size, witness)
+        ).fetchone()
+        return row is not None
+
+    async def add_cosignature(self, size: int, witness: str, sig: bytes, vkey: str) -> None:
+        """Keep witness `witness`'s cosignature of the checkpoint of `size` (one per pair)."""
+        await self._in_db(
+            partial(
+                self._tx,
+                [
+                    ("INSERT OR REPLACE INTO cosignatures VALUES (?, ?, ?)", (size, witness, sig)),
+                    ("INSERT OR REPLACE INTO witnesses VALUES (?, ?, ?)", (witness, size, vkey)),
+                ],
+            )
+        )
+
+    def _with_cosignatures(self, size: int, note: SignedNote) -> SignedNote:
+        rows = self._rdb.execute(
+            "SELECT witness, sig FROM cosignatures WHERE size = ? ORDER BY witness", (size,)
+        ).fetchall()
+        return note.with_signatures([(str(w), bytes(sig)) for w, sig in rows])
 
     def witness_vkeys(self) -> dict[str, str]:
         """Witnesses that cosigned this log: name -> vkey (published in bundles)."""
@@ -634,38 +588,26 @@ class ReceiptLog:
 
     def latest_checkpoint(self) -> SignedNote | None:
         row = self._rdb.execute(
-            "SELECT note FROM checkpoints ORDER BY size DESC LIMIT 1"
+            "SELECT size, note FROM checkpoints ORDER BY size DESC LIMIT 1"
         ).fetchone()
-        return SignedNote.parse(row[0]) if row else None
+        return self._with_cosignatures(row[0], SignedNote.parse(row[1])) if row else None
+
+    def checkpoint_at(self, size: int) -> SignedNote | None:
+        row = self._rdb.execute("SELECT note FROM checkpoints WHERE size = ?", (size,)).fetchone()
+        return self._with_cosignatures(size, SignedNote.parse(row[0])) if row else None
 
     def checkpoints(self, since_size: int = 0) -> list[SignedNote]:
         rows = self._rdb.execute(
-            "SELECT note FROM checkpoints WHERE size >= ? ORDER BY size", (since_size,)
+            "SELECT size, note FROM checkpoints WHERE size >= ? ORDER BY size", (since_size,)
         ).fetchall()
-        return [SignedNote.parse(r[0]) for r in rows]
+        return [self._with_cosignatures(r[0], SignedNote.parse(r[1])) for r in rows]
 
     def checkpoint_including(self, index: int) -> SignedNote | None:
         """The earliest checkpoint whose tree includes leaf `index` (None: pending)."""
         row = self._rdb.execute(
-            "SELECT note FROM checkpoints WHERE size > ? ORDER BY size LIMIT 1", (index,)
+            "SELECT size, note FROM checkpoints WHERE size > ? ORDER BY size LIMIT 1", (index,)
         ).fetchone()
-        return SignedNote.parse(row[0]) if row else None
-
-    async def run_checkpointer(self, stop: asyncio.Event, interval: float = 1.0) -> None:
-        """Sign a checkpoint every `interval` seconds while new leaves arrive.
-
-        Matches `Gateway.background`: ``gw.background.append(lambda stop:
-        receipt_log.run_checkpointer(stop, interval))``.
-        """
-        while not stop.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)
-            if self.frozen_reason is not None:
-                return
-            try:
-                await self.checkpoint()
-            except LogError as exc:
-                log.error("receipt log %s: checkpoint failed: %s", self.log_id, exc)
+        return self._with_cosignatures(row[0], SignedNote.parse(row[1])) if row else None
 
     # --- proofs ------------------------------------------------------------------------
     def inclusion(self, index: int, size: int | None = None) -> list[bytes]:
@@ -723,23 +665,14 @@ class ReceiptLog:
 
     def erase_sync(self, receipt_ids: list[str], reason: str) -> int:
         """`erase` for a process that does not append (the `ztgate audit erase` CLI)."""
-        now = time.time()
         rows = []
         for rid in receipt_ids:
-            row = self._db.execute("SELECT idx FROM bodies WHERE receipt_id = ?", (rid,)).fetchone()
+            row = self._db.execute(
+                "SELECT idx, receipt_id FROM bodies WHERE receipt_id = ?", (rid,)
+            ).fetchone()
             if row is not None:
-                rows.append(int(row[0]))
-        self._tx(
-            [
-                s
-                for i in rows
-                for s in (
-                    ("DELETE FROM bodies WHERE idx = ?", (i,)),
-                    ("INSERT OR REPLACE INTO erasures VALUES (?, ?, ?)", (i, reason, now)),
-                )
-            ]
-        )
-        return len(rows)
+                rows.append((int(row[0]), str(row[1])))
+        return self._erase_rows(rows, reason)
 
     async def expire(self, older_than_s: float, reason: str = "retention") -> int:
         """Delete receipt bodies older than the retention period; returns how many."""
@@ -749,20 +682,39 @@ class ReceiptLog:
         """`expire` for a process that does not append (the `ztgate audit expire` CLI)."""
         cutoff = time.time() - older_than_s
         rows = [
-            int(r[0])
-            for r in self._db.execute("SELECT idx FROM bodies WHERE created < ?", (cutoff,))
+            (int(r[0]), str(r[1]))
+            for r in self._db.execute(
+                "SELECT idx, receipt_id FROM bodies WHERE created < ?", (cutoff,)
+            )
         ]
+        return self._erase_rows(rows, reason)
+
+    def _erase_rows(self, rows: list[tuple[int, str]], reason: str) -> int:
+        """Delete bodies and their evidence so that no copy is left in this log's files:
+        `secure_delete` zeroes the freed cells, and the WAL, which still holds the old
+        pages, is checkpointed into the database and truncated."""
+        if not rows:
+            return 0
         now = time.time()
         self._tx(
             [
                 s
-                for i in rows
+                for i, _ in rows
                 for s in (
                     ("DELETE FROM bodies WHERE idx = ?", (i,)),
                     ("INSERT OR REPLACE INTO erasures VALUES (?, ?, ?)", (i, reason, now)),
                 )
             ]
         )
+        evidence = self.path / "evidence"
+        for _, rid in rows:
+            for f in evidence.glob(f"{rid}.*"):
+                f.unlink(missing_ok=True)
+        busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            log.warning(
+                "receipt log %s: WAL still in use after erasure; retried next time", self.log_id
+            )
         return len(rows)
 
     # --- closing -----------------------------------------------------------------------

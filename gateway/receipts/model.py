@@ -27,6 +27,7 @@ __all__ = [
     "FORMAT_VERSION",
     "ClientRef",
     "Denial",
+    "ExtValue",
     "FormatError",
     "ModelRef",
     "PolicyRef",
@@ -34,6 +35,7 @@ __all__ = [
     "SignedReceipt",
     "TensorRef",
     "VerificationRef",
+    "ext_value",
     "make_receipt_id",
     "parse_receipt_id",
 ]
@@ -48,13 +50,31 @@ class FormatError(ValueError):
     """A receipt or envelope that does not parse as format version 1."""
 
 
+ExtValue = str | int | bool | tuple[str, ...]
+
+
+def ext_value(v: Any) -> ExtValue:
+    """A receipt extension value, checked: a JSON string, safe integer, boolean or list of
+    strings (lists are kept as tuples so a receipt stays immutable)."""
+    if isinstance(v, str | bool):
+        return v
+    if isinstance(v, int) and -MAX_SAFE_INTEGER <= v <= MAX_SAFE_INTEGER:
+        return v
+    if isinstance(v, list | tuple) and all(isinstance(x, str) for x in v):
+        return tuple(v)
+    raise TypeError(
+        f"ext values are strings, safe integers, booleans or lists of strings, "
+        f"not {type(v).__name__}"
+    )
+
+
 def make_receipt_id(log_id: str, index: int, nonce: str) -> str:
     """`<log id>.<index>.<16 hex nonce>`: routable (log id), locatable, not guessable."""
     return f"{log_id}.{index}.{nonce}"
 
 
 def parse_receipt_id(rid: str) -> tuple[str, int]:
-    m = _RID.match(rid)
+    m = _RID.fullmatch(rid)
     if not m:
         raise FormatError(f"malformed receipt id {rid!r}")
     return m.group(1), int(m.group(2))
@@ -124,7 +144,8 @@ class Receipt:
     denial: Denial | None = None
     request_id: str | None = None
     version: int = FORMAT_VERSION
-    extensions: Mapping[str, str] = field(default_factory=dict)
+    # Mode evidence as JSON values: strings, safe integers, booleans, lists of strings.
+    extensions: Mapping[str, ExtValue] = field(default_factory=dict)
 
     # --- encoding ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -146,7 +167,9 @@ class Receipt:
             "request_id": self.request_id,
         }
         if self.extensions:
-            d["ext"] = dict(self.extensions)
+            d["ext"] = {
+                k: list(v) if isinstance(v, tuple) else v for k, v in self.extensions.items()
+            }
         return d
 
     def to_canonical(self) -> bytes:
@@ -168,6 +191,7 @@ class Receipt:
             ints.append(self.denial.count)
         for t in (*self.inputs, *self.outputs):
             ints.extend(t.shape)
+        ints.extend(v for v in self.extensions.values() if type(v) is int)
         return all(-MAX_SAFE_INTEGER <= i <= MAX_SAFE_INTEGER for i in ints) and all(
             k.isascii() for k in self.extensions
         )
@@ -318,7 +342,7 @@ def _parse_receipt(d: Any) -> Receipt:
     if kind not in ("answer", "denial"):
         raise ValueError(f"unknown receipt kind {kind!r}")
     log_id, index = _s(log["id"]), _i(log["index"])
-    if not _LOG_ID.match(log_id):
+    if not _LOG_ID.fullmatch(log_id):
         raise ValueError(f"malformed log id {log_id!r}")
     rid = _s(d["id"])
     if parse_receipt_id(rid) != (log_id, index):
@@ -326,8 +350,9 @@ def _parse_receipt(d: Any) -> Receipt:
     if not isinstance(d["nodes"], list):
         raise TypeError("nodes must be a list")
     ext = d.get("ext", {})
-    if not isinstance(ext, dict) or not all(isinstance(v, str) for v in ext.values()):
-        raise TypeError("ext must map names to strings")
+    if not isinstance(ext, dict):
+        raise TypeError("ext must be an object")
+    ext = {_s(k): ext_value(v) for k, v in ext.items()}
     return Receipt(
         receipt_id=rid,
         log_id=log_id,

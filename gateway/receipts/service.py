@@ -19,11 +19,13 @@ from pathlib import Path
 
 from gateway.pki import load_signing_key
 from gateway.protocol.tensors import Tensor
+from gateway.receipts.checkpointer import Checkpointer, WitnessClient
 from gateway.receipts.issue import DenialCoalescer, Issued, issue
 from gateway.receipts.log import LogEntry, ReceiptLog
 from gateway.receipts.model import (
     ClientRef,
     Denial,
+    ExtValue,
     ModelRef,
     PolicyRef,
     VerificationRef,
@@ -31,6 +33,13 @@ from gateway.receipts.model import (
 from gateway.receipts.signing import KeySet, Signer
 
 log = logging.getLogger(__name__)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Evidence holds a client's inputs and outputs: readable by the gateway's user only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 async def _unset(**_: object) -> Issued:
@@ -47,6 +56,12 @@ class ReceiptService:
     frozen: list[ReceiptLog] = field(default_factory=list)
     reopen: Callable[[], ReceiptLog] | None = None
     closed: bool = False
+    witnesses: Sequence[WitnessClient] = ()
+
+    def __post_init__(self) -> None:
+        self.checkpointer = Checkpointer(
+            lambda: self.log, self.witnesses, self.checkpoint_interval_s
+        )
 
     @classmethod
     def open(
@@ -56,8 +71,9 @@ class ReceiptService:
         log_key: Path,
         origin: str,
         checkpoint_interval_s: float = 1.0,
+        witnesses: Sequence[WitnessClient] = (),
     ) -> ReceiptService:
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         receipt_log = ReceiptLog.open(directory, load_signing_key(log_key), origin)
         signer = Signer(load_signing_key(signing_key))
         # The published key set: verifiers judge a key by the checkpoints in its window.
@@ -82,6 +98,7 @@ class ReceiptService:
             checkpoint_interval_s,
             frozen,
             reopen=lambda: ReceiptLog.open(directory, load_signing_key(log_key), origin),
+            witnesses=witnesses,
         )
 
         async def issue_denial(**fields: object) -> Issued:
@@ -94,9 +111,7 @@ class ReceiptService:
     def start(self) -> None:
         """Reopen after a close (an app whose lifespan is restarted in one process)."""
         if self.closed and self.reopen is not None:
-            witnesses = self.log.witnesses
             self.log = self.reopen()
-            self.log.witnesses = witnesses
             self.closed = False
 
     def logs(self) -> list[ReceiptLog]:
@@ -113,7 +128,7 @@ class ReceiptService:
         verification: VerificationRef,
         nodes: Sequence[str],
         request_id: str,
-        extensions: Mapping[str, str] | None = None,
+        extensions: Mapping[str, ExtValue] | None = None,
     ) -> Issued:
         return await issue(
             self.log,
@@ -135,7 +150,8 @@ class ReceiptService:
         by content hash, under `evidence/shared/`, and referenced by the receipt's file."""
         root = self.log.path / "evidence"
         shared = root / "shared"
-        shared.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=0o700, exist_ok=True)
+        shared.mkdir(mode=0o700, exist_ok=True)
         refs: dict[str, str] = {}
         for name, content in files.items():
             if isinstance(content, Path):
@@ -144,13 +160,15 @@ class ReceiptService:
                 target = shared / digest
                 if not target.exists():
                     tmp = target.with_suffix(".tmp")
-                    tmp.write_bytes(data)
+                    _write_private(tmp, data)
                     os.replace(tmp, target)
                 refs[name] = digest
             else:
-                (root / f"{receipt_id}.{name}").write_bytes(content)
+                _write_private(root / f"{receipt_id}.{name}", content)
         if refs:
-            (root / f"{receipt_id}.shared.json").write_text(json.dumps(refs, sort_keys=True))
+            _write_private(
+                root / f"{receipt_id}.shared.json", json.dumps(refs, sort_keys=True).encode()
+            )
 
     async def record(self, kind: str, payload: bytes) -> int:
         """A typed event (policy_load, revocation, ...) as a hash-only leaf of the log."""
@@ -174,7 +192,7 @@ class ReceiptService:
 
     async def run(self, stop: asyncio.Event) -> None:
         await asyncio.gather(
-            self.log.run_checkpointer(stop, self.checkpoint_interval_s),
+            self.checkpointer.run(stop),
             self.coalescer.run(stop),
         )
 
@@ -184,7 +202,7 @@ class ReceiptService:
         self.closed = True
         try:
             await self.coalescer.flush()
-            await self.log.checkpoint(push=True)
+            await self.checkpointer.tick()
         except Exception:  # closing must not mask the shutdown; the log is durable anyway
             log.exception("final checkpoint failed")
         await self.log.close()

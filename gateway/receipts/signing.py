@@ -33,7 +33,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from gateway.pki import signing_key_id
+from gateway.keyid import signing_key_id
 from gateway.receipts.canonical import b64, canonical_json, unb64
 from gateway.receipts.model import Receipt, SignedReceipt
 

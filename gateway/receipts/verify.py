@@ -38,7 +38,7 @@ from gateway.protocol.tensors import Tensor
 from gateway.receipts.bundle import BundleReader
 from gateway.receipts.canonical import unb64
 from gateway.receipts.commit import commit_tensor
-from gateway.receipts.log import TLOG_PROOF_HEADER, LogEntry
+from gateway.receipts.entry import TLOG_PROOF_HEADER, LogEntry
 from gateway.receipts.merkle import HASH_SIZE, leaf_hash, verify_consistency, verify_inclusion
 from gateway.receipts.model import FormatError, Receipt, SignedReceipt, TensorRef
 from gateway.receipts.note import Checkpoint, NoteError, NoteKey, SignedNote, WitnessKey

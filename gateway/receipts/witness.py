@@ -26,9 +26,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import httpx
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -44,16 +43,11 @@ from gateway.receipts.note import (
     NoteKey,
     SignedNote,
     WitnessKey,
-    parse_signature_lines,
 )
-
-if TYPE_CHECKING:
-    from gateway.receipts.log import ReceiptLog
 
 __all__ = [
     "TrustedLog",
     "Witness",
-    "WitnessClient",
     "WitnessRefused",
     "add_checkpoint_body",
     "witness_app",
@@ -208,44 +202,3 @@ def witness_app(witness: Witness) -> Starlette:
             Route("/", info, methods=["GET"]),
         ]
     )
-
-
-class WitnessClient:
-    """What a log uses to push checkpoints to one witness."""
-
-    def __init__(self, key: WitnessKey, url: str, http: httpx.AsyncClient | None = None) -> None:
-        self.key = key
-        self.name = key.name
-        self.url = url.rstrip("/")
-        self._http = http or httpx.AsyncClient(timeout=10.0)
-
-    async def add_checkpoint(
-        self, receipt_log: ReceiptLog, note: SignedNote, old: int
-    ) -> tuple[list[tuple[str, bytes]], int]:
-        """Push `note`; returns (this witness's valid cosignature lines, cosigned size).
-
-        On 409 the witness says which size it holds; we retry once from there."""
-        cp = Checkpoint.parse_text(note.text)
-        for _attempt in range(2):
-            if old > cp.size:
-                raise WitnessRefused(409, f"witness holds size {old} > checkpoint {cp.size}")
-            proof = receipt_log.consistency(old, cp.size) if old else []
-            r = await self._http.post(
-                f"{self.url}/add-checkpoint", content=add_checkpoint_body(old, proof, note)
-            )
-            if r.status_code == 409 and r.headers.get("content-type", "").startswith(
-                "text/x.tlog.size"
-            ):
-                text = r.text.strip()
-                if not text.isdigit():
-                    raise WitnessRefused(409, r.text)
-                old = int(text)
-                continue
-            if r.status_code != 200:
-                raise WitnessRefused(r.status_code, r.text)
-            lines = [s for s in parse_signature_lines(r.text) if s[0] == self.key.name]
-            status, _ts = self.key.verify(note.with_signatures(lines))
-            if status != "valid":
-                raise WitnessRefused(200, "the witness returned no valid cosignature")
-            return lines, cp.size
-        raise WitnessRefused(409, "witness size kept changing")

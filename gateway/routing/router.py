@@ -43,6 +43,7 @@ class NodeState:
     pending: int = 0
     ewma_s: float = 0.001
     failures: int = 0  # consecutive, as this replica saw them
+    attempts: int = 0  # requests sent to this node (not health probes), whatever the outcome
     served: int = 0
     failed: int = 0
     ejections: int = 0
@@ -122,6 +123,7 @@ class Router:
             state = self._pick(cands)
             name = state.config.name
             tried.append(name)
+            state.attempts += 1
             state.pending += 1
             start = time.monotonic()
             try:
