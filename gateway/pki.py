@@ -30,7 +30,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
-import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gateway.files import atomic_write
 from gateway.keyid import signing_key_id as signing_key_id  # re-exported for `ztgate pki`
 
 Role = Literal["client", "node", "gateway-server", "gateway-node-client", "dealer"]
@@ -184,7 +184,7 @@ class PKI:
 
     def _save(self) -> None:
         meta = {"dev_pki": True, "trust_domain": self.trust_domain, "sites": self.sites}
-        _atomic_write(self.root / "pki.json", json.dumps(meta, indent=2).encode(), 0o644)
+        atomic_write(self.root / "pki.json", json.dumps(meta, indent=2).encode(), 0o644)
 
     def _ensure_ca(self, role: Role, site: str, days: int) -> None:
         d = self.ca_dir(role, site)
@@ -223,11 +223,11 @@ class PKI:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        _atomic_write(path, pem, _SECRET_MODE)
+        atomic_write(path, pem, _SECRET_MODE)
         pub = key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-        _atomic_write(path.with_suffix(".pub"), pub, 0o644)
+        atomic_write(path.with_suffix(".pub"), pub, 0o644)
 
     # --- issuing -----------------------------------------------------------------------
     def issue(
@@ -341,7 +341,7 @@ def client_crl(pki: PKI, serials: Iterable[int], out: Path, days: int = 7) -> Pa
             x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
         )
     crl = builder.sign(ca_key, hashes.SHA256())
-    _atomic_write(out, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+    atomic_write(out, crl.public_bytes(serialization.Encoding.PEM), 0o644)
     return out
 
 
@@ -441,20 +441,6 @@ def _write_pair(
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _atomic_write(key_path, pem, _SECRET_MODE)
+    atomic_write(key_path, pem, _SECRET_MODE)
     pem_chain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (cert, *chain))
-    _atomic_write(cert_path, pem_chain, 0o644)
-
-
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    """Write via a temp file created with the final mode, so a key is never world-readable."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    atomic_write(cert_path, pem_chain, 0o644)

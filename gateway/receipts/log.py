@@ -62,6 +62,7 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from gateway.files import atomic_write, fsync_dir
 from gateway.receipts.canonical import b64
 from gateway.receipts.entry import ENTRY_TYPES, TLOG_PROOF_HEADER, LogEntry
 from gateway.receipts.marker import HeadMarker
@@ -141,24 +142,6 @@ CREATE TABLE IF NOT EXISTS cosignatures(size INTEGER NOT NULL, witness TEXT NOT 
 def new_log_id() -> str:
     """16 lowercase base32 characters (80 random bits)."""
     return base64.b32encode(secrets.token_bytes(10)).decode("ascii").lower()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def tlog_proof(index: int, path: Sequence[bytes], checkpoint_note: str) -> str:
@@ -261,8 +244,8 @@ class ReceiptLog:
             db.executemany("INSERT INTO meta VALUES (?, ?)", rows.items())
         finally:
             db.close()
-        _fsync_dir(path)
-        _fsync_dir(directory)
+        fsync_dir(path)
+        fsync_dir(directory)
         return path
 
     @classmethod
@@ -313,7 +296,7 @@ class ReceiptLog:
             marker_file.write(path.name, 0, b64(EMPTY_ROOT))
         finally:
             marker_file.close()
-        _atomic_write(current, path.name.encode())
+        atomic_write(current, path.name.encode())
         return cls(path, log_key, marker=marker, max_batch=max_batch, max_queue=max_queue)
 
     @classmethod
@@ -361,7 +344,7 @@ class ReceiptLog:
                     f"{self.tree.size}): restored from a backup"
                 )
         if self.frozen_reason is not None and not read_only and not frozen_file.is_file():
-            _atomic_write(frozen_file, (self.frozen_reason + "\n").encode())
+            atomic_write(frozen_file, (self.frozen_reason + "\n").encode())
 
     @property
     def frozen(self) -> bool:

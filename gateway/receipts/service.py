@@ -12,11 +12,11 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.files import atomic_write
 from gateway.pki import load_signing_key
 from gateway.protocol.tensors import Tensor
 from gateway.receipts.checkpointer import Checkpointer, WitnessClient
@@ -33,13 +33,6 @@ from gateway.receipts.model import (
 from gateway.receipts.signing import KeySet, Signer
 
 log = logging.getLogger(__name__)
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Evidence holds a client's inputs and outputs: readable by the gateway's user only."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
 
 
 async def _unset(**_: object) -> Issued:
@@ -159,14 +152,12 @@ class ReceiptService:
                 digest = hashlib.sha256(data).hexdigest()
                 target = shared / digest
                 if not target.exists():
-                    tmp = target.with_suffix(".tmp")
-                    _write_private(tmp, data)
-                    os.replace(tmp, target)
+                    atomic_write(target, data)
                 refs[name] = digest
             else:
-                _write_private(root / f"{receipt_id}.{name}", content)
+                atomic_write(root / f"{receipt_id}.{name}", content)
         if refs:
-            _write_private(
+            atomic_write(
                 root / f"{receipt_id}.shared.json", json.dumps(refs, sort_keys=True).encode()
             )
 
