@@ -68,7 +68,7 @@ from gateway.receipts.model import FormatError, ModelRef, SignedReceipt, parse_r
 from gateway.receipts.service import ReceiptService
 from gateway.registry import ModelEntry
 from gateway.revocation import Revocations
-from gateway.routing.router import Router
+from gateway.routing.router import DisagreementMetrics, Router
 from gateway.state import StateStore, StoreUnavailable
 from gateway.verify import Verifier
 from gateway.verify.none import NoVerification
@@ -182,6 +182,7 @@ class Gateway:
             ("ztgate_nodes_ejected", "Nodes ejected now", lambda: len(self.router.ejected)),
         ):
             Gauge(name, doc, registry=reg).set_function(fn)
+        reg.register(DisagreementMetrics(self.router))
 
     @classmethod
     def default_verifiers(cls, cfg: Config) -> dict[str, Verifier]:

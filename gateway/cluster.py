@@ -21,7 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from gateway.node.repository import build_repository
-from gateway.node.triton import NodeSpec, NodeSupervisor, TritonProcess, triton_home
+from gateway.node.triton import (
+    NodeSpec,
+    NodeSupervisor,
+    TritonProcess,
+    spawn_tied,
+    triton_home,
+)
 from gateway.pki import DEFAULT_SITE, PKI
 from gateway.ports import free_port
 from gateway.registry import ModelEntry, Registry, seed_examples
@@ -164,7 +170,8 @@ class LocalCluster:
         ]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         with log_path.open("w") as err:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+            # Tied to us: in our process group, and killed if we die without stopping it.
+            proc = spawn_tied(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
         self.parties.append(proc)
         assert proc.stdout is not None
         ready, _, _ = select.select([proc.stdout], [], [], deadline_s)
@@ -219,9 +226,25 @@ class LocalCluster:
             lines += ["", "[[nodes]]"] + [f"{k} = {json.dumps(v)}" for k, v in node.items()]
         self.config_path.write_text("\n".join(lines) + "\n")
 
+    def halt(self) -> None:
+        """Stop supervising the nodes (no restarts) ahead of :meth:`stop`; signal-safe.
+
+        A signal to the whole process group (Ctrl-C, systemd) reaches the nodes too: a node
+        that exits then is shutting down, not crashing. (While the gateway drains, uvicorn
+        holds the signals, so this comes after the drain; a node restarted during it is
+        stopped by :meth:`stop` like the others.)
+        """
+        for sup in list(self.supervisors):
+            sup.halt()
+
     def stop(self) -> None:
+        """Stop the parties and the nodes, all at once; returns when none of them is left."""
+        self.halt()
         for proc in self.parties:
             proc.terminate()
+        threads = [threading.Thread(target=s.stop) for s in self.supervisors]
+        for t in threads:
+            t.start()
         for proc in self.parties:
             try:
                 proc.wait(timeout=10)
@@ -229,9 +252,6 @@ class LocalCluster:
                 proc.kill()
                 proc.wait(timeout=5)
         self.parties.clear()
-        threads = [threading.Thread(target=s.stop) for s in self.supervisors]
-        for t in threads:
-            t.start()
         for t in threads:
             t.join(timeout=30)
         self.supervisors.clear()

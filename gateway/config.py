@@ -123,6 +123,9 @@ class Zk:
     artefacts: tuple[str, ...] = ()  # `ztgate zk onboard` output directories (verifier side)
     workers: int = 1  # proof-verification worker processes
     deadline_s: float = 120.0  # proving takes seconds: the default deadline for mode zk
+    # SHA-256 of each SRS (KZG setup) file trusted for proofs. Production serves only models
+    # whose record names one of these; whoever knows an SRS's toxic waste can forge proofs.
+    srs_sha256: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -198,17 +201,72 @@ class Config:
         items = []
         if self.tls.dev_pki:
             items.append("tls.dev_pki: certificates from the development PKI")
+        # The flag is self-declared, so the certificates are asked too: a config that omits
+        # it must not pass the dev PKI off as a production one.
+        if not self.tls.dev_pki and (found := dev_pki_certificates(self.tls)):
+            items.append(
+                f"tls: {', '.join(found)} issued by the development PKI; "
+                "issue them from your own CA (see deploy/README.md)"
+            )
         if self.state.redis_url is None:
-            items.append("state.redis_url unset: soft state only in this replica's memory")
+            items.append(
+                "state.redis_url unset: soft state only in this replica's memory; "
+                "set it to a rediss:// URL with an ACL user"
+            )
         elif self.state.redis_url.startswith("redis://"):
             items.append("state.redis_url is plaintext redis://; use rediss:// with an ACL user")
+        elif weak := weakened_tls_params(self.state.redis_url):
+            items.append(
+                f"state.redis_url turns TLS checks off ({', '.join(weak)}); remove them and "
+                "give the server's CA with ssl_ca_certs"
+            )
         if self.policy.dir is not None:
-            items.append("policy.dir: an unsigned policy directory; use a signed policy.bundle")
+            items.append(
+                "policy.dir: an unsigned policy directory; have an officer sign a bundle "
+                "(ztgate policy bundle) and set policy.bundle"
+            )
         if not self.receipts.enabled:
-            items.append("receipts disabled (receipts.signing_key and receipts.log_key unset)")
+            items.append(
+                "receipts disabled: set receipts.signing_key and receipts.log_key "
+                "(two different Ed25519 keys)"
+            )
         if self.policy.bundle is not None and not self.policy.officer_keys:
-            items.append("policy.bundle without policy.officer_keys to check its signature")
+            items.append(
+                "policy.bundle without policy.officer_keys: list the officers' public keys "
+                "so its signature is checked"
+            )
         return items
+
+
+def dev_pki_certificates(tls: TLS) -> list[str]:
+    """The configured certificate files that come from the development PKI."""
+    from gateway.pki import made_by_dev_pki
+
+    files = {
+        "tls.cert": tls.cert,
+        "tls.client_ca": tls.client_ca,
+        "tls.node_ca": tls.node_ca,
+        "tls.node_client_cert": tls.node_client_cert,
+    }
+    return [name for name, path in files.items() if made_by_dev_pki(path)]
+
+
+# redis-py reads these from the URL; each turns off part of the server's TLS check.
+_WEAK_TLS = {
+    "ssl_cert_reqs": lambda v: v.lower() not in ("required", "cert_required"),
+    "ssl_check_hostname": lambda v: v.lower() in ("false", "0", "no", "off"),
+}
+
+
+def weakened_tls_params(url: str) -> list[str]:
+    """Query parameters of a rediss:// URL that weaken certificate checking."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    return sorted(
+        f"{k}={v}"
+        for k, v in parse_qsl(urlsplit(url).query, keep_blank_values=True)
+        if k.lower() in _WEAK_TLS and _WEAK_TLS[k.lower()](v)
+    )
 
 
 T = TypeVar("T")

@@ -352,6 +352,34 @@ def load_signing_key(path: Path) -> ed25519.Ed25519PrivateKey:
     return key
 
 
+# --- recognising it ---------------------------------------------------------------------
+DEV_ORGANIZATION = "ztgate dev PKI"  # every certificate this module makes names it
+
+
+def made_by_dev_pki(pem_file: Path) -> bool:
+    """Whether a certificate file comes from a development PKI: a certificate in it names
+    the dev PKI's organisation as subject or issuer, or it sits in a PKI directory whose
+    pki.json carries the dev marker. Production mode asks this of every configured
+    certificate instead of trusting a flag in the config."""
+    try:
+        certs = x509.load_pem_x509_certificates(pem_file.read_bytes())
+    except (OSError, ValueError):
+        return False  # unreadable files are reported by whatever loads them
+    for cert in certs:
+        for name in (cert.subject, cert.issuer):
+            for attr in name.get_attributes_for_oid(NameOID.ORGANIZATION_NAME):
+                if str(attr.value).startswith(DEV_ORGANIZATION):
+                    return True
+    for parent in pem_file.resolve().parents:
+        meta = parent / "pki.json"
+        if meta.is_file():
+            try:
+                return json.loads(meta.read_text()).get("dev_pki") is True
+            except (OSError, ValueError, AttributeError):
+                return False
+    return False
+
+
 # --- helpers -----------------------------------------------------------------------------
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
@@ -366,7 +394,7 @@ def _name(cn: str, trust_domain: str) -> x509.Name:
     return x509.Name(
         [
             x509.NameAttribute(NameOID.COMMON_NAME, cn),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, f"ztgate dev PKI ({trust_domain})"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, f"{DEV_ORGANIZATION} ({trust_domain})"),
         ]
     )
 

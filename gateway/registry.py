@@ -18,13 +18,18 @@ A registry is a directory::
             "classification": "public" | "internal" | "confidential" | "restricted",
             "allowed_modes": ["none", "redundant", "zk", "mpc"],   (a non-empty subset)
             "inputs":  [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}],
-            "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]}]
+            "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 3],
+                         "range": [0.0, 1.0]}]                  (range: optional, below)
           }
         }
       }
     }
 
-Datatypes are KServe v2 names; ``-1`` marks a dynamic dimension. Versions are positive
+Datatypes are KServe v2 names; ``-1`` marks a dynamic dimension. An output's ``range`` is
+``[low, high]`` (``null`` for an unbounded side) of every value it may hold. A model that
+allows mode ``mpc`` must have one on each output: declared at registration, or derived
+from the op that produces it (Sigmoid, Softmax: [0, 1]; Relu: [0, null]). MPC answers are
+held to it, since a party can shift its output share undetected otherwise. Versions are positive
 integers without leading zeros (Triton's version directories), compared numerically.
 A name/version is immutable once added: re-adding identical bytes is a no-op, different
 bytes are refused, so a SHA-256 seen by a client always means the same model.
@@ -36,10 +41,11 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,14 +88,53 @@ class RegistryError(Exception):
     """A model or registry that cannot be used as asked; the message says why."""
 
 
+# (low, high) of an output's values; None on an unbounded side.
+Range = tuple[float | None, float | None]
+# What the op that produces an output bounds it to (the ONNX op types; mpc.model.OP_RANGES
+# says the same of the MPC program, for indexes written before ranges were recorded).
+DERIVED_RANGES: dict[str, Range] = {
+    "Sigmoid": (0.0, 1.0),
+    "Softmax": (0.0, 1.0),
+    "Relu": (0.0, None),
+}
+
+
+def validate_range(raw: Any, where: str) -> Range:
+    """A ``[low, high]`` pair of finite numbers or nulls, low < high, not both null."""
+    if not isinstance(raw, list | tuple) or len(raw) != 2:
+        raise RegistryError(f"{where}: range must be [low, high], got {raw!r}")
+    bounds: list[float | None] = []
+    for b in raw:
+        if b is None:
+            bounds.append(None)
+        elif isinstance(b, int | float) and not isinstance(b, bool) and math.isfinite(b):
+            bounds.append(float(b))
+        else:
+            raise RegistryError(f"{where}: range bounds are finite numbers or null, got {b!r}")
+    low, high = bounds
+    if low is None and high is None:
+        raise RegistryError(f"{where}: a range needs at least one bound")
+    if low is not None and high is not None and not low < high:
+        raise RegistryError(f"{where}: range low {low} must be below high {high}")
+    return low, high
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
     datatype: str
     shape: tuple[int, ...]
+    value_range: Range | None = None  # outputs only: see the module docstring
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+        out: dict[str, Any] = {
+            "name": self.name,
+            "datatype": self.datatype,
+            "shape": list(self.shape),
+        }
+        if self.value_range is not None:
+            out["range"] = list(self.value_range)
+        return out
 
     @classmethod
     def from_json(cls, raw: Any) -> TensorSpec:
@@ -100,7 +145,10 @@ class TensorSpec:
             raise RegistryError(f"malformed tensor spec {raw!r}")
         if not all(isinstance(d, int) and d >= -1 for d in shape):
             raise RegistryError(f"malformed shape in tensor spec {raw!r}")
-        return cls(name, str(datatype), tuple(shape))
+        value_range = raw.get("range")
+        if value_range is not None:
+            value_range = validate_range(value_range, f"tensor {name}")
+        return cls(name, str(datatype), tuple(shape), value_range)
 
 
 @dataclass(frozen=True)
@@ -210,6 +258,38 @@ def _signature(
     return inputs, outputs
 
 
+def _ranged(
+    model: onnx.ModelProto,
+    outputs: tuple[TensorSpec, ...],
+    declared: Mapping[str, Any],
+    required: bool,
+    origin: str,
+) -> tuple[TensorSpec, ...]:
+    """Outputs with their declared range, else the one their producing op implies.
+
+    ``required`` (the model allows mpc): every output must end up with one.
+    """
+    unknown = sorted(set(declared) - {o.name for o in outputs})
+    if unknown:
+        raise RegistryError(f"{origin}: range declared for unknown output(s) {', '.join(unknown)}")
+    producer = {out: node.op_type for node in model.graph.node for out in node.output}
+    ranged = []
+    for spec in outputs:
+        value_range: Range | None
+        if spec.name in declared:
+            value_range = validate_range(declared[spec.name], f"{origin}: output {spec.name}")
+        else:
+            value_range = DERIVED_RANGES.get(producer.get(spec.name, ""))
+        if value_range is None and required:
+            op = producer.get(spec.name, "none")
+            raise RegistryError(
+                f"{origin}: mode mpc needs the value range of output {spec.name!r}, and its "
+                f"producing op ({op}) does not bound it; declare one"
+            )
+        ranged.append(TensorSpec(spec.name, spec.datatype, spec.shape, value_range))
+    return tuple(ranged)
+
+
 def read_signature(onnx_path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     """(inputs, outputs) of an ONNX file, with KServe datatypes and -1 for dynamic dims."""
     try:
@@ -280,8 +360,13 @@ class Registry:
         version: str = "1",
         classification: str = "internal",
         allowed_modes: Sequence[str] = ("none",),
+        output_ranges: Mapping[str, Any] | None = None,
     ) -> ModelEntry:
-        """Copy an ONNX file into the registry and index it; returns its entry."""
+        """Copy an ONNX file into the registry and index it; returns its entry.
+
+        ``output_ranges`` declares output name -> [low, high]; a model allowing mpc needs
+        one per output, declared or derived (see the module docstring).
+        """
         validate_name(name)
         validate_version(version)
         validate_classification(classification)
@@ -291,7 +376,11 @@ class Registry:
             data = source.read_bytes()
         except OSError as exc:
             raise RegistryError(f"cannot read {source}: {exc.strerror or exc}") from exc
-        inputs, outputs = _signature(_parse_onnx(data, str(source)), str(source))
+        parsed = _parse_onnx(data, str(source))
+        inputs, outputs = _signature(parsed, str(source))
+        # Recorded for mpc models only: the check that uses them is mpc's.
+        if "mpc" in modes or output_ranges:
+            outputs = _ranged(parsed, outputs, output_ranges or {}, "mpc" in modes, str(source))
         digest = hashlib.sha256(data).hexdigest()
         relative = f"models/{name}/{version}/{MODEL_FILE}"
         record: dict[str, Any] = {

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import uvicorn
 from cryptography import x509
@@ -22,6 +24,9 @@ from gateway.routing.router import Router
 from gateway.server import HttpToolsTLSProtocol, ReloadingContext, TLSFiles
 from gateway.state.factory import open_store
 
+if TYPE_CHECKING:
+    from zk.record import VerifierArtefacts
+
 log = logging.getLogger(__name__)
 
 
@@ -32,9 +37,7 @@ class ProductionRefused(ConfigError):
 def check_mode(cfg: Config) -> None:
     items = cfg.dev_only_items()
     if cfg.mode == "production" and items:
-        raise ProductionRefused(
-            "production mode refuses: " + "; ".join(items) + ' (set mode = "dev" to allow)'
-        )
+        raise ProductionRefused("production mode refuses: " + "; ".join(items))
     for item in items:
         log.warning("DEV-ONLY in use: %s", item)
 
@@ -89,6 +92,26 @@ def open_receipts(cfg: Config) -> ReceiptService | None:
     return service
 
 
+def srs_refusals(artefacts: Iterable[VerifierArtefacts], pinned: Sequence[str]) -> list[str]:
+    """zk records production must not serve: a development SRS, or one not pinned."""
+    pins = {p.lower() for p in pinned}
+    out = []
+    for found in artefacts:
+        rec = found.record
+        if rec.dev_srs:
+            out.append(
+                f"zk model {rec.name} was onboarded with a locally generated SRS (its maker "
+                "could forge proofs); onboard it again with a public ceremony SRS "
+                "(ztgate zk onboard --srs FILE --srs-sha256 HASH)"
+            )
+        elif rec.srs_sha256.lower() not in pins:
+            out.append(
+                f"zk model {rec.name} uses SRS {rec.srs_sha256}, which zk.srs_sha256 does not "
+                "pin; check it is the ceremony file and add its SHA-256 there"
+            )
+    return out
+
+
 def add_proof_modes(cfg: Config, gw: Gateway) -> None:
     """zk and mpc, where configured; each owns worker processes for the gateway's lifetime."""
     if cfg.zk.artefacts:
@@ -98,10 +121,16 @@ def add_proof_modes(cfg: Config, gw: Gateway) -> None:
 
         pool = ZkVerifierPool(cfg.zk.workers, cache_dir=cfg.data_dir / "ezkl")
         try:
-            gw.verifiers["zk"] = ZkVerification.from_dirs(cfg.zk.artefacts, pool)
+            zk = ZkVerification.from_dirs(cfg.zk.artefacts, pool)
         except (OSError, ValueError, ZkError) as exc:
             pool.close()
             raise ConfigError(f"zk.artefacts: {exc}") from exc
+        if cfg.mode == "production":
+            refused = srs_refusals(zk.artefacts.values(), cfg.zk.srs_sha256)
+            if refused:
+                pool.close()
+                raise ProductionRefused("production mode refuses: " + "; ".join(refused))
+        gw.verifiers["zk"] = zk
 
         async def zk_pool(stop: asyncio.Event) -> None:
             await pool.warm()
@@ -222,9 +251,14 @@ async def serve(cfg: Config) -> None:
     api, admin = servers(cfg, build_gateway(cfg))
     # Only the API server owns the signal handlers; the admin listener follows it down.
     admin.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+    api_task = asyncio.create_task(api.serve())
+    # The probes listen only once the API does: the API binds its port after its lifespan
+    # startup, and a replica the orchestrator sees ready must accept connections.
+    while not api.started and not api_task.done():
+        await asyncio.wait([api_task], timeout=0.02)  # uvicorn sets `started`, no event
     admin_task = asyncio.create_task(admin.serve())
     try:
-        await api.serve()
+        await api_task
     finally:
         admin.should_exit = True
         await asyncio.wait([admin_task], timeout=cfg.listen.graceful_shutdown_s + 1)

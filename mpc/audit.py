@@ -5,9 +5,10 @@ values it legitimately opened with the other parties (``opened.bin``: Beaver-mas
 differences), and any masks it knows because it generated them (only a node that wrongly
 hosts the dealer, or is CrypTen's TFP "party 0", knows those). `find_leaks` reports:
 
-- ``plaintext``: a secret value appears in the received bytes as float32 (two consecutive
-  elements, 8 bytes, so random shares do not match by chance) or float64, anywhere in the
-  stream at any alignment; or as CrypTen fixed point int64 (``round(v * 2**16)`` and
+- ``plaintext``: a secret value appears in the received bytes as float32 or float64 (a run
+  of consecutive elements holding at least `MIN_SIGNIFICANT` nonzero bytes, so that chance
+  cannot match it: see `_float_runs`), anywhere in the stream at any alignment; or as
+  CrypTen fixed point int64 (``round(v * 2**16)`` and
   CrypTen's own truncating ``int(v * 2**16)``, each +-1) as any int64 element of any
   received tensor, and, where the word is large enough not to occur in frame headers
   (``|w| >= 2**32``), anywhere in the stream;
@@ -22,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -94,15 +96,39 @@ def _words(raw: bytes) -> Int64Array:
     return np.frombuffer(raw[: len(raw) - len(raw) % 8], dtype="<i8").astype(np.int64)
 
 
+# Nonzero bytes a float pattern must hold. The stream is searched at every offset and is
+# full of zero bytes (headers, small integers), so a pattern's zero bytes match almost for
+# free and only its nonzero bytes count against chance: with 8 of them, ~1e4 patterns over
+# ~1e6 offsets match by chance with probability ~1e10 * 2**-64. Values of float32 origin
+# (weights) and fixed-point ones (k / 2**16: inputs, outputs) have many zero low bytes: one
+# float64 of 0.5 is 00 00 00 00 00 00 e0 3f, two nonzero bytes, which random bytes matched
+# 1 run in ~9 (issue 13, item 7).
+MIN_SIGNIFICANT = 8
+
+
+def _float_runs(values: npt.NDArray[Any], kind: str) -> Iterable[tuple[str, bytes]]:
+    """From each nonzero element on, the shortest run of consecutive elements (as a leak
+    would serialise them) with `MIN_SIGNIFICANT` nonzero bytes: always two float32 or more
+    (one has at most four). A tail that never gets there is skipped: chance could match it."""
+    raw = values.tobytes()
+    size = values.itemsize
+    nonzero = [sum(1 for b in raw[i : i + size] if b) for i in range(0, len(raw), size)]
+    for i, count in enumerate(nonzero):
+        if count == 0:
+            continue  # the run that starts at the next value covers this one
+        j, total = i + 1, count
+        while total < MIN_SIGNIFICANT and j < len(nonzero):
+            total += nonzero[j]
+            j += 1
+        if total >= MIN_SIGNIFICANT:
+            yield kind, raw[i * size : j * size]
+
+
 def _patterns(secrets: Secrets) -> Iterable[tuple[str, bytes]]:
     for p in secrets.plain:
         v = p.ravel()
-        f32 = v.astype("<f4")
-        for i in range(len(f32) - 1):
-            yield "float32", f32[i : i + 2].tobytes()
-        for x in v.astype("<f8"):
-            if x != 0.0:
-                yield "float64", x.tobytes()
+        yield from _float_runs(v.astype("<f4"), "float32")
+        yield from _float_runs(v.astype("<f8"), "float64")
     for w in secrets.all_encoded():
         if abs(int(w)) < 1 << 32:  # small words occur in headers (shapes, lengths)
             continue

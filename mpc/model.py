@@ -32,6 +32,12 @@ FloatArray = npt.NDArray[np.float64]
 # op name -> (number of weight operands, has an axis)
 OPS: dict[str, int] = {"matmul": 1, "add": 1, "relu": 0, "sigmoid": 0, "softmax": 0}
 
+# (low, high) of every value an op can output, None where unbounded. The gateway holds an
+# MPC answer to its model's range: a party that shifts its output share far enough lands
+# outside it (the shift is otherwise undetectable under the semi-honest model).
+Range = tuple[float | None, float | None]
+OP_RANGES: dict[str, Range] = {"sigmoid": (0.0, 1.0), "softmax": (0.0, 1.0), "relu": (0.0, None)}
+
 
 class ModelError(Exception):
     """The model cannot run under MPC (an op CrypTen cannot do here, a non-chain graph)."""
@@ -122,6 +128,10 @@ class MpcModel:
             program=tuple(program),
             weights=weights,
         )
+
+    def output_range(self) -> Range | None:
+        """What the last op bounds the output to, or None (matmul/add: unbounded)."""
+        return OP_RANGES.get(self.program[-1].op) if self.program else None
 
     def plan_json(self) -> dict[str, Any]:
         """What parties learn about the model: its ops and weight shapes, no values."""

@@ -144,7 +144,7 @@ async def test_export_and_verify_valid_bundle(
     assert report["counts"]["valid"] == len(report["findings"]) > 5  # receipts and more
     receipts = [f for f in report["findings"] if f["subject"].startswith("receipt ")]
     assert len(receipts) == 5 and all(f["status"] == "valid" for f in receipts)
-    assert {f["details"]["checkpoint_size"] for f in receipts} == {3, 6}
+    assert {f["details"]["checkpoint_size"] for f in receipts} == {4, 7}  # leaf 0: log_start
     # the same as a .tar, and the human summary
     tar = tmp_path / "bundle.tar"
     assert main(["audit", "export", "--log-dir", str(world.log_dir), str(tar)]) == 0
@@ -199,6 +199,8 @@ async def test_pending_receipt_exits_3(
 async def test_erased_bodies_keep_the_bundle_verifiable(world: World, tmp_path: Path) -> None:
     victim = world.issued[3].receipt
     assert main(["audit", "erase", "--log-dir", str(world.log_dir), victim.receipt_id]) == 0
+    await world.checkpoint()  # the writing log appends the queued erasure leaf
+    assert [e.type for _, e in world.log.entries(world.log.size - 1)] == ["erasure"]
     report = verify_bundle(BundleReader(_bundle(world, tmp_path / "b")), world.trust(), [WITNESS])
     assert report.status == "valid"
     erased = [f for f in report.findings if f.status == "erased"]
@@ -270,12 +272,13 @@ async def test_tamper_corpus_every_byte(world: World, tmp_path: Path) -> None:
     raw = reader._files[receipt]
     sig_at = raw.index(b'"sig":"') + len('"sig":"')
     # 1. the receipt body (every byte before the signature)
+    # (the log's leaf for it is then unaccounted for: missing-entry as well)
     codes = _flip_all(reader, receipt, 0, sig_at, trust, {"malformed-receipt", "bad-signature",
-                      "unknown-key", "misfiled", "inclusion-proof"})  # fmt: skip
+                      "unknown-key", "misfiled", "inclusion-proof", "missing-entry"})  # fmt: skip
     assert "bad-signature" in codes and "malformed-receipt" in codes
     # 2. the signature
     codes = _flip_all(reader, receipt, sig_at, len(raw), trust,
-                      {"malformed-receipt", "bad-signature"})  # fmt: skip
+                      {"malformed-receipt", "bad-signature", "missing-entry"})  # fmt: skip
     assert "bad-signature" in codes
     # 3. the proof path of its tlog-proof
     proof_name = f"{base}/receipts/{rid}.tlog-proof"
@@ -289,23 +292,26 @@ async def test_tamper_corpus_every_byte(world: World, tmp_path: Path) -> None:
     _flip_all(reader, proof_name, 0, path_start, trust, {"malformed-proof", "index-mismatch",
               "inclusion-proof"})  # fmt: skip
     # 4. a checkpoint (text and log signature) and 5. its cosignature
-    cp_name = f"{base}/checkpoints/6.checkpoint"
+    cp_name = f"{base}/checkpoints/7.checkpoint"
     cp = reader._files[cp_name]
     cosig_at = cp.index(("\u2014 " + WITNESS).encode())
     cp_codes = {"malformed-checkpoint", "bad-checkpoint-signature", "untrusted-log", "misfiled",
                 "checkpoint-not-in-chain", "missing-cosignature", "bad-cosignature",
-                "inconsistent-checkpoints", "missing-consistency", "inclusion-proof"}  # fmt: skip
+                "inconsistent-checkpoints", "missing-consistency", "inclusion-proof",
+                "inventory-mismatch"}  # fmt: skip
     codes = _flip_all(reader, cp_name, 0, cosig_at, trust, cp_codes)
     assert "bad-checkpoint-signature" in codes
     codes = _flip_all(reader, cp_name, cosig_at, len(cp), trust, cp_codes)
     # a flipped signature byte is a bad cosignature; a flipped name or key id, none at all
-    assert {"bad-cosignature", "missing-cosignature"} <= codes
+    # (and the proofs that embed the checkpoint as shipped no longer match it)
+    assert "bad-cosignature" in codes
+    assert codes & {"missing-cosignature", "checkpoint-not-in-chain"}
     # the checkpoint embedded in the proof is held to the same
     embedded = proof.index(b"\n\n") + 2
     codes = _flip_all(reader, proof_name, embedded, len(proof), trust, cp_codes)
     assert {"bad-cosignature", "bad-checkpoint-signature"} <= codes
     # 6. a consistency proof between checkpoints
-    cons = f"{base}/consistency/3-6.proof"
+    cons = f"{base}/consistency/4-7.proof"
     codes = _flip_all(reader, cons, 0, len(reader._files[cons]), trust,
                       {"malformed-proof", "inconsistent-checkpoints"})  # fmt: skip
     assert "inconsistent-checkpoints" in codes
@@ -328,7 +334,8 @@ async def test_bundle_resigned_with_fresh_keys_fails(world: World, tmp_path: Pat
     report = verify_bundle(BundleReader(forged), world.trust(), [WITNESS])
     assert report.status == "invalid"
     codes = {f.code for f in report.findings if f.status == "invalid"}
-    assert codes <= {"unknown-key", "bad-checkpoint-signature", "missing-cosignature"}
+    assert codes <= {"unknown-key", "bad-checkpoint-signature", "missing-cosignature",
+                     "inventory-mismatch"}  # fmt: skip
     assert "unknown-key" in codes and "bad-checkpoint-signature" in codes
     trust = world.write_trust(tmp_path / "trust.json")
     assert main(["verify", str(forged), "--trust", str(trust)]) == 1
@@ -347,14 +354,15 @@ async def test_truncated_or_reordered_log_detected(world: World, tmp_path: Path)
     from gateway.receipts.note import Cosigner
 
     colluding_witness = Cosigner(WITNESS, world.witness_key)
-    for rewritten in ([leaves[1], leaves[0], *leaves[2:]], [*leaves[:2], *leaves[3:], leaves[2]]):
+    for rewritten in ([leaves[2], leaves[1], leaves[0], *leaves[3:]],
+                      [*leaves[:2], *leaves[3:], leaves[2]]):  # fmt: skip
         tree = MerkleTree(rewritten)
-        cp = Checkpoint(world.log.origin, 6, tree.root(), int(dt.datetime.now(dt.UTC).timestamp()))
+        cp = Checkpoint(world.log.origin, 7, tree.root(), int(dt.datetime.now(dt.UTC).timestamp()))
         note = SignedNote(cp.text(), (nk.sign(world.log_key, cp.text()),))
         note = note.with_signatures([colluding_witness.cosign(cp.text(), cp.time or 0)])
-        (base / "checkpoints" / "6.checkpoint").write_text(note.render())
-        (base / "consistency" / "3-6.proof").write_text(
-            "".join(b64(h) + "\n" for h in tree.consistency_proof(3, 6))
+        (base / "checkpoints" / "7.checkpoint").write_text(note.render())
+        (base / "consistency" / "4-7.proof").write_text(
+            "".join(b64(h) + "\n" for h in tree.consistency_proof(4, 7))
         )
         report = verify_bundle(BundleReader(out), world.trust(), [WITNESS])
         codes = {f.code for f in report.findings if f.status == "invalid"}
@@ -445,10 +453,10 @@ async def test_cli_exit_codes_on_garbage(
     with pytest.raises(SystemExit) as exc:
         main(["verify", str(out)])  # no --trust
     assert exc.value.code == 2
-    # a garbage receipt file is an invalid receipt (exit 1), not a crash
+    # a file that is not a receipt at all is a usage error (exit 2), not INVALID nor a crash
     junk = tmp_path / "junk.json"
     junk.write_bytes(b"{\x00")
-    assert main(["verify", str(junk), "--trust", str(trust)]) == 1
+    assert main(["verify", str(junk), "--trust", str(trust)]) == 2
     assert main(["audit", "export", "--log-dir", str(empty), str(tmp_path / "x")]) == 2
     assert main(["audit", "export", "--log-dir", str(world.log_dir), "--since", "yesterday",
                  str(tmp_path / "x")]) == 2  # fmt: skip

@@ -11,7 +11,9 @@ import pytest
 
 from gateway.cli import main
 from gateway.config import ConfigError, load_config, parse_config
+from gateway.pki import PKI
 from gateway.runtime import ProductionRefused, check_mode
+from tests.conftest import SITE
 
 
 def raw(**over: Any) -> dict[str, Any]:
@@ -115,3 +117,89 @@ def test_cli_reports_bad_config_without_traceback(
     assert "error:" in err and "Traceback" not in err
     with pytest.raises(ConfigError):
         load_config(bad)
+
+
+# ---------------------------------------------------------------- production asks the files
+
+
+def _own_ca(tmp: Path) -> Path:
+    """A CA certificate of the operator's own PKI (not the dev one): the positive control."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, "Example Corp Root"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Example Corp"),
+        ]
+    )
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    path = tmp / "own-ca.crt"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def test_production_detects_the_dev_pki_from_the_certificates(pki: PKI, tmp_path: Path) -> None:
+    """Leaving out `tls.dev_pki` does not pass the dev PKI off as production: the files say
+    where they come from, by their issuer and, copied elsewhere, by their names."""
+    server_cert = pki.leaf_paths("gateway-server", SITE, SITE)[0]
+    dev_tls = {
+        "cert": str(server_cert),
+        "client_ca": str(pki.client_ca_bundle()),
+        "node_ca": str(pki.node_ca_bundle()),
+        "node_client_cert": str(pki.leaf_paths("gateway-node-client", SITE, SITE)[0]),
+    }
+    prod = parse_config(raw(mode="production", tls=dev_tls), Path("/"))
+    [only] = prod.dev_only_items()
+    assert "issued by the development PKI" in only
+    for name in ("tls.cert", "tls.client_ca", "tls.node_ca", "tls.node_client_cert"):
+        assert name in only
+    with pytest.raises(ProductionRefused, match="from your own CA") as refused:
+        check_mode(prod)
+    assert 'mode = "dev"' not in str(refused.value)
+    # Copied out of the PKI directory, the issuer still names it.
+    copy = tmp_path / "server.crt"
+    copy.write_bytes(server_cert.read_bytes())
+    moved = parse_config(raw(mode="production", tls={"cert": str(copy)}), Path("/"))
+    assert any("tls.cert" in item for item in moved.dev_only_items())
+    # Control: the operator's own CA in every slot passes.
+    own = str(_own_ca(tmp_path))
+    clean = {k: own for k in dev_tls}
+    assert parse_config(raw(mode="production", tls=clean), Path("/")).dev_only_items() == []
+
+
+@pytest.mark.parametrize(
+    "query, weak",
+    [
+        ("ssl_cert_reqs=none", "ssl_cert_reqs=none"),
+        ("ssl_cert_reqs=optional", "ssl_cert_reqs=optional"),
+        ("ssl_check_hostname=false", "ssl_check_hostname=false"),
+        ("ssl_ca_certs=/etc/ca.crt&SSL_CERT_REQS=None", "SSL_CERT_REQS=None"),
+    ],
+)
+def test_production_refuses_redis_urls_that_turn_tls_checks_off(query: str, weak: str) -> None:
+    url = f"rediss://gw@redis.internal:6380/0?{query}"
+    [only] = parse_config(
+        raw(mode="production", state={"redis_url": url}), Path("/")
+    ).dev_only_items()
+    assert "turns TLS checks off" in only and weak in only
+    # Control: the same URL asking for the checks explicitly is fine.
+    strict = "rediss://gw@redis.internal:6380/0?ssl_cert_reqs=required&ssl_ca_certs=/etc/ca.crt"
+    cfg = parse_config(raw(mode="production", state={"redis_url": strict}), Path("/"))
+    assert cfg.dev_only_items() == []

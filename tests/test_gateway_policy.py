@@ -6,7 +6,9 @@ import base64
 import datetime as dt
 import json
 import logging
+import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -265,9 +267,12 @@ def test_a_malformed_edit_keeps_the_old_policy_and_a_good_one_takes_effect(
         assert demo.post(f"{gateway.base}/admin/reload").status_code == 403
 
 
-def test_production_loads_only_signed_bundles_and_refuses_rollback(
+def test_signed_bundles_refuse_tampering_and_rollback(
     pki: PKI, triton_cluster: TritonCluster, registry_dir: Path, tmp_path: Path
 ) -> None:
+    """Everything of production but the PKI: this session's nodes and clients hold dev
+    certificates, which production now recognises by themselves (so it runs as dev, and
+    tests/system/ runs the same bundle flow in production on a customer PKI)."""
     nodes = node_table(triton_cluster)
     base = gateway_config(pki, registry_dir, tmp_path / "p", nodes)
     facts = facts_from(
@@ -288,20 +293,25 @@ def test_production_loads_only_signed_bundles_and_refuses_rollback(
     officer_pub = str(pki.key_path("officer-policy").with_suffix(".pub"))
     with tls_redis(pki, tmp_path / "redis") as redis_url:
 
-        def production(data: str, **policy: Any) -> Config:
+        def production(data: str, mode: str = "production", **policy: Any) -> Config:
             return gateway_config(
                 pki,
                 registry_dir,
                 tmp_path / data,
                 nodes,
-                mode="production",
+                mode=mode,
                 tls={"dev_pki": False},
                 state={"redis_url": redis_url},
                 policy={"dir": None, "bundle": str(path), "officer_keys": [officer_pub], **policy},
             )
 
-        cfg = production("p2")
-        assert cfg.mode == "production" and cfg.dev_only_items() == []
+        # The flag says production PKI; the certificates say otherwise, and nothing else
+        # in this config is dev-only.
+        [only] = production("p1").dev_only_items()
+        assert "issued by the development PKI" in only
+        with pytest.raises(ProductionRefused, match="issued by the development PKI"):
+            build_gateway(production("p1"))
+        cfg = production("p2", mode="dev")
         # Production refuses an unsigned policy directory, and a bundle with no key to check.
         unsigned = production("p3", dir=str(policies), bundle=None)
         with pytest.raises(ProductionRefused, match=re.escape("policy.dir: an unsigned")):
@@ -377,3 +387,119 @@ def test_a_nonce_is_accepted_once_per_window(gateway: RunningGateway, pki: PKI) 
     with client(pki, "bob") as bob:
         again = bob.post(url, json=infer_body(IRIS), headers={"ztgate-nonce": "n-1"})
     assert again.status_code == 200
+
+
+# A new rule for 20-sensitive.cedar, so the two-step save below changes something real.
+SMALL_BATCHES = """// Restricted models: small batches only.
+@id("restricted-small-batches")
+forbid (principal, action == Ztgate::Action::"infer", resource)
+when { resource.classification == "restricted" && context.batch_size > 64 };"""
+MPC_RULE = "restricted-only-under-mpc"
+
+
+def test_a_half_written_policy_file_never_decides_a_request(
+    pki: PKI,
+    triton_cluster: TritonCluster,
+    registry_dir: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Dev hot reload while a client keeps asking for the restricted model `risk` in mode
+    `redundant`, which only `restricted-only-under-mpc` forbids (carol is cleared, clearance
+    3, declares a purpose). 20-sensitive.cedar is saved non-atomically: truncated, then the
+    new content in two writes, the first ending on a complete rule so that it parses. The
+    new content puts the mpc rule last, so both intermediate states lack it."""
+    caplog.set_level(logging.ERROR, logger="gateway.policy.live")
+    cfg = gateway_config(
+        pki,
+        registry_dir,
+        tmp_path / "data",
+        node_table(triton_cluster),
+        policy={"watch_interval_s": 0.2},
+    )
+    pol = cfg.policy.dir
+    assert pol is not None
+    path = pol / "20-sensitive.cedar"
+    header, *rules = path.read_text().strip().split("\n\n")
+    mpc = next(r for r in rules if f'@id("{MPC_RULE}")' in r)
+    half = "\n\n".join([header, *(r for r in rules if r is not mpc)]) + "\n\n"
+    new = half + SMALL_BATCHES + "\n\n" + mpc + "\n"
+    params = {"ztgate.verification": "redundant", "ztgate.purpose": "test"}
+    answers: list[tuple[str, int]] = []  # (phase, status) of every request
+    phase = ["start"]
+    stop = threading.Event()
+
+    with running_gateway(cfg) as gw, client(pki, "carol") as carol:
+        live = gw.gw.policy
+
+        def asker() -> None:
+            with client(pki, "carol") as c:
+                while not stop.is_set():
+                    label = phase[0]
+                    answers.append((label, infer(c, gw, "risk", **params).status_code))
+
+        def step(label: str, edit: Any) -> None:
+            """Edit, then wait until the watcher has judged the directory as it now is
+            (refused it or loaded it) and the asker made requests against that state;
+            then ask once more here, so each state is asked at least once after judgment."""
+            rejected, current = live.rejected, live.engine.source.hash
+            phase[0] = label
+            edit()
+            end = time.monotonic() + 60  # only bounds the wait: no timing is asserted
+            while live.rejected == rejected and live.engine.source.hash == current:
+                assert time.monotonic() < end, f"{label}: the watcher never judged it"
+                time.sleep(0.02)
+            seen = sum(p == label for p, _ in answers)
+            while not stop.is_set() and sum(p == label for p, _ in answers) < seen + 5:
+                assert time.monotonic() < end and thread.is_alive(), label
+                time.sleep(0.02)
+            answers.append((label, infer(carol, gw, "risk", **params).status_code))
+
+        first = infer(carol, gw, "risk", **params)
+        assert first.status_code == 403, first.text
+        thread = threading.Thread(target=asker, daemon=True)
+        thread.start()
+        try:
+            with open(path, "r+", encoding="utf-8") as f:  # one non-atomic save
+                step("truncated", lambda: (f.truncate(0), f.flush()))
+                step("first write", lambda: (f.write(half), f.flush()))
+                step("second write", lambda: (f.write(new[len(half) :]), f.flush()))
+            # The complete save took effect: the new rule is in force.
+            assert live.engine.source.policy("restricted-small-batches") is not None
+            # Removing the forbid, atomically, but without the marker: refused too.
+            step("atomic, unmarked", lambda: _replace(path, new.replace(mpc, "")))
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+        assert not thread.is_alive()
+
+        phases = ("truncated", "first write", "second write", "atomic, unmarked")
+        counts = {p: sum(q == p for q, _ in answers) for p in phases}
+        assert all(n >= 6 for n in counts.values()), counts
+        assert len(answers) >= 24
+        print(f"requests during the reloads: {len(answers)} ({counts})")  # shown with -s
+        slipped = [(p, s) for p, s in answers if s != 403]
+        assert slipped == [], f"{len(slipped)} of {len(answers)} answered: {slipped[:5]}"
+        # Each refusal is counted (the metric operators alert on) and logged with why.
+        assert live.rejected == 3
+        metrics = httpx.get(f"{gw.admin_base}/metrics", timeout=10).text
+        assert "ztgate_policy_rejected_reloads 3.0" in metrics
+        refusals = [r.getMessage() for r in caplog.records if "REJECTED" in r.getMessage()]
+        assert len(refusals) == 3 and all(MPC_RULE in m and "@removes" in m for m in refusals)
+
+        # Positive control: the same removal, atomic and marked, takes effect, and the very
+        # request the loop made is then answered: the 403s above were the forbid's doing.
+        marked = new.replace(mpc, "").replace(
+            '@id("restricted-small-batches")',
+            f'@removes("{MPC_RULE}")\n@id("restricted-small-batches")',
+        )
+        step("atomic, marked", lambda: _replace(path, marked))
+        assert live.engine.source.policy(MPC_RULE) is None and live.rejected == 3
+        assert infer(carol, gw, "risk", **params).status_code == 200
+
+
+def _replace(path: Path, text: str) -> None:
+    """An atomic save: write a file the loader does not read, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

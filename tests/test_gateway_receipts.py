@@ -323,3 +323,61 @@ def test_a_replica_sends_readers_of_another_replicas_log_to_it(
             with running_gateway(cfg("c", replicas=(urls["c"],))) as c:
                 assert demo.get(f"{c.base}/v2/receipts/{rid}").status_code == 404
                 assert demo.get(f"{c.base}/log/{log_id}/checkpoint").status_code == 404
+
+
+def test_a_receipt_verifies_exactly_as_the_api_returns_it(
+    gateway: RunningGateway, pki: PKI, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What a client holds (the body of GET /v2/receipts/{id}, saved as is or pretty-printed,
+    and the response's summary line) goes to `ztgate verify` unchanged; a file of another
+    kind is a usage error (exit 2), never INVALID."""
+    assert gateway.gw.receipts is not None
+    log_dir = gateway.gw.receipts.log.path.parent
+    trust = tmp_path / "trust.json"
+    capsys.readouterr()
+    assert main(["audit", "trust", "--log-dir", str(log_dir)]) == 0
+    trust.write_text(capsys.readouterr().out)
+    with client(pki, "demo") as demo:
+        answer = demo.post(f"{gateway.base}/v2/models/iris/infer", json=infer_body(IRIS))
+        rid = answer.json()["parameters"]["ztgate.receipt_id"]
+        body = demo.get(f"{gateway.base}/v2/receipts/{rid}")
+        deadline = time.monotonic() + 30  # hang guard: checkpoints come every second
+        while body.json()["inclusion_proof"] is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            body = demo.get(f"{gateway.base}/v2/receipts/{rid}")
+    as_returned = tmp_path / "as-returned.json"
+    as_returned.write_bytes(body.content)
+    pretty = tmp_path / "pretty.json"
+    pretty.write_text(json.dumps(body.json(), indent=2, sort_keys=False))
+    line = tmp_path / "summary.txt"
+    line.write_text(answer.headers["ztgate-receipt"] + "\n")
+
+    def verify(path: Path) -> tuple[int, str]:
+        capsys.readouterr()
+        code = main(["verify", str(path), "--trust", str(trust)])
+        return code, capsys.readouterr().out
+
+    for held in (as_returned, pretty):
+        code, out = verify(held)
+        assert code == 0, out
+        assert "VALID" in out
+    code, out = verify(line)
+    assert code == 0 and "signature-only" in out, out
+    # The same forms, altered, are INVALID: a changed receipt field, a forged summary.
+    doc = body.json()
+    doc["receipt"]["model"]["name"] = "mnist"
+    altered = tmp_path / "altered.json"
+    altered.write_text(json.dumps(doc))
+    code, out = verify(altered)
+    assert code == 1 and "bad-signature" in out, out
+    forged = tmp_path / "forged.txt"
+    forged.write_text(answer.headers["ztgate-receipt"][:-6] + "AAAAAA\n")
+    code, out = verify(forged)
+    assert code == 1, out
+    # Not a receipt at all: usage errors.
+    for name, data in (("notes.txt", b"hello\n"), ("other.json", b'{"logs": []}')):
+        wrong = tmp_path / name
+        wrong.write_bytes(data)
+        capsys.readouterr()
+        assert main(["verify", str(wrong), "--trust", str(trust)]) == 2
+        assert "not a receipt" in capsys.readouterr().err

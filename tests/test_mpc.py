@@ -673,6 +673,149 @@ async def test_verifier_outcome(pki: PKI, parties: list[Party], tmp_path: Path) 
         await gw.store.close()
 
 
+# A real party that lies: it runs the protocol honestly, then adds SHIFT to its share of
+# the output before sending it to the gateway. Test-only, through `run_worker`'s worker
+# class (the same hook the leaky layouts use); only the node named in LIAR lies.
+LYING_PARTY = r"""
+import os, sys
+from mpc import party
+from mpc.model import SCALE
+from mpc.worker_args import build_parser, config_from_args
+
+class Lying(party.PartyWorker):
+    def output_share(self, y):
+        out = super().output_share(y)
+        if self.config.name == os.environ["LIAR"]:
+            out = out + round(float(os.environ["SHIFT"]) * SCALE)
+        return out
+
+sys.exit(party.run_worker(config_from_args(build_parser().parse_args()), Lying))
+"""
+
+
+def _unresolved(gw: Gateway) -> dict[str, float]:
+    """ztgate_unresolved_disagreements_total as Prometheus would scrape it."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from gateway.routing.router import DisagreementMetrics
+
+    registry = CollectorRegistry()
+    registry.register(DisagreementMetrics(gw.router))
+    text = generate_latest(registry).decode()
+    return {
+        sample.labels["mode"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "ztgate_unresolved_disagreements_total"
+    }
+
+
+@on_loop
+async def test_an_out_of_range_mpc_answer_is_refused_and_charges_nobody(
+    pki: PKI, tmp_path: Path
+) -> None:
+    """n1 (a real node certificate, a real party process) adds +5.0 to its output share.
+
+    risk ends in a sigmoid, so its registry entry carries the derived range [0, 1]; the
+    shifted answer (~5.5) is refused with a problem, not clamped and not passed on. The
+    shares cannot say which party lied, so neither is charged: the alert counts it.
+    """
+    from gateway.protocol.problems import PROBLEM_BASE, UpstreamFailed, problem_response
+
+    x_in = inputs(3, seed=11)
+    # Positive control, same lying code with the shift at 0: an honest, in-range answer.
+    ENV.update(LIAR="n1", SHIFT="0.0")
+    honest = start_parties(pki, ["n1", "n2"], tmp_path / "honest", code=LYING_PARTY)
+    try:
+        gw = _mpc_gateway(pki, honest, ("prov-a", "prov-b", "prov-c"), tmp_path / "ok")
+        assert gw.latest("risk").outputs[0].value_range == (0.0, 1.0)
+        exchange = _mpc_exchange(gw, pki, x_in)
+        try:
+            await gw.pipeline(exchange)
+        finally:
+            await gw.verifiers["mpc"].close()
+            await gw.router.close()
+            await gw.store.close()
+        y = exchange.outcome.outputs[0].data
+        assert exchange.outcome.status == "semi-honest-mpc"
+        assert np.max(np.abs(y - plaintext(x_in))) < TOLERANCE
+        assert _unresolved(gw) == {}
+    finally:
+        for p in honest:
+            p.stop()
+    ENV.update(SHIFT="5.0")
+    lying = start_parties(pki, ["n1", "n2"], tmp_path / "lying", code=LYING_PARTY)
+    try:
+        gw = _mpc_gateway(pki, lying, ("prov-a", "prov-b", "prov-c"), tmp_path / "lie")
+        try:
+            for _ in range(2):
+                exchange = _mpc_exchange(gw, pki, x_in)
+                with pytest.raises(UpstreamFailed, match="outside model risk's output range") as e:
+                    await gw.pipeline(exchange)
+                assert exchange.outcome is None  # nothing, not even a clamped answer
+            # The session itself is sound (the lie is in the arithmetic, not the protocol).
+            sessions = gw.verifiers["mpc"]._sessions  # type: ignore[attr-defined]
+            assert [s.alive for s in sessions.values()] == [True]
+        finally:
+            await gw.verifiers["mpc"].close()
+            await gw.router.close()
+            await gw.store.close()
+        # A stable problem type through the app's renderer, never a 500.
+        response = problem_response(e.value)
+        assert response.status_code == 502
+        assert response.headers["content-type"] == "application/problem+json"
+        assert e.value.type == PROBLEM_BASE + "upstream-failed"
+        assert "5." not in e.value.detail  # the client's (shifted) values are not echoed
+        # The two-party rule: neither party is charged, each is marked disputed, alert x2.
+        for name in ("n1", "n2"):
+            state = gw.router.nodes[name]
+            assert (state.failed, state.charges, state.ejections, state.disputed) == (0, 0, 0, 2)
+        assert _unresolved(gw) == {"mpc": 2.0}
+    finally:
+        for p in lying:
+            p.stop()
+        ENV.pop("LIAR", None)
+        ENV.pop("SHIFT", None)
+
+
+def test_mpc_output_range_is_required(settings: MpcSettings, tmp_path: Path) -> None:
+    """A model whose last op bounds nothing, with no declared range, is not served in mpc."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from gateway.protocol.problems import Forbidden
+    from gateway.registry import Registry, RegistryError
+    from gateway.verify.mpc import MpcVerification
+
+    w = numpy_helper.from_array(np.ones((6, 1), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["input", "w"], ["score"])],
+        "linear",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 6])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch", 1])],
+        initializer=[w],
+    )
+    path = tmp_path / "linear.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    assert MpcModel.from_onnx(path).output_range() is None
+    assert MpcModel.from_onnx(RISK).output_range() == (0.0, 1.0)
+    registry = Registry.open(tmp_path / "reg")
+    with pytest.raises(RegistryError, match="needs the value range of output 'score'"):
+        registry.add(path, "linear", allowed_modes=("mpc",))
+    declared = registry.add(
+        path, "linear", allowed_modes=("mpc",), output_ranges={"score": [-6, 6]}
+    )
+    assert declared.outputs[0].value_range == (-6.0, 6.0)
+    # An entry without a range (as an index written before ranges were recorded) is
+    # refused before any party is involved.
+    verifier = MpcVerification(settings, {})
+    bare = replace(declared, outputs=(replace(declared.outputs[0], value_range=None),))
+    with pytest.raises(Forbidden, match="output range is neither declared"):
+        verifier.output_range(bare)
+    assert verifier.output_range(declared) == (-6.0, 6.0)
+
+
 def test_cli_registers_party_and_dealer() -> None:
     import argparse
 

@@ -29,6 +29,7 @@ from gateway.policy import (
     NodeFacts,
     PolicyEngine,
     PolicyError,
+    PolicyInfo,
     PolicySource,
     Rate,
     ResourceFacts,
@@ -37,6 +38,7 @@ from gateway.policy import (
 )
 from gateway.policy.facts import region_prefixes
 from gateway.policy.golden import load_request, run_goldens, run_request
+from gateway.policy.live import LivePolicy, Loaded, load_checked_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ROOT / "policies"
@@ -228,7 +230,9 @@ IDENTITIES = [who(n) for n in ("demo", "alice", "carol", "olga", "bob", "mallory
     who("eve", "Acme", "Sales"),
     who("rita", "Acme", "Risk"),
 ]
-PERMIT_ALL = '@id("permit-everything")\npermit (principal, action, resource);\n'
+PERMIT_ALL = (
+    '@id("permit-everything")\npermit (principal, action == Ztgate::Action::"infer", resource);\n'
+)
 FORBIDS_ONLY_PLUS_PERMIT_ALL = "forbids"
 
 requests = st.fixed_dictionaries(
@@ -432,19 +436,21 @@ def test_unknown_attribute_is_reported_where_it_is_named(tmp_path: Path) -> None
 
 def test_duplicate_and_missing_ids_are_refused(tmp_path: Path) -> None:
     text = (
-        '@id("residency")\npermit (principal, action, resource) when { false };\n\n'
+        '@id("residency")\npermit (principal, action == Ztgate::Action::"infer", resource)\n'
+        "when { false };\n\n"
         "permit (principal, action, resource) when { false };\n"
     )
     with pytest.raises(PolicyError) as exc:
         load_policy_dir(policy_dir(tmp_path, {"50-ids.cedar": text}))
     got = {(f.file, f.line): f.message for f in exc.value.findings}
     assert "30-residency.cedar:5" in got[("50-ids.cedar", 1)]
-    assert "@id" in got[("50-ids.cedar", 4)]
+    assert "@id" in got[("50-ids.cedar", 5)]
 
 
 def test_unknown_annotations_templates_and_bad_identities_are_refused(tmp_path: Path) -> None:
     text = (
-        '@id("a")\n@rates("5/second")\npermit (principal, action, resource) when { false };\n'
+        '@id("a")\n@rates("5/second")\npermit (principal, action == Ztgate::Action::"infer", '
+        "resource) when { false };\n"
         '@id("t")\npermit (principal == ?principal, action, resource);\n'
         '@id("f")\n@rate("5/second")\nforbid (principal, action, resource) when { false };\n'
     )
@@ -473,7 +479,10 @@ def test_rate_parsing(text: str, rate: Rate) -> None:
 def test_bad_rates_are_refused(text: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         Rate.parse(text)
-    policy = '@id("r")\n@rate("{}")\npermit (principal, action, resource) when {{ false }};\n'
+    policy = (
+        '@id("r")\n@rate("{}")\npermit (principal, action == Ztgate::Action::"infer", resource)'
+        " when {{ false }};\n"
+    )
     with pytest.raises(PolicyError) as exc:
         load_policy_dir(policy_dir(tmp_path / "bad", {"50-r.cedar": policy.format(text)}))
     assert [(f.line, f.policy_id) for f in exc.value.findings] == [(1, "r")]
@@ -621,7 +630,10 @@ def test_cli_test(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["policy", "test", str(POLICIES)]) == 0
     out = capsys.readouterr().out
     assert "0 failed" in out and "NONE" not in out and "residency" in out
-    unused = '@id("never-used")\npermit (principal, action, resource) when { false };\n'
+    unused = (
+        '@id("never-used")\npermit (principal, action == Ztgate::Action::"infer", resource)'
+        " when { false };\n"
+    )
     d = policy_dir(tmp_path, {"50-unused.cedar": unused})
     assert main(["policy", "test", str(d)]) == 1
     assert "never decided any example: never-used" in capsys.readouterr().out
@@ -657,3 +669,197 @@ def test_policies_readme_names_only_tests_that_exist() -> None:
     here = Path(__file__).read_text()
     for name in names:
         assert re.search(rf"^def {name}\(", here, re.M), name
+
+
+# --------------------------------------------------------------------------- admin by name
+
+ADMIN_BY_ACCIDENT = (
+    "// Ops may do everything to models (and, by accident, administer the gateway).\n"
+    '@id("ops-everything")\n'
+    'permit (principal in Ztgate::Group::"ops", action, resource);\n'
+)
+OPS_BY_NAME = """
+@id("ops-reload")
+permit (principal in Ztgate::Group::"ops", action == Ztgate::Action::"admin_reload", resource);
+
+// Unconstrained action, but only ever on a model: cannot reach the Gateway.
+@id("ops-public-models")
+permit (principal in Ztgate::Group::"ops", action, resource is Ztgate::Model)
+when { resource.classification == "public" };
+"""
+GATEWAY = ResourceFacts("Gateway")
+
+
+def _with_ops(d: Path) -> Path:
+    ids = json.loads((d / "identities.json").read_text())
+    ids["clients"][CLIENT + "opal"] = {"groups": ["ops"]}
+    (d / "identities.json").write_text(json.dumps(ids))
+    return d
+
+
+def test_a_permit_that_does_not_name_the_admin_actions_cannot_grant_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d = _with_ops(policy_dir(tmp_path, {"50-ops.cedar": ADMIN_BY_ACCIDENT}))
+    with pytest.raises(PolicyError) as exc:
+        load_policy_dir(d)
+    [f] = exc.value.findings
+    assert (f.file, f.line, f.policy_id) == ("50-ops.cedar", 2, "ops-everything")
+    assert "admin_reload" in f.message and "admin_revoke" in f.message
+    assert 'action == Ztgate::Action::"infer"' in f.message  # how to fix it
+    assert main(["policy", "check", str(d)]) == 1
+    out = capsys.readouterr().out
+    assert f"{d}/50-ops.cedar:2: [ops-everything] " in out and "nothing was loaded" in out
+    # An action list that names no admin action cannot match one: it loads.
+    listed = ADMIN_BY_ACCIDENT.replace(
+        "action,", 'action in [Ztgate::Action::"read_receipt", Ztgate::Action::"read_proof"],'
+    )
+    (d / "50-ops.cedar").write_text(listed)
+    assert load_policy_dir(d).policy("ops-everything") is not None
+
+
+def test_a_permit_that_names_an_admin_action_grants_it_and_only_it(tmp_path: Path) -> None:
+    """The positive control: naming admin_reload grants admin_reload, not admin_revoke; an
+    unconstrained action on `resource is Model` loads (it can never reach the Gateway)."""
+    source = load_policy_dir(_with_ops(policy_dir(tmp_path, {"50-ops.cedar": OPS_BY_NAME})))
+    engine = _app_engine(source)
+    opal = who("opal")
+    reload = engine.authorize(opal, "admin_reload", GATEWAY)
+    assert reload.allowed and reload.determining == ("ops-reload",)
+    assert not engine.authorize(opal, "admin_revoke", GATEWAY).allowed
+    d = engine.decide_infer(opal, "iris", InferContext(1, 10, "", NOON), ["eu-a", "eu-b"])
+    assert d.allowed and "ops-public-models" in d.determining
+
+
+def test_an_admin_decision_counts_only_from_a_permit_that_names_the_action(
+    shipped: PolicySource,
+) -> None:
+    """Defence in depth: a policy set that never went through `check` (built here by
+    hand), with a permit for everyone and every action. Cedar allows an admin action
+    through it; the engine does not count it."""
+    text = '@id("everyone-everything")\npermit (principal, action, resource);'
+    broad = PolicyInfo("everyone-everything", "50-x.cedar", 1, "permit", None, text)
+    source = dataclasses.replace(shipped, policies=(*shipped.policies, broad), hash="f" * 64)
+    engine = _app_engine(source)
+    for action in ("admin_reload", "admin_revoke"):
+        d = engine.authorize(who("demo"), action, GATEWAY)
+        assert not d.allowed and d.determining == (), d
+        assert "everyone-everything" in d.reason and "names" in d.reason
+        assert decision_record(d, who("demo"))["result"] == "deny"
+    # A permit that names the action still grants it, and alone is the reason.
+    olga = engine.authorize(who("olga"), "admin_reload", GATEWAY)
+    assert olga.allowed and olga.determining == ("officers-administer",)
+    oscar = engine.authorize(who("oscar"), "admin_revoke", GATEWAY)
+    assert oscar.allowed and oscar.determining == ("on-call-may-revoke",)
+    assert not engine.authorize(who("oscar"), "admin_reload", GATEWAY).allowed
+    # What is not administration the broad permit still grants.
+    log = engine.authorize(who("demo"), "read_decision", ResourceFacts("Log", "l", CLIENT + "x"))
+    assert log.allowed and log.determining == ("everyone-everything",)
+
+
+# --------------------------------------------------------------------------- reload
+
+SENSITIVE = (POLICIES / "20-sensitive.cedar").read_text()
+MPC_RULE = "restricted-only-under-mpc"
+SENSITIVE_FORBIDS = (
+    MPC_RULE,
+    "confidential-needs-verification",
+    "restricted-needs-clearance",
+    "sensitive-needs-purpose",
+)
+
+
+def _without(text: str, pid: str, marker: str = "") -> str:
+    """`text` without the rule `pid` (blocks are separated by blank lines), and with
+    `marker` put before the first remaining rule's @id."""
+    blocks = [b for b in text.split("\n\n") if f'@id("{pid}")' not in b]
+    out = "\n\n".join(blocks)
+    return out.replace("@id(", f"{marker}\n@id(", 1) if marker else out
+
+
+def _live(d: Path) -> LivePolicy:
+    def load(bundle: bytes | None) -> Loaded:
+        return Loaded(_app_engine(load_checked_dir(d)), f"dir:{d}")
+
+    return LivePolicy(load, watch=[d])
+
+
+def test_a_reload_that_drops_forbid_rules_needs_a_marker_naming_each(tmp_path: Path) -> None:
+    d = policy_dir(tmp_path)
+    shutil.rmtree(d / "tests")  # the example requests would refuse these too: see below
+    live = _live(d)
+    first = live.engine.source.hash
+    # A truncated file (the first step of a non-atomic save) is valid, empty policy.
+    (d / "20-sensitive.cedar").write_text("")
+    assert not live.reload()
+    assert live.rejected == 1 and live.engine.source.hash == first
+    assert live.last_error is not None and "@removes" in live.last_error
+    assert all(pid in live.last_error for pid in SENSITIVE_FORBIDS), live.last_error
+    # One forbid removed on purpose, but the marker names another rule: still refused.
+    (d / "20-sensitive.cedar").write_text(_without(SENSITIVE, MPC_RULE, '@removes("residenc")'))
+    assert not live.reload() and live.rejected == 2
+    assert MPC_RULE in (live.last_error or "")
+    # Marked: it takes effect.
+    marked = _without(SENSITIVE, MPC_RULE, f'@removes("{MPC_RULE}")')
+    (d / "20-sensitive.cedar").write_text(marked)
+    assert live.reload(), live.last_error
+    assert live.engine.source.hash != first and live.engine.source.policy(MPC_RULE) is None
+    # Adding a forbid needs no marker; a marker left behind for a rule that is back is a
+    # mistake (it would let the next removal through unmarked): refused.
+    (d / "20-sensitive.cedar").write_text(marked + "\n\n" + SENSITIVE)
+    assert not live.reload() and live.rejected == 3
+    assert "still" in (live.last_error or "") and MPC_RULE in (live.last_error or "")
+    (d / "20-sensitive.cedar").write_text(SENSITIVE)
+    assert live.reload() and live.engine.source.hash == first
+
+
+def test_a_reload_that_fails_a_deny_example_is_refused(tmp_path: Path) -> None:
+    d = policy_dir(tmp_path)
+    live = _live(d)
+    first = live.engine.source.hash
+    # Apps may reload policy: parses, validates, names the action, drops no forbid, but
+    # tests/DENY/app-cannot-reload.json says otherwise.
+    grant = (
+        '@id("apps-reload")\n'
+        'permit (principal in Ztgate::Group::"apps", action == Ztgate::Action::"admin_reload", '
+        "resource);\n"
+    )
+    (d / "50-apps.cedar").write_text(grant)
+    assert not live.reload()
+    assert live.engine.source.hash == first
+    assert "DENY/app-cannot-reload.json" in (live.last_error or ""), live.last_error
+    # Control: the same edit with that example removed loads.
+    (d / "tests/DENY/app-cannot-reload.json").unlink()
+    assert live.reload(), live.last_error
+    assert live.engine.authorize(who("demo"), "admin_reload", GATEWAY).allowed
+
+
+def test_the_watcher_reloads_only_a_directory_that_has_settled(tmp_path: Path) -> None:
+    d = policy_dir(tmp_path)
+    live = _live(d)
+    assert not live.changed()
+    (d / "20-sensitive.cedar").write_text(SENSITIVE[:100])  # a save under way
+    assert not live.changed()  # first sight of a change: it may still be being written
+    (d / "20-sensitive.cedar").write_text(SENSITIVE + "\n")
+    assert not live.changed()  # changed again since the last look
+    assert live.changed()  # the same as at the last look: settled, judge it now
+    assert not live.changed()  # and judged once
+
+
+def test_cli_diff(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    new = policy_dir(tmp_path)
+    (new / "20-sensitive.cedar").write_text(_without(SENSITIVE, MPC_RULE))
+    (new / "50-ops.cedar").write_text(OPS_BY_NAME)
+    assert main(["policy", "diff", str(POLICIES), str(new)]) == 1
+    out = capsys.readouterr().out
+    assert f"- forbid {MPC_RULE}" in out and "NOT MARKED" in out
+    assert "+ permit ops-reload" in out and "grants admin_reload" in out
+    assert "+ permit ops-public-models" in out
+    marked = _without(SENSITIVE, MPC_RULE, f'@removes("{MPC_RULE}")')
+    (new / "20-sensitive.cedar").write_text(marked)
+    assert main(["policy", "diff", str(POLICIES), str(new)]) == 0
+    out = capsys.readouterr().out
+    assert f"- forbid {MPC_RULE}" in out and "marked by @removes" in out
+    assert "~ forbid confidential-needs-verification" in out  # the marker is an edit
+    assert main(["policy", "diff", str(POLICIES), str(POLICIES)]) == 0
+    assert "no rule changed" in capsys.readouterr().out

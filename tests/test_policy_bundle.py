@@ -11,6 +11,7 @@ import base64
 import dataclasses
 import datetime as dt
 import json
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ import rfc8785
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.cli import main
-from gateway.config import NodeConfig
+from gateway.config import TLS, Config, NodeConfig, PolicyConfig
 from gateway.pki import PKI, load_signing_key, signing_key_id
 from gateway.policy import ModelFacts, NodeFacts, PolicyError, load_policy_dir
 from gateway.policy.bundle import (
@@ -37,6 +38,7 @@ from gateway.policy.bundle import (
     sign_bundle,
     verify_bundle,
 )
+from gateway.policy.live import LivePolicy, bundle_loader
 from gateway.registry import Registry, seed_examples
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -575,3 +577,75 @@ def test_cli_usage_errors(
     # Positive control: `base` itself signs, and the bundle verifies with the same options.
     assert main(base) == 0 and out.is_file()
     assert main(["policy", "bundle", "verify", str(out), *trust]) == 0
+
+
+# --------------------------------------------------------------------------- admin by name
+
+ADMIN_BY_ACCIDENT = (
+    '@id("ops-everything")\npermit (principal in Ztgate::Group::"ops", action, resource);\n'
+)
+
+
+def test_a_permit_granting_admin_actions_unnamed_is_never_signed_nor_loaded(
+    bundle: Bundle, officer: Officer, tmp_path: Path
+) -> None:
+    d = tmp_path / "policies"
+    shutil.copytree(POLICIES, d)
+    (d / "50-ops.cedar").write_text(ADMIN_BY_ACCIDENT)
+    with pytest.raises(PolicyError) as exc:
+        build_bundle(d, FACTS, 8, DAY, "0.1.0", 300, now=NOW)
+    [finding] = exc.value.findings
+    assert finding.file == "50-ops.cedar" and "admin_reload and admin_revoke" in finding.message
+    # Signed by a tool that does not check (built by hand here): the gateway refuses it.
+    # The policy check runs before the recorded hash is compared, so its finding is what
+    # the refusal names.
+    files = {**bundle.policy_files, "50-ops.cedar": ADMIN_BY_ACCIDENT}
+    sneaky = dataclasses.replace(bundle, version=8, policy_files=files)
+    message = refused(check(sign_bundle(sneaky, officer.key), officer), "invalid-policy")
+    assert "50-ops.cedar:1" in message and "ops-everything" in message, message
+    assert "admin_reload and admin_revoke" in message
+
+
+# --------------------------------------------------------------------------- reload
+
+MPC_RULE = "restricted-only-under-mpc"
+
+
+def test_a_signed_bundle_that_drops_a_forbid_needs_the_marker_too(
+    officer: Officer, tmp_path: Path
+) -> None:
+    """Production reload: a newer bundle, validly signed, that lacks a forbid the running
+    one has is refused unless it marks the removal; the refusal moves neither the rollback
+    floor nor the file read at the next start."""
+    path = tmp_path / "bundle.json"
+
+    def signed_of(d: Path, version: int) -> bytes:
+        return sign_bundle(build_bundle(d, FACTS, version, DAY, "0.1.0", 300), officer.key)
+
+    def on_disk() -> int:
+        """The version of the bundle a restart would read."""
+        result = check(path.read_bytes(), officer, now=dt.datetime.now(dt.UTC))
+        assert result.bundle is not None, result
+        return result.bundle.version
+
+    path.write_bytes(signed_of(POLICIES, 1))
+    tls = TLS(*(tmp_path / n for n in ("c", "k", "ca", "nca", "ncc", "nck")))
+    policy = PolicyConfig(bundle=path, officer_keys=(str(officer.pub_path),))
+    cfg = Config(tls, tmp_path / "r", tmp_path / "d", mode="production", policy=policy)
+    live = LivePolicy(bundle_loader(cfg, {}))
+    assert live.current.version == 1
+    d = tmp_path / "policies"
+    shutil.copytree(POLICIES, d)
+    blocks = (d / "20-sensitive.cedar").read_text().split("\n\n")
+    kept = [b for b in blocks if f'@id("{MPC_RULE}")' not in b]
+    (d / "20-sensitive.cedar").write_text("\n\n".join(kept))
+    assert not live.reload(signed_of(d, 2))
+    assert live.current.version == 1 and live.rejected == 1
+    assert MPC_RULE in (live.last_error or "") and "@removes" in (live.last_error or "")
+    assert on_disk() == 1
+    # Marked, as the same version 2: the refused one did not raise the floor.
+    marked = "\n\n".join(kept).replace("@id(", f'@removes("{MPC_RULE}")\n@id(', 1)
+    (d / "20-sensitive.cedar").write_text(marked)
+    assert live.reload(signed_of(d, 2)), live.last_error
+    assert live.current.version == 2 and live.engine.source.policy(MPC_RULE) is None
+    assert on_disk() == 2

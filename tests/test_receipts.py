@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from gateway.pki import PKI, load_signing_key, signing_key_id
 from gateway.protocol.codec import decode_request, encode_request
 from gateway.protocol.tensors import InferRequest, Tensor, canonical_bytes
-from gateway.receipts.canonical import canonical_json, json_safe, unb64
+from gateway.receipts.canonical import b64, canonical_json, json_safe, unb64
 from gateway.receipts.checkpointer import Checkpointer, WitnessClient
 from gateway.receipts.commit import commit_tensor, new_salt
 from gateway.receipts.http import log_routes
@@ -362,8 +362,8 @@ def test_key_set_windows_and_rotation() -> None:
 async def test_group_commit_one_fsync_for_many(world: World) -> None:
     results = await asyncio.gather(*(world.receipt() for _ in range(500)))
     indexes = sorted(i.receipt.index for i in results)
-    assert indexes == list(range(500))
-    assert world.log.size == 500
+    assert indexes == list(range(1, 501))  # leaf 0 is the log's log_start entry
+    assert world.log.size == 501
     assert world.log.stats.batches < 50, world.log.stats  # batched, not one fsync each
     # every index holds the receipt that names it
     for i in results[:20]:
@@ -377,7 +377,7 @@ async def test_bounded_queue_applies_backpressure(tmp_path: Path) -> None:
     try:
         entries = [LogEntry("policy_load", hashlib.sha256(bytes([i])).digest()) for i in range(40)]
         indexes = await asyncio.gather(*(rl.append(e) for e in entries))
-        assert sorted(indexes) == list(range(40)) and rl.stats.largest_batch <= 8
+        assert sorted(indexes) == list(range(1, 41)) and rl.stats.largest_batch <= 8
     finally:
         await rl.close()
 
@@ -391,6 +391,7 @@ async def test_typed_entries_hold_only_hashes(tmp_path: Path) -> None:
         await rl.append(LogEntry("late_evidence", h, ref="abc"))
         kinds = [e.type for _, e in rl.entries()]
         assert kinds == [
+            "log_start",
             "policy_load",
             "revocation",
             "node_quarantine",
@@ -419,19 +420,19 @@ async def test_checkpoints_proofs_and_pending(world: World) -> None:
     world.log.clock = lambda: signed_at[1]
     cp2 = await world.checkpoint()
     c1, c2 = Checkpoint.parse_text(cp1.text), Checkpoint.parse_text(cp2.text)
-    assert (c1.size, c2.size) == (5, 11) and c1.origin == world.log.origin
+    assert (c1.size, c2.size) == (6, 12) and c1.origin == world.log.origin
     assert (c1.time, c2.time) == (int(signed_at[0]), int(signed_at[1]))  # the log's clock
     # both checkpoints are signed by the log and cosigned by the witness
     for note in (cp1, cp2):
         assert NoteKey(world.log.origin, world.log_key.public_key()).verify(note) is True
         assert world.witness.key.verify(note)[0] == "valid"
-    assert verify_consistency(5, 11, c1.root, c2.root, world.log.consistency(5, 11))
+    assert verify_consistency(6, 12, c1.root, c2.root, world.log.consistency(6, 12))
     # a receipt's proof is against the earliest checkpoint that includes it
     proof = world.log.proof(first[2].receipt.index)
-    assert proof is not None and proof.startswith("c2sp.org/tlog-proof@v1\nindex 2\n")
+    assert proof is not None and proof.startswith("c2sp.org/tlog-proof@v1\nindex 3\n")
     assert proof.endswith(cp1.render())
     leaf = leaf_hash(LogEntry("receipt", first[2].signed.digest()).leaf_data())
-    assert verify_inclusion(2, 5, leaf, world.log.inclusion(2, 5), c1.root)
+    assert verify_inclusion(3, 6, leaf, world.log.inclusion(3, 6), c1.root)
     # an unchanged head is not re-signed
     assert (await world.checkpoint()).text == cp2.text
 
@@ -518,11 +519,19 @@ async def assert_frozen_and_replaced(
     """Reopened after the tampering: a fresh, empty log; the old one frozen for `reason`."""
     rl = ReceiptLog.open(logs, key, ORIGIN)
     try:
-        assert rl.log_id != old_id and rl.size == 0 and not rl.frozen
+        assert rl.log_id != old_id and rl.size == 1 and not rl.frozen  # its log_start
         assert (logs / old_id / "FROZEN").read_text() == reason + "\n"
         old = ReceiptLog.open_readonly(logs / old_id)
         try:
             assert old.frozen_reason == reason
+            # the successor's first leaf commits to the frozen log's last checkpoint
+            origin, size, root = old.head()
+            assert size > 0 and rl.entry(0) == LogEntry(
+                "log_start", hashlib.sha256(rl.record(0) or b"").digest()
+            )
+            assert json.loads(rl.record(0) or b"") == {
+                "predecessor": {"origin": origin, "size": size, "root": b64(root)}
+            }
             with pytest.raises(LogFrozen, match="is frozen: "):
                 await old.append(LogEntry("revocation", hashlib.sha256(b"x").digest()))
         finally:
@@ -550,7 +559,7 @@ async def test_restored_backup_is_frozen_and_a_new_log_starts(tmp_path: Path) ->
     assert rl.log_id == old_id and not rl.frozen
     await rl.append(LogEntry("revocation", hashlib.sha256(b"later").digest()))
     await rl.close()
-    await assert_continues(logs, key, old_id, 4)  # control: no restore, the same log
+    await assert_continues(logs, key, old_id, 5)  # control: no restore, the same log
     # ... then log and marker are restored from the backup. Copied while the live files
     # still exist, so the file system cannot hand the restored database the old inode number.
     shutil.copytree(backup / "logs", tmp_path / "restored")
@@ -560,7 +569,7 @@ async def test_restored_backup_is_frozen_and_a_new_log_starts(tmp_path: Path) ->
     (tmp_path / "restored").rename(logs)
     shutil.copy(backup / "logs.head", marker)
     head = HeadMarker(marker).read()
-    assert head is not None and (head.log_id, head.size) == (old_id, 3)  # agrees with the log
+    assert head is not None and (head.log_id, head.size) == (old_id, 4)  # agrees with the log
     await assert_frozen_and_replaced(logs, key, old_id, RESTORED_FILE)
 
 
@@ -580,8 +589,8 @@ async def test_block_level_restore_caught_by_the_head_marker(tmp_path: Path) -> 
     await rl.checkpoint()
     await rl.close()
     head = HeadMarker(tmp_path / "logs.head").read()
-    assert head is not None and (head.log_id, head.size) == (old_id, 2)
-    await assert_continues(logs, key, old_id, 2)  # control: no restore, the same log
+    assert head is not None and (head.log_id, head.size) == (old_id, 3)
+    await assert_continues(logs, key, old_id, 3)  # control: no restore, the same log
     inodes = {p: p.stat().st_ino for p in snapshot}
     for p in list(db.parent.iterdir()):  # restore in place: same inodes
         if p in snapshot:
@@ -589,7 +598,7 @@ async def test_block_level_restore_caught_by_the_head_marker(tmp_path: Path) -> 
         else:
             p.unlink()
     assert {p: p.stat().st_ino for p in snapshot} == inodes  # invisible to the inode check
-    await assert_frozen_and_replaced(logs, key, old_id, behind_marker(2, 1))
+    await assert_frozen_and_replaced(logs, key, old_id, behind_marker(3, 2))
 
 
 async def test_edited_database_is_refused(tmp_path: Path) -> None:
@@ -602,13 +611,13 @@ async def test_edited_database_is_refused(tmp_path: Path) -> None:
     await rl.checkpoint()
     old_id = rl.log_id
     await rl.close()
-    await assert_continues(tmp_path / "logs", key, old_id, 4)  # control: unedited
+    await assert_continues(tmp_path / "logs", key, old_id, 5)  # control: unedited
     db = sqlite3.connect(tmp_path / "logs" / old_id / "log.db")
     forged = LogEntry("revocation", hashlib.sha256(b"forged").digest()).leaf_data()
     db.execute("UPDATE leaves SET data = ? WHERE idx = 1", (forged,))
     db.commit()
     db.close()
-    reason = "leaves do not reproduce the last checkpoint (size 4): truncated or edited"
+    reason = "leaves do not reproduce the last checkpoint (size 5): truncated or edited"
     await assert_frozen_and_replaced(tmp_path / "logs", key, old_id, reason)
 
 
@@ -622,6 +631,20 @@ async def test_erasure_keeps_the_log_verifiable(world: World) -> None:
     # the leaf and its proof are unchanged
     proof = world.log.proof(target.index)
     assert proof is not None and f"index {target.index}" in proof
+    # the erasure itself is logged, by the next checkpoint, as a leaf naming the index
+    size = world.log.size
+    cp = Checkpoint.parse_text((await world.checkpoint()).text)
+    assert cp.size == world.log.size == size + 1
+    erasure = world.log.entry(size)
+    record = world.log.record(size)
+    assert erasure.type == "erasure" and record is not None
+    assert erasure.sha256 == hashlib.sha256(record).digest()
+    assert json.loads(record) == {
+        "origin": world.log.origin,
+        "indices": [target.index],
+        "reason": "erasure-request",
+    }
+    assert world.log.queued_erasures() == []
     assert await world.log.expire(older_than_s=3600) == 0
     assert await world.log.expire(older_than_s=-1) == 3
 
@@ -633,32 +656,32 @@ async def test_witness_cosigns_and_refuses_a_forked_log(world: World) -> None:
     for _ in range(6):
         await world.receipt()
     note = await world.checkpoint()
-    assert world.witness.latest(world.log.origin)[0] == 6
+    assert world.witness.latest(world.log.origin)[0] == 7  # log_start and 6 receipts
     assert world.witness.key.verify(note)[0] == "valid"
-    # A fork: same origin and log key, history rewritten (two leaves swapped), grown to 8.
+    # A fork: same origin and log key, history rewritten (two leaves swapped), grown to 9.
     from gateway.receipts.merkle import MerkleTree
 
-    leaves = [world.log.tree.leaf(i) for i in range(6)]
+    leaves = [world.log.tree.leaf(i) for i in range(7)]
     leaves[1], leaves[2] = leaves[2], leaves[1]
     fork = MerkleTree([*leaves, leaf_hash(b"x"), leaf_hash(b"y")])
-    cp = Checkpoint(world.log.origin, 8, fork.root(), 1)
+    cp = Checkpoint(world.log.origin, 9, fork.root(), 1)
     nk = NoteKey(world.log.origin, world.log_key.public_key())
     forged = SignedNote(cp.text(), (nk.sign(world.log_key, cp.text()),))
     status, body, _ = await world.witness.add_checkpoint(
-        add_checkpoint_body(6, fork.consistency_proof(6, 8), forged)
+        add_checkpoint_body(7, fork.consistency_proof(7, 9), forged)
     )
     assert status == 422 and "consistency" in body
     # and a truncated one (smaller size) is refused too
     small = Checkpoint(world.log.origin, 4, world.log.tree.root(4), 1)
     status, _, _ = await world.witness.add_checkpoint(
         add_checkpoint_body(
-            6, [], SignedNote(small.text(), (nk.sign(world.log_key, small.text()),))
+            7, [], SignedNote(small.text(), (nk.sign(world.log_key, small.text()),))
         )
     )
     assert status == 400
     # wrong old size: 409 with the witness's size
     status, body, ctype = await world.witness.add_checkpoint(add_checkpoint_body(3, [], forged))
-    assert (status, body, ctype) == (409, "6\n", "text/x.tlog.size")
+    assert (status, body, ctype) == (409, "7\n", "text/x.tlog.size")
     # unknown origin 404, untrusted signature 403, garbage 400
     other = Checkpoint("elsewhere.example/log", 1, leaf_hash(b"x"), 1)
     nk2 = NoteKey("elsewhere.example/log", world.log_key.public_key())
@@ -666,9 +689,9 @@ async def test_witness_cosigns_and_refuses_a_forked_log(world: World) -> None:
     assert (await world.witness.add_checkpoint(add_checkpoint_body(0, [], n2)))[0] == 404
     rogue = ed25519.Ed25519PrivateKey.generate()
     n3 = SignedNote(cp.text(), (nk.sign(rogue, cp.text()),))
-    assert (await world.witness.add_checkpoint(add_checkpoint_body(6, [], n3)))[0] == 403
+    assert (await world.witness.add_checkpoint(add_checkpoint_body(7, [], n3)))[0] == 403
     assert (await world.witness.add_checkpoint(b"\xff garbage"))[0] == 400
-    assert world.witness.latest(world.log.origin)[0] == 6  # never rolled back or forked
+    assert world.witness.latest(world.log.origin)[0] == 7  # never rolled back or forked
 
 
 async def test_witness_state_survives_restart_and_client_recovers_from_409(world: World) -> None:
@@ -682,7 +705,7 @@ async def test_witness_state_survives_restart_and_client_recovers_from_409(world
     note = await world.checkpoint()
     assert world.witness.key.verify(note)[0] == "valid"
     reborn = Witness(WITNESS, world.witness_key, world.witness.trusted, world.dir / "w.json")
-    assert reborn.latest(world.log.origin)[0] == 5
+    assert reborn.latest(world.log.origin)[0] == 6
 
 
 async def test_witness_cli_and_app(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -756,11 +779,11 @@ async def test_log_endpoints(world: World) -> None:
         logs = (await client.get("/log")).json()["logs"]
         assert logs[0]["log_id"] == lid and logs[0]["checkpoint_vkey"].startswith(world.log.origin)
         cp = await client.get(f"/log/{lid}/checkpoint")
-        assert cp.status_code == 200 and cp.text.startswith(world.log.origin + "\n3\n")
+        assert cp.status_code == 200 and cp.text.startswith(world.log.origin + "\n4\n")
         r = await client.get(
             f"/log/{lid}/inclusion", params={"receipt": issued[1].receipt.receipt_id}
         )
-        assert r.status_code == 200 and r.text.startswith("c2sp.org/tlog-proof@v1\nindex 1\n")
+        assert r.status_code == 200 and r.text.startswith("c2sp.org/tlog-proof@v1\nindex 2\n")
         r = await client.get(
             f"/log/{lid}/inclusion", params={"receipt": pending.receipt.receipt_id}
         )
@@ -800,7 +823,7 @@ async def test_identical_denials_are_coalesced(world: World) -> None:
         assert coalesced and r is first
     _, coalesced = await co.deny(client=client, model=model, denial=Denial("urn:x", "other"))
     assert not coalesced
-    assert world.log.size == 2
+    assert world.log.size == 3  # log_start and two denials
     now[0] = 11.0
     await co.deny(client=client, model=model, denial=denial)  # closes the run, starts anew
     await co.flush()

@@ -1,4 +1,8 @@
-"""Mode `redundant` against real nodes: agreement across providers, and a subtle liar."""
+"""Mode `redundant` against real nodes: agreement across providers, and a subtle liar.
+
+A lie that only a second opinion catches, and the two-party rule: two disagreeing
+providers blame nobody (an alert instead); a third provider identifies the liar.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,14 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.node.repository import build_repository
 from gateway.pki import PKI
 from gateway.protocol.tensors import Tensor
 from gateway.registry import Registry
+from gateway.routing.router import DisagreementMetrics
 from gateway.verify.redundant import agree
 from tests.conftest import TritonCluster, one_off_node
 from tests.gateway_harness import client_context, gateway_config, running_gateway
@@ -90,6 +97,49 @@ def _expected(registry_dir: Path) -> np.ndarray:
     return expected
 
 
+def _unresolved(gw: Any) -> dict[str, float]:
+    """ztgate_unresolved_disagreements_total as Prometheus would scrape it."""
+    registry = CollectorRegistry()
+    registry.register(DisagreementMetrics(gw.gw.router))
+    return {
+        sample.labels["mode"]: sample.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for sample in family.samples
+        if sample.name == "ztgate_unresolved_disagreements_total"
+    }
+
+
+def test_two_providers_disagreeing_charge_nobody_and_raise_the_alert(
+    pki: PKI,
+    subtle_liar: dict[str, Any],
+    triton_cluster: TritonCluster,
+    registry_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """Two providers, one of them lying: no majority, so no answer, and no blame either.
+
+    Either could be the liar. Charging both (as before issue 13) let the liar get the
+    honest node ejected once charges accumulated; here, after many disagreements, nobody
+    is charged or ejected and the alert metric counts every one.
+    """
+    honest = node_table(triton_cluster)[0]
+    cfg = gateway_config(pki, registry_dir, tmp_path / "a", [subtle_liar, honest])
+    many = 4 * cfg.routing.eject_after_failures
+    with running_gateway(cfg) as gw:
+        for _ in range(many):
+            r = _ask(gw, pki)
+            # 502 every time: a 503 would mean a node had been ejected.
+            assert r.status_code == 502 and "disagree" in r.json()["detail"], r.text
+        router = gw.gw.router
+        for name in ("sly", honest["name"]):
+            state = router.nodes[name]
+            assert state.served == many, name  # each answered every time...
+            assert (state.failed, state.charges, state.ejections) == (0, 0, 0), name
+            assert state.disputed == many, name  # ...and was part of each dispute
+        assert router.ejected == {}
+        assert _unresolved(gw) == {"redundant": float(many)}
+
+
 def test_a_subtle_liar_is_outvoted_or_nobody_gets_an_answer(
     pki: PKI,
     subtle_liar: dict[str, Any],
@@ -97,15 +147,15 @@ def test_a_subtle_liar_is_outvoted_or_nobody_gets_an_answer(
     registry_dir: Path,
     tmp_path: Path,
 ) -> None:
-    honest = node_table(triton_cluster)
-    # Two providers, one of them lying: no majority, so no answer at all.
+    """With a third provider the tie is broken and only the liar is charged (the positive
+    control for the two-party rule above); with two, nobody gets an answer."""
+    honest = node_table(triton_cluster)[:2]
     cfg = gateway_config(pki, registry_dir, tmp_path / "a", [subtle_liar, honest[0]])
     with running_gateway(cfg) as gw:
         r = _ask(gw, pki)
         assert r.status_code == 502 and "disagree" in r.json()["detail"]
-    # Three providers: the honest majority answers, and the liar is charged.
     expected = _expected(registry_dir)
-    cfg = gateway_config(pki, registry_dir, tmp_path / "b", [subtle_liar, *honest[:2]])
+    cfg = gateway_config(pki, registry_dir, tmp_path / "b", [subtle_liar, *honest])
     with running_gateway(cfg) as gw:
         for _ in range(6):
             r = _ask(gw, pki)
@@ -113,9 +163,13 @@ def test_a_subtle_liar_is_outvoted_or_nobody_gets_an_answer(
             # The model's own answer, not the lie.
             np.testing.assert_allclose(_probabilities(r), expected, rtol=1e-5, atol=1e-6)
             assert "sly" not in r.json()["parameters"]["ztgate.nodes"].split(",")
-        sly = gw.gw.router.nodes["sly"]
+        router = gw.gw.router
+        sly = router.nodes["sly"]
         # The liar was asked, and each time it answered it was outvoted and charged.
         assert sly.attempts >= 1 and sly.failed == sly.attempts and sly.served == sly.attempts
+        # The honest nodes never were, and nothing was left unresolved.
+        assert all(router.nodes[n["name"]].failed == 0 for n in honest)
+        assert sly.disputed == 0 and _unresolved(gw) == {}
 
 
 def test_agreement_rules() -> None:

@@ -319,6 +319,65 @@ def test_seed_examples_is_idempotent(registry: Registry) -> None:
     assert registry.verify() == []
 
 
+# --------------------------------------------------------------------------- output ranges
+
+
+def test_mpc_models_carry_an_output_range(registry: Registry) -> None:
+    """risk ends in a Sigmoid: [0, 1] is derived and recorded; iris (no mpc) records none."""
+    seed_examples(registry)
+    assert registry.get("risk").outputs == (TensorSpec("score", "FP32", (-1, 1), (0.0, 1.0)),)
+    models = json.loads(registry.index_path.read_text())["models"]
+    assert models["risk"]["1"]["outputs"][0]["range"] == [0.0, 1.0]
+    assert registry.get("iris").outputs[0].value_range is None
+    assert "range" not in models["iris"]["1"]["outputs"][0]
+
+
+def test_declared_range_wins_and_round_trips(registry: Registry, tmp_path: Path) -> None:
+    entry = registry.add(RISK, "risk", allowed_modes=("mpc",), output_ranges={"score": [0.1, None]})
+    assert entry.outputs[0].value_range == (0.1, None)
+    assert Registry.open(registry.root).get("risk") == entry
+    # A model without mpc may declare one too; it is recorded as given.
+    path = identity_model(tmp_path / "m.onnx")
+    ident = registry.add(path, "ident", output_ranges={"y": [-1, 1]})
+    assert ident.outputs[0].value_range == (-1.0, 1.0)
+
+
+def test_mpc_model_whose_output_nothing_bounds_needs_a_declaration(
+    registry: Registry, tmp_path: Path
+) -> None:
+    path = identity_model(tmp_path / "m.onnx")
+    with pytest.raises(RegistryError, match=r"output 'y', and its producing op \(Identity\)"):
+        registry.add(path, "ident", allowed_modes=("mpc",))
+    assert registry.entries() == []
+
+
+@pytest.mark.parametrize(
+    ("declared", "message"),
+    [
+        ({"y": [1, 0]}, "must be below high"),
+        ({"y": [0, 0]}, "must be below high"),
+        ({"y": [None, None]}, "at least one bound"),
+        ({"y": [0]}, "must be \\[low, high\\]"),
+        ({"y": [0, float("nan")]}, "finite numbers or null"),
+        ({"y": ["0", 1]}, "finite numbers or null"),
+        ({"y": [True, 2]}, "finite numbers or null"),
+        ({"z": [0, 1]}, "unknown output"),
+    ],
+)
+def test_malformed_ranges_are_refused(
+    registry: Registry, tmp_path: Path, declared: dict[str, object], message: str
+) -> None:
+    path = identity_model(tmp_path / "m.onnx")
+    with pytest.raises(RegistryError, match=message):
+        registry.add(path, "ident", allowed_modes=("mpc",), output_ranges=declared)
+
+
+def test_a_malformed_range_in_the_index_is_refused() -> None:
+    raw = {"name": "y", "datatype": "FP32", "shape": [-1, 1], "range": [2, 1]}
+    with pytest.raises(RegistryError, match="must be below high"):
+        TensorSpec.from_json(raw)
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -396,3 +455,23 @@ def test_cli_corrupt_registry_exit_2(tmp_path: Path, capsys: pytest.CaptureFixtu
     (reg / INDEX_FILE).write_text("[]")
     assert main(["model", "list", "--registry", str(reg)]) == 2
     assert "is not a ztgate.registry/1 index" in capsys.readouterr().err
+
+
+def test_cli_add_declares_output_ranges(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    reg = str(tmp_path / "reg")
+    capsys.readouterr()
+    rc = main(["model", "add", str(IRIS), "--name", "iris", "--modes", "none,mpc",
+               "--output-range", "probabilities=0:0.5", "--registry", reg])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    outputs = json.loads(capsys.readouterr().out)["outputs"]
+    declared = [o for o in outputs if o["name"] == "probabilities"]
+    assert declared and declared[0]["range"] == [0.0, 0.5]
+    # An open side, and malformed declarations (usage errors, nothing registered).
+    rc = main(["model", "add", str(IRIS), "--name", "iris", "--version", "2", "--modes",
+               "mpc", "--output-range", "probabilities=0:", "--registry", reg])  # fmt: skip
+    assert rc == 0 and json.loads(capsys.readouterr().out)["outputs"][-1]["range"][1] is None
+    for bad in ("probabilities", "probabilities=a:b", "=0:1"):
+        rc = main(["model", "add", str(IRIS), "--name", "iris", "--version", "3",
+                   "--output-range", bad, "--registry", reg])  # fmt: skip
+        assert rc == 2 and "expected NAME=LOW:HIGH" in capsys.readouterr().err
+    assert [e.version for e in Registry.open(reg).entries()] == ["1", "2"]

@@ -384,3 +384,52 @@ def test_replicas_sharing_redis_honour_each_others_ejections(
         assert "n3" in ejected and tried_on_b == 0  # B never even tried the dead node
     else:
         assert tried_on_b >= 1  # control: without shared state B learns it the hard way
+
+
+def test_verifier_charges_accumulate_and_unresolved_disagreements_charge_nobody(
+    pki: PKI, triton_cluster: TritonCluster, registry_dir: Path
+) -> None:
+    """Reputation from verifiers, on replies that really passed routing (real n1).
+
+    A charge lands after the reply's transport success, which resets the consecutive
+    failure count; charges must survive that (or a node that answers every request with a
+    lie is never ejected), and start over only when an independent node vouches. An
+    unresolved two-party disagreement charges nobody and only counts.
+    """
+    cfg = gateway_config(pki, registry_dir, registry_dir, node_table(triton_cluster))
+    creds = NodeCredentials(cfg.tls.node_ca, cfg.tls.node_client_cert, cfg.tls.node_client_key)
+    clients = [NodeClient(n, creds.channel_credentials()) for n in cfg.nodes]
+    router = Router.from_clients(clients, MemoryStore(), cfg.routing)
+    entry = Registry.open(registry_dir).get("iris")
+    inputs = (Tensor("input", "FP32", IRIS.shape, IRIS),)
+    n1, n2, _ = (n.name for n in cfg.nodes)
+    k = cfg.routing.eject_after_failures
+
+    async def answered(node: str) -> str:
+        routed = await router.infer(
+            entry, inputs, ("probabilities",), time.monotonic() + 30, lambda n: n.name == node
+        )
+        return routed.node.name
+
+    async def scenario() -> None:
+        try:
+            # Control: a vouch between charges (the node was outvoted once, then agreed).
+            for _ in range(2 * k):
+                await router.charge(await answered(n1))
+                router.vouch(await answered(n1))
+            assert router.nodes[n1].ejections == 0 and n1 not in router.ejected
+            # k verdicts in a row against it, each after a successful reply: ejected.
+            for _ in range(k):
+                await router.charge(await answered(n1))
+            assert router.nodes[n1].ejections == 1 and n1 in router.ejected
+            # Disputes nothing resolved, however many: no charge, no ejection, an alert.
+            for _ in range(4 * k):
+                router.unresolved("redundant", [await answered(n2), "n-other"], "test")
+            state = router.nodes[n2]
+            assert (state.failed, state.charges, state.ejections) == (0, 0, 0)
+            assert state.disputed == 4 * k and n2 not in router.ejected
+            assert router.unresolved_disagreements == {"redundant": 4 * k}
+        finally:
+            await router.close()
+
+    asyncio.run(scenario())

@@ -30,14 +30,14 @@ import tritonclient.grpc as grpcclient
 from onnx import numpy_helper
 
 from gateway.app import Gateway
-from gateway.config import NodeConfig
+from gateway.config import NodeConfig, parse_config
 from gateway.node.repository import build_repository, render_config
 from gateway.pipeline import Exchange, PolicyStage
 from gateway.pki import PKI
 from gateway.protocol.problems import InvalidTensor, UpstreamFailed
 from gateway.protocol.tensors import InferRequest, Tensor
 from gateway.registry import ModelEntry, Registry, seed_examples
-from gateway.runtime import build_gateway
+from gateway.runtime import ProductionRefused, add_proof_modes, build_gateway, srs_refusals
 from gateway.verify.zk import ZkVerification
 from tests.conftest import SITE, one_off_node
 from tests.gateway_harness import client_context, gateway_config, running_gateway
@@ -700,14 +700,19 @@ def test_zk_request_through_the_gateway(
     capsys.readouterr()
     assert main(["audit", "trust", "--log-dir", str(tmp_path / "receipts")]) == 0
     trust.write_text(capsys.readouterr().out)
-    assert main(["verify", str(bundle), "--trust", str(trust), "--json"]) == 0
+    # A dev cluster's proof is made under a locally generated SRS: it proves nothing, and
+    # the report says so in words unless the auditor accepts it for a dev cluster.
+    assert main(["verify", str(bundle), "--trust", str(trust)]) == 1
+    refused = capsys.readouterr().out
+    assert "[dev-srs]" in refused and "could forge any proof" in refused
+    assert main(["verify", str(bundle), "--trust", str(trust), "--json", "--allow-dev-srs"]) == 0
     report = capsys.readouterr().out
     assert '"proof_reverified": true' in report
     proof = next(bundle.glob(f"logs/*/evidence/{rid}.proof.json"))
     doctored = json.loads(proof.read_text())
     doctored["instances"][0][-1] = doctored["instances"][0][0]  # another claimed output
     proof.write_text(json.dumps(doctored))
-    assert main(["verify", str(bundle), "--trust", str(trust), "--json"]) == 1
+    assert main(["verify", str(bundle), "--trust", str(trust), "--allow-dev-srs"]) == 1
     assert "zk-evidence-mismatch" in capsys.readouterr().out
 
 
@@ -777,3 +782,39 @@ def test_node_cli_serves_the_prover_from_onboarded_artefacts(
     # A directory that holds no onboarded model.
     assert main([*base, "--flavour", "python", "--zk-artefacts", str(tmp_path)]) == 2
     assert f"--zk-artefacts {tmp_path}:" in (err := capsys.readouterr().err), err
+
+
+def test_production_serves_only_pinned_ceremony_srs(
+    zk_dir: Path, other_model_dir: Path, tmp_path: Path
+) -> None:
+    """A record made with a locally generated SRS, or with an SRS the config does not pin,
+    is refused at start in production; the refusal says how to fix it."""
+    dev, prod = VerifierArtefacts.from_dir(zk_dir), VerifierArtefacts.from_dir(other_model_dir)
+    pin = prod.record.srs_sha256
+    [dev_refusal] = srs_refusals([dev], [pin])
+    assert "locally generated SRS" in dev_refusal and "--srs FILE" in dev_refusal
+    [unpinned] = srs_refusals([prod], [])
+    assert pin in unpinned and "zk.srs_sha256" in unpinned
+    assert srs_refusals([prod], [pin.upper()]) == []  # control: pinned, ceremony-style
+
+    def start(mode: str, artefacts: Path, pins: list[str]) -> dict[str, Any]:
+        raw = {
+            "mode": mode,
+            "registry": "r",
+            "data_dir": str(tmp_path / "data"),
+            "tls": dict.fromkeys(
+                ("cert", "key", "client_ca", "node_ca", "node_client_cert", "node_client_key"),
+                "x",
+            ),
+            "zk": {"artefacts": [str(artefacts)], "srs_sha256": pins},
+        }
+        gw: Any = dataclasses.make_dataclass("G", ["verifiers", "background"])({}, [])
+        add_proof_modes(parse_config(raw, tmp_path), gw)
+        return dict(gw.verifiers)
+
+    with pytest.raises(ProductionRefused, match="locally generated SRS"):
+        start("production", zk_dir, [pin])
+    with pytest.raises(ProductionRefused, match="does not pin"):
+        start("production", other_model_dir, [])
+    assert "zk" in start("production", other_model_dir, [pin])
+    assert "zk" in start("dev", zk_dir, [])  # dev keeps serving it, with a warning per answer

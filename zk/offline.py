@@ -26,7 +26,11 @@ from zk.verifier import _ezkl, _parse, verify_proof
 MATERIAL = ("proof.json", "zk.json", "vk", "settings.json", "srs")
 
 
-def verify_zk_evidence(receipt: Receipt, evidence: Mapping[str, bytes]) -> Verdict:
+def verify_zk_evidence(
+    receipt: Receipt, evidence: Mapping[str, bytes], *, allow_dev_srs: bool = False
+) -> Verdict:
+    """`allow_dev_srs` accepts proofs under a locally generated SRS: for a dev cluster
+    only, since whoever generated that SRS can forge any proof."""
     rid = receipt.receipt_id
     files = {name: evidence.get(f"{rid}.{name}") for name in MATERIAL}
     missing = [name for name, data in files.items() if not data]
@@ -52,6 +56,14 @@ def verify_zk_evidence(receipt: Receipt, evidence: Mapping[str, bytes]) -> Verdi
         return Verdict.failure("zk-evidence-mismatch", f"bad zk record: {exc}")
     if receipt.model is not None and record.model_sha256 != receipt.model.sha256:
         return Verdict.failure("zk-evidence-mismatch", "the zk record is for another model")
+    if record.dev_srs and not allow_dev_srs:
+        return Verdict.failure(
+            "dev-srs",
+            "the proof was made under a locally generated (development) SRS; whoever "
+            "generated it could forge any proof, so it proves nothing. Production models "
+            "are onboarded with a public ceremony SRS (--allow-dev-srs accepts it for a "
+            "dev cluster)",
+        )
     parsed = _parse(got["proof.json"], record)
     if not isinstance(parsed, tuple):
         return Verdict.failure("zk-proof-invalid", f"{parsed.reason}: {parsed.detail}")

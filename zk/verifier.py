@@ -30,7 +30,10 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import tempfile
+import threading
+import time
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,7 +225,28 @@ def verify_proof(
 # --------------------------------------------------------------------------- worker pool
 
 
-def _worker_init(cache_dir: str) -> None:
+# How often a worker checks that the gateway that spawned it is still there.
+ORPHAN_POLL_S = 0.5
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    # When the gateway dies without shutting the pool down (SIGKILL, OOM killer), workers
+    # would wait on the call queue forever: each holds the queue's write end itself, so
+    # they never see EOF. Reparenting is the one sign that always comes. (Not
+    # PR_SET_PDEATHSIG: it fires when the forking *thread* ends, and the executor forks
+    # from whichever thread submits.)
+    while os.getppid() == parent:
+        time.sleep(ORPHAN_POLL_S)
+    os._exit(1)
+
+
+def _worker_init(cache_dir: str, parent: int) -> None:
+    # A terminal's Ctrl-C reaches the whole process group: the gateway, not the signal,
+    # shuts the workers down, after its in-flight verifications.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(
+        target=_exit_when_orphaned, args=(parent,), name="orphan-watch", daemon=True
+    ).start()
     os.environ["EZKL_REPO_PATH"] = cache_dir
     _ezkl()
 
@@ -250,7 +274,7 @@ class ZkVerifierPool:
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_worker_init,
-            initargs=(self.cache_dir,),
+            initargs=(self.cache_dir, os.getpid()),
         )
 
     async def warm(self) -> None:

@@ -21,7 +21,8 @@ def register(sub: Any) -> None:
     export.set_defaults(func=_export)
 
     trust = verbs.add_parser(
-        "trust", help="print a trust-file template from a log dir's published keys"
+        "trust",
+        help="print a trust-file template from a log dir's published keys and its logs' origins",
     )
     trust.add_argument("--log-dir", type=Path, required=True, metavar="DIR")
     trust.add_argument("--origin-prefix", help="trust log keys for origins with this prefix")
@@ -73,17 +74,24 @@ def _trust(args: argparse.Namespace) -> int:
     from gateway.receipts.log import ReceiptLog
     from gateway.receipts.signing import KeySet, raw_public
 
-    keys: dict[str, dict[str, str]] = {}
+    keys: dict[str, dict[str, Any]] = {}
     witnesses: dict[str, str] = {}
     for path in _logs(args.log_dir):
         rl = ReceiptLog.open_readonly(path)
         try:
             nk = rl.note_key()
             prefix = args.origin_prefix or rl.origin.rsplit("/", 1)[0] + "/"
-            keys[prefix + b64(raw_public(nk.public_key))] = {
-                "origin_prefix": prefix,
-                "public_key": b64(raw_public(nk.public_key)),
-            }
+            entry = keys.setdefault(
+                prefix + b64(raw_public(nk.public_key)),
+                {
+                    "origin_prefix": prefix,
+                    "public_key": b64(raw_public(nk.public_key)),
+                    "origins": [],
+                },
+            )
+            # Every log the operator has: a bundle missing one of them is then invalid
+            # (missing-log). Logs started later must be added by the auditor.
+            entry["origins"].append(rl.origin)
             witnesses.update(rl.witness_vkeys())
         finally:
             rl.close_sync()
@@ -119,7 +127,10 @@ def _erase(args: argparse.Namespace) -> int:
             total += rl.erase_sync(rids, args.reason)
         finally:
             rl.close_sync()
-    print(f"erased {total} receipt bod{'y' if total == 1 else 'ies'}; leaves and proofs kept")
+    print(
+        f"erased {total} receipt bod{'y' if total == 1 else 'ies'}; leaves and proofs kept; "
+        "the erasure is logged at the active log's next checkpoint"
+    )
     return 0
 
 

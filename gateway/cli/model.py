@@ -38,6 +38,13 @@ def register(subparsers: Any) -> None:
         default="none",
         help=f"comma-separated subset of {','.join(MODES)} (default none)",
     )
+    add.add_argument(
+        "--output-range",
+        action="append",
+        default=[],
+        metavar="NAME=LOW:HIGH",
+        help="an output's range, checked on mpc answers (repeatable; empty side unbounded)",
+    )
     _registry_option(add)
     add.set_defaults(func=_add)
 
@@ -74,13 +81,27 @@ def _open(args: argparse.Namespace) -> Registry:
 
 def _add(args: argparse.Namespace) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    ranges = dict(_output_range(text) for text in args.output_range)
     registry = _open(args)
     try:
-        entry = registry.add(args.file, args.name, args.version, args.classification, modes)
+        entry = registry.add(
+            args.file, args.name, args.version, args.classification, modes, ranges or None
+        )
     except RegistryError as exc:
         raise UsageError(str(exc)) from exc
     print(json.dumps(entry.to_json(), indent=2))
     return 0
+
+
+def _output_range(text: str) -> tuple[str, list[float | None]]:
+    name, sep, bounds = text.partition("=")
+    low, colon, high = bounds.partition(":")
+    try:
+        if not (name and sep and colon):
+            raise ValueError
+        return name, [float(low) if low else None, float(high) if high else None]
+    except ValueError:
+        raise UsageError(f"--output-range {text!r}: expected NAME=LOW:HIGH") from None
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""`ztgate policy ...`: check, test and explain Cedar policy (written for security officers).
+"""`ztgate policy ...`: check, test, explain and diff Cedar policy (for security officers).
 
 Exit codes: 0 all good, 1 the policies (or their tests) have problems, 2 bad usage.
 """
@@ -6,19 +6,32 @@ Exit codes: 0 all good, 1 the policies (or their tests) have problems, 2 bad usa
 from __future__ import annotations
 
 import argparse
+import difflib
+import json
 from pathlib import Path
 from typing import Any
 
+from cedarpy import policies_to_json_str
+
 from gateway.cli import UsageError
 from gateway.policy.engine import InferDecision
-from gateway.policy.facts import MODES
+from gateway.policy.facts import ADMIN_ACTIONS, MODES
 from gateway.policy.golden import (
     RequestFormatError,
     load_request,
     run_goldens,
     run_request,
 )
-from gateway.policy.source import PolicyError, PolicySource, load_policy_dir
+from gateway.policy.source import (
+    IDENTITIES_FILE,
+    SCHEMA_FILE,
+    PolicyError,
+    PolicyInfo,
+    PolicySource,
+    load_policy_dir,
+    named_actions,
+    unmarked_removals,
+)
 
 DEFAULT_DIR = Path("policies")
 
@@ -39,6 +52,11 @@ def register(subparsers: Any) -> None:
     explain.add_argument("request", type=Path, metavar="REQUEST.json")
     explain.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="default: policies")
     explain.set_defaults(func=_explain)
+
+    diff = verbs.add_parser("diff", help="what an edit changes: rules added, removed, changed")
+    diff.add_argument("old", type=Path, metavar="OLD_DIR", help="the policy in force")
+    diff.add_argument("new", type=Path, metavar="NEW_DIR", help="the edited policy")
+    diff.set_defaults(func=_diff)
 
     _register_bundle(verbs)
 
@@ -124,6 +142,57 @@ def _explain(args: argparse.Namespace) -> int:
     if isinstance(outcome.decision, InferDecision):
         _table(outcome.decision, [n.name for n in request.nodes])
     return 0
+
+
+def _diff(args: argparse.Namespace) -> int:
+    """Rule by rule (by @id), what NEW changes against OLD; exit 1 when a reload of NEW
+    over OLD would be refused for dropping a forbid without a @removes marker."""
+    old, new = _load(args.old), _load(args.new)
+    if old is None or new is None:
+        return 1
+    before = {p.id: p for p in old.policies}
+    after = {p.id: p for p in new.policies}
+    markers = new.removal_markers()
+    unmarked = [p.id for p in unmarked_removals(old, new)]  # in file order
+    lines: list[str] = []
+    for p in old.policies:
+        if p.id in after:
+            continue
+        line = f"- {p.effect} {p.id} ({p.file}:{p.line})"
+        if p.id in unmarked:
+            line += f'  NOT MARKED: a reload refuses this; add @removes("{p.id}") to confirm'
+        elif p.id in markers:
+            m = markers[p.id]
+            line += f"  marked by @removes on {m.id} ({m.file}:{m.line})"
+        lines.append(line)
+    for p in new.policies:
+        was = before.get(p.id)
+        if was is not None and was.text == p.text and was.effect == p.effect:
+            continue
+        lines.append(f"{'~' if was else '+'} {p.effect} {p.id} ({p.file}:{p.line}){_grants(p)}")
+        if was is not None:
+            body = difflib.unified_diff(was.text.split("\n"), p.text.split("\n"), lineterm="")
+            lines += [f"    {d}" for d in list(body)[2:]]  # skip the ---/+++ header
+    if old.schema_text != new.schema_text:
+        lines.append(f"~ {SCHEMA_FILE} changed")
+    if old.identities.canonical() != new.identities.canonical():
+        lines.append(f"~ {IDENTITIES_FILE} changed")
+    print(f"policy diff {args.old} -> {args.new}")
+    print("\n".join(lines) if lines else "no rule changed")
+    print(f"policy set hash {old.hash} -> {new.hash}")
+    if unmarked:
+        print(f"\na reload refuses this: forbid rule(s) dropped unmarked: {', '.join(unmarked)}")
+        return 1
+    return 0
+
+
+def _grants(info: PolicyInfo) -> str:
+    """For a permit naming admin actions: say so, they are what an officer must notice."""
+    if info.effect != "permit":
+        return ""
+    body = next(iter(json.loads(policies_to_json_str(info.text))["staticPolicies"].values()))
+    admin = sorted((named_actions(body["action"]) or frozenset()) & set(ADMIN_ACTIONS))
+    return f"  grants {', '.join(admin)}" if admin else ""
 
 
 def _table(decision: InferDecision, nodes: list[str]) -> None:
@@ -250,7 +319,6 @@ def _read_nodes(path: Path) -> tuple[list[Any], dict[str, Any]]:
 
 def _bundle_sign(args: argparse.Namespace) -> int:
     import datetime as dt
-    import json
 
     from gateway.pki import PKIError, load_signing_key
     from gateway.policy.bundle import build_bundle, facts_from, sign_bundle

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from gateway.cli import UsageError
+
+if TYPE_CHECKING:
+    from gateway.cluster import LocalCluster
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +27,28 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_up)
 
 
+def _stop_on_signals(cluster: LocalCluster) -> None:
+    """SIGTERM and SIGHUP stop `up` in order, as Ctrl-C (KeyboardInterrupt) does.
+
+    Python's default for either is to die on the spot, without the `finally` that stops the
+    nodes and parties. While the gateway serves, uvicorn holds SIGINT and SIGTERM itself:
+    it drains, runs the lifespan shutdown (verifier pool, MPC sessions), puts these
+    handlers back and raises the signal again, which lands here.
+    """
+
+    def on_term(signum: int, _frame: FrameType | None) -> None:
+        cluster.halt()
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    def on_hup(_signum: int, _frame: FrameType | None) -> None:
+        # As SIGTERM, through whoever holds SIGTERM now, so that the gateway drains too.
+        signal.raise_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_hup)
+    # SIGINT keeps Python's own handler: asyncio.Runner (under uvloop.run) looks for it.
+
+
 def _up(args: argparse.Namespace) -> int:
     from gateway.cluster import LocalCluster
     from gateway.config import ConfigError, load_config
@@ -33,12 +60,14 @@ def _up(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    # Before the first child exists: a signal from here on ends in cluster.stop().
+    _stop_on_signals(cluster)
     try:
-        table = cluster.start()
-    except NodeStartError as exc:
-        print(f"ztgate: a node failed to start: {exc}")
-        return 1
-    try:
+        try:
+            table = cluster.start()
+        except NodeStartError as exc:
+            print(f"ztgate: a node failed to start: {exc}")
+            return 1
         root = cluster.root
         print("nodes (gRPC, mutual TLS; callers must hold the site's gateway certificate):")
         for n in table:
@@ -50,14 +79,15 @@ def _up(args: argparse.Namespace) -> int:
         if args.no_gateway:
             import threading
 
-            print("nodes are up; Ctrl-C stops them")
+            print("nodes are up; Ctrl-C stops them", flush=True)
             threading.Event().wait()
             return 0
         demo = root / "pki" / "clients" / "demo"
         print(f"gateway: https://127.0.0.1:{args.port}  (admin http://127.0.0.1:{args.admin_port})")
         print(
             f"  curl --cacert {root}/pki/root/ca.crt --cert {demo}/client.crt "
-            f"--key {demo}/client.key https://127.0.0.1:{args.port}/v2/models/iris"
+            f"--key {demo}/client.key https://127.0.0.1:{args.port}/v2/models/iris",
+            flush=True,
         )
         from gateway import runtime
 
@@ -65,8 +95,12 @@ def _up(args: argparse.Namespace) -> int:
             runtime.run(load_config(cluster.config_path))
         except ConfigError as exc:
             raise UsageError(str(exc)) from exc
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt as exc:
+        log.info("%s: stopping the cluster", exc.args[0] if exc.args else "SIGINT")
     finally:
+        # A second signal must not cut the stop short (that would orphan what is left);
+        # SIGKILL still ends us, and then PR_SET_PDEATHSIG ends the children.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         cluster.stop()
     return 0

@@ -28,8 +28,14 @@ def register(sub: Any) -> None:
                    help="the auditor's trust file: the only source of keys")  # fmt: skip
     p.add_argument("--require-witness", action="append", default=[], metavar="NAME",
                    help="require a valid cosignature from this witness (repeatable)")  # fmt: skip
+    p.add_argument("--witness-quorum", type=int, metavar="K",
+                   help="require valid cosignatures from at least K of the trust file's "
+                   "witnesses (default: the trust file's witness_policy.quorum)")  # fmt: skip
     p.add_argument("--salts", type=Path, metavar="FILE",
                    help="a client's salts and tensors, to check commitments")  # fmt: skip
+    p.add_argument("--allow-dev-srs", action="store_true",
+                   help="DANGER: accept zk proofs made under a locally generated SRS "
+                   "(forgeable; for a dev cluster only)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.add_argument("--now", metavar="ISO", help="judge key retirement as of this time")
     p.set_defaults(func=_verify)
@@ -49,7 +55,8 @@ def _verify(args: argparse.Namespace) -> int:
     try:  # zk receipts' proofs are re-verified when ezkl is installed
         from zk.offline import verify_zk_evidence
 
-        register_proof_verifier("zk", verify_zk_evidence)
+        allow = bool(args.allow_dev_srs)
+        register_proof_verifier("zk", lambda r, ev: verify_zk_evidence(r, ev, allow_dev_srs=allow))
     except ImportError:
         pass
 
@@ -59,7 +66,9 @@ def _verify(args: argparse.Namespace) -> int:
         now = parse_time(args.now) if args.now else dt.datetime.now(dt.UTC)
         if not args.target.exists():
             raise UsageError(f"{args.target} does not exist")
-        report = verify_path(args.target, trust, args.require_witness, salts, now)
+        report = verify_path(
+            args.target, trust, args.require_witness, salts, now, args.witness_quorum
+        )
     except (TrustError, BundleError) as exc:
         raise UsageError(str(exc)) from exc
     except (OSError, ValueError) as exc:

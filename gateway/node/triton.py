@@ -8,21 +8,29 @@ Failure modes this module exists for (all seen with tritonserver 2.51):
 
 * The python-backend stub cannot start (wrong ``LD_LIBRARY_PATH``, a model that hangs in
   ``initialize``): tritonserver sits in "loading" forever. Hence a start-up deadline after
-  which the whole process group is killed and :class:`NodeStartError` carries the log tail.
+  which the server and its stubs are killed and :class:`NodeStartError` carries the log tail.
 * A stub dies (OOM killer, SIGKILL): the server and the model still say "ready" while every
   inference fails, and the stub is never restarted. Hence :class:`NodeSupervisor` checks the
   stubs and runs a probe inference, and restarts the whole tritonserver (~2 s) on failure.
 * The python backend's shared-memory regions outlive a killed server; every stop removes
   ``/dev/shm/<prefix>*`` (the prefix is unique per node and per launching process).
+* The launcher dies without stopping its nodes (SIGKILL, OOM killer, a crash): nothing would
+  ever stop them. Hence every child is started by :func:`spawn_tied`, in the launcher's
+  process group and with ``PR_SET_PDEATHSIG`` = SIGKILL. The stubs follow their server: each
+  watches that its server is alive and exits once it is gone ("Non-graceful termination
+  detected"), within about a second (tests/system/test_shutdown.py).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import ctypes
 import importlib.util
 import json
 import logging
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -126,6 +134,116 @@ def triton_env(
     return env
 
 
+# --------------------------------------------------------------------------- tied children
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+        return prctl
+    except (OSError, AttributeError):
+        return None
+
+
+# Looked up here, in the parent: between fork and exec the child must not load libraries.
+_prctl = _load_prctl()
+
+
+def _die_with(parent: int) -> Callable[[], None] | None:
+    """A preexec_fn: SIGKILL this child when its parent dies, however the parent dies."""
+    prctl = _prctl
+    if prctl is None:
+        return None
+    sigkill = int(signal.SIGKILL)
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, sigkill)
+        # The parent may have died between fork and prctl: then no signal would ever come.
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
+_Job = tuple[concurrent.futures.Future[subprocess.Popen[Any]], list[str], dict[str, Any]]
+
+
+class _Spawner:
+    """Forks every tied child from one daemon thread that lives as long as the process.
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked the child ends, not the process.
+    Nodes are started from short-lived threads (LocalCluster starts them in parallel, one
+    thread each): forked there, each node would be killed as soon as its starter returned.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def forget(self) -> None:
+        # A forked child has no spawner thread, only the record of one: it would wait
+        # on the queue forever. It gets its own on first use.
+        self._jobs = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread = None
+
+    def popen(self, cmd: list[str], kwargs: dict[str, Any]) -> subprocess.Popen[Any]:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="spawner", daemon=True)
+                self._thread.start()
+        done: concurrent.futures.Future[subprocess.Popen[Any]] = concurrent.futures.Future()
+        self._jobs.put((done, cmd, kwargs))
+        try:
+            return done.result()
+        except BaseException:
+            # Interrupted (a signal turned into KeyboardInterrupt) while the spawner forks:
+            # nobody will hold that child, so it is killed as soon as it exists.
+            done.add_done_callback(_kill_unclaimed)
+            raise
+
+    def _serve(self) -> None:
+        while True:
+            done, cmd, kwargs = self._jobs.get()
+            if not done.set_running_or_notify_cancel():
+                continue
+            try:
+                done.set_result(subprocess.Popen(cmd, preexec_fn=_die_with(os.getpid()), **kwargs))
+            except BaseException as exc:  # handed to the caller, who raises it
+                done.set_exception(exc)
+
+
+def _kill_unclaimed(done: concurrent.futures.Future[subprocess.Popen[Any]]) -> None:
+    if done.cancelled() or done.exception() is not None:
+        return
+    proc = done.result()
+    proc.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
+_spawner = _Spawner()
+os.register_at_fork(after_in_child=_spawner.forget)
+
+
+def spawn_tied(cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+    """``subprocess.Popen(cmd, **kwargs)`` for a child that must never outlive this process.
+
+    The child stays in our process group, so whoever signals or inspects the group (a
+    terminal's Ctrl-C, systemd, a test) reaches it; and on Linux it gets SIGKILL when this
+    process dies, even by SIGKILL, when nothing of ours runs to stop it (PR_SET_PDEATHSIG).
+    """
+    for own in ("start_new_session", "process_group", "preexec_fn"):
+        if own in kwargs:
+            raise TypeError(f"spawn_tied sets {own} itself")
+    return _spawner.popen(list(cmd), kwargs)
+
+
 # --------------------------------------------------------------------------- one process
 
 
@@ -162,6 +280,15 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[1])
 
 
+def _start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks after boot): a recycled pid has another one."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(raw[raw.rfind(")") + 2 :].split()[19])
+
+
 def pid_alive(pid: int) -> bool:
     """True if ``pid`` exists and is not a zombie (a zombie stub is as dead as a missing one)."""
     stat = _proc_stat(pid)
@@ -185,6 +312,17 @@ def children(pid: int, cmdline_contains: str | None = None) -> list[int]:
             if cmdline_contains not in cmd:
                 continue
         found.append(int(entry.name))
+    return sorted(found)
+
+
+def descendants(pid: int) -> list[int]:
+    """Live children of ``pid``, their children, and so on."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        kids = children(todo.pop())
+        found += kids
+        todo += kids
     return sorted(found)
 
 
@@ -227,6 +365,9 @@ class TritonProcess:
         # The launching pid keeps two test runs (or two gateways) on one host apart.
         self.shm_prefix = f"ztgate_{spec.name}_{os.getpid()}_{spec.grpc_port}_"
         self._proc: subprocess.Popen[bytes] | None = None
+        # The server's children (pid -> start time) as of its last start: stop() must still
+        # find them if the server died first and they became init's.
+        self._kids: dict[int, int] = {}
         self._log: TextIO | None = None
         self.started_at: float | None = None
         self.ready_after_s: float | None = None
@@ -322,15 +463,14 @@ class TritonProcess:
         self._log.flush()
         self.started_at = self.clock()
         self.ready_after_s = None
-        self._proc = subprocess.Popen(
+        self._kids = {}
+        self._proc = spawn_tied(
             self.command(),
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
             cwd=s.workdir,
-            # Own session and process group: stop() can kill the stubs along with the server.
-            start_new_session=True,
         )
         log.info("node %s: tritonserver pid %d starting", s.name, self._proc.pid)
         deadline = self.started_at + deadline_s
@@ -344,6 +484,7 @@ class TritonProcess:
                 )
             if self.ready(timeout=min(_POLL_TIMEOUT_S, max(0.05, deadline - self.clock()))):
                 self.ready_after_s = self.clock() - self.started_at
+                self._kids = _identities(descendants(self._proc.pid))
                 log.info("node %s ready in %.2fs", s.name, self.ready_after_s)
                 return self.ready_after_s
             time.sleep(_POLL_INTERVAL_S)
@@ -354,23 +495,34 @@ class TritonProcess:
         )
 
     def stop(self, timeout: float = 5.0) -> int | None:
-        """SIGTERM the process group, SIGKILL what is left after ``timeout``; returns the rc."""
+        """SIGTERM the server, SIGKILL it after ``timeout``, then its leftover children.
+
+        The server shares our process group (see :func:`spawn_tied`), so its children are
+        found by parentage, not by group.
+        """
         proc, self._proc = self._proc, None
         rc: int | None = None
         if proc is not None:
-            pgid = proc.pid  # start_new_session made it the group leader
-            _signal_group(pgid, signal.SIGTERM)
+            # Noted before the server goes: then its children become init's.
+            kids = {**self._kids, **_identities(descendants(proc.pid))}
+            self._kids = {}
+            proc.send_signal(signal.SIGTERM)
             try:
                 rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 log.warning(
                     "node %s: no exit %.1fs after SIGTERM, killing", self.spec.name, timeout
                 )
-            # Even after the server exits, orphaned stubs may still hold the group.
-            _signal_group(pgid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                rc = proc.wait(timeout=timeout)
-            _wait_group_gone(pgid, timeout)
+                proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    rc = proc.wait(timeout=timeout)
+            # A stub leaves on its own once its server is gone; one stuck (a model hung in
+            # native code) might not, so whatever is left is killed now.
+            for pid, started in kids.items():
+                if _start_time(pid) == started:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGKILL)
+            _wait_gone(kids, timeout)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -389,30 +541,23 @@ class TritonProcess:
         self.stop()
 
 
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
+def _identities(pids: list[int]) -> dict[int, int]:
+    found = {}
+    for pid in pids:
+        started = _start_time(pid)
+        if started is not None:
+            found[pid] = started
+    return found
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live processes whose process group is ``pgid``."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if os.getpgid(int(entry.name)) == pgid and pid_alive(int(entry.name)):
-                members.append(int(entry.name))
-        except (ProcessLookupError, PermissionError):
-            continue
-    return members
-
-
-def _wait_group_gone(pgid: int, timeout: float) -> None:
+def _wait_gone(kids: Mapping[int, int], timeout: float) -> None:
     # Orphaned stubs are reparented to init (or a subreaper) and reaped there; wait for it
     # so callers can rely on "stop() returned" meaning "nothing of the node is left".
+    def left() -> bool:
+        return any(_start_time(p) == t and pid_alive(p) for p, t in kids.items())
+
     end = time.monotonic() + timeout
-    while group_members(pgid) and time.monotonic() < end:
+    while left() and time.monotonic() < end:
         time.sleep(0.05)
 
 
@@ -498,6 +643,14 @@ class NodeSupervisor:
         )
         self._thread.start()
         return took
+
+    def halt(self) -> None:
+        """No more checks or restarts; the node runs on until :meth:`stop`.
+
+        Safe from a signal handler. For a shutdown: a signal sent to the whole process group
+        (Ctrl-C, systemd) reaches tritonserver too, and must not look like a crash.
+        """
+        self._stop.set()
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import cedarpy
 
 from gateway.policy import facts as F
-from gateway.policy.source import PolicySource
+from gateway.policy.source import PolicySource, named_actions
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,13 @@ class PolicyEngine:
         self.default_rate = default_rate
         self._models = dict(models)
         self._nodes = {n.name: n for n in nodes}
-        self._policies = cedarpy.PolicySet.from_json_str(source.policy_set_json())
+        policy_json = source.policy_set_json()
+        self._policies = cedarpy.PolicySet.from_json_str(policy_json)
+        # What each policy's action scope names, read from the very text Cedar runs.
+        self._named = {
+            pid: named_actions(body["action"])
+            for pid, body in json.loads(policy_json)["staticPolicies"].items()
+        }
         self._schema = cedarpy.Schema.from_str(source.schema_text)
         self._request_schema = self._schema if check_requests else None
         ents = [F.group_entity(g) for g in source.identities.groups()]
@@ -330,6 +336,14 @@ class PolicyEngine:
         }
         answer = cedarpy.is_authorized(request, self._policies, entities, self._request_schema)
         r = _judge(answer, 0, self._order)
+        blanket: tuple[str, ...] = ()
+        if r.allowed and action in F.ADMIN_ACTIONS:
+            # Loading refuses a permit that could grant an admin action without naming it
+            # (source.admin_finding); this holds the line for a policy set that got here
+            # another way: only a determining permit that names the action counts.
+            naming = tuple(pid for pid in r.determining if action in (self._named.get(pid) or ()))
+            blanket = tuple(pid for pid in r.determining if pid not in naming)
+            r = r._replace(allowed=bool(naming), determining=naming)
         if r.errors:
             log.warning(
                 "policy evaluation error for %s %s, denied: %s",
@@ -337,11 +351,15 @@ class PolicyEngine:
                 action,
                 r.errors,
             )
-        reason = (
-            f"allowed by {', '.join(r.determining)}"
-            if r.allowed
-            else _deny_reason(r.determining, r.errors)
-        )
+        if r.allowed:
+            reason = f"allowed by {', '.join(r.determining)}"
+        elif blanket and not r.errors:
+            reason = (
+                f"denied: {action} is granted only by a permit that names it, and "
+                f"{', '.join(blanket)} does not (deny by default)"
+            )
+        else:
+            reason = _deny_reason(r.determining, r.errors)
         return AuthzDecision(
             os.urandom(16).hex(),
             r.allowed,

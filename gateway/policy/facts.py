@@ -29,6 +29,9 @@ RESOURCE_ACTIONS: dict[str, str] = {
     "admin_revoke": "Gateway",
 }
 ACTIONS: tuple[str, ...] = (INFER, *RESOURCE_ACTIONS)
+# Granted only by a permit that names them in its action scope (source.admin_finding,
+# PolicyEngine.authorize): a broad permit must never hand out control of the gateway.
+ADMIN_ACTIONS: tuple[str, ...] = tuple(a for a, t in RESOURCE_ACTIONS.items() if t == "Gateway")
 GATEWAY_ID = "gateway"
 
 SMALL_PAYLOAD = 64 * 1024

@@ -3,7 +3,16 @@
 The gateway never runs with no policy or a half-loaded one: a new policy set (a changed
 directory in dev mode, a signed bundle in production) is loaded and checked off to the
 side and swapped in whole; a rejected one leaves the last-known-good set in place and is
-logged loudly, with the reason.
+logged loudly, with the reason, and counted (`rejected`, the metric
+ztgate_policy_rejected_reloads).
+
+Editors save files in steps (truncate, write, write), so in dev mode the watcher sees
+policy that is cut short. Four things keep such a state from ever deciding a request:
+a cut mid-rule fails to parse; a cut between rules drops rules, and dropping a forbid is
+refused unless the new set carries a `@removes` marker naming it (dropping a permit only
+denies more); a directory with example requests (tests/DENY) must deny every one of them;
+and the watcher judges the directory only once it has stayed unchanged for one poll and
+did not change while it was read.
 """
 
 from __future__ import annotations
@@ -17,7 +26,15 @@ from pathlib import Path
 from gateway.config import Config, NodeConfig
 from gateway.policy.engine import PolicyEngine
 from gateway.policy.facts import ModelFacts, NodeFacts, Rate
-from gateway.policy.source import PolicyError, PolicySource, load_policy_dir
+from gateway.policy.golden import run_goldens
+from gateway.policy.source import (
+    Finding,
+    PolicyError,
+    PolicySource,
+    load_policy_dir,
+    removal_refusal,
+    unmarked_removals,
+)
 from gateway.registry import ModelEntry
 
 log = logging.getLogger(__name__)
@@ -29,6 +46,10 @@ class Loaded:
     origin: str  # "dir:<path>" or "bundle:<path> v<N>"
     version: int = 0  # bundle version; 0 for an unsigned directory
     staleness_budget_s: float | None = None  # the bundle's revocation staleness budget
+    # Run once LivePolicy has accepted this policy, never before: what a loader remembers
+    # (a bundle's rollback floor, the file read at the next start) must not be a policy
+    # that a later check refused.
+    commit: Callable[[], None] | None = None
 
 
 def model_facts(entries: Mapping[str, ModelEntry], cfg: Config) -> dict[str, ModelFacts]:
@@ -58,8 +79,11 @@ class LivePolicy:
     ) -> None:
         self._load = load
         self._watch = tuple(watch)
-        self._stamp = self._stat()
+        self._stamp = self._stat()  # the directory as last judged
+        self._seen = self._stamp  # the directory at the last poll
         self.current = load(None)  # at start a bad policy is fatal: never serve without one
+        if self.current.commit is not None:
+            self.current.commit()
         self.rejected = 0
         self.last_error: str | None = None
         log.warning("policy loaded: %s (hash %s)", self.current.origin, self.engine.source.hash)
@@ -81,8 +105,13 @@ class LivePolicy:
         return tuple(stamps)
 
     def changed(self) -> bool:
+        """True once per settled change: the watched files differ from when they were
+        last judged and are the same as at the previous poll. A save under way usually
+        changes them from one poll to the next, so it is waited out rather than refused;
+        whatever settles half-written is still judged by everything `reload` checks."""
         stamp = self._stat()
-        if stamp == self._stamp:
+        settled, self._seen = stamp == self._seen, stamp
+        if stamp == self._stamp or not settled:
             return False
         self._stamp = stamp
         return True
@@ -90,7 +119,17 @@ class LivePolicy:
     def reload(self, bundle: bytes | None = None) -> bool:
         """Load anew (from `bundle` if given); True when the new policy took effect."""
         try:
+            before = self._stat()
             fresh = self._load(bundle)
+            if bundle is None and self._stat() != before:
+                # Files changed while they were read: what loaded may mix old and new.
+                # The watcher sees the change and judges the directory again.
+                raise ReloadRefused("the policy files changed while they were read")
+            missing = unmarked_removals(self.engine.source, fresh.engine.source)
+            if missing:
+                raise ReloadRefused(removal_refusal(missing))
+            if fresh.commit is not None:
+                fresh.commit()
         except (PolicyError, ReloadRefused, OSError, ValueError) as exc:
             self.rejected += 1
             self.last_error = str(exc)
@@ -121,6 +160,30 @@ def engine_for(
     )
 
 
+def load_checked_dir(directory: Path) -> PolicySource:
+    """`load_policy_dir`, then the directory's DENY example requests (tests/DENY/*.json,
+    if there are any): a set that allows one of them never loads.
+
+    Only DENY failures refuse: an example under ALLOW that the new set denies is logged,
+    because refusing would keep the old set, which may lack a forbid the edit just added.
+    """
+    source = load_policy_dir(directory)
+    if not (directory / "tests").is_dir():
+        return source
+    report = run_goldens(source)
+    findings = [
+        Finding(f"tests/{c.file}", 1, None, None, f"example request: {c.problem}")
+        for c in report.cases
+        if not c.ok and c.expected == "DENY"
+    ]
+    if findings:
+        raise PolicyError(findings)
+    for c in report.cases:
+        if not c.ok:
+            log.warning("policy %s: example tests/%s fails: %s", directory, c.file, c.problem)
+    return source
+
+
 def dir_loader(cfg: Config, entries: Mapping[str, ModelEntry]) -> Callable[[bytes | None], Loaded]:
     """Dev mode: an unsigned directory; facts from the registry and the config."""
     assert cfg.policy.dir is not None
@@ -130,7 +193,7 @@ def dir_loader(cfg: Config, entries: Mapping[str, ModelEntry]) -> Callable[[byte
         if bundle:
             raise ReloadRefused("this gateway reads an unsigned policy directory (dev mode)")
         log.warning("DEV-ONLY: loading UNSIGNED policy directory %s", directory)
-        source = load_policy_dir(directory)
+        source = load_checked_dir(directory)
         engine = engine_for(source, model_facts(entries, cfg), node_facts(cfg.nodes), cfg)
         return Loaded(engine, f"dir:{directory}")
 
@@ -182,17 +245,22 @@ def bundle_loader(
         if missing:
             log.warning("models without facts in the bundle are denied: %s", ", ".join(missing))
         engine = engine_for(result.source, {m.name: m for m in b.facts.models}, b.facts.nodes, cfg)
-        if bundle is not None:
-            # Survive a restart: the accepted bundle becomes the one read at start.
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-        state["version"], state["hash"] = b.version, result.source.hash
+        policy_hash = result.source.hash
+
+        def commit() -> None:
+            if bundle is not None:
+                # Survive a restart: the accepted bundle becomes the one read at start.
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+            state["version"], state["hash"] = b.version, policy_hash
+
         return Loaded(
             engine,
             f"bundle:{path} v{b.version} by {b.signer_key_id}",
             b.version,
             float(b.staleness_budget_s),
+            commit,
         )
 
     return load

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from gateway.policy.identities import EMPTY, IdentityMap, parse_identities
 
 SCHEMA_FILE = "schema.cedarschema"
 IDENTITIES_FILE = "identities.json"
-KNOWN_ANNOTATIONS = frozenset({"id", "rate", "description"})
+KNOWN_ANNOTATIONS = frozenset({"id", "rate", "description", "removes"})
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 _EOF = "unexpected end of input"
 
@@ -82,6 +82,7 @@ class PolicyInfo:
     effect: str  # "permit" or "forbid"
     rate: F.Rate | None
     text: str  # the policy's own source, annotations included
+    removes: tuple[str, ...] = ()  # @removes: rule ids this edit deletes on purpose
 
 
 @dataclass(frozen=True)
@@ -96,12 +97,83 @@ class PolicySource:
     def policy(self, policy_id: str) -> PolicyInfo | None:
         return next((p for p in self.policies if p.id == policy_id), None)
 
+    def forbids(self) -> tuple[PolicyInfo, ...]:
+        return tuple(p for p in self.policies if p.effect == "forbid")
+
+    def removal_markers(self) -> dict[str, PolicyInfo]:
+        """Rule id -> the policy whose @removes names it."""
+        return {pid: p for p in self.policies for pid in p.removes}
+
     def policy_set_json(self) -> str:
         """The policy set as Cedar JSON keyed by @id, so every diagnostic names our ids."""
         est = json.loads(cedarpy.policies_to_json_str("\n".join(p.text for p in self.policies)))
         static = est["staticPolicies"]
         est["staticPolicies"] = {body["annotations"]["id"]: body for body in static.values()}
         return json.dumps(est)
+
+
+def unmarked_removals(active: PolicySource, new: PolicySource) -> tuple[PolicyInfo, ...]:
+    """The forbids of `active` that `new` lacks and no @removes in `new` names.
+
+    A forbid that disappears is what a truncated or half-written file looks like, as much
+    as a deliberate deletion; only the marker tells them apart, so a reload refuses these.
+    """
+    kept = {p.id for p in new.forbids()}
+    marked = new.removal_markers()
+    return tuple(p for p in active.forbids() if p.id not in kept and p.id not in marked)
+
+
+def removal_refusal(missing: tuple[PolicyInfo, ...]) -> str:
+    """Why a reload that drops the forbids `missing` is refused, and how to do it on purpose."""
+    names = ", ".join(f"{p.id} ({p.file}:{p.line})" for p in missing)
+    ids = ", ".join(p.id for p in missing)
+    return (
+        f"the new policy drops forbid rule(s) {names} and no @removes names them; a file "
+        "cut short by a save under way looks just like this. If the removal is meant, "
+        f'put @removes("{ids}") on any rule of the new policy (see policies/README.md)'
+    )
+
+
+def named_actions(scope: Mapping[str, Any]) -> frozenset[str] | None:
+    """The action ids a policy's action scope (Cedar JSON) lists by name; None when the
+    scope is unconstrained (`action`), which matches every action."""
+    op = scope.get("op")
+    if op == "All":
+        return None
+    entities = scope.get("entities") or [scope.get("entity") or {}]
+    return frozenset(str(e.get("id", "")) for e in entities if isinstance(e, dict))
+
+
+def admin_finding(body: Mapping[str, Any]) -> str | None:
+    """Why a permit could grant an admin action without naming it, or None.
+
+    Admin actions are granted only by permits that list them in the action scope. A scope
+    that matches actions it does not name (unconstrained `action`, or `action in` an action
+    group) covers them too, unless the resource scope pins a type admin actions never use.
+    Static and conservative: conditions (`when`) are not read, so `when { action == ... }`
+    does not help; PolicyEngine.authorize applies the same rule per decision.
+    """
+    if body.get("effect") != "permit":
+        return None
+    names = named_actions(body.get("action", {}))
+    if names is not None and names <= set(F.ACTIONS):
+        return None  # only leaf actions: it matches exactly the ones it names
+    resource = body.get("resource", {})
+    pinned = resource.get("entity_type") if resource.get("op") == "is" else None
+    if resource.get("op") == "==":
+        pinned = (resource.get("entity") or {}).get("type")
+    if pinned is not None and pinned != f"{F.NAMESPACE}::Gateway":
+        return None
+    admin = " and ".join(F.ADMIN_ACTIONS)
+    how = (
+        'name the actions it grants, e.g. action == Ztgate::Action::"infer" or '
+        'action in [Ztgate::Action::"read_receipt", Ztgate::Action::"read_proof"]; '
+        "admin actions are granted only by a permit that names them"
+    )
+    if names is None:
+        return f"this permit names no action, so it would also grant {admin}: {how}"
+    groups = ", ".join(sorted(names - set(F.ACTIONS)))
+    return f"action group(s) {groups} may contain {admin} without naming them: {how}"
 
 
 # --------------------------------------------------------------------------- loading
@@ -128,6 +200,7 @@ def load_policy_dir(directory: Path | str) -> PolicySource:
             texts.append((path.name, text))
             policies += _parse_file(path.name, text, findings)
     _check_unique_ids(policies, findings)
+    _check_removal_markers(policies, findings)
 
     identities = EMPTY
     id_text = _read(root / IDENTITIES_FILE, findings)
@@ -274,6 +347,17 @@ def _policy_info(
         return None
     for key in sorted(set(ann) - KNOWN_ANNOTATIONS):
         bad(f"unknown annotation @{key}; the gateway reads @id, @rate and @description", pid)
+    admin = admin_finding(body)
+    if admin is not None:
+        bad(admin, pid)
+    removes: tuple[str, ...] = ()
+    if "removes" in ann:
+        removes = tuple(x for x in re.split(r"[\s,]+", ann["removes"]) if x)
+        wrong = [x for x in removes if not _ID_RE.fullmatch(x)]
+        if not removes:
+            bad('@removes needs the ids of the rules removed, e.g. @removes("old-rule")', pid)
+        elif wrong:
+            bad(f"@removes: {', '.join(wrong)} is not a rule id; separate ids with commas", pid)
     rate = None
     if "rate" in ann:
         if body["effect"] != "permit":
@@ -282,7 +366,7 @@ def _policy_info(
             rate = F.Rate.parse(ann["rate"])
         except ValueError as exc:
             bad(f"@rate: {exc}", pid)
-    return PolicyInfo(pid, name, line, body["effect"], rate, chunk)
+    return PolicyInfo(pid, name, line, body["effect"], rate, chunk, removes)
 
 
 def _check_unique_ids(policies: list[PolicyInfo], findings: list[Finding]) -> None:
@@ -300,6 +384,21 @@ def _check_unique_ids(policies: list[PolicyInfo], findings: list[Finding]) -> No
                     "every policy needs its own name",
                 )
             )
+
+
+def _check_removal_markers(policies: list[PolicyInfo], findings: list[Finding]) -> None:
+    """A marker naming a rule that is here is left over from an earlier removal: it would
+    wave the next removal of that rule through unmarked, so it must go first."""
+    here = {p.id: p for p in policies}
+    for p in policies:
+        for pid in p.removes:
+            if pid in here:
+                found = here[pid]
+                msg = (
+                    f"@removes names {pid!r}, which is still here at {found.file}:{found.line}:"
+                    f" take {pid!r} out of @removes (markers are for the edit that deletes)"
+                )
+                findings.append(Finding(p.file, p.line, None, p.id, msg))
 
 
 # --------------------------------------------------------------------------- locating

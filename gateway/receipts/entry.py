@@ -1,14 +1,34 @@
 """The typed leaves of a receipt log and the tlog-proof header: what a log writer and an
-offline verifier must agree on, byte for byte, and nothing else."""
+offline verifier must agree on, byte for byte, and nothing else.
+
+Two leaf types commit to a small JSON record (RFC 8785) shipped beside the leaf in
+bundles, rather than to an opaque payload, because a verifier must read them:
+
+- ``log_start`` (always leaf 0 of a log): `start_record`, naming the log this one
+  succeeds on the same replica (its origin, and the size and root of its last checkpoint),
+  or none (genesis). A bundle that leaves out a predecessor cannot hide it.
+- ``erasure``: `erasure_record`, the log and indices whose bodies were deleted, and why.
+  An index whose body is absent is erased only if such a leaf says so.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
-from gateway.receipts.canonical import canonical_json
+from gateway.receipts.canonical import b64, canonical_json
 
-__all__ = ["ENTRY_TYPES", "TLOG_PROOF_HEADER", "LogEntry"]
+__all__ = [
+    "ENTRY_TYPES",
+    "TLOG_PROOF_HEADER",
+    "LogEntry",
+    "erasure_record",
+    "record_entry",
+    "start_record",
+]
 
 ENTRY_TYPES = (
     "receipt",
@@ -17,6 +37,8 @@ ENTRY_TYPES = (
     "node_quarantine",
     "node_release",
     "late_evidence",
+    "erasure",
+    "log_start",
 )
 TLOG_PROOF_HEADER = "c2sp.org/tlog-proof@v1"
 
@@ -65,3 +87,24 @@ class LogEntry:
         if entry.leaf_data() != data:
             raise ValueError("log entry is not canonical")
         return entry
+
+
+def start_record(predecessor: tuple[str, int, bytes] | None) -> bytes:
+    """The bytes a ``log_start`` leaf hashes: RFC 8785 JSON of
+    ``{"predecessor": null}`` or ``{"predecessor": {"origin", "root" (base64), "size"}}``."""
+    pred: dict[str, Any] | None = None
+    if predecessor is not None:
+        origin, size, root = predecessor
+        pred = {"origin": origin, "size": size, "root": b64(root)}
+    return canonical_json({"predecessor": pred})
+
+
+def erasure_record(origin: str, indices: Iterable[int], reason: str) -> bytes:
+    """The bytes an ``erasure`` leaf hashes: RFC 8785 JSON of
+    ``{"indices": [ascending], "origin", "reason"}``. No receipt content: the leaf outlives
+    the body it accounts for."""
+    return canonical_json({"origin": origin, "indices": sorted(set(indices)), "reason": reason})
+
+
+def record_entry(kind: str, record: bytes) -> LogEntry:
+    return LogEntry(kind, hashlib.sha256(record).digest())

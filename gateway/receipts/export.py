@@ -13,7 +13,7 @@ from typing import Any
 
 from gateway.receipts.bundle import BUNDLE_FORMAT, BundleError
 from gateway.receipts.canonical import b64
-from gateway.receipts.log import ReceiptLog
+from gateway.receipts.log import ReceiptLog, tlog_proof
 from gateway.receipts.note import Checkpoint
 
 __all__ = ["ExportSummary", "export_bundle"]
@@ -119,46 +119,69 @@ def _export_log(
     rl: ReceiptLog, w: _Writer, since_ts: float, totals: dict[str, int]
 ) -> dict[str, Any]:
     base = f"logs/{rl.log_id}"
+    notes = {Checkpoint.parse_text(n.text).size: n for n in rl.checkpoints()}
+    _, head, _ = rl.head()
+    cosigners = rl.cosigners()
+    cosigned = sorted((s for s in notes if cosigners.get(s)), reverse=True)
+    # Checkpoints a verifier may need to satisfy any witness policy over this log's
+    # witnesses: the latest cosigned by each witness, and by at least k of them for each k
+    # (a later cosigned checkpoint covers every earlier leaf, through consistency).
+    witnessed: set[int] = set()
+    names = set().union(*cosigners.values()) if cosigners else set()
+    for name in names:
+        witnessed.add(next(s for s in cosigned if name in cosigners[s]))
+    for k in range(1, len(names) + 1):
+        witnessed.add(next(s for s in cosigned if len(cosigners[s]) >= k))
+    sizes: set[int] = (witnessed | {head}) & notes.keys()
+
+    bodies = list(rl.bodies(since_ts))
+    # The inventory range: every leaf from the first exported receipt (or logged erasure,
+    # which may account for receipts of this range) to the head. Without `since`, all.
+    firsts = [b.index for b in bodies] + rl.records_since(since_ts) if since_ts else [0]
+    start = min([*firsts, head])
     receipts: list[dict[str, Any]] = []
-    sizes: set[int] = set()
-    for body in rl.bodies(since_ts):
-        cp_note = rl.checkpoint_including(body.index)
+    for body in bodies:
         item: dict[str, Any] = {"id": body.receipt_id, "index": body.index}
         w.put(f"{base}/receipts/{body.receipt_id}.json", body.body)
-        if cp_note is not None:
-            size = Checkpoint.parse_text(cp_note.text).size
-            sizes.add(size)
-            proof = rl.proof(body.index)
-            assert proof is not None
-            w.put(f"{base}/receipts/{body.receipt_id}.tlog-proof", proof.encode())
+        covering = [s for s in notes if s > body.index]
+        if covering:
+            sizes.add(min(covering))  # its earliest: judges the receipt key's window
+            # The proof a lone receipt is checked with: against the most witnessed
+            # checkpoint that covers it (the latest such), so it satisfies a witness policy.
+            best = max(covering, key=lambda s: (len(cosigners.get(s, ())), s))
+            sizes.add(best)
+            note = notes[best]
+            w.put(
+                f"{base}/receipts/{body.receipt_id}.tlog-proof",
+                tlog_proof(body.index, rl.inclusion(body.index, best), note.render()).encode(),
+            )
             item["proof"] = True
         _export_evidence(rl, w, base, body.receipt_id)
         receipts.append(item)
-    latest = rl.latest_checkpoint()
-    if latest is not None:
-        sizes.add(Checkpoint.parse_text(latest.text).size)
-    notes = {
-        Checkpoint.parse_text(n.text).size: n
-        for n in rl.checkpoints()
-        if Checkpoint.parse_text(n.text).size in sizes
-    }
-    ordered = sorted(notes)
+    ordered = sorted(sizes)
     for size in ordered:
         w.put(f"{base}/checkpoints/{size}.checkpoint", notes[size].render().encode())
     links = []
     for a, b in itertools.pairwise(ordered):
         w.put(f"{base}/consistency/{a}-{b}.proof", _proof_text(rl.consistency(a, b)))
         links.append([a, b])
-    first = min((r["index"] for r in receipts), default=None)
+
+    leaves = []
+    for i, e in rl.entries(start, head):
+        leaves.append(e.leaf_data() + b"\n")
+        if e.type in ("erasure", "log_start"):
+            record = rl.record(i)
+            if record is not None:
+                w.put(f"{base}/records/{i}.json", record)
+    w.put(f"{base}/leaves", b"".join(leaves))
+    w.put(f"{base}/leaves.left", _proof_text(rl.tree.left_hashes(start, head)))
+    start_record = rl.record(0)
+    if start_record is not None:
+        w.put(f"{base}/records/0.json", start_record)
     erased = [
         {"index": i, "reason": reason}
         for i, reason in sorted(rl.erased().items())
-        if first is None or i >= first
-    ]
-    others = [
-        {"index": i, "type": e.type, "sha256": e.sha256.hex(), **({"ref": e.ref} if e.ref else {})}
-        for i, e in rl.entries(first or 0)
-        if e.type != "receipt"
+        if start <= i < head
     ]
     totals["receipts"] += len(receipts)
     totals["checkpoints"] += len(ordered)
@@ -172,5 +195,12 @@ def _export_log(
         "consistency": links,
         "receipts": receipts,
         "erased": erased,
-        "entries": others,
+        "inventory": {
+            "start": start,
+            "size": head,
+            # Leaf 0 (the log_start entry) and its proof: a log's chain is checkable
+            # whatever range it is exported with.
+            "first_leaf": rl.entry(0).leaf_data().decode() if head else None,
+            "start_proof": [b64(h) for h in rl.inclusion(0, head)] if head else [],
+        },
     }

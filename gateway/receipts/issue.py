@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from gateway.protocol.tensors import Tensor
-from gateway.receipts.canonical import b64, unb64
+from gateway.receipts.canonical import b64
 from gateway.receipts.commit import commit_tensor, new_salt
 from gateway.receipts.log import LogEntry, ReceiptLog
 from gateway.receipts.model import (
@@ -42,7 +42,13 @@ from gateway.receipts.model import (
     VerificationRef,
     make_receipt_id,
 )
-from gateway.receipts.signing import KeySet, Signer, Verdict, format_time, receipt_digest
+from gateway.receipts.signing import (
+    SUMMARY_PREFIX,
+    Signer,
+    format_time,
+    receipt_digest,
+    verify_summary,
+)
 
 __all__ = [
     "SUMMARY_PREFIX",
@@ -53,8 +59,6 @@ __all__ = [
     "tensor_refs",
     "verify_summary",
 ]
-
-SUMMARY_PREFIX = "ztgate-receipt/v1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,26 +145,6 @@ def summary(signed: SignedReceipt) -> str:
     return " ".join(
         (SUMMARY_PREFIX, r.receipt_id, b64(receipt_digest(r)), r.key_id, b64(signed.signature))
     )
-
-
-def verify_summary(line: str, keys: KeySet, receipt: Receipt | None = None) -> Verdict:
-    """Check a response's summary line against trusted keys (and, if given, the receipt)."""
-    parts = line.strip().split(" ")
-    if len(parts) != 5 or parts[0] != SUMMARY_PREFIX:
-        return Verdict.failure("malformed", "not a ztgate-receipt/v1 summary line")
-    _, rid, digest64, key_id, sig64 = parts
-    try:
-        digest, sig = unb64(digest64, 32), unb64(sig64, 64)
-    except ValueError as exc:
-        return Verdict.failure("malformed", str(exc))
-    v = keys.verify_digest(key_id, rid, digest, sig)
-    if (
-        v
-        and receipt is not None
-        and (receipt.receipt_id != rid or receipt_digest(receipt) != digest)
-    ):
-        return Verdict.failure("mismatch", "the summary is for another receipt")
-    return v
 
 
 # --- coalescing identical denials --------------------------------------------------------

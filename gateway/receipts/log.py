@@ -19,6 +19,18 @@ separate from the receipt key) and stores it. Witnesses are above the log
 and attached to a checkpoint when it is read, at most one per witness.
 A receipt is final once a signed checkpoint includes it.
 
+Chained logs. Leaf 0 of every log is a ``log_start`` entry (`gateway.receipts.entry`)
+naming the log it succeeds in this directory (a frozen one's origin and last checkpoint)
+or none, so an audit bundle that drops a log, or ships an older head of it, does not
+verify. The record it hashes is kept in ``records`` and shipped in bundles.
+
+Erasure is logged. Deleting bodies (`erase`, `expire`, also from another process: the
+``ztgate audit erase`` CLI) queues an ``erasure`` record in the directory's active log
+(``erasure_queue``, in the same transaction as the deletion when it is that log's own);
+the active log appends it before signing its next checkpoint, in the same transaction
+that writes the leaf. Only the writing process appends, so two processes never race for
+an index, and a body missing without such a leaf is, to a verifier, a dropped receipt.
+
 Frozen logs. A log restored from a backup must never append again: appending after a
 rollback would give two different entries the same index, a fork. Two independent checks
 at open, either of which freezes the log for good (``FROZEN`` file, read-only from then
@@ -64,7 +76,14 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from gateway.files import atomic_write, fsync_dir
 from gateway.receipts.canonical import b64
-from gateway.receipts.entry import ENTRY_TYPES, TLOG_PROOF_HEADER, LogEntry
+from gateway.receipts.entry import (
+    ENTRY_TYPES,
+    TLOG_PROOF_HEADER,
+    LogEntry,
+    erasure_record,
+    record_entry,
+    start_record,
+)
 from gateway.receipts.marker import HeadMarker
 from gateway.receipts.merkle import EMPTY_ROOT, MerkleTree, leaf_hash
 from gateway.receipts.note import Checkpoint, NoteKey, SignedNote
@@ -111,6 +130,7 @@ class _Pending:
     hash: bytes
     body: tuple[str, bytes] | None
     future: asyncio.Future[int]
+    record: tuple[bytes, int | None] | None = None  # (record bytes, erasure_queue seq)
 
 
 @dataclass
@@ -136,6 +156,10 @@ CREATE TABLE IF NOT EXISTS witnesses(name TEXT PRIMARY KEY, size INTEGER NOT NUL
     vkey TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS cosignatures(size INTEGER NOT NULL, witness TEXT NOT NULL,
     sig BLOB NOT NULL, PRIMARY KEY(size, witness));
+CREATE TABLE IF NOT EXISTS records(idx INTEGER PRIMARY KEY, record BLOB NOT NULL,
+    at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS erasure_queue(seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    record BLOB NOT NULL);
 """
 
 
@@ -220,7 +244,15 @@ class ReceiptLog:
 
     # --- opening -----------------------------------------------------------------------
     @classmethod
-    def create(cls, directory: Path, log_key: ed25519.Ed25519PrivateKey, origin: str) -> Path:
+    def create(
+        cls,
+        directory: Path,
+        log_key: ed25519.Ed25519PrivateKey,
+        origin: str,
+        predecessor: tuple[str, int, bytes] | None = None,
+    ) -> Path:
+        """A new log whose leaf 0 is its ``log_start`` entry; `predecessor` is the
+        (origin, size, root) of the last checkpoint of the log it succeeds, if any."""
         log_id = new_log_id()
         path = directory / log_id
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -241,7 +273,14 @@ class ReceiptLog:
                 "birth_inode": str(ino),
                 "public_key": b64(pub),
             }
+            record = start_record(predecessor)
+            db.execute("BEGIN IMMEDIATE")
             db.executemany("INSERT INTO meta VALUES (?, ?)", rows.items())
+            db.execute(
+                "INSERT INTO leaves VALUES (0, ?)", (record_entry("log_start", record).leaf_data(),)
+            )
+            db.execute("INSERT INTO records VALUES (0, ?, ?)", (record, time.time()))
+            db.execute("COMMIT")
         finally:
             db.close()
         fsync_dir(path)
@@ -289,8 +328,20 @@ class ReceiptLog:
                 receipt_log.log_id,
                 receipt_log.frozen_reason,
             )
+            predecessor = receipt_log.head()
+            queued = receipt_log.queued_erasures()
             receipt_log.close_sync()
-        path = cls.create(directory, log_key, origin)
+        else:
+            predecessor, queued = None, []
+        path = cls.create(directory, log_key, origin, predecessor)
+        if queued:  # erasures the frozen log can no longer append: its successor does
+            db = sqlite3.connect(path / "log.db", isolation_level=None)
+            try:
+                db.executemany(
+                    "INSERT INTO erasure_queue(record) VALUES (?)", [(r,) for _, r in queued]
+                )
+            finally:
+                db.close()
         marker_file = HeadMarker(marker)
         try:
             marker_file.write(path.name, 0, b64(EMPTY_ROOT))
@@ -354,6 +405,15 @@ class ReceiptLog:
     def size(self) -> int:
         """Durable size: leaves that are on disk (fsynced)."""
         return self.tree.size
+
+    def head(self) -> tuple[str, int, bytes]:
+        """(origin, size, root) of the latest checkpoint (size 0 and the empty root if
+        none): what a successor's ``log_start`` commits to, and what a bundle ships."""
+        last = self.latest_checkpoint()
+        if last is None:
+            return self.origin, 0, EMPTY_ROOT
+        cp = Checkpoint.parse_text(last.text)
+        return self.origin, cp.size, cp.root
 
     def note_key(self) -> NoteKey:
         pub = self._key.public_key() if self._key is not None else self.public_key
@@ -457,6 +517,15 @@ class ReceiptLog:
             bodies = [(p.index, p.body[0], p.body[1], now) for p in batch if p.body is not None]
             if bodies:
                 db.executemany("INSERT INTO bodies VALUES (?, ?, ?, ?)", bodies)
+            records = [(p.index, p.record) for p in batch if p.record is not None]
+            if records:  # a record and its leaf commit together, or neither does
+                db.executemany(
+                    "INSERT INTO records VALUES (?, ?, ?)", [(i, r[0], now) for i, r in records]
+                )
+                db.executemany(
+                    "DELETE FROM erasure_queue WHERE seq = ?",
+                    [(r[1],) for _, r in records if r[1] is not None],
+                )
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -480,6 +549,7 @@ class ReceiptLog:
         self._start()
         assert self._write_lock is not None
         async with self._write_lock:
+            await self._log_queued_erasures()
             last = self.latest_checkpoint()
             size = self.tree.size
             if last is not None and Checkpoint.parse_text(last.text).size == size:
@@ -489,6 +559,46 @@ class ReceiptLog:
             note = SignedNote(text, (self.note_key().sign(self._key, text),))
             await self._in_db(lambda: self._store_checkpoint(size, note))
             return note
+
+    async def _log_queued_erasures(self) -> None:
+        """Append the queued erasure records (see the module docstring), in queue order."""
+        for seq, record in self.queued_erasures():
+            entry = record_entry("erasure", record)
+            data = entry.leaf_data()
+            self._start()
+            assert self._slots is not None and self._wake is not None
+            await self._slots.acquire()
+            fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            self._pending.append(
+                _Pending(self._next, data, leaf_hash(data), None, fut, (record, seq))
+            )
+            self._next += 1
+            self._wake.set()
+            await fut
+
+    def queued_erasures(self) -> list[tuple[int, bytes]]:
+        return [
+            (int(q), bytes(r))
+            for q, r in self._rdb.execute("SELECT seq, record FROM erasure_queue ORDER BY seq")
+        ]
+
+    def record(self, index: int) -> bytes | None:
+        """The record a ``log_start`` or ``erasure`` leaf at `index` hashes."""
+        row = self._rdb.execute("SELECT record FROM records WHERE idx = ?", (index,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def records_since(self, at: float) -> list[int]:
+        """Indices of records logged at or after `at` (POSIX seconds)."""
+        return [
+            int(r[0]) for r in self._rdb.execute("SELECT idx FROM records WHERE at >= ?", (at,))
+        ]
+
+    def cosigners(self) -> dict[int, set[str]]:
+        """Checkpoint size -> the witnesses whose cosignature of it is kept."""
+        out: dict[int, set[str]] = {}
+        for size, witness in self._rdb.execute("SELECT size, witness FROM cosignatures"):
+            out.setdefault(int(size), set()).add(str(witness))
+        return out
 
     def _tx(self, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
         """Run statements in one transaction on the writer connection (database thread)."""
@@ -679,14 +789,28 @@ class ReceiptLog:
         if not rows:
             return 0
         now = time.time()
+        record = erasure_record(self.origin, (i for i, _ in rows), reason)
+        queue = ("INSERT INTO erasure_queue(record) VALUES (?)", (record,))
+        active = self._active_path()
+        if active is not None and active != self.path:
+            # Queued before the deletion: a crash in between leaves a logged erasure of a
+            # body still present (harmless), never a body gone without one.
+            other = sqlite3.connect(active / "log.db", isolation_level=None, timeout=30)
+            try:
+                other.execute(*queue)
+            finally:
+                other.close()
         self._tx(
             [
-                s
-                for i, _ in rows
-                for s in (
-                    ("DELETE FROM bodies WHERE idx = ?", (i,)),
-                    ("INSERT OR REPLACE INTO erasures VALUES (?, ?, ?)", (i, reason, now)),
-                )
+                *(
+                    s
+                    for i, _ in rows
+                    for s in (
+                        ("DELETE FROM bodies WHERE idx = ?", (i,)),
+                        ("INSERT OR REPLACE INTO erasures VALUES (?, ?, ?)", (i, reason, now)),
+                    )
+                ),
+                *([queue] if active is None or active == self.path else []),
             ]
         )
         evidence = self.path / "evidence"
@@ -699,6 +823,14 @@ class ReceiptLog:
                 "receipt log %s: WAL still in use after erasure; retried next time", self.log_id
             )
         return len(rows)
+
+    def _active_path(self) -> Path | None:
+        """The directory's active log (the one that appends), per its ``CURRENT`` file."""
+        current = self.path.parent / "CURRENT"
+        if not current.is_file():
+            return None
+        path = self.path.parent / current.read_text().strip()
+        return path if (path / "log.db").is_file() else None
 
     # --- closing -----------------------------------------------------------------------
     async def close(self) -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "leaf_hash",
     "node_hash",
     "root_from_inclusion",
+    "root_from_range",
     "verify_consistency",
     "verify_inclusion",
 ]
@@ -127,6 +128,27 @@ class MerkleTree:
         path.reverse()
         return path
 
+    def left_hashes(self, start: int, size: int | None = None) -> list[bytes]:
+        """The subtree hashes of the RFC 9162 decomposition of D[0:size] that lie wholly
+        before `start`, left to right: with leaves start..size-1 they give the root
+        (`root_from_range`), so a range can be tied to a checkpoint without every leaf."""
+        size = self._size if size is None else size
+        if not 0 <= start <= size <= self._size:
+            raise ValueError(f"no range from {start} in a tree of size {size}")
+        out: list[bytes] = []
+
+        def walk(lo: int, hi: int) -> None:
+            if hi <= start:
+                out.append(self._range(lo, hi))
+            elif lo < start:
+                split = lo + _split(hi - lo)
+                walk(lo, split)
+                walk(split, hi)
+
+        if start:
+            walk(0, size)
+        return out
+
     def consistency_proof(self, first: int, second: int | None = None) -> list[bytes]:
         """PROOF(first, D[0:second]) of RFC 9162 §2.1.4.1 (empty when first is 0 or equal)."""
         second = self._size if second is None else second
@@ -173,6 +195,34 @@ def root_from_inclusion(index: int, size: int, leaf: bytes, path: Sequence[bytes
         fn >>= 1
         sn >>= 1
     return r if sn == 0 else None
+
+
+def root_from_range(
+    start: int, size: int, leaves: Sequence[bytes], left: Sequence[bytes]
+) -> bytes | None:
+    """MTH(D[0:size]) from the leaf hashes D[start:size] and `MerkleTree.left_hashes`
+    (None if the counts do not fit). The same recursion as the RFC's, so every leaf of
+    the range, and nothing else but the left hashes, goes into the root."""
+    if not 0 <= start <= size or len(leaves) != size - start:
+        return None
+    if size == 0:
+        return EMPTY_ROOT if not left else None
+    if any(len(h) != HASH_SIZE for h in (*leaves, *left)):
+        return None
+    pending = iter(left)
+
+    def mth(lo: int, hi: int) -> bytes | None:
+        if hi <= start:
+            return next(pending, None)
+        if hi - lo == 1:
+            return leaves[lo - start]
+        split = lo + _split(hi - lo)
+        a = mth(lo, split)
+        b = mth(split, hi)
+        return None if a is None or b is None else node_hash(a, b)
+
+    root = mth(0, size)
+    return root if next(pending, None) is None else None
 
 
 def verify_inclusion(

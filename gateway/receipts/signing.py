@@ -241,3 +241,27 @@ class KeySet:
                 f"the including checkpoint is from {format_time(t)}",
             )
         return Verdict.success()
+
+
+# --- the compact line a response carries (`gateway.receipts.issue.summary`) -------------
+SUMMARY_PREFIX = "ztgate-receipt/v1"
+
+
+def verify_summary(line: str, keys: KeySet, receipt: Receipt | None = None) -> Verdict:
+    """Check a response's summary line against trusted keys (and, if given, the receipt)."""
+    parts = line.strip().split(" ")
+    if len(parts) != 5 or parts[0] != SUMMARY_PREFIX:
+        return Verdict.failure("malformed", "not a ztgate-receipt/v1 summary line")
+    _, rid, digest64, key_id, sig64 = parts
+    try:
+        digest, sig = unb64(digest64, 32), unb64(sig64, 64)
+    except ValueError as exc:
+        return Verdict.failure("malformed", str(exc))
+    v = keys.verify_digest(key_id, rid, digest, sig)
+    if (
+        v
+        and receipt is not None
+        and (receipt.receipt_id != rid or receipt_digest(receipt) != digest)
+    ):
+        return Verdict.failure("mismatch", "the summary is for another receipt")
+    return v

@@ -11,6 +11,14 @@ the health loop readmits a node only after a probe inference succeeds. Ejections
 the shared store, so every replica stops sending to a node any replica ejected; each
 replica keeps a local copy refreshed by its health loop, so the request path never waits
 on the store.
+
+Verifiers add reputation on top: `charge` when an independent majority (or a proof) shows a
+node's reply was wrong, `vouch` when an independent node confirmed it. Charges accumulate
+until a vouch: the transport success of the very reply that lied must not wipe them, or a
+liar would never be ejected. When only two parties disagree and nothing breaks the tie,
+either could be the liar, so `unresolved` charges neither (else a liar could get honest
+nodes ejected) and raises an alert instead: `ztgate_unresolved_disagreements_total{mode}`
+and a warning naming the nodes, never the request's data.
 """
 
 from __future__ import annotations
@@ -20,10 +28,13 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from gateway.config import NodeConfig, Routing
 from gateway.protocol.problems import DeadlineExceeded, NoHealthyNode, UpstreamFailed
@@ -47,6 +58,8 @@ class NodeState:
     served: int = 0
     failed: int = 0
     ejections: int = 0
+    charges: int = 0  # verifier charges since an independent node last vouched for it
+    disputed: int = 0  # unresolved disagreements it was part of (never counts against it)
 
     @property
     def config(self) -> NodeConfig:
@@ -73,6 +86,8 @@ class Router:
     rng: random.Random = field(default_factory=random.Random)
     ejected: dict[str, float] = field(default_factory=dict)  # node -> wall-clock until
     probe_models: dict[str, ModelEntry] = field(default_factory=dict)
+    # mode -> disagreements nothing could break; this replica's count (Prometheus sums them)
+    unresolved_disagreements: Counter[str] = field(default_factory=Counter)
 
     @classmethod
     def from_clients(cls, clients: Iterable[NodeClient], store: StateStore, cfg: Routing) -> Router:
@@ -153,17 +168,50 @@ class Router:
         raise UpstreamFailed(f"every node tried failed ({', '.join(tried)}): {'; '.join(reasons)}")
 
     async def charge(self, node: str) -> None:
-        """Count a failure a verifier found after the reply passed routing's checks."""
+        """Count a failure a verifier proved after the reply passed routing's checks.
+
+        Only for a verdict that singles this node out (outvoted by an independent majority,
+        a failed proof); two parties that merely disagree go to `unresolved` instead.
+        """
+        state = self.nodes.get(node)
+        if state is None:
+            return
+        # Not `failures`: that count is reset by the transport success of the very reply
+        # being charged, so a node that answers every request (with lies) was never ejected.
+        state.charges += 1
+        await self._failed(state, verified=state.charges)
+
+    def vouch(self, node: str) -> None:
+        """An independent node gave the same answer: the node's charges start over."""
         state = self.nodes.get(node)
         if state is not None:
-            await self._failed(state)
+            state.charges = 0
 
-    async def _failed(self, state: NodeState) -> None:
+    def unresolved(self, mode: str, nodes: Sequence[str], why: str) -> None:
+        """Parties disagreed and nothing broke the tie: charge nobody, raise the alert.
+
+        Either side may be the liar, so charging both would let one liar eject honest
+        nodes, and charging none silently would hide the attack. ``why`` must not carry
+        the request's inputs or outputs.
+        """
+        self.unresolved_disagreements[mode] += 1
+        for name in nodes:
+            state = self.nodes.get(name)
+            if state is not None:
+                state.disputed += 1
+        log.warning(
+            "unresolved disagreement in mode %s between %s (nobody charged): %s",
+            mode,
+            ", ".join(nodes),
+            why,
+        )
+
+    async def _failed(self, state: NodeState, verified: int = 0) -> None:
         state.failures += 1
         state.failed += 1
         name = state.config.name
         count = await self._quiet(self.store.record_failure(name))
-        failures = max(state.failures, count if isinstance(count, int) else 0)
+        failures = max(state.failures, verified, count if isinstance(count, int) else 0)
         if failures >= self.cfg.eject_after_failures and self._may_eject(state.config):
             until = await self._quiet(
                 self.store.eject(name, self.cfg.eject_base_s, self.cfg.eject_max_s)
@@ -171,6 +219,7 @@ class Router:
             duration = until if isinstance(until, float) else self.cfg.eject_base_s
             self.ejected[name] = time.time() + duration
             state.ejections += 1
+            state.charges = 0  # the ejection is the penalty; a readmitted node starts over
             log.warning("ejected node %s for %.1fs after %d failures", name, duration, failures)
 
     def _may_eject(self, node: NodeConfig) -> bool:
@@ -236,6 +285,27 @@ class Router:
     async def close(self) -> None:
         for s in self.nodes.values():
             await s.client.close()
+
+
+class DisagreementMetrics(Collector):
+    """``ztgate_unresolved_disagreements_total{mode}``, read from the router at scrape time.
+
+    Register it on the gateway's metrics registry; an operator alerts on any increase (a
+    node may be lying, and the two-party rule keeps it from being charged).
+    """
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "ztgate_unresolved_disagreements",
+            "Parties that disagreed with nothing to break the tie; nobody was charged",
+            labels=["mode"],
+        )
+        for mode, count in sorted(self.router.unresolved_disagreements.items()):
+            family.add_metric([mode], count)
+        yield family
 
 
 def probe_request(

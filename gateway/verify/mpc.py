@@ -8,6 +8,12 @@ other, and a party that deviates can change the output undetected (`docs/mpc.md`
 
 A session per (model, version, party set) is started on first use and reused; a session
 that fails is dropped and the request gets 503, the next one starts a fresh session.
+
+Every answer is held to the model's output range (the registry's, declared or derived from
+its last op): a party that shifts its output share out of range gets the request refused
+(502 upstream-failed), never clamped. Shares do not say which party shifted, so nobody is
+charged; it is an unresolved disagreement (`Router.unresolved`), an alert. A shift that
+stays in range goes undetected: that is the semi-honest model's limit.
 """
 
 from __future__ import annotations
@@ -20,16 +26,27 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gateway.config import NodeConfig
-from gateway.protocol.problems import DeadlineExceeded, Forbidden, InvalidTensor, NoHealthyNode
+from gateway.protocol.problems import (
+    DeadlineExceeded,
+    Forbidden,
+    InvalidTensor,
+    NoHealthyNode,
+    UpstreamFailed,
+)
 from gateway.protocol.tensors import Tensor
 from gateway.verify import Outcome
-from mpc.model import ModelError, MpcModel
+from mpc.model import ModelError, MpcModel, Range
 from mpc.session import MpcError, MpcSession, MpcSettings, MpcUnavailable, PartyEndpoint
 
 if TYPE_CHECKING:
     from gateway.pipeline import Exchange
     from gateway.registry import ModelEntry
     from gateway.routing.router import Router
+
+# How far past its range an honest answer may fall: CrypTen's sigmoid/softmax are 16-bit
+# fixed-point approximations (measured error on risk ~2e-3; the tests allow 1e-2). Values
+# in this margin are passed on as computed, not clamped; anything further is refused.
+RANGE_SLACK = 1e-2
 
 SessionKey = tuple[str, str, tuple[str, ...]]
 SessionFactory = Callable[[MpcModel, Sequence[PartyEndpoint], MpcSettings], Awaitable[MpcSession]]
@@ -85,6 +102,20 @@ class MpcVerification:
                 raise Forbidden(f"model {entry.name} cannot run in mode 'mpc': {exc}") from exc
         return self._models[key]
 
+    def output_range(self, entry: ModelEntry) -> Range:
+        """The registry's range for the output, else what the program's last op implies
+        (an index written before ranges were recorded); a model with neither is refused."""
+        model = self.model(entry)
+        spec = next((o for o in entry.outputs if o.name == model.output_name), None)
+        declared = spec.value_range if spec is not None else None
+        found = declared or model.output_range()
+        if found is None:
+            raise Forbidden(
+                f"model {entry.name} cannot run in mode 'mpc': its output range is neither "
+                "declared in the registry nor implied by its last op"
+            )
+        return found
+
     async def session(self, entry: ModelEntry, nodes: Sequence[NodeConfig]) -> MpcSession:
         key: SessionKey = (entry.name, entry.version, tuple(n.name for n in nodes))
         async with self._lock:
@@ -111,6 +142,7 @@ class MpcVerification:
         if tensor.datatype not in ("FP32", "FP64"):
             raise InvalidTensor("MPC mode takes FP32 or FP64 inputs")
         model = self.model(x.entry)
+        low, high = self.output_range(x.entry)  # before any party sees the input
         wanted = {o.name for o in x.request.outputs}
         if wanted - {model.output_name}:
             raise InvalidTensor(f"model {x.entry.name} has only the output {model.output_name!r}")
@@ -125,7 +157,23 @@ class MpcVerification:
             raise InvalidTensor(str(exc)) from exc
         except MpcUnavailable as exc:
             raise NoHealthyNode(f"MPC session failed: {exc}", retry_after=1) from exc
-        out = Tensor(model.output_name, "FP32", tuple(result.outputs.shape), result.outputs)
+        y = result.outputs
+        outside = ~np.isfinite(y)
+        if low is not None:
+            outside |= y < low - RANGE_SLACK
+        if high is not None:
+            outside |= y > high + RANGE_SLACK
+        if outside.any():
+            # Which party shifted its share cannot be told from the shares: charge nobody,
+            # alert. The values stay out of the log and the problem: they are the client's.
+            n = int(outside.sum())
+            why = f"{n} of {y.size} output values outside [{low}, {high}] (model {x.entry.name})"
+            router.unresolved(self.mode, result.parties, why)
+            raise UpstreamFailed(
+                f"the MPC answer is outside model {x.entry.name}'s output range "
+                f"[{low}, {high}]: a party deviated from the protocol; nothing was returned"
+            )
+        out = Tensor(model.output_name, "FP32", tuple(y.shape), y)
         evidence: dict[str, Any] = {
             "parties": list(result.parties),
             "dealer": result.dealer,

@@ -1,10 +1,13 @@
 """Mode `redundant`: the same request on nodes of independent providers; answer only if they agree.
 
 Two nodes from different providers run the request at once. If their outputs agree (floats
-within a tolerance, everything else exactly), that is the answer. If they disagree, a node
-from a third provider breaks the tie: the majority answer stands and the outvoted node is
-charged a failure (so it is ejected if it keeps lying). With no majority the request fails
-(502): the gateway never picks one of two conflicting answers.
+within a tolerance, everything else exactly), that is the answer, and each vouches for the
+other. If they disagree, a node from a third provider (one the policy allows) breaks the
+tie: the majority answer stands and the outvoted node is charged (so it is ejected if it
+keeps lying). With no majority the request fails (502): the gateway never picks one of two
+conflicting answers, and it charges nobody, since either side may be the liar; charging
+both would let one liar get honest nodes ejected. That is an unresolved disagreement: an
+alert (`Router.unresolved`: a metric and a log line, no request data).
 
 This catches a lying node unless nodes of different providers collude; it does not prove
 anything about the model, as `zk` does.
@@ -98,8 +101,9 @@ class RedundantVerification:
             raise UpstreamFailed("fewer than two independent nodes answered")
         a, b = answers[0], answers[1]
         if agree(a.outputs, b.outputs, self.rtol, self.atol):
-            return self._outcome([a, b], "agreed")
+            return self._outcome(router, [a, b], "agreed")
         # Disagreement: a third provider breaks the tie, or nobody gets an answer.
+        disputed = [a.node.name, b.node.name]
         while spare:
             c = await self._on(x, router, spare.pop(0))
             if c is None:
@@ -107,15 +111,18 @@ class RedundantVerification:
             for winner, loser in ((a, b), (b, a)):
                 if agree(winner.outputs, c.outputs, self.rtol, self.atol):
                     await router.charge(loser.node.name)
-                    return self._outcome([winner, c], "agreed-by-majority")
+                    return self._outcome(router, [winner, c], "agreed-by-majority")
+            disputed.append(c.node.name)  # three answers, no two alike: no majority either
             break
-        for r in (a, b):
-            await router.charge(r.node.name)
+        why = "no third provider answered" if len(disputed) == 2 else "no two answers agree"
+        router.unresolved(self.mode, disputed, f"{why} (model {x.entry.name})")
         raise UpstreamFailed(
-            f"nodes {a.node.name} and {b.node.name} disagree and no majority could be formed"
+            f"nodes {', '.join(disputed)} disagree and no majority could be formed"
         )
 
-    def _outcome(self, routed: list[Routed], status: str) -> Outcome:
+    def _outcome(self, router: Router, routed: list[Routed], status: str) -> Outcome:
+        for r in routed:  # each answer was confirmed by another provider's
+            router.vouch(r.node.name)
         return Outcome(
             outputs=tuple(routed[0].outputs),
             nodes=tuple(r.node.name for r in routed),
