@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -34,8 +35,20 @@ def register(sub: Any) -> None:
     serve.add_argument(
         "--http-port", type=int, help="loopback-only HTTP for health checks (default: any free)"
     )
-    serve.add_argument("--pki", type=Path, required=True, help="PKI directory")
+    serve.add_argument(
+        "--pki", type=Path, help="a `ztgate pki` directory (development): the node's cert from it"
+    )
     serve.add_argument("--site", default=DEFAULT_SITE, help="whose gateway may call this node")
+    serve.add_argument(
+        "--cert", type=Path, help="node certificate chain (PEM), from your own node CA; not --pki"
+    )
+    serve.add_argument("--key", type=Path, help="its private key (PEM)")
+    serve.add_argument(
+        "--gateway-ca",
+        type=Path,
+        metavar="PEM",
+        help="the site's gateway CA: the only callers this node accepts (--grpc-root-cert)",
+    )
     src = serve.add_mutually_exclusive_group(required=True)
     src.add_argument("--registry", type=Path, help="build the model repository from here")
     src.add_argument("--repository", type=Path, help="serve this ready Triton repository")
@@ -144,6 +157,99 @@ def _from_registry(registry: Path, models: str | None, out: Path, flavour: str) 
         raise UsageError(str(exc)) from exc
 
 
+@dataclass(frozen=True)
+class _Identity:
+    """The certificate a node serves gRPC with, and the one CA whose holders may call it."""
+
+    cert: Path
+    key: Path
+    gateway_ca: Path
+    dns_name: str
+    spiffe_id: str
+    trusts: str
+
+
+def _identity(args: argparse.Namespace) -> _Identity:
+    """From --pki (the development PKI), or from --cert/--key/--gateway-ca (your own PKI)."""
+    own = {"--cert": args.cert, "--key": args.key, "--gateway-ca": args.gateway_ca}
+    given = [flag for flag, value in own.items() if value is not None]
+    if args.pki is not None:
+        if given:
+            raise UsageError(f"--pki and {', '.join(given)} exclude each other")
+        try:
+            pki = PKI.open(args.pki)
+            if args.site not in pki.sites:
+                sites = ", ".join(pki.sites)
+                raise UsageError(f"--site {args.site!r} is not in {args.pki} ({sites})")
+            issued = pki.ensure("node", args.name)
+        except PKIError as exc:
+            raise UsageError(str(exc)) from exc
+        return _Identity(
+            issued.cert.absolute(),
+            issued.key.absolute(),
+            pki.gateway_ca_bundle(args.site).absolute(),
+            pki.node_dns_name(args.name),
+            issued.spiffe_id,
+            f"gateway CA of site {args.site}",
+        )
+    if len(given) != len(own):
+        missing = ", ".join(flag for flag, value in own.items() if value is None)
+        raise UsageError(f"give --pki, or --cert, --key and --gateway-ca (missing {missing})")
+    return _own_identity(args.cert, args.key, args.gateway_ca)
+
+
+def _own_identity(cert_path: Path, key_path: Path, ca_path: Path) -> _Identity:
+    """Check the files a node would hand to tritonserver (which reports a missing or bad
+    file only as a port already in use), and read the names the gateway must pin."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    try:
+        chain = x509.load_pem_x509_certificates(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        cas = x509.load_pem_x509_certificates(ca_path.read_bytes())
+    except (OSError, ValueError, TypeError) as exc:
+        raise UsageError(f"node certificate, key or gateway CA unreadable: {exc}") from exc
+    leaf = chain[0]
+    if leaf.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ) != key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ):
+        raise UsageError(f"--key {key_path} is not the key of --cert {cert_path}")
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound as exc:
+        raise UsageError(f"--cert {cert_path}: needs subjectAltName and extendedKeyUsage") from exc
+    if ExtendedKeyUsageOID.SERVER_AUTH not in eku:
+        raise UsageError(f"--cert {cert_path}: lacks the serverAuth extendedKeyUsage")
+    dns = san.get_values_for_type(x509.DNSName)
+    if not dns:
+        raise UsageError(f"--cert {cert_path}: no DNS name for the gateway to pin")
+    spiffe = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if not any(_is_ca(ca) for ca in cas):
+        raise UsageError(f"--gateway-ca {ca_path}: no CA certificate in it")
+    return _Identity(
+        cert_path.absolute(),
+        key_path.absolute(),
+        ca_path.absolute(),
+        dns[0],
+        next((u for u in spiffe if u.startswith("spiffe://")), "-"),
+        "the gateway CA given",
+    )
+
+
+def _is_ca(cert: Any) -> bool:
+    from cryptography import x509
+
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
 def _serve(args: argparse.Namespace) -> int:
     from gateway.node.triton import (
         NodeSpec,
@@ -155,13 +261,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     workdir = (args.workdir or Path(".ztgate/nodes") / args.name).absolute()
     labels = _labels(args.label)
-    try:
-        pki = PKI.open(args.pki)
-        if args.site not in pki.sites:
-            raise UsageError(f"--site {args.site!r} is not in {args.pki} ({', '.join(pki.sites)})")
-        issued = pki.ensure("node", args.name)
-    except PKIError as exc:
-        raise UsageError(str(exc)) from exc
+    identity = _identity(args)
     repository = _build_repository(args, workdir)
     spec = NodeSpec(
         name=args.name,
@@ -170,9 +270,9 @@ def _serve(args: argparse.Namespace) -> int:
         grpc_port=args.grpc_port,
         http_port=args.http_port or _free_port(),
         repository=repository,
-        cert=issued.cert.absolute(),
-        key=issued.key.absolute(),
-        client_ca=pki.gateway_ca_bundle(args.site).absolute(),
+        cert=identity.cert,
+        key=identity.key,
+        client_ca=identity.gateway_ca,
         workdir=workdir,
         labels=labels,
         grpc_host=args.grpc_host,
@@ -198,9 +298,9 @@ def _serve(args: argparse.Namespace) -> int:
             return 1
         print(f"node {spec.name} ready in {took:.2f}s ({spec.region}, {spec.provider})")
         print(f"  gRPC (mTLS):  {spec.grpc_address}")
-        print(f"  pin DNS name: {pki.node_dns_name(spec.name)}   (grpc.ssl_target_name_override)")
-        print(f"  SPIFFE ID:    {issued.spiffe_id}")
-        print(f"  trusts:       {spec.client_ca}  (gateway CA of site {args.site})")
+        print(f"  pin DNS name: {identity.dns_name}   (grpc.ssl_target_name_override)")
+        print(f"  SPIFFE ID:    {identity.spiffe_id}")
+        print(f"  trusts:       {spec.client_ca}  ({identity.trusts})")
         print(f"  repository:   {spec.repository}")
         print(f"  log:          {supervisor.process.log_path}")
         # Serving has no natural end; the loop ends on a signal or when supervision gives up.
