@@ -30,6 +30,7 @@ from gateway.background import Job, supervise
 from gateway.config import Config
 from gateway.identity import Identity, IdentityResolver
 from gateway.pipeline import (
+    STATE_RETRY_AFTER_S,
     Exchange,
     IdentityStage,
     ModeStage,
@@ -51,12 +52,11 @@ from gateway.protocol.problems import (
     Internal,
     InvalidTensor,
     MethodNotAllowed,
-    NoHealthyNode,
     NotFound,
     PayloadTooLarge,
     Problem,
-    RateLimited,
     Replayed,
+    StateUnavailable,
     UnknownModel,
     UnknownVersion,
     UnsupportedMediaType,
@@ -79,6 +79,14 @@ log = logging.getLogger(__name__)
 DEADLINE_HEADER = "ztgate-deadline-ms"
 NONCE_HEADER = "ztgate-nonce"
 Handler = Callable[[Request], Awaitable[Response]]
+
+# How often the shared store is probed for readiness. Requests notice an outage at once
+# (their store calls fail); recovery is noticed by this probe, because a replica that is
+# not ready gets no traffic to notice it with.
+STATE_PROBE_INTERVAL_S = 1.0
+# Replicas re-announce where their receipt logs live this often: a Redis that restarted
+# without persistence between two probes forgot the directory without looking down.
+ANNOUNCE_INTERVAL_S = 60.0
 
 
 @dataclass
@@ -128,6 +136,12 @@ class Gateway:
     )
     # Background jobs that died and wait to be restarted: the gateway is not ready.
     down: set[str] = field(default_factory=set)
+    # Whether the shared store answered its last probe (and no request has found it
+    # unreachable since). Rate limits and nonces fail closed without it, so readiness
+    # follows it. True until the first probe, which the API's lifespan runs before serving.
+    state_up: bool = True
+    # time.monotonic() of the next receipt-log announcement
+    _next_announce: float = field(default=0.0, init=False)
 
     def __post_init__(self) -> None:
         self.identity = IdentityStage(self.resolver, self.revocations)
@@ -180,6 +194,16 @@ class Gateway:
                 lambda: self.policy.engine.stats().hit_rate,
             ),
             ("ztgate_nodes_ejected", "Nodes ejected now", lambda: len(self.router.ejected)),
+            (
+                "ztgate_state_store_up",
+                "1 if the shared state store (Redis) answers, else 0 (requests fail closed)",
+                lambda: 1.0 if self.state_up else 0.0,
+            ),
+            (
+                "ztgate_ready",
+                "1 if this replica is ready (what /readyz and /v2/health/ready answer), else 0",
+                lambda: 1.0 if self.ready() else 0.0,
+            ),
         ):
             Gauge(name, doc, registry=reg).set_function(fn)
         reg.register(DisagreementMetrics(self.router))
@@ -208,17 +232,22 @@ class Gateway:
                 f"nonce:{identity.spiffe_id}:{nonce}", self.cfg.policy.nonce_window_s
             )
         except StoreUnavailable as exc:
-            raise NoHealthyNode(f"replay check unavailable: {exc}", retry_after=1) from exc
+            # Fail closed: without the shared record a replayed request would pass. Fixed
+            # detail: `exc` names the store's address, which is for the log only.
+            raise StateUnavailable(
+                "the replay check cannot run: shared state is unreachable",
+                retry_after=STATE_RETRY_AFTER_S,
+            ) from exc
         if not fresh:
             raise Replayed(f"{NONCE_HEADER} {nonce!r} was already used within the replay window")
 
     async def where_is(self, log_id: str) -> str | None:
         """The base URL of the replica holding another log: the shared store names it, and
-        only a replica from configuration (`receipts.replicas`) is believed."""
-        try:
-            url = await self.store.find_log(log_id)
-        except StoreUnavailable:
-            return None
+        only a replica from configuration (`receipts.replicas`) is believed.
+
+        Raises `StoreUnavailable` when the store cannot say: the reader gets
+        `state-unavailable` and retries, rather than a 404 for a receipt that exists."""
+        url = await self.store.find_log(log_id)
         if url is None:
             return None
         if url.rstrip("/") not in self.cfg.receipts.replicas:
@@ -227,8 +256,51 @@ class Gateway:
         return url.rstrip("/")
 
     def ready(self) -> bool:
-        """Ready: some model has a node to go to and no background loop is down."""
-        return not self.down and any(self.router.candidates(m) for m in self.models)
+        """Ready: some model has a node to go to, no background loop is down, and the
+        checks that fail closed can run (the shared store answers, the revocation list is
+        within its staleness budget). Both readiness endpoints answer exactly this."""
+        return (
+            not self.down
+            and self.state_up
+            and not self.revocations.stale()
+            and any(self.router.candidates(m) for m in self.models)
+        )
+
+    def state_lost(self, cause: BaseException | None) -> None:
+        """A request found the shared store unreachable: not ready until a probe succeeds.
+
+        Without this, readiness would lag the outage by up to a probe interval, during
+        which the admin listener said ready while every API request was refused."""
+        if self.state_up:
+            self.state_up = False
+            log.error("shared state store unreachable; failing closed: %s", cause)
+
+    async def check_state(self) -> bool:
+        """Probe the shared store once and set `state_up`; after an outage (and now and
+        then), re-announce this replica's receipt logs, which a restarted Redis forgot."""
+        # `ping` has its own deadline and never raises; this guards a store that has none.
+        try:
+            async with asyncio.timeout(2 * self.cfg.state.timeout_s + 1.0):
+                ok = await self.store.ping()
+        except TimeoutError:
+            ok = False
+        was = self.state_up
+        self.state_up = ok
+        if ok and not was:
+            log.warning("shared state store reachable again; serving")
+        elif was and not ok:
+            log.error("shared state store unreachable; failing closed")
+        if ok and (not was or time.monotonic() >= self._next_announce):
+            self._next_announce = time.monotonic() + ANNOUNCE_INTERVAL_S
+            await self.announce_logs()
+        return ok
+
+    async def watch_state(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=STATE_PROBE_INTERVAL_S)
+            if not stop.is_set():
+                await self.check_state()
 
     async def announce_logs(self) -> None:
         url = self.cfg.receipts.public_url
@@ -246,12 +318,17 @@ class Gateway:
         if budget is not None:
             self.revocations.staleness_budget_s = budget
 
-    async def authenticate(self, scope: Any) -> Identity:
+    async def identify(self, scope: Any) -> Identity:
+        """The caller's verified, unrevoked identity."""
         x = Exchange(scope=scope, deadline=0.0)
         await self.identity(x)
-        await self.admission(x)
         assert x.identity is not None
         return x.identity
+
+    async def admit(self, identity: Identity) -> None:
+        """The per-identity admission limit, before any other work. Separate from
+        `identify` so that a refusal here is attributed (and receipted) to the caller."""
+        await self.admission(Exchange(scope={}, deadline=0.0, identity=identity))
 
     def authorize(self, identity: Identity, action: str, resource: ResourceFacts) -> None:
         decision = self.policy.engine.authorize(
@@ -315,12 +392,15 @@ def _authenticated(gw: Gateway, route: str, handler: Handler) -> Handler:
         gw.metrics.app_calls += 1
         request.state.identity = None
         try:
-            request.state.identity = await gw.authenticate(request.scope)
+            request.state.identity = await gw.identify(request.scope)
+            await gw.admit(request.state.identity)
             response = await handler(request)
         except Problem as p:
-            response = problem_response(p)
-            if isinstance(p, Forbidden | RateLimited) and request.state.identity is not None:
-                await _receipt_denial(gw, request, p, response)
+            response = await _refused(gw, request, p)
+        except StoreUnavailable as exc:
+            # A store call no check mapped (an admin action publishing to the store): the
+            # store's problem type all the same, never a 500, never the store's address.
+            response = await _refused(gw, request, _state_unavailable(exc))
         except Exception:
             log.exception("bug on %s", request.url.path)
             response = problem_response(Internal())
@@ -347,6 +427,24 @@ def _redirect_foreign_logs(gw: Gateway, endpoint: Any) -> Handler:
         return response
 
     return handler
+
+
+def _state_unavailable(exc: StoreUnavailable) -> StateUnavailable:
+    p = StateUnavailable(
+        "this action needs shared state, which is unreachable", retry_after=STATE_RETRY_AFTER_S
+    )
+    p.__cause__ = exc
+    return p
+
+
+async def _refused(gw: Gateway, request: Request, p: Problem) -> Response:
+    """The problem response; a receipt for refusals docs/compliance.md says are receipted."""
+    if isinstance(p, StateUnavailable) and isinstance(p.__cause__, StoreUnavailable):
+        gw.state_lost(p.__cause__)
+    response = problem_response(p)
+    if p.receipted and request.state.identity is not None:
+        await _receipt_denial(gw, request, p, response)
+    return response
 
 
 async def _receipt_denial(gw: Gateway, request: Request, p: Problem, response: Response) -> None:
@@ -653,6 +751,8 @@ def check_outputs(entry: ModelEntry, requested: tuple[RequestedOutput, ...]) -> 
 async def _problem(_: Request, exc: Exception) -> Response:
     if isinstance(exc, Problem):
         return problem_response(exc)
+    if isinstance(exc, StoreUnavailable):
+        return problem_response(_state_unavailable(exc))
     if isinstance(exc, HTTPException):
         if exc.status_code == 404:
             return problem_response(NotFound("no such route"))
@@ -679,9 +779,12 @@ def build_api(gw: Gateway) -> Starlette:
             gw.receipts.start()
             jobs.append(("receipts", gw.receipts.run))
         jobs.append(("health", gw.router.run_health))
+        jobs.append(("state", gw.watch_state))
         gw.policy_changed()
         await gw.record("policy_load", gw.policy.engine.source.hash.encode())
-        await gw.announce_logs()
+        # Before serving, so readiness is true from the first probe on; it also announces
+        # this replica's receipt logs (again whenever the store comes back).
+        await gw.check_state()
         failures = gw.metrics.background_failures
         tasks: list[asyncio.Task[None]] = [
             asyncio.create_task(supervise(name, j, stop, gw.down, failures)) for name, j in jobs

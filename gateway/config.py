@@ -163,13 +163,22 @@ class PolicyConfig:
 
 @dataclass(frozen=True)
 class NodeConfig:
+    """Where a node is. With a signed policy bundle, only `address`, `mpc_address`,
+    `models` and `labels` are taken from here: the gateway uses the bundle's dns_name,
+    spiffe_id, region, provider and trust for the node of that name (gateway.policy.live
+    .signed_nodes), refuses an entry whose dns_name or spiffe_id disagrees with them, and
+    pins the channel to the signed dns_name. With an unsigned policy directory (dev) these
+    fields are the facts themselves, and dns_name and spiffe_id are required."""
+
     name: str
     address: str  # host:port of the node's gRPC (mTLS) endpoint
-    dns_name: str  # the node certificate's unique DNS SAN, pinned per channel
-    spiffe_id: str
     region: str
     provider: str
     trust: int = 1  # 0: untrusted hardware (policy may allow only mpc there)
+    # The node certificate's unique DNS SAN (pinned per channel) and SPIFFE ID; optional
+    # with a bundle, which signs them; if given, they must match the bundle's.
+    dns_name: str = field(default="", kw_only=True)
+    spiffe_id: str = field(default="", kw_only=True)
     mpc_address: str | None = None  # host:port of the node's `ztgate mpc party`
     models: tuple[str, ...] = ()  # empty: every model in the registry
     labels: tuple[tuple[str, str], ...] = ()

@@ -28,6 +28,7 @@ from gateway.protocol.problems import (
     Forbidden,
     NoHealthyNode,
     RateLimited,
+    StateUnavailable,
     Unauthenticated,
 )
 from gateway.protocol.tensors import InferRequest
@@ -49,6 +50,11 @@ from gateway.verify import MODES, Outcome, Verifier
 
 log = logging.getLogger(__name__)
 decisions = logging.getLogger("ztgate.decisions")
+
+# Retry-After for refusals while the shared store is unreachable: about one readiness
+# probe (the gateway re-checks the store every second), so a client that honours it comes
+# back once the store may be answering again.
+STATE_RETRY_AFTER_S = 2
 
 
 @dataclass
@@ -91,9 +97,10 @@ class IdentityStage:
         if self.revocations.revoked(identity.issuer, identity.serial):
             raise Unauthenticated("client certificate has been revoked")
         if self.revocations.stale():
-            # Fail closed: the last-known set may be missing a revocation by now.
-            raise NoHealthyNode(
-                "revocation list unavailable for longer than its staleness budget",
+            # Fail closed: the last-known set may be missing a revocation by now. The
+            # nodes are fine, so this is the shared store's problem type.
+            raise StateUnavailable(
+                "the revocation list could not be refreshed within its staleness budget",
                 retry_after=5,
             )
         x.identity = identity
@@ -130,8 +137,13 @@ class RateLimitStage:
                 key, rate.count / rate.per_seconds, rate.count
             )
         except StoreUnavailable as exc:
-            # Fail closed: an unlimited gateway is what the limit exists to prevent.
-            raise NoHealthyNode(f"rate limiter unavailable: {exc}", retry_after=1) from exc
+            # Fail closed: an unlimited gateway is what the limit exists to prevent. The
+            # detail is fixed text: `exc` names the store's address (logged, never sent),
+            # and a stable detail lets identical refusals share one denial receipt.
+            raise StateUnavailable(
+                "the rate limit cannot be checked: shared state is unreachable",
+                retry_after=STATE_RETRY_AFTER_S,
+            ) from exc
         if not allowed:
             raise RateLimited(
                 f"over the limit of {rate.count} requests per {rate.per_seconds}s",

@@ -70,18 +70,25 @@ class Revocations:
     async def sync(self) -> int:
         """Pull entries other replicas published; the number learnt, or -1 if unreachable."""
         try:
-            version, entries = await asyncio.wait_for(
-                self.store.revocations_since(self._store_version), timeout=2.0
-            )
+            return await asyncio.wait_for(self._sync(), timeout=5.0)
         except (StoreUnavailable, TimeoutError) as exc:
             self.sync_failures += 1
             log.error("revocation source unreachable (stale %.0fs): %s", self.stale_for(), exc)
             return -1
-        if version < self._store_version:
+
+    async def _sync(self) -> int:
+        version, entries = await self.store.revocations_since(self._store_version)
+        reset = version < self._store_version
+        if reset:
             # The store was reset (or replaced): pull everything again; nothing is forgotten
             # here, since the local copy only grows.
             log.error("revocation store went backwards (%d < %d)", version, self._store_version)
             version, entries = await self.store.revocations_since(0)
+        if reset or self._store_version == 0:
+            # ... and give it back what it lost, so a replica that never saw an entry (or
+            # starts after the reset) still learns it from the store.
+            for issuer, serial in sorted(self._entries - set(entries)):
+                version = await self.store.add_revocation(issuer, serial)
         learnt = sum(self._learn(i, s) for i, s in entries)
         self._store_version = version
         self.last_sync = time.monotonic()

@@ -12,9 +12,9 @@ import uvicorn
 from cryptography import x509
 
 from gateway.app import Gateway, build_admin, build_api
-from gateway.config import Config, ConfigError
+from gateway.config import Config, ConfigError, NodeConfig
 from gateway.identity import IdentityResolver
-from gateway.policy.live import LivePolicy, ReloadRefused, bundle_loader, dir_loader
+from gateway.policy.live import LivePolicy, Loaded, ReloadRefused, bundle_loader, dir_loader
 from gateway.policy.source import PolicyError
 from gateway.receipts.service import ReceiptService
 from gateway.registry import ModelEntry, Registry, RegistryError
@@ -112,8 +112,11 @@ def srs_refusals(artefacts: Iterable[VerifierArtefacts], pinned: Sequence[str]) 
     return out
 
 
-def add_proof_modes(cfg: Config, gw: Gateway) -> None:
-    """zk and mpc, where configured; each owns worker processes for the gateway's lifetime."""
+def add_proof_modes(cfg: Config, gw: Gateway, nodes: Sequence[NodeConfig]) -> None:
+    """zk and mpc, where configured; each owns worker processes for the gateway's lifetime.
+
+    `nodes` are the nodes as the policy's facts say (Loaded.nodes): MPC parties are
+    chosen among them, one per signed provider."""
     if cfg.zk.artefacts:
         from gateway.verify.zk import ZkVerification
         from zk.record import ZkError
@@ -138,7 +141,7 @@ def add_proof_modes(cfg: Config, gw: Gateway) -> None:
             pool.close()
 
         gw.background.append(zk_pool)
-    parties = {n.name: n.mpc_address for n in cfg.nodes if n.mpc_address}
+    parties = {n.name: n.mpc_address for n in nodes if n.mpc_address}
     if cfg.mpc.dealer_cert is not None and cfg.mpc.dealer_key is not None and parties:
         from gateway.verify.mpc import MpcVerification
         from mpc.session import MpcSettings
@@ -170,7 +173,11 @@ def build_gateway(cfg: Config) -> Gateway:
     policy = build_policy(cfg, models)
     creds = NodeCredentials(cfg.tls.node_ca, cfg.tls.node_client_cert, cfg.tls.node_client_key)
     channel_creds = creds.channel_credentials()
-    clients = [NodeClient(n, channel_creds, cfg.limits.max_output_bytes) for n in cfg.nodes]
+    # The nodes as the policy's facts say they are, not as gateway.toml says: with a signed
+    # bundle, each channel is pinned to the signed DNS SAN and routing, the verifiers and
+    # receipts see the signed region and provider (gateway.policy.live.signed_nodes).
+    nodes = policy.current.nodes
+    clients = [NodeClient(n, channel_creds, cfg.limits.max_output_bytes) for n in nodes]
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     store = open_store(cfg.state.redis_url, cfg.data_dir, cfg.state.timeout_s)
     revocations = Revocations(store, cfg.data_dir / "revoked.jsonl")
@@ -200,7 +207,15 @@ def build_gateway(cfg: Config) -> Gateway:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=cfg.policy.watch_interval_s)
 
-    add_proof_modes(cfg, gw)
+    def relabel(loaded: Loaded) -> None:
+        # A reloaded bundle may re-sign a node's region, provider or trust; LivePolicy
+        # refused it already if it changed a name or a pin, so only the labels move here.
+        signed = {n.name: n for n in loaded.nodes}
+        for state in router.nodes.values():
+            state.client.node = signed[state.client.node.name]
+
+    policy.listeners.append(relabel)
+    add_proof_modes(cfg, gw, nodes)
     gw.background.append(sync_revocations)
     if cfg.policy.dir is not None:
         gw.background.append(watch_policy)

@@ -12,6 +12,11 @@ The collectives are the ones CrypTen calls (`send`/`recv`, `isend`/`irecv`, `bro
 ``*_obj`` calls are refused. ``reduce`` gathers every share at the destination and sums
 there, so no party but the destination ever holds a partial sum (gloo's ring reduce left
 half of the output in party 1's buffer).
+
+A party runs each session's compute in its own thread, so the communicator and the dealer
+client CrypTen asks for (``get()``) are the calling thread's (`TlsCommunicator.bind`,
+`DealerClient.install`); the rest of CrypTen's per-session state is made per thread in
+``mpc.crypten_shim`` (shim 4).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -181,11 +186,13 @@ class _Done:
         return self._fn is None
 
 
+_current = threading.local()  # this thread's session: .comm and .dealer
+
+
 class TlsCommunicator:
     """CrypTen's Communicator interface over `Link`s; rank ``world_size`` is the dealer."""
 
     BYTES_PER_ELEMENT = 8
-    instance: ClassVar[TlsCommunicator | None] = None
 
     def __init__(
         self,
@@ -205,12 +212,18 @@ class TlsCommunicator:
 
     # --- CrypTen's class-level hooks ----------------------------------------------
     @classmethod
+    def bind(cls, comm: TlsCommunicator | None) -> None:
+        """Make ``comm`` what CrypTen's ``communicator.get()`` returns in this thread."""
+        _current.comm = comm
+
+    @classmethod
     def is_initialized(cls) -> bool:
-        return cls.instance is not None
+        return cls.get() is not None
 
     @classmethod
     def get(cls) -> TlsCommunicator | None:
-        return cls.instance
+        comm: TlsCommunicator | None = getattr(_current, "comm", None)
+        return comm
 
     @classmethod
     def initialize(cls, rank: int, world_size: int, init_ttp: bool = False) -> None:
@@ -218,7 +231,7 @@ class TlsCommunicator:
 
     @classmethod
     def shutdown(cls) -> None:
-        cls.instance = None
+        cls.bind(None)
 
     # --- bookkeeping ----------------------------------------------------------------
     def get_rank(self) -> int:
@@ -413,8 +426,6 @@ def encode_request(
 class DealerClient:
     """Stands in for CrypTen's TTPClient: a seed from the dealer, requests over TLS."""
 
-    _instance: ClassVar[DealerClient | None] = None
-
     def __init__(self, link: Link, rank: int, timeout_s: float) -> None:
         self.link = link
         self.rank = rank
@@ -427,22 +438,24 @@ class DealerClient:
 
     @classmethod
     def install(cls, link: Link, rank: int, timeout_s: float) -> None:
-        cls._instance = cls(link, rank, timeout_s)
+        """This thread's session's dealer (what CrypTen's ``TTPClient.get()`` returns)."""
+        _current.dealer = cls(link, rank, timeout_s)
 
     @staticmethod
     def _init() -> None:
-        if DealerClient._instance is None:
+        if getattr(_current, "dealer", None) is None:
             raise RuntimeError("the dealer link is set up by mpc.party, not crypten.init()")
 
     @staticmethod
     def uninit() -> None:
-        DealerClient._instance = None
+        _current.dealer = None
 
     @staticmethod
     def get() -> DealerClient:
-        if DealerClient._instance is None:
+        dealer: DealerClient | None = getattr(_current, "dealer", None)
+        if dealer is None:
             raise RuntimeError("no dealer for this session")
-        return DealerClient._instance
+        return dealer
 
     def get_generator(self, device: Any = None) -> torch.Generator:
         if device is not None and torch.device(device).type != "cpu":
@@ -467,7 +480,8 @@ def install() -> None:
 
 
 def reset() -> None:
-    TlsCommunicator.instance = None
+    """Forget this thread's session (its communicator and dealer)."""
+    TlsCommunicator.bind(None)
     DealerClient.uninit()
 
 

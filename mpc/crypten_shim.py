@@ -13,6 +13,13 @@ unnecessary (or breaks it) fails there, loudly, instead of somewhere in a party.
    raises at once instead of silently opening a plaintext gloo group.
 3. The hooks `install_communicator` / `install_ttp_client` swap in our TLS transport
    (``mpc.comm``) at the two names CrypTen looks up at call time.
+4. CrypTen keeps a session's state process-wide: its PRG seeds (``crypten.generators``)
+   and, while sigmoid/softmax/reciprocal run, temporary settings (``cfg.temp_override``
+   swaps the one global config and puts it back). A party serves several sessions at once,
+   one compute thread each (``mpc.party``), so both are made per thread here: otherwise
+   one session reseeds another's generators, or ends another's override mid-reciprocal,
+   and the two parties of that session silently compute different protocols. (The
+   communicator and the TTP client are per thread in ``mpc.comm``.)
 
 ``crypten.nn.from_pytorch`` (which would need ``torch.onnx.export(dynamo=False)``) is never
 used: parties run the model as explicit MPCTensor operations (``mpc.party``).
@@ -22,6 +29,9 @@ from __future__ import annotations
 
 import importlib
 import sys
+import threading
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -49,6 +59,7 @@ import crypten  # noqa: E402
 import crypten.communicator as crypten_comm  # noqa: E402
 import crypten.communicator.distributed_communicator as crypten_dist_comm  # noqa: E402
 import crypten.mpc.provider.ttp_provider as crypten_ttp  # noqa: E402
+from crypten.config.config import CrypTenConfig  # noqa: E402
 
 
 class DistributedGuard:
@@ -69,6 +80,77 @@ crypten_ttp.dist = GUARD
 
 ORIGINAL_COMMUNICATOR: type = crypten_comm.DistributedCommunicator
 ORIGINAL_TTP_CLIENT: type = crypten_ttp.TTPClient
+
+
+class PerThreadMap(MutableMapping[Any, Any]):
+    """Shim 4a: a mapping each thread sees its own copy of (one session's generators)."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def _own(self) -> dict[Any, Any]:
+        own: dict[Any, Any] | None = getattr(self._local, "map", None)
+        if own is None:
+            own = self._local.map = {}
+        return own
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._own()[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._own()[key] = value
+
+    def __delitem__(self, key: Any) -> None:
+        del self._own()[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(list(self._own()))
+
+    def __len__(self) -> int:
+        return len(self._own())
+
+
+_overrides = threading.local()
+
+
+class PerThreadConfig(CrypTenConfig):  # type: ignore[misc]
+    """Shim 4b: ``cfg.temp_override`` applies to the calling thread only.
+
+    The settings themselves stay process-wide (`configure` sets them once, before any
+    session); only an override in progress is per thread."""
+
+    @property
+    def config(self) -> Any:
+        override = getattr(_overrides, "config", None)
+        return override if override is not None else self.__dict__["config"]
+
+    @config.setter
+    def config(self, value: Any) -> None:
+        self.__dict__["config"] = value
+
+    @contextmanager
+    def temp_override(self, override_dict: dict[str, Any]) -> Iterator[None]:
+        from omegaconf import OmegaConf
+
+        before = getattr(_overrides, "config", None)
+        update = OmegaConf.from_dotlist([f"{k}={v}" for k, v in override_dict.items()])
+        _overrides.config = OmegaConf.merge(self.config, update)
+        try:
+            yield
+        finally:
+            _overrides.config = before
+
+
+def _state_per_thread() -> None:
+    """Shim 4, applied at import: CrypTen reads ``generators[kind][device]`` and ``cfg``
+    at call time, so replacing the inner maps and the config's class reaches every use."""
+    for kind in list(crypten.generators):
+        if not isinstance(crypten.generators[kind], PerThreadMap):
+            crypten.generators[kind] = PerThreadMap()
+    crypten.cfg.__class__ = PerThreadConfig
+
+
+_state_per_thread()
 
 
 def install_communicator(cls: type) -> None:
@@ -93,6 +175,8 @@ __all__ = [
     "ORIGINAL_COMMUNICATOR",
     "ORIGINAL_TTP_CLIENT",
     "REGISTRATION_ALIASED",
+    "PerThreadConfig",
+    "PerThreadMap",
     "configure",
     "crypten",
     "crypten_comm",

@@ -1,4 +1,4 @@
-"""A node's MPC party worker: one TLS listener, one session at a time, CrypTen inside.
+"""A node's MPC party worker: one TLS listener, a bounded number of sessions, CrypTen inside.
 
 The worker holds no model and no data of its own. A session starts when the gateway
 (its node-client certificate, from the site gateway CA) connects and sends a plan: the
@@ -12,13 +12,20 @@ share of the output to the gateway only. Nothing is ever revealed among the part
 Any link that fails (a peer killed, a message late past its deadline, a malformed frame)
 ends the whole session: every link is closed, the gateway gets an error frame if it can,
 and the worker waits for the next session. There is no in-session recovery.
+
+Several gateways (replicas of one site) share the same parties, and each keeps a session
+open while it serves requests, so a worker runs up to ``max_sessions`` sessions at once,
+each in its own compute thread with its own links, dealer and CrypTen state (per thread:
+`mpc.comm`, shim 4 of `mpc.crypten_shim`). One more plan is refused at once with a
+``busy`` rejection (the gateway answers 503 + Retry-After); nothing queues. A session also
+ends after ``idle_timeout_s`` without a request (the plan's, at most ``max_idle_s``), so a
+gateway that vanished without closing its connection does not hold a slot for ever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import re
 import signal
 import sys
@@ -56,10 +63,19 @@ log = logging.getLogger("mpc.party")
 
 SESSION_RE = re.compile(r"^[0-9a-f]{8,64}$")
 HANDSHAKE_TIMEOUT_S = 5.0
+# How long `stop` waits for the session threads to tell their gateways and end.
+STOP_GRACE_S = 5.0
+# What a busy refusal suggests to the gateway: sessions end when their gateway closes
+# them (idle, ~30 s) or goes away; a second is the smallest useful Retry-After.
+BUSY_RETRY_AFTER_S = 1.0
 
 
 class PlanError(Exception):
     """A plan this party will not run."""
+
+
+class PartyBusy(PlanError):
+    """Every session slot is taken: refused now, never queued."""
 
 
 @dataclass(frozen=True)
@@ -82,13 +98,14 @@ class Plan:
     output_dim: int
     message_timeout_s: float
     setup_timeout_s: float
+    idle_timeout_s: float
 
     @property
     def world(self) -> int:
         return len(self.parties)
 
     @classmethod
-    def parse(cls, raw: dict[str, Any], me: str) -> Plan:
+    def parse(cls, raw: dict[str, Any], me: str, max_idle_s: float = 600.0) -> Plan:
         try:
             session = str(raw["session"])
             if not SESSION_RE.match(session):
@@ -125,6 +142,10 @@ class Plan:
                 output_dim=int(model["output_dim"]),
                 message_timeout_s=min(max(float(raw["message_timeout_s"]), 0.1), 300.0),
                 setup_timeout_s=min(max(float(raw["setup_timeout_s"]), 0.1), 300.0),
+                # A gateway that names none (older) gets this party's own limit.
+                idle_timeout_s=min(
+                    max(float(raw.get("idle_timeout_s", max_idle_s)), 1.0), max_idle_s
+                ),
             )
         except (KeyError, TypeError, ValueError, ModelError) as exc:
             raise PlanError(f"malformed plan: {exc!r}") from exc
@@ -190,8 +211,12 @@ class PartyWorker:
         self.server_ctx = server_context(config.creds)
         self.client_ctx = client_context(config.creds)
         self.loop = asyncio.new_event_loop()
-        self.sessions: queue.SimpleQueue[Session] = queue.SimpleQueue()
-        self.active: Session | None = None
+        # Sessions by id, admitted (plan accepted) until their thread ends; at most
+        # config.max_sessions. Written by the loop thread (admit) and the session threads
+        # (end), hence the lock.
+        self.active: dict[str, Session] = {}
+        self._threads: dict[str, threading.Thread] = {}
+        self._lock = threading.Lock()
         self.port = 0
         self._stop = threading.Event()
 
@@ -232,7 +257,8 @@ class PartyWorker:
             asyncio.IncompleteReadError,
         ) as exc:
             log.warning("refused a connection: %s", exc)
-            await _reject(writer, str(exc))
+            extra = {"busy": True, "retry_after_s": BUSY_RETRY_AFTER_S}
+            await _reject(writer, str(exc), extra if isinstance(exc, PartyBusy) else None)
 
     async def _admit(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         spiffe = peer_identity(
@@ -247,22 +273,41 @@ class PartyWorker:
         if kind == "plan":
             if spiffe not in self.config.gateway_ids:
                 raise IdentityError(f"{spiffe} may not start sessions here")
-            if self.active is not None:
-                raise PlanError("busy: a session is running")
-            plan = Plan.parse(hello, self.config.name)
+            if self._stop.is_set():
+                raise PlanError("this party is stopping")
+            plan = Plan.parse(hello, self.config.name, self.config.max_idle_s)
             session = Session(plan, self.loop)
-            if self.config.record_dir is not None:
-                session.recorder = FileRecorder(self.config.record_dir / plan.session)
-                session.recorder.received("gateway", _raw(first))
-            session.control = Link(
-                "gateway", self.loop, reader, writer, session.recorder, session.abort
-            )
-            session.control.start()
-            self.active = session
-            self.sessions.put(session)
+            with self._lock:
+                if plan.session in self.active:
+                    raise PlanError(f"session {plan.session} is already running here")
+                cap = self.config.max_sessions
+                if len(self.active) >= cap:
+                    raise PartyBusy(f"busy: {cap} of {cap} sessions running; retry later")
+                self.active[plan.session] = session
+            try:
+                if self.config.record_dir is not None:
+                    session.recorder = FileRecorder(self.config.record_dir / plan.session)
+                    session.recorder.received("gateway", _raw(first))
+                session.control = Link(
+                    "gateway", self.loop, reader, writer, session.recorder, session.abort
+                )
+                session.control.start()
+                thread = threading.Thread(
+                    target=self._session_thread,
+                    args=(session,),
+                    name=f"mpc-session-{plan.session[:8]}",
+                    daemon=True,
+                )
+                with self._lock:
+                    self._threads[plan.session] = thread
+                thread.start()
+            except BaseException:
+                self._forget(session)
+                raise
         elif kind == "peer":
-            current = self.active
-            if current is None or hello.get("session") != current.plan.session:
+            with self._lock:
+                current = self.active.get(str(hello.get("session")))
+            if current is None:
                 raise IdentityError(f"{spiffe}: no such session here")
             session = current
             rank = hello.get("rank")
@@ -322,27 +367,38 @@ class PartyWorker:
         dealer_hello = {"type": "party", "session": plan.session, "rank": plan.rank}
         session.dealer = await self._dial(session, plan.dealer, dealer_hello)
 
-    # --- compute thread -------------------------------------------------------------
+    # --- session threads ------------------------------------------------------------
+    def _session_thread(self, session: Session) -> None:
+        try:
+            self.run_session(session)
+        finally:
+            session.abort("session over")
+            if session.recorder is not None:
+                session.recorder.close()
+            reset()  # this thread's communicator and dealer
+            self._forget(session)
+
+    def _forget(self, session: Session) -> None:
+        with self._lock:
+            if self.active.get(session.plan.session) is session:
+                del self.active[session.plan.session]
+            self._threads.pop(session.plan.session, None)
+
     def serve_forever(self) -> None:
-        while not self._stop.is_set():
-            try:
-                session = self.sessions.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            try:
-                self.run_session(session)
-            finally:
-                session.abort("session over")
-                if session.recorder is not None:
-                    session.recorder.close()
-                reset()
-                self.active = None
+        """Block until `stop`; then end every session and wait (bounded) for its thread."""
+        self._stop.wait()
+        with self._lock:
+            sessions = list(self.active.values())
+            threads = list(self._threads.values())
+        for session in sessions:
+            session.abort("worker stopping")
+        deadline = time.monotonic() + STOP_GRACE_S
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def stop(self) -> None:
+        """From a signal handler: only sets a flag, `serve_forever` does the rest."""
         self._stop.set()
-        session = self.active
-        if session is not None:
-            session.abort("worker stopping")
 
     def run_session(self, session: Session) -> None:
         plan = session.plan
@@ -361,13 +417,25 @@ class PartyWorker:
                 raise MpcLinkError(session.aborted or "not every party connected in time")
             assert session.dealer is not None
             comm = TlsCommunicator(plan.rank, plan.world, session.peers, t_msg, session.recorder)
-            TlsCommunicator.instance = comm
+            TlsCommunicator.bind(comm)  # this thread's: CrypTen's communicator.get()
             crypten._setup_prng()
             DealerClient.install(session.dealer, plan.rank, t_msg)
             control.send_json({"type": "up"})
             weights: dict[str, Any] = {}
             while True:
-                msg = control.recv(None).json()
+                try:
+                    frame = control.recv(plan.idle_timeout_s)
+                except MpcLinkError:
+                    if control.closed is not None:
+                        raise
+                    # Idle past the limit: the gateway closes idle sessions itself well
+                    # before this, so its end (or its network) is gone; free the slot.
+                    log.info(
+                        "session %s idle for %.0fs: ending it", plan.session, plan.idle_timeout_s
+                    )
+                    control.send_json({"type": "error", "message": f"{self.config.name}: idle"})
+                    return
+                msg = frame.json()
                 kind = msg.get("type")
                 if kind == "weights":
                     weights = self.receive_weights(control, plan, t_msg)
@@ -461,9 +529,11 @@ def _raw(frame: Frame) -> bytes:
     return HEADER.pack(MAGIC, frame.kind, 0, len(frame.payload)) + frame.payload
 
 
-async def _reject(writer: asyncio.StreamWriter, reason: str) -> None:
+async def _reject(
+    writer: asyncio.StreamWriter, reason: str, extra: dict[str, Any] | None = None
+) -> None:
     try:
-        writer.write(encode_json({"type": "rejected", "reason": reason[:200]}))
+        writer.write(encode_json({"type": "rejected", "reason": reason[:200], **(extra or {})}))
         await asyncio.wait_for(writer.drain(), 1.0)
     except (OSError, TimeoutError, WireError):
         pass
@@ -496,10 +566,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from mpc.worker_args import build_parser, config_from_args
+    from mpc.worker_args import PartyArgsError, build_parser, config_from_args
 
-    args = build_parser(__doc__).parse_args(argv)
-    return run_worker(config_from_args(args))
+    parser = build_parser(__doc__)
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except PartyArgsError as exc:
+        parser.error(str(exc))  # exit 2, as `ztgate mpc party` does
+    return run_worker(config)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,12 @@ parties mesh, and secret-shares the weights into the session once. `infer` secre
 one request's input, sends each party its share, collects each party's output share and
 sums them. Requests are serialised: one session runs one request at a time.
 
+A session holds one of each party's few session slots (`ztgate mpc party --max-sessions`),
+which other gateways (replicas of this one) need too, so it closes itself after
+``idle_close_s`` without a request; the next request starts a new one. A party whose
+slots are all taken refuses the plan at once: `MpcBusy`, which the gateway answers with
+503 + Retry-After.
+
 Every wait has a deadline. Any failure (a party killed or silent, a refusal, a malformed
 frame, a deadline) ends the session for good: links closed, dealer stopped, and
 `MpcUnavailable` raised, which the gateway maps to 503. Start a new session to recover.
@@ -61,6 +67,19 @@ class MpcUnavailable(MpcError):
     """The session cannot serve (a party died, went silent, refused); it is closed."""
 
 
+class MpcBusy(MpcUnavailable):
+    """A party refused the session because all its session slots are taken."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+# How much longer than the gateway's own idle close a party waits before it ends an idle
+# session itself (its backstop for a gateway that vanished): the gateway closes first.
+PARTY_IDLE_GRACE_S = 30.0
+
+
 @dataclass(frozen=True)
 class PartyEndpoint:
     name: str
@@ -81,6 +100,9 @@ class MpcSettings:
     message_timeout_s: float = 10.0
     setup_timeout_s: float = 30.0
     request_timeout_s: float = 60.0
+    # Close a session after this long without a request, freeing its party slots for the
+    # other gateways; restarting one costs ~1-2 s (dealer, mesh, weights).
+    idle_close_s: float = 30.0
     python: str = sys.executable
     require_distinct_providers: bool = True
     # UNSAFE, tests only: let a node certificate act as the dealer (the TFP-like layout).
@@ -130,6 +152,10 @@ class _Party:
             return msg
         if msg.get("type") in ("error", "rejected"):
             why = msg.get("message") or msg.get("reason")
+            if msg.get("busy") is True:
+                hint = msg.get("retry_after_s")
+                after = float(hint) if isinstance(hint, int | float) else 1.0
+                raise MpcBusy(f"party {self.endpoint.name}: {why}", min(max(after, 1.0), 60.0))
             raise MpcUnavailable(f"party {self.endpoint.name}: {why}")
         raise MpcUnavailable(f"party {self.endpoint.name} sent {msg.get('type')!r}, not {kind!r}")
 
@@ -160,6 +186,8 @@ class MpcSession:
     requests: int = 0
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _links_closed: bool = False
+    _last_used: float = field(default_factory=time.monotonic)
+    _idle_task: asyncio.Task[None] | None = None
 
     # --- start -------------------------------------------------------------------------
     @classmethod
@@ -200,7 +228,21 @@ class MpcSession:
             ):
                 raise MpcUnavailable(f"session start failed: {_describe(exc)}") from exc
             raise
+        session._last_used = time.monotonic()
+        session._idle_task = asyncio.get_running_loop().create_task(session._close_when_idle())
         return session
+
+    async def _close_when_idle(self) -> None:
+        """Close the session once no request has come for ``idle_close_s``."""
+        idle = self.settings.idle_close_s
+        while self.closed is None:
+            left = self._last_used + idle - time.monotonic()
+            if left > 0 or self._lock.locked():  # a request in flight renews _last_used
+                await asyncio.sleep(max(left, 0.05))
+                continue
+            # No await between this check and `closed` being set: a request that arrives
+            # now finds the session closed and starts a new one instead of failing.
+            await self._shutdown(f"idle for {idle:g}s", polite=True)
 
     async def _start(self, endpoints: Sequence[PartyEndpoint], spiffes: list[str]) -> None:
         s = self.settings
@@ -246,6 +288,7 @@ class MpcSession:
                         "model": self.model.plan_json(),
                         "message_timeout_s": s.message_timeout_s,
                         "setup_timeout_s": s.setup_timeout_s,
+                        "idle_timeout_s": s.idle_close_s + PARTY_IDLE_GRACE_S,
                     }
                 )
             )
@@ -350,6 +393,7 @@ class MpcSession:
             if self.closed is not None:
                 raise MpcUnavailable(f"session {self.session_id} is closed: {self.closed}")
             t0 = time.monotonic()
+            self._last_used = t0
             try:
                 return await asyncio.wait_for(self._infer(enc, t0 + limit), limit)
             except MpcError as exc:
@@ -362,6 +406,8 @@ class MpcSession:
             except asyncio.CancelledError:
                 await self._shutdown("request cancelled mid-flight")
                 raise
+            finally:
+                self._last_used = time.monotonic()
 
     async def _infer(self, enc: npt.NDArray[np.int64], deadline: float) -> MpcResult:
         t0 = time.monotonic()
@@ -443,6 +489,9 @@ class MpcSession:
         if self.closed is None:
             self.closed = reason
             log.info("MPC session %s ends: %s", self.session_id, reason)
+        idle_task, self._idle_task = self._idle_task, None
+        if idle_task is not None and idle_task is not asyncio.current_task():
+            idle_task.cancel()
         # Once only: a wait_closed that timed out cancelled the stream's close waiter, and
         # awaiting it again (close() after a failure) would raise CancelledError.
         if not self._links_closed:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import secrets
 import shutil
 import socket
@@ -22,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
 import uvicorn
 import uvloop
 
@@ -31,6 +29,7 @@ from gateway.config import Config, parse_config
 from gateway.pki import PKI
 from gateway.ports import free_port
 from gateway.runtime import build_gateway, servers
+from tests.redis_fixture import redis_executable
 
 SHIPPED_POLICIES = Path(__file__).resolve().parent.parent / "policies"
 TEST_CALLERS = ("bob", "short", "schemathesis", "bench")
@@ -166,12 +165,7 @@ def tls_redis(pki: PKI, workdir: Path) -> Iterator[str]:
 
     Yields its `rediss://user:password@...` URL, trusting the PKI's root for the server.
     """
-    exe = shutil.which("redis-server")
-    if exe is None:
-        msg = "redis-server not installed (apt-get install redis-server)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
+    exe = redis_executable()
     workdir.mkdir(parents=True, exist_ok=True)
     # A server certificate for 127.0.0.1 from the PKI (the gateway-server role has that SAN).
     issued = pki.issue("gateway-server", "redis", out=(workdir / "tls.crt", workdir / "tls.key"))

@@ -76,15 +76,21 @@ def _start(exe: str, workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
     pytest.fail(f"redis-server did not answer PING within {_START_DEADLINE_S}s:\n{last_log}")
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """URL of a fresh redis-server on loopback (`redis://127.0.0.1:PORT/0`)."""
+def redis_executable() -> str:
+    """The redis-server binary; missing, it fails the run under CI (skips elsewhere)."""
     exe = shutil.which("redis-server")
     if exe is None:
         msg = "redis-server not installed (apt-get install redis-server)"
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(msg)
         pytest.skip(msg)
+    return exe
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a fresh redis-server on loopback (`redis://127.0.0.1:PORT/0`)."""
+    exe = redis_executable()
     proc, port = _start(exe, tmp_path_factory.mktemp("redis"))
     try:
         yield f"redis://127.0.0.1:{port}/0"

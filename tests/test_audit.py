@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import shutil
 import socket
 import tarfile
 import threading
@@ -20,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import pytest_asyncio
@@ -30,20 +32,22 @@ from gateway.pki import signing_key_id
 from gateway.protocol.tensors import Tensor
 from gateway.receipts.bundle import BundleReader
 from gateway.receipts.canonical import b64
+from gateway.receipts.checkpointer import Checkpointer, WitnessClient
 from gateway.receipts.export import export_bundle
 from gateway.receipts.issue import issue
-from gateway.receipts.log import LogEntry
+from gateway.receipts.log import LogEntry, ReceiptLog
 from gateway.receipts.merkle import MerkleTree
 from gateway.receipts.model import Denial, Receipt, SignedReceipt, make_receipt_id
 from gateway.receipts.note import Checkpoint, NoteKey, SignedNote
-from gateway.receipts.signing import KeySet, PublishedKey, Signer, signed_message
+from gateway.receipts.signing import KeySet, PublishedKey, Signer, format_time, signed_message
 from gateway.receipts.verify import (
     PROOF_VERIFIERS,
     TrustPolicy,
     register_proof_verifier,
     verify_bundle,
 )
-from tests.test_receipts import EPOCH, WITNESS, World, make_world
+from gateway.receipts.witness import witness_app
+from tests.test_receipts import EPOCH, ORIGIN, WITNESS, World, make_world
 
 # =========================================================================== fixtures
 
@@ -478,6 +482,94 @@ async def test_audit_trust_template(
     )
     report = verify_bundle(BundleReader(_bundle(world, tmp_path / "b")), trust, [WITNESS])
     assert report.status == "valid"
+
+
+async def _second_replica(a: World, tmp: Path, published: dt.datetime) -> World:
+    """Replica b of a's deployment: its own log and receipts dir, the deployment's log key,
+    receipt key and witness (in-process), and the receipt key published by b at
+    `published`, when b first loaded it."""
+    rl = ReceiptLog.open(tmp / "logs", a.log_key, ORIGIN)
+    keys = KeySet([PublishedKey(signing_key_id(a.receipt_key.public_key()),
+                                a.receipt_key.public_key(), published)])  # fmt: skip
+    keys.save(tmp / "logs" / "keys.json")
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=witness_app(a.witness)))
+    witness = WitnessClient(a.witness.key, "http://witness", http)
+    b = World(tmp, a.log_key, a.receipt_key, a.witness_key, rl, a.witness, a.signer, keys,
+              Checkpointer(lambda: b.log, [witness]))  # fmt: skip
+    return b
+
+
+async def test_one_bundle_and_trust_file_cover_every_replica(
+    world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two replicas, two receipts dirs: `--log-dir A --log-dir B` gives one trust file
+    naming both logs and one bundle that verifies with it; either dir alone is missing a
+    log; the same log under two dirs is refused."""
+    a = world
+    # b first loaded the shared receipt key after a's checkpoints were signed: its keys.json
+    # alone would put a's receipts outside the key's window.
+    published = dt.datetime.fromtimestamp(math.ceil(time.time()) + 60, dt.UTC)
+    b = await _second_replica(a, tmp_path / "b", published)
+    try:
+        b.log.clock = lambda: published.timestamp() + 5
+        b.witness.clock = lambda: published.timestamp() + 5
+        for _ in range(2):
+            await b.receipt()
+        await b.checkpoint()
+        dirs = ["--log-dir", str(b.log_dir), "--log-dir", str(a.log_dir)]
+
+        assert main(["audit", "trust", *dirs]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        [log_key] = doc["log_keys"]
+        assert sorted(log_key["origins"]) == sorted([a.log.origin, b.log.origin])
+        [receipt_key] = doc["receipt_keys"]["keys"]
+        assert receipt_key["valid_from"] == format_time(EPOCH)  # a's, the earliest
+        trust = tmp_path / "trust.json"
+        trust.write_text(json.dumps(doc))
+
+        both = tmp_path / "both"
+        assert main(["audit", "export", *dirs, str(both)]) == 0
+        assert "2 log(s), 7 receipt(s)" in capsys.readouterr().out
+        rc = main(["verify", str(both), "--trust", str(trust), "--require-witness", WITNESS,
+                   "--json"])  # fmt: skip
+        report = json.loads(capsys.readouterr().out)
+        assert rc == 0, report
+        receipts = [f for f in report["findings"] if f["subject"].startswith("receipt ")]
+        assert len(receipts) == 7 and {f["status"] for f in receipts} == {"valid"}
+
+        # Control: one replica's dir, the two-log trust file: the other log is missing.
+        for only in (a, b):
+            one = tmp_path / f"only-{only.log.log_id}"
+            assert main(["audit", "export", "--log-dir", str(only.log_dir), str(one)]) == 0
+            capsys.readouterr()
+            rc = main(["verify", str(one), "--trust", str(trust), "--json"])
+            report = json.loads(capsys.readouterr().out)
+            missing = [f for f in report["findings"] if f["code"] == "missing-log"]
+            assert rc == 1 and [f["status"] for f in missing] == ["invalid"], report
+            other = b if only is a else a
+            assert other.log.origin in missing[0]["subject"] + missing[0]["reason"]
+
+        # Control for the key merge: b's published window alone fails a's receipts.
+        b_only = json.loads(json.dumps(doc))
+        b_only["receipt_keys"] = json.loads(KeySet.load(b.log_dir / "keys.json").to_json())
+        (tmp_path / "b-keys.json").write_text(json.dumps(b_only))
+        rc = main(["verify", str(both), "--trust", str(tmp_path / "b-keys.json"), "--json"])
+        report = json.loads(capsys.readouterr().out)
+        outside = {f["subject"] for f in report["findings"] if f["code"] == "key-outside-window"}
+        assert rc == 1 and outside == {f"receipt {i.receipt.receipt_id}" for i in a.issued}
+
+        # The same log twice (a dir given twice, or a copy of a log): refused, by name.
+        copy = tmp_path / "copy"
+        shutil.copytree(a.log_dir / a.log.log_id, copy / a.log.log_id)
+        for twice in ([a.log_dir, a.log_dir], [a.log_dir, copy]):
+            argv = [x for d in twice for x in ("--log-dir", str(d))]
+            assert main(["audit", "export", *argv, str(tmp_path / "dup")]) == 2
+            assert main(["audit", "trust", *argv]) == 2
+            err = capsys.readouterr().err
+            assert f"log {a.log.log_id} is under more than one --log-dir" in err, err
+        assert not (tmp_path / "dup").exists()
+    finally:
+        await b.log.close()
 
 
 # =========================================================================== zk hook

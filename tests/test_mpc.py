@@ -29,7 +29,14 @@ import pytest
 from gateway.pki import PKI
 from mpc.audit import Secrets, View, find_leaks
 from mpc.model import SCALE, ModelError, MpcModel, decode, encode, reconstruct, share
-from mpc.session import MpcError, MpcSession, MpcSettings, MpcUnavailable, PartyEndpoint
+from mpc.session import (
+    MpcBusy,
+    MpcError,
+    MpcSession,
+    MpcSettings,
+    MpcUnavailable,
+    PartyEndpoint,
+)
 from mpc.tls import Credentials, TrustStore, client_context
 from mpc.wire import WireError, decode_tensor, encode_json, encode_tensor, read_frame
 from tests.conftest import SITE
@@ -42,6 +49,7 @@ pytestmark = pytest.mark.timeout(120)
 on_loop = pytest.mark.asyncio(loop_scope="session")
 
 REPO = Path(__file__).resolve().parents[1]
+END_CERT = "-----END CERTIFICATE-----\n"
 RISK = REPO / "gateway" / "examples" / "risk.onnx"
 # CrypTen's sigmoid is a polynomial/Newton approximation on 16-bit fixed point; measured
 # max abs error on the risk model over N(0, 1.5) inputs is ~2e-3.
@@ -72,17 +80,35 @@ class Party:
                 self.proc.wait()
 
 
+def own_pki_flags(pki: PKI, name: str) -> list[str]:
+    """The node's identity file by file, as on a customer PKI (no --pki directory)."""
+    issued = pki.ensure("node", name)
+    return [
+        "--cert", str(issued.cert), "--key", str(issued.key),
+        "--node-ca", str(pki.node_ca_bundle()), "--gateway-ca", str(pki.gateway_ca_bundle(SITE)),
+        "--site", SITE,
+    ]  # fmt: skip
+
+
 def start_parties(
-    pki: PKI, names: Sequence[str], base: Path, code: str | None = None
+    pki: PKI,
+    names: Sequence[str],
+    base: Path,
+    code: str | None = None,
+    *,
+    flags: Sequence[str] = (),
+    own_pki: bool = False,
 ) -> list[Party]:
-    """Start party workers in parallel; ``code`` replaces ``-m mpc.party`` (leaky variants)."""
+    """Start party workers in parallel; ``code`` replaces ``-m mpc.party`` (leaky variants);
+    ``own_pki``: the node's files given one by one instead of ``--pki``."""
     base.mkdir(parents=True, exist_ok=True)
     pending = []
     for name in names:
         pki.ensure("node", name)
         record, log = base / "record" / name, base / f"{name}.log"
         head = [sys.executable, "-m", "mpc.party"] if code is None else [sys.executable, "-c", code]
-        cmd = [*head, "--name", name, "--pki", str(pki.root), "--record", str(record)]
+        identity = own_pki_flags(pki, name) if own_pki else ["--pki", str(pki.root)]
+        cmd = [*head, "--name", name, *identity, "--record", str(record), *flags]
         with log.open("w") as err:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=ENV)
         pending.append((name, proc, record, log))
@@ -202,7 +228,7 @@ def test_shim_routes_communicator_and_ttp_client_through_tls() -> None:
     assert crypten.mpc.provider.ttp_provider.TTPClient is comm.DealerClient
     assert crypten.cfg.mpc.provider == "TTP"
     fake = comm.TlsCommunicator(0, 2, {}, 1.0)
-    comm.TlsCommunicator.instance = fake
+    comm.TlsCommunicator.bind(fake)
     try:
         assert crypten.communicator.get() is fake
         with pytest.raises(comm.MpcLinkError, match="pickle"):
@@ -212,6 +238,58 @@ def test_shim_routes_communicator_and_ttp_client_through_tls() -> None:
     # crypten.init() would build gloo groups; with the shim it refuses instead.
     with pytest.raises(RuntimeError, match=r"crypten\.init"):
         crypten.init()
+
+
+def test_shim_makes_crypten_session_state_per_thread() -> None:
+    """Shim 4: what one session's thread sets, another's does not see."""
+    import threading
+
+    from crypten.config.config import CrypTenConfig
+
+    from mpc import crypten_shim
+
+    crypten = crypten_shim.crypten
+    seen: dict[str, Any] = {}
+    inside, checked = threading.Event(), threading.Event()
+
+    def run(cfg: Any) -> dict[str, Any]:
+        """One thread holds an override open while another reads the same setting."""
+        seen.clear()
+        inside.clear()
+        checked.clear()
+
+        def holder() -> None:
+            with cfg.temp_override({"functions.reciprocal_all_pos": True}):
+                seen["holder"] = cfg.functions.reciprocal_all_pos
+                inside.set()
+                checked.wait(HANG_BOUND_S)
+
+        t = threading.Thread(target=holder)
+        t.start()
+        assert inside.wait(HANG_BOUND_S)
+        seen["other"] = cfg.functions.reciprocal_all_pos
+        checked.set()
+        t.join(HANG_BOUND_S)
+        seen["after"] = cfg.functions.reciprocal_all_pos
+        return dict(seen)
+
+    # Needed: CrypTen's own config overrides for every thread of the process at once, and
+    # its PRG seeds live in one module-level dict that _setup_prng fills.
+    assert run(CrypTenConfig()) == {"holder": True, "other": True, "after": False}
+    assert "global generators" in inspect.getsource(crypten._sync_seeds)
+    # In effect: the process's config is per thread while overridden...
+    assert isinstance(crypten.cfg, crypten_shim.PerThreadConfig)
+    assert run(crypten.cfg) == {"holder": True, "other": False, "after": False}
+    # ...and each thread has its own generators.
+    assert all(isinstance(g, crypten_shim.PerThreadMap) for g in crypten.generators.values())
+    mine = crypten.generators["prev"]
+    mine["cpu"] = "main thread's"
+    theirs: list[Any] = []
+    t = threading.Thread(target=lambda: theirs.append(dict(mine)))
+    t.start()
+    t.join(HANG_BOUND_S)
+    assert theirs == [{}] and mine["cpu"] == "main thread's"
+    del mine["cpu"]
 
 
 # =========================================================================== units
@@ -566,6 +644,72 @@ async def test_only_this_sessions_identities_can_join(
         assert np.max(np.abs(result.outputs - plaintext(x))) < TOLERANCE
 
 
+# =========================================================================== several gateways
+
+
+async def _when_a_slot_is_free(start: Callable[[], Any], what: str) -> Any:
+    """``start()`` again while a party still says busy: a closed session's slot is freed
+    when the party's session thread ends, just after the gateway's close returns. The
+    bound only turns a hang into a failure."""
+    from gateway.protocol.problems import NoHealthyNode
+
+    async with asyncio.timeout(HANG_BOUND_S):
+        while True:
+            try:
+                return await start()
+            except (MpcBusy, NoHealthyNode) as exc:
+                if "busy" not in str(exc):
+                    raise
+                await asyncio.sleep(0.1)
+    pytest.fail(f"never started: {what}")  # pragma: no cover - timeout raises first
+
+
+@on_loop
+async def test_parties_serve_several_sessions_at_once_up_to_their_cap(
+    pki: PKI, settings: MpcSettings, model: MpcModel, tmp_path: Path
+) -> None:
+    """Two sessions (two gateway replicas: one gateway identity, a dealer each) on the
+    same two parties answer at the same time, interleaved; a third is refused at once as
+    busy (the cap, --max-sessions 2), and starts once a slot is free. The parties run on
+    the node's files given one by one (--cert/--key/--node-ca/--gateway-ca), not --pki."""
+    ps = start_parties(pki, ["n1", "n2"], tmp_path, flags=["--max-sessions", "2"], own_pki=True)
+    sessions: list[MpcSession] = []
+    try:
+        a = await MpcSession.start(model, endpoints(ps), settings)
+        sessions.append(a)
+        x = inputs(4, seed=12)
+        # Control: one session on these parties answers.
+        assert np.max(np.abs((await a.infer(x)).outputs - plaintext(x))) < TOLERANCE
+        b = await MpcSession.start(model, endpoints(ps), settings)
+        sessions.append(b)
+        # Both at once: each party computes the two sessions in two threads, each with its
+        # own links, dealer and CrypTen state; any mix-up would garble both answers.
+        xs = [inputs(3, seed=seed) for seed in range(13, 19)]
+        results = await asyncio.gather(*(s.infer(xi) for s, xi in zip([a, b] * 3, xs, strict=True)))
+        for xi, r in zip(xs, results, strict=True):
+            assert np.max(np.abs(r.outputs - plaintext(xi))) < TOLERANCE
+        assert {r.session_id for r in results} == {a.session_id, b.session_id}
+        assert a.dealer_proc is not None and b.dealer_proc is not None
+        assert a.dealer_proc.pid != b.dealer_proc.pid
+        # A third: refused at once by the cap, nothing queued; the two sessions go on.
+        with pytest.raises(MpcBusy, match="busy: 2 of 2 sessions running") as busy:
+            await MpcSession.start(model, endpoints(ps), settings)
+        assert busy.value.retry_after_s >= 1
+        assert a.alive and b.alive
+        await a.close()
+        c = await _when_a_slot_is_free(
+            lambda: MpcSession.start(model, endpoints(ps), settings), "a third session"
+        )
+        sessions.append(c)
+        for s in (b, c):
+            assert np.max(np.abs((await s.infer(x)).outputs - plaintext(x))) < TOLERANCE
+    finally:
+        for s in sessions:
+            await s.close()
+        for p in ps:
+            p.stop()
+
+
 # =========================================================================== the verifier
 
 
@@ -671,6 +815,88 @@ async def test_verifier_outcome(pki: PKI, parties: list[Party], tmp_path: Path) 
         await verifier.close()
         await gw.router.close()
         await gw.store.close()
+
+
+@on_loop
+async def test_two_gateways_serve_mpc_with_the_same_parties(
+    pki: PKI, parties: list[Party], tmp_path: Path
+) -> None:
+    """Two gateway replicas (same configuration, each its own verifier and sessions) on
+    the same parties both answer mpc, at the same time. Before parties served several
+    sessions, the second got 503 "busy" for as long as the first kept its session."""
+    x_in = inputs(2, seed=20)
+    providers = ("prov-a", "prov-b", "prov-c")
+    gws = [_mpc_gateway(pki, parties, providers, tmp_path / n) for n in ("gw-a", "gw-b")]
+    try:
+        # Control: the first replica alone answers.
+        first = _mpc_exchange(gws[0], pki, x_in)
+        await gws[0].pipeline(first)
+        assert first.outcome.status == "semi-honest-mpc"
+        both = [_mpc_exchange(gw, pki, x_in) for gw in gws]
+        await asyncio.gather(*(gw.pipeline(x) for gw, x in zip(gws, both, strict=True)))
+        for exchange in both:
+            assert exchange.mode == "mpc" and exchange.outcome.status == "semi-honest-mpc"
+            y = exchange.outcome.outputs[0].data
+            assert np.max(np.abs(y - plaintext(x_in))) < TOLERANCE
+        ids = [x.outcome.evidence["session"] for x in (first, *both)]
+        assert ids[0] == ids[1] != ids[2]  # each replica keeps its own session
+    finally:
+        for gw in gws:
+            await gw.verifiers["mpc"].close()
+            await gw.router.close()
+            await gw.store.close()
+
+
+@on_loop
+async def test_a_full_party_is_a_503_with_retry_after_until_a_slot_is_free(
+    pki: PKI, tmp_path: Path
+) -> None:
+    """Parties with one slot each (--max-sessions 1) and two replicas: the second replica
+    gets a 503 problem with Retry-After at once, not a queue. A slot frees when the
+    holder closes its session (replica a stops) or when its session goes idle (replica b,
+    whose sessions close after 0.5 s without a request); each time the other is served."""
+    from gateway.protocol.problems import NoHealthyNode, problem_response
+    from gateway.verify.mpc import MpcVerification
+
+    x_in = inputs(2, seed=21)
+    ps = start_parties(pki, ["n1", "n2"], tmp_path / "parties", flags=["--max-sessions", "1"])
+    providers = ("prov-a", "prov-b", "prov-c")
+    gws = [_mpc_gateway(pki, ps, providers, tmp_path / n) for n in ("gw-a", "gw-b")]
+    verifiers = [gw.verifiers["mpc"] for gw in gws]
+    assert all(isinstance(v, MpcVerification) for v in verifiers)
+    # a keeps its session for the default 30 s, b closes its own after 0.5 s idle.
+    verifiers[1].settings = replace(verifiers[1].settings, idle_close_s=0.5)  # type: ignore[attr-defined]
+
+    async def ask(i: int) -> Exchange:
+        exchange = _mpc_exchange(gws[i], pki, x_in)  # a new request each try
+        await gws[i].pipeline(exchange)
+        assert exchange.outcome.status == "semi-honest-mpc"
+        assert np.max(np.abs(exchange.outcome.outputs[0].data - plaintext(x_in))) < TOLERANCE
+        return exchange
+
+    try:
+        await ask(0)  # control: replica a takes the parties' one slot and answers
+        with pytest.raises(NoHealthyNode, match="session limit") as refused:
+            await ask(1)
+        assert "busy: 1 of 1 sessions running" in refused.value.detail
+        response = problem_response(refused.value)
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        assert response.headers["content-type"] == "application/problem+json"
+        (session_a,) = verifiers[0]._sessions.values()  # type: ignore[attr-defined]
+        assert session_a.alive  # the refusal did not touch replica a's session
+        await verifiers[0].close()  # replica a stops: its session ends, the slot frees
+        await _when_a_slot_is_free(lambda: ask(1), "replica b after a stopped")
+        (session_b,) = verifiers[1]._sessions.values()  # type: ignore[attr-defined]
+        await _until(lambda: not session_b.alive, "replica b's idle session closed itself")
+        assert session_b.closed == "idle for 0.5s" and session_b.dealer_proc is None
+        await _when_a_slot_is_free(lambda: ask(0), "replica a after b's session idled out")
+    finally:
+        for gw in gws:
+            await gw.verifiers["mpc"].close()
+            await gw.router.close()
+            await gw.store.close()
+        for p in ps:
+            p.stop()
 
 
 # A real party that lies: it runs the protocol honestly, then adds SHIFT to its share of
@@ -827,3 +1053,75 @@ def test_cli_registers_party_and_dealer() -> None:
         ["mpc", "party", "--name", "n1", "--pki", "/x", "--listen", "0.0.0.0:7000"]
     )
     assert args.name == "n1" and args.listen == "0.0.0.0:7000" and callable(args.func)
+
+
+# --- `ztgate mpc party` on the operator's own PKI -----------------------------------------
+# The positive control is test_parties_serve_several_sessions_at_once_up_to_their_cap:
+# parties started with exactly these flags (own_pki_flags) serve sessions. Here, what is
+# refused, with its reason, before anything listens (and before torch is loaded).
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "pki-and-cert",
+        "no-node-ca",
+        "nothing",
+        "wrong-key",
+        "other-node",
+        "client-cert",
+        "gateway-ca-as-node-ca",
+        "leaf-as-gateway-ca",
+        "no-slots",
+    ],
+)
+def test_party_refuses_unusable_own_pki_files(
+    pki: PKI, tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    from gateway.cli import main
+
+    n1, n2 = pki.ensure("node", "n1"), pki.ensure("node", "n2")
+    mallory = pki.ensure("client", "mallory")
+    good = own_pki_flags(pki, "n1")
+    node_ca, gateway_ca = str(pki.node_ca_bundle()), str(pki.gateway_ca_bundle(SITE))
+    cas = ["--node-ca", node_ca, "--gateway-ca", gateway_ca]
+    pair = ["--cert", str(n1.cert), "--key", str(n1.key)]
+    leaf_only = tmp_path / "leaf-only.crt"  # n2's certificate without its issuing CA
+    leaf_only.write_text(n2.cert.read_text().split("-----END CERTIFICATE-----")[0] + END_CERT)
+    argv, expected = {
+        "pki-and-cert": ([*good, "--pki", str(pki.root)], "exclude each other"),
+        "no-node-ca": (
+            ["--cert", str(n1.cert), "--key", str(n1.key), "--gateway-ca", gateway_ca],
+            "missing --node-ca",
+        ),
+        "nothing": ([], "give --pki, or --cert, --key, --node-ca and --gateway-ca"),
+        "wrong-key": (["--cert", str(n1.cert), "--key", str(n2.key), *cas], "is not the key"),
+        "other-node": (
+            ["--cert", str(n2.cert), "--key", str(n2.key), *cas],
+            "is not spiffe://<trust domain>/node/n1",
+        ),
+        "client-cert": (
+            ["--cert", str(mallory.cert), "--key", str(mallory.key), *cas],
+            "lacks the serverAuth",
+        ),
+        "gateway-ca-as-node-ca": (
+            [*pair, "--node-ca", gateway_ca, "--gateway-ca", gateway_ca],
+            "did not issue --cert",
+        ),
+        "leaf-as-gateway-ca": (
+            [*pair, "--node-ca", node_ca, "--gateway-ca", str(leaf_only)],
+            "first certificate is not a CA",
+        ),
+        "no-slots": ([*good, "--max-sessions", "0"], "--max-sessions must be at least 1"),
+    }[case]
+    assert main(["mpc", "party", "--name", "n1", "--listen", "127.0.0.1:0", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert expected in err, err
+    assert "LISTENING" not in out  # refused before any listener
+    # Control: the good flags pass every check and name what the worker will use (that
+    # such a worker serves is the test named above).
+    from mpc.worker_args import build_parser, config_from_args
+
+    config = config_from_args(build_parser().parse_args(["--name", "n1", *good]))
+    assert config.trust_domain == pki.trust_domain and config.creds.cert == n1.cert.absolute()
+    assert config.gateway_ids == {f"spiffe://{pki.trust_domain}/gateway/{SITE}"}

@@ -53,9 +53,9 @@ FACTS = BundleFacts(
         ModelFacts("risk", "restricted", OWNER, ("eu-west",), ("redundant", "mpc")),
     ),
     nodes=(
-        NodeFacts("n1", "eu-west", "prov-a", 1),
-        NodeFacts("n2", "eu-central", "prov-b", 2),
-        NodeFacts("n3", "us-east", "prov-c", 0),
+        NodeFacts("n1", "eu-west", "prov-a", 1, "n1.node.x", "spiffe://x/node/n1"),
+        NodeFacts("n2", "eu-central", "prov-b", 2, "n2.node.x", "spiffe://x/node/n2"),
+        NodeFacts("n3", "us-east", "prov-c", 0, "n3.node.x", "spiffe://x/node/n3"),
     ),
 )
 
@@ -136,7 +136,9 @@ def test_round_trip_gives_back_the_bundle_and_the_same_policy(
     assert got == dataclasses.replace(
         bundle, signer_key_id=signing_key_id(officer.key.public_key())
     )
-    assert got.facts.node("n3") == NodeFacts("n3", "us-east", "prov-c", 0)
+    assert got.facts.node("n3") == NodeFacts(
+        "n3", "us-east", "prov-c", 0, "n3.node.x", "spiffe://x/node/n3"
+    )
     assert got.facts.model("risk") == FACTS.models[1]
     # the policy as loaded from the bundle is the policy directory, hash for hash
     shipped = load_policy_dir(POLICIES)
@@ -198,6 +200,14 @@ def test_a_flipped_payload_byte_is_a_bad_signature(signed: bytes, officer: Offic
         pytest.param(lambda p: p["facts"]["nodes"][2].update(region="eu-west"), id="node-region"),
         pytest.param(lambda p: p["facts"]["nodes"][2].update(trust=2), id="node-trust"),
         pytest.param(lambda p: p["facts"]["nodes"][0].update(provider="prov-b"), id="provider"),
+        # Re-pointing a name at another node's certificate is a relabelling too.
+        pytest.param(
+            lambda p: p["facts"]["nodes"][0].update(dns_name="n3.node.x"), id="node-dns-name"
+        ),
+        pytest.param(
+            lambda p: p["facts"]["nodes"][0].update(spiffe_id="spiffe://x/node/n3"),
+            id="node-spiffe-id",
+        ),
         pytest.param(
             lambda p: p["facts"]["models"][1].update(classification="public"), id="classification"
         ),
@@ -276,14 +286,25 @@ def test_a_gateway_older_than_min_gateway_version_says_so(
     assert check(newer, officer, running="0.3.0").ok and check(newer, officer, running="0.10").ok
     # a newer body format is reported as the gateway being too old, not as malformed
     future = sign_bundle(build_bundle(POLICIES, FACTS, 9, DAY, "1.0", 300, now=NOW), officer.key)
-    env = envelope(with_payload(future, lambda p: p.update(format="ztgate.policy-bundle/2")))
-    body = base64.b64decode(env["payload"])
-    env["signatures"][0]["sig"] = base64.b64encode(
-        officer.key.sign(pae(PAYLOAD_TYPE, body))
-    ).decode()
-    resigned = json.dumps(env).encode()
+    resigned = _resign(future, officer, lambda p: p.update(format="ztgate.policy-bundle/3"))
     refused(check(resigned, officer, running="0.1.0"), "gateway-too-old")
     refused(check(resigned, officer, running="1.0"), "malformed")
+
+
+def test_a_format_1_bundle_without_node_identities_is_refused_with_the_way_forward(
+    signed: bytes, officer: Officer
+) -> None:
+    """Format 1 signed no node certificates: gateway.toml decided which one answered."""
+
+    def format_1(p: dict[str, Any]) -> None:
+        p["format"] = "ztgate.policy-bundle/1"
+        for node in p["facts"]["nodes"]:
+            del node["dns_name"], node["spiffe_id"]
+
+    message = refused(check(_resign(signed, officer, format_1), officer), "malformed")
+    assert "signs no node certificate identities" in message
+    assert "ztgate policy bundle sign" in message
+    assert check(signed, officer).ok  # positive control: the same bundle in format 2
     assert compare_versions("0.10.0", "0.9") == 1 and compare_versions("1.0", "1.0.0") == 0
 
 
@@ -337,6 +358,8 @@ def test_a_signed_payload_that_is_not_a_bundle_is_malformed(
         lambda p: p.update(expires="next week"),
         lambda p: p["facts"]["nodes"][0].pop("trust"),
         lambda p: p["facts"]["nodes"][0].update(trust="1"),
+        lambda p: p["facts"]["nodes"][0].pop("dns_name"),
+        lambda p: p["facts"]["nodes"][0].update(spiffe_id=None),
         lambda p: p.update(min_gateway_version="not a version"),
     ):
         refused(check(_resign(signed, officer, edit), officer), "malformed")
@@ -361,6 +384,16 @@ def test_a_policy_that_does_not_parse_inside_a_signed_bundle_is_invalid(
         pytest.param(lambda p: p["facts"]["models"][0].update(allowed_modes=["fast"]), id="mode"),
         pytest.param(lambda p: p["facts"]["nodes"][0].update(trust=7), id="trust"),
         pytest.param(lambda p: p["facts"]["nodes"].append(p["facts"]["nodes"][0]), id="dup-node"),
+        # Two names on one certificate: either node could answer as the other.
+        pytest.param(
+            lambda p: p["facts"]["nodes"][1].update(dns_name="n1.node.x"), id="shared-dns-name"
+        ),
+        pytest.param(
+            lambda p: p["facts"]["nodes"][1].update(spiffe_id="spiffe://x/node/n1"),
+            id="shared-spiffe-id",
+        ),
+        pytest.param(lambda p: p["facts"]["nodes"][1].update(dns_name=""), id="no-dns-name"),
+        pytest.param(lambda p: p["facts"]["nodes"][1].update(spiffe_id="n2"), id="not-spiffe"),
         pytest.param(
             lambda p: p["policy"]["files"].update({"../escape.cedar": "x"}), id="path-traversal"
         ),
@@ -395,12 +428,12 @@ def test_build_refuses_a_policy_with_findings_and_bad_parameters(tmp_path: Path)
 
 
 def _node(name: str, region: str, provider: str, **kw: Any) -> NodeConfig:
-    return NodeConfig(
-        name, f"{name}:9000", f"{name}.node", f"spiffe://x/node/{name}", region, provider, **kw
-    )
+    kw.setdefault("dns_name", f"{name}.node")
+    kw.setdefault("spiffe_id", f"spiffe://x/node/{name}")
+    return NodeConfig(name, f"{name}:9000", region, provider, **kw)
 
 
-def test_facts_from_registry_nodes_and_model_policy(tmp_path: Path) -> None:
+def test_facts_from_registry_nodes_and_model_policy(pki: PKI, tmp_path: Path) -> None:
     registry = Registry.open(tmp_path / "reg")
     seed_examples(registry)
     nodes = [
@@ -409,8 +442,8 @@ def test_facts_from_registry_nodes_and_model_policy(tmp_path: Path) -> None:
     ]
     facts = facts_from(registry.entries(), nodes, {"risk": {"owner": OWNER, "residency": ["eu-"]}})
     assert facts.nodes == (
-        NodeFacts("n1", "eu-west", "prov-a", 1),
-        NodeFacts("n2", "eu-central", "prov-b", 2),
+        NodeFacts("n1", "eu-west", "prov-a", 1, "n1.node", "spiffe://x/node/n1"),
+        NodeFacts("n2", "eu-central", "prov-b", 2, "n2.node", "spiffe://x/node/n2"),
     )
     assert facts.model("risk") == ModelFacts(
         "risk", "restricted", OWNER, ("eu-",), ("redundant", "mpc")
@@ -431,6 +464,7 @@ def test_facts_from_registry_nodes_and_model_policy(tmp_path: Path) -> None:
     class Bare:
         def __init__(self, name: str, labels: tuple[tuple[str, str], ...] = ()) -> None:
             self.name, self.region, self.provider, self.labels = name, "eu-west", "p", labels
+            self.dns_name, self.spiffe_id = f"{name}.node", f"spiffe://x/node/{name}"
 
     bare: list[Any] = [Bare("a", (("trust", "0"),)), Bare("b")]
     assert [n.trust for n in facts_from([], bare, {}).nodes] == [0, 1]
@@ -438,6 +472,20 @@ def test_facts_from_registry_nodes_and_model_policy(tmp_path: Path) -> None:
         facts_from([], [Bare("n", (("trust", "high"),))], {})  # type: ignore[list-item]
     with pytest.raises(ValueError, match="trust"):
         facts_from([], [_node("n", "r", "p", trust=5)], {})
+    # identities: from the node certificates where given, which must agree with the table
+    n1 = pki.ensure("node", "n1").cert.read_bytes()
+    bare_n1 = _node("n1", "eu-west", "prov-a", dns_name="", spiffe_id="")
+    from_cert = facts_from([], [bare_n1], {}, certificates={"n1": n1})
+    assert from_cert.nodes == (
+        NodeFacts(
+            "n1", "eu-west", "prov-a", 1, "n1.node.ztgate.local", "spiffe://ztgate.local/node/n1"
+        ),
+    )
+    wrong_dns = _node("n1", "eu-west", "prov-a", spiffe_id="spiffe://ztgate.local/node/n1")
+    with pytest.raises(ValueError, match=r"the inventory's dns_name 'n1\.node' is not the cert"):
+        facts_from([], [wrong_dns], {}, certificates={"n1": n1})
+    with pytest.raises(ValueError, match="dns_name '' is not a DNS name"):
+        facts_from([], [bare_n1], {})
     everywhere = facts_from(registry.entries(), [], {}, default_residency=("*",))
     assert everywhere.model("mnist") == ModelFacts(
         "mnist", "internal", "", ("*",), ("none", "redundant", "zk")
@@ -469,17 +517,20 @@ residency = ["eu-west"]
 
 
 def test_cli_sign_and_verify(
-    officer: Officer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    officer: Officer, pki: PKI, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     registry = tmp_path / "reg"
     seed_examples(Registry.open(registry))
     (tmp_path / "gateway.toml").write_text(NODES_TOML)
     (tmp_path / "models.json").write_text(json.dumps({"iris": {"residency": ["eu-"]}}))
     out = tmp_path / "policy.bundle"
+    # n3's table names no certificate: its identity is read from the certificate itself.
+    n3_cert = pki.ensure("node", "n3").cert
     sign = [
         "policy", "bundle", "sign", "--policies", str(POLICIES), "--registry", str(registry),
         "--nodes", str(tmp_path / "gateway.toml"), "--key", str(officer.key_path),
         "--version", "3", "--model-policy", str(tmp_path / "models.json"), "--out", str(out),
+        "--node-cert", f"n3={n3_cert}",
     ]  # fmt: skip
     assert main(sign) == 0
     text = capsys.readouterr().out
@@ -490,6 +541,8 @@ def test_cli_sign_and_verify(
     assert "OK: policy bundle v3" in text and signing_key_id(officer.key.public_key()) in text
     assert load_policy_dir(POLICIES).hash in text
     assert "n3: region us-east, provider prov-c, trust 0" in text
+    assert "certificate: spiffe://ztgate.local/node/n3, DNS n3.node.ztgate.local" in text
+    assert "certificate: spiffe://ztgate.local/node/n1, DNS n1.node.ztgate.local" in text
     assert "iris: public, modes none,redundant,zk, residency eu-" in text
     # refusals: exit 1 with the reason
     assert main([*verify, "--min-version", "4"]) == 1
@@ -508,7 +561,8 @@ def test_cli_sign_and_verify(
     )
     assert "INVALID (bad-signature)" in capsys.readouterr().out
     # without --model-policy, the [policy.models.*] tables of the gateway.toml are used
-    assert main([*sign[: sign.index("--model-policy")], "--out", str(out)]) == 0
+    without = [*sign[: sign.index("--model-policy")], "--out", str(out)]
+    assert main([*without, "--node-cert", f"n3={n3_cert}"]) == 0
     text = capsys.readouterr().out
     assert f"risk: restricted, modes redundant,mpc, residency eu-west, owner {OWNER}" in text
     assert "model iris has no residency" in text
@@ -522,7 +576,7 @@ def test_cli_sign_and_verify(
 
 
 def test_cli_usage_errors(
-    officer: Officer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    officer: Officer, pki: PKI, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     registry = tmp_path / "reg"
     seed_examples(Registry.open(registry))
@@ -531,11 +585,13 @@ def test_cli_usage_errors(
     junk = tmp_path / "junk"
     junk.write_text("not a key")
     out = tmp_path / "b"
+    n1_cert, n3_cert = (pki.ensure("node", n).cert for n in ("n1", "n3"))
     base = [
         "policy", "bundle", "sign", "--policies", str(POLICIES), "--registry", str(registry),
         "--nodes", str(nodes), "--key", str(officer.key_path), "--version", "1",
-        "--out", str(out),
+        "--out", str(out), "--node-cert", f"n3={n3_cert}",
     ]  # fmt: skip
+    no_cert = base[: base.index("--node-cert")]
 
     def usage_error(argv: list[str], complaint: str) -> None:
         assert main(argv) == 2
@@ -549,6 +605,13 @@ def test_cli_usage_errors(
     usage_error([*base, "--registry", str(tmp_path / "no-registry")], "is not a model registry")
     assert not (tmp_path / "no-registry").exists()  # not created by the signing tool
     usage_error([*base, "--version", "0"], "version must be a whole number >= 1, got 0")
+    # A node's certificate identity is signed, so it must be known and must be its own.
+    usage_error(no_cert, "node 'n3': dns_name '' is not a DNS name")
+    usage_error([*base, "--node-cert", f"n1={n3_cert}"], "node 'n1': the inventory's spiffe_id")
+    usage_error([*no_cert, "--node-cert", f"n3={n1_cert}"], "node dns_name(s) listed twice")
+    usage_error([*base, "--node-cert", f"n9={n3_cert}"], "nodes not in the inventory: n9")
+    usage_error([*base, "--node-cert", f"n3={junk}"], "not a node certificate")
+    usage_error([*base, "--node-cert", "n3"], "expected NAME=CERT.pem")
     nodes.write_text("[[nodes]]\nname = 'n1'\n")
     usage_error(base, "region is required")
     nodes.write_text("[[nodes\n")

@@ -676,6 +676,7 @@ def test_problem_types_table() -> None:
         "internal": (500, False),
         "upstream-failed": (502, True),
         "no-healthy-node": (503, True),
+        "state-unavailable": (503, True),
         "deadline-exceeded": (504, True),
     }
     got = {t: (info.status, info.retryable) for t, info in PROBLEM_TYPES.items()}

@@ -427,12 +427,14 @@ async def test_checkpoints_proofs_and_pending(world: World) -> None:
         assert NoteKey(world.log.origin, world.log_key.public_key()).verify(note) is True
         assert world.witness.key.verify(note)[0] == "valid"
     assert verify_consistency(6, 12, c1.root, c2.root, world.log.consistency(6, 12))
-    # a receipt's proof is against the earliest checkpoint that includes it
+    # a receipt's proof is against the latest of the equally cosigned checkpoints that
+    # include it (test_served_proof_outlives_an_uncosigned_checkpoint says why)
     proof = world.log.proof(first[2].receipt.index)
     assert proof is not None and proof.startswith("c2sp.org/tlog-proof@v1\nindex 3\n")
-    assert proof.endswith(cp1.render())
+    assert proof.endswith(cp2.render())
     leaf = leaf_hash(LogEntry("receipt", first[2].signed.digest()).leaf_data())
     assert verify_inclusion(3, 6, leaf, world.log.inclusion(3, 6), c1.root)
+    assert verify_inclusion(3, 12, leaf, world.log.inclusion(3, 12), c2.root)
     # an unchanged head is not re-signed
     assert (await world.checkpoint()).text == cp2.text
 
@@ -801,6 +803,71 @@ async def test_log_endpoints(world: World) -> None:
             await client.get(f"/log/{lid}/consistency", params={"first": 1, "second": 9})
         ).status_code == 400
         assert (await client.get("/log/unknown/checkpoint")).status_code == 404
+
+
+async def test_served_proof_outlives_an_uncosigned_checkpoint(
+    world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A checkpoint signed while the witness is down (as when a replica is killed between
+    signing and cosigning) is never cosigned: the checkpointer only pushes later heads.
+    The proof the API serves must then move to a later, cosigned checkpoint, or a single
+    receipt could never pass `ztgate verify --require-witness`."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Mount
+
+    from gateway.cli import main
+    from gateway.ports import free_port
+
+    issued = [await world.receipt() for _ in range(3)]
+    # A real witness URL with nothing listening: the push fails, the checkpoint is kept.
+    down = WitnessClient(world.witness.key, f"http://127.0.0.1:{free_port()}")
+    try:
+        alone = await Checkpointer(lambda: world.log, [down]).tick()
+    finally:
+        await down.aclose()
+    assert [name for name, _ in alone.signatures] == [world.log.origin]
+    target = issued[1]
+    trust = world.write_trust(tmp_path / "trust.json")
+    app = Starlette(routes=[Mount("/", app=log_routes(world.log))])
+
+    async def verdicts(tag: str) -> tuple[int, int, int]:
+        """`ztgate verify --require-witness` on what a client is served: the body of
+        GET /v2/receipts/{id} as the gateway renders it, and the receipt with the proof
+        of GET /log/{id}/inclusion beside it; and, without a witness policy, the body."""
+        body = target.signed.to_dict()
+        body["inclusion_proof"] = world.log.proof(target.receipt.index)  # as read_receipt
+        api = tmp_path / f"api-{tag}.json"
+        api.write_bytes(JSONResponse(body).body)
+        async with _client(app) as c:
+            r = await c.get(
+                f"/log/{world.log.log_id}/inclusion",
+                params={"receipt": target.receipt.receipt_id},
+            )
+        assert r.status_code == 200
+        stored = tmp_path / f"stored-{tag}.json"
+        stored.write_bytes(target.signed.to_bytes())
+        stored.with_suffix(".tlog-proof").write_text(r.text)
+        args = ["--trust", str(trust), "--require-witness", WITNESS]
+        rcs = (
+            main(["verify", str(api), *args]),
+            main(["verify", str(stored), *args]),
+            main(["verify", str(api), "--trust", str(trust)]),
+        )
+        capsys.readouterr()
+        return rcs
+
+    # Control: only the uncosigned checkpoint includes it: not witnessed (yet), though
+    # the proof is otherwise valid.
+    assert await verdicts("before") == (1, 1, 0)
+    later = await world.receipt()
+    cosigned = await world.checkpoint()
+    assert WITNESS in [name for name, _ in cosigned.signatures]
+    assert await verdicts("after") == (0, 0, 0)
+    proof = world.log.proof(target.receipt.index)
+    assert proof is not None and proof.endswith(cosigned.render())
+    # A receipt only the cosigned checkpoint includes gets it too.
+    assert (world.log.proof(later.receipt.index) or "").endswith(cosigned.render())
 
 
 # ============================================================================ denials

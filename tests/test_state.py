@@ -508,3 +508,36 @@ def test_token_bucket_never_exceeds_rate(
             assert spent <= burst + rate * elapsed + 1e-3
 
     asyncio.run(run())
+
+
+async def test_a_store_that_lost_its_revocations_gets_them_back(
+    redis_server: str, tmp_path: Path
+) -> None:
+    """Redis restarted empty (a wipe here, FLUSHDB being what an unpersisted restart does to
+    these keys): the replica that knows a revocation publishes it again at its next sync, so
+    a replica that never saw it, or starts afterwards, still learns it."""
+    import redis.asyncio as aioredis
+
+    from gateway.revocation import Revocations
+
+    prefix = _prefix()
+    stores = [RedisStore(redis_server, prefix=prefix, timeout_s=5.0) for _ in range(3)]
+    a = Revocations(stores[0], tmp_path / "a.jsonl")
+    raw = aioredis.from_url(redis_server)
+    try:
+        assert await a.sync() == 0
+        await a.revoke("ca", "AB")
+        await raw.delete(*[k async for k in raw.scan_iter(f"{prefix}*")])
+        # Control: the wipe really lost it; a fresh replica syncing now learns nothing.
+        fresh = Revocations(stores[1], tmp_path / "b.jsonl")
+        assert await fresh.sync() == 0 and not fresh.revoked("ca", "ab")
+        await a.sync()  # sees the store went backwards, and gives it back
+        late = Revocations(stores[2], tmp_path / "c.jsonl")
+        assert await late.sync() == 1 and late.revoked("ca", "ab")
+        assert await fresh.sync() == 1 and fresh.revoked("ca", "ab")
+        for r in (a, fresh, late):
+            r.close()
+    finally:
+        await raw.aclose()
+        for s in stores:
+            await s.close()

@@ -809,7 +809,8 @@ def test_production_serves_only_pinned_ceremony_srs(
             "zk": {"artefacts": [str(artefacts)], "srs_sha256": pins},
         }
         gw: Any = dataclasses.make_dataclass("G", ["verifiers", "background"])({}, [])
-        add_proof_modes(parse_config(raw, tmp_path), gw)
+        cfg = parse_config(raw, tmp_path)
+        add_proof_modes(cfg, gw, cfg.nodes)
         return dict(gw.verifiers)
 
     with pytest.raises(ProductionRefused, match="locally generated SRS"):

@@ -14,17 +14,25 @@ def register(sub: Any) -> None:
     p = sub.add_parser("audit", help="receipt logs: audit bundles, keys, retention, erasure")
     verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
+    # --log-dir is repeatable for export and trust: each replica writes its own log (its
+    # receipts dir, mounted read-only on the audit host, say), and one bundle and one trust
+    # file must cover them all, or a bundle of one replica would pass for the deployment's.
+    multi = "a replica's receipts dir; repeat it for every replica"
     export = verbs.add_parser("export", help="write an offline audit bundle (dir or .tar)")
-    export.add_argument("--log-dir", type=Path, required=True, metavar="DIR")
+    export.add_argument(
+        "--log-dir", type=Path, action="append", required=True, metavar="DIR", help=multi
+    )
     export.add_argument("--since", metavar="ISO", help="receipts created at or after this time")
     export.add_argument("out", type=Path, metavar="OUT", help="directory, or a path ending .tar")
     export.set_defaults(func=_export)
 
     trust = verbs.add_parser(
         "trust",
-        help="print a trust-file template from a log dir's published keys and its logs' origins",
+        help="print a trust-file template from the log dirs' published keys and logs' origins",
     )
-    trust.add_argument("--log-dir", type=Path, required=True, metavar="DIR")
+    trust.add_argument(
+        "--log-dir", type=Path, action="append", required=True, metavar="DIR", help=multi
+    )
     trust.add_argument("--origin-prefix", help="trust log keys for origins with this prefix")
     trust.set_defaults(func=_trust)
 
@@ -60,17 +68,19 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _logs(log_dir: Path) -> list[Path]:
-    from gateway.receipts.log import ReceiptLog
+def _logs(log_dirs: Path | list[Path]) -> list[Path]:
+    from gateway.receipts.bundle import BundleError
+    from gateway.receipts.export import gather_logs
 
-    paths = ReceiptLog.all_logs(log_dir)
-    if not paths:
-        raise UsageError(f"no receipt logs under {log_dir}")
-    return paths
+    try:
+        return gather_logs(log_dirs)
+    except BundleError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def _trust(args: argparse.Namespace) -> int:
     from gateway.receipts.canonical import b64
+    from gateway.receipts.export import merged_keyset
     from gateway.receipts.log import ReceiptLog
     from gateway.receipts.signing import KeySet, raw_public
 
@@ -95,7 +105,7 @@ def _trust(args: argparse.Namespace) -> int:
             witnesses.update(rl.witness_vkeys())
         finally:
             rl.close_sync()
-    keyset = KeySet.load(args.log_dir / "keys.json")
+    keyset = merged_keyset(args.log_dir) or KeySet()
     doc = {
         "format": "ztgate-trust/v1",
         "receipt_keys": json.loads(keyset.to_json()),

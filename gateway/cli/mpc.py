@@ -1,7 +1,9 @@
 """`ztgate mpc party|dealer`: the two MPC processes (torch/CrypTen load only when run).
 
-``ztgate mpc party --name N --pki DIR --listen host:port`` runs a node's party worker
-with the node's own certificate; sessions come from the site's gateway only.
+``ztgate mpc party --name N --cert C --key K --node-ca PEM --gateway-ca PEM --listen
+host:port`` runs a node's party worker with the node's own certificate (or ``--pki DIR``,
+the development PKI, instead of the four files); sessions come from the site's gateway
+only, at most ``--max-sessions`` at once.
 ``ztgate mpc dealer`` is what the gateway's `MpcSession` starts (plan on stdin); it is
 listed for operators who run the dealer under their own supervisor.
 """
@@ -25,10 +27,17 @@ def register(sub: Any) -> None:
 
 
 def _party(args: argparse.Namespace) -> int:
-    from mpc.party import run_worker
-    from mpc.worker_args import config_from_args
+    from gateway.cli import UsageError
+    from mpc.worker_args import PartyArgsError, config_from_args
 
-    return run_worker(config_from_args(args))
+    try:
+        config = config_from_args(args)
+    except PartyArgsError as exc:
+        raise UsageError(str(exc)) from exc
+    # Only now torch and CrypTen: a usage error is reported without loading them.
+    from mpc.party import run_worker
+
+    return run_worker(config)
 
 
 def _dealer(args: argparse.Namespace) -> int:

@@ -245,6 +245,14 @@ def _register_bundle(verbs: Any) -> None:
         help='JSON {"MODEL": {"owner": SPIFFE_ID, "residency": [...]}} (default: the '
         "[policy.models.MODEL] tables of --nodes); a model not named runs nowhere",
     )
+    sign.add_argument(
+        "--node-cert",
+        action="append",
+        default=[],
+        metavar="NAME=CERT.pem",
+        help="a node's certificate: its SPIFFE ID and DNS SAN become the node's signed "
+        "identity (must match any dns_name/spiffe_id in --nodes); repeat per node",
+    )
     sign.add_argument("--key", type=Path, required=True, help="officer Ed25519 key (PEM)")
     sign.add_argument("--version", type=int, required=True, help="bundle version (>= 1)")
     sign.add_argument("--expires-in-days", type=float, default=30.0)
@@ -342,9 +350,18 @@ def _bundle_sign(args: argparse.Namespace) -> int:
             isinstance(v, dict) for v in model_policy.values()
         ):
             raise UsageError(f"{args.model_policy}: expected {{MODEL: {{owner, residency}}}}")
+    certificates: dict[str, bytes] = {}
+    for item in args.node_cert:
+        name, sep, cert_path = item.partition("=")
+        if not sep or not name or not cert_path:
+            raise UsageError(f"--node-cert {item!r}: expected NAME=CERT.pem")
+        try:
+            certificates[name] = Path(cert_path).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"--node-cert {name}: cannot read {cert_path}: {exc}") from None
     try:
         entries = Registry.open(args.registry).entries()
-        facts = facts_from(entries, nodes, model_policy)
+        facts = facts_from(entries, nodes, model_policy, certificates=certificates)
     except (RegistryError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     if _load(args.policies) is None:
@@ -425,3 +442,4 @@ def _bundle_summary(bundle: Any, policy_hash: str) -> None:
     print(f"  nodes ({len(bundle.facts.nodes)}):")
     for n in bundle.facts.nodes:
         print(f"    {n.name}: region {n.region}, provider {n.provider}, trust {n.trust}")
+        print(f"      certificate: {n.spiffe_id}, DNS {n.dns_name} (pinned)")

@@ -2,11 +2,15 @@
 
 A bundle packs what a decision depends on and that the gateway's own disk must not be
 able to change: the Cedar files and identities.json, the facts policy reads (each model's
-classification, owner, residency and allowed modes; each node's region, provider and
-trust), the revocation staleness budget, the oldest gateway that may load it, a version
-and an expiry. Without the facts in the signed payload, anyone who can write the gateway's
-config could relabel a node's region or a model's classification and get round residency
-or the mpc rule with the policy text untouched.
+classification, owner, residency and allowed modes; each node's region, provider, trust
+and certificate identity), the revocation staleness budget, the oldest gateway that may
+load it, a version and an expiry. Without the facts in the signed payload, anyone who
+can write the gateway's config could relabel a node's region or a model's classification
+and get round residency or the mpc rule with the policy text untouched. For the same
+reason each node's certificate identity (its DNS SAN and SPIFFE ID) is signed: the
+gateway pins a node's channel to the signed DNS SAN, so gateway.toml can say where a node
+is (its address) but not which certificate answers for it, and a node's signed region and
+provider cannot be borrowed by another node's certificate.
 
 File format: one JSON document, a DSSE envelope (github.com/secure-systems-lab/dsse)::
 
@@ -29,14 +33,14 @@ Why this shape:
   reproducible, and two officers can sign one payload: `signatures` is a list).
 - One file, text, diffable after base64 -d; `keyid` is only a hint for picking the key.
 
-Payload (version 1)::
+Payload (format 2; format 1 had no node certificate identities and is refused)::
 
-    {"format": "ztgate.policy-bundle/1", "version": 7,
+    {"format": "ztgate.policy-bundle/2", "version": 7,
      "created": "2025-01-01T00:00:00Z", "expires": "2025-01-31T00:00:00Z",
      "min_gateway_version": "0.1.0", "staleness_budget_s": 300,
      "policy": {"hash": "<PolicySource.hash>", "files": {"schema.cedarschema": "...", ...}},
      "facts": {"models": [{"name", "classification", "owner", "residency", "allowed_modes"}],
-               "nodes": [{"name", "region", "provider", "trust"}]}}
+               "nodes": [{"name", "region", "provider", "trust", "dns_name", "spiffe_id"}]}}
 
 `verify_bundle` answers with a value, never an exception, and checks in this order:
 malformed envelope, unsigned, untrusted-key, bad-signature, then (on the signed payload)
@@ -81,7 +85,11 @@ if TYPE_CHECKING:
     from gateway.registry import ModelEntry
 
 PAYLOAD_TYPE = "application/vnd.ztgate.policy-bundle+json"
-FORMAT = "ztgate.policy-bundle/1"
+FORMAT = "ztgate.policy-bundle/2"
+# Format 1 signed no node certificate identities: a gateway running one could not tell
+# which certificate may answer for a node name, so it is refused with a way forward.
+OLD_FORMATS = ("ztgate.policy-bundle/1",)
+_NODE_KEYS = ("name", "region", "provider", "trust", "dns_name", "spiffe_id")
 MAX_BUNDLE_BYTES = 16 * 1024 * 1024
 DEFAULT_CLOCK_SKEW = dt.timedelta(minutes=5)
 TRUST_LEVELS: tuple[int, ...] = (0, 1, 2)
@@ -150,7 +158,14 @@ class BundleFacts:
                 for m in sorted(self.models, key=lambda m: m.name)
             ],
             "nodes": [
-                {"name": n.name, "region": n.region, "provider": n.provider, "trust": n.trust}
+                {
+                    "name": n.name,
+                    "region": n.region,
+                    "provider": n.provider,
+                    "trust": n.trust,
+                    "dns_name": n.dns_name,
+                    "spiffe_id": n.spiffe_id,
+                }
                 for n in sorted(self.nodes, key=lambda n: n.name)
             ],
         }
@@ -177,13 +192,15 @@ class BundleFacts:
         nodes = []
         for i, item in enumerate(_list(obj, "nodes", "facts")):
             where = f"facts.nodes[{i}]"
-            n = _object(item, where, ("name", "region", "provider", "trust"))
+            n = _object(item, where, _NODE_KEYS)
             nodes.append(
                 NodeFacts(
                     name=_str(n, "name", where),
                     region=_str(n, "region", where),
                     provider=_str(n, "provider", where),
                     trust=_int(n, "trust", where),
+                    dns_name=_str(n, "dns_name", where),
+                    spiffe_id=_str(n, "spiffe_id", where),
                 )
             )
         return cls(tuple(models), tuple(nodes))
@@ -205,14 +222,67 @@ class BundleFacts:
                 out.append(f"node {n.name!r}: trust {n.trust} is not one of 0, 1, 2")
             if not (n.name and n.region and n.provider):
                 out.append(f"node {n.name!r}: name, region and provider must not be empty")
+            out += node_identity_problems(n)
+        # Two nodes with one DNS SAN or SPIFFE ID would let either certificate answer for
+        # both names (the pin could not tell them apart), borrowing the other's region.
         for kind, names in (
-            ("model", [m.name for m in self.models]),
-            ("node", [n.name for n in self.nodes]),
+            ("model name", [m.name for m in self.models]),
+            ("node name", [n.name for n in self.nodes]),
+            ("node dns_name", [n.dns_name for n in self.nodes if n.dns_name]),
+            ("node spiffe_id", [n.spiffe_id for n in self.nodes if n.spiffe_id]),
         ):
             dup = sorted({x for x in names if names.count(x) > 1})
             if dup:
-                out.append(f"{kind} name(s) listed twice: {', '.join(dup)}")
+                out.append(f"{kind}(s) listed twice: {', '.join(dup)}")
         return out
+
+
+# A hostname: dot-separated labels of letters, digits and inner hyphens (no wildcard).
+_DNS_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DNS_RE = re.compile(rf"(?=.{{1,253}}$){_DNS_LABEL}(\.{_DNS_LABEL})*")
+
+
+def node_identity_problems(node: NodeFacts) -> list[str]:
+    """What is wrong with a node's signed certificate identity (empty: nothing)."""
+    out = []
+    if not _DNS_RE.fullmatch(node.dns_name):
+        # An empty pin would make gRPC check the certificate against the dialled address
+        # instead, which any node certificate with that IP SAN passes.
+        out.append(
+            f"node {node.name!r}: dns_name {node.dns_name!r} is not a DNS name (the node "
+            "certificate's DNS SAN, which the gateway pins)"
+        )
+    if not node.spiffe_id.startswith("spiffe://") or len(node.spiffe_id) <= len("spiffe://"):
+        out.append(
+            f"node {node.name!r}: spiffe_id {node.spiffe_id!r} is not a SPIFFE ID "
+            "(spiffe://trust-domain/path, from the node certificate's URI SAN)"
+        )
+    return out
+
+
+def certificate_identity(pem: bytes) -> tuple[str, str]:
+    """(SPIFFE ID, DNS SAN) of a node certificate (the first PEM block, the leaf).
+
+    ValueError unless it has exactly one spiffe:// URI SAN and exactly one DNS SAN: with
+    several DNS names it is not clear which one the gateway should pin, and a pin shared
+    with another certificate would not single this node out.
+    """
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound) as exc:
+        raise ValueError(f"not a node certificate with subject alternative names ({exc})") from None
+    uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+    spiffe = [u for u in uris if u.startswith("spiffe://")]
+    dns = sans.get_values_for_type(x509.DNSName)
+    if len(spiffe) != 1 or len(dns) != 1:
+        raise ValueError(
+            f"a node certificate needs exactly one SPIFFE URI SAN and one DNS SAN; this one "
+            f"has SPIFFE {spiffe or 'none'} and DNS {dns or 'none'}"
+        )
+    return spiffe[0], dns[0]
 
 
 def facts_from(
@@ -221,6 +291,7 @@ def facts_from(
     model_policy: Mapping[str, Mapping[str, Any]],
     *,
     default_residency: Sequence[str] = (),
+    certificates: Mapping[str, bytes] | None = None,
 ) -> BundleFacts:
     """The facts for a bundle from the model registry, the node inventory and the
     officer's per-model `{"owner": SPIFFE ID, "residency": [entries]}`.
@@ -230,7 +301,12 @@ def facts_from(
     model `model_policy` does not mention gets no owner and `default_residency` (by
     default none: it runs nowhere, fail closed; pass ("*",) to match gateway.config's
     ModelPolicy default). A node's trust is its `trust` attribute if it has one, else
-    its `trust` label, else 1 (ordinary). ValueError for anything inconsistent.
+    its `trust` label, else 1 (ordinary).
+
+    A node's certificate identity (dns_name, spiffe_id) comes from its certificate in
+    `certificates` (node name -> PEM) when given, else from the inventory's `dns_name`
+    and `spiffe_id`; where both are given they must agree. ValueError for anything
+    inconsistent, and for a node with no identity at all (the gateway would refuse it).
     """
     merged: dict[str, tuple[str, tuple[str, ...]]] = {}
     for entry in registry_entries:
@@ -267,6 +343,7 @@ def facts_from(
                 tuple(x for x in F.MODES if x in modes),
             )
         )
+    certs = dict(certificates or {})
     node_facts = []
     for node in nodes:
         trust = getattr(node, "trust", None)
@@ -278,7 +355,24 @@ def facts_from(
                 raise ValueError(
                     f"node {node.name!r}: trust label {label!r} is not 0, 1 or 2"
                 ) from None
-        node_facts.append(NodeFacts(node.name, node.region, node.provider, int(trust)))
+        spiffe_id = getattr(node, "spiffe_id", "") or ""
+        dns_name = getattr(node, "dns_name", "") or ""
+        if node.name in certs:
+            from_cert = certificate_identity(certs.pop(node.name))
+            for key, listed, found in zip(
+                ("spiffe_id", "dns_name"), (spiffe_id, dns_name), from_cert, strict=True
+            ):
+                if listed and listed != found:
+                    raise ValueError(
+                        f"node {node.name!r}: the inventory's {key} {listed!r} is not the "
+                        f"certificate's {found!r}; fix one of them"
+                    )
+            spiffe_id, dns_name = from_cert
+        node_facts.append(
+            NodeFacts(node.name, node.region, node.provider, int(trust), dns_name, spiffe_id)
+        )
+    if certs:
+        raise ValueError(f"certificates for nodes not in the inventory: {', '.join(sorted(certs))}")
     result = BundleFacts(tuple(models), tuple(sorted(node_facts, key=lambda n: n.name)))
     problems = result.problems()
     if problems:
@@ -558,6 +652,11 @@ def verify_bundle(
 
     # 4. the signed body, strictly
     try:
+        if fmt in OLD_FORMATS:
+            raise BundleFormatError(
+                f"payload format {fmt!r} signs no node certificate identities; rebuild and "
+                "sign the bundle with this version (ztgate policy bundle sign)"
+            )
         if fmt != FORMAT:
             raise BundleFormatError(f"payload format {fmt!r} is unknown to this gateway")
         _object(payload, "payload", _PAYLOAD_KEYS)

@@ -105,10 +105,17 @@ class ModelFacts:
 
 @dataclass(frozen=True, slots=True)
 class NodeFacts:
+    """A node as the officer signs it. `dns_name` and `spiffe_id` are the node
+    certificate's DNS SAN and SPIFFE ID: the gateway pins the node's channel to `dns_name`,
+    so these facts (not gateway.toml) decide which certificate may answer as `name`.
+    Neither reaches Cedar (node_record): policy decides on region, provider and trust."""
+
     name: str
     region: str
     provider: str
     trust: int = 1
+    dns_name: str = ""
+    spiffe_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

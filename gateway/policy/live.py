@@ -17,13 +17,14 @@ did not change while it was read.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.config import Config, NodeConfig
+from gateway.config import Config, ConfigError, NodeConfig
 from gateway.policy.engine import PolicyEngine
 from gateway.policy.facts import ModelFacts, NodeFacts, Rate
 from gateway.policy.golden import run_goldens
@@ -50,6 +51,9 @@ class Loaded:
     # (a bundle's rollback floor, the file read at the next start) must not be a policy
     # that a later check refused.
     commit: Callable[[], None] | None = None
+    # The nodes as this policy's facts say they are (signed_nodes): what routing, the
+    # verifiers and receipts read a node's identity, region and provider from.
+    nodes: tuple[NodeConfig, ...] = ()
 
 
 def model_facts(entries: Mapping[str, ModelEntry], cfg: Config) -> dict[str, ModelFacts]:
@@ -66,7 +70,99 @@ def model_facts(entries: Mapping[str, ModelEntry], cfg: Config) -> dict[str, Mod
 
 
 def node_facts(nodes: Sequence[NodeConfig]) -> list[NodeFacts]:
-    return [NodeFacts(n.name, n.region, n.provider, n.trust) for n in nodes]
+    """Dev mode's facts: the config's own word for each node (no officer signed them)."""
+    return [
+        NodeFacts(n.name, n.region, n.provider, n.trust, n.dns_name, n.spiffe_id) for n in nodes
+    ]
+
+
+def unsigned_nodes(nodes: Sequence[NodeConfig]) -> tuple[NodeConfig, ...]:
+    """Dev mode: the config is the facts, so it must name each node's certificate."""
+    from gateway.policy.bundle import node_identity_problems
+
+    problems = [p for n in nodes for p in node_identity_problems(node_facts([n])[0])]
+    if problems:
+        raise ConfigError(
+            "[[nodes]] with an unsigned policy directory must give each node's dns_name "
+            "and spiffe_id (its certificate's DNS SAN and SPIFFE ID): " + "; ".join(problems)
+        )
+    return tuple(nodes)
+
+
+def signed_nodes(nodes: Sequence[NodeConfig], facts: Sequence[NodeFacts]) -> tuple[NodeConfig, ...]:
+    """Each configured node as the signed facts say it is: ConfigError where they disagree.
+
+    gateway.toml is not signed, so it only says where a node is (address, mpc_address)
+    and what it serves (models, labels). Its name must be in the facts, and a dns_name or
+    spiffe_id it gives must be the signed one; region, provider and trust are always taken
+    from the facts (a disagreement there is logged, the signed value wins). A node the
+    facts do not list is refused rather than left out: a config the officer never saw
+    should stop the gateway, not quietly shrink it.
+    """
+    signed = {f.name: f for f in facts}
+    out = []
+    problems = []
+    for i, node in enumerate(nodes):
+        where = f"nodes[{i}] ({node.name})"
+        fact = signed.get(node.name)
+        if fact is None:
+            problems.append(
+                f"{where}: the signed policy bundle has no node {node.name!r}; have the "
+                "officer sign facts for it (ztgate policy bundle sign --nodes) or remove "
+                "the entry (signed nodes: " + (", ".join(sorted(signed)) or "none") + ")"
+            )
+            continue
+        for key in ("dns_name", "spiffe_id"):
+            mine, theirs = getattr(node, key), getattr(fact, key)
+            if mine and mine != theirs:
+                problems.append(
+                    f"{where}: {key} {mine!r} disagrees with the signed {theirs!r}; set it "
+                    f"to {theirs!r} or remove it (the bundle decides which certificate "
+                    "answers for a node), or have the officer re-sign the facts"
+                )
+        for key in ("region", "provider", "trust"):
+            mine, theirs = getattr(node, key), getattr(fact, key)
+            if mine != theirs:
+                log.warning(
+                    "node %s: gateway.toml says %s %r, the signed bundle %r: using the bundle's",
+                    node.name,
+                    key,
+                    mine,
+                    theirs,
+                )
+        out.append(
+            dataclasses.replace(
+                node,
+                dns_name=fact.dns_name,
+                spiffe_id=fact.spiffe_id,
+                region=fact.region,
+                provider=fact.provider,
+                trust=fact.trust,
+            )
+        )
+    if problems:
+        raise ConfigError(
+            "[[nodes]] disagree with the signed policy bundle: " + "; ".join(problems)
+        )
+    return tuple(out)
+
+
+def pin_changes(old: Sequence[NodeConfig], new: Sequence[NodeConfig]) -> list[str]:
+    """What a reload would change in the node set or its pins (empty: nothing).
+
+    Node channels are pinned once, at start; a bundle that names other nodes or other
+    certificates is loaded by a restart, so no channel is ever half re-pinned.
+    """
+    before = {n.name: (n.dns_name, n.spiffe_id) for n in old}
+    after = {n.name: (n.dns_name, n.spiffe_id) for n in new}
+    out = [f"node {name} is no longer configured" for name in sorted(set(before) - set(after))]
+    out += [f"node {name} is new" for name in sorted(set(after) - set(before))]
+    out += [
+        f"node {name}: dns_name/spiffe_id {before[name]} -> {after[name]}"
+        for name in sorted(set(before) & set(after))
+        if before[name] != after[name]
+    ]
+    return out
 
 
 class LivePolicy:
@@ -84,6 +180,9 @@ class LivePolicy:
         self.current = load(None)  # at start a bad policy is fatal: never serve without one
         if self.current.commit is not None:
             self.current.commit()
+        # Called with each policy that replaced the current one (the runtime hands the
+        # new signed node facts to routing); never with one that was refused.
+        self.listeners: list[Callable[[Loaded], None]] = []
         self.rejected = 0
         self.last_error: str | None = None
         log.warning("policy loaded: %s (hash %s)", self.current.origin, self.engine.source.hash)
@@ -128,9 +227,16 @@ class LivePolicy:
             missing = unmarked_removals(self.engine.source, fresh.engine.source)
             if missing:
                 raise ReloadRefused(removal_refusal(missing))
+            repinned = pin_changes(self.current.nodes, fresh.nodes)
+            if repinned:
+                raise ReloadRefused(
+                    "the node set or a node's certificate identity changed ("
+                    + "; ".join(repinned)
+                    + "): node channels are pinned at start, so restart the gateway with it"
+                )
             if fresh.commit is not None:
                 fresh.commit()
-        except (PolicyError, ReloadRefused, OSError, ValueError) as exc:
+        except (PolicyError, ReloadRefused, OSError, ValueError, ConfigError) as exc:
             self.rejected += 1
             self.last_error = str(exc)
             log.error(
@@ -142,6 +248,8 @@ class LivePolicy:
             return False
         self.current = fresh
         log.warning("policy reloaded: %s (hash %s)", fresh.origin, fresh.engine.source.hash)
+        for listener in self.listeners:
+            listener(fresh)
         return True
 
 
@@ -193,9 +301,10 @@ def dir_loader(cfg: Config, entries: Mapping[str, ModelEntry]) -> Callable[[byte
         if bundle:
             raise ReloadRefused("this gateway reads an unsigned policy directory (dev mode)")
         log.warning("DEV-ONLY: loading UNSIGNED policy directory %s", directory)
+        nodes = unsigned_nodes(cfg.nodes)
         source = load_checked_dir(directory)
-        engine = engine_for(source, model_facts(entries, cfg), node_facts(cfg.nodes), cfg)
-        return Loaded(engine, f"dir:{directory}")
+        engine = engine_for(source, model_facts(entries, cfg), node_facts(nodes), cfg)
+        return Loaded(engine, f"dir:{directory}", nodes=nodes)
 
     return load
 
@@ -203,7 +312,8 @@ def dir_loader(cfg: Config, entries: Mapping[str, ModelEntry]) -> Callable[[byte
 def bundle_loader(
     cfg: Config, entries: Mapping[str, ModelEntry]
 ) -> Callable[[bytes | None], Loaded]:
-    """Signed bundles: the policy AND the facts it decides on come from the bundle.
+    """Signed bundles: the policy AND the facts it decides on come from the bundle,
+    including each node's certificate identity, region and provider (signed_nodes).
 
     Only bundles signed by a configured officer key load, never one older than the
     running one (rollback), never one that needs a newer gateway.
@@ -244,6 +354,7 @@ def bundle_loader(
         missing = sorted(set(entries) - {m.name for m in b.facts.models})
         if missing:
             log.warning("models without facts in the bundle are denied: %s", ", ".join(missing))
+        nodes = signed_nodes(cfg.nodes, b.facts.nodes)
         engine = engine_for(result.source, {m.name: m for m in b.facts.models}, b.facts.nodes, cfg)
         policy_hash = result.source.hash
 
@@ -261,6 +372,7 @@ def bundle_loader(
             b.version,
             float(b.staleness_budget_s),
             commit,
+            nodes,
         )
 
     return load

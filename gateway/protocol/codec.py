@@ -516,7 +516,7 @@ def encode_response(
     header: dict[str, Any] = {"model_name": resp.model_name}
     if resp.model_version is not None:
         header["model_version"] = resp.model_version
-    if resp.id:
+    if resp.id is not None:
         header["id"] = resp.id
     if resp.parameters:
         header["parameters"] = resp.parameters
@@ -532,7 +532,7 @@ def encode_request(
     ``binary_inputs`` mirrors ``InferInput.set_data_from_numpy(binary_data=...)``.
     """
     header: dict[str, Any] = {}
-    if req.id:
+    if req.id is not None:
         header["id"] = req.id
     if req.parameters:
         header["parameters"] = req.parameters

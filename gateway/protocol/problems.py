@@ -32,6 +32,7 @@ __all__ = [
     "Problem",
     "ProblemInfo",
     "RateLimited",
+    "StateUnavailable",
     "Unauthenticated",
     "UnknownModel",
     "UnknownVersion",
@@ -52,6 +53,9 @@ class Problem(Exception):
     status: ClassVar[int] = 500
     # Whether the same request may succeed if retried later (unchanged).
     retryable: ClassVar[bool] = False
+    # Whether refusing an identified caller this way gets a denial receipt (see the
+    # "Denials" paragraph of docs/compliance.md, which lists these types).
+    receipted: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -122,6 +126,7 @@ class Forbidden(Problem):
     type = PROBLEM_BASE + "forbidden"
     title = "Not allowed by policy"
     status = 403
+    receipted = True
 
 
 class NotFound(Problem):
@@ -168,6 +173,7 @@ class RateLimited(_RetryAfter):
     type = PROBLEM_BASE + "rate-limited"
     title = "Rate limit exceeded"
     status = 429
+    receipted = True
 
 
 class Internal(Problem):
@@ -194,6 +200,22 @@ class NoHealthyNode(_RetryAfter):
     type = PROBLEM_BASE + "no-healthy-node"
     title = "No healthy inference node"
     status = 503
+
+
+class StateUnavailable(_RetryAfter):
+    """The shared state store (Redis) did not answer, and the check that needed it fails
+    closed (rate limits, replay protection, a revocation list past its staleness budget).
+
+    Its own type, not `no-healthy-node`: the nodes are fine, and a client or an operator
+    must be able to tell the two apart. The detail names the check that could not run and
+    never the store's address or error (those go to the gateway's log only); it is also
+    stable, so identical refusals coalesce into one denial receipt.
+    """
+
+    type = PROBLEM_BASE + "state-unavailable"
+    title = "Shared state unavailable"
+    status = 503
+    receipted = True
 
 
 class DeadlineExceeded(Problem):

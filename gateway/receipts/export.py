@@ -1,4 +1,4 @@
-"""Export audit bundles from a replica's receipt logs (layout: `gateway.receipts.bundle`)."""
+"""Export audit bundles from the replicas' receipt logs (layout: `gateway.receipts.bundle`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import io
 import itertools
 import json
 import tarfile
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,9 @@ from gateway.receipts.bundle import BUNDLE_FORMAT, BundleError
 from gateway.receipts.canonical import b64
 from gateway.receipts.log import ReceiptLog, tlog_proof
 from gateway.receipts.note import Checkpoint
+from gateway.receipts.signing import KeySet, PublishedKey
 
-__all__ = ["ExportSummary", "export_bundle"]
+__all__ = ["ExportSummary", "export_bundle", "gather_logs", "merged_keyset"]
 
 
 @dataclass(frozen=True)
@@ -60,11 +62,67 @@ def _proof_text(proof: list[bytes]) -> bytes:
     return "".join(f"{b64(h)}\n" for h in proof).encode()
 
 
-def export_bundle(log_dir: Path, out: Path, since: dt.datetime | None = None) -> ExportSummary:
-    """Write an audit bundle of every log under `log_dir` (receipts created since `since`)."""
-    paths = ReceiptLog.all_logs(log_dir)
-    if not paths:
-        raise BundleError(f"no receipt logs under {log_dir}")
+def gather_logs(log_dirs: Path | Sequence[Path]) -> list[Path]:
+    """Every log under each of `log_dirs` (one per replica, say), oldest first per dir.
+
+    A log found twice (the same log id in two dirs: a dir given twice, or a replica's
+    volume mounted twice, or a copy of a log) is refused: a bundle must hold each log
+    once, and two copies need not hold the same head."""
+    dirs = [log_dirs] if isinstance(log_dirs, Path) else list(log_dirs)
+    found: dict[str, Path] = {}
+    paths: list[Path] = []
+    for d in dirs:
+        logs = ReceiptLog.all_logs(d)
+        if not logs:
+            raise BundleError(f"no receipt logs under {d}")
+        for path in logs:
+            seen = found.setdefault(path.name, path)
+            if seen is not path:
+                raise BundleError(
+                    f"log {path.name} is under more than one --log-dir: {seen.parent} and "
+                    f"{d} (give each replica's receipts dir once)"
+                )
+            paths.append(path)
+    return paths
+
+
+def merged_keyset(log_dirs: Path | Sequence[Path]) -> KeySet | None:
+    """The receipt keys published beside the logs (`keys.json`), merged across dirs.
+
+    Replicas sharing one receipt key each publish it with the time they first loaded it,
+    and retire it when they rotate; the deployment used it from the earliest of those
+    times until the latest retirement (still current if any replica has not retired it).
+    None: no dir publishes keys."""
+    dirs = [log_dirs] if isinstance(log_dirs, Path) else list(log_dirs)
+    merged: dict[str, PublishedKey] = {}
+    any_found = False
+    for d in dirs:
+        path = d / "keys.json"
+        if not path.is_file():
+            continue
+        any_found = True
+        for k in KeySet.load(path):
+            have = merged.get(k.key_id)
+            if have is None:
+                merged[k.key_id] = k
+                continue
+            until = (
+                None
+                if have.valid_until is None or k.valid_until is None
+                else max(have.valid_until, k.valid_until)
+            )
+            merged[k.key_id] = replace(
+                have, valid_from=min(have.valid_from, k.valid_from), valid_until=until
+            )
+    return KeySet(merged.values()) if any_found else None
+
+
+def export_bundle(
+    log_dirs: Path | Sequence[Path], out: Path, since: dt.datetime | None = None
+) -> ExportSummary:
+    """Write one audit bundle of every log under each of `log_dirs` (each replica's
+    receipts dir), with receipts created since `since`."""
+    paths = gather_logs(log_dirs)
     since_ts = since.timestamp() if since is not None else 0.0
     w = _Writer(out)
     manifest: dict[str, Any] = {
@@ -85,9 +143,9 @@ def export_bundle(log_dir: Path, out: Path, since: dt.datetime | None = None) ->
                 witness_keys.update(rl.witness_vkeys())
             finally:
                 rl.close_sync()
-        keyset = log_dir / "keys.json"
-        if keyset.is_file():
-            w.put("keys/receipt-keys.json", keyset.read_bytes())
+        keyset = merged_keyset(log_dirs)
+        if keyset is not None:
+            w.put("keys/receipt-keys.json", keyset.to_json())
         w.put("keys/log-keys.json", json.dumps(log_keys, indent=1).encode())
         w.put(
             "keys/witness-keys.json",

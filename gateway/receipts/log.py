@@ -702,6 +702,48 @@ class ReceiptLog:
         ).fetchone()
         return self._with_cosignatures(row[0], SignedNote.parse(row[1])) if row else None
 
+    def _proof_checkpoint(self, index: int) -> SignedNote | None:
+        """The checkpoint a lone receipt's proof is served against: of those including leaf
+        `index`, the one with the most witness cosignatures, the latest among equals (so
+        the latest covering one while none is cosigned).
+
+        Not the earliest: a replica killed after signing a checkpoint and before the witness
+        cosigned it never gets that cosignature, and a proof against it could never satisfy
+        a witness policy; a later checkpoint includes the leaf too. A lone receipt's key
+        window is judged by its proof's checkpoint time (`gateway.receipts.verify`), so if
+        the receipt's key has been retired (`keys.json` beside the log), only checkpoints
+        signed within its window are candidates, unless there are none."""
+        ranked = self._rdb.execute(
+            "SELECT c.size FROM checkpoints c LEFT JOIN cosignatures w ON w.size = c.size "
+            "WHERE c.size > ? GROUP BY c.size ORDER BY COUNT(w.witness) DESC, c.size DESC",
+            (index,),
+        ).fetchall()
+        if not ranked:
+            return None
+        until = self._key_retired_at(index)
+        for (size,) in ranked:
+            note = self.checkpoint_at(int(size))
+            assert note is not None
+            if until is None or (Checkpoint.parse_text(note.text).time or 0) <= until:
+                return note
+        return self.checkpoint_at(int(ranked[0][0]))
+
+    def _key_retired_at(self, index: int) -> float | None:
+        """When the key that signed the receipt at `index` was retired (POSIX seconds), per
+        the published key set beside the log; None: current, unknown, or no body kept."""
+        from gateway.receipts.model import FormatError, SignedReceipt
+        from gateway.receipts.signing import KeySet
+
+        row = self._rdb.execute("SELECT body FROM bodies WHERE idx = ?", (index,)).fetchone()
+        keys = self.path.parent / "keys.json"
+        if row is None or not keys.is_file():
+            return None
+        try:
+            key = KeySet.load(keys).get(SignedReceipt.from_bytes(bytes(row[0])).receipt.key_id)
+        except (FormatError, ValueError, KeyError):
+            return None
+        return None if key is None or key.valid_until is None else key.valid_until.timestamp()
+
     # --- proofs ------------------------------------------------------------------------
     def inclusion(self, index: int, size: int | None = None) -> list[bytes]:
         return self.tree.inclusion_proof(index, size)
@@ -710,9 +752,10 @@ class ReceiptLog:
         return self.tree.consistency_proof(first, second)
 
     def proof(self, index: int, *, latest: bool = False) -> str | None:
-        """A self-contained C2SP tlog-proof for leaf `index`: against the earliest
-        checkpoint including it (or the latest), cosignatures included; None: pending."""
-        note = self.latest_checkpoint() if latest else self.checkpoint_including(index)
+        """A self-contained C2SP tlog-proof for leaf `index`, cosignatures included, against
+        the latest checkpoint including it (`latest`), or else the one `ztgate verify
+        --require-witness` can accept alone (`_proof_checkpoint`); None: pending."""
+        note = self.latest_checkpoint() if latest else self._proof_checkpoint(index)
         if note is None:
             return None
         cp = Checkpoint.parse_text(note.text)

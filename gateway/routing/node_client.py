@@ -3,7 +3,11 @@
 The channel verifies the node's certificate against the node CA *and* its unique DNS SAN
 (`grpc.ssl_target_name_override`), so a sibling node's valid certificate served at this
 node's address is refused: residency and provider independence depend on knowing which
-node answered. Channels stay open; a new TLS connection per request costs ~7 ms here.
+node answered. The pin is the only check: Python gRPC clients cannot read the peer's
+certificate after the handshake. So the pinned name is the one the officer signed (the
+runtime hands this client the node as `gateway.policy.live.signed_nodes` made it), never
+one gateway.toml could re-point at another node's certificate. Channels stay open; a new
+TLS connection per request costs ~7 ms here.
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ class NodeClient:
         credentials: grpc.ChannelCredentials,
         max_message_bytes: int = 64 * 1024 * 1024,
     ) -> None:
+        if not node.dns_name:
+            # Without an override gRPC checks the certificate against the dialled host,
+            # which a sibling's certificate with the same IP SAN would pass.
+            raise ValueError(f"node {node.name}: no DNS name to pin its channel to")
         self.node = node
         self._credentials = credentials
         self._max_message_bytes = max_message_bytes

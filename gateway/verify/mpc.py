@@ -7,7 +7,9 @@ Beaver tuples. Security is semi-honest: it assumes the parties do not collude wi
 other, and a party that deviates can change the output undetected (`docs/mpc.md`).
 
 A session per (model, version, party set) is started on first use and reused; a session
-that fails is dropped and the request gets 503, the next one starts a fresh session.
+that fails is dropped and the request gets 503, the next one starts a fresh session. A
+session closes itself when idle (`MpcSettings.idle_close_s`), freeing its party slots for
+the other replicas; a party with no free slot is a 503 with Retry-After, never a queue.
 
 Every answer is held to the model's output range (the registry's, declared or derived from
 its last op): a party that shifts its output share out of range gets the request refused
@@ -36,7 +38,14 @@ from gateway.protocol.problems import (
 from gateway.protocol.tensors import Tensor
 from gateway.verify import Outcome
 from mpc.model import ModelError, MpcModel, Range
-from mpc.session import MpcError, MpcSession, MpcSettings, MpcUnavailable, PartyEndpoint
+from mpc.session import (
+    MpcBusy,
+    MpcError,
+    MpcSession,
+    MpcSettings,
+    MpcUnavailable,
+    PartyEndpoint,
+)
 
 if TYPE_CHECKING:
     from gateway.pipeline import Exchange
@@ -78,7 +87,9 @@ class MpcVerification:
         self._lock = asyncio.Lock()
 
     def choose(self, nodes: Sequence[NodeConfig]) -> list[NodeConfig]:
-        """k nodes with a party listener, one per provider; stable, so sessions are reused."""
+        """k nodes with a party listener, one per provider; stable, so sessions are reused.
+
+        `nodes` come from the router, so each provider is the signed one (signed_nodes)."""
         chosen: list[NodeConfig] = []
         providers: set[str] = set()
         for node in sorted(nodes, key=lambda n: n.name):
@@ -127,6 +138,13 @@ class MpcVerification:
             ]
             try:
                 session = await self._start_session(self.model(entry), endpoints, self.settings)
+            except MpcBusy as exc:
+                # Every session slot of a party is taken (other replicas' sessions): refused
+                # now, not queued; slots free up as those sessions go idle and close.
+                raise NoHealthyNode(
+                    f"MPC parties are at their session limit ({exc}); retry later",
+                    retry_after=exc.retry_after_s,
+                ) from exc
             except MpcError as exc:
                 raise NoHealthyNode(
                     f"could not start an MPC session: {exc}", retry_after=1

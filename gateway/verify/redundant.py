@@ -10,7 +10,10 @@ both would let one liar get honest nodes ejected. That is an unresolved disagree
 alert (`Router.unresolved`: a metric and a log line, no request data).
 
 This catches a lying node unless nodes of different providers collude; it does not prove
-anything about the model, as `zk` does.
+anything about the model, as `zk` does. A node's provider is the one the officer signed
+(the router's NodeConfig is made by gateway.policy.live.signed_nodes, and its channel is
+pinned to the signed certificate): gateway.toml cannot make two nodes of one provider
+look independent.
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ class RedundantVerification:
             (s for s in router.candidates(x.entry.name, x.node_allowed)),
             key=lambda s: s.score(),
         )
-        # One node per provider, best-scoring first: independence is the point.
+        # One node per signed provider, best-scoring first: independence is the point.
         by_provider: dict[str, NodeConfig] = {}
         for s in candidates:
             by_provider.setdefault(s.config.provider, s.config)

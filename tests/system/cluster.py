@@ -109,30 +109,6 @@ class ProductionCluster:
     def cli(self, *args: str, timeout: float = 300.0) -> Any:
         return run_cli(list(args), self.root, timeout)
 
-    def audit_log_dir(self) -> Path:
-        """Every replica's receipt logs gathered under one directory, read in place (the
-        way an operator mounts each replica's volume read-only on an audit host), so one
-        `ztgate audit export` covers every log of the deployment."""
-        d = self.root / "audit-logs"
-        d.mkdir(exist_ok=True)
-        keysets = []
-        for r in self.replicas:
-            for log_db in sorted(r.receipts_dir.glob("*/log.db")):
-                link = d / log_db.parent.name
-                if not link.exists():
-                    link.symlink_to(log_db.parent, target_is_directory=True)
-            keysets.append(r.receipts_dir / "keys.json")
-
-        # One receipt key for the deployment (one secret): each replica published it with
-        # the time it first loaded it; the earliest window is the key's.
-        def first_valid_from(p: Path) -> str:
-            keys = json.loads(p.read_text())["keys"]
-            return min(str(k["valid_from"]) for k in keys)
-
-        earliest = min(keysets, key=first_valid_from)
-        (d / "keys.json").write_bytes(earliest.read_bytes())
-        return d
-
 
 def _write_policies(dest: Path) -> Path:
     """The shipped policies, with the customer's identities (officer-owned files)."""
@@ -261,14 +237,15 @@ def start_cluster(root: Path, services: Services) -> ProductionCluster:
         raise RuntimeError(f"witness did not start:\n{witness.tail()}")
 
     # -- MPC party workers, one per node, with the node's customer certificate ------------
-    trust_dir = pki.mpc_trust_dir()
+    # The customer's files one by one (deploy/README.md): the node certificate and key,
+    # the node CA its peers are checked on, the site's gateway CA it takes sessions from.
     parties: dict[str, Service] = {}
     for name, _, _, _ in NODES:
         leaf = pki.node(name)
         party = [
-            *ZTGATE, "mpc", "party", "--name", name, "--pki", str(trust_dir),
-            "--site", SITE, "--listen", "127.0.0.1:0",
+            *ZTGATE, "mpc", "party", "--name", name, "--site", SITE, "--listen", "127.0.0.1:0",
             "--cert", str(leaf.cert), "--key", str(leaf.key),
+            "--node-ca", str(pki.ca("node")), "--gateway-ca", str(pki.ca("gateway")),
         ]  # fmt: skip
         log_path = root / "logs" / f"mpc-party-{name}.log"
         parties[name] = services.add(Service(f"mpc-party-{name}", party, root, log_path))

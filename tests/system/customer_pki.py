@@ -250,16 +250,3 @@ class CustomerPKI:
             )
             path.with_suffix(".pub").write_bytes(pub)
         return path
-
-    def mpc_trust_dir(self) -> Path:
-        """What `ztgate mpc party --pki` reads: the trust domain, the node CA and the site's
-        gateway CA, in the `gateway/pki.py` layout (no dev marker, no keys). The party has
-        no flags to name these files one by one (reported, not worked around elsewhere)."""
-        d = self.root / "mpc-party-trust"
-        (d / "ca" / "node").mkdir(parents=True, exist_ok=True)
-        (d / "ca" / f"gateway-{self.site}").mkdir(parents=True, exist_ok=True)
-        (d / "ca" / "node" / "ca.crt").write_bytes(self.ca("node").read_bytes())
-        (d / "ca" / f"gateway-{self.site}" / "ca.crt").write_bytes(self.ca("gateway").read_bytes())
-        meta = f'{{"trust_domain": "{self.trust_domain}", "sites": ["{self.site}"]}}\n'
-        (d / "pki.json").write_text(meta)
-        return d

@@ -16,7 +16,6 @@ IRIS = [[5.1, 3.5, 1.4, 0.2]]
 IRIS_PAIR = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]
 RISK = [[0.3, 1.2, -0.5, 0.8, 0.0, 1.5]]
 PURPOSE = (("ztgate.purpose", "credit-decision"),)
-MPC_REPLICA = 1
 # What the gateway says about an answer, by mode (ztgate.verification_status).
 STATUS = {
     "none": {"unverified"},
@@ -94,10 +93,8 @@ def burst_calls(k: int) -> list[Call]:
     if k % 2 == 0:
         calls.append(Call("ana", "iris", "zk", k // 2 % 2, 200))
     purpose = PURPOSE
-    # mpc on one replica only: a party serves one session at a time and a replica keeps its
-    # session open, so the other replica's mpc requests get 503 "party busy" (reported; see
-    # test_audit_trail.py::test_mpc_is_served_by_every_replica).
-    calls.append(Call("cleo", "risk", "mpc", MPC_REPLICA, 200, purpose))
+    # mpc alternates replicas: parties serve each replica's session side by side.
+    calls.append(Call("cleo", "risk", "mpc", k % 2, 200, purpose))
     calls += [
         Call("mallory", "iris", "none", k % 2, 403),  # not in the officer's identities
         Call("shop", "risk", "mpc", (k + 1) % 2, 403, purpose),  # not cleared for risk
