@@ -85,6 +85,9 @@ class PartyEndpoint:
     name: str
     address: str  # host:port of the node's `ztgate mpc party` listener
     provider: str = ""
+    # The party's certificate identity as the officer signed it; empty: derived from the
+    # trust domain and name (`spiffe://<td>/node/<name>`, the dev PKI's layout).
+    spiffe_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -203,7 +206,7 @@ class MpcSession:
         _check_endpoints(endpoints, settings)
         sid = session_id or secrets.token_hex(16)
         dealer_spiffe = cert_spiffe(settings.dealer_cert)
-        spiffes = [node_spiffe(settings.trust_domain, e.name) for e in endpoints]
+        spiffes = [e.spiffe_id or node_spiffe(settings.trust_domain, e.name) for e in endpoints]
         if dealer_spiffe in spiffes or (
             "/node/" in dealer_spiffe and not settings.allow_node_dealer
         ):

@@ -9,6 +9,7 @@ frame a node party receives (``--record``) and search it for what it must not le
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import os
 import signal
@@ -615,6 +616,21 @@ async def test_only_this_sessions_identities_can_join(
     ]
     with pytest.raises(MpcUnavailable, match=r"is spiffe://ztgate.local/node/n\d, expected"):
         await MpcSession.start(model, swapped, settings)
+    # The identity expected is the officer-signed one when the facts give it: a party
+    # presenting n1's certificate where the signed facts say another ID is refused; the
+    # signed ID that matches is the control (the session below).
+    signed_other = [
+        dataclasses.replace(endpoints(parties)[0], spiffe_id="spiffe://ztgate.local/node/n9"),
+        endpoints(parties)[1],
+    ]
+    with pytest.raises(MpcUnavailable, match=r"is spiffe://ztgate.local/node/n1, expected .*n9"):
+        await MpcSession.start(model, signed_other, settings)
+    signed = [
+        dataclasses.replace(ep, spiffe_id=f"spiffe://ztgate.local/node/{ep.name}")
+        for ep in endpoints(parties)
+    ]
+    async with await MpcSession.start(model, signed, settings) as session:
+        assert session.alive
     async with await MpcSession.start(model, endpoints(parties), settings) as session:
         sid = session.session_id
         dealer_address = session.dealer_address

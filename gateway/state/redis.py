@@ -19,6 +19,7 @@ Design choices:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 from collections.abc import Awaitable, Iterable
@@ -228,6 +229,12 @@ class RedisStore:
             async with asyncio.timeout(self._deadline_s):
                 return await aw
         except _UNAVAILABLE as e:
+            if isinstance(e, RedisConnectionError):
+                # The server went away: every pooled connection is as dead as this one, and
+                # the first use of each after it comes back would fail again (readiness
+                # would flap). Drop them all; the next call connects afresh.
+                with contextlib.suppress(*_UNAVAILABLE):
+                    await self._client.connection_pool.disconnect()
             raise StoreUnavailable(f"redis at {self._where}: {type(e).__name__}: {e}") from e
 
     def _now(self) -> str:

@@ -134,7 +134,8 @@ class MpcVerification:
             if current is not None and current.alive:
                 return current
             endpoints = [
-                PartyEndpoint(n.name, self.party_addresses[n.name], n.provider) for n in nodes
+                PartyEndpoint(n.name, self.party_addresses[n.name], n.provider, n.spiffe_id)
+                for n in nodes
             ]
             try:
                 session = await self._start_session(self.model(entry), endpoints, self.settings)
