@@ -39,6 +39,7 @@ TEST_SRS_NOTE = (
     "public ceremony; it is pinned by SHA-256 exactly as a ceremony file would be"
 )
 SHIPPED_POLICIES = Path(__file__).resolve().parents[2] / "policies"
+REDIS_USER = "ztgate"  # the one ACL user (the `default` user is off)
 
 # name, region, provider, serves the zk prover
 NODES: tuple[tuple[str, str, str, bool], ...] = (
@@ -86,6 +87,40 @@ class Replica:
 
 
 @dataclass
+class RedisServer:
+    """The suite's redis-server: TLS only, one ACL user, nothing saved (`--save ""`, no
+    AOF). `kill` SIGKILLs it; `start` runs the very same command line again: the same port,
+    certificate, user and password, and an empty store."""
+
+    service: Service
+    port: int
+    password: str
+    ca: Path
+    url: str  # what the replicas' `[state] redis_url` says
+    user: str = REDIS_USER
+
+    @property
+    def dir(self) -> Path:
+        return self.service.cwd
+
+    def running(self) -> bool:
+        return self.service.running()
+
+    def kill(self) -> None:
+        self.service.kill()
+
+    def start(self, deadline_s: float = 20.0) -> float:
+        """Start it; seconds until it takes an AUTH over TLS."""
+        t0 = time.monotonic()
+        self.service.start()
+        while not _redis_ready(self.port, self.password, self.ca):
+            if not self.service.running() or time.monotonic() - t0 > deadline_s:
+                raise RuntimeError(f"redis-server did not start:\n{self.service.tail()}")
+            time.sleep(0.05)
+        return time.monotonic() - t0
+
+
+@dataclass
 class ProductionCluster:
     root: Path
     pki: CustomerPKI
@@ -97,6 +132,7 @@ class ProductionCluster:
     srs: Path
     srs_sha256: str
     zk_dir: Path
+    redis: RedisServer
     setup_s: dict[str, float] = field(default_factory=dict)
 
     def client(self, name: str, timeout: float = 180.0) -> httpx.Client:
@@ -154,7 +190,7 @@ def _redis_ready(port: int, password: str, ca: Path) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1) as raw:
             with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-                tls.sendall(f"AUTH ztgate {password}\r\n".encode())
+                tls.sendall(f"AUTH {REDIS_USER} {password}\r\n".encode())
                 return tls.recv(64).startswith(b"+OK")
     except OSError:
         return False
@@ -203,18 +239,20 @@ def start_cluster(root: Path, services: Services) -> ProductionCluster:
         "--tls-cert-file", str(redis_tls.cert), "--tls-key-file", str(redis_tls.key),
         "--tls-auth-clients", "no", "--save", "", "--appendonly", "no",
         "--dir", str(redis_dir), "--user", "default", "off",
-        "--user", "ztgate", "on", f">{redis_password}", "~*", "&*", "+@all",
+        "--user", REDIS_USER, "on", f">{redis_password}", "~*", "&*", "+@all",
     ]  # fmt: skip
-    redis = services.add(Service("redis", redis_argv, redis_dir, redis_dir / "redis.log"))
-    redis.start()
-    end = time.monotonic() + 20
-    while not _redis_ready(redis_port, redis_password, pki.root_ca):
-        if not redis.running() or time.monotonic() > end:
-            raise RuntimeError(f"redis-server did not start:\n{redis.tail()}")
-        time.sleep(0.1)
     redis_url = (
-        f"rediss://ztgate:{redis_password}@127.0.0.1:{redis_port}/0?ssl_ca_certs={pki.root_ca}"
+        f"rediss://{REDIS_USER}:{redis_password}@127.0.0.1:{redis_port}/0"
+        f"?ssl_ca_certs={pki.root_ca}"
     )
+    redis = RedisServer(
+        services.add(Service("redis", redis_argv, redis_dir, redis_dir / "redis.log")),
+        redis_port,
+        redis_password,
+        pki.root_ca,
+        redis_url,
+    )
+    redis.start()
 
     # -- the witness (operator: ztgate witness init / serve) ------------------------------
     witness_dir = root / "witness"
@@ -412,5 +450,6 @@ def start_cluster(root: Path, services: Services) -> ProductionCluster:
         srs=srs,
         srs_sha256=srs_sha256,
         zk_dir=zk_dir,
+        redis=redis,
         setup_s=timings,
     )
