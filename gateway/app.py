@@ -51,6 +51,7 @@ from gateway.protocol.problems import (
     Forbidden,
     Internal,
     InvalidTensor,
+    LogUnavailable,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
@@ -66,6 +67,7 @@ from gateway.protocol.tensors import InferResponse, Limits, RequestedOutput
 from gateway.receipts.http import log_routes
 from gateway.receipts.model import FormatError, ModelRef, SignedReceipt, parse_receipt_id
 from gateway.receipts.service import ReceiptService
+from gateway.receipts.treestore import TreeCorrupt
 from gateway.registry import ModelEntry
 from gateway.revocation import Revocations
 from gateway.routing.router import DisagreementMetrics, Router
@@ -753,6 +755,9 @@ async def _problem(_: Request, exc: Exception) -> Response:
         return problem_response(exc)
     if isinstance(exc, StoreUnavailable):
         return problem_response(_state_unavailable(exc))
+    if isinstance(exc, TreeCorrupt):
+        log.error("receipt log damaged: %s (ReceiptLog.verify_stored finds every bad hash)", exc)
+        return problem_response(LogUnavailable("the receipt log cannot serve this", retry_after=5))
     if isinstance(exc, HTTPException):
         if exc.status_code == 404:
             return problem_response(NotFound("no such route"))

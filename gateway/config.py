@@ -19,6 +19,9 @@ are resolved against the config file's directory. See docs/config.md for every k
                 max_pending_per_node, health_interval_s, ewma_alpha
     [state]     redis_url, revocation_sync_s
     [receipts]  signing_key, log_key, dir, checkpoint_interval_s
+    [receipts.retention]  body_days, check_interval_s, max_per_pass,
+                checkpoint_history_keep_every_s, checkpoint_history_keep_latest
+    [logging]   decisions ("stderr" | "file:<path>"), decisions_max_bytes, decisions_backups
     [zk]        artefacts, workers, deadline_s
     [mpc]       dealer_cert, dealer_key, dealer_listen, dealer_advertise_host, parties,
                 deadline_s
@@ -32,6 +35,7 @@ are resolved against the config file's directory. See docs/config.md for every k
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -98,6 +102,41 @@ class State:
 
 
 @dataclass(frozen=True)
+class Retention:
+    """[receipts.retention]: what the retention job (gateway.receipts.retention) deletes.
+
+    Bodies (and their evidence files) go; leaves, checkpoints needed for verification and
+    the logged erasure events stay, so every log keeps verifying."""
+
+    # Receipt bodies and evidence older than this many days are erased. Unset: kept for
+    # good. Deletion is irreversible and the lawful period differs per deployment, so
+    # there is no default age: the operator chooses one (docs/config.md).
+    body_days: float | None = None
+    check_interval_s: float = 3600.0  # how often the job looks for due bodies
+    # At most this many bodies erased per pass: one transaction on the log's writer
+    # thread, which appends wait behind (~0.1 ms a body, so ~25 ms). While behind, the
+    # job keeps retention to a tenth of the writer's time (gateway.receipts.retention).
+    max_per_pass: int = 250
+    # Checkpoint history: one checkpoint per this many seconds is kept (plus the latest
+    # `checkpoint_history_keep_latest` and whatever verification needs); 0 keeps all.
+    # Off by default: a compaction reads every stored checkpoint in one transaction on the
+    # writer thread (~20 us each, bench/retention.py), so on a long history one pass would
+    # hold answers back for minutes. Turn it on once that is bounded per call.
+    checkpoint_history_keep_every_s: float = 0.0
+    checkpoint_history_keep_latest: int = 64
+
+    @property
+    def enabled(self) -> bool:
+        return self.body_days is not None or self.checkpoint_history_keep_every_s > 0
+
+
+# Upper bounds that catch a unit mistake (milliseconds for seconds) or a pass so large it
+# would stall the log's writer thread; nothing legitimate comes near them.
+MAX_RETENTION_PER_PASS = 100_000
+MAX_INTERVAL_S = 7 * 86400.0
+
+
+@dataclass(frozen=True)
 class Receipts:
     signing_key: Path | None = None  # Ed25519: signs receipts
     log_key: Path | None = None  # Ed25519, a different key: signs the log's checkpoints
@@ -112,10 +151,27 @@ class Receipts:
     replicas: tuple[str, ...] = ()
     # Witnesses that cosign each checkpoint: [vkey (C2SP note verifier key), URL] pairs.
     witnesses: tuple[tuple[str, str], ...] = ()
+    retention: Retention = field(default_factory=Retention)
 
     @property
     def enabled(self) -> bool:
         return self.signing_key is not None and self.log_key is not None
+
+
+@dataclass(frozen=True)
+class Logging:
+    """[logging]: where the decision log (`ztgate.decisions`, one JSON line per policy
+    decision) goes. ``stderr`` (default) hands it to the container's log shipper with the
+    other logs; ``file:<path>`` writes it alone to a file rotated by size, so it never
+    grows without bound: at most (decisions_backups + 1) x decisions_max_bytes on disk."""
+
+    decisions: str = "stderr"
+    decisions_max_bytes: int = 100 * 1024 * 1024
+    decisions_backups: int = 10
+
+    @property
+    def decisions_file(self) -> Path | None:
+        return Path(self.decisions[5:]) if self.decisions.startswith("file:") else None
 
 
 @dataclass(frozen=True)
@@ -203,6 +259,7 @@ class Config:
     receipts: Receipts = field(default_factory=Receipts)
     zk: Zk = field(default_factory=Zk)
     mpc: Mpc = field(default_factory=Mpc)
+    logging: Logging = field(default_factory=Logging)
     nodes: tuple[NodeConfig, ...] = ()
 
     def dev_only_items(self) -> list[str]:
@@ -346,6 +403,76 @@ def _policy(data: Any, base: Path) -> PolicyConfig:
     return dataclasses.replace(cfg, models=facts)
 
 
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _retention(data: Any, base: Path) -> Retention:
+    data = dict(data) if isinstance(data, dict) else data
+    days = data.pop("body_days", None) if isinstance(data, dict) else None
+    r = _build(Retention, data, "receipts.retention", base)
+    where = "receipts.retention"
+    if days is not None:
+        # Unset keeps bodies; an age that is zero, negative, infinite or NaN is a mistake
+        # (zero would erase every answer's body as soon as it is logged).
+        if not _finite(days) or days <= 0:
+            raise ConfigError(
+                f"{where}.body_days must be a positive number of days, got {days!r} "
+                "(leave it out to keep bodies)"
+            )
+        r = dataclasses.replace(r, body_days=float(days))
+    if not (_finite(r.check_interval_s) and 1.0 <= r.check_interval_s <= MAX_INTERVAL_S):
+        raise ConfigError(
+            f"{where}.check_interval_s must be within [1, {MAX_INTERVAL_S:g}] seconds, "
+            f"got {r.check_interval_s!r}"
+        )
+    if not 1 <= r.max_per_pass <= MAX_RETENTION_PER_PASS:
+        raise ConfigError(
+            f"{where}.max_per_pass must be within [1, {MAX_RETENTION_PER_PASS}], "
+            f"got {r.max_per_pass!r}"
+        )
+    keep = r.checkpoint_history_keep_every_s
+    if not _finite(keep) or keep < 0 or 0 < keep < 1:
+        raise ConfigError(
+            f"{where}.checkpoint_history_keep_every_s must be 0 (keep all) or at least 1 "
+            f"second, got {keep!r}"
+        )
+    if r.checkpoint_history_keep_latest < 1:
+        raise ConfigError(
+            f"{where}.checkpoint_history_keep_latest must be at least 1, "
+            f"got {r.checkpoint_history_keep_latest!r}"
+        )
+    return r
+
+
+# A decision line is a few hundred bytes: a file smaller than this would rotate every few
+# lines. Without a backup RotatingFileHandler never rotates (the file grows unbounded).
+MIN_DECISION_FILE_BYTES = 4096
+MAX_DECISION_BACKUPS = 1000
+
+
+def _logging(data: Any, base: Path) -> Logging:
+    cfg = _build(Logging, data, "logging", base)
+    target = cfg.decisions
+    if target.startswith("file:"):
+        if not target[5:].strip():
+            raise ConfigError('logging.decisions: "file:" needs a path')
+        cfg = dataclasses.replace(cfg, decisions="file:" + str((base / target[5:]).resolve()))
+    elif target != "stderr":
+        raise ConfigError(f'logging.decisions must be "stderr" or "file:<path>", got {target!r}')
+    if cfg.decisions_max_bytes < MIN_DECISION_FILE_BYTES:
+        raise ConfigError(
+            f"logging.decisions_max_bytes must be at least {MIN_DECISION_FILE_BYTES}, "
+            f"got {cfg.decisions_max_bytes!r}"
+        )
+    if not 1 <= cfg.decisions_backups <= MAX_DECISION_BACKUPS:
+        raise ConfigError(
+            f"logging.decisions_backups must be within [1, {MAX_DECISION_BACKUPS}], "
+            f"got {cfg.decisions_backups!r}"
+        )
+    return cfg
+
+
 def load_config(path: Path) -> Config:
     try:
         raw = tomllib.loads(path.read_text())
@@ -374,8 +501,17 @@ def parse_config(raw: dict[str, Any], base: Path) -> Config:
         sections["zk"] = dataclasses.replace(
             z, artefacts=tuple(str((base / a).resolve()) for a in z.artefacts)
         )
+    if "logging" in raw:
+        sections["logging"] = _logging(raw.pop("logging"), base)
     if "receipts" in raw:
-        sections["receipts"] = _build(Receipts, raw.pop("receipts"), "receipts", base)
+        receipts = raw.pop("receipts")
+        retention = None
+        if isinstance(receipts, dict) and "retention" in receipts:
+            receipts = dict(receipts)
+            retention = _retention(receipts.pop("retention"), base)
+        sections["receipts"] = _build(Receipts, receipts, "receipts", base)
+        if retention is not None:
+            sections["receipts"] = dataclasses.replace(sections["receipts"], retention=retention)
         r = sections["receipts"]
         if (r.signing_key is None) != (r.log_key is None):
             raise ConfigError("receipts: set both signing_key and log_key, or neither")

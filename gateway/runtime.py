@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import logging.handlers
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -12,7 +13,7 @@ import uvicorn
 from cryptography import x509
 
 from gateway.app import Gateway, build_admin, build_api
-from gateway.config import Config, ConfigError, NodeConfig
+from gateway.config import Config, ConfigError, Logging, NodeConfig
 from gateway.identity import IdentityResolver
 from gateway.policy.live import LivePolicy, Loaded, ReloadRefused, bundle_loader, dir_loader
 from gateway.policy.source import PolicyError
@@ -90,6 +91,68 @@ def open_receipts(cfg: Config) -> ReceiptService | None:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"receipts: {exc}") from exc
     return service
+
+
+def add_retention(cfg: Config, gw: Gateway) -> None:
+    """The receipt retention job (`gateway.receipts.retention`), where configured."""
+    receipts = gw.receipts
+    if receipts is None:
+        return
+    policy = cfg.receipts.retention
+    if policy.body_days is None:
+        log.info(
+            "receipt bodies are kept indefinitely: set receipts.retention.body_days to "
+            "erase them after a retention period"
+        )
+    if not policy.enabled:
+        return
+    from gateway.receipts.retention import RetentionJob
+
+    job = RetentionJob(receipts.logs, policy, gw.metrics.registry)
+    gw.background.append(job.run)
+
+
+DECISIONS_LOGGER = "ztgate.decisions"
+
+
+class DecisionFileHandler(logging.handlers.RotatingFileHandler):
+    """The decision log's file: one JSON line per record, rotated by size. A line is never
+    split: the handler rotates before a line that would take the file to max_bytes."""
+
+
+def configure_decision_log(setting: Logging) -> DecisionFileHandler | None:
+    """Send the decision log where `[logging] decisions` says.
+
+    ``stderr``: the logger propagates to the root handler (the process's stderr, for the
+    container's log shipper), as before. ``file:<path>``: a size-rotated file of bare JSON
+    lines, and nothing to stderr (the decisions are shipped from the file, once). Calling
+    it again replaces the handler it installed, never doubles it."""
+    logger = logging.getLogger(DECISIONS_LOGGER)
+    for old in [h for h in logger.handlers if isinstance(h, DecisionFileHandler)]:
+        logger.removeHandler(old)
+        old.close()
+    path = setting.decisions_file
+    if path is None:
+        logger.setLevel(logging.NOTSET)  # the process's level, like every other logger
+        logger.propagate = True
+        return None
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        handler = DecisionFileHandler(
+            path,
+            maxBytes=setting.decisions_max_bytes,
+            backupCount=setting.decisions_backups,
+            encoding="utf-8",
+        )
+    except OSError as exc:
+        raise ConfigError(f"logging.decisions: cannot open {path}: {exc}") from exc
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    # Decisions are INFO records: they are kept whatever level the rest of the process
+    # logs at, and go to the file only.
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return handler
 
 
 def srs_refusals(artefacts: Iterable[VerifierArtefacts], pinned: Sequence[str]) -> list[str]:
@@ -216,6 +279,7 @@ def build_gateway(cfg: Config) -> Gateway:
 
     policy.listeners.append(relabel)
     add_proof_modes(cfg, gw, nodes)
+    add_retention(cfg, gw)
     gw.background.append(sync_revocations)
     if cfg.policy.dir is not None:
         gw.background.append(watch_policy)
@@ -263,6 +327,7 @@ def servers(cfg: Config, gw: Gateway) -> list[uvicorn.Server]:
 
 
 async def serve(cfg: Config) -> None:
+    configure_decision_log(cfg.logging)
     api, admin = servers(cfg, build_gateway(cfg))
     # Only the API server owns the signal handlers; the admin listener follows it down.
     admin.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]

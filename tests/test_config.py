@@ -66,11 +66,96 @@ def test_paths_resolve_against_the_config_dir() -> None:
         (raw(nodes=[{"name": "a"}]), "nodes[0]"),
         (raw(nodes="n1"), "nodes"),
         ({k: v for k, v in raw().items() if k != "tls"}, "tls"),
+        (raw(receipts={"retention": {"body_days": -1}}), "retention.body_days"),
+        (raw(receipts={"retention": {"body_days": 0}}), "retention.body_days"),
+        (raw(receipts={"retention": {"body_days": float("nan")}}), "retention.body_days"),
+        (raw(receipts={"retention": {"body_days": float("inf")}}), "retention.body_days"),
+        (raw(receipts={"retention": {"body_days": "90d"}}), "retention.body_days"),
+        (raw(receipts={"retention": {"body_days": True}}), "retention.body_days"),
+        (raw(receipts={"retention": {"check_interval_s": 0}}), "check_interval_s"),
+        (raw(receipts={"retention": {"check_interval_s": 1e9}}), "check_interval_s"),
+        (raw(receipts={"retention": {"max_per_pass": 0}}), "max_per_pass"),
+        (raw(receipts={"retention": {"max_per_pass": 10**7}}), "max_per_pass"),
+        (raw(receipts={"retention": {"max_per_pass": 1.5}}), "max_per_pass"),
+        (
+            raw(receipts={"retention": {"checkpoint_history_keep_every_s": -5}}),
+            "checkpoint_history_keep_every_s",
+        ),
+        (
+            raw(receipts={"retention": {"checkpoint_history_keep_every_s": 0.001}}),
+            "checkpoint_history_keep_every_s",
+        ),
+        (
+            raw(receipts={"retention": {"checkpoint_history_keep_latest": 0}}),
+            "checkpoint_history_keep_latest",
+        ),
+        (raw(receipts={"retention": {"bodies_days": 90}}), "receipts.retention] unknown"),
+        (raw(receipts={"retention": 90}), "receipts.retention] must be a table"),
+        (raw(logging={"decisions": "syslog"}), "logging.decisions"),
+        (raw(logging={"decisions": "file:"}), "logging.decisions"),
+        (raw(logging={"decisions": "file:d.jsonl", "decisions_max_bytes": 100}), "max_bytes"),
+        (raw(logging={"decisions": "file:d.jsonl", "decisions_backups": 0}), "backups"),
+        (raw(logging={"decisions": "file:d.jsonl", "decisions_backups": -1}), "backups"),
+        (raw(logging={"decisions": "file:d.jsonl", "decisions_max_bytes": "1MB"}), "max_bytes"),
+        (raw(logging={"rotate": True}), "logging] unknown"),
     ],
 )
 def test_invalid_config_names_the_key(bad: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_config(bad, Path("/"))
+
+
+def test_retention_and_decision_log_settings_parse() -> None:
+    defaults = parse_config(raw(), Path("/etc/ztgate"))
+    r = defaults.receipts.retention
+    assert r.body_days is None  # bodies are kept unless an age is configured
+    assert (r.check_interval_s, r.max_per_pass) == (3600.0, 250)
+    assert (r.checkpoint_history_keep_every_s, r.checkpoint_history_keep_latest) == (0.0, 64)
+    assert not r.enabled  # so by default the gateway runs no retention job at all
+    assert defaults.logging.decisions == "stderr" and defaults.logging.decisions_file is None
+    cfg = parse_config(
+        raw(
+            receipts={
+                "retention": {
+                    "body_days": 90,
+                    "check_interval_s": 600,
+                    "max_per_pass": 500,
+                    "checkpoint_history_keep_every_s": 3600,
+                }
+            },
+            logging={
+                "decisions": "file:log/decisions.jsonl",
+                "decisions_max_bytes": 1 << 20,
+                "decisions_backups": 3,
+            },
+        ),
+        Path("/etc/ztgate"),
+    )
+    r = cfg.receipts.retention
+    assert (r.body_days, r.check_interval_s, r.max_per_pass) == (90.0, 600.0, 500)
+    assert isinstance(r.body_days, float) and r.checkpoint_history_keep_every_s == 3600.0
+    assert cfg.receipts.signing_key == Path("/etc/ztgate/receipt.key")  # the rest intact
+    assert cfg.logging.decisions_file == Path("/etc/ztgate/log/decisions.jsonl")
+    assert (cfg.logging.decisions_max_bytes, cfg.logging.decisions_backups) == (1 << 20, 3)
+    # fractional days are fine (hours): only zero, negative and non-finite ages are not
+    assert (
+        parse_config(
+            raw(receipts={"retention": {"body_days": 0.5}}), Path("/")
+        ).receipts.retention.body_days
+        == 0.5
+    )
+
+
+def test_retention_and_logging_keys_are_documented() -> None:
+    import dataclasses
+
+    from gateway.config import Logging, Retention
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "config.md").read_text()
+    for section, cls in (("[receipts.retention]", Retention), ("[logging]", Logging)):
+        block = doc.split(section, 1)[1].split("\n[", 1)[0]
+        for f in dataclasses.fields(cls):
+            assert re.search(rf"^{f.name} = ", block, re.M), f"{section} {f.name} undocumented"
 
 
 @pytest.mark.parametrize(

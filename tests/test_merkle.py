@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from gateway.receipts.merkle import (
     EMPTY_ROOT,
+    Frontier,
     MerkleTree,
     leaf_hash,
     node_hash,
@@ -186,3 +187,39 @@ def test_trivial_cases_and_bad_inputs() -> None:
     with pytest.raises(ValueError):
         MerkleTree().append(b"short")
     assert MerkleTree().root() == EMPTY_ROOT
+
+
+# --------------------------------------------------- the frontier (the log's in-memory part)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 300), st.integers(0, 300), st.integers(1, 6))
+def test_frontier_appends_like_the_tree(a: int, b: int, min_level: int) -> None:
+    """Two batches onto a frontier: its root, its subtrees and every subtree it reports
+    completed (what the log stores) are the reference tree's; loading it back from
+    stored subtree hashes gives the same frontier."""
+    first, second = DATA[:a], DATA[a : a + b]
+    f1, done1 = Frontier().extend((leaf_hash(x) for x in first), min_level)
+    f2, done2 = f1.extend((leaf_hash(x) for x in second), min_level)
+    n = len(first) + len(second)
+    assert f2.size == n and len(f2.hashes) == n.bit_count()
+    assert f2.root() == TREE.root(n) == mth(DATA[:n])
+    done = done1 + done2
+    # every complete subtree of >= 2^min_level leaves, exactly once, with its hash
+    assert sorted((lv, i) for lv, i, _ in done) == sorted(
+        (lv, i) for lv in range(min_level, n.bit_length()) for i in range(n >> lv)
+    )
+    for lv, i, h in done:
+        assert h == TREE._range(i << lv, (i + 1) << lv)
+    for lv, i, h in f2.subtrees():
+        assert h == TREE._node(lv, i)
+    assert Frontier.load(n, TREE._node).hashes == f2.hashes
+    assert f1.size == len(first)  # immutable: extending made a new one
+
+
+def test_frontier_refuses_bad_input() -> None:
+    with pytest.raises(ValueError):
+        Frontier(3, [b"\0" * 32])  # size 3 has two subtrees
+    with pytest.raises(ValueError):
+        Frontier().extend([b"short"])
+    assert Frontier().root() == EMPTY_ROOT

@@ -903,8 +903,12 @@ async def test_a_full_party_is_a_503_with_retry_after_until_a_slot_is_free(
         await verifiers[0].close()  # replica a stops: its session ends, the slot frees
         await _when_a_slot_is_free(lambda: ask(1), "replica b after a stopped")
         (session_b,) = verifiers[1]._sessions.values()  # type: ignore[attr-defined]
-        await _until(lambda: not session_b.alive, "replica b's idle session closed itself")
-        assert session_b.closed == "idle for 0.5s" and session_b.dealer_proc is None
+        # Closed first, then its links and dealer are shut (seconds under load): wait for both.
+        await _until(
+            lambda: not session_b.alive and session_b.dealer_proc is None,
+            "replica b's idle session closed itself and stopped its dealer",
+        )
+        assert session_b.closed == "idle for 0.5s"
         await _when_a_slot_is_free(lambda: ask(0), "replica a after b's session idled out")
     finally:
         for gw in gws:

@@ -677,6 +677,7 @@ def test_problem_types_table() -> None:
         "upstream-failed": (502, True),
         "no-healthy-node": (503, True),
         "state-unavailable": (503, True),
+        "log-unavailable": (503, True),
         "deadline-exceeded": (504, True),
     }
     got = {t: (info.status, info.retryable) for t, info in PROBLEM_TYPES.items()}

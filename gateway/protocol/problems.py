@@ -218,6 +218,16 @@ class StateUnavailable(_RetryAfter):
     receipted = True
 
 
+class LogUnavailable(_RetryAfter):
+    """This replica's receipt log cannot serve what was asked (a damaged stored tree): its
+    own type, since the request was fine and the nodes are too. The operator is alerted by
+    the gateway's log; the detail says nothing of the files."""
+
+    type = PROBLEM_BASE + "log-unavailable"
+    title = "Receipt log unavailable"
+    status = 503
+
+
 class DeadlineExceeded(Problem):
     type = PROBLEM_BASE + "deadline-exceeded"
     title = "Deadline exceeded"

@@ -237,9 +237,7 @@ def _export_log(
     if start_record is not None:
         w.put(f"{base}/records/0.json", start_record)
     erased = [
-        {"index": i, "reason": reason}
-        for i, reason in sorted(rl.erased().items())
-        if start <= i < head
+        {"index": i, "reason": reason} for i, reason in sorted(rl.erased(start, head).items())
     ]
     totals["receipts"] += len(receipts)
     totals["checkpoints"] += len(ordered)

@@ -69,7 +69,7 @@ def log_routes(logs: Callable[[], Sequence[ReceiptLog]] | ReceiptLog) -> Router:
         if log_id != rl.log_id or index >= rl.size:
             return _problem(404, "no such receipt in this log")
         body = rl.body(rid)
-        erased = index in rl.erased()
+        erased = rl.erased_at(index) is not None
         if body is None and not erased:
             return _problem(404, "no such receipt in this log")
         proof = rl.proof(index)

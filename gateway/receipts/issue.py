@@ -169,6 +169,12 @@ class DenialCoalescer:
     says so in its response); when the window closes (`flush`, or the next denial after
     it) one receipt with ``denial.count`` = N and ``denial.follows`` = the first receipt's
     id records them. At most `max_runs` runs are open; the oldest is flushed beyond that.
+
+    Indexed: a denial costs O(1) plus the runs that have expired, never a scan of the open
+    ones (a client hammering the gateway would otherwise make every denial walk up to
+    `max_runs` runs). `_runs` is both the index (keyed by `key`) and the expiry order:
+    runs are inserted in the order they open and every window has the same length, so the
+    expired runs are always a prefix of it.
     """
 
     def __init__(
@@ -184,6 +190,9 @@ class DenialCoalescer:
         self._clock = clock
         self._runs: OrderedDict[DenialKey, _Run] = OrderedDict()
         self._lock = asyncio.Lock()
+        # Runs looked at by expiry checks, in total: what shows the scan is gone (it grows
+        # by one per denial plus the runs that expired, whatever the number open).
+        self.examined = 0
 
     @staticmethod
     def key(client: ClientRef | None, model: ModelRef | None, denial: Denial) -> DenialKey:
@@ -195,6 +204,10 @@ class DenialCoalescer:
             denial.reason,
         )
 
+    @property
+    def open_runs(self) -> int:
+        return len(self._runs)
+
     async def deny(self, **fields: object) -> tuple[Issued, bool]:
         """(receipt, coalesced?) for one denial; `fields` are `issue`'s keyword arguments."""
         denial = fields["denial"]
@@ -203,9 +216,8 @@ class DenialCoalescer:
         assert client is None or isinstance(client, ClientRef)
         assert model is None or isinstance(model, ModelRef)
         key = self.key(client, model, denial)
-        now = self._clock()
         async with self._lock:
-            await self._close_expired(now)
+            await self._close_expired(self._clock())
             run = self._runs.get(key)
             if run is not None:
                 run.count += 1
@@ -213,15 +225,31 @@ class DenialCoalescer:
                 return run.first, True
         issued = await self._issue(**fields)
         async with self._lock:
-            self._runs[key] = _Run(issued, 0, now, time.time(), time.time(), dict(fields))
+            if key in self._runs:
+                # An identical denial opened a run while this one's receipt was being
+                # logged. Keep that run (denials may already be counted in it); this
+                # receipt stands on its own, in the log like any other.
+                return issued, False
+            # The window opens when the run does, read under the lock: insertion order is
+            # then opening order, which `_close_expired` relies on.
+            wall = time.time()
+            self._runs[key] = _Run(issued, 0, self._clock(), wall, wall, dict(fields))
+            # Bounded: at most one run over `max_runs` was just added.
             while len(self._runs) > self.max_runs:
                 _, oldest = self._runs.popitem(last=False)
                 await self._record(oldest)
         return issued, False
 
     async def _close_expired(self, now: float) -> None:
-        for key in [k for k, r in self._runs.items() if now - r.first_time >= self.window_s]:
-            await self._record(self._runs.pop(key))
+        """Record the runs whose window has closed: a prefix of `_runs` (see the class
+        docstring), so this stops at the first open run. Bounded by `max_runs`."""
+        while self._runs:
+            key, run = next(iter(self._runs.items()))
+            self.examined += 1
+            if now - run.first_time < self.window_s:
+                return
+            del self._runs[key]
+            await self._record(run)
 
     async def _record(self, run: _Run) -> None:
         if run.count == 0:

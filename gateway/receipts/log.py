@@ -50,8 +50,15 @@ What neither can catch, a restore of a state newer than the marker's last write 
 backup taken within the same millisecond as the crash) or a marker restored together
 with the log, the witnesses catch: a witness refuses any checkpoint that is not
 consistent with the last one it cosigned (409/422), and the log reports it loudly.
-At open the log also re-derives its latest checkpoint's root from its leaves, so a
-truncated or edited database is refused.
+
+The tree is on disk (`gateway.receipts.treestore`): memory holds the O(log n) frontier
+and a bounded cache, whatever the log's size, and opening reads O(log n) rows, not every
+leaf. At open the log proves, with a consistency proof read from its own stored hashes,
+that the frontier it will append onto extends its latest signed checkpoint and the root
+its head marker recorded, so a truncated database, or one edited on that path (frontier,
+hashes, or the last leaves), is refused. Edits elsewhere cannot be seen in O(log n) work:
+`ReceiptLog.verify_stored` (O(n), bounded memory) re-derives every stored hash from the
+leaves, and a bundle's verifier re-derives the root from the leaves it ships.
 """
 
 from __future__ import annotations
@@ -75,7 +82,7 @@ from typing import Any, TypeVar
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from gateway.files import atomic_write, fsync_dir
-from gateway.receipts.canonical import b64
+from gateway.receipts.canonical import b64, unb64
 from gateway.receipts.entry import (
     ENTRY_TYPES,
     TLOG_PROOF_HEADER,
@@ -85,8 +92,25 @@ from gateway.receipts.entry import (
     start_record,
 )
 from gateway.receipts.marker import HeadMarker
-from gateway.receipts.merkle import EMPTY_ROOT, MerkleTree, leaf_hash
+from gateway.receipts.merkle import (
+    EMPTY_ROOT,
+    Frontier,
+    MerkleTree,
+    TreeHashes,
+    leaf_hash,
+    verify_consistency,
+)
 from gateway.receipts.note import Checkpoint, NoteKey, SignedNote
+from gateway.receipts.treestore import (
+    NODES_SCHEMA,
+    STORED_LEVEL,
+    StoredTree,
+    TreeCorrupt,
+    catch_up,
+    last_position,
+    node_rows,
+    stored_size,
+)
 
 __all__ = [
     "ENTRY_TYPES",
@@ -129,7 +153,7 @@ class _Pending:
     data: bytes
     hash: bytes
     body: tuple[str, bytes] | None
-    future: asyncio.Future[int]
+    future: asyncio.Future[int] | None
     record: tuple[bytes, int | None] | None = None  # (record bytes, erasure_queue seq)
 
 
@@ -142,7 +166,7 @@ class _Stats:
     extra: dict[str, int] = field(default_factory=dict)
 
 
-_SCHEMA = """
+_TABLES = """
 CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS leaves(idx INTEGER PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS bodies(
@@ -161,11 +185,20 @@ CREATE TABLE IF NOT EXISTS records(idx INTEGER PRIMARY KEY, record BLOB NOT NULL
 CREATE TABLE IF NOT EXISTS erasure_queue(seq INTEGER PRIMARY KEY AUTOINCREMENT,
     record BLOB NOT NULL);
 """
+_SCHEMA = _TABLES + NODES_SCHEMA  # the stored tree hashes: `gateway.receipts.treestore`
 
 
 def new_log_id() -> str:
     """16 lowercase base32 characters (80 random bits)."""
     return base64.b32encode(secrets.token_bytes(10)).decode("ascii").lower()
+
+
+def _root_or_empty(text: str) -> bytes:
+    """A marker's root, or b"" (matches no tree) if it is not canonical base64 of 32 bytes."""
+    try:
+        return unb64(text, 32)
+    except ValueError:
+        return b""
 
 
 def tlog_proof(index: int, path: Sequence[bytes], checkpoint_note: str) -> str:
@@ -216,15 +249,7 @@ class ReceiptLog:
         self.origin: str = meta["origin"]
         self.created: str = meta.get("created", "")
         self.frozen_reason: str | None = None
-        self.tree = MerkleTree()
-        last_idx = -1
-        contiguous = True
-        for idx, data in self._rdb.execute("SELECT idx, data FROM leaves ORDER BY idx"):
-            contiguous = contiguous and idx == last_idx + 1
-            last_idx = idx
-            self.tree.append(leaf_hash(bytes(data)))
-        if not contiguous:
-            self._freeze_reason("leaf indices are not contiguous")
+        self.tree: TreeHashes = self._load_tree()
         self.public_key: ed25519.Ed25519PublicKey | None = None
         if "public_key" in meta:
             self.public_key = ed25519.Ed25519PublicKey.from_public_bytes(
@@ -237,6 +262,7 @@ class ReceiptLog:
         self._slots: asyncio.Semaphore | None = None
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
+        self._compact_cursor = -1  # where a bounded compact_checkpoints call resumes
         self._write_lock: asyncio.Lock | None = None
         self.stats = _Stats()
         self.clock: Callable[[], float] = time.time  # checkpoint times (tests move it)
@@ -360,6 +386,39 @@ class ReceiptLog:
         found = [p.parent for p in directory.glob("*/log.db")]
         return sorted(found, key=lambda p: (p / "log.db").stat().st_mtime)
 
+    def _load_tree(self) -> TreeHashes:
+        """The stored tree, in O(log n) reads (after storing any hashes missing: a log
+        from before they were stored, once). A log whose tree cannot be read (leaves or
+        hashes missing) is frozen and read the old way, all leaves into memory, so it
+        stays exportable."""
+        size = stored_size(self._rdb)
+        try:
+            hashed = catch_up(self._rdb, self._db, size)
+            if hashed:
+                log.warning(
+                    "receipt log %s: stored the tree hashes of %d leaves", self.log_id, hashed
+                )
+            return StoredTree.load(self._rdb, size)
+        except TreeCorrupt as exc:
+            self._freeze_reason(str(exc))
+        tree = MerkleTree()
+        for (data,) in self._rdb.execute("SELECT data FROM leaves ORDER BY idx"):
+            tree.append(leaf_hash(bytes(data)))
+        return tree
+
+    def _extends(self, size: int, root: bytes) -> bool:
+        """Whether the tree, as it will be appended onto (its frontier), extends the tree
+        of `size` leaves with `root`: a consistency proof read from the stored hashes,
+        checked like a witness would. O(log n) reads."""
+        n = self.tree.size
+        if size > n:
+            return False
+        try:
+            proof = self.tree.consistency_proof(size, n)
+            return verify_consistency(size, n, root, self.tree.root(), proof)
+        except TreeCorrupt:
+            return False
+
     def _freeze_reason(self, reason: str) -> None:
         if self.frozen_reason is None:
             self.frozen_reason = reason
@@ -377,7 +436,7 @@ class ReceiptLog:
         last = self.latest_checkpoint()
         if last is not None:
             cp = Checkpoint.parse_text(last.text)
-            if cp.size > self.tree.size or self.tree.root(cp.size) != cp.root:
+            if not self._extends(cp.size, cp.root):
                 self._freeze_reason(
                     f"leaves do not reproduce the last checkpoint (size {cp.size}): "
                     "truncated or edited"
@@ -389,10 +448,20 @@ class ReceiptLog:
                     f"the head marker names log {head.log_id} as this replica's current log: "
                     "this one was restored from a backup"
                 )
-            elif head.size > self.tree.size or b64(self.tree.root(head.size)) != head.root:
+            elif not self._extends(head.size, _root_or_empty(head.root)):
                 self._freeze_reason(
                     f"behind its head marker (marker says size {head.size}, log has "
                     f"{self.tree.size}): restored from a backup"
+                )
+        if isinstance(self.tree, StoredTree) and not read_only:
+            # Stored hashes past the leaves: leaves were deleted from the end (a later
+            # append would also collide with them). Not for a reader: the writing process
+            # may have committed leaves and hashes since this one read the size.
+            n = self.tree.size
+            row = self._rdb.execute("SELECT max(pos) FROM nodes").fetchone()
+            if row[0] is not None and int(row[0]) > last_position(n):
+                self._freeze_reason(
+                    f"stored tree hashes run past the last leaf (size {n}): truncated"
                 )
         if self.frozen_reason is not None and not read_only and not frozen_file.is_file():
             atomic_write(frozen_file, (self.frozen_reason + "\n").encode())
@@ -474,8 +543,12 @@ class ReceiptLog:
                 batch = self._pending[: self.max_batch]
                 del self._pending[: len(batch)]
                 self._inflight = batch
+                tree = self.tree
+                assert isinstance(tree, StoredTree)  # a frozen log (the fallback) never appends
                 try:
-                    seconds = await self._in_db(partial(self._write_batch, batch))
+                    seconds, frontier = await self._in_db(
+                        partial(self._write_batch, batch, tree.frontier)
+                    )
                 except BaseException as exc:
                     # Nothing of this batch is durable: fail it and everything queued
                     # behind it (their indices follow the failed ones), then reuse them.
@@ -484,17 +557,18 @@ class ReceiptLog:
                     self._inflight = []
                     self._next = self.tree.size
                     for p in failed:
-                        if not p.future.done():
+                        if p.future is not None and not p.future.done():
                             p.future.set_exception(LogError(f"receipt log write failed: {exc}"))
                         self._slots.release()
                     log.error("receipt log %s: batch write failed: %s", self.log_id, exc)
                     if isinstance(exc, asyncio.CancelledError):
                         raise
                     continue
+                # The batch's hashes were computed and stored with it: only the O(log n)
+                # frontier changes hands here, on the event loop.
+                tree.advance(frontier)
                 for p in batch:
-                    self.tree.append(p.hash)
-                for p in batch:
-                    if not p.future.done():
+                    if p.future is not None and not p.future.done():
                         p.future.set_result(p.index)
                     self._slots.release()
                 self._inflight = []
@@ -506,14 +580,19 @@ class ReceiptLog:
             if self._closed and not self._pending:
                 return
 
-    def _write_batch(self, batch: list[_Pending]) -> float:
-        """One transaction, one WAL fsync (synchronous=FULL) for the whole batch."""
+    def _write_batch(self, batch: list[_Pending], frontier: Frontier) -> tuple[float, Frontier]:
+        """One transaction, one WAL fsync (synchronous=FULL) for the whole batch, with the
+        hashes of the subtrees it completes; returns (seconds, the frontier after it).
+        Runs on the database thread: the batch's hashing is off the event loop."""
         t0 = time.perf_counter()
         now = time.time()
+        after, nodes = frontier.extend((p.hash for p in batch), STORED_LEVEL)
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
             db.executemany("INSERT INTO leaves VALUES (?, ?)", [(p.index, p.data) for p in batch])
+            if nodes:
+                db.executemany("INSERT INTO nodes VALUES (?, ?)", node_rows(nodes))
             bodies = [(p.index, p.body[0], p.body[1], now) for p in batch if p.body is not None]
             if bodies:
                 db.executemany("INSERT INTO bodies VALUES (?, ?, ?, ?)", bodies)
@@ -530,11 +609,36 @@ class ReceiptLog:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, after
+
+    async def append_many(self, items: Sequence[tuple[LogEntry, tuple[str, bytes] | None]]) -> int:
+        """Append entries in one transaction, bypassing the queue: for tools that load a
+        log (`gateway.receipts.fill`), not the serving path. Nothing else may be appending
+        at the same time. Returns the index of the first."""
+        if self.frozen_reason is not None:
+            raise LogFrozen(f"log {self.log_id} is frozen: {self.frozen_reason}")
+        if self._pending or self._inflight:
+            raise LogError("append_many while appends are queued")
+        tree = self.tree
+        assert isinstance(tree, StoredTree)
+        first = self._next
+        batch = []
+        for i, (entry, body) in enumerate(items):
+            data = entry.leaf_data()
+            batch.append(_Pending(first + i, data, leaf_hash(data), body, None))
+        self._next += len(batch)
+        try:
+            _, frontier = await self._in_db(partial(self._write_batch, batch, tree.frontier))
+        except BaseException:
+            self._next = first
+            raise
+        tree.advance(frontier)
+        self._schedule_marker()
+        return first
 
     async def flush(self) -> None:
         """Wait until everything queued so far is durable (or has failed)."""
-        futures = [p.future for p in (*self._inflight, *self._pending)]
+        futures = [p.future for p in (*self._inflight, *self._pending) if p.future is not None]
         if futures:
             await asyncio.gather(*futures, return_exceptions=True)
 
@@ -744,6 +848,115 @@ class ReceiptLog:
             return None
         return None if key is None or key.valid_until is None else key.valid_until.timestamp()
 
+    # --- checkpoint retention ---------------------------------------------------------
+    async def compact_checkpoints(
+        self, keep_every_s: float, keep_latest: int = 64, limit: int | None = None
+    ) -> int:
+        """Delete stored checkpoints (and their cosignatures) that no verification needs;
+        returns how many checkpoints were deleted. See `compact_checkpoints_sync`."""
+        return await self._in_db(
+            partial(self.compact_checkpoints_sync, keep_every_s, keep_latest, limit)
+        )
+
+    def compact_checkpoints_sync(
+        self, keep_every_s: float, keep_latest: int = 64, limit: int | None = None
+    ) -> int:
+        """`compact_checkpoints` for a process that does not append. Kept:
+
+        - the latest `keep_latest` (at least 1: the head, which a successor log and every
+          export commit to, and the one a witness is cosigning now);
+        - the latest of each `keep_every_s` window of checkpoint time: a sparse history
+          an auditor can bisect with consistency proofs;
+        - for every receipt body still stored, the earliest checkpoint including it: a
+          receipt's key window is judged by that checkpoint's time (export adds it; if it
+          went, the next one might fall after the key's retirement);
+        - the latest checkpoint cosigned by each witness, and by at least k witnesses for
+          each k: export ships these to satisfy any witness policy, and a receipt's proof
+          (`proof`, export) uses the most cosigned checkpoint covering it, which is always
+          among them (the latest with >= k cosignatures covers whatever an earlier one
+          with k covered).
+
+        So an export of the stored bodies is the same before and after compaction. Any two
+        kept sizes are still linked by consistency proofs: those come from the tree.
+
+        `limit` bounds the work of one call (it holds the writer): it looks at the next
+        `limit` checkpoints after where the previous call stopped, wrapping round at the
+        head. A window cut by a chunk's edge keeps one extra checkpoint, never one fewer."""
+        if not keep_every_s > 0:
+            raise ValueError("keep_every_s must be positive")
+        if limit is not None and limit < 1:
+            raise ValueError("limit must be at least 1")
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")  # read and delete against one state of the tables
+        try:
+            latest = {
+                int(r[0])
+                for r in db.execute(
+                    "SELECT size FROM checkpoints ORDER BY size DESC LIMIT ?",
+                    (max(1, keep_latest),),
+                )
+            }
+            cursor = self._compact_cursor if limit is not None else -1
+            rows = db.execute(  # LIMIT -1: no limit, in SQLite
+                "SELECT size, note, created FROM checkpoints WHERE size > ? ORDER BY size LIMIT ?",
+                (cursor, -1 if limit is None else limit),
+            ).fetchall()
+            if limit is not None:
+                done = len(rows) < limit or int(rows[-1][0]) >= max(latest, default=0)
+                self._compact_cursor = -1 if done else int(rows[-1][0])
+            sizes = [int(r[0]) for r in rows]
+            keep = {s for s in sizes if s in latest}
+            # The body check below needs the size before the chunk's first one.
+            before = db.execute(
+                "SELECT MAX(size) FROM checkpoints WHERE size <= ?", (max(cursor, 0),)
+            ).fetchone()[0]
+            windows: dict[int, int] = {}
+            for size, note, created in rows:
+                try:
+                    t = Checkpoint.parse_text(SignedNote.parse(note).text).time
+                except ValueError:
+                    t = None
+                window = int((t if t is not None else float(created)) // keep_every_s)
+                windows[window] = max(windows.get(window, -1), int(size))
+            keep.update(windows.values())
+            prev = int(before) if before is not None and cursor >= 0 else 0
+            for size in sizes:
+                # the earliest checkpoint including a body in prev..size-1 is this one
+                if db.execute(
+                    "SELECT 1 FROM bodies WHERE idx >= ? AND idx < ? LIMIT 1", (prev, size)
+                ).fetchone():
+                    keep.add(size)
+                prev = size
+            # Latest cosigned by each witness, and by at least k witnesses for each k: over
+            # the whole table, in SQL (it only keeps what compaction left, so stays small).
+            keep.update(
+                int(r[0]) for r in db.execute("SELECT MAX(size) FROM cosignatures GROUP BY witness")
+            )
+            counts = db.execute(
+                "SELECT size, COUNT(*) FROM cosignatures GROUP BY size ORDER BY size DESC"
+            ).fetchall()
+            best = 0
+            for size, n in counts:  # newest first: the first size reaching each new k
+                if int(n) > best:
+                    keep.add(int(size))
+                    best = int(n)
+            gone = [(s,) for s in sizes if s not in keep]
+            db.executemany("DELETE FROM checkpoints WHERE size = ?", gone)
+            db.executemany("DELETE FROM cosignatures WHERE size = ?", gone)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return len(gone)
+
+    def verify_stored(self, start: int = 0, end: int | None = None) -> int | None:
+        """Re-derive the stored tree hashes of leaves start..end from the leaves (O(n),
+        bounded memory: a scrub, not an open-time check); the first index of a group that
+        does not match (edited or missing leaf or hash), or None."""
+        if not isinstance(self.tree, StoredTree):
+            return 0  # frozen because its tree could not be read at all
+        return self.tree.verify(start, end)
+
     # --- proofs ------------------------------------------------------------------------
     def inclusion(self, index: int, size: int | None = None) -> list[bytes]:
         return self.tree.inclusion_proof(index, size)
@@ -791,8 +1004,19 @@ class ReceiptLog:
         ):
             yield StoredBody(int(row[0]), row[1], bytes(row[2]), float(row[3]))
 
-    def erased(self) -> dict[int, str]:
-        return {int(i): r for i, r in self._rdb.execute("SELECT idx, reason FROM erasures")}
+    def erased(self, start: int = 0, end: int | None = None) -> dict[int, str]:
+        """Index -> erasure reason, for indices start..end-1 (default: all)."""
+        rows = self._rdb.execute(
+            "SELECT idx, reason FROM erasures WHERE idx >= ? AND idx < ?",
+            (start, 2**63 - 1 if end is None else end),
+        )
+        return {int(i): r for i, r in rows}
+
+    def erased_at(self, index: int) -> str | None:
+        """Why the body at `index` was erased, or None: one primary-key look-up (O(log n)),
+        for per-request reads that must not load the whole table."""
+        row = self._rdb.execute("SELECT reason FROM erasures WHERE idx = ?", (index,)).fetchone()
+        return str(row[0]) if row else None
 
     async def erase(self, receipt_ids: Iterable[str], reason: str) -> int:
         """Delete receipt bodies (an erasure request); leaves and proofs stay. Returns count."""
@@ -856,10 +1080,14 @@ class ReceiptLog:
                 *([queue] if active is None or active == self.path else []),
             ]
         )
+        # One listing per call, not a glob per receipt: a pass of N erasures in a directory
+        # of M evidence files is O(N + M), not O(N * M), on the writer thread.
+        gone = {rid for _, rid in rows}
         evidence = self.path / "evidence"
-        for _, rid in rows:
-            for f in evidence.glob(f"{rid}.*"):
-                f.unlink(missing_ok=True)
+        with os.scandir(evidence) if evidence.is_dir() else contextlib.nullcontext(()) as it:
+            for entry in it:
+                if entry.is_file() and _evidence_owner(entry.name) in gone:
+                    Path(entry.path).unlink(missing_ok=True)
         busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         if busy:
             log.warning(
@@ -907,3 +1135,8 @@ class ReceiptLog:
             "checkpoint_vkey": self.note_key().vkey(),
             "checkpoint": last.render() if last else None,
         }
+
+
+def _evidence_owner(name: str) -> str:
+    """The receipt id an evidence file belongs to: ``<log id>.<index>.<nonce>.<what>...``."""
+    return ".".join(name.split(".", 3)[:3])
