@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +42,7 @@ from gateway.pipeline import (
     Stage,
     VerifyStage,
     client_ref,
+    new_request_id,
 )
 from gateway.policy.facts import IdentityFacts, Rate, ResourceFacts
 from gateway.policy.live import LivePolicy
@@ -54,8 +55,10 @@ from gateway.protocol.problems import (
     LogUnavailable,
     MethodNotAllowed,
     NotFound,
+    Overloaded,
     PayloadTooLarge,
     Problem,
+    RateLimited,
     Replayed,
     StateUnavailable,
     UnknownModel,
@@ -119,6 +122,49 @@ class Metrics:
         self.gauges = False
 
 
+class Concurrency:
+    """Requests in progress on this replica, in all and per client identity.
+
+    The rate limit (`admit`) bounds how often a client asks, not how much it holds at
+    once: without these caps, one client's slow or large requests fill the event loop
+    and the others wait. Per replica, not shared: what is bounded is this process's work.
+    The slot is held from admission until the response is built, body reading included.
+    """
+
+    RETRY_AFTER_S = 1.0
+
+    def __init__(self, total: int, per_identity: int) -> None:
+        self.total = total
+        self.per_identity = per_identity
+        self.in_flight = 0
+        self.by_identity: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        held = self.by_identity.get(key, 0)
+        if held >= self.per_identity:
+            # Same type as the rate limit: to the client both mean "you, slow down".
+            raise RateLimited(
+                f"at most {self.per_identity} concurrent requests per client",
+                retry_after=self.RETRY_AFTER_S,
+            )
+        if self.in_flight >= self.total:
+            raise Overloaded(
+                "the gateway is at its concurrency limit", retry_after=self.RETRY_AFTER_S
+            )
+        self.in_flight += 1
+        self.by_identity[key] = held + 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            left = self.by_identity[key] - 1
+            if left:
+                self.by_identity[key] = left
+            else:
+                del self.by_identity[key]  # bounded by clients in flight, not clients seen
+
+
 @dataclass
 class Gateway:
     """Everything a request needs, built once at start."""
@@ -168,6 +214,9 @@ class Gateway:
             max_tensor_elements=self.cfg.limits.max_tensor_elements,
             max_inputs=self.cfg.limits.max_inputs,
             max_json_depth=self.cfg.limits.max_json_depth,
+        )
+        self.concurrency = Concurrency(
+            self.cfg.limits.max_concurrent, self.cfg.limits.max_concurrent_per_identity
         )
         self.router.probe_models = {name: self.latest(name) for name in self.models}
         self._gauges()
@@ -393,10 +442,16 @@ def _authenticated(gw: Gateway, route: str, handler: Handler) -> Handler:
     async def endpoint(request: Request) -> Response:
         gw.metrics.app_calls += 1
         request.state.identity = None
+        # The gateway's id for this request, from the start: a refusal before the
+        # pipeline (admission, decoding) carries one too, in its receipt.
+        request.state.request_id = new_request_id()
         try:
             request.state.identity = await gw.identify(request.scope)
             await gw.admit(request.state.identity)
-            response = await handler(request)
+            # Before the handler reads (and decodes) the body: a refused request costs
+            # no body bytes and no loop time (Concurrency).
+            with gw.concurrency.hold(request.state.identity.spiffe_id):
+                response = await handler(request)
         except Problem as p:
             response = await _refused(gw, request, p)
         except StoreUnavailable as exc:
@@ -404,8 +459,8 @@ def _authenticated(gw: Gateway, route: str, handler: Handler) -> Handler:
             # store's problem type all the same, never a 500, never the store's address.
             response = await _refused(gw, request, _state_unavailable(exc))
         except Exception:
-            log.exception("bug on %s", request.url.path)
-            response = problem_response(Internal())
+            log.exception("bug on %s (request %s)", request.url.path, request.state.request_id)
+            response = problem_response(Internal(extra={"request_id": request.state.request_id}))
         gw.metrics.requests.labels(route, str(response.status_code)).inc()
         return response
 
@@ -443,6 +498,8 @@ async def _refused(gw: Gateway, request: Request, p: Problem) -> Response:
     """The problem response; a receipt for refusals docs/compliance.md says are receipted."""
     if isinstance(p, StateUnavailable) and isinstance(p.__cause__, StoreUnavailable):
         gw.state_lost(p.__cause__)
+    # The id the denial receipt carries too (the pipeline adds the decision's).
+    p.extra.setdefault("request_id", request.state.request_id)
     response = problem_response(p)
     if p.receipted and request.state.identity is not None:
         await _receipt_denial(gw, request, p, response)
@@ -463,8 +520,11 @@ async def _receipt_denial(gw: Gateway, request: Request, p: Problem, response: R
             client=client_ref(request.state.identity),
             model=model,
             problem_type=p.type,
-            reason=p.detail or p.title,
-            request_id=request.headers.get("ztgate-request-id", "") or "-",
+            # Fixed per problem type: details may quote client text (a mode value, a
+            # name), which must not reach a signed, retained receipt.
+            reason=p.title,
+            # The gateway's own id, never the client's `ztgate-request-id` header.
+            request_id=request.state.request_id,
         )
     except Exception:  # the denial stands either way; a missing denial receipt is logged
         log.exception("could not receipt a denial")
@@ -633,7 +693,13 @@ def _revocation_target(body: bytes) -> tuple[str, str]:
     return issuer, format(value, "x")
 
 
-async def _read_body(request: Request, cap: int) -> bytes:
+_USE_BINARY = (
+    "; send larger tensors in the binary tensor data extension "
+    "(Inference-Header-Content-Length, raw tensor bytes after the JSON header)"
+)
+
+
+async def _read_body(request: Request, cap: int, hint: str = "") -> bytes:
     """The whole body, refused with 413 as soon as it passes the cap (never buffered past it)."""
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -641,7 +707,7 @@ async def _read_body(request: Request, cap: int) -> bytes:
         if length is None:
             raise BadRequest("Content-Length must be a non-negative integer")
         if length > cap:
-            raise PayloadTooLarge(f"body of {declared} bytes exceeds the cap of {cap}")
+            raise PayloadTooLarge(f"body of {declared} bytes exceeds the cap of {cap}{hint}")
     encoding = request.headers.get("content-encoding", "identity").lower()
     if encoding != "identity":
         raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not accepted")
@@ -650,14 +716,16 @@ async def _read_body(request: Request, cap: int) -> bytes:
     async for chunk in request.stream():
         size += len(chunk)
         if size > cap:
-            raise PayloadTooLarge(f"body exceeds the cap of {cap} bytes")
+            raise PayloadTooLarge(f"body exceeds the cap of {cap} bytes{hint}")
         chunks.append(chunk)
     return b"".join(chunks)
 
 
 async def _infer(gw: Gateway, request: Request) -> Response:
     started = time.monotonic()
-    x = Exchange(scope=request.scope, deadline=gw.deadline(request))
+    x = Exchange(
+        scope=request.scope, deadline=gw.deadline(request), request_id=request.state.request_id
+    )
     x.client_deadline = DEADLINE_HEADER in request.headers
     x.identity = request.state.identity
     x.entry = gw.entry(request.path_params["name"], request.path_params.get("version"))
@@ -665,7 +733,21 @@ async def _infer(gw: Gateway, request: Request) -> Response:
     header_length = header_int(raw_length) if raw_length is not None else None
     if raw_length is not None and header_length is None:
         raise BadRequest("Inference-Header-Content-Length must be a non-negative integer")
-    body = await _read_body(request, gw.cfg.limits.max_body_bytes)
+    # JSON is decoded on the event loop, at about 70 ms a MiB, so a JSON body (or the
+    # JSON header of a binary one) has its own, smaller cap: big tensors come as raw
+    # bytes, which the codec takes without parsing.
+    json_cap = gw.cfg.limits.max_json_bytes
+    if header_length is None:
+        json_hint = f" for a JSON body{_USE_BINARY}"
+        body = await _read_body(request, min(json_cap, gw.cfg.limits.max_body_bytes), json_hint)
+    else:
+        body = await _read_body(request, gw.cfg.limits.max_body_bytes)
+        # After the read: a header length past the body is malformed (the codec's 400),
+        # not too large. Raw tensor bytes cost no parsing, so reading them first is cheap.
+        if json_cap < header_length <= len(body):
+            raise PayloadTooLarge(
+                f"JSON header of {header_length} bytes exceeds the cap of {json_cap}{_USE_BINARY}"
+            )
     x.request = decode_request(
         body,
         header_length,
@@ -750,8 +832,12 @@ def check_outputs(entry: ModelEntry, requested: tuple[RequestedOutput, ...]) -> 
 
 
 # --- errors, in one place ----------------------------------------------------------------
-async def _problem(_: Request, exc: Exception) -> Response:
+async def _problem(request: Request, exc: Exception) -> Response:
     if isinstance(exc, Problem):
+        # Where the request got an id (an authenticated route), the problem names it.
+        request_id = getattr(request.state, "request_id", None)
+        if isinstance(request_id, str):
+            exc.extra.setdefault("request_id", request_id)
         return problem_response(exc)
     if isinstance(exc, StoreUnavailable):
         return problem_response(_state_unavailable(exc))

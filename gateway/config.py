@@ -12,8 +12,9 @@ are resolved against the config file's directory. See docs/config.md for every k
     [listen]    host, port, admin_host, admin_port, graceful_shutdown_s
     [tls]       cert, key, client_ca, node_ca, node_client_cert, node_client_key,
                 reload_interval_s, dev_pki
-    [limits]    max_body_bytes, max_tensor_elements, max_inputs, max_json_depth,
-                max_output_bytes
+    [limits]    max_body_bytes, max_json_bytes, max_tensor_elements, max_inputs,
+                max_json_depth, max_output_bytes, max_concurrent,
+                max_concurrent_per_identity, header_timeout_s, idle_timeout_s
     [routing]   per_try_timeout_s, deadline_s, max_deadline_s, max_attempts,
                 eject_after_failures, eject_base_s, eject_max_s, max_ejected_share,
                 max_pending_per_node, health_interval_s, ewma_alpha
@@ -73,10 +74,28 @@ class TLS:
 @dataclass(frozen=True)
 class Limits:
     max_body_bytes: int = 16 * 1024 * 1024
+    # A request body without the binary tensor extension is JSON, decoded on the event
+    # loop: ~70 ms per MiB stalls every other client, so JSON stays small and larger
+    # tensors travel as raw bytes (Inference-Header-Content-Length), which cost no parsing.
+    # Also the cap on the JSON header of a binary request.
+    max_json_bytes: int = 1024 * 1024
     max_tensor_elements: int = 4 * 1024 * 1024
     max_inputs: int = 64
     max_json_depth: int = 32
     max_output_bytes: int = 64 * 1024 * 1024
+    # Requests this replica works on at once (503 past it), and per client identity (429):
+    # checked before the body is read, so one client cannot hold every slot, or the loop.
+    max_concurrent: int = 256
+    max_concurrent_per_identity: int = 8
+    # A request's headers must be complete this long after its first byte; a connection
+    # with no request in progress is closed after idle_timeout_s (also before the first).
+    header_timeout_s: float = 10.0
+    idle_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) <= 0:
+                raise ConfigError(f"limits.{f.name} must be positive")
 
 
 @dataclass(frozen=True)

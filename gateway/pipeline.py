@@ -25,8 +25,10 @@ from gateway.policy.engine import InferDecision, decision_record
 from gateway.policy.facts import IdentityFacts, InferContext, Rate
 from gateway.policy.live import LivePolicy
 from gateway.protocol.problems import (
+    BadRequest,
     Forbidden,
     NoHealthyNode,
+    Problem,
     RateLimited,
     StateUnavailable,
     Unauthenticated,
@@ -57,13 +59,29 @@ decisions = logging.getLogger("ztgate.decisions")
 STATE_RETRY_AFTER_S = 2
 
 
+def new_request_id() -> str:
+    """The gateway's own id for a request: what receipts, problems and logs carry. Never the
+    client's `ztgate-request-id` header, which is unbounded client text (a signed receipt
+    must not grow with what a client sends)."""
+    return uuid.uuid4().hex
+
+
+# Client text that reaches Cedar (and the decision log) is bounded: a purpose is a short
+# label that policies compare with literals, never free text.
+MAX_PURPOSE = 64
+BAD_PURPOSE = f"ztgate.purpose must be a string of at most {MAX_PURPOSE} printable ASCII characters"
+
+# Fixed, so a refusal never echoes the value (which may be megabytes) back or into a log.
+UNKNOWN_MODE = f"unknown verification mode; ztgate.verification must be one of {', '.join(MODES)}"
+
+
 @dataclass
 class Exchange:
     """One request as it moves through the stages."""
 
     scope: Mapping[str, Any]
     deadline: float  # time.monotonic()
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: str = field(default_factory=new_request_id)
     started: float = field(default_factory=time.monotonic)
     client_deadline: bool = False  # the client set its own deadline: modes keep it
     entry: ModelEntry | None = None
@@ -163,10 +181,13 @@ class PolicyStage:
         assert x.identity is not None and x.entry is not None and x.request is not None
         batch = x.request.inputs[0].shape[0] if x.request.inputs[0].shape else 1
         purpose = x.request.parameters.get("ztgate.purpose", "")
+        if not valid_purpose(purpose):
+            raise BadRequest(BAD_PURPOSE)  # fixed text: the value is not echoed
+        assert isinstance(purpose, str)
         ctx = InferContext(
             batch_size=batch,
             payload_bytes=x.payload_bytes,
-            purpose=str(purpose),
+            purpose=purpose,
             now=dt.datetime.now(dt.UTC),
         )
         nodes = [s.config.name for s in self.router.nodes.values() if s.config.serves(x.entry.name)]
@@ -179,7 +200,16 @@ class PolicyStage:
         x.decision = decision
         if not decision.allowed:
             log_decision(decision, facts, x.entry.name, None)
-            raise Forbidden(f"policy denies this request: {decision.reason}")
+            raise Forbidden(
+                f"policy denies this request: {decision.reason}; no mode is allowed",
+                extra={"allowed_modes": []},
+            )
+
+
+def valid_purpose(value: object) -> bool:
+    return (
+        isinstance(value, str) and len(value) <= MAX_PURPOSE and all(" " <= c <= "~" for c in value)
+    )
 
 
 class ModeStage:
@@ -204,12 +234,24 @@ class ModeStage:
         assert x.entry is not None and x.facts is not None
         facts = x.facts
         if asked is not None:
-            if asked not in MODES:
-                raise Forbidden(f"unknown verification mode {asked!r}; one of {', '.join(MODES)}")
+            if not isinstance(asked, str) or asked not in MODES:
+                # A malformed request, not a policy refusal: 400, and no decision logged.
+                raise BadRequest(UNKNOWN_MODE)
             self._chose(x, str(asked))
             log_decision(x.decision, facts, x.entry.name, x.mode)
             if asked not in allowed:
-                raise Forbidden(f"verification mode {asked!r} is not allowed for this request")
+                # Which rules decided the mode asked for, and what would be allowed: what
+                # a client needs to ask again (gateway text only: policy ids and modes).
+                if asked in x.decision.modes:
+                    why = f"{asked} is not offered by this gateway"
+                else:
+                    why = x.decision.for_mode(asked)[1]
+                offer = ", ".join(allowed) if allowed else "none"
+                raise Forbidden(
+                    f"verification mode {asked!r} is not allowed for this request: {why}; "
+                    f"allowed modes: {offer}",
+                    extra={"allowed_modes": allowed},
+                )
             return
         if not allowed:
             log_decision(x.decision, facts, x.entry.name, None)
@@ -310,8 +352,16 @@ class Pipeline:
         self.stages = tuple(stages)
 
     async def __call__(self, x: Exchange) -> None:
-        for stage in self.stages:
-            await stage(x)
+        try:
+            for stage in self.stages:
+                await stage(x)
+        except Problem as p:
+            # Every problem names the request, and the policy decision once there is one,
+            # so a client's report can be matched with the receipt and the decision log.
+            p.extra.setdefault("request_id", x.request_id)
+            if x.decision is not None:
+                p.extra.setdefault("decision_id", x.decision.id)
+            raise
 
 
 def log_decision(

@@ -22,7 +22,7 @@ from gateway.registry import ModelEntry, Registry, RegistryError
 from gateway.revocation import Revocations
 from gateway.routing.node_client import NodeClient, NodeCredentials
 from gateway.routing.router import Router
-from gateway.server import HttpToolsTLSProtocol, ReloadingContext, TLSFiles
+from gateway.server import ReloadingContext, TLSFiles, tls_protocol
 from gateway.state.factory import open_store
 
 if TYPE_CHECKING:
@@ -302,7 +302,7 @@ def servers(cfg: Config, gw: Gateway) -> list[uvicorn.Server]:
         host=cfg.listen.host,
         port=cfg.listen.port,
         loop="uvloop",
-        http=HttpToolsTLSProtocol,
+        http=tls_protocol(cfg.limits.header_timeout_s, cfg.limits.idle_timeout_s),
         ssl_context_factory=lambda _cfg, _default: tls.listening,
         ssl_certfile=str(cfg.tls.cert),  # uvicorn decides "is TLS" by this; context wins
         timeout_graceful_shutdown=cfg.listen.graceful_shutdown_s,

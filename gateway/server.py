@@ -41,6 +41,7 @@ ASGIApp = Callable[
 _connection_ids = itertools.count(1)
 _last_connection_id = 0
 _handshake_failures: Counter[str] = Counter()
+_timeouts: Counter[str] = Counter()
 
 
 def connections_opened() -> int:
@@ -51,6 +52,11 @@ def connections_opened() -> int:
 def handshake_failures() -> Counter[str]:
     """TLS handshakes this process refused, by reason ("certificate has expired", ...)."""
     return Counter(_handshake_failures)
+
+
+def connections_timed_out() -> Counter[str]:
+    """Connections this process closed for a timeout, by kind ("header", "idle")."""
+    return Counter(_timeouts)
 
 
 class _RecordingSSLObject(ssl.SSLObject):
@@ -201,6 +207,80 @@ class _TLSScopeMixin:
 
 class HttpToolsTLSProtocol(_TLSScopeMixin, HttpToolsProtocol):  # type: ignore[misc]
     """uvicorn's httptools protocol with the ASGI TLS extension."""
+
+
+class _TimedHttpToolsTLSProtocol(HttpToolsTLSProtocol):
+    """Closes connections that hold a slot without sending a request (see `tls_protocol`).
+
+    uvicorn arms its keep-alive timer only after a response, so a connection that never
+    sends a request stays open for good, and it has no header timeout at all: a peer
+    trickling a byte a second keeps a connection (a socket, a TLS context) forever. The
+    TLS handshake is already done when `connection_made` runs (asyncio's own handshake
+    timeout bounds that part).
+    """
+
+    header_timeout_s: float
+    idle_timeout_s: float
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # uvicorn's keep-alive timer is the idle timer: it is cancelled by any byte
+        # (`data_received`) and re-armed after each response, which is what idle means.
+        # (uvicorn annotates it int; it only goes to `call_later`, which takes a float.)
+        self.timeout_keep_alive = self.idle_timeout_s  # type: ignore[assignment]
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # Idle before the first request too, not only between requests.
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
+
+    def timeout_keep_alive_handler(self) -> None:
+        if not self.transport.is_closing():
+            _timeouts["idle"] += 1
+        super().timeout_keep_alive_handler()
+
+    def on_message_begin(self) -> None:
+        # From the request's first byte: the idle timer stopped at that byte, so this one
+        # bounds a peer that keeps the connection alive by trickling headers.
+        super().on_message_begin()
+        self._cancel_header_timer()
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_late)
+
+    def on_headers_complete(self) -> None:
+        self._cancel_header_timer()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing():
+            _timeouts["header"] += 1
+            log.info("closing a connection whose request headers took too long")
+            # No 408: the peer is not reading a response it has not finished asking for.
+            self.transport.close()
+
+
+def tls_protocol(header_timeout_s: float, idle_timeout_s: float) -> type[HttpToolsTLSProtocol]:
+    """The API listener's protocol class, with `limits.header_timeout_s`/`idle_timeout_s`.
+
+    A class per configuration (uvicorn takes a class, not an instance), so gateways with
+    different limits can share a process (the tests run several)."""
+    return type(
+        "TimedHttpToolsTLSProtocol",
+        (_TimedHttpToolsTLSProtocol,),
+        {"header_timeout_s": header_timeout_s, "idle_timeout_s": idle_timeout_s},
+    )
 
 
 class H11TLSProtocol(_TLSScopeMixin, H11Protocol):  # type: ignore[misc]

@@ -678,6 +678,7 @@ def test_problem_types_table() -> None:
         "no-healthy-node": (503, True),
         "state-unavailable": (503, True),
         "log-unavailable": (503, True),
+        "overloaded": (503, True),
         "deadline-exceeded": (504, True),
     }
     got = {t: (info.status, info.retryable) for t, info in PROBLEM_TYPES.items()}

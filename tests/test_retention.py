@@ -369,7 +369,8 @@ async def test_a_denial_looks_at_one_open_run_not_all_of_them(world: World) -> N
     now = [0.0]
     runs = 2000
     co = DenialCoalescer(denier(world), window_s=10, clock=lambda: now[0])
-    denials = [Denial("urn:ztgate:forbidden", f"reason {i}") for i in range(runs)]
+    # Distinct runs need distinct keys (caller, model, problem type): the type varies here.
+    denials = [Denial(f"urn:ztgate:t{i}", "Not allowed by policy") for i in range(runs)]
     await asyncio.gather(*(co.deny(client=MALLORY, model=RISK, denial=d) for d in denials))
     assert co.open_runs == runs
 
@@ -387,17 +388,17 @@ async def test_a_denial_looks_at_one_open_run_not_all_of_them(world: World) -> N
     _, coalesced = await co.deny(client=MALLORY, model=RISK, denial=Denial("urn:x", "new"))
     assert coalesced and co.examined - seen == runs + 1 and co.open_runs == 1
     # the run that had a follower was recorded with its count as it closed
-    assert [(d.reason, d.count) for d in counted_denials(world)] == [("reason 1234", 1)]
+    assert [(d.problem_type, d.count) for d in counted_denials(world)] == [("urn:ztgate:t1234", 1)]
 
 
 async def test_open_runs_are_bounded(world: World) -> None:
     co = DenialCoalescer(denier(world), window_s=10, max_runs=50, clock=lambda: 0.0)
     for i in range(80):
-        await co.deny(client=MALLORY, model=RISK, denial=Denial("urn:x", f"r{i}"))
+        await co.deny(client=MALLORY, model=RISK, denial=Denial(f"urn:r{i}", "x"))
     assert co.open_runs == 50
     # the oldest were the ones let go: a repeat of r0 opens a new run, r79 coalesces
-    assert not (await co.deny(client=MALLORY, model=RISK, denial=Denial("urn:x", "r0")))[1]
-    assert (await co.deny(client=MALLORY, model=RISK, denial=Denial("urn:x", "r79")))[1]
+    assert not (await co.deny(client=MALLORY, model=RISK, denial=Denial("urn:r0", "x")))[1]
+    assert (await co.deny(client=MALLORY, model=RISK, denial=Denial("urn:r79", "x")))[1]
 
 
 async def test_identical_first_denials_in_flight_together_lose_no_count(world: World) -> None:

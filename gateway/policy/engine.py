@@ -13,7 +13,8 @@ Cache: each (mode, node) decision is keyed by the exact Cedar request it came fr
 (every principal, resource and context attribute, via the facts that determine them),
 the policy set hash and the caller's revocation version. High-cardinality inputs reach
 Cedar only as coarse values the schema names (payload_class, hour), so exact keys still
-hit and a cached allow can never straddle a threshold a `forbid` draws.
+hit and a cached allow can never straddle a threshold a `forbid` draws. The purpose is
+client text: it is keyed by the policy literal it equals, or `other` (`purpose_key`).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class _Key(NamedTuple):
     batch_size: int
     payload_class: str
     hour: int
-    purpose: str
+    purpose: str  # `PolicyEngine.purpose_key`, not the client's text
 
 
 class PairResult(NamedTuple):
@@ -81,6 +82,25 @@ class InferDecision:
 
     def node_allowed(self, mode: str, node: str) -> bool:
         return node in self.nodes_by_mode.get(mode, ())
+
+    def for_mode(self, mode: str) -> tuple[tuple[str, ...], str]:
+        """The rules that decided `mode` and why, for a client's or the log's account of
+        one mode: the decision's own `reason` speaks of every mode together (its permits
+        when any mode is allowed), which is wrong next to a deny of the mode asked for."""
+        results = [r for (m, _), r in self.pairs.items() if m == mode]
+        if mode in self.modes:
+            ids = tuple(dict.fromkeys(p for r in results if r.allowed for p in r.determining))
+            return ids, f"{mode} allowed by {', '.join(ids)}"
+        if not results:  # decided before Cedar ran (unknown model, no node)
+            return self.determining, self.reason
+        denied = [r for r in results if not r.allowed]
+        errors = tuple(dict.fromkeys(e for r in denied for e in r.errors))
+        forbids = tuple(dict.fromkeys(p for r in denied for p in r.determining))
+        if errors or forbids:
+            return forbids, f"{mode} {_deny_reason(forbids, errors)}"
+        if not denied:  # policy permits it; the model's registry entry does not offer it
+            return (), f"{mode} is not offered for this model (its registry entry)"
+        return (), f"{mode} denied: no permit matches"
 
 
 @dataclass(frozen=True)
@@ -146,6 +166,8 @@ class PolicyEngine:
         self._node_json = {n.name: F.node_record(n) for n in nodes}
         # Cedar lists reasons in no fixed order; report them in file order.
         self._order = {p.id: i for i, p in enumerate(source.policies)}
+        # The purpose literals the policies compare against (None: used some other way).
+        self.purpose_literals = purpose_literals(json.loads(policy_json))
         self._cache: OrderedDict[tuple[Any, ...], PairResult] = OrderedDict()
         self._cache_size = cache_size
         self._clients: OrderedDict[F.IdentityFacts, tuple[str, cedarpy.Entities]] = OrderedDict()
@@ -182,11 +204,11 @@ class PolicyEngine:
             ctx.batch_size,
             F.payload_class(ctx.payload_bytes),
             F.utc_hour(ctx.now),
-            ctx.purpose,
+            self.purpose_key(ctx.purpose),
         )
         everyone = len({n.provider for n in nodes})
         pairs = [(m, n, everyone if m in F.MULTI_NODE_MODES else 1) for m in F.MODES for n in nodes]
-        results = self._evaluate(identity, base, pairs)
+        results = self._evaluate(identity, base, ctx.purpose, pairs)
         # Provider independence counts the nodes actually allowed: re-decide a multi-node
         # mode with the smaller count until it holds (it only shrinks, so this ends).
         for mode in F.MULTI_NODE_MODES:
@@ -197,15 +219,19 @@ class PolicyEngine:
                 if not ok or now == count:
                     break
                 count = now
-                results.update(self._evaluate(identity, base, [(mode, n, count) for n in ok]))
+                again = [(mode, n, count) for n in ok]
+                results.update(self._evaluate(identity, base, ctx.purpose, again))
         return self._assemble(facts, nodes, results)
 
     def _evaluate(
         self,
         identity: F.IdentityFacts,
         base: _Key,
+        purpose: str,
         pairs: Sequence[tuple[str, F.NodeFacts, int]],
     ) -> dict[tuple[str, str], PairResult]:
+        """`purpose` is the request's own (Cedar decides on it); `base.purpose` is only
+        its cache key (`purpose_key`), under which the decision is shared."""
         out: dict[tuple[str, str], PairResult] = {}
         misses: list[tuple[tuple[Any, ...], str, F.NodeFacts, int]] = []
         cache = self._cache
@@ -233,7 +259,7 @@ class PolicyEngine:
                     "batch_size": base.batch_size,
                     "payload_class": base.payload_class,
                     "hour": base.hour,
-                    "purpose": base.purpose,
+                    "purpose": purpose,
                     "distinct_providers": count,
                 },
             }
@@ -394,6 +420,19 @@ class PolicyEngine:
             self._cache.clear()
             self._version = version
 
+    def purpose_key(self, purpose: str) -> str:
+        """The cache's stand-in for a purpose: the literal it equals, or `other`.
+
+        The purpose is client text; keyed exactly, every distinct string would take its
+        own entries and a client could churn the whole cache. When the policies only test
+        it for (in)equality with string literals, every purpose that equals none of them
+        decides alike, so all of those share one key. "=" marks a literal so that a
+        literal spelled "other" cannot share the catch-all's key."""
+        literals = self.purpose_literals
+        if literals is None:  # a `like` or another use: only the exact value is safe
+            return "=" + purpose
+        return "=" + purpose if purpose in literals else "other"
+
     def stats(self) -> CacheStats:
         return CacheStats(self._hits, self._misses, len(self._cache))
 
@@ -421,6 +460,72 @@ def _deny_reason(forbids: tuple[str, ...], errors: tuple[str, ...]) -> str:
     return "denied: no policy permits this (deny by default)"
 
 
+def _is_purpose(node: Any) -> bool:
+    access = node.get(".") if isinstance(node, dict) else None
+    return (
+        isinstance(access, dict)
+        and access.get("left") == {"Var": "context"}
+        and access.get("attr") == "purpose"
+    )
+
+
+def _string(node: Any) -> str | None:
+    value = node.get("Value") if isinstance(node, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def purpose_literals(policy_set: Mapping[str, Any]) -> frozenset[str] | None:
+    """The string literals the policies compare `context.purpose` with (`==`, `!=`, a
+    literal set's `contains`), from Cedar's JSON form of the policy set; None if any
+    policy reads the purpose (or the whole context) any other way, `like` for one, where
+    two non-literal purposes may decide differently."""
+    found: set[str] = set()
+    other = False
+
+    def visit(node: Any) -> None:
+        nonlocal other
+        if isinstance(node, list):
+            for item in node:
+                visit(item)
+            return
+        if not isinstance(node, dict):
+            return
+        for op, arg in node.items():
+            if op in ("==", "!=") and isinstance(arg, dict):
+                left, right = arg.get("left"), arg.get("right")
+                for a, b in ((left, right), (right, left)):
+                    if _is_purpose(a) and (lit := _string(b)) is not None:
+                        found.add(lit)
+                        return
+            if op == "contains" and isinstance(arg, dict) and _is_purpose(arg.get("right")):
+                items = (
+                    arg.get("left", {}).get("Set") if isinstance(arg.get("left"), dict) else None
+                )
+                lits = [_string(i) for i in items] if isinstance(items, list) else [None]
+                if all(lit is not None for lit in lits):
+                    found.update(lit for lit in lits if lit is not None)
+                    return
+            if op == "." and _is_purpose(node):
+                other = True
+                return
+            if (
+                op in (".", "has")
+                and isinstance(arg, dict)
+                and arg.get("left") == {"Var": "context"}
+            ):
+                return  # another context attribute, or a `has` test: not the value
+            if op == "Var" and arg == "context":
+                other = True  # the context as a whole (compared, passed on)
+                return
+            visit(arg)
+
+    for kind in ("staticPolicies", "templates"):
+        for body in policy_set.get(kind, {}).values():
+            for condition in body.get("conditions", ()):
+                visit(condition.get("body"))
+    return None if other else frozenset(found)
+
+
 def decision_record(
     decision: InferDecision | AuthzDecision,
     identity: F.IdentityFacts,
@@ -443,6 +548,10 @@ def decision_record(
     }
     if isinstance(decision, InferDecision):
         allowed = decision.allowed if mode is None else mode in decision.modes
+        if mode is not None:
+            # This mode's rules and reason: never "allowed by ..." beside a deny.
+            determining, record["reason"] = decision.for_mode(mode)
+            record["determining"] = list(determining)
         nodes = decision.nodes_by_mode.get(mode, ()) if mode else ()
         record.update(
             action=F.INFER,

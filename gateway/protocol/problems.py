@@ -218,6 +218,16 @@ class StateUnavailable(_RetryAfter):
     receipted = True
 
 
+class Overloaded(_RetryAfter):
+    """This replica works on `limits.max_concurrent` requests already: another replica
+    (or this one, shortly) can serve the request. Not receipted: it says nothing about
+    the caller, and receipting it would add work exactly when there is too much."""
+
+    type = PROBLEM_BASE + "overloaded"
+    title = "Gateway overloaded"
+    status = 503
+
+
 class LogUnavailable(_RetryAfter):
     """This replica's receipt log cannot serve what was asked (a damaged stored tree): its
     own type, since the request was fine and the nodes are too. The operator is alerted by

@@ -200,8 +200,10 @@ class DenialCoalescer:
             client.spiffe_id if client else "",
             client.serial if client else "",
             f"{model.name}/{model.version}" if model else "",
+            # Not `denial.reason`: it is fixed per problem type anyway, and a key that took
+            # any client-influenced text would let a client open one run (one receipt)
+            # per distinct string it sends.
             denial.problem_type,
-            denial.reason,
         )
 
     @property

@@ -13,7 +13,9 @@ TLS connection per request costs ~7 ms here.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import secrets
 from pathlib import Path
 
 import grpc
@@ -23,6 +25,18 @@ from tritonclient.utils import deserialize_bytes_tensor
 
 from gateway.config import NodeConfig
 from gateway.protocol.tensors import DATATYPES, Tensor, canonical_bytes
+
+log = logging.getLogger(__name__)
+
+
+def attempt_id() -> str:
+    """A fresh random KServe `id` for one node attempt.
+
+    Never the gateway's request id: that id is in the receipt and the client's answer, and
+    if every attempt carried it, colluding nodes (the two copies of a redundant request
+    above all) could recognise copies of one request and tie them to its receipt. The
+    gateway's debug log pairs the two for an operator."""
+    return secrets.token_hex(16)
 
 
 class NodeError(Exception):
@@ -100,8 +114,12 @@ class NodeClient:
         timeout_s: float,
         request_id: str = "",
     ) -> list[Tensor]:
+        """`request_id` is the gateway's, for its own log only; the node sees a fresh
+        random id per attempt (`attempt_id`)."""
+        wire_id = attempt_id()
+        log.debug("request %s: attempt %s on node %s", request_id, wire_id, self.node.name)
         req = service_pb2.ModelInferRequest(
-            model_name=model, model_version=version or "", id=request_id
+            model_name=model, model_version=version or "", id=wire_id
         )
         for t in inputs:
             spec = req.inputs.add()
