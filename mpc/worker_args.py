@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from mpc.tls import Credentials, TrustStore, parse_address
 
@@ -154,33 +153,19 @@ def _check_own(name: str, cert_path: Path, key_path: Path, node_ca: Path, gw_ca:
     """Check the operator's files the way the party's peers and gateway will, and return
     the trust domain (from the certificate's SPIFFE ID)."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
     from cryptography.x509.oid import ExtendedKeyUsageOID
 
-    def spki(key: Any) -> bytes:
-        out: bytes = key.public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        return out
+    from gateway.certfiles import CertFileError, is_ca, load_leaf
 
     try:
-        chain = x509.load_pem_x509_certificates(cert_path.read_bytes())
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        own = load_leaf(cert_path, key_path)
         node_cas = x509.load_pem_x509_certificates(node_ca.read_bytes())
         gw_cas = x509.load_pem_x509_certificates(gw_ca.read_bytes())
+    except CertFileError as exc:
+        raise PartyArgsError(str(exc)) from exc
     except (OSError, ValueError, TypeError) as exc:
         raise PartyArgsError(
             f"node certificate, key, node CA or gateway CA unreadable: {exc}"
-        ) from exc
-    leaf = chain[0]
-    if spki(leaf.public_key()) != spki(key.public_key()):
-        raise PartyArgsError(f"--key {key_path} is not the key of --cert {cert_path}")
-    try:
-        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound as exc:
-        raise PartyArgsError(
-            f"--cert {cert_path}: needs subjectAltName and extendedKeyUsage"
         ) from exc
     # A party is a TLS server (the gateway and lower ranks dial it) and a TLS client (it
     # dials higher ranks and the dealer): each side checks the EKU for its role.
@@ -188,11 +173,11 @@ def _check_own(name: str, cert_path: Path, key_path: Path, node_ca: Path, gw_ca:
         (ExtendedKeyUsageOID.SERVER_AUTH, "serverAuth"),
         (ExtendedKeyUsageOID.CLIENT_AUTH, "clientAuth"),
     ):
-        if need not in eku:
+        if need not in own.eku:
             raise PartyArgsError(f"--cert {cert_path}: lacks the {role} extendedKeyUsage")
     uris = [
         u
-        for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+        for u in own.san.get_values_for_type(x509.UniformResourceIdentifier)
         if u.startswith("spiffe://")
     ]
     trust_domain, _, path = (
@@ -205,23 +190,14 @@ def _check_own(name: str, cert_path: Path, key_path: Path, node_ca: Path, gw_ca:
         )
     # Peers check this party's certificate against the first certificate of their own
     # node CA file (mpc.tls.peer_identity), so the same check here.
-    if not _is_ca(node_cas[0]):
+    if not is_ca(node_cas[0]):
         raise PartyArgsError(f"--node-ca {node_ca}: its first certificate is not a CA")
     try:
-        leaf.verify_directly_issued_by(node_cas[0])
+        own.cert.verify_directly_issued_by(node_cas[0])
     except (ValueError, TypeError, Exception) as exc:  # InvalidSignature has no common base
         raise PartyArgsError(
             f"--node-ca {node_ca} did not issue --cert {cert_path}: peers would refuse it"
         ) from exc
-    if not _is_ca(gw_cas[0]):
+    if not is_ca(gw_cas[0]):
         raise PartyArgsError(f"--gateway-ca {gw_ca}: its first certificate is not a CA")
     return trust_domain
-
-
-def _is_ca(cert: Any) -> bool:
-    from cryptography import x509
-
-    try:
-        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except x509.ExtensionNotFound:
-        return False

@@ -202,34 +202,24 @@ def _own_identity(cert_path: Path, key_path: Path, ca_path: Path) -> _Identity:
     """Check the files a node would hand to tritonserver (which reports a missing or bad
     file only as a port already in use), and read the names the gateway must pin."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
     from cryptography.x509.oid import ExtendedKeyUsageOID
 
+    from gateway.certfiles import CertFileError, is_ca, load_leaf
+
     try:
-        chain = x509.load_pem_x509_certificates(cert_path.read_bytes())
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        own = load_leaf(cert_path, key_path)
         cas = x509.load_pem_x509_certificates(ca_path.read_bytes())
+    except CertFileError as exc:
+        raise UsageError(str(exc)) from exc
     except (OSError, ValueError, TypeError) as exc:
         raise UsageError(f"node certificate, key or gateway CA unreadable: {exc}") from exc
-    leaf = chain[0]
-    if leaf.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ) != key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ):
-        raise UsageError(f"--key {key_path} is not the key of --cert {cert_path}")
-    try:
-        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound as exc:
-        raise UsageError(f"--cert {cert_path}: needs subjectAltName and extendedKeyUsage") from exc
-    if ExtendedKeyUsageOID.SERVER_AUTH not in eku:
+    if ExtendedKeyUsageOID.SERVER_AUTH not in own.eku:
         raise UsageError(f"--cert {cert_path}: lacks the serverAuth extendedKeyUsage")
-    dns = san.get_values_for_type(x509.DNSName)
+    dns = own.san.get_values_for_type(x509.DNSName)
     if not dns:
         raise UsageError(f"--cert {cert_path}: no DNS name for the gateway to pin")
-    spiffe = san.get_values_for_type(x509.UniformResourceIdentifier)
-    if not any(_is_ca(ca) for ca in cas):
+    spiffe = own.san.get_values_for_type(x509.UniformResourceIdentifier)
+    if not any(is_ca(ca) for ca in cas):
         raise UsageError(f"--gateway-ca {ca_path}: no CA certificate in it")
     return _Identity(
         cert_path.absolute(),
@@ -239,15 +229,6 @@ def _own_identity(cert_path: Path, key_path: Path, ca_path: Path) -> _Identity:
         next((u for u in spiffe if u.startswith("spiffe://")), "-"),
         "the gateway CA given",
     )
-
-
-def _is_ca(cert: Any) -> bool:
-    from cryptography import x509
-
-    try:
-        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except x509.ExtensionNotFound:
-        return False
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -77,7 +77,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -122,6 +122,9 @@ __all__ = [
     "StoredBody",
     "tlog_proof",
 ]
+
+if TYPE_CHECKING:
+    from gateway.receipts.signing import KeySet
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -263,6 +266,7 @@ class ReceiptLog:
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
         self._compact_cursor = -1  # where a bounded compact_checkpoints call resumes
+        self._keyset: tuple[int, KeySet] | None = None  # keys.json by mtime (_key_retired_at)
         self._write_lock: asyncio.Lock | None = None
         self.stats = _Stats()
         self.clock: Callable[[], float] = time.time  # checkpoint times (tests move it)
@@ -840,11 +844,18 @@ class ReceiptLog:
 
         row = self._rdb.execute("SELECT body FROM bodies WHERE idx = ?", (index,)).fetchone()
         keys = self.path.parent / "keys.json"
-        if row is None or not keys.is_file():
+        try:
+            stamp = keys.stat().st_mtime_ns
+        except OSError:
+            return None
+        if row is None:
             return None
         try:
-            key = KeySet.load(keys).get(SignedReceipt.from_bytes(bytes(row[0])).receipt.key_id)
-        except (FormatError, ValueError, KeyError):
+            # Parsed once per version of the file, not once per proof served.
+            if self._keyset is None or self._keyset[0] != stamp:
+                self._keyset = (stamp, KeySet.load(keys))
+            key = self._keyset[1].get(SignedReceipt.from_bytes(bytes(row[0])).receipt.key_id)
+        except (FormatError, ValueError, KeyError, OSError):
             return None
         return None if key is None or key.valid_until is None else key.valid_until.timestamp()
 
