@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,44 +31,43 @@ from gateway.config import Config
 from gateway.identity import Identity, IdentityResolver
 from gateway.pipeline import (
     STATE_RETRY_AFTER_S,
-    Exchange,
+    AdmissionStage,
+    Answer,
+    Caller,
+    Catalog,
+    Concurrency,
+    DecodeStage,
+    DenialStage,
     IdentityStage,
+    Incoming,
     ModeStage,
+    NonceStage,
     Pipeline,
     PolicyStage,
+    PrePolicyStage,
     RateLimitStage,
     ReceiptStage,
     RouteStage,
-    Stage,
     VerifyStage,
-    client_ref,
-    new_request_id,
 )
+from gateway.pipeline.decode import read_body
 from gateway.policy.facts import IdentityFacts, Rate, ResourceFacts
 from gateway.policy.live import LivePolicy
-from gateway.protocol.codec import binary_outputs, decode_request, encode_response
+from gateway.protocol.codec import binary_outputs, encode_response
 from gateway.protocol.problems import (
     BadRequest,
     Forbidden,
     Internal,
-    InvalidTensor,
     LogUnavailable,
     MethodNotAllowed,
     NotFound,
-    Overloaded,
-    PayloadTooLarge,
     Problem,
-    RateLimited,
-    Replayed,
     StateUnavailable,
-    UnknownModel,
-    UnknownVersion,
-    UnsupportedMediaType,
     problem_response,
 )
-from gateway.protocol.tensors import InferResponse, Limits, RequestedOutput
+from gateway.protocol.tensors import InferResponse
 from gateway.receipts.http import log_routes
-from gateway.receipts.model import FormatError, ModelRef, SignedReceipt, parse_receipt_id
+from gateway.receipts.model import FormatError, SignedReceipt, parse_receipt_id
 from gateway.receipts.service import ReceiptService
 from gateway.receipts.treestore import TreeCorrupt
 from gateway.registry import ModelEntry
@@ -81,8 +80,6 @@ from gateway.verify.redundant import RedundantVerification
 
 log = logging.getLogger(__name__)
 
-DEADLINE_HEADER = "ztgate-deadline-ms"
-NONCE_HEADER = "ztgate-nonce"
 Handler = Callable[[Request], Awaitable[Response]]
 
 # How often the shared store is probed for readiness. Requests notice an outage at once
@@ -122,49 +119,6 @@ class Metrics:
         self.gauges = False
 
 
-class Concurrency:
-    """Requests in progress on this replica, in all and per client identity.
-
-    The rate limit (`admit`) bounds how often a client asks, not how much it holds at
-    once: without these caps, one client's slow or large requests fill the event loop
-    and the others wait. Per replica, not shared: what is bounded is this process's work.
-    The slot is held from admission until the response is built, body reading included.
-    """
-
-    RETRY_AFTER_S = 1.0
-
-    def __init__(self, total: int, per_identity: int) -> None:
-        self.total = total
-        self.per_identity = per_identity
-        self.in_flight = 0
-        self.by_identity: dict[str, int] = {}
-
-    @contextlib.contextmanager
-    def hold(self, key: str) -> Iterator[None]:
-        held = self.by_identity.get(key, 0)
-        if held >= self.per_identity:
-            # Same type as the rate limit: to the client both mean "you, slow down".
-            raise RateLimited(
-                f"at most {self.per_identity} concurrent requests per client",
-                retry_after=self.RETRY_AFTER_S,
-            )
-        if self.in_flight >= self.total:
-            raise Overloaded(
-                "the gateway is at its concurrency limit", retry_after=self.RETRY_AFTER_S
-            )
-        self.in_flight += 1
-        self.by_identity[key] = held + 1
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
-            left = self.by_identity[key] - 1
-            if left:
-                self.by_identity[key] = left
-            else:
-                del self.by_identity[key]  # bounded by clients in flight, not clients seen
-
-
 @dataclass
 class Gateway:
     """Everything a request needs, built once at start."""
@@ -192,31 +146,29 @@ class Gateway:
     _next_announce: float = field(default=0.0, init=False)
 
     def __post_init__(self) -> None:
-        self.identity = IdentityStage(self.resolver, self.revocations)
-        # Before policy, so a client cannot flood the gateway (or the log) with denials.
-        self.admission = RateLimitStage(
-            self.store, "admit", Rate.parse(self.cfg.policy.pre_policy_rate)
-        )
-        stages: list[Stage] = [
-            PolicyStage(self.policy, self.router, self.revocations),
-            ModeStage(
-                self.verifiers, {"zk": self.cfg.zk.deadline_s, "mpc": self.cfg.mpc.deadline_s}
-            ),
-            RateLimitStage(self.store, "rate"),
-            RouteStage(self.router),
-            VerifyStage(self.verifiers, self.router),
-        ]
-        if self.receipts is not None:
-            stages.append(ReceiptStage(self.receipts))
-        self.pipeline = Pipeline(stages)
-        self.limits = Limits(
-            max_body_bytes=self.cfg.limits.max_body_bytes,
-            max_tensor_elements=self.cfg.limits.max_tensor_elements,
-            max_inputs=self.cfg.limits.max_inputs,
-            max_json_depth=self.cfg.limits.max_json_depth,
-        )
+        self.catalog = Catalog(self.models)
         self.concurrency = Concurrency(
             self.cfg.limits.max_concurrent, self.cfg.limits.max_concurrent_per_identity
+        )
+        self.pipeline = Pipeline(
+            catalog=self.catalog,
+            identity=IdentityStage(self.resolver, self.revocations),
+            admission=AdmissionStage(
+                self.store, Rate.parse(self.cfg.policy.pre_policy_rate), self.concurrency
+            ),
+            pre_policy=PrePolicyStage(self.policy),
+            decode=DecodeStage(self.cfg),
+            nonce=NonceStage(self.store, self.cfg.policy.nonce_window_s),
+            policy=PolicyStage(self.policy, self.router, self.revocations),
+            mode=ModeStage(
+                self.verifiers, {"zk": self.cfg.zk.deadline_s, "mpc": self.cfg.mpc.deadline_s}
+            ),
+            rate=RateLimitStage(self.store),
+            route=RouteStage(self.router),
+            verify=VerifyStage(self.verifiers, self.router),
+            receipt=None if self.receipts is None else ReceiptStage(self.receipts),
+            denial=None if self.receipts is None else DenialStage(self.receipts),
+            on_state_lost=self.state_lost,
         )
         self.router.probe_models = {name: self.latest(name) for name in self.models}
         self._gauges()
@@ -274,23 +226,6 @@ class Gateway:
             await self.receipts.record(kind, payload)
         except Exception:  # the event happened either way; losing its leaf is logged
             log.exception("could not log a %s event", kind)
-
-    async def check_nonce(self, identity: Identity, nonce: str) -> None:
-        if not (1 <= len(nonce) <= 128 and nonce.isascii() and nonce.isprintable()):
-            raise BadRequest(f"{NONCE_HEADER} must be 1-128 printable ASCII characters")
-        try:
-            fresh = await self.store.check_nonce(
-                f"nonce:{identity.spiffe_id}:{nonce}", self.cfg.policy.nonce_window_s
-            )
-        except StoreUnavailable as exc:
-            # Fail closed: without the shared record a replayed request would pass. Fixed
-            # detail: `exc` names the store's address, which is for the log only.
-            raise StateUnavailable(
-                "the replay check cannot run: shared state is unreachable",
-                retry_after=STATE_RETRY_AFTER_S,
-            ) from exc
-        if not fresh:
-            raise Replayed(f"{NONCE_HEADER} {nonce!r} was already used within the replay window")
 
     async def where_is(self, log_id: str) -> str | None:
         """The base URL of the replica holding another log: the shared store names it, and
@@ -369,18 +304,6 @@ class Gateway:
         if budget is not None:
             self.revocations.staleness_budget_s = budget
 
-    async def identify(self, scope: Any) -> Identity:
-        """The caller's verified, unrevoked identity."""
-        x = Exchange(scope=scope, deadline=0.0)
-        await self.identity(x)
-        assert x.identity is not None
-        return x.identity
-
-    async def admit(self, identity: Identity) -> None:
-        """The per-identity admission limit, before any other work. Separate from
-        `identify` so that a refusal here is attributed (and receipted) to the caller."""
-        await self.admission(Exchange(scope={}, deadline=0.0, identity=identity))
-
     def authorize(self, identity: Identity, action: str, resource: ResourceFacts) -> None:
         decision = self.policy.engine.authorize(
             IdentityFacts.from_identity(identity), action, resource
@@ -397,74 +320,95 @@ class Gateway:
             raise Forbidden(f"policy denies {action}: {decision.reason}")
 
     def latest(self, name: str) -> ModelEntry:
-        versions = self.models[name]
-        return versions[max(versions, key=int)]
+        return self.catalog.latest(name)
 
     def entry(self, name: str, version: str | None) -> ModelEntry:
-        versions = self.models.get(name)
-        if not versions:
-            raise UnknownModel(f"unknown model {name!r}")
-        if version is None:
-            return self.latest(name)
-        if version not in versions:
-            raise UnknownVersion(f"model {name!r} has no version {version!r}")
-        return versions[version]
-
-    def deadline(self, request: Request) -> float:
-        budget = self.cfg.routing.deadline_s
-        raw = request.headers.get(DEADLINE_HEADER)
-        if raw is not None:
-            ms = header_int(raw)
-            if ms is None or ms <= 0:
-                raise BadRequest(f"{DEADLINE_HEADER} must be a positive integer of milliseconds")
-            # A client may shorten the deadline, never lengthen it past the cap.
-            budget = min(ms / 1000, self.cfg.routing.max_deadline_s)
-        return time.monotonic() + budget
-
-
-_HEADER_INT_MAX = 10**18
-
-
-def header_int(raw: str) -> int | None:
-    """A header's non-negative decimal integer (saturated at 10**18), or None if it is not one.
-
-    `str.isdigit` alone admits "²" and other non-ASCII digits that `int` refuses, and `int`
-    refuses more than 4300 digits: either would end as a 500 instead of a 400.
-    """
-    if not (raw.isascii() and raw.isdigit()):
-        return None
-    digits = raw.lstrip("0")
-    return _HEADER_INT_MAX if len(digits) > 18 else int(digits or "0")
+        return self.catalog.entry(name, version)
 
 
 # --- handlers ----------------------------------------------------------------------------
-def _authenticated(gw: Gateway, route: str, handler: Handler) -> Handler:
+class _Body:
+    """The request body as the pipeline reads it, remembering whether it was read to the end."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.finished = False
+
+    def __call__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        async for chunk in self.request.stream():
+            yield chunk
+        self.finished = True
+
+    def unread(self) -> bool:
+        """Refused with body bytes still on the wire: keeping the connection would mean
+        receiving (and decrypting) them, which is what a refusal before the body saves."""
+        if self.finished:
+            return False
+        length = self.request.headers.get("content-length")
+        return length != "0" and (length is not None or "transfer-encoding" in self.request.headers)
+
+
+def incoming(request: Request) -> Incoming:
+    """What the pipeline needs of an HTTP request; the body stays unread until decoded."""
+    params = request.path_params
+    name, version = params.get("name"), params.get("version")
+    return Incoming(
+        scope=request.scope,
+        headers=request.headers,
+        body=_Body(request),
+        model=name if isinstance(name, str) else None,
+        version=version if isinstance(version, str) else None,
+    )
+
+
+Run = Callable[[Request, Incoming], Awaitable[Response]]
+
+
+def _endpoint(gw: Gateway, route: str, run: Run) -> Handler:
+    """A route whose problems leave as problem+json, counted by route and status."""
+
     async def endpoint(request: Request) -> Response:
         gw.metrics.app_calls += 1
-        request.state.identity = None
-        # The gateway's id for this request, from the start: a refusal before the
-        # pipeline (admission, decoding) carries one too, in its receipt.
-        request.state.request_id = new_request_id()
+        came = incoming(request)
+        request.state.request_id = came.request_id
         try:
-            request.state.identity = await gw.identify(request.scope)
-            await gw.admit(request.state.identity)
-            # Before the handler reads (and decodes) the body: a refused request costs
-            # no body bytes and no loop time (Concurrency).
-            with gw.concurrency.hold(request.state.identity.spiffe_id):
-                response = await handler(request)
+            response = await run(request, came)
         except Problem as p:
-            response = await _refused(gw, request, p)
-        except StoreUnavailable as exc:
-            # A store call no check mapped (an admin action publishing to the store): the
-            # store's problem type all the same, never a 500, never the store's address.
-            response = await _refused(gw, request, _state_unavailable(exc))
+            if isinstance(came.body, _Body) and came.body.unread():
+                p.headers["connection"] = "close"
+            response = problem_response(p)
         except Exception:
-            log.exception("bug on %s (request %s)", request.url.path, request.state.request_id)
-            response = problem_response(Internal(extra={"request_id": request.state.request_id}))
+            log.exception("bug on %s (request %s)", request.url.path, came.request_id)
+            response = problem_response(Internal(extra={"request_id": came.request_id}))
         gw.metrics.requests.labels(route, str(response.status_code)).inc()
         return response
 
     return endpoint
+
+
+def _authenticated(gw: Gateway, route: str, handler: Handler) -> Handler:
+    """The pipeline's identity and admission in front of a handler."""
+
+    async def run(request: Request, came: Incoming) -> Response:
+        async def handle(caller: Caller) -> Response:
+            request.state.identity = caller.identity
+            return await handler(request)
+
+        return await gw.pipeline.authenticated(came, handle)
+
+    return _endpoint(gw, route, run)
+
+
+def _inference(gw: Gateway) -> Handler:
+    """`/infer`: the whole pipeline, the answer rendered inside the caller's slot."""
+
+    async def run(_: Request, came: Incoming) -> Response:
+        return await gw.pipeline.infer(came, lambda answer: respond(gw, answer))
+
+    return _endpoint(gw, "infer", run)
 
 
 def _redirect_foreign_logs(gw: Gateway, endpoint: Any) -> Handler:
@@ -492,44 +436,6 @@ def _state_unavailable(exc: StoreUnavailable) -> StateUnavailable:
     )
     p.__cause__ = exc
     return p
-
-
-async def _refused(gw: Gateway, request: Request, p: Problem) -> Response:
-    """The problem response; a receipt for refusals docs/compliance.md says are receipted."""
-    if isinstance(p, StateUnavailable) and isinstance(p.__cause__, StoreUnavailable):
-        gw.state_lost(p.__cause__)
-    # The id the denial receipt carries too (the pipeline adds the decision's).
-    p.extra.setdefault("request_id", request.state.request_id)
-    response = problem_response(p)
-    if p.receipted and request.state.identity is not None:
-        await _receipt_denial(gw, request, p, response)
-    return response
-
-
-async def _receipt_denial(gw: Gateway, request: Request, p: Problem, response: Response) -> None:
-    """Denials are receipted too; identical ones within a window share one receipt."""
-    if gw.receipts is None:
-        return
-    name = request.path_params.get("name")
-    model = None
-    if isinstance(name, str) and name in gw.models:
-        e = gw.latest(name)
-        model = ModelRef(e.name, e.version, e.sha256)
-    try:
-        issued, coalesced = await gw.receipts.deny(
-            client=client_ref(request.state.identity),
-            model=model,
-            problem_type=p.type,
-            # Fixed per problem type: details may quote client text (a mode value, a
-            # name), which must not reach a signed, retained receipt.
-            reason=p.title,
-            # The gateway's own id, never the client's `ztgate-request-id` header.
-            request_id=request.state.request_id,
-        )
-    except Exception:  # the denial stands either way; a missing denial receipt is logged
-        log.exception("could not receipt a denial")
-        return
-    response.headers["ztgate-receipt"] = issued.summary + ("; coalesced" if coalesced else "")
 
 
 def api_routes(gw: Gateway) -> list[Route]:
@@ -566,12 +472,10 @@ def api_routes(gw: Gateway) -> list[Route]:
         entry = gw.entry(request.path_params["name"], request.path_params.get("version"))
         return Response(status_code=200 if gw.router.candidates(entry.name) else 400)
 
-    async def infer(request: Request) -> Response:
-        return await _infer(gw, request)
-
     async def admin_revoke(request: Request) -> Response:
         gw.authorize(request.state.identity, "admin_revoke", ResourceFacts("Gateway"))
-        issuer, serial = _revocation_target(await _read_body(request, 64 * 1024))
+        body = await read_body(request.headers, request.stream(), 64 * 1024)
+        issuer, serial = _revocation_target(body)
         new = await gw.revocations.revoke(issuer, serial)
         await gw.record("revocation", f"{issuer}\n{serial}".encode())
         log.warning(
@@ -585,7 +489,7 @@ def api_routes(gw: Gateway) -> list[Route]:
 
     async def admin_reload(request: Request) -> Response:
         gw.authorize(request.state.identity, "admin_reload", ResourceFacts("Gateway"))
-        body = await _read_body(request, 16 * 1024 * 1024)
+        body = await read_body(request.headers, request.stream(), 16 * 1024 * 1024)
         ok = gw.policy.reload(body or None)
         if ok:
             gw.policy_changed()
@@ -642,8 +546,6 @@ def api_routes(gw: Gateway) -> list[Route]:
         (version, model_metadata, ["GET"], "model_metadata"),
         (model + "/ready", model_ready, ["GET"], "model_ready"),
         (version + "/ready", model_ready, ["GET"], "model_ready"),
-        (model + "/infer", infer, ["POST"], "infer"),
-        (version + "/infer", infer, ["POST"], "infer"),
         ("/v2/receipts/{receipt_id}", read_receipt, ["GET"], "read_receipt"),
         ("/admin/revoke", admin_revoke, ["POST"], "admin_revoke"),
         ("/admin/reload", admin_reload, ["POST"], "admin_reload"),
@@ -652,6 +554,9 @@ def api_routes(gw: Gateway) -> list[Route]:
     return [
         Route(path, _authenticated(gw, name, handler), methods=methods, name=f"{name}:{path}")
         for path, handler, methods, name in routes
+    ] + [
+        Route(path + "/infer", _inference(gw), methods=["POST"], name=f"infer:{path}/infer")
+        for path in (model, version)
     ]
 
 
@@ -693,142 +598,43 @@ def _revocation_target(body: bytes) -> tuple[str, str]:
     return issuer, format(value, "x")
 
 
-_USE_BINARY = (
-    "; send larger tensors in the binary tensor data extension "
-    "(Inference-Header-Content-Length, raw tensor bytes after the JSON header)"
-)
-
-
-async def _read_body(request: Request, cap: int, hint: str = "") -> bytes:
-    """The whole body, refused with 413 as soon as it passes the cap (never buffered past it)."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        length = header_int(declared)
-        if length is None:
-            raise BadRequest("Content-Length must be a non-negative integer")
-        if length > cap:
-            raise PayloadTooLarge(f"body of {declared} bytes exceeds the cap of {cap}{hint}")
-    encoding = request.headers.get("content-encoding", "identity").lower()
-    if encoding != "identity":
-        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not accepted")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > cap:
-            raise PayloadTooLarge(f"body exceeds the cap of {cap} bytes{hint}")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _infer(gw: Gateway, request: Request) -> Response:
-    started = time.monotonic()
-    x = Exchange(
-        scope=request.scope, deadline=gw.deadline(request), request_id=request.state.request_id
-    )
-    x.client_deadline = DEADLINE_HEADER in request.headers
-    x.identity = request.state.identity
-    x.entry = gw.entry(request.path_params["name"], request.path_params.get("version"))
-    raw_length = request.headers.get("inference-header-content-length")
-    header_length = header_int(raw_length) if raw_length is not None else None
-    if raw_length is not None and header_length is None:
-        raise BadRequest("Inference-Header-Content-Length must be a non-negative integer")
-    # JSON is decoded on the event loop, at about 70 ms a MiB, so a JSON body (or the
-    # JSON header of a binary one) has its own, smaller cap: big tensors come as raw
-    # bytes, which the codec takes without parsing.
-    json_cap = gw.cfg.limits.max_json_bytes
-    if header_length is None:
-        json_hint = f" for a JSON body{_USE_BINARY}"
-        body = await _read_body(request, min(json_cap, gw.cfg.limits.max_body_bytes), json_hint)
-    else:
-        body = await _read_body(request, gw.cfg.limits.max_body_bytes)
-        # After the read: a header length past the body is malformed (the codec's 400),
-        # not too large. Raw tensor bytes cost no parsing, so reading them first is cheap.
-        if json_cap < header_length <= len(body):
-            raise PayloadTooLarge(
-                f"JSON header of {header_length} bytes exceeds the cap of {json_cap}{_USE_BINARY}"
-            )
-    x.request = decode_request(
-        body,
-        header_length,
-        x.entry.name,
-        x.entry.version,
-        gw.limits,
-    )
-    x.payload_bytes = len(body)
-    check_inputs(x.entry, x.request.inputs)
-    check_outputs(x.entry, x.request.outputs)
-    # After validation: a malformed request neither consumes a nonce nor hides behind one.
-    nonce = request.headers.get(NONCE_HEADER)
-    if nonce is not None:
-        await gw.check_nonce(request.state.identity, nonce)
-    await gw.pipeline(x)
-    assert x.outcome is not None and x.decision is not None
+def respond(gw: Gateway, answer: Answer) -> Response:
+    """An answer as a KServe v2 response, with the verification and receipt facts."""
+    decided, outcome, receipt = answer.decided, answer.outcome, answer.receipt
+    asked = decided.asked
     params: dict[str, Any] = {
-        "ztgate.request_id": x.request_id,
-        "ztgate.decision_id": x.decision.id,
-        "ztgate.policy_hash": x.decision.policy_hash,
-        "ztgate.nodes": ",".join(x.outcome.nodes),
-        "ztgate.verification": x.outcome.mode,
-        "ztgate.verification_status": x.outcome.status,
-        "ztgate.attempts": x.outcome.attempts,
+        "ztgate.request_id": answer.request_id,
+        "ztgate.decision_id": decided.decision.id,
+        "ztgate.policy_hash": decided.decision.policy_hash,
+        "ztgate.nodes": ",".join(outcome.nodes),
+        "ztgate.verification": outcome.mode,
+        "ztgate.verification_status": outcome.status,
+        "ztgate.attempts": outcome.attempts,
     }
-    if x.outcome.nonfinite:
+    if outcome.nonfinite:
         params["ztgate.nonfinite"] = True
-    if x.receipt is not None:
-        params["ztgate.receipt_id"] = x.receipt.receipt.receipt_id
-        params["ztgate.receipt"] = x.receipt.summary
-        if x.receipt.salt is not None:
+    if receipt is not None:
+        params["ztgate.receipt_id"] = receipt.receipt.receipt_id
+        params["ztgate.receipt"] = receipt.summary
+        if receipt.salt is not None:
             # Only the client gets the salt: with it, and only with it, it can later
             # prove what it sent and got against the receipt's commitments.
-            params["ztgate.salt"] = base64.b64encode(x.receipt.salt).decode()
+            params["ztgate.salt"] = base64.b64encode(receipt.salt).decode()
     resp = InferResponse(
-        model_name=x.entry.name,
-        model_version=x.entry.version,
-        id=x.request.id,
-        outputs=x.outcome.outputs,
+        model_name=asked.entry.name,
+        model_version=asked.entry.version,
+        id=asked.request.id,
+        outputs=outcome.outputs,
         parameters=params,
     )
-    body_out, headers = encode_response(resp, binary_outputs(x.request))
-    headers["ztgate-request-id"] = x.request_id
-    if x.receipt is not None:
-        headers["ztgate-receipt"] = x.receipt.summary
-    gw.metrics.latency.labels(x.entry.name, x.outcome.mode).observe(time.monotonic() - started)
-    return Response(body_out, headers=headers)
-
-
-def check_inputs(entry: ModelEntry, inputs: tuple[Any, ...]) -> None:
-    """The request must match the registered signature before any node sees it."""
-    specs = {s.name: s for s in entry.inputs}
-    names = [t.name for t in inputs]
-    if sorted(names) != sorted(specs):
-        raise InvalidTensor(f"model {entry.name!r} takes inputs {sorted(specs)}, got {names}")
-    batch = None
-    for t in inputs:
-        spec = specs[t.name]
-        if t.datatype != spec.datatype:
-            raise InvalidTensor(f"input {t.name!r} must be {spec.datatype}, got {t.datatype}")
-        if len(t.shape) != len(spec.shape) or any(
-            s >= 0 and d != s for d, s in zip(t.shape, spec.shape, strict=True)
-        ):
-            raise InvalidTensor(
-                f"input {t.name!r} shape {list(t.shape)} does not fit {list(spec.shape)}"
-            )
-        if spec.shape and spec.shape[0] < 0:
-            if batch is not None and t.shape[0] != batch:
-                raise InvalidTensor("inputs disagree on the batch dimension")
-            batch = t.shape[0]
-        if t.shape and t.shape[0] == 0:
-            raise InvalidTensor(f"input {t.name!r} has an empty batch")
-
-
-def check_outputs(entry: ModelEntry, requested: tuple[RequestedOutput, ...]) -> None:
-    """Only the model's own outputs may be asked for: a node refuses any other, and that
-    refusal would be charged to the node (and retried on every other) as a failure."""
-    known = {s.name for s in entry.outputs}
-    unknown = [o.name for o in requested if o.name not in known]
-    if unknown:
-        raise InvalidTensor(f"model {entry.name!r} has outputs {sorted(known)}, not {unknown}")
+    body, headers = encode_response(resp, binary_outputs(asked.request))
+    headers["ztgate-request-id"] = answer.request_id
+    if receipt is not None:
+        headers["ztgate-receipt"] = receipt.summary
+    gw.metrics.latency.labels(asked.entry.name, outcome.mode).observe(
+        time.monotonic() - asked.incoming.started
+    )
+    return Response(body, headers=headers)
 
 
 # --- errors, in one place ----------------------------------------------------------------

@@ -196,6 +196,29 @@ def test_json_over_the_cap_is_refused_naming_the_binary_format(
         assert r.status_code == 200, r.text
 
 
+def test_a_refusal_before_the_body_closes_the_connection(
+    gateway: RunningGateway, alice: ssl.SSLContext
+) -> None:
+    """A body refused unread (413 on its declared length) is not received afterwards: the
+    server answers `Connection: close` and hangs up, so a client cannot stream refused
+    megabytes at it over one kept-alive connection."""
+    cap = gateway.cfg.limits.max_json_bytes
+    with raw_tls(gateway, alice) as sock:
+        sock.sendall(post_head(cap + 1) + b"{")
+        status, headers, _ = read_response(sock)
+        assert status == 413 and headers["connection"] == "close"
+        assert closed_by_server(sock)
+    # Control, built the same way: a refusal after the whole body was read (a malformed
+    # body, 400) keeps the connection, and the next request on it is answered.
+    body = json.dumps(infer_body(IRIS)).encode()
+    with raw_tls(gateway, alice) as sock:
+        sock.sendall(post_head(3) + b"{x}")
+        status, headers, _ = read_response(sock)
+        assert status == 400 and headers.get("connection") != "close"
+        sock.sendall(post_head(len(body)) + body)
+        assert read_response(sock)[0] == 200
+
+
 def test_trickled_headers_are_cut_off(gateway: RunningGateway, alice: ssl.SSLContext) -> None:
     before = connections_timed_out()["header"]
     with raw_tls(gateway, alice) as s:

@@ -44,7 +44,7 @@ from tests.conftest import SITE
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
-    from gateway.pipeline import Exchange
+    from gateway.pipeline import Answer, Asked
 
 pytestmark = pytest.mark.timeout(120)
 on_loop = pytest.mark.asyncio(loop_scope="session")
@@ -772,26 +772,25 @@ def _mpc_gateway(
     return build_gateway(cfg)
 
 
-def _mpc_exchange(gw: Gateway, pki: PKI, x: np.ndarray[Any, Any]) -> Exchange:
+def _mpc_exchange(gw: Gateway, pki: PKI, x: np.ndarray[Any, Any]) -> Asked:
     """carol (cleared, identities.json) asks for risk under mpc, as the app would."""
-    from gateway.pipeline import Exchange
+    from gateway.pipeline import Asked, Caller, Incoming, body_of
     from gateway.protocol.tensors import InferRequest, Tensor
 
     carol = pki.ensure("client", "carol")
     scope = {"extensions": {"tls": {"client_cert_chain": [carol.cert.read_text()]}}}
-    # A request deadline with room for a loaded machine, not a claim about speed.
-    exchange = Exchange(scope=scope, deadline=time.monotonic() + 120)
-    exchange.identity = gw.resolver.resolve(scope)
-    exchange.entry = gw.latest("risk")
-    exchange.request = InferRequest(
+    request = InferRequest(
         "risk",
         None,
         None,
         (Tensor("input", "FP32", tuple(x.shape), x),),
         parameters={"ztgate.verification": "mpc", "ztgate.purpose": "test"},
     )
-    exchange.payload_bytes = x.nbytes
-    return exchange
+    came = Incoming(scope=scope, headers={}, body=body_of(b""))
+    caller = Caller.of(gw.resolver.resolve(scope))
+    # A request deadline with room for a loaded machine, not a claim about speed.
+    deadline = time.monotonic() + 120
+    return Asked(came, caller, gw.latest("risk"), request, x.nbytes, deadline, True)
 
 
 @on_loop
@@ -803,13 +802,14 @@ async def test_verifier_outcome(pki: PKI, parties: list[Party], tmp_path: Path) 
     gw = _mpc_gateway(pki, parties, ("prov-a", "prov-b", "prov-c"), tmp_path / "ok")
     exchange = _mpc_exchange(gw, pki, x_in)
     try:
-        await gw.pipeline(exchange)
+        answer = await gw.pipeline.answer(exchange)
     finally:
         await gw.verifiers["mpc"].close()
         await gw.router.close()
         await gw.store.close()
-    assert exchange.mode == "mpc" and exchange.decision.node_allowed("mpc", "n2")
-    outcome = exchange.outcome
+    decided = answer.decided
+    assert decided.mode == "mpc" and decided.decision.node_allowed("mpc", "n2")
+    outcome = answer.outcome
     assert outcome.status == "semi-honest-mpc" and outcome.nodes == ("n1", "n2")
     assert outcome.outputs[0].name == "score" and outcome.outputs[0].shape == (3, 1)
     assert np.max(np.abs(outcome.outputs[0].data - plaintext(x_in))) < TOLERANCE
@@ -823,9 +823,10 @@ async def test_verifier_outcome(pki: PKI, parties: list[Party], tmp_path: Path) 
     exchange = _mpc_exchange(gw, pki, x_in)
     verifier = gw.verifiers["mpc"]
     try:
+        decided = gw.pipeline.mode(exchange, gw.pipeline.policy(exchange))
+        assert decided.decision.node_allowed("mpc", "n2") and decided.mode == "mpc"
         with pytest.raises(NoHealthyNode, match="distinct providers"):
-            await gw.pipeline(exchange)
-        assert exchange.decision.node_allowed("mpc", "n2") and exchange.mode == "mpc"
+            await gw.pipeline.answer(exchange)
         assert verifier._sessions == {}
     finally:
         await verifier.close()
@@ -845,14 +846,15 @@ async def test_two_gateways_serve_mpc_with_the_same_parties(
     gws = [_mpc_gateway(pki, parties, providers, tmp_path / n) for n in ("gw-a", "gw-b")]
     try:
         # Control: the first replica alone answers.
-        first = _mpc_exchange(gws[0], pki, x_in)
-        await gws[0].pipeline(first)
+        first = await gws[0].pipeline.answer(_mpc_exchange(gws[0], pki, x_in))
         assert first.outcome.status == "semi-honest-mpc"
-        both = [_mpc_exchange(gw, pki, x_in) for gw in gws]
-        await asyncio.gather(*(gw.pipeline(x) for gw, x in zip(gws, both, strict=True)))
-        for exchange in both:
-            assert exchange.mode == "mpc" and exchange.outcome.status == "semi-honest-mpc"
-            y = exchange.outcome.outputs[0].data
+        asks = [_mpc_exchange(gw, pki, x_in) for gw in gws]
+        both = await asyncio.gather(
+            *(gw.pipeline.answer(x) for gw, x in zip(gws, asks, strict=True))
+        )
+        for answer in both:
+            assert answer.decided.mode == "mpc" and answer.outcome.status == "semi-honest-mpc"
+            y = answer.outcome.outputs[0].data
             assert np.max(np.abs(y - plaintext(x_in))) < TOLERANCE
         ids = [x.outcome.evidence["session"] for x in (first, *both)]
         assert ids[0] == ids[1] != ids[2]  # each replica keeps its own session
@@ -883,12 +885,11 @@ async def test_a_full_party_is_a_503_with_retry_after_until_a_slot_is_free(
     # a keeps its session for the default 30 s, b closes its own after 0.5 s idle.
     verifiers[1].settings = replace(verifiers[1].settings, idle_close_s=0.5)  # type: ignore[attr-defined]
 
-    async def ask(i: int) -> Exchange:
-        exchange = _mpc_exchange(gws[i], pki, x_in)  # a new request each try
-        await gws[i].pipeline(exchange)
-        assert exchange.outcome.status == "semi-honest-mpc"
-        assert np.max(np.abs(exchange.outcome.outputs[0].data - plaintext(x_in))) < TOLERANCE
-        return exchange
+    async def ask(i: int) -> Answer:
+        answer = await gws[i].pipeline.answer(_mpc_exchange(gws[i], pki, x_in))  # a new one
+        assert answer.outcome.status == "semi-honest-mpc"
+        assert np.max(np.abs(answer.outcome.outputs[0].data - plaintext(x_in))) < TOLERANCE
+        return answer
 
     try:
         await ask(0)  # control: replica a takes the parties' one slot and answers
@@ -976,15 +977,14 @@ async def test_an_out_of_range_mpc_answer_is_refused_and_charges_nobody(
     try:
         gw = _mpc_gateway(pki, honest, ("prov-a", "prov-b", "prov-c"), tmp_path / "ok")
         assert gw.latest("risk").outputs[0].value_range == (0.0, 1.0)
-        exchange = _mpc_exchange(gw, pki, x_in)
         try:
-            await gw.pipeline(exchange)
+            answer = await gw.pipeline.answer(_mpc_exchange(gw, pki, x_in))
         finally:
             await gw.verifiers["mpc"].close()
             await gw.router.close()
             await gw.store.close()
-        y = exchange.outcome.outputs[0].data
-        assert exchange.outcome.status == "semi-honest-mpc"
+        y = answer.outcome.outputs[0].data
+        assert answer.outcome.status == "semi-honest-mpc"
         assert np.max(np.abs(y - plaintext(x_in))) < TOLERANCE
         assert _unresolved(gw) == {}
     finally:
@@ -997,9 +997,9 @@ async def test_an_out_of_range_mpc_answer_is_refused_and_charges_nobody(
         try:
             for _ in range(2):
                 exchange = _mpc_exchange(gw, pki, x_in)
+                # Nothing comes back, not even a clamped answer: the answer is never made.
                 with pytest.raises(UpstreamFailed, match="outside model risk's output range") as e:
-                    await gw.pipeline(exchange)
-                assert exchange.outcome is None  # nothing, not even a clamped answer
+                    await gw.pipeline.answer(exchange)
             # The session itself is sound (the lie is in the arithmetic, not the protocol).
             sessions = gw.verifiers["mpc"]._sessions  # type: ignore[attr-defined]
             assert [s.alive for s in sessions.values()] == [True]

@@ -42,9 +42,10 @@ from schemathesis.specs.openapi.checks import (
 )
 from starlette.applications import Starlette
 
-from gateway.app import DEADLINE_HEADER, build_api
+from gateway.app import build_api
 from gateway.examples import EXAMPLE_NAMES
 from gateway.openapi import check_spec, route_table, spec_table
+from gateway.pipeline import DEADLINE_HEADER
 from gateway.pki import PKI
 from gateway.runtime import build_gateway
 from tests.conftest import TritonCluster

@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from gateway.config import NodeConfig
+from gateway.job import Job
 from gateway.node.repository import build_repository
 from gateway.node.triton import pid_alive
 from gateway.pki import PKI
-from gateway.protocol.tensors import Tensor
+from gateway.protocol.tensors import RequestedOutput, Tensor
 from gateway.registry import ModelEntry, Registry
 from gateway.routing.node_client import NodeClient, NodeCredentials
 from gateway.routing.router import Router
@@ -355,6 +357,9 @@ def test_replicas_sharing_redis_honour_each_others_ejections(
     dead_port = free_port()
     inputs = (Tensor("input", "FP32", IRIS.shape, IRIS),)
 
+    def anywhere(_: NodeConfig) -> bool:
+        return True
+
     async def scenario() -> tuple[dict[str, float], int]:
         prefix = f"t{uuid.uuid4().hex}:"
         store_a = RedisStore(redis_server, prefix=prefix, timeout_s=5.0)
@@ -365,13 +370,13 @@ def test_replicas_sharing_redis_honour_each_others_ejections(
         b, _ = _router(triton_cluster, pki, store_b, dead_port, registry_dir)
         try:
             for _ in range(30):  # until replica A has tried, and ejected, the dead node
-                await a.infer(entry, inputs, (), time.monotonic() + 5)
+                await a.infer(Job(entry, inputs, (), time.monotonic() + 5, anywhere, "t"))
                 if "n3" in a.ejected:
                     break
             assert "n3" in a.ejected
             await b.refresh()
             for _ in range(20):
-                await b.infer(entry, inputs, (), time.monotonic() + 5)
+                await b.infer(Job(entry, inputs, (), time.monotonic() + 5, anywhere, "t"))
             return b.ejected, b.nodes["n3"].attempts
         finally:
             await a.close()
@@ -406,9 +411,15 @@ def test_verifier_charges_accumulate_and_unresolved_disagreements_charge_nobody(
     k = cfg.routing.eject_after_failures
 
     async def answered(node: str) -> str:
-        routed = await router.infer(
-            entry, inputs, ("probabilities",), time.monotonic() + 30, lambda n: n.name == node
+        job = Job(
+            entry,
+            inputs,
+            (RequestedOutput("probabilities"),),
+            time.monotonic() + 30,
+            lambda n: n.name == node,
+            "test",
         )
+        routed = await router.infer(job)
         return routed.node.name
 
     async def scenario() -> None:

@@ -31,8 +31,9 @@ from onnx import numpy_helper
 
 from gateway.app import Gateway
 from gateway.config import NodeConfig, parse_config
+from gateway.job import Job
 from gateway.node.repository import build_repository, render_config
-from gateway.pipeline import Exchange, PolicyStage
+from gateway.pipeline import Asked, Caller, Decided, Incoming, body_of
 from gateway.pki import PKI
 from gateway.protocol.problems import InvalidTensor, UpstreamFailed
 from gateway.protocol.tensors import InferRequest, Tensor
@@ -186,29 +187,26 @@ async def zk_gateway(
 NODE_ROW = ("name", "address", "dns_name", "spiffe_id", "region", "provider")
 
 
-async def zk_exchange(
-    pki: PKI, gw: Gateway, x: npt.NDArray[Any], deadline_s: float = 240.0
-) -> Exchange:
+async def zk_exchange(pki: PKI, gw: Gateway, x: npt.NDArray[Any], deadline_s: float = 240.0) -> Job:
     """alice asks for iris in mode zk; the gateway's own policy stage decides over its
     nodes, as it would for a request on the wire. The deadline leaves room for proving on
     a loaded machine (~20 s a proof there, bench/README.md); it is no claim about speed."""
     alice = pki.ensure("client", "alice")
     scope = {"extensions": {"tls": {"client_cert_chain": [alice.cert.read_text()]}}}
-    x_exchange = Exchange(scope=scope, deadline=time.monotonic() + deadline_s)
-    x_exchange.identity = gw.resolver.resolve(scope)
-    x_exchange.entry = gw.latest("iris")
-    x_exchange.request = InferRequest(
+    came = Incoming(scope=scope, headers={}, body=body_of(b""))
+    request = InferRequest(
         model="iris",
         version=None,
         id=None,
         inputs=(Tensor("input", "FP32", tuple(x.shape), x),),
         parameters={"ztgate.verification": "zk"},
     )
-    x_exchange.payload_bytes = x.nbytes
-    await PolicyStage(gw.policy, gw.router, gw.revocations)(x_exchange)
-    assert x_exchange.decision is not None and "zk" in x_exchange.decision.modes
-    x_exchange.mode = "zk"
-    return x_exchange
+    caller = Caller.of(gw.resolver.resolve(scope))
+    deadline = time.monotonic() + deadline_s
+    asked = Asked(came, caller, gw.latest("iris"), request, x.nbytes, deadline, True)
+    decision = gw.pipeline.policy(asked)
+    assert "zk" in decision.modes
+    return Decided(asked, decision, "zk", deadline).job()
 
 
 def node_inferences(pki: PKI, node: NodeConfig, model: str = "iris-zk") -> int:

@@ -154,6 +154,15 @@ class PolicyEngine:
             for pid, body in json.loads(policy_json)["staticPolicies"].items()
         }
         self._schema = cedarpy.Schema.from_str(source.schema_text)
+        # The permits with their conditions dropped: what `may_infer` asks.
+        doc = json.loads(policy_json)
+        doc["staticPolicies"] = {
+            pid: {**body, "conditions": []}
+            for pid, body in doc["staticPolicies"].items()
+            if body["effect"] == "permit"
+        }
+        self._scopes = cedarpy.PolicySet.from_json_str(json.dumps(doc))
+        self._scope_cache: OrderedDict[tuple[Any, ...], bool] = OrderedDict()
         self._request_schema = self._schema if check_requests else None
         ents = [F.group_entity(g) for g in source.identities.groups()]
         ents += [F.model_entity(m) for m in self._models.values()]
@@ -337,6 +346,33 @@ class PolicyEngine:
         return InferDecision(
             os.urandom(16).hex(), False, (), {}, None, (), (), self.policy_hash, reason, {}
         )
+
+    def may_infer(self, identity: F.IdentityFacts, model: str) -> bool:
+        """False only when no permit's scope (principal, action, resource) can match an
+        inference of `model` by `identity`: denied whatever the body says. Conditions are
+        not evaluated (they may read the body, which has not been read yet), so True
+        promises nothing; the full decision comes after the body.
+
+        This is what a gateway asks before reading a body: a caller with no permit for
+        the model costs no body bytes and no decoding."""
+        key = (self.policy_hash, identity, model)
+        hit = self._scope_cache.get(key)
+        if hit is not None:
+            self._scope_cache.move_to_end(key)
+            return hit
+        principal, entities = self._client(identity)
+        request = {
+            "principal": principal,
+            "action": F.action_uid(F.INFER),
+            "resource": F.uid("Model", model),
+            "context": {},
+        }
+        answer = cedarpy.is_authorized(request, self._scopes, entities, None)
+        ok = answer.decision == cedarpy.Decision.Allow
+        self._scope_cache[key] = ok
+        if len(self._scope_cache) > 4096:
+            self._scope_cache.popitem(last=False)
+        return ok
 
     # ------------------------------------------------------------------ other actions
 

@@ -29,14 +29,16 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from gateway.config import NodeConfig, Routing
+from gateway.job import Job, NodeFilter
 from gateway.protocol.problems import DeadlineExceeded, NoHealthyNode, UpstreamFailed
 from gateway.protocol.tensors import DATATYPES, Tensor
 from gateway.registry import ModelEntry
@@ -44,8 +46,6 @@ from gateway.routing.node_client import NodeClient, NodeError
 from gateway.state import StateStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
-
-NodeFilter = Callable[[NodeConfig], bool]
 
 
 @dataclass
@@ -70,12 +70,29 @@ class NodeState:
 
 
 @dataclass(frozen=True)
+class Call:
+    """What to ask a node for, when it is not the job's own model and outputs (the zk mode
+    asks a node for the proof output of the model's prover)."""
+
+    model: str
+    version: str
+    outputs: tuple[str, ...]
+
+
+# Holds a node's reply to what the mode needs; raises NodeError when the node is at fault
+# (the reply is dropped, the node charged, the next candidate tried). Its value is kept in
+# `Routed.checked`.
+ReplyCheck = Callable[[list[Tensor]], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
 class Routed:
     outputs: list[Tensor]
     node: NodeConfig
     attempts: int
     tried: tuple[str, ...]
     nonfinite: bool = False
+    checked: Any = None  # what the mode's ReplyCheck returned
 
 
 @dataclass
@@ -111,24 +128,41 @@ class Router:
 
     async def infer(
         self,
-        entry: ModelEntry,
-        inputs: tuple[Tensor, ...],
-        output_names: tuple[str, ...],
-        deadline: float,
-        allowed: NodeFilter | None = None,
-        request_id: str = "",
+        job: Job,
+        *,
+        only: NodeFilter | None = None,
+        call: Call | None = None,
+        check: ReplyCheck | None = None,
+        per_try_timeout_s: float | None = None,
+        max_attempts: int | None = None,
+        learn_latency: bool = True,
         max_output_bytes: int = 64 * 1024 * 1024,
     ) -> Routed:
-        """Run on one node, retrying on others; `deadline` is time.monotonic() based."""
+        """The one attempt loop: run `job` on one node that policy allows (and `only`
+        narrows to), retrying on others until the deadline; `job.deadline` is
+        time.monotonic() based.
+
+        A reply is held to the model's signature (`check_reply`), or, with `call`, to the
+        mode's own `check`. Each failure is charged to the node that caused it. Slow modes
+        (proving) pass `learn_latency=False`: their seconds must not skew the latency EWMA
+        that plain requests are balanced by."""
+        entry = job.entry
+        what = call or Call(entry.name, entry.version, job.output_names)
+        timeout = self.cfg.per_try_timeout_s if per_try_timeout_s is None else per_try_timeout_s
+        tries = self.cfg.max_attempts if max_attempts is None else max_attempts
+
+        def eligible(node: NodeConfig) -> bool:
+            return job.allowed(node) and (only is None or only(node))
+
         tried: list[str] = []
         reasons: list[str] = []
-        for attempt in range(1, self.cfg.max_attempts + 1):
-            remaining = deadline - time.monotonic()
+        for attempt in range(1, tries + 1):
+            remaining = job.deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExceeded(
                     f"deadline passed after {attempt - 1} attempt(s): {'; '.join(reasons)}"
                 )
-            cands = [s for s in self.candidates(entry.name, allowed) if s.config.name not in tried]
+            cands = [s for s in self.candidates(entry.name, eligible) if s.config.name not in tried]
             if not cands:
                 if tried:
                     break
@@ -141,30 +175,37 @@ class Router:
             state.attempts += 1
             state.pending += 1
             start = time.monotonic()
+            nonfinite = False
+            checked: Any = None
             try:
                 outputs = await state.client.infer(
-                    entry.name,
-                    entry.version,
-                    inputs,
-                    output_names,
-                    timeout_s=min(self.cfg.per_try_timeout_s, remaining),
-                    request_id=request_id,
+                    what.model,
+                    what.version,
+                    job.inputs,
+                    what.outputs,
+                    timeout_s=min(timeout, remaining),
+                    request_id=job.request_id,
                 )
-                nonfinite = check_reply(entry, inputs, outputs, output_names, max_output_bytes)
+                if check is None:
+                    nonfinite = check_reply(
+                        entry, job.inputs, outputs, what.outputs, max_output_bytes
+                    )
+                else:
+                    checked = await check(outputs)
             except NodeError as exc:
-                reasons.append(exc.reason)
+                reasons.append(f"{name}: {exc.reason}")
                 log.warning("attempt %d failed on %s: %s", attempt, name, exc.reason)
                 await self._failed(state)
                 continue
             finally:
                 state.pending -= 1
-            elapsed = time.monotonic() - start
-            state.ewma_s += self.cfg.ewma_alpha * (elapsed - state.ewma_s)
+            if learn_latency:
+                state.ewma_s += self.cfg.ewma_alpha * (time.monotonic() - start - state.ewma_s)
             state.served += 1
             if state.failures:
                 state.failures = 0
                 await self._quiet(self.store.record_success(name))
-            return Routed(outputs, state.config, attempt, tuple(tried), nonfinite)
+            return Routed(outputs, state.config, attempt, tuple(tried), nonfinite, checked)
         raise UpstreamFailed(f"every node tried failed ({', '.join(tried)}): {'; '.join(reasons)}")
 
     async def charge(self, node: str) -> None:

@@ -1,37 +1,29 @@
 """Verification modes: interchangeable implementations of one small interface.
 
-`none` trusts the node; `redundant`, `zk` and `mpc` plug in here as they land. A mode
-returns an `Outcome` value; a node that fails or lies surfaces as a routing retry or a
-Problem, never as an exception escaping the gateway.
+A mode takes a frozen `Job` (model entry, inputs, requested outputs, deadline, the nodes
+policy allows, request id) and returns an `Outcome`. Node calls go through the router's
+one attempt loop (`Router.infer`), which a mode narrows (which nodes, which model to call)
+and extends with a per-reply check; a mode never touches router internals. A node that
+fails or lies surfaces as a routing retry or a Problem, never as an exception escaping
+the gateway.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from gateway.protocol.tensors import Tensor
+from gateway.job import Job, Outcome
 
 if TYPE_CHECKING:
-    from gateway.pipeline import Exchange
     from gateway.routing.router import Router
+
+__all__ = ["MODES", "Job", "Outcome", "Verifier"]
 
 # Cheapest first: the mode used when the client does not ask for a stronger one.
 MODES: tuple[str, ...] = ("none", "redundant", "zk", "mpc")
 
 
-@dataclass(frozen=True)
-class Outcome:
-    outputs: tuple[Tensor, ...]
-    nodes: tuple[str, ...]
-    mode: str
-    status: str  # "unverified" for none, "verified" / "agreed" for the others
-    attempts: int = 1
-    nonfinite: bool = False
-    evidence: dict[str, Any] = field(default_factory=dict)
-
-
 class Verifier(Protocol):
     mode: str
 
-    async def run(self, x: Exchange, router: Router) -> Outcome: ...
+    async def run(self, job: Job, router: Router) -> Outcome: ...

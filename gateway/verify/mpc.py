@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gateway.config import NodeConfig
+from gateway.job import Job, Outcome
 from gateway.protocol.problems import (
     DeadlineExceeded,
     Forbidden,
@@ -36,7 +37,6 @@ from gateway.protocol.problems import (
     UpstreamFailed,
 )
 from gateway.protocol.tensors import Tensor
-from gateway.verify import Outcome
 from mpc.model import ModelError, MpcModel, Range
 from mpc.session import (
     MpcBusy,
@@ -48,7 +48,6 @@ from mpc.session import (
 )
 
 if TYPE_CHECKING:
-    from gateway.pipeline import Exchange
     from gateway.registry import ModelEntry
     from gateway.routing.router import Router
 
@@ -153,21 +152,20 @@ class MpcVerification:
             self._sessions[key] = session
             return session
 
-    async def run(self, x: Exchange, router: Router) -> Outcome:
-        assert x.entry is not None and x.request is not None
-        if len(x.request.inputs) != 1:
+    async def run(self, job: Job, router: Router) -> Outcome:
+        entry = job.entry
+        if len(job.inputs) != 1:
             raise InvalidTensor("MPC mode takes exactly one input tensor")
-        tensor = x.request.inputs[0]
+        tensor = job.inputs[0]
         if tensor.datatype not in ("FP32", "FP64"):
             raise InvalidTensor("MPC mode takes FP32 or FP64 inputs")
-        model = self.model(x.entry)
-        low, high = self.output_range(x.entry)  # before any party sees the input
-        wanted = {o.name for o in x.request.outputs}
-        if wanted - {model.output_name}:
-            raise InvalidTensor(f"model {x.entry.name} has only the output {model.output_name!r}")
-        nodes = self.choose([s.config for s in router.candidates(x.entry.name, x.node_allowed)])
-        session = await self.session(x.entry, nodes)
-        remaining = x.deadline - time.monotonic()
+        model = self.model(entry)
+        low, high = self.output_range(entry)  # before any party sees the input
+        if set(job.output_names) - {model.output_name}:
+            raise InvalidTensor(f"model {entry.name} has only the output {model.output_name!r}")
+        nodes = self.choose([s.config for s in router.candidates(entry.name, job.allowed)])
+        session = await self.session(entry, nodes)
+        remaining = job.deadline - time.monotonic()
         if remaining <= 0:
             raise DeadlineExceeded("the request deadline passed before MPC started")
         try:
@@ -186,10 +184,10 @@ class MpcVerification:
             # Which party shifted its share cannot be told from the shares: charge nobody,
             # alert. The values stay out of the log and the problem: they are the client's.
             n = int(outside.sum())
-            why = f"{n} of {y.size} output values outside [{low}, {high}] (model {x.entry.name})"
+            why = f"{n} of {y.size} output values outside [{low}, {high}] (model {entry.name})"
             router.unresolved(self.mode, result.parties, why)
             raise UpstreamFailed(
-                f"the MPC answer is outside model {x.entry.name}'s output range "
+                f"the MPC answer is outside model {entry.name}'s output range "
                 f"[{low}, {high}]: a party deviated from the protocol; nothing was returned"
             )
         out = Tensor(model.output_name, "FP32", tuple(y.shape), y)

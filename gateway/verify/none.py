@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from gateway.verify import Outcome
+from gateway.job import Job, Outcome
 
 if TYPE_CHECKING:
-    from gateway.pipeline import Exchange
     from gateway.routing.router import Router
 
 
@@ -17,17 +16,8 @@ class NoVerification:
     def __init__(self, max_output_bytes: int) -> None:
         self.max_output_bytes = max_output_bytes
 
-    async def run(self, x: Exchange, router: Router) -> Outcome:
-        assert x.entry is not None and x.request is not None and x.decision is not None
-        routed = await router.infer(
-            x.entry,
-            x.request.inputs,
-            tuple(o.name for o in x.request.outputs),
-            x.deadline,
-            allowed=x.node_allowed,
-            request_id=x.request_id,
-            max_output_bytes=self.max_output_bytes,
-        )
+    async def run(self, job: Job, router: Router) -> Outcome:
+        routed = await router.infer(job, max_output_bytes=self.max_output_bytes)
         return Outcome(
             outputs=tuple(routed.outputs),
             nodes=(routed.node.name,),

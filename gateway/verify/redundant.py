@@ -23,13 +23,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from gateway.job import Job, Outcome
 from gateway.protocol.problems import NoHealthyNode, UpstreamFailed
 from gateway.protocol.tensors import Tensor
-from gateway.verify import Outcome
 
 if TYPE_CHECKING:
     from gateway.config import NodeConfig
-    from gateway.pipeline import Exchange
     from gateway.routing.router import Routed, Router
 
 
@@ -62,25 +61,19 @@ class RedundantVerification:
         self.rtol = rtol
         self.atol = atol
 
-    async def _on(self, x: Exchange, router: Router, node: NodeConfig) -> Routed | None:
-        assert x.entry is not None and x.request is not None
+    async def _on(self, job: Job, router: Router, node: NodeConfig) -> Routed | None:
         try:
             return await router.infer(
-                x.entry,
-                x.request.inputs,
-                tuple(o.name for o in x.request.outputs),
-                x.deadline,
-                allowed=lambda n: n.name == node.name and x.node_allowed(n),
-                request_id=x.request_id,
+                job,
+                only=lambda n: n.name == node.name,
                 max_output_bytes=self.max_output_bytes,
             )
         except (UpstreamFailed, NoHealthyNode):
             return None
 
-    async def run(self, x: Exchange, router: Router) -> Outcome:
-        assert x.entry is not None
+    async def run(self, job: Job, router: Router) -> Outcome:
         candidates = sorted(
-            (s for s in router.candidates(x.entry.name, x.node_allowed)),
+            (s for s in router.candidates(job.entry.name, job.allowed)),
             key=lambda s: s.score(),
         )
         # One node per signed provider, best-scoring first: independence is the point.
@@ -92,12 +85,12 @@ class RedundantVerification:
             raise NoHealthyNode(
                 "redundant mode needs healthy nodes of two independent providers", retry_after=1
             )
-        first = await asyncio.gather(*(self._on(x, router, n) for n in pool[:2]))
+        first = await asyncio.gather(*(self._on(job, router, n) for n in pool[:2]))
         answers = [r for r in first if r is not None]
         spare = pool[2:]
         # Replace a failed node by one of another provider, while any are left.
         while len(answers) < 2 and spare:
-            got = await self._on(x, router, spare.pop(0))
+            got = await self._on(job, router, spare.pop(0))
             if got is not None:
                 answers.append(got)
         if len(answers) < 2:
@@ -108,7 +101,7 @@ class RedundantVerification:
         # Disagreement: a third provider breaks the tie, or nobody gets an answer.
         disputed = [a.node.name, b.node.name]
         while spare:
-            c = await self._on(x, router, spare.pop(0))
+            c = await self._on(job, router, spare.pop(0))
             if c is None:
                 continue
             for winner, loser in ((a, b), (b, a)):
@@ -118,7 +111,7 @@ class RedundantVerification:
             disputed.append(c.node.name)  # three answers, no two alike: no majority either
             break
         why = "no third provider answered" if len(disputed) == 2 else "no two answers agree"
-        router.unresolved(self.mode, disputed, f"{why} (model {x.entry.name})")
+        router.unresolved(self.mode, disputed, f"{why} (model {job.entry.name})")
         raise UpstreamFailed(
             f"nodes {', '.join(disputed)} disagree and no majority could be formed"
         )

@@ -15,18 +15,16 @@ Per request:
 5. The answer is the dequantised output instances of the verified proof, never a tensor the
    node sent alongside it.
 
-A missing, malformed or failing proof is the node's failure: it is charged to the node
-through the router's own bookkeeping (``Router._failed``: consecutive failures, ejection),
-and the request moves to the next candidate, like a transport error does in
-``Router.infer``. The loop here mirrors that one instead of calling it because proving takes
-seconds: it uses its own per-try timeout and does not feed proving time into the latency
-EWMA that plain requests are balanced by.
+A missing, malformed or failing proof is the node's failure. The mode runs in the router's
+one attempt loop (``Router.infer``) with the proof check as its per-reply check: a refused
+proof is charged to the node like a transport error and the request moves to the next
+candidate. Proving takes seconds, so the mode passes its own per-try timeout and keeps
+proving time out of the latency EWMA that plain requests are balanced by.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,8 +33,8 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.config import NodeConfig
+from gateway.job import Job, Outcome
 from gateway.protocol.problems import (
-    DeadlineExceeded,
     Forbidden,
     Internal,
     InvalidTensor,
@@ -46,13 +44,12 @@ from gateway.protocol.problems import (
 from gateway.protocol.tensors import RequestedOutput, Tensor
 from gateway.registry import TensorSpec
 from gateway.routing.node_client import NodeError
-from gateway.verify import Outcome
+from gateway.routing.router import Call
 from zk.record import RECORD_FILE, VerifierArtefacts
 from zk.verifier import ZkResult, ZkVerifierPool
 
 if TYPE_CHECKING:
-    from gateway.pipeline import Exchange
-    from gateway.routing.router import NodeState, Router
+    from gateway.routing.router import Router
 
 log = logging.getLogger(__name__)
 
@@ -89,131 +86,89 @@ class ZkVerification:
         found = [VerifierArtefacts.from_dir(Path(d)) for d in dirs]
         return cls({a.record.model_sha256: a for a in found}, pool, **kw)
 
-    async def run(self, x: Exchange, router: Router) -> Outcome:
-        assert x.entry is not None and x.request is not None and x.decision is not None
-        entry, request = x.entry, x.request
+    async def run(self, job: Job, router: Router) -> Outcome:
+        entry = job.entry
         artefacts = self.artefacts.get(entry.sha256)
         if artefacts is None:
             raise Forbidden(f"model {entry.name!r} v{entry.version} has no zk artefacts here")
         record = artefacts.record
-        row = self._request_row(request.inputs, artefacts)
+        row = self._request_row(job.inputs, artefacts)
         zk_name = record.zk_model_name
-        allowed = x.node_allowed  # policy's verdict for each node in this mode
         extra = self.node_filter
 
-        def eligible(node: NodeConfig) -> bool:
-            return allowed(node) and node.serves(zk_name) and (extra is None or extra(node))
+        def provers(node: NodeConfig) -> bool:
+            return node.serves(zk_name) and (extra is None or extra(node))
 
-        tried: list[str] = []
-        reasons: list[str] = []
-        for attempt in range(1, self.max_attempts + 1):
-            remaining = x.deadline - time.monotonic()
-            if remaining <= 0:
-                raise DeadlineExceeded(
-                    f"deadline passed after {attempt - 1} zk attempt(s): {'; '.join(reasons)}"
-                )
-            cands = [
-                s for s in router.candidates(entry.name, eligible) if s.config.name not in tried
-            ]
-            if not cands:
-                if tried:
-                    break
-                raise NoHealthyNode(
-                    f"no healthy zk-capable node may serve {entry.name!r} now", retry_after=1
-                )
-            state = router._pick(cands)
-            tried.append(state.config.name)
-            result = await self._attempt(
-                state,
-                router,
-                request.inputs,
-                zk_name,
-                entry.version,
-                row,
-                artefacts,
-                timeout_s=min(self.prove_timeout_s, remaining),
-                request_id=x.request_id,
+        async def proven(outputs: list[Tensor]) -> ZkResult:
+            return await self._check(outputs, row, artefacts)
+
+        try:
+            routed = await router.infer(
+                job,
+                only=provers,
+                call=Call(zk_name, entry.version, (PROOF_OUTPUT,)),
+                check=proven,
+                per_try_timeout_s=self.prove_timeout_s,
+                max_attempts=self.max_attempts,
+                learn_latency=False,
             )
-            if isinstance(result, str):
-                reasons.append(f"{state.config.name}: {result}")
-                log.warning("zk attempt %d on %s failed: %s", attempt, state.config.name, result)
-                await router._failed(state)
-                continue
-            state.served += 1
-            if state.failures:
-                state.failures = 0
-                await router._quiet(router.store.record_success(state.config.name))
-            if record.dev_srs:
-                log.warning(
-                    "DEV-ONLY: zk proof for %s verified under a locally generated SRS; "
-                    "whoever generated it could forge proofs",
-                    entry.name,
-                )
-            return Outcome(
-                outputs=self._outputs(entry.outputs, request.outputs, artefacts, result),
-                nodes=(state.config.name,),
-                mode=self.mode,
-                status="verified",
-                attempts=attempt,
-                evidence={
-                    **record.evidence(),
-                    "proof_sha256": result.proof_sha256,
-                    "instances_sha256": result.instances_sha256,
-                    "proof": result.canonical_proof.decode("ascii"),
-                    # Kept beside the log (not in the receipt) so audit bundles can carry
-                    # what an auditor needs to re-verify the proof offline.
-                    "verification_material": {
-                        "zk.json": str(artefacts.vk.parent.parent / RECORD_FILE),
-                        "vk": str(artefacts.vk),
-                        "settings.json": str(artefacts.settings),
-                        "srs": str(artefacts.srs),
-                    },
+        except NoHealthyNode as exc:
+            raise NoHealthyNode(
+                f"no healthy zk-capable node may serve {entry.name!r} now", retry_after=1
+            ) from exc
+        except UpstreamFailed as exc:
+            raise UpstreamFailed(
+                f"no zk-capable node returned a valid proof: {exc.detail}"
+            ) from exc
+        result: ZkResult = routed.checked
+        if record.dev_srs:
+            log.warning(
+                "DEV-ONLY: zk proof for %s verified under a locally generated SRS; "
+                "whoever generated it could forge proofs",
+                entry.name,
+            )
+        return Outcome(
+            outputs=self._outputs(entry.outputs, job.outputs, artefacts, result),
+            nodes=(routed.node.name,),
+            mode=self.mode,
+            status="verified",
+            attempts=routed.attempts,
+            evidence={
+                **record.evidence(),
+                "proof_sha256": result.proof_sha256,
+                "instances_sha256": result.instances_sha256,
+                "proof": result.canonical_proof.decode("ascii"),
+                # Kept beside the log (not in the receipt) so audit bundles can carry
+                # what an auditor needs to re-verify the proof offline.
+                "verification_material": {
+                    "zk.json": str(artefacts.vk.parent.parent / RECORD_FILE),
+                    "vk": str(artefacts.vk),
+                    "settings.json": str(artefacts.settings),
+                    "srs": str(artefacts.srs),
                 },
-            )
-        raise UpstreamFailed(
-            f"no zk-capable node returned a valid proof ({', '.join(tried)}): {'; '.join(reasons)}"
+            },
         )
 
-    async def _attempt(
+    async def _check(
         self,
-        state: NodeState,
-        router: Router,
-        inputs: tuple[Tensor, ...],
-        zk_name: str,
-        version: str,
+        outputs: list[Tensor],
         row: npt.NDArray[np.float32],
         artefacts: VerifierArtefacts,
-        *,
-        timeout_s: float,
-        request_id: str,
-    ) -> ZkResult | str:
-        """A verified result, or why this node's reply is refused (the node is at fault)."""
-        state.pending += 1
-        try:
-            outputs = await state.client.infer(
-                zk_name,
-                version,
-                inputs,
-                (PROOF_OUTPUT,),
-                timeout_s=timeout_s,
-                request_id=request_id,
-            )
-        except NodeError as exc:
-            return exc.reason
-        finally:
-            state.pending -= 1
+    ) -> ZkResult:
+        """The verified result; NodeError when the node's reply is refused (it is at fault).
+        An unavailable verifier is the gateway's fault: Internal, and no node is charged."""
         proofs = [t for t in outputs if t.name == PROOF_OUTPUT]
         if len(outputs) != 1 or len(proofs) != 1 or proofs[0].datatype != "BYTES":
-            return f"reply is not one BYTES {PROOF_OUTPUT!r} tensor"
+            raise NodeError("reply", f"reply is not one BYTES {PROOF_OUTPUT!r} tensor")
         if proofs[0].data.size != 1 or not isinstance(proofs[0].data.reshape(-1)[0], bytes):
-            return f"{PROOF_OUTPUT!r} must hold exactly one element"
+            raise NodeError("reply", f"{PROOF_OUTPUT!r} must hold exactly one element")
         proof = proofs[0].data.reshape(-1)[0]
         result = await self.pool.verify(proof, row, artefacts)
         if result.success:
             return result
         if not result.node_at_fault:
             raise Internal(f"zk verifier unavailable: {result.detail}")
-        return f"{result.reason}: {result.detail}"
+        raise NodeError("reply", f"{result.reason}: {result.detail}")
 
     @staticmethod
     def _request_row(

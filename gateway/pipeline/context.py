@@ -1,0 +1,114 @@
+"""The typed values a request becomes, stage by stage.
+
+Each stage takes what the previous ones made and returns a new frozen value; nothing is
+optional, so no stage has to assert that an earlier one ran:
+
+    Incoming -> Caller -> Asked -> (InferDecision) -> Decided -> (Job -> Outcome) -> Answer
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.config import NodeConfig
+from gateway.identity import Identity
+from gateway.job import Job, Outcome
+from gateway.policy.engine import InferDecision
+from gateway.policy.facts import IdentityFacts
+from gateway.protocol.tensors import InferRequest
+from gateway.receipts.issue import Issued
+from gateway.registry import ModelEntry
+
+
+def new_request_id() -> str:
+    """The gateway's own id for a request: what receipts, problems and logs carry. Never the
+    client's `ztgate-request-id` header, which is unbounded client text (a signed receipt
+    must not grow with what a client sends)."""
+    return secrets.token_hex(16)
+
+
+def body_of(data: bytes, chunk: int = 65536) -> Callable[[], AsyncIterator[bytes]]:
+    """A body already in memory, as a stream (a front that has it whole, and tests)."""
+
+    async def stream() -> AsyncIterator[bytes]:
+        for i in range(0, len(data), chunk):
+            yield data[i : i + chunk]
+
+    return stream
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A request as a front (HTTP today) hands it over, nothing read or trusted yet."""
+
+    scope: Mapping[str, Any]  # the ASGI scope: where the verified peer certificate is
+    headers: Mapping[str, str]  # case-insensitive lookups (Starlette's Headers)
+    body: Callable[[], AsyncIterator[bytes]]  # read only by the decode stage, bounded
+    model: str | None = None  # from the path, for routes about a model
+    version: str | None = None
+    request_id: str = field(default_factory=new_request_id)
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The verified, unrevoked identity, and the same identity as policy sees it."""
+
+    identity: Identity
+    facts: IdentityFacts
+
+    @classmethod
+    def of(cls, identity: Identity) -> Caller:
+        return cls(identity, IdentityFacts.from_identity(identity))
+
+
+@dataclass(frozen=True)
+class Asked:
+    """A decoded request that fits the model's signature."""
+
+    incoming: Incoming
+    caller: Caller
+    entry: ModelEntry
+    request: InferRequest
+    payload_bytes: int
+    deadline: float  # time.monotonic()
+    client_deadline: bool  # the client set its own deadline: modes keep it
+
+
+@dataclass(frozen=True)
+class Decided:
+    """Policy's decision and the mode chosen under it."""
+
+    asked: Asked
+    decision: InferDecision
+    mode: str
+    deadline: float
+
+    def node_allowed(self, node: NodeConfig) -> bool:
+        return self.decision.node_allowed(self.mode, node.name)
+
+    def job(self) -> Job:
+        a = self.asked
+        return Job(
+            entry=a.entry,
+            inputs=a.request.inputs,
+            outputs=a.request.outputs,
+            deadline=self.deadline,
+            allowed=self.node_allowed,
+            request_id=a.incoming.request_id,
+        )
+
+
+@dataclass(frozen=True)
+class Answer:
+    decided: Decided
+    outcome: Outcome
+    receipt: Issued | None  # None only on a gateway configured without receipts
+
+    @property
+    def request_id(self) -> str:
+        return self.decided.asked.incoming.request_id

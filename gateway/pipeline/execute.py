@@ -1,0 +1,146 @@
+"""Running the decided request and receipting what happened, answers and denials alike."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+from gateway.identity import Identity
+from gateway.job import Outcome
+from gateway.pipeline.context import Caller, Decided
+from gateway.protocol.problems import NoHealthyNode, Problem
+from gateway.receipts.issue import Issued
+from gateway.receipts.log import LogError, LogFrozen
+from gateway.receipts.model import (
+    ClientRef,
+    ModelRef,
+    PolicyRef,
+    VerificationRef,
+    ext_value,
+)
+from gateway.receipts.service import ReceiptService
+from gateway.registry import ModelEntry
+from gateway.routing.router import Router
+from gateway.verify import Verifier
+
+log = logging.getLogger(__name__)
+
+RECEIPT_HEADER = "ztgate-receipt"
+
+# Mode evidence that goes into the receipt: hashes and identities, never proofs or data.
+RECEIPTED_EVIDENCE = frozenset(
+    {
+        "model_sha256",
+        "vk_sha256",
+        "settings_sha256",
+        "srs_sha256",
+        "dev_srs",
+        "logrows",
+        "dealer",
+        "session",
+        "providers",
+    }
+)
+
+
+class RouteStage:
+    """Fails fast with 503 when no node may serve the request at all."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def __call__(self, decided: Decided) -> None:
+        name = decided.asked.entry.name
+        if not self.router.candidates(name, decided.node_allowed):
+            raise NoHealthyNode(
+                f"no healthy node that policy allows can serve {name!r} in mode "
+                f"{decided.mode!r} right now",
+                retry_after=1,
+            )
+
+
+class VerifyStage:
+    """The chosen mode runs the job: `Job -> Outcome`, node calls through the router."""
+
+    def __init__(self, verifiers: Mapping[str, Verifier], router: Router) -> None:
+        self.verifiers = verifiers
+        self.router = router
+
+    async def __call__(self, decided: Decided) -> Outcome:
+        return await self.verifiers[decided.mode].run(decided.job(), self.router)
+
+
+def client_ref(identity: Identity) -> ClientRef:
+    return ClientRef(identity.spiffe_id, identity.serial, identity.issuer)
+
+
+def model_ref(entry: ModelEntry) -> ModelRef:
+    return ModelRef(entry.name, entry.version, entry.sha256)
+
+
+class ReceiptStage:
+    """Signs and durably logs what was asked and answered; only then may the answer leave."""
+
+    def __init__(self, service: ReceiptService) -> None:
+        self.service = service
+
+    async def __call__(self, decided: Decided, outcome: Outcome) -> Issued:
+        asked = decided.asked
+        evidence = outcome.evidence
+        try:
+            issued = await self.service.answer(
+                client=client_ref(asked.caller.identity),
+                model=model_ref(asked.entry),
+                inputs=asked.request.inputs,
+                outputs=outcome.outputs,
+                policy=PolicyRef(decided.decision.policy_hash, decided.decision.id),
+                verification=VerificationRef(
+                    outcome.mode,
+                    outcome.status,
+                    public_instances_sha256=evidence.get("instances_sha256"),
+                    proof_sha256=evidence.get("proof_sha256"),
+                ),
+                nodes=outcome.nodes,
+                request_id=asked.incoming.request_id,
+                extensions={
+                    k: ext_value(v) for k, v in sorted(evidence.items()) if k in RECEIPTED_EVIDENCE
+                },
+            )
+            proof = evidence.get("proof")
+            material = evidence.get("verification_material")
+            if isinstance(proof, str) and isinstance(material, dict):
+                self.service.save_evidence(
+                    issued.receipt.receipt_id,
+                    {"proof.json": proof.encode(), **{k: Path(v) for k, v in material.items()}},
+                )
+        except (LogError, LogFrozen, OSError) as exc:
+            # Never an answer without a receipt.
+            log.error("receipt log refused an answer's receipt: %s", exc)
+            raise NoHealthyNode("the receipt log is unavailable", retry_after=5) from exc
+        return issued
+
+
+class DenialStage:
+    """A receipt for refusals docs/compliance.md says are receipted; identical ones within
+    a window share one. Only fixed text goes in: the problem's type and title (details
+    may quote client text), the gateway's request id, never the client's."""
+
+    def __init__(self, service: ReceiptService) -> None:
+        self.service = service
+
+    async def __call__(
+        self, caller: Caller, entry: ModelEntry | None, problem: Problem, request_id: str
+    ) -> None:
+        try:
+            issued, coalesced = await self.service.deny(
+                client=client_ref(caller.identity),
+                model=model_ref(entry) if entry is not None else None,
+                problem_type=problem.type,
+                reason=problem.title,
+                request_id=request_id,
+            )
+        except Exception:  # the denial stands either way; a missing denial receipt is logged
+            log.exception("could not receipt a denial")
+            return
+        problem.headers[RECEIPT_HEADER] = issued.summary + ("; coalesced" if coalesced else "")
