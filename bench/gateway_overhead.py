@@ -48,6 +48,7 @@ from types import FrameType
 from typing import Any
 
 import numpy as np
+import psutil
 
 from gateway.ports import wait_ready as _wait_ready
 
@@ -305,12 +306,12 @@ def concurrent(factory: Factory, n: int, workers: int, warmup: int) -> tuple[lis
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads (Linux /proc)."""
+    """User + system CPU time of a process, all its threads."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
         return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return t.user + t.system
 
 
 def server_histogram(admin_port: int) -> tuple[float, float]:
@@ -432,27 +433,39 @@ def variant_config(cluster: Any, name: str, redis_url: str | None) -> Path:
 
 
 @contextlib.contextmanager
+def gateway_process(
+    cluster: Any, config: Path, log_path: Path, prefix: list[str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m gateway serve --config config`, ready, and stopped on the way out."""
+    with log_path.open("wb") as log_file:
+        cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
+        gateway = subprocess.Popen(
+            (prefix or []) + cmd,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches us, and we stop it in order
+        )
+    try:
+        admin = f"http://127.0.0.1:{cluster.admin_port}/v2/health/ready"
+        if not _wait_ready(admin, 60, gateway):
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the gateway did not become ready; its log:\n{tail}")
+        print(f"  gateway ready (pid {gateway.pid}), log: {log_path}", flush=True)
+        yield gateway
+    finally:
+        _stop_gateway(gateway)
+
+
+@contextlib.contextmanager
 def gateway_env(cluster: Any, name: str, prefix: list[str]) -> Iterator[Setup]:
     """One gateway process with configuration `name`, stopped on the way out."""
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(redis_server()) if name == "redis" else None
         config = variant_config(cluster, name, url)
         cfg = tomllib.loads(config.read_text())
+        print(f"  gateway [{name}]:", flush=True)
         log_path = cluster.root / f"gateway-{name}.log"
-        with log_path.open("wb") as log_file:
-            cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
-            gateway = subprocess.Popen(
-                prefix + cmd,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C reaches us, and we stop it in order
-            )
-        try:
-            admin = f"http://127.0.0.1:{cluster.admin_port}/v2/health/ready"
-            if not _wait_ready(admin, 60, gateway):
-                tail = log_path.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"the gateway did not become ready; its log:\n{tail}")
-            print(f"  gateway [{name}] ready (pid {gateway.pid}), log: {log_path}", flush=True)
+        with gateway_process(cluster, config, log_path, prefix) as gateway:
             pki = cluster.root / "pki"
             node = cfg["nodes"][0]
             yield Setup(
@@ -469,8 +482,6 @@ def gateway_env(cluster: Any, name: str, prefix: list[str]) -> Iterator[Setup]:
                 client_key=pki / "clients" / "bench" / "client.key",
                 gateway_pid=gateway.pid,
             )
-        finally:
-            _stop_gateway(gateway)
 
 
 def _sigterm(_signum: int, _frame: FrameType | None) -> None:

@@ -23,7 +23,6 @@ on which CPU of the instruction set runs the recipe.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
@@ -41,6 +40,8 @@ import numpy as np
 import onnx
 from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
+
+from gateway.files import sha256_file
 
 EXAMPLE_NAMES: tuple[str, ...] = ("iris", "mnist", "risk")
 SHIPPED_DIR = Path(__file__).resolve().parent / "examples"
@@ -454,14 +455,6 @@ def build_environment() -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- shipped files
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def shipped_sums() -> dict[str, str]:

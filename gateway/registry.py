@@ -42,9 +42,7 @@ import fcntl
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +51,8 @@ from typing import Any
 import onnx
 from onnx import TensorProto
 from onnx.external_data_helper import uses_external_data
+
+from gateway.files import atomic_write, sha256_file
 
 FORMAT = "ztgate.registry/1"
 INDEX_FILE = "registry.json"
@@ -302,29 +302,6 @@ def read_signature(onnx_path: Path) -> tuple[tuple[TensorSpec, ...], tuple[Tenso
 # --------------------------------------------------------------------------- files
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _atomic_write(target: Path, data: bytes) -> None:
-    """Readers see the old file or the new one, never a torn write."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 # --------------------------------------------------------------------------- registry
 
 
@@ -398,7 +375,7 @@ class Registry:
                 return self._same_or_refuse(name, version, existing, record)
             target = self.root / relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(target, data)
+            atomic_write(target, data)  # 0600, as before
             models.setdefault(name, {})[version] = record
             self._write_index(models)
         return self._entry(name, version, record)
@@ -431,7 +408,7 @@ class Registry:
         for entry in self.entries():
             label = f"{entry.name}/{entry.version}"
             try:
-                actual = _sha256(entry.path)
+                actual = sha256_file(entry.path)
             except OSError as exc:
                 problems.append(f"{label}: cannot read {entry.path}: {exc.strerror or exc}")
                 continue
@@ -491,7 +468,7 @@ class Registry:
 
     def _write_index(self, models: dict[str, dict[str, dict[str, Any]]]) -> None:
         text = json.dumps({"format": FORMAT, "models": models}, indent=2, sort_keys=True)
-        _atomic_write(self.index_path, (text + "\n").encode("utf-8"))
+        atomic_write(self.index_path, (text + "\n").encode("utf-8"))
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

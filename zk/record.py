@@ -23,12 +23,13 @@ under it: :func:`load_record` is the one gate every side passes through.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from gateway.files import sha256_file as sha256_file  # zk's callers import it from here
 
 FORMAT = "ztgate.zk/1"
 RECORD_FILE = "zk.json"
@@ -48,14 +49,6 @@ REQUIRED_VISIBILITY: dict[str, str] = {"input": "public", "output": "public", "p
 
 class ZkError(Exception):
     """A zk record, artefact or setting that must not be used; the message says why."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,8 @@ import json
 import logging
 import os
 import queue
-import shutil
 import signal
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -45,6 +45,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
+
+import psutil
+
+from gateway.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +110,8 @@ def triton_home(dest: Path) -> Path:
     for source, target in copies:
         if target.is_file() and target.stat().st_size == source.stat().st_size:
             continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Copy then rename: two nodes laying out the same home must not see half a binary.
-        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-        shutil.copy2(source, tmp)
-        os.replace(tmp, target)
+        # Write then rename: two nodes laying out the same home must not see half a binary.
+        atomic_write(target, source.read_bytes(), stat.S_IMODE(source.stat().st_mode))
     return dest
 
 
@@ -269,49 +270,50 @@ class NodeSpec:
         return f"{self.grpc_host}:{self.grpc_port}"
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, ppid) of ``pid`` from /proc, or None if it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # comm may contain spaces and parentheses; the fields after the last ')' are fixed.
-    fields = raw[raw.rfind(")") + 2 :].split()
-    return fields[0], int(fields[1])
+_GONE = frozenset({psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD})
 
 
-def _start_time(pid: int) -> int | None:
-    """When ``pid`` started (clock ticks after boot): a recycled pid has another one."""
+def _start_time(pid: int) -> float | None:
+    """When ``pid`` started: a recycled pid has another start time. None if it is gone."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, ValueError):  # ValueError: pid < 0
         return None
-    return int(raw[raw.rfind(")") + 2 :].split()[19])
+
+
+def _live(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() not in _GONE
+    except psutil.Error:
+        return False
 
 
 def pid_alive(pid: int) -> bool:
     """True if ``pid`` exists and is not a zombie (a zombie stub is as dead as a missing one)."""
-    stat = _proc_stat(pid)
-    return stat is not None and stat[0] not in ("Z", "X")
+    try:
+        return _live(psutil.Process(pid))
+    except (psutil.Error, ValueError):
+        return False
 
 
 def children(pid: int, cmdline_contains: str | None = None) -> list[int]:
     """Live direct children of ``pid``, optionally only those whose cmdline has a substring."""
+    try:
+        kids = psutil.Process(pid).children()
+    except (psutil.Error, ValueError):
+        return []
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        stat = _proc_stat(int(entry.name))
-        if stat is None or stat[1] != pid or stat[0] in ("Z", "X"):
+    for kid in kids:
+        if not _live(kid):
             continue
         if cmdline_contains is not None:
             try:
-                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
+                cmd = " ".join(kid.cmdline())
+            except psutil.Error:
                 continue
             if cmdline_contains not in cmd:
                 continue
-        found.append(int(entry.name))
+        found.append(kid.pid)
     return sorted(found)
 
 
@@ -367,7 +369,7 @@ class TritonProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         # The server's children (pid -> start time) as of its last start: stop() must still
         # find them if the server died first and they became init's.
-        self._kids: dict[int, int] = {}
+        self._kids: dict[int, float] = {}
         self._log: TextIO | None = None
         self.started_at: float | None = None
         self.ready_after_s: float | None = None
@@ -541,7 +543,7 @@ class TritonProcess:
         self.stop()
 
 
-def _identities(pids: list[int]) -> dict[int, int]:
+def _identities(pids: list[int]) -> dict[int, float]:
     found = {}
     for pid in pids:
         started = _start_time(pid)
@@ -550,7 +552,7 @@ def _identities(pids: list[int]) -> dict[int, int]:
     return found
 
 
-def _wait_gone(kids: Mapping[int, int], timeout: float) -> None:
+def _wait_gone(kids: Mapping[int, float], timeout: float) -> None:
     # Orphaned stubs are reparented to init (or a subreaper) and reaped there; wait for it
     # so callers can rely on "stop() returned" meaning "nothing of the node is left".
     def left() -> bool:

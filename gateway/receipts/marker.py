@@ -18,6 +18,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.files import fsync_dir
+
 __all__ = ["Head", "HeadMarker"]
 
 SLOT = 512
@@ -66,11 +68,7 @@ class HeadMarker:
             created = not self.path.exists()
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             if created:
-                fd = os.open(self.path.parent, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fsync_dir(self.path.parent)
         self._seq += 1
         line = json.dumps(
             {"seq": self._seq, "log_id": log_id, "size": size, "root": root}, sort_keys=True

@@ -33,6 +33,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from gateway.files import atomic_write
 from gateway.keyid import signing_key_id
 from gateway.receipts.canonical import b64, canonical_json, unb64
 from gateway.receipts.model import Receipt, SignedReceipt
@@ -203,9 +204,7 @@ class KeySet:
         return cls.from_json(path.read_bytes()) if path.is_file() else cls()
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(self.to_json())
-        tmp.replace(path)
+        atomic_write(path, self.to_json(), mode=None)  # public keys: the umask's default mode
 
     # --- verification ------------------------------------------------------------------
     def verify(self, signed: SignedReceipt) -> Verdict:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from gateway.files import atomic_write
 from gateway.receipts.canonical import b64, unb64
 from gateway.receipts.merkle import EMPTY_ROOT, HASH_SIZE, verify_consistency
 from gateway.receipts.note import (
@@ -135,18 +135,8 @@ class Witness:
         return (int(s["size"]), unb64(s["root"])) if s else (0, EMPTY_ROOT)
 
     def _save(self) -> None:
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_name(self.state_file.name + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"logs": self._state}, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.state_file)
-        fd = os.open(self.state_file.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        state = json.dumps({"logs": self._state}, indent=1, sort_keys=True)
+        atomic_write(self.state_file, state.encode(), mode=None)
 
     async def add_checkpoint(self, raw: bytes) -> tuple[int, str, str]:
         """(HTTP status, body, content type) for one add-checkpoint request."""

@@ -22,6 +22,8 @@ import os
 import threading
 from pathlib import Path
 
+from gateway.files import fsync_dir
+
 __all__ = ["FileRevocations", "RevocationFileError"]
 
 
@@ -66,7 +68,7 @@ class FileRevocations:
             if created:
                 # Make the new file's directory entry durable too, or a crash could lose
                 # the whole file after we acknowledged appends to it.
-                _fsync_dir(self.path.parent)
+                fsync_dir(self.path.parent)
         except BaseException:
             self.close()
             raise
@@ -138,11 +140,3 @@ class FileRevocations:
             if self._fd is not None:
                 os.close(self._fd)  # also releases the flock
                 self._fd = None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
