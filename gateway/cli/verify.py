@@ -2,13 +2,22 @@
 
 Exit codes: 0 valid, 1 invalid, 2 usage (bad arguments, unreadable input or trust file),
 3 pending (signed, but not yet in a signed checkpoint). No network is used.
+
+The report (`--format text|md|html|json`, to stdout or `--output`) is written after the
+checks; whatever a library prints or logs while they run goes to stderr (third-party
+loggers are silenced unless `-v`), so it never lands in the report.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +45,11 @@ def register(sub: Any) -> None:
     p.add_argument("--allow-dev-srs", action="store_true",
                    help="DANGER: accept zk proofs made under a locally generated SRS "
                    "(forgeable; for a dev cluster only)")  # fmt: skip
-    p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.add_argument("--format", choices=("text", "md", "html", "json"), default="text",
+                   help="text (default); md, html: a report to file; json")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="machine-readable report (--format json)")
+    p.add_argument("-o", "--output", type=Path, metavar="FILE",
+                   help="write the report to FILE instead of stdout")  # fmt: skip
     p.add_argument("--now", metavar="ISO", help="judge key retirement as of this time")
     p.set_defaults(func=_verify)
 
@@ -60,21 +73,64 @@ def _verify(args: argparse.Namespace) -> int:
     except ImportError:
         pass
 
+    from gateway.receipts.report import FORMATS
+
+    fmt = "json" if args.json else args.format
     try:
         trust = TrustPolicy.load(args.trust)
         salts = load_salts(args.salts) if args.salts else None
         now = parse_time(args.now) if args.now else dt.datetime.now(dt.UTC)
         if not args.target.exists():
             raise UsageError(f"{args.target} does not exist")
-        report = verify_path(
-            args.target, trust, args.require_witness, salts, now, args.witness_quorum
-        )
+        with _checks_write_nothing_to_stdout(verbose=bool(getattr(args, "verbose", False))):
+            report = verify_path(
+                args.target, trust, args.require_witness, salts, now, args.witness_quorum
+            )
     except (TrustError, BundleError) as exc:
         raise UsageError(str(exc)) from exc
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read input: {exc}") from exc
-    if args.json:
-        print(json.dumps(report.to_json(), indent=2))
+    report.scope["allow_dev_srs"] = bool(args.allow_dev_srs)
+    text = json.dumps(report.to_json(), indent=2) if fmt == "json" else FORMATS[fmt](report)
+    if args.output is not None:
+        try:
+            args.output.write_text(text if text.endswith("\n") else text + "\n")
+        except OSError as exc:
+            raise UsageError(f"cannot write {args.output}: {exc}") from exc
+        print(f"{report.status.upper()}: report written to {args.output}", file=sys.stderr)
     else:
-        print(report.render())
+        print(text)
     return report.exit_code
+
+
+class _OwnLogsOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.split(".", 1)[0] in ("gateway", "zk")
+
+
+@contextlib.contextmanager
+def _checks_write_nothing_to_stdout(verbose: bool) -> Iterator[None]:
+    """While the checks run, stdout (Python's and file descriptor 1, which native code such
+    as ezkl writes to) points at stderr, and records of loggers outside gateway/zk are
+    dropped unless `verbose`: the report, written afterwards, holds nothing else."""
+    handlers = [] if verbose else list(logging.getLogger().handlers)
+    only_ours = _OwnLogsOnly()
+    for h in handlers:
+        h.addFilter(only_ours)
+    sys.stdout.flush()
+    try:
+        saved: int | None = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:
+        saved = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+        for h in handlers:
+            h.removeFilter(only_ours)

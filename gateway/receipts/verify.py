@@ -61,7 +61,14 @@ from gateway.receipts.merkle import (
 )
 from gateway.receipts.model import FormatError, Receipt, SignedReceipt, TensorRef
 from gateway.receipts.note import Checkpoint, NoteError, NoteKey, SignedNote, WitnessKey
-from gateway.receipts.signing import SUMMARY_PREFIX, KeySet, Verdict, format_time, verify_summary
+from gateway.receipts.signing import (
+    SUMMARY_PREFIX,
+    KeySet,
+    Verdict,
+    format_time,
+    raw_public,
+    verify_summary,
+)
 
 __all__ = [
     "PROOF_VERIFIERS",
@@ -140,6 +147,7 @@ class TrustPolicy:
     log_keys: list[TrustedLogKey]
     witnesses: dict[str, WitnessKey]
     witness_quorum: int = 0
+    source: str = ""  # where the keys came from (the trust file's path), for the report
 
     @classmethod
     def load(cls, path: Path) -> TrustPolicy:
@@ -147,7 +155,9 @@ class TrustPolicy:
             doc = json.loads(path.read_text())
         except (OSError, ValueError, UnicodeDecodeError) as exc:
             raise TrustError(f"cannot read trust file {path}: {exc}") from None
-        return cls.from_dict(doc)
+        policy = cls.from_dict(doc)
+        policy.source = str(path)
+        return policy
 
     @classmethod
     def from_dict(cls, doc: Any) -> TrustPolicy:
@@ -192,7 +202,6 @@ class TrustPolicy:
 
     def to_dict(self) -> dict[str, Any]:
         from gateway.receipts.canonical import b64
-        from gateway.receipts.signing import raw_public
 
         return {
             "format": TRUST_FORMAT,
@@ -221,7 +230,15 @@ class Finding:
 
 @dataclass
 class Report:
+    """The findings, and what they were checked against, for `gateway.receipts.report`:
+    `scope` (the input, the trust file's keys and witnesses, the witness policy, salts),
+    `receipts` (receipt id -> facts of each receipt whose signature verified: model, mode,
+    kind, time, key) and `logs` (each log's checkpoints and who cosigned them)."""
+
     findings: list[Finding] = field(default_factory=list)
+    scope: dict[str, Any] = field(default_factory=dict)
+    receipts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    logs: list[dict[str, Any]] = field(default_factory=list)
 
     def add(
         self, subject: str, status: Status, code: str = "ok", reason: str = "", **details: Any
@@ -250,20 +267,16 @@ class Report:
             "status": self.status,
             "counts": self.counts(),
             "findings": [asdict(f) for f in self.findings],
+            "scope": self.scope,
+            "receipts": self.receipts,
+            "logs": self.logs,
         }
 
     def render(self) -> str:
-        counts = ", ".join(f"{v} {k}" for k, v in sorted(self.counts().items()))
-        lines = [f"status: {self.status.upper()}  ({counts})"]
-        for f in self.findings:
-            # Valid with a code other than ok: a limit of what could be checked (a v1
-            # bundle's completeness, say), which an auditor must see without --json.
-            if f.status != "valid" or f.code not in ("ok", "genesis"):
-                lines.append(f"  {f.status.upper():8} {f.subject}: [{f.code}] {f.reason}")
-        valid = [f for f in self.findings if f.status == "valid"]
-        if valid:
-            lines.append(f"  {len(valid)} item(s) valid")
-        return "\n".join(lines)
+        """The text report (`gateway.receipts.report.render_text`)."""
+        from gateway.receipts.report import render_text
+
+        return render_text(self)
 
 
 # --- checkpoints -------------------------------------------------------------------------
@@ -448,6 +461,7 @@ def _check_receipt(
     if not sig:
         report.add(subject, "invalid", sig.code, sig.reason)
         return
+    report.receipts[r.receipt_id] = _receipt_facts(r)
     leaf = leaf_hash(LogEntry("receipt", hashlib.sha256(raw).digest()).leaf_data())
     leaf_ok = False
     if state is not None and state.leaves is not None and state.start <= r.index < state.size:
@@ -571,6 +585,97 @@ def _check_receipt(
     report.add(subject, "valid", **details)
 
 
+# --- what the report says was checked -----------------------------------------------------
+def _receipt_facts(r: Receipt) -> dict[str, Any]:
+    """What a receipt whose signature verified says about itself, for the report."""
+    v = r.verification
+    facts: dict[str, Any] = {
+        "kind": r.kind,
+        "time": r.time,
+        "key_id": r.key_id,
+        "log_id": r.log_id,
+        "index": r.index,
+        "model": r.model.name if r.model else None,
+        "model_version": r.model.version if r.model else None,
+        "mode": v.mode if v else None,
+        "result": v.result if v else None,
+    }
+    if r.denial is not None:
+        facts["denial"] = {
+            "type": r.denial.problem_type,
+            "reason": r.denial.reason,
+            "count": r.denial.count,
+        }
+    if "dev_srs" in r.extensions:
+        facts["dev_srs"] = r.extensions["dev_srs"] is True
+    return facts
+
+
+def _fingerprint(key: ed25519.Ed25519PublicKey) -> str:
+    return hashlib.sha256(raw_public(key)).hexdigest()[:16]
+
+
+def _scope(
+    kind: str,
+    trust: TrustPolicy,
+    policy: WitnessPolicy,
+    salts: Mapping[str, Any] | None,
+    now: dt.datetime,
+) -> dict[str, Any]:
+    """The input, and the keys, witnesses and policy it was checked against."""
+    return {
+        "input": kind,
+        "trust_file": trust.source,
+        "receipt_keys": [
+            {
+                "key_id": k.key_id,
+                "valid_from": format_time(k.valid_from),
+                "valid_until": format_time(k.valid_until) if k.valid_until else None,
+            }
+            for k in trust.receipt_keys
+        ],
+        "log_keys": [
+            {
+                "origin_prefix": t.origin_prefix,
+                "origins": list(t.origins),
+                "fingerprint": _fingerprint(t.public_key),
+            }
+            for t in trust.log_keys
+        ],
+        "witnesses": sorted(trust.witnesses),
+        "witness_policy": {"required": list(policy.names), "quorum": policy.quorum},
+        "salts": None if salts is None else len(salts),
+        "proof_reverifiers": sorted(PROOF_VERIFIERS),
+        "checked_at": format_time(now),
+    }
+
+
+def _log_facts(
+    log_id: str,
+    origin: str,
+    chain: Mapping[int, _VerifiedCheckpoint],
+    inventory: tuple[int, int] | None,
+) -> dict[str, Any]:
+    """A log's verified checkpoints, each with its signed time and valid cosigners."""
+    return {
+        "log_id": log_id,
+        "origin": origin,
+        "inventory": list(inventory) if inventory is not None else None,
+        "checkpoints": [
+            {
+                "size": size,
+                "time": format_time(
+                    dt.datetime.fromtimestamp(
+                        vc.checkpoint.time if vc.checkpoint.time is not None else vc.time, dt.UTC
+                    )
+                ),
+                "witnesses": sorted(vc.cosigned),
+            }
+            for size, vc in sorted(chain.items())
+        ],
+    }
+
+
 # --- bundles -----------------------------------------------------------------------------
 def verify_bundle(
     bundle: BundleReader,
@@ -584,7 +689,7 @@ def verify_bundle(
     witnesses must (default: the trust file's ``witness_policy``)."""
     now = now or dt.datetime.now(dt.UTC)
     policy = WitnessPolicy(tuple(require), trust.witness_quorum if quorum is None else quorum)
-    report = Report()
+    report = Report(scope=_scope(f"bundle v{bundle.version}", trust, policy, salts, now))
     origins: set[str] = set()
     states: list[_LogState] = []
     if bundle.version == 1:
@@ -612,6 +717,9 @@ def verify_bundle(
         except (KeyError, TypeError, ValueError) as exc:
             report.add(f"log {st.log_id}", "invalid", "malformed-manifest", str(exc))
     _check_chains(bundle, states, report)
+    for st in states:
+        inventory = (st.start, st.size) if st.leaves is not None else None
+        report.logs.append(_log_facts(st.log_id, st.origin, st.chain, inventory))
     for t in trust.log_keys:
         for origin in t.origins:
             if origin not in origins:
@@ -741,6 +849,7 @@ def _verify_log_v1(
         bundle, entry, lambda raw: _check_checkpoint(raw, trust, policy), report
     )
     chain = {vc.text: vc for vc in by_size.values()}
+    report.logs.append(_log_facts(log_id, str(entry.get("origin", "")), by_size, None))
     links = {(int(a), int(b)) for a, b in entry["consistency"]}
     _link_checkpoints(bundle, base, f"log {log_id}", by_size, links, report)
     for item in entry["receipts"]:
@@ -1021,12 +1130,14 @@ def verify_receipt_file(
 
     Anything else raises `BundleError` (a usage error): a wrong file is not a forgery.
     Its proof's checkpoint must itself satisfy the witness policy."""
-    report = Report()
     raw = path.read_bytes()
+    now = now or dt.datetime.now(dt.UTC)
     policy = WitnessPolicy(tuple(require), trust.witness_quorum if quorum is None else quorum)
     if raw.lstrip().startswith(SUMMARY_PREFIX.encode() + b" "):
+        report = Report(scope=_scope("summary line", trust, policy, salts, now))
         _check_summary_line(raw, trust, report)
         return report
+    report = Report(scope=_scope("receipt", trust, policy, salts, now))
     envelope, proof_raw = _receipt_input(path, raw)
     sidecar = path.with_suffix(".tlog-proof")
     if proof_raw is None and sidecar.is_file():
@@ -1039,7 +1150,7 @@ def verify_receipt_file(
         None,
         salts,
         {},
-        now or dt.datetime.now(dt.UTC),
+        now,
         report,
     )
     return report
@@ -1080,6 +1191,7 @@ def _check_summary_line(raw: bytes, trust: TrustPolicy, report: Report) -> None:
         "signature-only",
         "a summary line: its signature checks against the trust file; its place in the "
         "log is not checked (verify the full receipt or a bundle for that)",
+        key_id=parts[3],
     )
 
 
@@ -1098,5 +1210,8 @@ def verify_path(
     if quorum is not None and not 0 <= quorum <= len(trust.witnesses):
         raise TrustError(f"witness quorum {quorum}: the trust file has {len(trust.witnesses)}")
     if path.is_file() and not tarfile.is_tarfile(path):
-        return verify_receipt_file(path, trust, require, salts, now, quorum)
-    return verify_bundle(BundleReader(path), trust, require, salts, now, quorum)
+        report = verify_receipt_file(path, trust, require, salts, now, quorum)
+    else:
+        report = verify_bundle(BundleReader(path), trust, require, salts, now, quorum)
+    report.scope["target"] = str(path)
+    return report
