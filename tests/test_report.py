@@ -204,7 +204,10 @@ async def test_third_party_output_never_reaches_the_report(
 def test_the_report_renderer_imports_no_web_framework_log_writer_or_pki() -> None:
     """Rendering is part of the offline verifier an auditor runs alone."""
     assert forbidden_in(loaded_by("gateway.receipts.report")) == set()
-    probe = "gateway.receipts.verify; gateway.receipts.verify.Report().render()"
+    probe = (
+        "gateway.receipts.verify, gateway.receipts.report; "
+        "gateway.receipts.report.render_text(gateway.receipts.verify.Report())"
+    )
     assert forbidden_in(loaded_by(probe)) == set()
 
 

@@ -272,12 +272,6 @@ class Report:
             "logs": self.logs,
         }
 
-    def render(self) -> str:
-        """The text report (`gateway.receipts.report.render_text`)."""
-        from gateway.receipts.report import render_text
-
-        return render_text(self)
-
 
 # --- checkpoints -------------------------------------------------------------------------
 @dataclass(frozen=True)
