@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint typecheck pytest demo bench clean
+.PHONY: install test lint typecheck pytest demo bench clean wheelhouse
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,5 +36,11 @@ demo: install
 bench: install
 	$(PY) bench/node_latency.py
 
+# Everything an air-gapped install needs in one directory (deploy/wheelhouse.py):
+# make wheelhouse [WHEELHOUSE=dir] [SRS=ceremony.srs SRS_SHA256=hex]
+WHEELHOUSE ?= wheelhouse
+wheelhouse: install
+	$(PY) deploy/wheelhouse.py --out $(WHEELHOUSE) $(if $(SRS),--srs $(SRS) --srs-sha256 $(SRS_SHA256))
+
 clean:
-	rm -rf $(VENV) .ztgate .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .ztgate .pytest_cache .mypy_cache .ruff_cache wheelhouse

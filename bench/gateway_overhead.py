@@ -330,6 +330,27 @@ def server_histogram(admin_port: int) -> tuple[float, float]:
     return total, count
 
 
+def measure(label: str, mode: str, factory: Factory, setup: Setup, args: Any) -> Run:
+    """One run of `factory`'s client ("seq", or "c=N" with `args.concurrency` threads), with
+    the gateway's own latency and CPU per request served (not for `direct`)."""
+    before = server_histogram(setup.admin_port)
+    cpu0 = cpu_seconds(setup.gateway_pid)
+    print(f"  {label:<26} {mode} ...", flush=True)
+    if mode == "seq":
+        lat, wall = sequential(factory, args.requests, args.warmup)
+    else:
+        warm = max(1, args.warmup // args.concurrency)
+        lat, wall = concurrent(factory, args.requests, args.concurrency, warm)
+    cpu = cpu_seconds(setup.gateway_pid) - cpu0
+    after = server_histogram(setup.admin_port)
+    srv = cpu_ms = None
+    if label != "direct" and after[1] > before[1]:
+        served = after[1] - before[1]
+        srv = (after[0] - before[0]) / served * 1e3
+        cpu_ms = cpu / served * 1e3
+    return Run(label, mode, lat, wall, srv, cpu_ms)
+
+
 # --- the cluster and the gateway process ---------------------------------------------------
 def _stop_gateway(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is not None:
@@ -610,24 +631,7 @@ def main() -> int:
                                 continue
                             label = name if name == "direct" else f"{name}[{cfg_name}]"
                             factory: Factory = functools.partial(variants[name], setup)
-                            before = server_histogram(setup.admin_port)
-                            cpu0 = cpu_seconds(setup.gateway_pid)
-                            print(f"  {label:<26} {mode} ...", flush=True)
-                            if mode == "seq":
-                                lat, wall = sequential(factory, args.requests, args.warmup)
-                            else:
-                                warm = max(1, args.warmup // args.concurrency)
-                                lat, wall = concurrent(
-                                    factory, args.requests, args.concurrency, warm
-                                )
-                            cpu = cpu_seconds(setup.gateway_pid) - cpu0
-                            after = server_histogram(setup.admin_port)
-                            srv = cpu_ms = None
-                            if name != "direct" and after[1] > before[1]:
-                                served = after[1] - before[1]
-                                srv = (after[0] - before[0]) / served * 1e3
-                                cpu_ms = cpu / served * 1e3
-                            runs.append(Run(label, mode, lat, wall, srv, cpu_ms))
+                            runs.append(measure(label, mode, factory, setup, args))
                     direct_done = True
         except KeyboardInterrupt:
             print("\ninterrupted: stopping the gateway and nodes", file=sys.stderr)

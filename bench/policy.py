@@ -114,6 +114,54 @@ def mix(engine: PolicyEngine, n: int, rng: random.Random, profiles: bool) -> lis
     return timed(n, lambda i: engine.decide_infer(*plan[i]))
 
 
+def many_policies(root: Path, n: int) -> tuple[Path, Path]:
+    """Two policy directories of `n` rules (the shipped set plus generated per-team
+    permits over groups, models, modes and regions); the second widens one of them."""
+    import json as _json
+    import shutil as _shutil
+
+    src = Path(__file__).resolve().parent.parent / "policies"
+    out = []
+    for name in ("old", "new"):
+        d = root / name
+        _shutil.copytree(src, d, ignore=_shutil.ignore_patterns("tests", "README.md"))
+        ids = _json.loads((d / "identities.json").read_text())
+        rules = []
+        shipped = sum(t.count("@id(") for t in (p.read_text() for p in src.glob("*.cedar")))
+        for i in range(max(0, n - shipped)):
+            team, mode = f"team{i % 40}", ("none", "redundant", "zk", "mpc")[i % 4]
+            limit = 64 if (name == "new" and i == 7) else 32
+            rules.append(
+                f'@id("gen-{i}")\npermit (principal in Ztgate::Group::"{team}", '
+                'action == Ztgate::Action::"infer", resource)\n'
+                f'when {{ resource.classification == "{("public", "internal")[i % 2]}" && '
+                f'context.mode == "{mode}" && context.batch_size < {limit} && '
+                f'context.node.region like "r{i % 7}-*" }};\n'
+            )
+            ids["organizations"].append({"organization": f"Org{i % 40}", "groups": [team]})
+        (d / "60-generated.cedar").write_text("\n".join(rules))
+        (d / "identities.json").write_text(_json.dumps(ids))
+        out.append(d)
+    return out[0], out[1]
+
+
+def diff_figure(n: int = 200) -> float:
+    """Seconds `ztgate policy diff`'s analysis takes on `n` rules with one widening."""
+    import tempfile
+
+    from gateway.policy import load_policy_dir
+    from gateway.policy.semantic import semantic_diff
+
+    with tempfile.TemporaryDirectory() as tmp:
+        old, new = many_policies(Path(tmp), n)
+        a, b = load_policy_dir(old), load_policy_dir(new)
+        start = time.perf_counter()
+        diff = semantic_diff(a, b)
+        took = time.perf_counter() - start
+        assert diff.newly_allowed and diff.complete
+    return took
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=20000)

@@ -8,12 +8,13 @@ kind leave as RFC 9457 problem+json, mapped in one place (`_problem`).
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
+import gzip
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ from gateway import __version__
 from gateway.background import Job, supervise
 from gateway.config import Config
 from gateway.identity import Identity, IdentityResolver
+from gateway.jsonstrict import StrictJSONError, loads
 from gateway.pipeline import (
     STATE_RETRY_AFTER_S,
     AdmissionStage,
@@ -50,8 +52,10 @@ from gateway.pipeline import (
     RouteStage,
     VerifyStage,
 )
+from gateway.pipeline.catalog import unknown_model
 from gateway.pipeline.decode import read_body
-from gateway.policy.facts import IdentityFacts, Rate, ResourceFacts
+from gateway.pipeline.offload import DecodePool
+from gateway.policy.facts import VIEW, IdentityFacts, Rate, ResourceFacts
 from gateway.policy.live import LivePolicy
 from gateway.protocol.codec import binary_outputs, encode_response
 from gateway.protocol.problems import (
@@ -61,19 +65,25 @@ from gateway.protocol.problems import (
     LogUnavailable,
     MethodNotAllowed,
     NotFound,
+    PolicyRollback,
     Problem,
     StateUnavailable,
+    UnsupportedExtension,
     problem_response,
 )
 from gateway.protocol.tensors import InferResponse
 from gateway.receipts.http import log_routes
+from gateway.receipts.late import final_status
 from gateway.receipts.model import FormatError, SignedReceipt, parse_receipt_id
 from gateway.receipts.service import ReceiptService
 from gateway.receipts.treestore import TreeCorrupt
 from gateway.registry import ModelEntry
 from gateway.revocation import Revocations
-from gateway.routing.router import DisagreementMetrics, Router
+from gateway.routing.accounting import node_listing
+from gateway.routing.router import DisagreementMetrics, NodeMetrics, Router
 from gateway.state import StateStore, StoreUnavailable
+from gateway.stats import InferenceStats
+from gateway.telemetry import CountOf, ReceiptMetrics, Telemetry
 from gateway.verify import Verifier
 from gateway.verify.none import NoVerification
 from gateway.verify.redundant import RedundantVerification
@@ -115,6 +125,9 @@ class Metrics:
             ["job"],
             registry=self.registry,
         )
+        # The request path's own: per-stage latency, inferences by model/mode/outcome,
+        # rate-limit refusals (and the process's proof, MPC and denial metrics).
+        self.telemetry = Telemetry(self.registry)
         self.app_calls = 0  # requests that reached the app at all (tests assert on it)
         self.gauges = False
 
@@ -147,9 +160,11 @@ class Gateway:
 
     def __post_init__(self) -> None:
         self.catalog = Catalog(self.models)
+        self.decode_pool = DecodePool(self.cfg.limits.decode_workers)
         self.concurrency = Concurrency(
             self.cfg.limits.max_concurrent, self.cfg.limits.max_concurrent_per_identity
         )
+        self.stats = InferenceStats(self.catalog)
         self.pipeline = Pipeline(
             catalog=self.catalog,
             identity=IdentityStage(self.resolver, self.revocations),
@@ -157,7 +172,7 @@ class Gateway:
                 self.store, Rate.parse(self.cfg.policy.pre_policy_rate), self.concurrency
             ),
             pre_policy=PrePolicyStage(self.policy),
-            decode=DecodeStage(self.cfg),
+            decode=DecodeStage(self.cfg, self.decode_pool),
             nonce=NonceStage(self.store, self.cfg.policy.nonce_window_s),
             policy=PolicyStage(self.policy, self.router, self.revocations),
             mode=ModeStage(
@@ -169,6 +184,8 @@ class Gateway:
             receipt=None if self.receipts is None else ReceiptStage(self.receipts),
             denial=None if self.receipts is None else DenialStage(self.receipts),
             on_state_lost=self.state_lost,
+            stats=self.stats,
+            telemetry=self.metrics.telemetry,
         )
         self.router.probe_models = {name: self.latest(name) for name in self.models}
         self._gauges()
@@ -186,11 +203,6 @@ class Gateway:
                 self.revocations.stale_for,
             ),
             ("ztgate_revocations", "Revoked certificates known", lambda: self.revocations.version),
-            (
-                "ztgate_policy_rejected_reloads",
-                "Policy reloads rejected (the last good policy kept)",
-                lambda: self.policy.rejected,
-            ),
             (
                 "ztgate_policy_cache_hit_ratio",
                 "Hit rate of the policy decision cache",
@@ -210,6 +222,16 @@ class Gateway:
         ):
             Gauge(name, doc, registry=reg).set_function(fn)
         reg.register(DisagreementMetrics(self.router))
+        reg.register(NodeMetrics(self.router))
+        reg.register(
+            CountOf(
+                "ztgate_policy_rejected_reloads",
+                "Policy reloads rejected (the last good policy kept)",
+                lambda: self.policy.rejected,
+            )
+        )
+        if self.receipts is not None:
+            reg.register(ReceiptMetrics(self.receipts))
 
     @classmethod
     def default_verifiers(cls, cfg: Config) -> dict[str, Verifier]:
@@ -322,6 +344,33 @@ class Gateway:
     def latest(self, name: str) -> ModelEntry:
         return self.catalog.latest(name)
 
+    def visible(self, caller: Caller, name: str) -> bool:
+        """Whether policy lets `caller` see that model `name` exists (Cedar action `view`,
+        deny by default): its metadata, readiness, statistics and repository index
+        entry. Every front asks this before saying anything about a model."""
+        decision = self.policy.engine.authorize(caller.facts, VIEW, ResourceFacts("Model", name))
+        if not decision.allowed:
+            log.info(
+                "view of %s denied to %s: %s", name, caller.identity.spiffe_id, decision.reason
+            )
+        return decision.allowed
+
+    def seen(self, caller: Caller, name: str, version: str | None = None) -> ModelEntry:
+        """The entry `caller` asked about, or the very problem an unknown name gets when
+        the name is unknown *or* the caller may not view it: a 404 that does not reveal
+        whether the model exists. An unknown version only of a model the caller sees."""
+        if name not in self.models or not self.visible(caller, name):
+            raise unknown_model(name)
+        return self.catalog.entry(name, version)
+
+    def visible_entries(self, caller: Caller) -> list[ModelEntry]:
+        """Every registered version of every model `caller` may view, by name and version."""
+        out: list[ModelEntry] = []
+        for name in sorted(self.models):
+            if self.visible(caller, name):
+                out.extend(self.models[name][v] for v in sorted(self.models[name], key=int))
+        return out
+
     def entry(self, name: str, version: str | None) -> ModelEntry:
         return self.catalog.entry(name, version)
 
@@ -395,6 +444,7 @@ def _authenticated(gw: Gateway, route: str, handler: Handler) -> Handler:
     async def run(request: Request, came: Incoming) -> Response:
         async def handle(caller: Caller) -> Response:
             request.state.identity = caller.identity
+            request.state.caller = caller
             return await handler(request)
 
         return await gw.pipeline.authenticated(came, handle)
@@ -405,8 +455,9 @@ def _authenticated(gw: Gateway, route: str, handler: Handler) -> Handler:
 def _inference(gw: Gateway) -> Handler:
     """`/infer`: the whole pipeline, the answer rendered inside the caller's slot."""
 
-    async def run(_: Request, came: Incoming) -> Response:
-        return await gw.pipeline.infer(came, lambda answer: respond(gw, answer))
+    async def run(request: Request, came: Incoming) -> Response:
+        response = await gw.pipeline.infer(came, lambda answer: respond(gw, answer))
+        return await compressed(request.headers, response)
 
     return _endpoint(gw, "infer", run)
 
@@ -446,13 +497,14 @@ def api_routes(gw: Gateway) -> list[Route]:
         return Response(status_code=200 if gw.ready() else 503)
 
     async def server_metadata(_: Request) -> Response:
+        # "ztgate", not "triton": docs/clients.md ("Which server answers") says why.
         return JSONResponse(
-            {"name": "ztgate", "version": __version__, "extensions": ["binary_tensor_data"]}
+            {"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)}
         )
 
     async def model_metadata(request: Request) -> Response:
         name = request.path_params["name"]
-        entry = gw.entry(name, request.path_params.get("version"))
+        entry = gw.seen(request.state.caller, name, request.path_params.get("version"))
         return JSONResponse(
             {
                 "name": entry.name,
@@ -469,8 +521,52 @@ def api_routes(gw: Gateway) -> list[Route]:
         )
 
     async def model_ready(request: Request) -> Response:
-        entry = gw.entry(request.path_params["name"], request.path_params.get("version"))
+        params = request.path_params
+        entry = gw.seen(request.state.caller, params["name"], params.get("version"))
         return Response(status_code=200 if gw.router.candidates(entry.name) else 400)
+
+    async def model_stats(request: Request) -> Response:
+        """Triton's statistics extension, from the gateway's own counters (gateway.stats)."""
+        caller: Caller = request.state.caller
+        name, version = request.path_params.get("name"), request.path_params.get("version")
+        if name is None:
+            entries = gw.visible_entries(caller)
+        elif version is not None:
+            entries = [gw.seen(caller, name, version)]
+        else:
+            gw.seen(caller, name)
+            entries = [gw.models[name][v] for v in sorted(gw.models[name], key=int)]
+        return JSONResponse(gw.stats.model_stats(entries))
+
+    async def repository_index(request: Request) -> Response:
+        """Triton's repository index: the model versions this caller may view, each READY
+        when a healthy node serves it; `{"ready": true}` lists only those."""
+        body = await read_body(request.headers, request.stream(), 4096)
+        ready_only = False
+        if body.strip():
+            try:
+                doc = loads(body, source="the request body")
+            except StrictJSONError as exc:
+                raise BadRequest('body must be a JSON object, e.g. {"ready": true}') from exc
+            ready_only = doc.get("ready", False)
+            if not isinstance(ready_only, bool):
+                raise BadRequest('"ready" must be true or false')
+        index: list[dict[str, str]] = []
+        for entry in gw.visible_entries(request.state.caller):
+            up = bool(gw.router.candidates(entry.name))
+            if ready_only and not up:
+                continue
+            row = {"name": entry.name, "version": entry.version, "state": "READY"}
+            if not up:
+                row.update(state="UNAVAILABLE", reason="no healthy node serves this model")
+            index.append(row)
+        return JSONResponse(index)
+
+    def unsupported(what: str) -> Handler:
+        async def handler(_: Request) -> Response:
+            raise UnsupportedExtension(f"this gateway does not offer {what}")
+
+        return handler
 
     async def admin_revoke(request: Request) -> Response:
         gw.authorize(request.state.identity, "admin_revoke", ResourceFacts("Gateway"))
@@ -500,7 +596,12 @@ def api_routes(gw: Gateway) -> list[Route]:
             "ok" if ok else f"rejected ({gw.policy.last_error})",
         )
         if not ok:
-            raise BadRequest(f"policy rejected, previous policy kept: {gw.policy.last_error}")
+            why = f"policy rejected, previous policy kept: {gw.policy.last_error}"
+            # A rollback is its own type: a pipeline pushing bundles must tell "older than
+            # what runs" (fetch the current version, then push a newer one) from a bad one.
+            if gw.policy.last_rejection == "rollback":
+                raise PolicyRollback(why)
+            raise BadRequest(why)
         return JSONResponse(_policy_status(gw))
 
     async def read_receipt(request: Request) -> Response:
@@ -530,7 +631,34 @@ def api_routes(gw: Gateway) -> list[Route]:
         body = signed.to_dict()
         assert holder is not None
         body["inclusion_proof"] = holder.proof(stored.index)  # None while pending
+        # Late evidence never changes the receipt; its final status is derived from it.
+        late = gw.receipts.late_evidence(rid)
+        body["late_evidence"] = late
+        body["final_status"] = final_status(signed.receipt.extensions, late)
         return JSONResponse(body)
+
+    async def admin_nodes(request: Request) -> Response:
+        gw.authorize(request.state.identity, "admin_nodes", ResourceFacts("Gateway"))
+        return JSONResponse({"nodes": node_listing(gw.router)})
+
+    async def admin_release_node(request: Request) -> Response:
+        gw.authorize(request.state.identity, "admin_release_node", ResourceFacts("Gateway"))
+        rep = gw.router.reputation
+        name = request.path_params["name"]
+        if rep is None:
+            raise NotFound("this gateway keeps no reputation records")
+        try:
+            ev = await rep.release(name, request.state.identity.spiffe_id)
+        except KeyError as exc:
+            raise NotFound(f"no node {name!r}") from exc
+        except LookupError as exc:
+            raise BadRequest(str(exc)) from exc
+        log.warning("AUDIT release %s by %s", name, request.state.identity.spiffe_id)
+        node = gw.router.nodes.get(name)
+        still = node is not None and rep.quarantined(node.config)
+        return JSONResponse(
+            {"released": ev.name, "at": ev.at, "still_quarantined_by_provider": still}
+        )
 
     async def admin_policy(request: Request) -> Response:
         gw.authorize(request.state.identity, "admin_reload", ResourceFacts("Gateway"))
@@ -538,18 +666,31 @@ def api_routes(gw: Gateway) -> list[Route]:
 
     model = "/v2/models/{name}"
     version = "/v2/models/{name}/versions/{version}"
-    routes = [
+    routes: list[tuple[str, Handler, list[str], str]] = [
         ("/v2/health/live", live, ["GET"], "live"),
         ("/v2/health/ready", ready, ["GET"], "ready"),
         ("/v2", server_metadata, ["GET"], "server_metadata"),
+        # Before `model`, which would otherwise take "stats" for a model name.
+        ("/v2/models/stats", model_stats, ["GET"], "model_stats"),
         (model, model_metadata, ["GET"], "model_metadata"),
         (version, model_metadata, ["GET"], "model_metadata"),
         (model + "/ready", model_ready, ["GET"], "model_ready"),
         (version + "/ready", model_ready, ["GET"], "model_ready"),
+        (model + "/stats", model_stats, ["GET"], "model_stats"),
+        (version + "/stats", model_stats, ["GET"], "model_stats"),
+        ("/v2/repository/index", repository_index, ["POST"], "repository_index"),
         ("/v2/receipts/{receipt_id}", read_receipt, ["GET"], "read_receipt"),
         ("/admin/revoke", admin_revoke, ["POST"], "admin_revoke"),
         ("/admin/reload", admin_reload, ["POST"], "admin_reload"),
         ("/admin/policy", admin_policy, ["GET"], "admin_policy"),
+        ("/admin/nodes", admin_nodes, ["GET"], "admin_nodes"),
+        ("/admin/nodes/{name}/release", admin_release_node, ["POST"], "admin_release_node"),
+    ]
+    # Triton extensions the gateway refuses by design, each with its own problem type
+    # (unsupported-extension, 501) rather than a 404 that reads like a typo.
+    routes += [
+        (path, unsupported(what), list(methods), "unsupported_extension")
+        for path, methods, what in UNSUPPORTED_EXTENSIONS
     ]
     return [
         Route(path, _authenticated(gw, name, handler), methods=methods, name=f"{name}:{path}")
@@ -558,6 +699,80 @@ def api_routes(gw: Gateway) -> list[Route]:
         Route(path + "/infer", _inference(gw), methods=["POST"], name=f"infer:{path}/infer")
         for path in (model, version)
     ]
+
+
+# What `GET /v2` answers. The gRPC front's ServerMetadata answers the same.
+SERVER_NAME = "ztgate"
+EXTENSIONS = ("binary_tensor_data", "statistics", "model_repository(index)")
+_SHM = "{} shared memory: send tensors in the request body"
+_CONTROL = "model control: the registry and the signed policy decide what is served"
+# Triton's paths and methods for each, exactly (a typo under them is still a 404).
+UNSUPPORTED_EXTENSIONS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    *(
+        (f"/v2/{kind}sharedmemory{path}", (method,), _SHM.format(label))
+        for kind, label in (("system", "system"), ("cuda", "CUDA"))
+        for path, method in (
+            ("/status", "GET"),
+            ("/region/{region}/status", "GET"),
+            ("/region/{region}/register", "POST"),
+            ("/region/{region}/unregister", "POST"),
+            ("/unregister", "POST"),
+        )
+    ),
+    ("/v2/repository/models/{name}/load", ("POST",), _CONTROL),
+    ("/v2/repository/models/{name}/unload", ("POST",), _CONTROL),
+    ("/v2/trace/setting", ("GET", "POST"), "trace settings (the operator's)"),
+    ("/v2/models/{name}/trace/setting", ("GET", "POST"), "trace settings (the operator's)"),
+    ("/v2/logging", ("GET", "POST"), "logging settings (the operator's)"),
+)
+
+
+def accepted_coding(headers: Mapping[str, str]) -> str | None:
+    """gzip or deflate, whichever the client's Accept-Encoding accepts first (q > 0)."""
+    raw = headers.get("accept-encoding")
+    if not raw:
+        return None
+    accepted: dict[str, float] = {}
+    for part in raw.split(",")[:16]:
+        token, _, param = part.partition(";")
+        q = 1.0
+        param = param.strip().lower()
+        if param.startswith("q="):
+            try:
+                q = float(param[2:])
+            except ValueError:
+                q = 0.0
+        accepted[token.strip().lower()] = q
+    for coding in ("gzip", "deflate"):
+        if accepted.get(coding, accepted.get("*", 0.0)) > 0:
+            return coding
+    return None
+
+
+# Compress larger answers in a thread: zlib releases the GIL, and the event loop keeps
+# serving other requests meanwhile.
+_COMPRESS_INLINE_MAX = 256 * 1024
+
+
+async def compressed(headers: Mapping[str, str], response: Response) -> Response:
+    """A successful inference answer compressed as the client asked (Accept-Encoding:
+    gzip or deflate, what tritonclient's `response_compression_algorithm` sends), as
+    Triton does; `Inference-Header-Content-Length` still counts the uncompressed JSON.
+    Problems stay uncompressed: tritonclient reads an error body without decompressing."""
+    coding = accepted_coding(headers)
+    if coding is None or response.status_code != 200 or "content-encoding" in response.headers:
+        return response
+    body = bytes(response.body)
+
+    def pack() -> bytes:
+        if coding == "gzip":
+            return gzip.compress(body, compresslevel=6, mtime=0)
+        return zlib.compress(body, 6)  # HTTP's "deflate" is the zlib format
+
+    data = pack() if len(body) <= _COMPRESS_INLINE_MAX else await asyncio.to_thread(pack)
+    out = {k: v for k, v in response.headers.items() if k != "content-length"}
+    out.update({"content-encoding": coding, "vary": "accept-encoding"})
+    return Response(data, status_code=response.status_code, headers=out)
 
 
 def _policy_status(gw: Gateway) -> dict[str, Any]:
@@ -600,26 +815,9 @@ def _revocation_target(body: bytes) -> tuple[str, str]:
 
 def respond(gw: Gateway, answer: Answer) -> Response:
     """An answer as a KServe v2 response, with the verification and receipt facts."""
-    decided, outcome, receipt = answer.decided, answer.outcome, answer.receipt
-    asked = decided.asked
-    params: dict[str, Any] = {
-        "ztgate.request_id": answer.request_id,
-        "ztgate.decision_id": decided.decision.id,
-        "ztgate.policy_hash": decided.decision.policy_hash,
-        "ztgate.nodes": ",".join(outcome.nodes),
-        "ztgate.verification": outcome.mode,
-        "ztgate.verification_status": outcome.status,
-        "ztgate.attempts": outcome.attempts,
-    }
-    if outcome.nonfinite:
-        params["ztgate.nonfinite"] = True
-    if receipt is not None:
-        params["ztgate.receipt_id"] = receipt.receipt.receipt_id
-        params["ztgate.receipt"] = receipt.summary
-        if receipt.salt is not None:
-            # Only the client gets the salt: with it, and only with it, it can later
-            # prove what it sent and got against the receipt's commitments.
-            params["ztgate.salt"] = base64.b64encode(receipt.salt).decode()
+    outcome, receipt = answer.outcome, answer.receipt
+    asked = answer.decided.asked
+    params = answer.parameters()  # the same on the gRPC front
     resp = InferResponse(
         model_name=asked.entry.name,
         model_version=asked.entry.version,
@@ -694,6 +892,7 @@ def build_api(gw: Gateway) -> Starlette:
             await gw.router.close()
             await gw.store.close()
             gw.revocations.close()
+            gw.decode_pool.close()
             if gw.receipts is not None:
                 await gw.receipts.close()
 

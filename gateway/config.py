@@ -9,17 +9,20 @@ are resolved against the config file's directory. See docs/config.md for every k
     registry = "registry"         # model registry directory (signatures, hashes)
     data_dir = "data"             # durable embedded state
 
-    [listen]    host, port, admin_host, admin_port, graceful_shutdown_s
+    [listen]    host, port, admin_host, admin_port, graceful_shutdown_s, grpc_port
     [tls]       cert, key, client_ca, node_ca, node_client_cert, node_client_key,
                 reload_interval_s, dev_pki
     [limits]    max_body_bytes, max_json_bytes, max_tensor_elements, max_inputs,
                 max_json_depth, max_output_bytes, max_concurrent,
-                max_concurrent_per_identity, header_timeout_s, idle_timeout_s
+                max_concurrent_per_identity, decode_workers, header_timeout_s,
+                idle_timeout_s
     [routing]   per_try_timeout_s, deadline_s, max_deadline_s, max_attempts,
                 eject_after_failures, eject_base_s, eject_max_s, max_ejected_share,
                 max_pending_per_node, health_interval_s, ewma_alpha
     [state]     redis_url, revocation_sync_s
-    [receipts]  signing_key, log_key, dir, checkpoint_interval_s
+    [receipts]  signing_key, log_key, signer, signing_key_label, log_key_label, dir,
+                checkpoint_interval_s
+    [pkcs11]    module, token, slot, pin_file, required
     [receipts.retention]  body_days, check_interval_s, max_per_pass,
                 checkpoint_history_keep_every_s, checkpoint_history_keep_latest
     [logging]   decisions ("stderr" | "file:<path>"), decisions_max_bytes, decisions_backups
@@ -56,6 +59,14 @@ class Listen:
     admin_host: str = "127.0.0.1"
     admin_port: int = 8081
     graceful_shutdown_s: int = 2
+    # The KServe v2 gRPC front (Triton's GRPCInferenceService) on `host`, same mTLS and
+    # client CA as `port`; unset: no gRPC front.
+    grpc_port: int | None = None
+
+    def __post_init__(self) -> None:
+        p = self.grpc_port
+        if p is not None and (isinstance(p, bool) or not isinstance(p, int) or not 0 < p < 65536):
+            raise ConfigError("listen.grpc_port must be a port number (1-65535)")
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,9 @@ class Limits:
     # checked before the body is read, so one client cannot hold every slot, or the loop.
     max_concurrent: int = 256
     max_concurrent_per_identity: int = 8
+    # Worker processes that decode JSON bodies over 64 KiB off the event loop (one such
+    # decode per client identity at a time; gateway.pipeline.offload).
+    decode_workers: int = 1
     # A request's headers must be complete this long after its first byte; a connection
     # with no request in progress is closed after idle_timeout_s (also before the first).
     header_timeout_s: float = 10.0
@@ -111,6 +125,24 @@ class Routing:
     max_pending_per_node: int = 64
     health_interval_s: float = 2.0
     ewma_alpha: float = 0.2
+
+
+@dataclass(frozen=True)
+class ReputationConfig:
+    """[reputation]: lie accounting, spot checks of mode none, quarantine (docs/reputation.md)."""
+
+    spot_checks: bool = False  # re-run a sample of mode-none answers on another provider
+    rate_suspect: float = 0.25  # new nodes, or any contradiction on record (node or provider)
+    rate_established: float = 0.05  # >= trusted_after confirmations, none contradicted
+    rate_trusted: float = 0.02  # >= long_trusted_after confirmations; never zero
+    trusted_after: int = 50
+    long_trusted_after: int = 1000
+    queue: int = 256  # checks waiting; past it a check is dropped and counted
+    workers: int = 2
+    check_timeout_s: float = 10.0
+    p0: float = 1e-3  # honest-disagreement rate assumed from the tolerance
+    p1: float = 0.05  # lie rate the test is tuned for
+    alpha: float = 1e-9  # false-positive bound per start point: N judged replies <= N * alpha
 
 
 @dataclass(frozen=True)
@@ -159,6 +191,11 @@ MAX_INTERVAL_S = 7 * 86400.0
 class Receipts:
     signing_key: Path | None = None  # Ed25519: signs receipts
     log_key: Path | None = None  # Ed25519, a different key: signs the log's checkpoints
+    # Where the two keys are: "file" (signing_key, log_key: PEM files) or "pkcs11" (in the
+    # [pkcs11] token, by signing_key_label and log_key_label; gateway.signer).
+    signer: str = "file"
+    signing_key_label: str | None = None
+    log_key_label: str | None = None
     dir: Path | None = None  # default: <data_dir>/receipts
     checkpoint_interval_s: float = 1.0
     # This replica's API base URL (https://host:port), announced in the shared store so
@@ -174,7 +211,22 @@ class Receipts:
 
     @property
     def enabled(self) -> bool:
+        if self.signer == "pkcs11":
+            return self.signing_key_label is not None and self.log_key_label is not None
         return self.signing_key is not None and self.log_key is not None
+
+
+@dataclass(frozen=True)
+class Pkcs11:
+    """[pkcs11]: the PKCS#11 token that holds signing keys (gateway.signer): the vendor's
+    module, the token by label or slot id, and a file with the user PIN (never the PIN
+    itself in this file). `required`: production refuses signing keys kept in files."""
+
+    module: Path | None = None  # the token's PKCS#11 library (.so)
+    token: str | None = None  # the token's label; or slot
+    slot: int | None = None  # the slot id holding the token
+    pin_file: Path | None = None  # the user PIN, one line, not readable by others
+    required: bool = False  # production: every signing key must be in the token
 
 
 @dataclass(frozen=True)
@@ -182,11 +234,15 @@ class Logging:
     """[logging]: where the decision log (`ztgate.decisions`, one JSON line per policy
     decision) goes. ``stderr`` (default) hands it to the container's log shipper with the
     other logs; ``file:<path>`` writes it alone to a file rotated by size, so it never
-    grows without bound: at most (decisions_backups + 1) x decisions_max_bytes on disk."""
+    grows without bound: at most (decisions_backups + 1) x decisions_max_bytes on disk.
+    ``level`` and ``format`` are every other logger's (gateway/telemetry.py): ``json``
+    writes one object per line (time, level, logger, message, request_id, trace_id)."""
 
     decisions: str = "stderr"
     decisions_max_bytes: int = 100 * 1024 * 1024
     decisions_backups: int = 10
+    level: str = "info"  # debug | info | warning | error
+    format: str = "json"  # json | text
 
     @property
     def decisions_file(self) -> Path | None:
@@ -226,6 +282,7 @@ class PolicyConfig:
     dir: Path | None = None  # an unsigned policy directory: dev mode only, watched
     bundle: Path | None = None  # a signed policy bundle (required in production)
     officer_keys: tuple[str, ...] = ()  # Ed25519 public keys (PEM paths) trusted to sign bundles
+    signatures_required: int = 1  # k of the officer_keys that must sign a bundle (two-person rule)
     default_rate: str = "60/minute"  # for a permit without @rate: never unlimited
     pre_policy_rate: str = "1200/minute"  # per identity, before policy runs
     watch_interval_s: float = 2.0
@@ -273,12 +330,14 @@ class Config:
     listen: Listen = field(default_factory=Listen)
     limits: Limits = field(default_factory=Limits)
     routing: Routing = field(default_factory=Routing)
+    reputation: ReputationConfig = field(default_factory=ReputationConfig)
     state: State = field(default_factory=State)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     receipts: Receipts = field(default_factory=Receipts)
     zk: Zk = field(default_factory=Zk)
     mpc: Mpc = field(default_factory=Mpc)
     logging: Logging = field(default_factory=Logging)
+    pkcs11: Pkcs11 = field(default_factory=Pkcs11)
     nodes: tuple[NodeConfig, ...] = ()
 
     def dev_only_items(self) -> list[str]:
@@ -313,7 +372,13 @@ class Config:
         if not self.receipts.enabled:
             items.append(
                 "receipts disabled: set receipts.signing_key and receipts.log_key "
-                "(two different Ed25519 keys)"
+                "(two different Ed25519 keys), or their labels in a PKCS#11 token"
+            )
+        elif self.pkcs11.required and self.receipts.signer != "pkcs11":
+            items.append(
+                "receipts.signing_key and receipts.log_key are files but pkcs11.required: "
+                "import them into the token (ztgate token import) and set "
+                'receipts.signer = "pkcs11"'
             )
         if self.policy.bundle is not None and not self.policy.officer_keys:
             items.append(
@@ -412,6 +477,14 @@ def _policy(data: Any, base: Path) -> PolicyConfig:
     )
     if cfg.dir is not None and cfg.bundle is not None:
         raise ConfigError("policy: set either dir (dev) or bundle, not both")
+    k = cfg.signatures_required
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError("policy.signatures_required must be a whole number >= 1")
+    if cfg.bundle is not None and cfg.officer_keys and k > len(set(cfg.officer_keys)):
+        raise ConfigError(
+            f"policy.signatures_required is {k} but only {len(set(cfg.officer_keys))} "
+            "officer_keys are listed: no bundle could ever load"
+        )
     from gateway.policy.facts import Rate
 
     for key in ("default_rate", "pre_policy_rate"):
@@ -468,6 +541,8 @@ def _retention(data: Any, base: Path) -> Retention:
 # lines. Without a backup RotatingFileHandler never rotates (the file grows unbounded).
 MIN_DECISION_FILE_BYTES = 4096
 MAX_DECISION_BACKUPS = 1000
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("json", "text")
 
 
 def _logging(data: Any, base: Path) -> Logging:
@@ -489,7 +564,40 @@ def _logging(data: Any, base: Path) -> Logging:
             f"logging.decisions_backups must be within [1, {MAX_DECISION_BACKUPS}], "
             f"got {cfg.decisions_backups!r}"
         )
+    if cfg.level not in LOG_LEVELS:
+        raise ConfigError(
+            f"logging.level must be one of {', '.join(LOG_LEVELS)}, got {cfg.level!r}"
+        )
+    if cfg.format not in LOG_FORMATS:
+        raise ConfigError(f'logging.format must be "json" or "text", got {cfg.format!r}')
     return cfg
+
+
+def _check_signer(r: Receipts, token: Pkcs11) -> None:
+    """[receipts] keys are either files or token labels, and a token is fully named."""
+    if r.signer not in ("file", "pkcs11"):
+        raise ConfigError(f'receipts.signer must be "file" or "pkcs11", got {r.signer!r}')
+    if r.signer == "file" and r.signing_key_label is not None:
+        raise ConfigError(
+            'receipts: signing_key_label and log_key_label need receipts.signer = "pkcs11"'
+        )
+    if r.signer == "pkcs11":
+        if r.signing_key is not None:
+            raise ConfigError(
+                'receipts.signer = "pkcs11" takes signing_key_label and log_key_label, '
+                "not the key files signing_key and log_key"
+            )
+        if r.enabled and r.signing_key_label == r.log_key_label:
+            raise ConfigError("receipts: the log key must differ from the receipt signing key")
+        missing = [k for k in ("module", "pin_file") if getattr(token, k) is None]
+        if missing:
+            raise ConfigError(
+                f'receipts.signer = "pkcs11" needs pkcs11.{" and pkcs11.".join(missing)}'
+            )
+    if token.slot is not None and (isinstance(token.slot, bool) or not isinstance(token.slot, int)):
+        raise ConfigError(f"pkcs11.slot must be a slot id (int), got {token.slot!r}")
+    if token.module is not None and (token.token is None) == (token.slot is None):
+        raise ConfigError("pkcs11: name the token by token (its label) or by slot, one of them")
 
 
 def load_config(path: Path) -> Config:
@@ -507,6 +615,7 @@ def parse_config(raw: dict[str, Any], base: Path) -> Config:
         ("listen", Listen),
         ("limits", Limits),
         ("routing", Routing),
+        ("reputation", ReputationConfig),
         ("zk", Zk),
         ("mpc", Mpc),
     )
@@ -534,6 +643,8 @@ def parse_config(raw: dict[str, Any], base: Path) -> Config:
         r = sections["receipts"]
         if (r.signing_key is None) != (r.log_key is None):
             raise ConfigError("receipts: set both signing_key and log_key, or neither")
+        if (r.signing_key_label is None) != (r.log_key_label is None):
+            raise ConfigError("receipts: set both signing_key_label and log_key_label, or neither")
         if any(len(w) != 2 for w in r.witnesses):
             raise ConfigError("receipts.witnesses: a list of [vkey, url] pairs")
         sections["receipts"] = r = dataclasses.replace(
@@ -541,8 +652,11 @@ def parse_config(raw: dict[str, Any], base: Path) -> Config:
         )
         if r.public_url is not None and r.replicas and r.public_url.rstrip("/") not in r.replicas:
             raise ConfigError("receipts.replicas must include this replica's public_url")
-        if r.enabled and r.signing_key == r.log_key:
+        if r.signing_key is not None and r.signing_key == r.log_key:
             raise ConfigError("receipts: the log key must differ from the receipt signing key")
+    if "pkcs11" in raw:
+        sections["pkcs11"] = _build(Pkcs11, raw.pop("pkcs11"), "pkcs11", base)
+    _check_signer(sections.get("receipts", Receipts()), sections.get("pkcs11", Pkcs11()))
     if "policy" in raw:
         sections["policy"] = _policy(raw.pop("policy"), base)
     if "tls" not in raw:
@@ -568,4 +682,9 @@ def parse_config(raw: dict[str, Any], base: Path) -> Config:
         raise ConfigError("routing: max_ejected_share in (0,1], max_attempts >= 1, deadline_s > 0")
     if not 0 < r.eject_base_s <= r.eject_max_s:
         raise ConfigError("routing: need 0 < eject_base_s <= eject_max_s")
+    rep = cfg.reputation
+    if not all(0 < x <= 1 for x in (rep.rate_suspect, rep.rate_established, rep.rate_trusted)):
+        raise ConfigError("reputation: spot-check rates must be in (0, 1]; never zero")
+    if not (0 < rep.p0 < rep.p1 < 1 and 0 < rep.alpha < 1 and rep.queue >= 1 and rep.workers >= 1):
+        raise ConfigError("reputation: need 0 < p0 < p1 < 1, 0 < alpha < 1, queue and workers >= 1")
     return cfg

@@ -20,10 +20,13 @@ from gateway.policy.source import PolicyError
 from gateway.receipts.service import ReceiptService
 from gateway.registry import ModelEntry, Registry, RegistryError
 from gateway.revocation import Revocations
+from gateway.routing.accounting import add_lie_accounting
 from gateway.routing.node_client import NodeClient, NodeCredentials
 from gateway.routing.router import Router
 from gateway.server import ReloadingContext, TLSFiles, tls_protocol
+from gateway.signer import FileSigner, Pkcs11Signer, Signer, SignerError, Token
 from gateway.state.factory import open_store
+from gateway.telemetry import configure_logging, setup_tracing, shutdown_tracing
 
 if TYPE_CHECKING:
     from zk.record import VerifierArtefacts
@@ -71,9 +74,39 @@ def build_policy(cfg: Config, models: dict[str, dict[str, ModelEntry]]) -> LiveP
     raise ConfigError("no policy: set policy.dir (dev) or policy.bundle")
 
 
+def token(cfg: Config) -> Token:
+    """The [pkcs11] token (config.py checked that module and pin_file are set)."""
+    t = cfg.pkcs11
+    if t.module is None or t.pin_file is None:
+        raise ConfigError("[pkcs11] needs module and pin_file")
+    return Token(t.module, t.pin_file, t.token, t.slot)
+
+
+def receipt_signers(cfg: Config) -> tuple[Signer, Signer] | None:
+    """The receipt-signing and log-checkpoint keys, from files or the token."""
+    r = cfg.receipts
+    try:
+        if r.signer == "pkcs11" and r.signing_key_label and r.log_key_label:
+            where = token(cfg)
+            keys: tuple[Signer, Signer] = (
+                Pkcs11Signer(where, r.signing_key_label),
+                Pkcs11Signer(where, r.log_key_label),
+            )
+        elif r.signing_key is not None and r.log_key is not None:
+            keys = FileSigner(r.signing_key), FileSigner(r.log_key)
+        else:
+            return None
+    except SignerError as exc:
+        raise ConfigError(f"receipts: {exc}") from exc
+    if keys[0].public_key() == keys[1].public_key():
+        raise ConfigError("receipts: the log key must differ from the receipt signing key")
+    return keys
+
+
 def open_receipts(cfg: Config) -> ReceiptService | None:
     r = cfg.receipts
-    if r.signing_key is None or r.log_key is None:
+    keys = receipt_signers(cfg)
+    if keys is None:
         return None
     from gateway.receipts.checkpointer import WitnessClient
     from gateway.receipts.note import WitnessKey
@@ -82,8 +115,7 @@ def open_receipts(cfg: Config) -> ReceiptService | None:
         witnesses = [WitnessClient(WitnessKey.from_vkey(vkey), url) for vkey, url in r.witnesses]
         service = ReceiptService.open(
             r.dir or cfg.data_dir / "receipts",
-            r.signing_key,
-            r.log_key,
+            *keys,
             f"{cfg.trust_domain}/{cfg.site}/receipts",
             r.checkpoint_interval_s,
             witnesses,
@@ -280,6 +312,7 @@ def build_gateway(cfg: Config) -> Gateway:
     policy.listeners.append(relabel)
     add_proof_modes(cfg, gw, nodes)
     add_retention(cfg, gw)
+    add_lie_accounting(cfg, gw)
     gw.background.append(sync_revocations)
     if cfg.policy.dir is not None:
         gw.background.append(watch_policy)
@@ -297,6 +330,11 @@ def servers(cfg: Config, gw: Gateway) -> list[uvicorn.Server]:
         await tls.watch(cfg.tls.reload_interval_s, stop)
 
     gw.background.append(watch_tls)
+    if cfg.listen.grpc_port is not None:
+        # The gRPC front lives and drains with the API's lifespan, on the same certificates.
+        from gateway.grpc_front import GrpcServer
+
+        gw.background.append(GrpcServer(cfg, gw, tls).run)
     api = uvicorn.Config(
         build_api(gw),
         host=cfg.listen.host,
@@ -327,7 +365,12 @@ def servers(cfg: Config, gw: Gateway) -> list[uvicorn.Server]:
 
 
 async def serve(cfg: Config) -> None:
+    configure_logging(cfg.logging.level, cfg.logging.format)
     configure_decision_log(cfg.logging)
+    try:
+        setup_tracing()  # the standard OTEL_* variables; off unless OTEL_TRACES_EXPORTER
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     api, admin = servers(cfg, build_gateway(cfg))
     # Only the API server owns the signal handlers; the admin listener follows it down.
     admin.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
@@ -342,6 +385,7 @@ async def serve(cfg: Config) -> None:
     finally:
         admin.should_exit = True
         await asyncio.wait([admin_task], timeout=cfg.listen.graceful_shutdown_s + 1)
+        shutdown_tracing()  # flush what the exporters still hold
 
 
 def run(cfg: Config) -> None:

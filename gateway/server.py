@@ -6,9 +6,13 @@ by `connection_made`, so the peer certificate is read once per connection and ev
 request scope on that connection gets it. Delete this module's shim once uvicorn ships
 the extension (tests/test_server.py checks each enabled protocol class).
 
-A refused handshake sends the peer no alert (the event loop's TLS transport closes
-without flushing it), so the reason is recorded here instead: logged, and counted by
-reason in `handshake_failures()`.
+A refused handshake ends with the TLS alert that says why (TLS 1.3:
+`certificate_required` when the client sent no certificate, `unknown_ca`, `bad_certificate`,
+`certificate_expired`, ...). The event loop's TLS transport (asyncio's and uvloop's alike)
+closes on a handshake error without flushing what OpenSSL wrote, alert included, so the
+failing `do_handshake` first reports "want read": the transport sends the alert and waits,
+and the next call (the client's next bytes, or its close) raises the stored error. The
+reason is also logged, and counted by reason in `handshake_failures()`.
 
 Certificate rotation without a restart: the listening context never changes (uvicorn
 holds it), but its SNI callback, which OpenSSL calls on every handshake, with or without
@@ -60,9 +64,13 @@ def connections_timed_out() -> Counter[str]:
 
 
 class _RecordingSSLObject(ssl.SSLObject):
-    """Records why a handshake failed: the peer is told nothing (see the module doc)."""
+    """Records why a handshake failed, and lets the alert reach the peer (module doc)."""
+
+    _refused: ssl.SSLError | None = None
 
     def do_handshake(self) -> None:
+        if self._refused is not None:
+            raise self._refused
         try:
             super().do_handshake()
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
@@ -72,7 +80,11 @@ class _RecordingSSLObject(ssl.SSLObject):
             reason = str(verify or exc.reason or type(exc).__name__)
             _handshake_failures[reason] += 1
             log.info("TLS handshake refused: %s", reason)
-            raise
+            # "Want read" makes the transport write out the alert OpenSSL queued; the
+            # connection then fails on the next call, and the handshake timeout bounds
+            # a peer that neither sends nor closes (as for any unfinished handshake).
+            self._refused = exc
+            raise ssl.SSLWantReadError("handshake refused; alert queued") from exc
 
 
 @dataclass(frozen=True)

@@ -289,6 +289,7 @@ def one_off_node(
     region: str = "eu-west",
     provider: str = "prov-x",
     deadline_s: float = 90.0,
+    extra_args: tuple[str, ...] = (),
 ) -> Iterator[dict[str, str]]:
     """A real tritonserver serving `repository` (a liar's, a prover's ...) for one test
     module, outside the shared cluster; yields its `[[nodes]]` table for a gateway config."""
@@ -305,7 +306,7 @@ def one_off_node(
         client_ca=pki.gateway_ca_bundle(SITE),
         workdir=workdir,
     )
-    with TritonProcess(spec, triton_home) as proc:
+    with TritonProcess(spec, triton_home, extra_args=extra_args) as proc:
         proc.start(deadline_s)
         yield {
             "name": name,

@@ -116,7 +116,7 @@ def test_refused_callers_never_reach_the_app(
     past = dt.datetime.now(dt.UTC) - dt.timedelta(days=3)
     expired = pki.issue("client", "expired", not_before=past, not_after=past + dt.timedelta(days=1))
     node = pki.ensure("node", "n1")
-    # Why the handshake refuses each: the server sends no alert, it records the reason.
+    # Why the handshake refuses each: the client gets the alert, the server records it.
     refused = {
         "no cert": (client_context(pki, None, None), "PEER_DID_NOT_RETURN_A_CERTIFICATE"),
         "foreign CA": (

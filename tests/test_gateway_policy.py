@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from gateway.runtime import ProductionRefused, build_gateway
 from gateway.server import connections_opened
 from tests.conftest import TritonCluster
 from tests.gateway_harness import (
+    SHIPPED_POLICIES,
     RunningGateway,
     client_context,
     gateway_config,
@@ -109,7 +111,9 @@ def test_revocation_takes_effect_on_the_same_connection_and_survives_restart(
             opened = connections_opened()
             assert infer(c, gw).status_code == 200
             # Bob may not revoke (policy authorises admin routes, no separate secret) ...
-            assert c.post(f"{gw.base}/admin/revoke", json={"certificate": ""}).status_code == 403
+            # (sent without a body: a refusal with body bytes unread closes the connection,
+            # and this test is about the one connection bob keeps)
+            assert c.post(f"{gw.base}/admin/revoke").status_code == 403
             # ... an officer may.
             pem = bob.cert.read_text().split("-----END CERTIFICATE-----")[0]
             r = officer.post(
@@ -329,14 +333,16 @@ def test_signed_bundles_refuse_tampering_and_rollback(
             assert gw.gw.policy.current.version == 5
             assert infer(demo, gw).status_code == 200
 
-            def refused(data: bytes) -> str:
+            def refused(data: bytes, status: int = 400, kind: str = "bad-request") -> str:
                 r = officer.post(f"{gw.base}/admin/reload", content=data)
-                assert r.status_code == 400, r.text
+                assert r.status_code == status, r.text
+                assert r.json()["type"].endswith("/" + kind)
                 assert gw.gw.policy.current.version == 5
                 detail: str = r.json()["detail"]
                 return detail.removeprefix("policy rejected, previous policy kept: ")
 
-            assert refused(bundle(4)).startswith("rollback: bundle v4 is older than v5")
+            rollback = refused(bundle(4), 409, "policy-rollback")
+            assert rollback.startswith("rollback: bundle v4 is older than v5")
             envelope = json.loads(bundle(6))
             payload = json.loads(base64.b64decode(envelope["payload"]))
             payload["version"] = 7  # altered after signing
@@ -348,8 +354,10 @@ def test_signed_bundles_refuse_tampering_and_rollback(
             six = bundle(6)
             assert officer.post(f"{gw.base}/admin/reload", content=six).status_code == 200
             assert gw.gw.policy.current.version == 6
-        # The accepted bundle is what the next start reads.
-        assert path.read_bytes() == six
+        # The accepted bundle is what the next start reads; it is kept in the gateway's
+        # data dir, and the officer's file is never written.
+        assert path.read_bytes() != six
+        assert (tmp_path / "p2" / "policy" / "accepted-bundle.json").read_bytes() == six
         with running_gateway(cfg) as gw, client(pki, "demo") as demo:
             assert gw.gw.policy.current.version == 6
             assert infer(demo, gw).status_code == 200
@@ -485,7 +493,7 @@ def test_a_half_written_policy_file_never_decides_a_request(
         # Each refusal is counted (the metric operators alert on) and logged with why.
         assert live.rejected == 3
         metrics = httpx.get(f"{gw.admin_base}/metrics", timeout=10).text
-        assert "ztgate_policy_rejected_reloads 3.0" in metrics
+        assert "ztgate_policy_rejected_reloads_total 3.0" in metrics
         refusals = [r.getMessage() for r in caplog.records if "REJECTED" in r.getMessage()]
         assert len(refusals) == 3 and all(MPC_RULE in m and "@removes" in m for m in refusals)
 
@@ -505,3 +513,94 @@ def _replace(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def test_the_officer_walkthrough_from_edit_to_live(
+    pki: PKI,
+    triton_cluster: TritonCluster,
+    registry_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """policies/README.md "Signing, two officers, and pushing", step by step with the CLI,
+    against a running gateway that requires two officers' signatures."""
+    nodes = node_table(triton_cluster)
+    toml = tmp_path / "gateway.toml"  # the [[nodes]] the bundle's facts are made from
+    toml.write_text(
+        "".join(
+            f'[[nodes]]\nname = "{n["name"]}"\nregion = "{n["region"]}"\n'
+            f'provider = "{n["provider"]}"\naddress = "{n["address"]}"\n'
+            f'dns_name = "{n["dns_name"]}"\nspiffe_id = "{n["spiffe_id"]}"\n'
+            for n in nodes
+        )
+        # Residency is the officer's to sign: every example model may run anywhere here.
+        + "".join(f'[policy.models.{m}]\nresidency = ["*"]\n' for m in ("iris", "mnist", "risk"))
+    )
+    officer1, officer2 = pki.key_path("officer-policy"), pki.key_path("receipt-signing")
+    pubs = [str(k.with_suffix(".pub")) for k in (officer1, officer2)]
+    policies = tmp_path / "policies"
+    shutil.copytree(SHIPPED_POLICIES, policies)  # with its example requests (tests/)
+    current, following = tmp_path / "current.bundle", tmp_path / "next.bundle"
+
+    def sign(version: int, out: Path, *extra: str) -> int:
+        args = ["policy", "bundle", "sign", "--policies", str(policies)]
+        args += ["--registry", str(registry_dir), "--nodes", str(toml), "--key", str(officer1)]
+        return main([*args, "--version", str(version), "--out", str(out), *extra])
+
+    # The bundle in force: v5, signed by both officers.
+    assert sign(5, current) == 0
+    assert main(["policy", "bundle", "sign", "--cosign", str(current), "--key", str(officer2)]) == 0
+    cfg = gateway_config(
+        pki,
+        registry_dir,
+        tmp_path / "data",
+        nodes,
+        policy={
+            "dir": None,
+            "bundle": str(current),
+            "officer_keys": pubs,
+            "signatures_required": 2,
+        },
+    )
+    with (
+        running_gateway(cfg) as gw,
+        client(pki, "olga") as officer,
+        client(pki, "zed") as zed,
+    ):
+        assert gw.gw.policy.current.version == 5
+        assert infer(zed, gw).status_code == 403  # zed is in no group yet
+        # 1. edit (zed joins the apps group), then check and test
+        mapping = json.loads((policies / "identities.json").read_text())
+        mapping["clients"]["spiffe://ztgate.local/client/zed"] = {"groups": ["apps"]}
+        (policies / "identities.json").write_text(json.dumps(mapping, indent=2))
+        capsys.readouterr()
+        assert main(["policy", "check", str(policies)]) == 0, capsys.readouterr().out
+        assert main(["policy", "test", str(policies)]) == 0, capsys.readouterr().out
+        # 2. what it changes against the bundle in force: it widens (exit 3)
+        assert main(["policy", "diff", str(current), str(policies)]) == 3
+        assert "NEWLY ALLOWED" in capsys.readouterr().out
+        # 3. sign v6 with the diff against the bundle in force signed into it
+        assert sign(6, following, "--current", str(current)) == 0
+        # One signature is not enough for this gateway: push is refused, v5 stays.
+        push = ["policy", "push", str(following), "--gateway", f"127.0.0.1:{cfg.listen.port}"]
+        olga = pki.ensure("client", "olga")
+        push += ["--cert", str(olga.cert), "--key", str(olga.key), "--ca", str(pki.root_ca)]
+        capsys.readouterr()
+        assert main(push) == 1
+        assert "too-few-signatures" in capsys.readouterr().out
+        assert gw.gw.policy.current.version == 5
+        # 4. the second officer sees the recorded diff and adds a signature
+        cosign = ["policy", "bundle", "sign", "--cosign", str(following), "--key", str(officer2)]
+        assert main(cosign) == 0
+        assert "WIDENS access" in capsys.readouterr().out
+        verify = ["policy", "bundle", "verify", str(following), "--required", "2"]
+        assert main([*verify, "--trust-key", pubs[0], "--trust-key", pubs[1]]) == 0
+        # 5. push it through /admin/reload with the officer's certificate
+        capsys.readouterr()
+        assert main(push) == 0
+        # 6. see it live
+        assert "(version 6," in capsys.readouterr().out
+        assert gw.gw.policy.current.version == 6
+        answered = infer(zed, gw)
+        assert answered.status_code == 200, answered.text
+        assert officer.get(f"{gw.base}/admin/policy").json()["version"] == 6

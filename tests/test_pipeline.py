@@ -9,6 +9,7 @@ control built the same way.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -43,6 +44,7 @@ from gateway.pipeline import (
     VerifyStage,
     body_of,
 )
+from gateway.pipeline.offload import OFFLOAD_BYTES, DecodePool
 from gateway.pki import PKI
 from gateway.policy.facts import Rate
 from gateway.ports import free_port
@@ -51,12 +53,14 @@ from gateway.protocol.problems import (
     Forbidden,
     InvalidTensor,
     NoHealthyNode,
+    Overloaded,
     PayloadTooLarge,
     Problem,
     RateLimited,
     Replayed,
     Unauthenticated,
 )
+from gateway.protocol.tensors import Limits
 from gateway.revocation import Revocations
 from gateway.routing.router import Router
 from gateway.runtime import build_gateway
@@ -123,14 +127,17 @@ def caller(gw: Gateway, pki: PKI, name: str) -> Caller:
     return Caller.of(gw.resolver.resolve(scope_of(pki, name)))
 
 
-async def decode(gw: Gateway, pki: PKI, name: str, body: bytes, **headers: str) -> Asked:
+async def decode(
+    gw: Gateway, pki: PKI, name: str, body: bytes, pool: DecodePool | None = None, **headers: str
+) -> Asked:
     came = Incoming(
         scope=scope_of(pki, name),
         headers={k.replace("_", "-"): v for k, v in headers.items()},
         body=body_of(body),
         model="iris",
     )
-    return await DecodeStage(gw.cfg)(came, caller(gw, pki, name), gw.entry("iris", None))
+    stage = DecodeStage(gw.cfg, pool)
+    return await stage(came, caller(gw, pki, name), gw.entry("iris", None))
 
 
 def json_body(x: np.ndarray[Any, Any], **params: Any) -> bytes:
@@ -388,3 +395,79 @@ async def test_a_caller_no_permit_names_is_refused_before_its_body_is_read(
         await gw.pipeline.infer(came, no_answer)
     assert body.read and failed.value.status >= 500
     assert failed.value.extra["decision_id"] and failed.value.extra["request_id"] == came.request_id
+
+
+# --- large bodies off the loop -----------------------------------------------------------
+def _big_body() -> bytes:
+    rows = np.random.default_rng(2).random((6000, 4), dtype=np.float32)
+    return json_body(rows)
+
+
+async def _ticks_while(work: Any) -> tuple[Any, int]:
+    """Run `work` and count how often the event loop got round to another task meanwhile."""
+    ticks = 0
+    done = False
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)  # the ticker's first step, before the work starts
+    started = ticks
+    try:
+        result = await work
+    finally:
+        done = True
+        await task
+    return result, ticks - started
+
+
+async def test_a_large_json_body_is_decoded_off_the_event_loop(gw: Gateway, pki: PKI) -> None:
+    body = _big_body()
+    assert len(body) > OFFLOAD_BYTES
+    pool = DecodePool(workers=1)
+    try:
+        await pool.warm()
+        offloaded, ticks = await _ticks_while(decode(gw, pki, "demo", body, pool=pool))
+        assert ticks > 0  # the loop served other tasks while the body was parsed
+        # Control: the same body decoded on the loop lets nothing else run meanwhile.
+        on_loop, still = await _ticks_while(decode(gw, pki, "demo", body))
+        assert still <= 1
+        np.testing.assert_array_equal(
+            offloaded.request.inputs[0].data, on_loop.request.inputs[0].data
+        )
+        # The worker's refusals arrive as the same problems.
+        with pytest.raises(BadRequest, match="duplicate key"):
+            bad = body[:-1] + b', "inputs": []}'
+            await decode(gw, pki, "demo", bad, pool=pool)
+    finally:
+        pool.close()
+
+
+async def test_the_decode_pool_is_bounded_and_one_identity_decodes_one_at_a_time() -> None:
+    pool = DecodePool(workers=1, max_pending=2)
+    entered: list[str] = []
+    try:
+        async with pool._turn("alice"):
+            # alice's second body waits for her first; bob's does not.
+            second = asyncio.create_task(_enter(pool, "alice", entered))
+            bob = asyncio.create_task(_enter(pool, "bob", entered))
+            await asyncio.sleep(0.05)
+            assert entered == ["bob"] and pool._mine["alice"][1] == [2]
+        await second
+        await bob
+        assert entered == ["bob", "alice"] and pool._mine == {}
+        # Past max_pending, a 503 at once rather than a queue.
+        pool.pending = 2
+        with pytest.raises(Overloaded):
+            await pool.decode("carol", b"{}", None, "iris", "1", Limits(1, 1, 1, 1))
+    finally:
+        pool.close()
+
+
+async def _enter(pool: DecodePool, key: str, entered: list[str]) -> None:
+    async with pool._turn(key):
+        entered.append(key)

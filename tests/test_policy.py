@@ -649,7 +649,9 @@ def test_cli_test(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_cli_explain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     req = POLICIES / "tests/DENY/residency-us-node.json"
-    assert main(["policy", "explain", str(req), "--dir", str(POLICIES)]) == 0
+    assert (
+        main(["policy", "explain", str(req), "--dir", str(POLICIES)]) == 2
+    )  # a deny exits 2, as `cedar authorize`
     out = capsys.readouterr().out
     assert "decision: DENY" in out and "denied by residency" in out
     assert (
@@ -857,7 +859,7 @@ def test_cli_diff(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "+ permit ops-public-models" in out
     marked = _without(SENSITIVE, MPC_RULE, f'@removes("{MPC_RULE}")')
     (new / "20-sensitive.cedar").write_text(marked)
-    assert main(["policy", "diff", str(POLICIES), str(new)]) == 0
+    assert main(["policy", "diff", str(POLICIES), str(new)]) == 3  # marked, but it widens
     out = capsys.readouterr().out
     assert f"- forbid {MPC_RULE}" in out and "marked by @removes" in out
     assert "~ forbid confidential-needs-verification" in out  # the marker is an edit

@@ -38,7 +38,7 @@ from gateway.policy.bundle import (
     sign_bundle,
     verify_bundle,
 )
-from gateway.policy.live import LivePolicy, bundle_loader
+from gateway.policy.live import ACCEPTED_BUNDLE, LivePolicy, bundle_loader
 from gateway.registry import Registry, seed_examples
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,6 +165,7 @@ def test_round_trip_gives_back_the_bundle_and_the_same_policy(
         "rollback",
         "gateway-too-old",
         "invalid-policy",
+        "too-few-signatures",
     }
 
 
@@ -686,12 +687,17 @@ def test_a_signed_bundle_that_drops_a_forbid_needs_the_marker_too(
         return sign_bundle(build_bundle(d, FACTS, version, DAY, "0.1.0", 300), officer.key)
 
     def on_disk() -> int:
-        """The version of the bundle a restart would read."""
-        result = check(path.read_bytes(), officer, now=dt.datetime.now(dt.UTC))
+        """The version of the bundle a restart would read: the officer's file is never
+        written; an accepted push is kept in the gateway's data dir."""
+        assert path.read_bytes() == first
+        kept = tmp_path / "d" / ACCEPTED_BUNDLE
+        data = kept.read_bytes() if kept.is_file() else first
+        result = check(data, officer, now=dt.datetime.now(dt.UTC))
         assert result.bundle is not None, result
         return result.bundle.version
 
-    path.write_bytes(signed_of(POLICIES, 1))
+    first = signed_of(POLICIES, 1)
+    path.write_bytes(first)
     tls = TLS(*(tmp_path / n for n in ("c", "k", "ca", "nca", "ncc", "nck")))
     policy = PolicyConfig(bundle=path, officer_keys=(str(officer.pub_path),))
     cfg = Config(tls, tmp_path / "r", tmp_path / "d", mode="production", policy=policy)

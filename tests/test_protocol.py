@@ -654,7 +654,7 @@ def test_tritonclient_reads_problem_error(gateway: RunningGateway, pki: PKI) -> 
             client.get_model_metadata("q")
     finally:
         client.close()
-    assert err.value.message() == "unknown model 'q'"
+    assert err.value.message() == "Request for unknown model: 'q' is not found"
     assert err.value.status() == "404"
 
 
@@ -670,10 +670,12 @@ def test_problem_types_table() -> None:
         "unknown-version": (404, False),
         "method-not-allowed": (405, False),
         "replayed-request": (409, False),
+        "policy-rollback": (409, False),
         "payload-too-large": (413, False),
         "unsupported-media-type": (415, False),
         "rate-limited": (429, True),
         "internal": (500, False),
+        "unsupported-extension": (501, False),
         "upstream-failed": (502, True),
         "no-healthy-node": (503, True),
         "state-unavailable": (503, True),

@@ -30,10 +30,7 @@ import json
 import logging
 import multiprocessing
 import os
-import signal
 import tempfile
-import threading
-import time
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +39,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from gateway.workers import init_worker
 from zk.record import VerifierArtefacts, ZkError, ZkRecord, sha256_file
 
 log = logging.getLogger(__name__)
@@ -225,28 +223,8 @@ def verify_proof(
 # --------------------------------------------------------------------------- worker pool
 
 
-# How often a worker checks that the gateway that spawned it is still there.
-ORPHAN_POLL_S = 0.5
-
-
-def _exit_when_orphaned(parent: int) -> None:
-    # When the gateway dies without shutting the pool down (SIGKILL, OOM killer), workers
-    # would wait on the call queue forever: each holds the queue's write end itself, so
-    # they never see EOF. Reparenting is the one sign that always comes. (Not
-    # PR_SET_PDEATHSIG: it fires when the forking *thread* ends, and the executor forks
-    # from whichever thread submits.)
-    while os.getppid() == parent:
-        time.sleep(ORPHAN_POLL_S)
-    os._exit(1)
-
-
 def _worker_init(cache_dir: str, parent: int) -> None:
-    # A terminal's Ctrl-C reaches the whole process group: the gateway, not the signal,
-    # shuts the workers down, after its in-flight verifications.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(
-        target=_exit_when_orphaned, args=(parent,), name="orphan-watch", daemon=True
-    ).start()
+    init_worker(parent)
     os.environ["EZKL_REPO_PATH"] = cache_dir
     _ezkl()
 

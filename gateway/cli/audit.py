@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from gateway.cli import UsageError
+from gateway.cli import UsageError, emit, json_option
 
 
 def register(sub: Any) -> None:
@@ -24,6 +24,7 @@ def register(sub: Any) -> None:
     )
     export.add_argument("--since", metavar="ISO", help="receipts created at or after this time")
     export.add_argument("out", type=Path, metavar="OUT", help="directory, or a path ending .tar")
+    json_option(export)
     export.set_defaults(func=_export)
 
     trust = verbs.add_parser(
@@ -40,11 +41,13 @@ def register(sub: Any) -> None:
     erase.add_argument("--log-dir", type=Path, required=True, metavar="DIR")
     erase.add_argument("--reason", default="erasure-request")
     erase.add_argument("receipt_ids", nargs="+", metavar="RECEIPT_ID")
+    json_option(erase)
     erase.set_defaults(func=_erase)
 
     expire = verbs.add_parser("expire", help="delete receipt bodies past the retention period")
     expire.add_argument("--log-dir", type=Path, required=True, metavar="DIR")
     expire.add_argument("--older-than-days", type=float, required=True)
+    json_option(expire)
     expire.set_defaults(func=_expire)
 
 
@@ -61,10 +64,18 @@ def _export(args: argparse.Namespace) -> int:
         s = export_bundle(args.log_dir, args.out, since)
     except BundleError as exc:
         raise UsageError(str(exc)) from exc
-    print(
+    data = {
+        "out": str(s.out),
+        "logs": s.logs,
+        "receipts": s.receipts,
+        "checkpoints": s.checkpoints,
+        "erased": s.erased,
+    }
+    text = (
         f"{s.out}: {s.logs} log(s), {s.receipts} receipt(s), {s.checkpoints} checkpoint(s), "
         f"{s.erased} erased"
     )
+    emit(args, data, text)
     return 0
 
 
@@ -137,10 +148,11 @@ def _erase(args: argparse.Namespace) -> int:
             total += rl.erase_sync(rids, args.reason)
         finally:
             rl.close_sync()
-    print(
+    text = (
         f"erased {total} receipt bod{'y' if total == 1 else 'ies'}; leaves and proofs kept; "
         "the erasure is logged at the active log's next checkpoint"
     )
+    emit(args, {"erased": total}, text)
     return 0
 
 
@@ -154,5 +166,6 @@ def _expire(args: argparse.Namespace) -> int:
             total += rl.expire_sync(args.older_than_days * 86400)
         finally:
             rl.close_sync()
-    print(f"deleted {total} receipt bod{'y' if total == 1 else 'ies'} past retention")
+    text = f"deleted {total} receipt bod{'y' if total == 1 else 'ies'} past retention"
+    emit(args, {"deleted": total}, text)
     return 0

@@ -8,12 +8,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from gateway.cli.up import cluster_dir_option
 from gateway.ports import wait_ready as _wait_ready
 
 IRIS = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]], np.float32)
@@ -32,7 +32,7 @@ DEMO_REQUESTS: tuple[tuple[str, str, str, npt.NDArray[np.float32], dict[str, str
 
 def register(sub: Any) -> None:
     p = sub.add_parser("demo", help="local cluster + gateway; one request in every mode")
-    p.add_argument("--dir", type=Path, default=Path(".ztgate"), help="cluster directory")
+    cluster_dir_option(p)
     p.add_argument("--nodes", type=int, default=3)
     p.set_defaults(func=_demo)
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from gateway.cli import UsageError
+from gateway.cli import UsageError, emit, json_option
 from gateway.registry import (
     CLASSIFICATIONS,
     MODES,
@@ -55,10 +55,12 @@ def register(subparsers: Any) -> None:
 
     examples = verbs.add_parser("examples", help="register the shipped example models")
     _registry_option(examples)
+    json_option(examples)
     examples.set_defaults(func=_examples)
 
     verify = verbs.add_parser("verify", help="re-hash every model file (exit 1 on mismatch)")
     _registry_option(verify)
+    json_option(verify)
     verify.set_defaults(func=_verify)
 
 
@@ -123,8 +125,7 @@ def _examples(args: argparse.Namespace) -> int:
         entries = seed_examples(registry)
     except RegistryError as exc:
         raise UsageError(str(exc)) from exc
-    for entry in entries:
-        print(_row(entry))
+    emit(args, [e.to_json() for e in entries], "\n".join(_row(e) for e in entries))
     return 0
 
 
@@ -138,6 +139,8 @@ def _verify(args: argparse.Namespace) -> int:
         problems = _open(args).verify()
     except RegistryError as exc:
         raise UsageError(str(exc)) from exc
-    for problem in problems:
+    if args.json:
+        emit(args, {"ok": not problems, "problems": problems}, "")
+    for problem in [] if args.json else problems:
         print(problem)
     return 1 if problems else 0

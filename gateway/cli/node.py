@@ -11,7 +11,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from gateway.cli import UsageError
+from gateway.cli import UsageError, emit, json_option
 from gateway.pki import DEFAULT_SITE, PKI, PKIError
 from gateway.ports import free_port as _free_port
 
@@ -82,6 +82,7 @@ def register(sub: Any) -> None:
         help="onnxruntime: NVIDIA's Triton image; python: the wheel's tritonserver",
     )
     repo.add_argument("--zk-artefacts", type=Path, action="append", default=[], metavar="DIR")
+    json_option(repo)
     repo.set_defaults(func=_repository)
 
 
@@ -134,7 +135,8 @@ def _repository(args: argparse.Namespace) -> int:
     if args.zk_artefacts and args.flavour != "python":
         raise UsageError("--zk-artefacts needs --flavour python (the prover is a python model)")
     _add_zk(out, args.registry, args.zk_artefacts)
-    print(f"{args.flavour} repository written to {out}")
+    text = f"{args.flavour} repository written to {out}"
+    emit(args, {"repository": str(out), "flavour": args.flavour}, text)
     return 0
 
 

@@ -11,7 +11,7 @@ from typing import Any, cast
 
 from cryptography.hazmat.primitives import serialization
 
-from gateway.cli import UsageError
+from gateway.cli import UsageError, emit, json_option, path_option
 from gateway.pki import DEFAULT_SITE, DEFAULT_TRUST_DOMAIN, PKI, ROLES, PKIError, Role
 
 DEFAULT_DIR = Path(".ztgate/pki")
@@ -22,7 +22,18 @@ def register(sub: Any) -> None:
     verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     init = verbs.add_parser("init", help="create the root, the per-role CAs and all keys")
-    init.add_argument("dir", type=Path, nargs="?", default=DEFAULT_DIR)
+    path_option(
+        init,
+        "--pki",
+        dest="dir",
+        type=Path,
+        default=DEFAULT_DIR,
+        metavar="DIR",
+        help="the PKI directory to create",
+    )
+    # The old positional DIR, still accepted.
+    init.add_argument("old_dir", nargs="?", default=None, help=argparse.SUPPRESS)
+    json_option(init)
     init.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
     init.add_argument("--site", action="append", dest="sites", help="gateway site (repeat)")
     init.set_defaults(func=_init)
@@ -30,7 +41,7 @@ def register(sub: Any) -> None:
     issue = verbs.add_parser("issue", help="issue one more certificate")
     issue.add_argument("role", choices=ROLES)
     issue.add_argument("name")
-    issue.add_argument("--dir", type=Path, default=DEFAULT_DIR)
+    _pki_dir(issue)
     issue.add_argument("--site", default=DEFAULT_SITE)
     issue.add_argument("--days", type=float, default=365.0, help="lifetime in days")
     issue.add_argument("--not-before", help="ISO 8601 start (default: now - 5 min)")
@@ -52,26 +63,39 @@ def register(sub: Any) -> None:
     revoke.add_argument("--key", type=Path, help="its key")
     revoke.add_argument("--ca", type=Path, help="CA that signed the gateway's certificate")
     revoke.add_argument("--timeout", type=float, default=10.0)
+    json_option(revoke)
     revoke.set_defaults(func=_revoke)
 
     crl = verbs.add_parser(
         "crl", help="write a client-CA CRL (for tls.crl) from certificates and/or a data_dir"
     )
     crl.add_argument("certificates", type=Path, nargs="*", help="PEM certificates to list")
-    crl.add_argument("--dir", type=Path, default=DEFAULT_DIR)
+    _pki_dir(crl)
     crl.add_argument("--data-dir", type=Path, help="also list what this replica has revoked")
     crl.add_argument("--days", type=int, default=7, help="next update in days")
     crl.add_argument("--out", type=Path, required=True)
+    json_option(crl)
     crl.set_defaults(func=_crl)
+
+
+def _pki_dir(p: Any) -> None:
+    path_option(
+        p, "--pki", "--dir", dest="dir", type=Path, default=DEFAULT_DIR, metavar="DIR",
+        help="the dev PKI directory",
+    )  # fmt: skip
 
 
 def _init(args: argparse.Namespace) -> int:
     try:
-        pki = PKI.init(args.dir, args.trust_domain, args.sites or [DEFAULT_SITE])
+        where = Path(args.old_dir) if args.old_dir else args.dir
+        pki = PKI.init(where, args.trust_domain, args.sites or [DEFAULT_SITE])
     except PKIError as exc:
         raise UsageError(str(exc)) from exc
-    print(f"dev PKI for {pki.trust_domain} in {pki.root} (sites: {', '.join(pki.sites)})")
-    print("WARNING: development only; production mode refuses this PKI.")
+    data = {"pki": str(pki.root), "trust_domain": pki.trust_domain, "sites": list(pki.sites)}
+    emit(
+        args, data, f"dev PKI for {pki.trust_domain} in {pki.root} (sites: {', '.join(pki.sites)})"
+    )
+    print("WARNING: development only; production mode refuses this PKI.", file=sys.stderr)
     return 0
 
 
@@ -136,34 +160,23 @@ def _revoke(args: argparse.Namespace) -> int:
             revocations.add(issuer, serial)
         finally:
             revocations.close()
-        print(f"revoked serial {serial} of {issuer} in {args.data_dir} (offline)")
+        done = {"serial": serial, "issuer": issuer, "data_dir": str(args.data_dir)}
+        emit(args, done, f"revoked serial {serial} of {issuer} in {args.data_dir} (offline)")
         return 0
     if not (args.cert and args.key and args.ca):
         raise UsageError("--gateway needs --cert, --key and --ca (an officer's identity)")
-    import ssl
+    from gateway.cli.admin import admin_request, body_of
 
-    import httpx
-
-    ctx = ssl.create_default_context(cafile=str(args.ca))
-    try:
-        ctx.load_cert_chain(args.cert, args.key)
-    except (OSError, ssl.SSLError) as exc:
-        raise UsageError(f"cannot load {args.cert} / {args.key}: {exc}") from exc
     body = {"certificate": cert.public_bytes(serialization.Encoding.PEM).decode()}
-    try:
-        with httpx.Client(verify=ctx, timeout=args.timeout) as client:
-            r = client.post(f"https://{args.gateway}/admin/revoke", json=body)
-    except httpx.HTTPError as exc:
-        print(f"ztgate: gateway unreachable or refused the connection: {exc}", file=sys.stderr)
+    r = admin_request(args, "POST", "/admin/revoke", json=body)
+    if r is None:
         return 1
     if r.status_code != 200:
-        try:
-            detail = r.json().get("detail", r.text)
-        except ValueError:
-            detail = r.text
+        detail = body_of(r).get("detail", r.text)
         print(f"ztgate: revocation refused ({r.status_code}): {detail}", file=sys.stderr)
         return 1
-    print(f"revoked serial {serial} of {issuer} via {args.gateway}")
+    done = {"serial": serial, "issuer": issuer, "gateway": args.gateway}
+    emit(args, done, f"revoked serial {serial} of {issuer} via {args.gateway}")
     return 0
 
 
@@ -205,5 +218,6 @@ def _crl(args: argparse.Namespace) -> int:
     if not 1 <= args.days <= 366:
         raise UsageError("--days must be between 1 and 366")
     out = client_crl(pki, serials, args.out, args.days)
-    print(f"CRL with {len(set(serials))} revoked certificate(s) written to {out}")
+    text = f"CRL with {len(set(serials))} revoked certificate(s) written to {out}"
+    emit(args, {"crl": str(out), "revoked": len(set(serials))}, text)
     return 0

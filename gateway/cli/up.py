@@ -9,7 +9,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from gateway.cli import UsageError
+from gateway.cli import UsageError, path_option
 
 if TYPE_CHECKING:
     from gateway.cluster import LocalCluster
@@ -17,9 +17,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def cluster_dir_option(p: Any) -> None:
+    """`--cluster-dir` (old name `--dir`) of `up` and `demo`."""
+    path_option(
+        p, "--cluster-dir", "--dir", dest="dir", type=Path, default=Path(".ztgate"),
+        metavar="DIR", help="cluster directory: its PKI, registry, nodes and gateway.toml",
+    )  # fmt: skip
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("up", help="start a local cluster: dev PKI, Triton nodes, gateway")
-    p.add_argument("--dir", type=Path, default=Path(".ztgate"), help="cluster directory")
+    cluster_dir_option(p)
     p.add_argument("--nodes", type=int, default=3, help="number of nodes (1-5)")
     p.add_argument("--port", type=int, default=8443, help="gateway mTLS port")
     p.add_argument("--admin-port", type=int, default=8081, help="gateway admin port")
@@ -76,6 +84,8 @@ def _up(args: argparse.Namespace) -> int:
                 f"pin {n['dns_name']}"
             )
         print(f"gateway config: {cluster.config_path}")
+        # The copy made at the cluster's first start: edits to ./policies do not reach it.
+        print(f"policy: {root / 'policies'} (watched: edit it there; dev mode, unsigned)")
         if args.no_gateway:
             import threading
 

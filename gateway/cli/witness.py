@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from gateway.cli import UsageError
+from gateway.cli import UsageError, emit, json_option, path_option
+from gateway.cli.token import add_token_args, token_from_args
 
 
 def register(sub: Any) -> None:
@@ -16,7 +17,7 @@ def register(sub: Any) -> None:
     verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     init = verbs.add_parser("init", help="create a witness directory with a fresh key")
-    init.add_argument("--dir", type=Path, required=True)
+    _dir(init)
     init.add_argument("--name", required=True, help="witness name, e.g. witness.example/w1")
     init.add_argument(
         "--trust-log",
@@ -25,17 +26,39 @@ def register(sub: Any) -> None:
         metavar="ORIGIN_PREFIX=PUBKEY",
         help="a log key to accept (PUBKEY: PEM file or base64 raw key); repeatable",
     )
+    init.add_argument(
+        "--key-label",
+        default=None,
+        help="keep the witness key in the PKCS#11 token under this label (made there, "
+        "non-extractable, unless it exists) instead of witness.key",
+    )
+    add_token_args(init, config=False)
+    json_option(init)
     init.set_defaults(func=_init)
 
     vkey = verbs.add_parser("vkey", help="print the witness's verifier key (for trust files)")
-    vkey.add_argument("--dir", type=Path, required=True)
+    _dir(vkey)
+    json_option(vkey)
     vkey.set_defaults(func=_vkey)
 
     serve = verbs.add_parser("serve", help="serve POST /add-checkpoint")
-    serve.add_argument("--dir", type=Path, required=True)
+    _dir(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8090)
     serve.set_defaults(func=_serve)
+
+
+def _dir(p: Any) -> None:
+    path_option(
+        p,
+        "--witness-dir",
+        "--dir",
+        dest="dir",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="the witness's directory (witness.json, its key or token, state)",
+    )
 
 
 def _read_pub(spec: str) -> str:
@@ -62,35 +85,78 @@ def _init(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
-    from gateway.receipts.note import Cosigner, NoteError
-
     d: Path = args.dir
     key_path = d / "witness.key"
-    if key_path.exists():
-        raise UsageError(f"{key_path} exists; refusing to replace a witness key")
+    if key_path.exists() or (d / "witness.json").exists():
+        raise UsageError(f"{d} holds a witness already; refusing to replace a witness key")
     trusted = []
     for spec in args.trust_log:
         prefix, sep, pub = spec.partition("=")
         if not sep or not prefix:
             raise UsageError(f"--trust-log {spec!r}: expected ORIGIN_PREFIX=PUBKEY")
         trusted.append({"origin_prefix": prefix, "public_key": _read_pub(pub)})
-    key = ed25519.Ed25519PrivateKey.generate()
+    doc: dict[str, Any] = {"name": args.name, "trusted_logs": trusted}
+    token = token_from_args(args)
+    if (token is None) != (args.key_label is None):
+        raise UsageError("a witness key in a token needs --key-label and the token options")
+    if token is not None:
+        doc["pkcs11"] = _token_signer(token, args.key_label)
+        cosigner = _cosigner(args.name, _token_key(doc["pkcs11"], create=True))
+        d.mkdir(parents=True, exist_ok=True)
+    else:
+        key = ed25519.Ed25519PrivateKey.generate()
+        cosigner = _cosigner(args.name, key)
+        d.mkdir(parents=True, exist_ok=True)
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with open(fd, "wb") as f:
+            f.write(pem)
+    (d / "witness.json").write_text(json.dumps(doc, indent=2) + "\n")
+    emit(args, {"vkey": cosigner.key.vkey(), "witness_dir": str(d)}, cosigner.key.vkey())
+    return 0
+
+
+def _cosigner(name: str, key: Any) -> Any:
+    from gateway.receipts.note import Cosigner, NoteError
+
     try:
-        cosigner = Cosigner(args.name, key)
+        return Cosigner(name, key)
     except NoteError as exc:
         raise UsageError(str(exc)) from exc
-    d.mkdir(parents=True, exist_ok=True)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with open(fd, "wb") as f:
-        f.write(pem)
-    (d / "witness.json").write_text(
-        json.dumps({"name": args.name, "trusted_logs": trusted}, indent=2) + "\n"
-    )
-    print(cosigner.key.vkey())
-    return 0
+
+
+def _token_signer(token: Any, label: str) -> dict[str, Any]:
+    """witness.json's record of where its key is (the PIN stays in its file)."""
+    return {
+        "module": str(token.module),
+        "token": token.label,
+        "slot": token.slot,
+        "pin_file": str(token.pin_file),
+        "label": label,
+    }
+
+
+def _token_key(spec: Any, create: bool = False) -> Any:
+    from gateway.signer import Pkcs11Signer, SignerError, Token, generate
+
+    try:
+        token = Token(
+            Path(spec["module"]), Path(spec["pin_file"]), spec.get("token"), spec.get("slot")
+        )
+        label = str(spec["label"])
+        try:
+            return Pkcs11Signer(token, label)
+        except SignerError:
+            if not create:
+                raise
+        generate(token, label)
+        return Pkcs11Signer(token, label)
+    except (SignerError, KeyError, TypeError) as exc:
+        raise UsageError(f"witness key in the token: {exc}") from exc
 
 
 def load_witness(d: Path) -> Any:
@@ -102,7 +168,8 @@ def load_witness(d: Path) -> Any:
 
     try:
         cfg = json.loads((d / "witness.json").read_text())
-        key = load_signing_key(d / "witness.key")
+        spec = cfg.get("pkcs11")
+        key = _token_key(spec) if spec is not None else load_signing_key(d / "witness.key")
         trusted = [
             TrustedLog(
                 str(t["origin_prefix"]),
@@ -116,7 +183,8 @@ def load_witness(d: Path) -> Any:
 
 
 def _vkey(args: argparse.Namespace) -> int:
-    print(load_witness(args.dir).key.vkey())
+    vkey = load_witness(args.dir).key.vkey()
+    emit(args, {"vkey": vkey}, vkey)
     return 0
 
 

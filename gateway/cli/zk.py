@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.cli import UsageError
+from gateway.cli import UsageError, emit, json_option, path_option
 
 
 def register(subparsers: Any) -> None:
@@ -41,16 +41,30 @@ def register(subparsers: Any) -> None:
     add = verbs.add_parser("add-to-repository", help="add <name>-zk to a Triton repository")
     add.add_argument("repository", type=Path, metavar="REPO")
     add.add_argument("--name", required=True)
-    add.add_argument("--artefacts", type=Path, required=True, metavar="DIR")
+    _artefacts(add)
+    json_option(add)
     add.set_defaults(func=_add)
 
     verify = verbs.add_parser("verify", help="re-verify a proof offline (auditor)")
     verify.add_argument("proof", type=Path, metavar="PROOF.json")
-    verify.add_argument("--artefacts", type=Path, required=True, metavar="DIR")
+    _artefacts(verify)
     verify.add_argument(
         "--input", required=True, help="the request input as a JSON list (or @FILE)"
     )
     verify.set_defaults(func=_verify)
+
+
+def _artefacts(p: Any) -> None:
+    path_option(
+        p,
+        "--zk-artefacts",
+        "--artefacts",
+        dest="artefacts",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="`ztgate zk onboard` output directory",
+    )
 
 
 def _onboard(args: argparse.Namespace) -> int:
@@ -101,7 +115,7 @@ def _add(args: argparse.Namespace) -> int:
         path = add_zk_model(args.repository, args.name, args.artefacts)
     except ZkError as exc:
         raise UsageError(str(exc)) from exc
-    print(path)
+    emit(args, {"path": str(path)}, str(path))
     return 0
 
 

@@ -12,6 +12,7 @@ test built without the app (tests/test_pipeline.py).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -43,7 +44,10 @@ from gateway.pipeline.execute import (
     client_ref,
 )
 from gateway.protocol.problems import Problem, StateUnavailable
+from gateway.registry import ModelEntry
 from gateway.state import StoreUnavailable
+from gateway.stats import InferenceStats
+from gateway.telemetry import Telemetry, note, problem_slug
 
 __all__ = [
     "DEADLINE_HEADER",
@@ -57,6 +61,7 @@ __all__ = [
     "Catalog",
     "Concurrency",
     "Decided",
+    "Decode",
     "DecodeStage",
     "DenialStage",
     "IdentityStage",
@@ -77,6 +82,8 @@ __all__ = [
 ]
 
 R = TypeVar("R")
+# Incoming -> Asked: the decode stage, or a front's own decoding of an already-parsed request.
+Decode = Callable[[Incoming, Caller, ModelEntry], Awaitable[Asked]]
 
 
 def _no_op(_: BaseException) -> None:
@@ -101,6 +108,8 @@ class Pipeline:
         receipt: ReceiptStage | None,
         denial: DenialStage | None,
         on_state_lost: Callable[[BaseException], None] = _no_op,
+        stats: InferenceStats | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.catalog = catalog
         self.identity = identity
@@ -116,8 +125,21 @@ class Pipeline:
         self.receipt = receipt
         self.denial = denial
         self.on_state_lost = on_state_lost
+        # Per-model statistics (Triton's extension), fed by `infer` and the stage marks.
+        self.stats = stats if stats is not None else InferenceStats(catalog)
+        # Each stage call below is timed (ztgate_stage_duration_seconds) and, with tracing
+        # on, a span (gateway/telemetry.py says what a span may carry).
+        self.telemetry = telemetry or Telemetry()
 
     async def authenticated(
+        self, incoming: Incoming, handler: Callable[[Caller], Awaitable[R]], route: str = "call"
+    ) -> R:
+        """Identity and admission, then `handler` inside the caller's concurrency slot, all
+        under the request's root span (the client's `traceparent` its parent)."""
+        with self.telemetry.request(incoming.request_id, route, incoming.headers):
+            return await self._authenticated(incoming, handler)
+
+    async def _authenticated(
         self, incoming: Incoming, handler: Callable[[Caller], Awaitable[R]]
     ) -> R:
         """Identity and admission, then `handler` inside the caller's concurrency slot.
@@ -126,10 +148,14 @@ class Pipeline:
         naming the request id, with a denial receipt where the type is receipted and the
         caller is known (identity failures have no caller to receipt)."""
         caller: Caller | None = None
+        stage = self.telemetry.stage
         try:
             try:
-                caller = self.identity(incoming.scope)
-                async with self.admission(caller):
+                with stage("identity"):
+                    caller = self.identity(incoming.scope)
+                async with contextlib.AsyncExitStack() as slot:
+                    with stage("admission"):
+                        await slot.enter_async_context(self.admission(caller))
                     return await handler(caller)
             except StoreUnavailable as exc:
                 # A store call no stage mapped (an admin action publishing to the store):
@@ -144,36 +170,64 @@ class Pipeline:
                 self.on_state_lost(p.__cause__)
             if p.receipted and caller is not None and self.denial is not None:
                 entry = self.catalog.known(incoming.model)
-                await self.denial(caller, entry, p, incoming.request_id)
+                with stage("denial_receipt", problem_type=problem_slug(p)):
+                    await self.denial(caller, entry, p, incoming.request_id)
             raise
 
-    async def infer(self, incoming: Incoming, respond: Callable[[Answer], R]) -> R:
-        """One inference, end to end; `respond` builds the reply inside the caller's slot."""
+    async def infer(
+        self, incoming: Incoming, respond: Callable[[Answer], R], decode: Decode | None = None
+    ) -> R:
+        """One inference, end to end; `respond` builds the reply inside the caller's slot.
+        `decode` stands in for the decode stage where a front has parsed the request
+        itself (the gRPC front's protobuf): the same limits and signature checks."""
 
         async def run(caller: Caller) -> R:
-            return respond(await self.run_infer(incoming, caller))
+            with self.stats.infer(incoming) as timing:
+                timing.answer = await self.run_infer(incoming, caller, decode)
+                return respond(timing.answer)
 
-        return await self.authenticated(incoming, run)
+        return await self.authenticated(incoming, run, route="infer")
 
-    async def run_infer(self, incoming: Incoming, caller: Caller) -> Answer:
+    async def run_infer(
+        self, incoming: Incoming, caller: Caller, decode: Decode | None = None
+    ) -> Answer:
         """The stages after admission, in order."""
         if incoming.model is None:
             raise ValueError("an inference names its model")
+        stage = self.telemetry.stage
         entry = self.catalog.entry(incoming.model, incoming.version)
-        self.pre_policy(caller, entry)
-        asked = await self.decode(incoming, caller, entry)
-        await self.nonce(asked)
+        note(model=entry.name)
+        with stage("pre_policy", model=entry.name):
+            self.pre_policy(caller, entry)
+        with stage("decode", model=entry.name):
+            asked = await (decode or self.decode)(incoming, caller, entry)
+        with stage("nonce"):
+            await self.nonce(asked)
+        self.stats.mark("input")
         return await self.answer(asked)
 
     async def answer(self, asked: Asked) -> Answer:
         """From a decoded request on: policy, mode, rate, route, verify, receipt."""
-        decision = self.policy(asked)
+        stage = self.telemetry.stage
+        with stage("policy", model=asked.entry.name) as s:
+            decision = self.policy(asked)
+            s.set(decision_id=decision.id)
         try:
-            decided = self.mode(asked, decision)
-            await self.rate(decided)
-            self.route(decided)
-            outcome = await self.verify(decided)
-            receipt = None if self.receipt is None else await self.receipt(decided, outcome)
+            with stage("mode", decision_id=decision.id) as s:
+                decided = self.mode(asked, decision)
+                s.set(mode=decided.mode)
+            note(mode=decided.mode)
+            with stage("rate_limit"):
+                await self.rate(decided)
+            with stage("route", mode=decided.mode):
+                self.route(decided)
+            self.stats.mark("infer")
+            with stage("verify", model=asked.entry.name, mode=decided.mode) as s:
+                outcome = await self.verify(decided)
+                s.set(nodes=",".join(outcome.nodes), attempts=outcome.attempts)
+            self.stats.mark("output")
+            with stage("receipt"):
+                receipt = None if self.receipt is None else await self.receipt(decided, outcome)
         except Problem as p:
             p.extra.setdefault("decision_id", decision.id)
             raise

@@ -20,6 +20,7 @@ from gateway.protocol.problems import (
 from gateway.registry import ModelEntry
 from gateway.revocation import Revocations
 from gateway.state import StateStore, StoreUnavailable
+from gateway.telemetry import PROCESS_METRICS
 
 # Retry-After for refusals while the shared store is unreachable: about one readiness
 # probe (the gateway re-checks the store every second), so a client that honours it comes
@@ -139,6 +140,7 @@ class PrePolicyStage:
 
     def __call__(self, caller: Caller, entry: ModelEntry) -> None:
         if not self.policy.engine.may_infer(caller.facts, entry.name):
+            PROCESS_METRICS.denied(())  # no permit's scope matched: Cedar's default deny
             raise Forbidden(
                 "policy denies this request: no permit matches this caller and model",
                 extra={"allowed_modes": []},

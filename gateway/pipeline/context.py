@@ -8,6 +8,7 @@ optional, so no stage has to assert that an earlier one ran:
 
 from __future__ import annotations
 
+import base64
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -19,7 +20,7 @@ from gateway.identity import Identity
 from gateway.job import Job, Outcome
 from gateway.policy.engine import InferDecision
 from gateway.policy.facts import IdentityFacts
-from gateway.protocol.tensors import InferRequest
+from gateway.protocol.tensors import InferRequest, JsonScalar
 from gateway.receipts.issue import Issued
 from gateway.registry import ModelEntry
 
@@ -112,3 +113,26 @@ class Answer:
     @property
     def request_id(self) -> str:
         return self.decided.asked.incoming.request_id
+
+    def parameters(self) -> dict[str, JsonScalar]:
+        """The `ztgate.*` response parameters, the same on every front (docs/clients.md)."""
+        decided, outcome, receipt = self.decided, self.outcome, self.receipt
+        params: dict[str, JsonScalar] = {
+            "ztgate.request_id": self.request_id,
+            "ztgate.decision_id": decided.decision.id,
+            "ztgate.policy_hash": decided.decision.policy_hash,
+            "ztgate.nodes": ",".join(outcome.nodes),
+            "ztgate.verification": outcome.mode,
+            "ztgate.verification_status": outcome.status,
+            "ztgate.attempts": outcome.attempts,
+        }
+        if outcome.nonfinite:
+            params["ztgate.nonfinite"] = True
+        if receipt is not None:
+            params["ztgate.receipt_id"] = receipt.receipt.receipt_id
+            params["ztgate.receipt"] = receipt.summary
+            if receipt.salt is not None:
+                # Only the client gets the salt: with it, and only with it, it can later
+                # prove what it sent and got against the receipt's commitments.
+                params["ztgate.salt"] = base64.b64encode(receipt.salt).decode()
+        return params

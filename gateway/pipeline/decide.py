@@ -16,6 +16,7 @@ from gateway.protocol.problems import BadRequest, Forbidden, NoHealthyNode
 from gateway.revocation import Revocations
 from gateway.routing.router import Router
 from gateway.state import StateStore
+from gateway.telemetry import PROCESS_METRICS
 from gateway.verify import MODES, Verifier
 
 decisions = logging.getLogger("ztgate.decisions")
@@ -138,6 +139,11 @@ class RateLimitStage:
 def log_decision(
     decision: InferDecision, identity: IdentityFacts, model: str, mode: str | None
 ) -> None:
-    """One JSON line per decision; never tensors or payloads."""
+    """One JSON line per decision; never tensors or payloads. A denial is counted by the
+    policies that determined it (ztgate_policy_denials_total)."""
+    if mode is None and not decision.allowed:
+        PROCESS_METRICS.denied(decision.determining)
+    elif mode is not None and mode not in decision.modes:
+        PROCESS_METRICS.denied(decision.for_mode(mode)[0])
     if decisions.isEnabledFor(logging.INFO):
         decisions.info(json.dumps(decision_record(decision, identity, model, mode)))

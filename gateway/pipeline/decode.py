@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import AsyncIterator, Mapping
 
 from gateway.config import Config
 from gateway.pipeline.admission import STATE_RETRY_AFTER_S
 from gateway.pipeline.context import Asked, Caller, Incoming
+from gateway.pipeline.offload import OFFLOAD_BYTES, DecodePool
 from gateway.protocol.codec import decode_request
 from gateway.protocol.problems import (
     BadRequest,
@@ -42,10 +44,68 @@ def header_int(raw: str) -> int | None:
     return _HEADER_INT_MAX if len(digits) > 18 else int(digits or "0")
 
 
+# Content-Encoding -> zlib's wbits: gzip (RFC 1952), and deflate, which in HTTP means the
+# zlib format (RFC 1950; what tritonclient's `zlib.compress` sends). Raw deflate (RFC 1951,
+# which some clients send as "deflate") is recognised by its missing zlib header.
+CONTENT_ENCODINGS: dict[str, int] = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+class _Inflater:
+    """Decompresses chunk by chunk and never holds more than `cap` inflated bytes: each
+    call inflates at most what is left under the cap plus one byte, so a bomb (a few KiB
+    that inflate to GiBs) is refused as soon as it passes the cap, not after."""
+
+    def __init__(self, encoding: str, cap: int, hint: str) -> None:
+        self.encoding = encoding
+        self.cap = cap
+        self.hint = hint
+        self.size = 0
+        self.started = False
+        self.d = zlib.decompressobj(CONTENT_ENCODINGS[encoding])
+
+    def feed(self, data: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        if not self.started and data:
+            self.started = True
+            zlib_header = len(data) < 2 or (
+                data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
+            )
+            if self.encoding == "deflate" and not zlib_header:
+                self.d = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate
+        while data:
+            if self.d.eof:
+                # gzip allows several members one after another (RFC 1952 2.2); after the
+                # end of a deflate stream nothing may follow.
+                if self.encoding != "gzip":
+                    raise BadRequest("data after the end of the deflate stream")
+                self.d = zlib.decompressobj(CONTENT_ENCODINGS["gzip"])
+            try:
+                piece = self.d.decompress(data, self.cap - self.size + 1)
+            except zlib.error as exc:
+                raise BadRequest(f"body is not valid {self.encoding} data") from exc
+            self.size += len(piece)
+            if self.size > self.cap:
+                raise PayloadTooLarge(
+                    f"body exceeds the cap of {self.cap} bytes once decompressed{self.hint}"
+                )
+            out.append(piece)
+            data = self.d.unconsumed_tail or self.d.unused_data
+            if self.d.eof and not self.d.unused_data:
+                break
+        return out
+
+    def finish(self) -> None:
+        if not self.started or not self.d.eof:
+            raise BadRequest(f"body ends before its {self.encoding} data does")
+
+
 async def read_body(
     headers: Mapping[str, str], stream: AsyncIterator[bytes], cap: int, hint: str = ""
 ) -> bytes:
-    """The whole body, refused with 413 as soon as it passes the cap (never buffered past it)."""
+    """The whole body, refused with 413 as soon as it passes the cap (never buffered past it).
+
+    A `Content-Encoding` of gzip or deflate is decompressed as it arrives, and the cap
+    holds for the decompressed bytes (and for the bytes on the wire)."""
     declared = headers.get("content-length")
     if declared is not None:
         length = header_int(declared)
@@ -53,29 +113,41 @@ async def read_body(
             raise BadRequest("Content-Length must be a non-negative integer")
         if length > cap:
             raise PayloadTooLarge(f"body of {declared} bytes exceeds the cap of {cap}{hint}")
-    encoding = headers.get("content-encoding", "identity").lower()
-    if encoding != "identity":
-        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not accepted")
+    encoding = headers.get("content-encoding", "identity").strip().lower()
+    inflater: _Inflater | None = None
+    if encoding in CONTENT_ENCODINGS:
+        inflater = _Inflater(encoding, cap, hint)
+    elif encoding != "identity":
+        # Fixed text: the header is client text.
+        raise UnsupportedMediaType(
+            "Content-Encoding must be one of gzip, deflate or identity (a single coding)"
+        )
     chunks: list[bytes] = []
     size = 0
     async for chunk in stream:
         size += len(chunk)
         if size > cap:
             raise PayloadTooLarge(f"body exceeds the cap of {cap} bytes{hint}")
-        chunks.append(chunk)
+        if inflater is None:
+            chunks.append(chunk)
+        else:
+            chunks.extend(inflater.feed(chunk))
+    if inflater is not None and size:
+        inflater.finish()
     return b"".join(chunks)
 
 
 class DecodeStage:
     """The deadline, the body under its caps, the KServe v2 decoding, the signature check.
 
-    JSON is decoded on the event loop (about 70 ms a MiB, and `json.loads` holds the GIL,
-    so a thread would not help), so a JSON body (or the JSON header of a binary one) has
-    its own, smaller cap: big tensors come as raw bytes, which the codec takes without
-    parsing.
+    JSON costs about 70 ms a MiB to decode (and `json.loads` holds the GIL, so a thread
+    would not help): a body over `OFFLOAD_BYTES` is decoded in the `DecodePool`'s worker
+    processes, and a JSON body (or the JSON header of a binary one) has its own, smaller
+    cap all the same: big tensors come as raw bytes, which the codec takes without parsing.
     """
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, pool: DecodePool | None = None) -> None:
+        self.pool = pool  # large bodies are decoded there, off the event loop
         self.limits = cfg.limits
         self.routing = cfg.routing
         self.codec_limits = Limits(
@@ -118,7 +190,14 @@ class DecodeStage:
                     f"JSON header of {header_length} bytes exceeds the cap of "
                     f"{json_cap}{_USE_BINARY}"
                 )
-        request = decode_request(body, header_length, entry.name, entry.version, self.codec_limits)
+        if self.pool is not None and len(body) > OFFLOAD_BYTES:
+            key = caller.identity.spiffe_id
+            args = (body, header_length, entry.name, entry.version, self.codec_limits)
+            request = await self.pool.decode(key, *args)
+        else:
+            request = decode_request(
+                body, header_length, entry.name, entry.version, self.codec_limits
+            )
         check_inputs(entry, request.inputs)
         check_outputs(entry, request.outputs)
         return Asked(incoming, caller, entry, request, len(body), deadline, client_deadline)

@@ -23,6 +23,7 @@ from gateway.receipts.service import ReceiptService
 from gateway.registry import ModelEntry
 from gateway.routing.router import Router
 from gateway.verify import Verifier
+from gateway.verify.spotcheck import SpotChecks
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ RECEIPTED_EVIDENCE = frozenset(
         "dealer",
         "session",
         "providers",
+        "spot_check",
     }
 )
 
@@ -80,10 +82,14 @@ def model_ref(entry: ModelEntry) -> ModelRef:
 
 
 class ReceiptStage:
-    """Signs and durably logs what was asked and answered; only then may the answer leave."""
+    """Signs and durably logs what was asked and answered; only then may the answer leave.
 
-    def __init__(self, service: ReceiptService) -> None:
+    An answer its mode marked for a spot check is then offered to the check queue (O(1),
+    off the request path), with the receipt id the late evidence will name."""
+
+    def __init__(self, service: ReceiptService, spot: SpotChecks | None = None) -> None:
         self.service = service
+        self.spot = spot
 
     async def __call__(self, decided: Decided, outcome: Outcome) -> Issued:
         asked = decided.asked
@@ -118,6 +124,8 @@ class ReceiptStage:
             # Never an answer without a receipt.
             log.error("receipt log refused an answer's receipt: %s", exc)
             raise NoHealthyNode("the receipt log is unavailable", retry_after=5) from exc
+        if self.spot is not None and evidence.get("spot_check") == "scheduled":
+            self.spot.offer(decided.job(), outcome, issued.receipt.receipt_id)
         return issued
 
 

@@ -68,6 +68,7 @@ import rfc8785
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from gateway import jsonstrict
 from gateway.keyid import signing_key_id
 from gateway.policy import facts as F
 from gateway.policy.facts import ModelFacts, NodeFacts
@@ -104,6 +105,7 @@ Reason = Literal[
     "rollback",
     "gateway-too-old",
     "invalid-policy",
+    "too-few-signatures",
 ]
 REASONS: tuple[Reason, ...] = (
     "malformed",
@@ -115,6 +117,7 @@ REASONS: tuple[Reason, ...] = (
     "rollback",
     "gateway-too-old",
     "invalid-policy",
+    "too-few-signatures",
 )
 
 _POLICY_FILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.cedar")
@@ -123,6 +126,9 @@ _HEADER_KEYS = frozenset(
     {"format", "version", "created", "expires", "min_gateway_version", "staleness_budget_s"}
 )
 _PAYLOAD_KEYS = _HEADER_KEYS | {"policy", "facts"}
+# Optional: what the signing officer reviewed (goldens run, diff against the bundle in
+# force), signed with the rest so a co-signer sees what the first signer saw.
+_OPTIONAL_KEYS = frozenset({"review"})
 
 
 class BundleFormatError(ValueError):
@@ -404,6 +410,9 @@ class Bundle:
     facts: BundleFacts
     signer_key_id: str = ""
     policy_hash: str = field(default="", compare=False)  # as recorded in the payload
+    review: dict[str, Any] | None = field(default=None, compare=False)  # signed metadata
+    # Every trusted key whose signature verified (verify_bundle); k-of-n counts these.
+    signers: tuple[str, ...] = field(default=(), compare=False)
 
     def policy_source(self, directory: Path | None = None) -> PolicySource:
         """The policy as `load_policy_dir` reads it from these files (same hash).
@@ -435,6 +444,7 @@ class Bundle:
             "staleness_budget_s": self.staleness_budget_s,
             "policy": {"hash": self.policy_hash, "files": dict(sorted(self.policy_files.items()))},
             "facts": self.facts.to_json(),
+            **({"review": self.review} if self.review is not None else {}),
         }
 
 
@@ -447,6 +457,7 @@ def build_bundle(
     staleness_budget_s: int,
     *,
     now: dt.datetime | None = None,
+    review: dict[str, Any] | None = None,
 ) -> Bundle:
     """A bundle of `policy_dir` (checked first: PolicyError lists every finding) and
     `facts`; ValueError for facts or parameters the gateway would refuse."""
@@ -478,6 +489,7 @@ def build_bundle(
             tuple(sorted(facts.nodes, key=lambda n: n.name)),
         ),
         policy_hash=source.hash,
+        review=review,
     )
     # What is signed is what was read: load the in-memory files again and compare.
     if bundle.policy_source().hash != source.hash:
@@ -557,10 +569,13 @@ def verify_bundle(
     running_version: str,
     min_version: int = 0,
     clock_skew: dt.timedelta = DEFAULT_CLOCK_SKEW,
+    required: int = 1,
 ) -> BundleResult:
     """Check a signed bundle against the officer keys this gateway trusts (key id ->
     public key), the time, the running gateway's version and the lowest bundle version
-    it may accept (the one it runs: rollback protection). Never raises on a bad bundle;
+    it may accept (the one it runs: rollback protection). `required` (k of the n trusted
+    keys) is how many distinct trusted officers must have signed: the two-person rule.
+    Never raises on a bad bundle;
     ValueError only for a `running_version` that is not a version (the caller's bug)."""
     running_key = _version_key(running_version)
     if len(data) > MAX_BUNDLE_BYTES:
@@ -589,19 +604,19 @@ def verify_bundle(
     if not parsed:
         return _fail("unsigned", "the bundle carries no signature")
     message = pae(PAYLOAD_TYPE, body)
-    signer = ""
+    signers: list[str] = []
     tried: list[str] = []
     for keyid, sig in parsed:
         key = trusted_keys.get(keyid)
-        if key is None:
-            continue
+        if key is None or keyid in signers:
+            continue  # one key counts once, however often it signed
         tried.append(keyid)
         try:
             key.verify(sig, message)
         except InvalidSignature:
             continue
-        signer = keyid
-        break
+        signers.append(keyid)
+    signer = signers[0] if signers else ""
     if not tried:
         keyids = ", ".join(k or "(none)" for k, _ in parsed)
         return _fail(
@@ -614,6 +629,14 @@ def verify_bundle(
             "bad-signature",
             f"the signature by {', '.join(tried)} does not match the payload "
             "(the bundle was altered after signing)",
+        )
+
+    if len(signers) < required:
+        return _fail(
+            "too-few-signatures",
+            f"{len(signers)} of the {required} officer signatures this gateway requires "
+            f"(signed by {', '.join(signers)}); have another officer add one "
+            "(ztgate policy bundle sign --cosign)",
         )
 
     # 3. the signed header: times, versions (before the body, see the module doc)
@@ -659,7 +682,10 @@ def verify_bundle(
             )
         if fmt != FORMAT:
             raise BundleFormatError(f"payload format {fmt!r} is unknown to this gateway")
-        _object(payload, "payload", _PAYLOAD_KEYS)
+        _object(payload, "payload", _PAYLOAD_KEYS | (_OPTIONAL_KEYS & set(payload)))
+        review = payload.get("review")
+        if review is not None and not isinstance(review, dict):
+            raise BundleFormatError("payload.review must be an object")
         budget = _int(payload, "staleness_budget_s", "payload")
         policy = _object(payload.get("policy"), "policy", ("hash", "files"))
         files_raw = _object(policy.get("files"), "policy.files", None)
@@ -674,6 +700,8 @@ def verify_bundle(
             facts=BundleFacts.from_json(payload.get("facts")),
             signer_key_id=signer,
             policy_hash=_str(policy, "hash", "policy"),
+            review=review,
+            signers=tuple(signers),
         )
     except (BundleFormatError, ValueError) as exc:
         return _fail("malformed", f"signed payload: {exc}")
@@ -756,21 +784,10 @@ def _time(obj: Mapping[str, Any], key: str) -> dt.datetime:
 
 
 def _loads(data: bytes) -> Any:
-    def no_dups(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [k for k, _ in pairs]
-        if len(set(keys)) != len(keys):
-            raise BundleFormatError("a JSON object has a key twice")
-        return dict(pairs)
-
-    def no_constants(name: str) -> Any:
-        raise BundleFormatError(f"{name} is not JSON")
-
     try:
-        return json.loads(data, object_pairs_hook=no_dups, parse_constant=no_constants)
-    except json.JSONDecodeError as exc:
-        raise BundleFormatError(f"not JSON ({exc})") from None
-    except RecursionError:
-        raise BundleFormatError("JSON nested too deeply") from None
+        return jsonstrict.loads(data, want_object=False)
+    except jsonstrict.StrictJSONError as exc:
+        raise BundleFormatError(f"not strict JSON ({exc.reason})") from None
 
 
 def _b64(value: Any, where: str) -> bytes:
@@ -842,3 +859,52 @@ def _finding(message: str) -> Finding:
 def _write_files(directory: Path, files: Mapping[str, str]) -> None:
     for name, text in files.items():
         (directory / name).write_text(text, encoding="utf-8")
+
+
+def open_unverified(data: bytes) -> Bundle:
+    """A bundle's content WITHOUT checking any signature, dates or versions: for tools
+    that only read it (`ztgate policy diff`, `bundle sign` adding a signature), never for
+    loading. BundleFormatError when it is not a bundle."""
+    env = _loads(data)
+    if not isinstance(env, dict) or env.get("payloadType") != PAYLOAD_TYPE:
+        raise BundleFormatError(f"not a policy bundle (payloadType {PAYLOAD_TYPE!r})")
+    payload = _loads(_b64(env.get("payload"), "payload"))
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise BundleFormatError(f"payload format is not {FORMAT!r}")
+    _object(payload, "payload", _PAYLOAD_KEYS | (_OPTIONAL_KEYS & set(payload)))
+    policy = _object(payload.get("policy"), "policy", ("hash", "files"))
+    files_raw = _object(policy.get("files"), "policy.files", None)
+    review = payload.get("review")
+    return Bundle(
+        version=_int(payload, "version", "payload"),
+        created=_time(payload, "created"),
+        expires=_time(payload, "expires"),
+        min_gateway_version=_str(payload, "min_gateway_version", "payload"),
+        staleness_budget_s=_int(payload, "staleness_budget_s", "payload"),
+        policy_files={k: _str(files_raw, k, "policy.files") for k in files_raw},
+        facts=BundleFacts.from_json(payload.get("facts")),
+        policy_hash=_str(policy, "hash", "policy"),
+        review=review if isinstance(review, dict) else None,
+        signers=tuple(
+            str(s.get("keyid", "")) for s in env.get("signatures", []) if isinstance(s, dict)
+        ),
+    )
+
+
+def add_signature(data: bytes, key: Ed25519PrivateKey) -> bytes:
+    """`data` (a signed bundle) with one more signature, by `key`, over the same payload
+    bytes: the second officer of a two-person rule. ValueError when `key` already signed
+    it or `data` is not a bundle envelope."""
+    env = _loads(data)
+    if not isinstance(env, dict) or env.get("payloadType") != PAYLOAD_TYPE:
+        raise BundleFormatError(f"not a policy bundle (payloadType {PAYLOAD_TYPE!r})")
+    body = _b64(env.get("payload"), "payload")
+    sigs = env.get("signatures", [])
+    if not isinstance(sigs, list):
+        raise BundleFormatError("signatures must be a list")
+    keyid = signing_key_id(key.public_key())
+    if any(isinstance(s, dict) and s.get("keyid") == keyid for s in sigs):
+        raise ValueError(f"key {keyid} has already signed this bundle")
+    sig = base64.b64encode(key.sign(pae(PAYLOAD_TYPE, body))).decode()
+    envelope = {**env, "signatures": [*sigs, {"keyid": keyid, "sig": sig}]}
+    return (json.dumps(envelope, indent=2) + "\n").encode()

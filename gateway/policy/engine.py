@@ -379,15 +379,16 @@ class PolicyEngine:
     def authorize(
         self, identity: F.IdentityFacts, action: str, resource: F.ResourceFacts
     ) -> AuthzDecision:
-        """admin_reload, admin_revoke, read_receipt, read_proof, read_decision. Not cached:
-        these are rare, and a receipt's owner is part of each request."""
+        """view, admin_reload, admin_revoke, read_receipt, read_proof, read_decision. Not
+        cached: these are rare, and a receipt's owner is part of each request. A `view`
+        of a model the engine does not hold has no entity and is denied."""
         expected = F.RESOURCE_ACTIONS.get(action)
         if expected is None:
             raise ValueError(f"unknown action {action!r}; one of {', '.join(F.RESOURCE_ACTIONS)}")
         if resource.type != expected:
             raise ValueError(f"{action} applies to a {expected}, not a {resource.type}")
         principal, entities = self._client(identity)
-        if resource.type != "Gateway":
+        if resource.type not in ("Gateway", "Model"):  # those are in the base entities
             delta = json.dumps([F.resource_entity(resource)])
             entities = entities.with_added_json_str(delta, self._schema)
         request = {

@@ -20,13 +20,18 @@ MODES: tuple[str, ...] = ("none", "redundant", "zk", "mpc")
 MULTI_NODE_MODES: tuple[str, ...] = ("redundant", "mpc")
 CLASSIFICATIONS: tuple[str, ...] = ("public", "internal", "confidential", "restricted")
 INFER = "infer"
+# Seeing that a model exists: its metadata, readiness, statistics, repository index entry.
+VIEW = "view"
 # Non-infer actions and the resource type each applies to (mirrors schema.cedarschema).
 RESOURCE_ACTIONS: dict[str, str] = {
+    VIEW: "Model",
     "read_receipt": "Receipt",
     "read_proof": "Receipt",
     "read_decision": "Log",
     "admin_reload": "Gateway",
     "admin_revoke": "Gateway",
+    "admin_nodes": "Gateway",  # list nodes: health, reputation, evidence, quarantine
+    "admin_release_node": "Gateway",  # release a quarantined node (docs/reputation.md)
 }
 ACTIONS: tuple[str, ...] = (INFER, *RESOURCE_ACTIONS)
 # Granted only by a permit that names them in its action scope (source.admin_finding,
@@ -130,9 +135,10 @@ class InferContext:
 
 @dataclass(frozen=True, slots=True)
 class ResourceFacts:
-    """A receipt, decision-log entry or the gateway, for the non-infer actions."""
+    """A receipt, decision-log entry, the gateway, or a model (for `view`: its facts are
+    the registered ones the engine holds), for the non-infer actions."""
 
-    type: str  # "Receipt", "Log" or "Gateway"
+    type: str  # "Receipt", "Log", "Gateway" or "Model"
     id: str = GATEWAY_ID
     owner: str = ""
     model: str = ""

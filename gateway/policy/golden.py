@@ -18,7 +18,8 @@ same batched, cached path the gateway uses), not through Cedar alone. Format::
     }
 
 For the other actions, `resource` replaces model/nodes/context:
-``{"type": "Receipt", "id": "r1", "owner": "spiffe://...", "model": "iris"}``.
+``{"type": "Receipt", "id": "r1", "owner": "spiffe://...", "model": "iris"}``; `view`
+(seeing that a model exists) takes `model` alone, without nodes or context.
 """
 
 from __future__ import annotations
@@ -119,6 +120,9 @@ def parse_request(raw: Any) -> Request:
         "expect": tuple(expect),
         "description": _str(raw, "description"),
     }
+    if F.RESOURCE_ACTIONS.get(action) == "Model":
+        seen = _model(_obj(raw, "model"))
+        return Request(model=seen, resource=F.ResourceFacts("Model", seen.name), **common)
     if action in F.RESOURCE_ACTIONS:
         r = _obj(raw, "resource")
         resource = F.ResourceFacts(
@@ -132,18 +136,7 @@ def parse_request(raw: Any) -> Request:
         return Request(resource=resource, **common)
     if action != F.INFER:
         raise RequestFormatError(f"unknown action {action!r}; one of {', '.join(F.ACTIONS)}")
-    m = _obj(raw, "model")
-    model = F.ModelFacts(
-        name=_str(m, "name", required=True),
-        classification=_str(m, "classification", required=True),
-        owner=_str(m, "owner"),
-        residency=_strs(m, "residency", ["*"]),
-        allowed_modes=_strs(m, "allowed_modes", list(F.MODES)),
-    )
-    try:
-        F.check_model(model)
-    except ValueError as exc:
-        raise RequestFormatError(str(exc)) from None
+    model = _model(_obj(raw, "model"))
     raw_nodes = raw.get("nodes", list(DEFAULT_NODES))
     if not isinstance(raw_nodes, list) or not raw_nodes:
         raise RequestFormatError('"nodes" must be a non-empty list')
@@ -165,6 +158,21 @@ def parse_request(raw: Any) -> Request:
         now=dt.datetime(2025, 1, 1, hour, tzinfo=dt.UTC),
     )
     return Request(model=model, nodes=nodes, mode=mode, node=node, context=ctx, **common)
+
+
+def _model(m: Mapping[str, Any]) -> F.ModelFacts:
+    model = F.ModelFacts(
+        name=_str(m, "name", required=True),
+        classification=_str(m, "classification", required=True),
+        owner=_str(m, "owner"),
+        residency=_strs(m, "residency", ["*"]),
+        allowed_modes=_strs(m, "allowed_modes", list(F.MODES)),
+    )
+    try:
+        F.check_model(model)
+    except ValueError as exc:
+        raise RequestFormatError(str(exc)) from None
+    return model
 
 
 def load_request(path: Path) -> Request:

@@ -15,12 +15,12 @@ O and OU are as trustworthy as the SPIFFE ID.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gateway import jsonstrict
 from gateway.policy.facts import Grant, IdentityFacts
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -82,12 +82,16 @@ def parse_identities(text: str, report: Callable[[int, str], None]) -> IdentityM
         return text.count("\n", 0, idx) + 1 if idx >= 0 else 1
 
     try:
-        raw = json.loads(text, object_pairs_hook=_no_duplicates)
-    except json.JSONDecodeError as exc:
-        report(exc.lineno, f"not valid JSON: {exc.msg} (column {exc.colno})")
-        return EMPTY
-    except _DuplicateKey as exc:
-        report(line_of(f'"{exc.key}"', last=True), f'"{exc.key}" appears twice')
+        raw = jsonstrict.loads(text, want_object=False)
+    except jsonstrict.StrictJSONError as exc:
+        if exc.key is not None:  # two entries for one client would be ambiguous
+            report(line_of(f'"{exc.key}"', last=True), f'"{exc.key}" appears twice')
+        elif exc.lineno is not None:
+            report(
+                exc.lineno, f"not valid JSON: {exc.reason.split(': line')[0]} (column {exc.colno})"
+            )
+        else:
+            report(1, f"not valid JSON: {exc.reason}")
         return EMPTY
     if not isinstance(raw, dict) or set(raw) - {"clients", "organizations"}:
         report(1, 'the file must be an object with only "clients" and "organizations"')
@@ -144,19 +148,3 @@ def _grant(body: Any, line: int, who: str, report_at: Callable[[int, str], None]
         report(f"clearance must be a whole number 0-3, not {clearance!r}")
         return Grant()
     return Grant(tuple(groups), tuple(roles), clearance)
-
-
-class _DuplicateKey(ValueError):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """JSON objects may not repeat a key: two entries for one client would be ambiguous."""
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise _DuplicateKey(k)
-        out[k] = v
-    return out

@@ -4,7 +4,7 @@ The gateway never runs with no policy or a half-loaded one: a new policy set (a 
 directory in dev mode, a signed bundle in production) is loaded and checked off to the
 side and swapped in whole; a rejected one leaves the last-known-good set in place and is
 logged loudly, with the reason, and counted (`rejected`, the metric
-ztgate_policy_rejected_reloads).
+ztgate_policy_rejected_reloads_total).
 
 Editors save files in steps (truncate, write, write), so in dev mode the watcher sees
 policy that is cut short. Four things keep such a state from ever deciding a request:
@@ -39,6 +39,9 @@ from gateway.policy.source import (
 from gateway.registry import ModelEntry
 
 log = logging.getLogger(__name__)
+
+# Under the gateway's data_dir: the last bundle accepted through /admin/reload.
+ACCEPTED_BUNDLE = Path("policy") / "accepted-bundle.json"
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,10 @@ class LivePolicy:
         self.listeners: list[Callable[[Loaded], None]] = []
         self.rejected = 0
         self.last_error: str | None = None
+        # What kind of refusal the last rejected reload was: a bundle Reason such as
+        # "rollback" (gateway/policy/bundle.py), or "refused" / "invalid-policy" for the
+        # rest. None after a reload that took effect. The admin API maps it to a problem.
+        self.last_rejection: str | None = None
         log.warning("policy loaded: %s (hash %s)", self.current.origin, self.engine.source.hash)
 
     @property
@@ -239,6 +246,13 @@ class LivePolicy:
         except (PolicyError, ReloadRefused, OSError, ValueError, ConfigError) as exc:
             self.rejected += 1
             self.last_error = str(exc)
+            self.last_rejection = (
+                exc.reason
+                if isinstance(exc, ReloadRefused)
+                else "invalid-policy"
+                if isinstance(exc, PolicyError)
+                else "refused"
+            )
             log.error(
                 "policy reload REJECTED, keeping %s (hash %s): %s",
                 self.current.origin,
@@ -247,6 +261,7 @@ class LivePolicy:
             )
             return False
         self.current = fresh
+        self.last_rejection = None
         log.warning("policy reloaded: %s (hash %s)", fresh.origin, fresh.engine.source.hash)
         for listener in self.listeners:
             listener(fresh)
@@ -254,7 +269,14 @@ class LivePolicy:
 
 
 class ReloadRefused(Exception):
-    """A policy that loaded but must not replace the current one (older, untrusted, ...)."""
+    """A policy that loaded but must not replace the current one (older, untrusted, ...).
+
+    `reason` says which kind: a bundle refusal Reason ("rollback", "untrusted-key",
+    "too-few-signatures", ...) or "refused" for the other checks."""
+
+    def __init__(self, message: str, reason: str = "refused") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def engine_for(
@@ -315,8 +337,14 @@ def bundle_loader(
     """Signed bundles: the policy AND the facts it decides on come from the bundle,
     including each node's certificate identity, region and provider (signed_nodes).
 
-    Only bundles signed by a configured officer key load, never one older than the
-    running one (rollback), never one that needs a newer gateway.
+    Only bundles signed by `policy.signatures_required` distinct configured officer
+    keys load, never one older than the running one (rollback), never one that needs a
+    newer gateway.
+
+    The officer's file (`policy.bundle`) is only ever read. A bundle posted to
+    /admin/reload and accepted is kept in the gateway's own data dir
+    (`<data_dir>/policy/accepted-bundle.json`, ACCEPTED_BUNDLE), so a restart keeps it:
+    at start the gateway loads whichever of the two verifies with the higher version.
     """
     import datetime as dt
 
@@ -325,7 +353,7 @@ def bundle_loader(
 
     from gateway import __version__
     from gateway.keyid import signing_key_id
-    from gateway.policy.bundle import verify_bundle
+    from gateway.policy.bundle import BundleResult, verify_bundle
 
     assert cfg.policy.bundle is not None
     path = cfg.policy.bundle
@@ -336,21 +364,45 @@ def bundle_loader(
             raise ReloadRefused(f"{key_path} is not an Ed25519 public key")
         keys[signing_key_id(key)] = key
     state: dict[str, object] = {"version": 0, "hash": ""}
+    required = getattr(cfg.policy, "signatures_required", 1)
+    accepted = Path(cfg.data_dir) / ACCEPTED_BUNDLE
 
-    def load(bundle: bytes | None) -> Loaded:
-        data = path.read_bytes() if bundle is None else bundle
-        result = verify_bundle(
+    def verify(data: bytes) -> BundleResult:
+        return verify_bundle(
             data,
             keys,
             now=dt.datetime.now(dt.UTC),
             running_version=__version__,
             min_version=int(str(state["version"])),
+            required=required,
         )
+
+    def load(bundle: bytes | None) -> Loaded:
+        data = path.read_bytes() if bundle is None else bundle
+        result = verify(data)
+        if bundle is None and accepted.is_file():
+            # A bundle pushed earlier: it wins over the officer's file when it verifies
+            # and is newer (an expired or refused one is skipped, never fatal).
+            pushed = verify(accepted.read_bytes())
+            if (
+                pushed.ok
+                and pushed.bundle is not None
+                and (
+                    not result.ok
+                    or result.bundle is None
+                    or pushed.bundle.version > result.bundle.version
+                )
+            ):
+                result = pushed
+            elif not pushed.ok:
+                log.warning("ignoring %s: %s", accepted, pushed)
         if not result.ok or result.bundle is None or result.source is None:
-            raise ReloadRefused(f"{result.reason}: {result.message}")
+            raise ReloadRefused(f"{result.reason}: {result.message}", result.reason or "refused")
         b = result.bundle
         if b.version == state["version"] and result.source.hash != state["hash"]:
-            raise ReloadRefused(f"version {b.version} is already loaded with other content")
+            raise ReloadRefused(
+                f"version {b.version} is already loaded with other content", "rollback"
+            )
         missing = sorted(set(entries) - {m.name for m in b.facts.models})
         if missing:
             log.warning("models without facts in the bundle are denied: %s", ", ".join(missing))
@@ -360,10 +412,12 @@ def bundle_loader(
 
         def commit() -> None:
             if bundle is not None:
-                # Survive a restart: the accepted bundle becomes the one read at start.
-                tmp = path.with_name(path.name + ".tmp")
+                # Survive a restart, in the gateway's own data dir: the officer's file
+                # is never written (it may be on a read-only mount, and it is theirs).
+                accepted.parent.mkdir(parents=True, exist_ok=True)
+                tmp = accepted.with_name(accepted.name + ".tmp")
                 tmp.write_bytes(data)
-                os.replace(tmp, path)
+                os.replace(tmp, accepted)
             state["version"], state["hash"] = b.version, policy_hash
 
         return Loaded(

@@ -212,7 +212,7 @@ def load_policy_dir(directory: Path | str) -> PolicySource:
         identities = parse_identities(id_text, report)
 
     if schema is not None and policies:
-        _validate(schema, policies, findings)
+        _validate(schema, policies, findings, schema_text or "")
     if schema is not None:
         assert schema_text is not None
         _probe_schema(schema, schema_text, identities, findings)
@@ -439,7 +439,12 @@ def _column(line: str, message: str) -> int | None:
 # --------------------------------------------------------------------------- schema
 
 
-def _validate(schema: cedarpy.Schema, policies: list[PolicyInfo], findings: list[Finding]) -> None:
+def _validate(
+    schema: cedarpy.Schema,
+    policies: list[PolicyInfo],
+    findings: list[Finding],
+    schema_text: str = "",
+) -> None:
     result = cedarpy.validate_policies("\n".join(p.text for p in policies), schema)
     by_id = {p.id: p for p in policies}
     # One mistake in a policy that names no action is reported once per action: merge.
@@ -463,7 +468,28 @@ def _validate(schema: cedarpy.Schema, policies: list[PolicyInfo], findings: list
         text = message.replace("{actions}", "action " + ", ".join(sorted(set(actions))))
         hints = _HINTS[1:] if F.INFER in actions else _HINTS  # infer has a context
         hint = next((h for key, h in hints if key in message), None)
+        guess = _did_you_mean(message, schema_attributes(schema_text))
+        if guess:
+            hint = f"{guess} {hint}" if hint else guess
         findings.append(Finding(file, line, col, pid, text + (f" ({hint})" if hint else "")))
+
+
+def schema_attributes(schema_text: str) -> list[str]:
+    """Every attribute name the schema declares (entity, record and context keys)."""
+    return sorted(set(re.findall(r"(\w+)\??\s*:", schema_text)))
+
+
+def _did_you_mean(message: str, names: list[str]) -> str | None:
+    """For `attribute `x` ... not found`: the declared attributes spelt most like x."""
+    import difflib
+
+    m = re.search(r"attribute `([^`]+)`.*?not found", message)
+    if m is None:
+        return None
+    close = difflib.get_close_matches(m.group(1), names, n=2, cutoff=0.6)
+    if not close:
+        return None
+    return "did you mean " + " or ".join(f"`{c}`" for c in close) + "?"
 
 
 def _attribute_position(info: PolicyInfo, error: str) -> tuple[int, int | None]:
@@ -513,7 +539,7 @@ def _probe_schema(
         }
     ]
     for action, rtype in F.RESOURCE_ACTIONS.items():
-        rid = next(r.id for r in resources if r.type == rtype)
+        rid = model.name if rtype == "Model" else next(r.id for r in resources if r.type == rtype)
         requests.append(
             {
                 "principal": F.uid("Client", who.spiffe_id),

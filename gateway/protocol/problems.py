@@ -29,6 +29,7 @@ __all__ = [
     "NoHealthyNode",
     "NotFound",
     "PayloadTooLarge",
+    "PolicyRollback",
     "Problem",
     "ProblemInfo",
     "RateLimited",
@@ -36,6 +37,7 @@ __all__ = [
     "Unauthenticated",
     "UnknownModel",
     "UnknownVersion",
+    "UnsupportedExtension",
     "UnsupportedMediaType",
     "UpstreamFailed",
     "problem_response",
@@ -157,6 +159,15 @@ class Replayed(Problem):
     status = 409
 
 
+class PolicyRollback(Problem):
+    """/admin/reload of a signed policy bundle older than the one in force (or the same
+    version with other content): the gateway keeps its policy. Not a malformed request."""
+
+    type = PROBLEM_BASE + "policy-rollback"
+    title = "Policy bundle older than the one in force"
+    status = 409
+
+
 class PayloadTooLarge(Problem):
     type = PROBLEM_BASE + "payload-too-large"
     title = "Payload too large"
@@ -187,6 +198,18 @@ class Internal(Problem):
         super().__init__("internal error; see gateway logs", **kwargs)
         # Kept for logs only; never serialised.
         self.log_detail = detail
+
+
+class UnsupportedExtension(Problem):
+    """A Triton extension the gateway deliberately does not offer: shared memory (the
+    client's memory is on another machine than the node that would read it), model
+    control (the registry and the signed policy decide what is served), trace and
+    logging settings (the operator's). 501, not 404: the route is known and the refusal
+    is by design; not 400: nothing is wrong with the request. Not worth retrying."""
+
+    type = PROBLEM_BASE + "unsupported-extension"
+    title = "Extension not offered by this gateway"
+    status = 501
 
 
 class UpstreamFailed(Problem):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 
 import httpx
@@ -97,12 +98,14 @@ class Checkpointer:
         self.witnesses = list(witnesses)
         self.interval_s = interval_s
         self.push_failures: dict[str, int] = {w.name: 0 for w in self.witnesses}
+        self.last_checkpoint_at: float | None = None  # time.time() of the last signed head
 
     async def tick(self) -> SignedNote:
         """One round: sign the head if it grew, then ask each witness that has not yet
         cosigned this size. Returns the checkpoint with every cosignature it has."""
         receipt_log = self.current()
         note = await receipt_log.checkpoint()
+        self.last_checkpoint_at = time.time()
         size = Checkpoint.parse_text(note.text).size
         if size == 0:
             return note

@@ -227,7 +227,7 @@ def _export_log(
     leaves = []
     for i, e in rl.entries(start, head):
         leaves.append(e.leaf_data() + b"\n")
-        if e.type in ("erasure", "log_start"):
+        if e.type in ("erasure", "log_start", "late_evidence", "node_quarantine", "node_release"):
             record = rl.record(i)
             if record is not None:
                 w.put(f"{base}/records/{i}.json", record)

@@ -111,6 +111,7 @@ from gateway.receipts.treestore import (
     node_rows,
     stored_size,
 )
+from gateway.signer import Signer
 
 __all__ = [
     "ENTRY_TYPES",
@@ -216,7 +217,7 @@ class ReceiptLog:
     def __init__(
         self,
         path: Path,
-        log_key: ed25519.Ed25519PrivateKey | None,
+        log_key: Signer | None,
         *,
         marker: Path | None = None,
         max_batch: int = 4096,
@@ -277,7 +278,7 @@ class ReceiptLog:
     def create(
         cls,
         directory: Path,
-        log_key: ed25519.Ed25519PrivateKey,
+        log_key: Signer,
         origin: str,
         predecessor: tuple[str, int, bytes] | None = None,
     ) -> Path:
@@ -321,7 +322,7 @@ class ReceiptLog:
     def open(
         cls,
         directory: Path,
-        log_key: ed25519.Ed25519PrivateKey,
+        log_key: Signer,
         origin: str,
         *,
         marker: Path | None = None,
@@ -500,8 +501,32 @@ class ReceiptLog:
         the batch holding it is fsynced."""
         return await self.append_built(lambda _index: (entry, body))
 
+    async def append_record(self, entry: LogEntry, record: bytes) -> int:
+        """Append a typed leaf whose `record` (the JSON it hashes) is kept beside it in
+        ``records`` and shipped in bundles: late evidence, quarantine and release events.
+        The record commits with its leaf, or neither does."""
+        return await self.append_built(lambda _index: (entry, None), record=record)
+
+    def late_evidence(self, receipt_id: str) -> list[tuple[int, bytes]]:
+        """(index, record) of the late_evidence leaves about `receipt_id`, in log order."""
+        # Scans the records table (events only, never receipts); exact match below.
+        rows = self._rdb.execute(
+            "SELECT l.idx, l.data, r.record FROM records r JOIN leaves l ON l.idx = r.idx "
+            "WHERE instr(l.data, ?) > 0 ORDER BY l.idx",
+            (receipt_id.encode(),),
+        ).fetchall()
+        out = []
+        for i, data, record in rows:
+            entry = LogEntry.parse(bytes(data))
+            if entry.type == "late_evidence" and entry.ref == receipt_id:
+                out.append((int(i), bytes(record)))
+        return out
+
     async def append_built(
-        self, build: Callable[[int], tuple[LogEntry, tuple[str, bytes] | None]]
+        self,
+        build: Callable[[int], tuple[LogEntry, tuple[str, bytes] | None]],
+        *,
+        record: bytes | None = None,
     ) -> int:
         """Like `append`, for entries that embed their own index (receipts).
 
@@ -520,7 +545,8 @@ class ReceiptLog:
             entry, body = build(index)
             data = entry.leaf_data()
             fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-            self._pending.append(_Pending(index, data, leaf_hash(data), body, fut))
+            rec = None if record is None else (record, None)
+            self._pending.append(_Pending(index, data, leaf_hash(data), body, fut, rec))
             self._next += 1
         except BaseException:
             self._slots.release()

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from gateway.receipts.canonical import b64, unb64
 from gateway.receipts.merkle import HASH_SIZE
 from gateway.receipts.signing import raw_public
+from gateway.signer import Signer
 
 __all__ = [
     "DASH",
@@ -136,7 +137,7 @@ class NoteKey:
             raise NoteError("vkey id does not match its key")
         return key
 
-    def sign(self, private: ed25519.Ed25519PrivateKey, text: str) -> tuple[str, bytes]:
+    def sign(self, private: Signer, text: str) -> tuple[str, bytes]:
         return self.name, self.key_id + private.sign(text.encode())
 
     def verify(self, note: SignedNote) -> bool | None:
@@ -201,7 +202,7 @@ def _cosigned_message(timestamp: int, text: str) -> bytes:
 class Cosigner:
     """Produces tlog-cosignature/v1 lines with a witness key."""
 
-    def __init__(self, name: str, private: ed25519.Ed25519PrivateKey) -> None:
+    def __init__(self, name: str, private: Signer) -> None:
         _check_name(name)
         self.private = private
         self.key = WitnessKey(name, private.public_key())

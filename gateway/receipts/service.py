@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.files import atomic_write
-from gateway.pki import load_signing_key
 from gateway.protocol.tensors import Tensor
 from gateway.receipts.checkpointer import Checkpointer, WitnessClient
 from gateway.receipts.issue import DenialCoalescer, Issued, issue
@@ -31,6 +30,8 @@ from gateway.receipts.model import (
     VerificationRef,
 )
 from gateway.receipts.signing import KeySet, Signer
+from gateway.signer import FileSigner
+from gateway.signer import Signer as KeySigner
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +61,17 @@ class ReceiptService:
     def open(
         cls,
         directory: Path,
-        signing_key: Path,
-        log_key: Path,
+        signing_key: Path | KeySigner,
+        log_key: Path | KeySigner,
         origin: str,
         checkpoint_interval_s: float = 1.0,
         witnesses: Sequence[WitnessClient] = (),
     ) -> ReceiptService:
+        """`signing_key` and `log_key`: PEM files, or keys in a token (`gateway.signer`)."""
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        receipt_log = ReceiptLog.open(directory, load_signing_key(log_key), origin)
-        signer = Signer(load_signing_key(signing_key))
+        log_signer = FileSigner(log_key) if isinstance(log_key, Path) else log_key
+        receipt_log = ReceiptLog.open(directory, log_signer, origin)
+        signer = Signer(FileSigner(signing_key) if isinstance(signing_key, Path) else signing_key)
         # The published key set: verifiers judge a key by the checkpoints in its window.
         keys_path = directory / "keys.json"
         keyset = KeySet.load(keys_path)
@@ -90,7 +93,7 @@ class ReceiptService:
             DenialCoalescer(_unset),
             checkpoint_interval_s,
             frozen,
-            reopen=lambda: ReceiptLog.open(directory, load_signing_key(log_key), origin),
+            reopen=lambda: ReceiptLog.open(directory, log_signer, origin),
             witnesses=witnesses,
         )
 
@@ -164,6 +167,24 @@ class ReceiptService:
     async def record(self, kind: str, payload: bytes) -> int:
         """A typed event (policy_load, revocation, ...) as a hash-only leaf of the log."""
         return await self.log.append(LogEntry(kind, hashlib.sha256(payload).digest()))
+
+    async def record_document(self, entry: LogEntry, record: bytes) -> int:
+        """A typed leaf with its record kept beside it (late evidence, quarantine events)."""
+        return await self.log.append_record(entry, record)
+
+    def late_evidence(self, receipt_id: str) -> list[dict[str, object]]:
+        """The verified late-evidence documents about a receipt, in log order, from every
+        log of this replica (evidence may land in a successor of the receipt's log)."""
+        from gateway.receipts.late import verify_late_evidence
+
+        docs: list[dict[str, object]] = []
+        for rl in self.logs():
+            for _, raw in rl.late_evidence(receipt_id):
+                try:
+                    docs.append(verify_late_evidence(raw, self.keyset, receipt_id))
+                except ValueError as exc:
+                    log.error("late evidence about %s does not verify: %s", receipt_id, exc)
+        return sorted(docs, key=lambda d: str(d.get("time", "")))
 
     async def deny(
         self,

@@ -37,6 +37,7 @@ from gateway.files import atomic_write
 from gateway.keyid import signing_key_id
 from gateway.receipts.canonical import b64, canonical_json, unb64
 from gateway.receipts.model import Receipt, SignedReceipt
+from gateway.signer import Signer as KeySigner
 
 __all__ = [
     "RECEIPT_DOMAIN",
@@ -92,9 +93,9 @@ def parse_time(text: str) -> dt.datetime:
 
 
 class Signer:
-    """Signs receipts with one Ed25519 key."""
+    """Signs receipts with one Ed25519 key: a file's, or a token's (`gateway.signer`)."""
 
-    def __init__(self, key: ed25519.Ed25519PrivateKey, key_id: str | None = None) -> None:
+    def __init__(self, key: KeySigner, key_id: str | None = None) -> None:
         self.key = key
         self.public_key = key.public_key()
         self.key_id = key_id or signing_key_id(self.public_key)

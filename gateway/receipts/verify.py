@@ -711,6 +711,7 @@ def verify_bundle(
         except (KeyError, TypeError, ValueError) as exc:
             report.add(f"log {st.log_id}", "invalid", "malformed-manifest", str(exc))
     _check_chains(bundle, states, report)
+    _final_statuses(bundle, states, trust, report)
     for st in states:
         inventory = (st.start, st.size) if st.leaves is not None else None
         report.logs.append(_log_facts(st.log_id, st.origin, st.chain, inventory))
@@ -724,6 +725,53 @@ def verify_bundle(
                     "the trust file lists this log and the bundle does not hold it",
                 )
     return report
+
+
+def _final_statuses(
+    bundle: BundleReader, states: Sequence[_LogState], trust: TrustPolicy, report: Report
+) -> None:
+    """Late evidence (docs/reputation.md): each `late_evidence` leaf's record must be a
+    document signed by a trusted receipt key; a receipt's final status (pending,
+    confirmed, contradicted, check-missing) is derived from it, never from the receipt."""
+    from gateway.receipts.late import final_status, verify_late_evidence
+
+    docs: dict[str, list[dict[str, Any]]] = {}
+    for st in states:
+        for i, e in sorted((st.leaves or {}).items()):
+            if e.type != "late_evidence" or e.ref is None:
+                continue
+            raw = bundle.read(f"{st.base}/records/{i}.json")
+            if raw is None or hashlib.sha256(raw).digest() != e.sha256:
+                report.add(
+                    f"log {st.log_id} index {i}",
+                    "invalid",
+                    "missing-file",
+                    "a late_evidence leaf whose record is missing or does not match it",
+                )
+                continue
+            try:
+                docs.setdefault(e.ref, []).append(
+                    verify_late_evidence(raw, trust.receipt_keys, e.ref)
+                )
+            except ValueError as exc:
+                report.add(f"log {st.log_id} index {i}", "invalid", "bad-signature", str(exc))
+    for st in states:
+        for item in st.entry.get("receipts", []):
+            rid = str(item["id"])
+            raw = bundle.read(f"{st.base}/receipts/{rid}.json")
+            try:
+                ext = SignedReceipt.from_bytes(raw).receipt.extensions if raw else {}
+            except (ValueError, KeyError, TypeError):
+                continue  # its own findings say so
+            status = final_status(ext, docs.get(rid, []))
+            if status is not None:
+                report.add(
+                    f"receipt {rid}",
+                    "valid",
+                    "final-status",
+                    f"late evidence: {status}",
+                    final_status=status,
+                )
 
 
 def _receipt_evidence(bundle: BundleReader, base: str, rid: str) -> dict[str, bytes]:
@@ -1164,6 +1212,10 @@ def _receipt_input(path: Path, raw: bytes) -> tuple[bytes, bytes | None]:
     proof = doc.pop("inclusion_proof", None)
     if proof is not None and not isinstance(proof, str):
         raise BundleError(f"{path}: inclusion_proof must be a tlog-proof string")
+    # What the API derives beside the receipt (docs/reputation.md) is not signed and not
+    # believed: a final status is derived here only from signed late evidence in a bundle.
+    doc.pop("final_status", None)
+    doc.pop("late_evidence", None)
     if set(doc) != {"receipt", "sig"}:
         return raw, None  # judged as stored, so the report names what is extra
     # The API's JSON formatting is not the receipt's: the signature and the log leaf are

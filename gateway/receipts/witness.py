@@ -44,6 +44,7 @@ from gateway.receipts.note import (
     SignedNote,
     WitnessKey,
 )
+from gateway.signer import Signer
 
 __all__ = [
     "TrustedLog",
@@ -112,7 +113,7 @@ class Witness:
     def __init__(
         self,
         name: str,
-        key: ed25519.Ed25519PrivateKey,
+        key: Signer,
         trusted: Sequence[TrustedLog],
         state_file: Path,
         clock: Any = time.time,

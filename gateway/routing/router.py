@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gateway.config import NodeConfig, Routing
@@ -43,7 +43,9 @@ from gateway.protocol.problems import DeadlineExceeded, NoHealthyNode, UpstreamF
 from gateway.protocol.tensors import DATATYPES, Tensor
 from gateway.registry import ModelEntry
 from gateway.routing.node_client import NodeClient, NodeError
+from gateway.routing.reputation import Reputation
 from gateway.state import StateStore, StoreUnavailable
+from gateway.telemetry import span
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,9 @@ class Router:
     probe_models: dict[str, ModelEntry] = field(default_factory=dict)
     # mode -> disagreements nothing could break; this replica's count (Prometheus sums them)
     unresolved_disagreements: Counter[str] = field(default_factory=Counter)
+    # Lie accounting apart from transport health (docs/reputation.md); None: not kept.
+    reputation: Reputation | None = None
+    retries: int = 0  # attempts after a request's first (ztgate_node_retries_total)
 
     @classmethod
     def from_clients(cls, clients: Iterable[NodeClient], store: StateStore, cfg: Routing) -> Router:
@@ -117,6 +122,7 @@ class Router:
             if s.config.serves(model)
             and s.config.name not in self.ejected
             and s.pending < self.cfg.max_pending_per_node
+            and (self.reputation is None or not self.reputation.quarantined(s.config))
             and (allowed is None or allowed(s.config))
         ]
 
@@ -173,32 +179,45 @@ class Router:
             name = state.config.name
             tried.append(name)
             state.attempts += 1
+            if attempt > 1:
+                self.retries += 1
             state.pending += 1
             start = time.monotonic()
             nonfinite = False
             checked: Any = None
-            try:
-                outputs = await state.client.infer(
-                    what.model,
-                    what.version,
-                    job.inputs,
-                    what.outputs,
-                    timeout_s=min(timeout, remaining),
-                    request_id=job.request_id,
-                )
-                if check is None:
-                    nonfinite = check_reply(
-                        entry, job.inputs, outputs, what.outputs, max_output_bytes
+            # A span in this process only: the node gets no trace context (telemetry.py).
+            with span(
+                "node_attempt",
+                node=name,
+                region=state.config.region,
+                provider=state.config.provider,
+                attempt=attempt,
+                model=what.model,
+            ) as attempt_span:
+                try:
+                    outputs = await state.client.infer(
+                        what.model,
+                        what.version,
+                        job.inputs,
+                        what.outputs,
+                        timeout_s=min(timeout, remaining),
+                        request_id=job.request_id,
                     )
-                else:
-                    checked = await check(outputs)
-            except NodeError as exc:
-                reasons.append(f"{name}: {exc.reason}")
-                log.warning("attempt %d failed on %s: %s", attempt, name, exc.reason)
-                await self._failed(state)
-                continue
-            finally:
-                state.pending -= 1
+                    if check is None:
+                        nonfinite = check_reply(
+                            entry, job.inputs, outputs, what.outputs, max_output_bytes
+                        )
+                    else:
+                        checked = await check(outputs)
+                except NodeError as exc:
+                    attempt_span.set(outcome="failed")
+                    reasons.append(f"{name}: {exc.reason}")
+                    log.warning("attempt %d failed on %s: %s", attempt, name, exc.reason)
+                    await self._failed(state)
+                    continue
+                finally:
+                    state.pending -= 1
+                attempt_span.set(outcome="ok")
             if learn_latency:
                 state.ewma_s += self.cfg.ewma_alpha * (time.monotonic() - start - state.ewma_s)
             state.served += 1
@@ -208,19 +227,33 @@ class Router:
             return Routed(outputs, state.config, attempt, tuple(tried), nonfinite, checked)
         raise UpstreamFailed(f"every node tried failed ({', '.join(tried)}): {'; '.join(reasons)}")
 
-    async def charge(self, node: str) -> None:
+    async def charge(self, node: str, evidence: str = "contradicted") -> None:
         """Count a failure a verifier proved after the reply passed routing's checks.
 
         Only for a verdict that singles this node out (outvoted by an independent majority,
-        a failed proof); two parties that merely disagree go to `unresolved` instead.
+        a failed proof); two parties that merely disagree go to `unresolved` instead. The
+        verdict is also evidence for the node's reputation (`evidence`: contradicted or
+        outvoted), which no later success erases.
         """
         state = self.nodes.get(node)
         if state is None:
             return
+        await self.judge(node, evidence)
         # Not `failures`: that count is reset by the transport success of the very reply
         # being charged, so a node that answers every request (with lies) was never ejected.
         state.charges += 1
         await self._failed(state, verified=state.charges)
+
+    async def judge(self, node: str, event: str) -> None:
+        """Evidence about a node's answer for its reputation record (a no-op without one)."""
+        state = self.nodes.get(node)
+        if state is not None and self.reputation is not None:
+            await self.reputation.observe(state.config, event)
+
+    async def confirm(self, node: str) -> None:
+        """`vouch`, and the confirmation counted as evidence."""
+        self.vouch(node)
+        await self.judge(node, "confirmed")
 
     def vouch(self, node: str) -> None:
         """An independent node gave the same answer: the node's charges start over."""
@@ -295,6 +328,8 @@ class Router:
         for name, until in list(self.ejected.items()):
             if until <= now:
                 await self._probe(self.nodes[name])
+        if self.reputation is not None:
+            await self._quiet(self.reputation.sync())
 
     async def _probe(self, state: NodeState, timeout_s: float = 1.0) -> None:
         name = state.config.name
@@ -347,6 +382,69 @@ class DisagreementMetrics(Collector):
         for mode, count in sorted(self.router.unresolved_disagreements.items()):
             family.add_metric([mode], count)
         yield family
+
+
+class NodeMetrics(Collector):
+    """Per node, read from the router at scrape time (nothing on the request path):
+    ``ztgate_node_attempts_total``, ``ztgate_node_failures_total`` (routing's and the
+    verifiers' charges), ``ztgate_node_ejections_total``, ``ztgate_node_ejected``,
+    ``ztgate_node_pending``, and ``ztgate_node_retries_total`` (attempts after a
+    request's first)."""
+
+    LABELS = ("node", "region", "provider")
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        fams: list[tuple[CounterMetricFamily | GaugeMetricFamily, Callable[[NodeState], float]]]
+        fams = [
+            (
+                CounterMetricFamily(
+                    "ztgate_node_attempts", "Requests sent to the node", labels=self.LABELS
+                ),
+                lambda s: s.attempts,
+            ),
+            (
+                CounterMetricFamily(
+                    "ztgate_node_failures",
+                    "Attempts that failed on the node, and verifier charges",
+                    labels=self.LABELS,
+                ),
+                lambda s: s.failed,
+            ),
+            (
+                CounterMetricFamily(
+                    "ztgate_node_ejections",
+                    "Times this replica ejected the node",
+                    labels=self.LABELS,
+                ),
+                lambda s: s.ejections,
+            ),
+            (
+                GaugeMetricFamily(
+                    "ztgate_node_ejected", "1 while the node is ejected", labels=self.LABELS
+                ),
+                lambda s: 1.0 if s.config.name in self.router.ejected else 0.0,
+            ),
+            (
+                GaugeMetricFamily(
+                    "ztgate_node_pending", "Requests in flight on the node", labels=self.LABELS
+                ),
+                lambda s: s.pending,
+            ),
+        ]
+        for name, state in sorted(self.router.nodes.items()):
+            labels = [name, state.config.region, state.config.provider]
+            for family, value in fams:
+                family.add_metric(labels, value(state))
+        for family, _ in fams:
+            yield family
+        retries = CounterMetricFamily(
+            "ztgate_node_retries", "Node attempts after a request's first (failover)"
+        )
+        retries.add_metric([], self.router.retries)
+        yield retries
 
 
 def probe_request(

@@ -16,7 +16,7 @@ stores accept `clock=` so tests can drive time by hand.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol, runtime_checkable
 
 __all__ = [
@@ -110,6 +110,31 @@ class StateStore(Protocol):
 
     async def find_log(self, log_id: str) -> str | None:
         """The base URL of the replica holding `log_id`, if any replica announced it."""
+        ...
+
+    # -- lie accounting (gateway.routing.reputation, docs/reputation.md) ---------------
+    async def add_evidence(
+        self, subject: str, counts: Mapping[str, int], step: float
+    ) -> tuple[dict[str, int], float]:
+        """Add `counts` to the evidence record of `subject` (a node's signed identity or a
+        provider) and move its test statistic by `step`, floored at 0, atomically; returns
+        the record's counts and statistic after the call. Records never expire."""
+        ...
+
+    async def evidence(self, subjects: Iterable[str]) -> dict[str, tuple[dict[str, int], float]]:
+        """The records of `subjects` that exist: counts and statistic."""
+        ...
+
+    async def reset_statistic(self, subject: str) -> None:
+        """Set the test statistic of `subject` to 0, keeping its counts (a release)."""
+        ...
+
+    async def put_quarantine(self, node_id: str, record: str) -> None:
+        """Store the latest quarantine event (JSON) of `node_id`, replacing the previous."""
+        ...
+
+    async def quarantine_records(self) -> dict[str, str]:
+        """Every node's latest quarantine event as stored."""
         ...
 
     # -- lifecycle ------------------------------------------------------------------

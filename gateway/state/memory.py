@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +64,8 @@ class MemoryStore:
         self._file = FileRevocations(revocations_path) if revocations_path else None
         self._revoked: list[tuple[str, str]] = []  # used when there is no file
         self._revoked_set: set[tuple[str, str]] = set()
+        self._evidence: dict[str, tuple[dict[str, int], float]] = {}
+        self._quarantine: dict[str, str] = {}
 
     # -- node health ----------------------------------------------------------------
     def _node(self, node_id: str) -> _Node:
@@ -192,6 +194,35 @@ class MemoryStore:
             raise StoreUnavailable("nonce cache full")
         self._nonces[key] = now + ttl_s
         return True
+
+    # -- lie accounting -------------------------------------------------------------
+    async def add_evidence(
+        self, subject: str, counts: Mapping[str, int], step: float
+    ) -> tuple[dict[str, int], float]:
+        # Not an LRU: evidence must not be evicted by churn (keys are signed names).
+        have, stat = self._evidence.setdefault(subject, ({}, 0.0))
+        for k, n in counts.items():
+            have[k] = have.get(k, 0) + int(n)
+        stat = max(0.0, stat + step)
+        self._evidence[subject] = (have, stat)
+        return dict(have), stat
+
+    async def evidence(self, subjects: Iterable[str]) -> dict[str, tuple[dict[str, int], float]]:
+        return {
+            s: (dict(self._evidence[s][0]), self._evidence[s][1])
+            for s in subjects
+            if s in self._evidence
+        }
+
+    async def reset_statistic(self, subject: str) -> None:
+        if subject in self._evidence:
+            self._evidence[subject] = (self._evidence[subject][0], 0.0)
+
+    async def put_quarantine(self, node_id: str, record: str) -> None:
+        self._quarantine[node_id] = record
+
+    async def quarantine_records(self) -> dict[str, str]:
+        return dict(self._quarantine)
 
     # -- lifecycle ------------------------------------------------------------------
     async def ping(self) -> bool:

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import json
 import math
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Mapping
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -165,6 +165,19 @@ local v = tonumber(redis.call('GET', KEYS[2]) or '0')
 return {v, redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf')}
 """
 
+# KEYS[1] evidence hash {count fields..., s: statistic}; ARGV: step, then field, n pairs.
+# The CUSUM step and the counts move together, floored at 0 (docs/reputation.md).
+_EVIDENCE = (
+    _PRELUDE
+    + """
+for i = 2, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local s = (tonumber(redis.call('HGET', KEYS[1], 's')) or 0) + tonumber(ARGV[1])
+if s < 0 then s = 0 end
+redis.call('HSET', KEYS[1], 's', num(s))
+return redis.call('HGETALL', KEYS[1])
+"""
+)
+
 _MAX_BUCKET_TTL_MS = str(30 * 86400 * 1000)
 _SLACK = repr(TOKEN_SLACK_S)
 
@@ -222,6 +235,7 @@ class RedisStore:
         self._nonce = reg(_NONCE)
         self._revoke = reg(_REVOKE)
         self._revoked_since = reg(_REVOKED_SINCE)
+        self._add_evidence = reg(_EVIDENCE)
 
     # -- plumbing -------------------------------------------------------------------
     async def _do(self, aw: Awaitable[T]) -> T:
@@ -320,6 +334,51 @@ class RedisStore:
         if got is None:
             return None
         return got.decode() if isinstance(got, bytes) else str(got)
+
+    # -- lie accounting -------------------------------------------------------------
+    def _evidence_key(self, subject: str) -> str:
+        return f"{self._prefix}evidence:{subject}"
+
+    @staticmethod
+    def _parse_evidence(flat: list[Any]) -> tuple[dict[str, int], float]:
+        pairs = dict(zip(flat[::2], flat[1::2], strict=True))
+        stat = float(pairs.pop("s", 0.0))
+        return {str(k): int(v) for k, v in pairs.items()}, stat
+
+    async def add_evidence(
+        self, subject: str, counts: Mapping[str, int], step: float
+    ) -> tuple[dict[str, int], float]:
+        args = [repr(float(step))]
+        for k, n in counts.items():
+            args += [k, str(int(n))]
+        out = await self._do(self._add_evidence(keys=[self._evidence_key(subject)], args=args))
+        return self._parse_evidence(list(out))
+
+    async def evidence(self, subjects: Iterable[str]) -> dict[str, tuple[dict[str, int], float]]:
+        names = list(dict.fromkeys(subjects))
+        if not names:
+            return {}
+        pipe = self._client.pipeline(transaction=False)
+        for n in names:
+            pipe.hgetall(self._evidence_key(n))
+        got = await self._do(pipe.execute())
+        out: dict[str, tuple[dict[str, int], float]] = {}
+        for n, h in zip(names, got, strict=True):
+            if h:
+                out[n] = self._parse_evidence([x for kv in h.items() for x in kv])
+        return out
+
+    async def reset_statistic(self, subject: str) -> None:
+        key = self._evidence_key(subject)
+        if await self._do(self._client.exists(key)):
+            await self._do(self._client.hset(key, "s", "0"))
+
+    async def put_quarantine(self, node_id: str, record: str) -> None:
+        await self._do(self._client.hset(f"{self._prefix}quarantine", node_id, record))
+
+    async def quarantine_records(self) -> dict[str, str]:
+        got = await self._do(self._client.hgetall(f"{self._prefix}quarantine"))
+        return {str(k): str(v) for k, v in got.items()}
 
     # -- lifecycle ------------------------------------------------------------------
     async def ping(self) -> bool:

@@ -37,6 +37,7 @@ from gateway.protocol.problems import (
     UpstreamFailed,
 )
 from gateway.protocol.tensors import Tensor
+from gateway.telemetry import PROCESS_METRICS, timed
 from mpc.model import ModelError, MpcModel, Range
 from mpc.session import (
     MpcBusy,
@@ -169,7 +170,8 @@ class MpcVerification:
         if remaining <= 0:
             raise DeadlineExceeded("the request deadline passed before MPC started")
         try:
-            result = await session.infer(np.asarray(tensor.data), budget_s=remaining)
+            with timed("mpc_inference", PROCESS_METRICS.mpc_seconds, parties=len(nodes)):
+                result = await session.infer(np.asarray(tensor.data), budget_s=remaining)
         except ValueError as exc:
             raise InvalidTensor(str(exc)) from exc
         except MpcUnavailable as exc:

@@ -1,4 +1,9 @@
-"""Mode `none`: one node's answer, checked against the model's signature only."""
+"""Mode `none`: one node's answer, checked against the model's signature only.
+
+With spot checks (`gateway.verify.spotcheck`), a sample of answers, at the rate the
+answering node's reputation sets, is marked ``spot_check = "scheduled"`` in its receipt and
+re-run later on a node of another provider.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +13,15 @@ from gateway.job import Job, Outcome
 
 if TYPE_CHECKING:
     from gateway.routing.router import Router
+    from gateway.verify.spotcheck import SpotChecks
 
 
 class NoVerification:
     mode = "none"
 
-    def __init__(self, max_output_bytes: int) -> None:
+    def __init__(self, max_output_bytes: int, spot: SpotChecks | None = None) -> None:
         self.max_output_bytes = max_output_bytes
+        self.spot = spot
 
     async def run(self, job: Job, router: Router) -> Outcome:
         routed = await router.infer(job, max_output_bytes=self.max_output_bytes)
@@ -25,4 +32,9 @@ class NoVerification:
             status="unverified",
             attempts=routed.attempts,
             nonfinite=routed.nonfinite,
+            evidence=(
+                {"spot_check": "scheduled"}
+                if self.spot is not None and self.spot.sample(routed.node)
+                else {}
+            ),
         )

@@ -97,7 +97,7 @@ class RedundantVerification:
             raise UpstreamFailed("fewer than two independent nodes answered")
         a, b = answers[0], answers[1]
         if agree(a.outputs, b.outputs, self.rtol, self.atol):
-            return self._outcome(router, [a, b], "agreed")
+            return await self._outcome(router, [a, b], "agreed")
         # Disagreement: a third provider breaks the tie, or nobody gets an answer.
         disputed = [a.node.name, b.node.name]
         while spare:
@@ -106,19 +106,21 @@ class RedundantVerification:
                 continue
             for winner, loser in ((a, b), (b, a)):
                 if agree(winner.outputs, c.outputs, self.rtol, self.atol):
-                    await router.charge(loser.node.name)
-                    return self._outcome(router, [winner, c], "agreed-by-majority")
+                    await router.charge(loser.node.name, "outvoted")
+                    return await self._outcome(router, [winner, c], "agreed-by-majority")
             disputed.append(c.node.name)  # three answers, no two alike: no majority either
             break
         why = "no third provider answered" if len(disputed) == 2 else "no two answers agree"
         router.unresolved(self.mode, disputed, f"{why} (model {job.entry.name})")
+        for name in disputed:  # counted, and by the two-party rule it charges nobody
+            await router.judge(name, "disputed")
         raise UpstreamFailed(
             f"nodes {', '.join(disputed)} disagree and no majority could be formed"
         )
 
-    def _outcome(self, router: Router, routed: list[Routed], status: str) -> Outcome:
+    async def _outcome(self, router: Router, routed: list[Routed], status: str) -> Outcome:
         for r in routed:  # each answer was confirmed by another provider's
-            router.vouch(r.node.name)
+            await router.confirm(r.node.name)
         return Outcome(
             outputs=tuple(routed[0].outputs),
             nodes=tuple(r.node.name for r in routed),

@@ -45,6 +45,7 @@ from gateway.protocol.tensors import RequestedOutput, Tensor
 from gateway.registry import TensorSpec
 from gateway.routing.node_client import NodeError
 from gateway.routing.router import Call
+from gateway.telemetry import PROCESS_METRICS, timed
 from zk.record import RECORD_FILE, VerifierArtefacts
 from zk.verifier import ZkResult, ZkVerifierPool
 
@@ -163,7 +164,8 @@ class ZkVerification:
         if proofs[0].data.size != 1 or not isinstance(proofs[0].data.reshape(-1)[0], bytes):
             raise NodeError("reply", f"{PROOF_OUTPUT!r} must hold exactly one element")
         proof = proofs[0].data.reshape(-1)[0]
-        result = await self.pool.verify(proof, row, artefacts)
+        with timed("zk_proof_verify", PROCESS_METRICS.proof_seconds):
+            result = await self.pool.verify(proof, row, artefacts)
         if result.success:
             return result
         if not result.node_at_fault:

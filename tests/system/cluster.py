@@ -66,6 +66,7 @@ class Replica:
     admin_port: int
     data_dir: Path
     service: Service
+    grpc_port: int = 0  # the gRPC front (listen.grpc_port)
 
     @property
     def base(self) -> str:
@@ -147,15 +148,20 @@ class ProductionCluster:
 
 
 def _write_policies(dest: Path) -> Path:
-    """The shipped policies, with the customer's identities (officer-owned files)."""
+    """The shipped policies and their example requests, with the customer's identities
+    added (officer-owned files). Signing runs the examples, which name the shipped
+    identities: those stay, and no certificate of the customer's CA can reach them (their
+    trust domain is another)."""
     dest.mkdir(parents=True, exist_ok=True)
     for f in SHIPPED_POLICIES.iterdir():
         if f.is_file() and f.suffix in (".cedar", ".cedarschema"):
             shutil.copy(f, dest / f.name)
-    clients = {f"spiffe://{TRUST_DOMAIN}/client/{n}": v for n, v in IDENTITIES.items()}
-    (dest / "identities.json").write_text(
-        json.dumps({"clients": clients, "organizations": []}, indent=2)
+    shutil.copytree(SHIPPED_POLICIES / "tests", dest / "tests", dirs_exist_ok=True)
+    mapping = json.loads((SHIPPED_POLICIES / "identities.json").read_text())
+    mapping["clients"].update(
+        {f"spiffe://{TRUST_DOMAIN}/client/{n}": v for n, v in IDENTITIES.items()}
     )
+    (dest / "identities.json").write_text(json.dumps(mapping, indent=2))
     return dest
 
 
@@ -361,11 +367,11 @@ def start_cluster(root: Path, services: Services) -> ProductionCluster:
 
     # -- gateway configs, the officer's signed policy bundle, the replicas ----------------
     gw_leaf, node_client, dealer = pki.gateway_server(), pki.gateway_node_client(), pki.dealer()
-    ports = [(free_port(), free_port()) for _ in range(2)]
-    public = [f"https://127.0.0.1:{p}" for p, _ in ports]
+    ports = [(free_port(), free_port(), free_port()) for _ in range(2)]  # API, admin, gRPC
+    public = [f"https://127.0.0.1:{p}" for p, _, _ in ports]
     policies = _write_policies(root / "officer" / "policies")
     replicas: list[Replica] = []
-    for i, (name, (port, admin)) in enumerate(zip(("gw-a", "gw-b"), ports, strict=True)):
+    for i, (name, (port, admin, grpc)) in enumerate(zip(("gw-a", "gw-b"), ports, strict=True)):
         d = root / name
         d.mkdir()
         lines = [
@@ -378,7 +384,7 @@ def start_cluster(root: Path, services: Services) -> ProductionCluster:
         ]
         listen = {
             "host": "127.0.0.1", "port": port, "admin_host": "127.0.0.1",
-            "admin_port": admin, "graceful_shutdown_s": 2,
+            "admin_port": admin, "graceful_shutdown_s": 2, "grpc_port": grpc,
         }  # fmt: skip
         tls = {
             "cert": gw_leaf.cert, "key": gw_leaf.key,
@@ -415,7 +421,9 @@ def start_cluster(root: Path, services: Services) -> ProductionCluster:
             d,
             root / "logs" / f"{name}.log",
         )
-        replicas.append(Replica(name, config, port, admin, d / "data", services.add(service)))
+        replicas.append(
+            Replica(name, config, port, admin, d / "data", services.add(service), grpc_port=grpc)
+        )
 
     # The security officer signs the policy and the facts it decides on (one bundle, v1).
     bundle = root / "officer" / "policy-bundle.json"

@@ -269,6 +269,8 @@ def test_signal_to_up_stops_nodes_parties_and_verifier_pool(
     assert rc == 0, up.tail()
     assert "stopping the cluster" in up.tail()
     assert not after, figures("left", after)
+    # It said where the policy it runs comes from (a copy, not the source tree's).
+    assert f"policy: {cluster_dir / 'policies'} (watched" in up.log.read_text()
 
 
 def test_sigterm_to_up_no_gateway_and_a_sigkilled_gateways_pool(

@@ -7,7 +7,8 @@ on the registry's own model file, and against the signed receipt the answer name
 summary signature (the published receipt key), and its salted commitments to exactly the
 tensors the client sent and got. The same client construction without a certificate, or
 with a certificate from another CA of the customer's PKI, is refused at the TLS handshake;
-the positive control is that construction with the client's own certificate.
+the positive control is that construction with the client's own certificate. The same
+flow with `tritonclient.grpc` against the replica's gRPC front (`listen.grpc_port`).
 """
 
 from __future__ import annotations
@@ -110,9 +111,9 @@ def _receipt(cluster: ProductionCluster, replica: Replica, params: dict[str, Any
     with cluster.client("shop", timeout=30) as c:
         r = c.get(f"{replica.base}/v2/receipts/{rid}")
     assert r.status_code == 200, r.text
-    doc = r.json()
-    doc.pop("inclusion_proof", None)
-    return SignedReceipt.from_bytes(canonical_json(doc))  # the API's JSON is not canonical
+    doc = r.json()  # the signed envelope, and what the API adds (proof, late evidence)
+    envelope = {k: doc[k] for k in ("receipt", "sig")}
+    return SignedReceipt.from_bytes(canonical_json(envelope))  # the API's JSON is not canonical
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
@@ -138,6 +139,17 @@ def test_infer_matches_onnxruntime_and_the_receipt(
     assert ("binary_data_size" in described.get("parameters", {})) is binary
 
     params = result.get_response()["parameters"]
+    _check_receipt(cluster, replica, params, got)
+
+
+def _check_receipt(
+    cluster: ProductionCluster,
+    replica: Replica,
+    params: dict[str, Any],
+    got: npt.NDArray[np.float32],
+) -> None:
+    """The answer's receipt, whichever front answered: its summary signature, and its
+    salted commitments to exactly the tensors the client sent and got."""
     assert params["ztgate.verification"] == "none"
     line = params["ztgate.receipt"]
     keys = KeySet.load(replica.receipts_dir / "keys.json")
@@ -213,24 +225,53 @@ def test_handshake_refuses_no_and_wrong_certificates(
     assert _refused(replica, ca, cluster.pki.node("n1")) in REFUSED
 
 
-def test_grpc_front_is_not_served(production_cluster: ProductionCluster) -> None:
-    """docs/clients.md: the front door is HTTP/1.1 only, so a stock gRPC client with the
-    same certificate cannot talk to it. When a gRPC front is added this fails, and the
-    gRPC flow belongs here."""
-    cluster = production_cluster
-    leaf = cluster.pki.client("shop")
-    client = grpcclient.InferenceServerClient(
-        f"127.0.0.1:{cluster.replicas[0].port}",
-        ssl=True,
-        root_certificates=str(cluster.pki.root_ca),
-        private_key=str(leaf.key),
-        certificate_chain=str(leaf.cert),
+def triton_grpc(replica: Replica, ca: Path, leaf: Leaf | None) -> grpcclient.InferenceServerClient:
+    """The stock gRPC client as docs/clients.md builds it (no certificate when `leaf` is None)."""
+    kw = {} if leaf is None else {"private_key": str(leaf.key), "certificate_chain": str(leaf.cert)}
+    return grpcclient.InferenceServerClient(
+        f"127.0.0.1:{replica.grpc_port}", ssl=True, root_certificates=str(ca), **kw
     )
+
+
+def test_grpc_flow_matches_onnxruntime_and_the_receipt(
+    production_cluster: ProductionCluster, reference: npt.NDArray[np.float32]
+) -> None:
+    """The gRPC front of the production replica: what simple_grpc_infer_client.py does
+    (health, metadata, raw-tensor inference, gzip as `compression_algorithm` sends it),
+    and the same receipt checks as over HTTP. No certificate, or one from the customer's
+    node CA, is refused at the handshake (UNAVAILABLE: no RPC is ever answered)."""
+    cluster = production_cluster
+    replica = cluster.replicas[0]
+    client = triton_grpc(replica, cluster.pki.root_ca, cluster.pki.client("shop"))
     try:
-        with pytest.raises(InferenceServerException):
-            client.is_server_live(client_timeout=10.0)
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready("iris")
+        meta = client.get_model_metadata("iris")
+        assert [(i.name, i.datatype) for i in meta.inputs] == [("input", "FP32")]
+        inp = grpcclient.InferInput("input", list(IRIS.shape), "FP32")
+        inp.set_data_from_numpy(IRIS)
+        result = client.infer(
+            "iris",
+            [inp],
+            outputs=[grpcclient.InferRequestedOutput("probabilities")],
+            parameters={"ztgate.verification": "none"},
+            compression_algorithm="gzip",
+        )
     finally:
         client.close()
-    # Control: the HTTP front on that port answers the same certificate.
-    with cluster.client("shop", timeout=10) as c:
-        assert c.get(f"{cluster.replicas[0].base}/v2/health/live").status_code == 200
+    got = result.as_numpy("probabilities")
+    assert got is not None and got.dtype == np.float32
+    np.testing.assert_allclose(got, reference, rtol=1e-6)
+    response = result.get_response()
+    params = {
+        k: getattr(p, p.WhichOneof("parameter_choice")) for k, p in response.parameters.items()
+    }
+    _check_receipt(cluster, replica, params, got)
+    for leaf in (None, cluster.pki.node("n1")):
+        refused = triton_grpc(replica, cluster.pki.root_ca, leaf)
+        try:
+            with pytest.raises(InferenceServerException) as failed:
+                refused.is_server_live(client_timeout=10.0)
+            assert "UNAVAILABLE" in str(failed.value.status()), failed.value
+        finally:
+            refused.close()

@@ -1,0 +1,105 @@
+"""Late evidence, defined once: a signed document about a receipt, logged after it.
+
+Evidence that arrives after an answer (a spot check, a tiebreak, later a proof) is one
+document, RFC 8785 JSON, signed by the receipt key, and logged as a ``late_evidence`` leaf
+whose ``ref`` is the receipt id and whose record (shipped in bundles beside the leaf) is
+the document itself. The receipt never changes; its *final status* is derived from the
+receipt and the evidence about it (docs/reputation.md, "Late evidence"):
+
+    pending        a check was scheduled (extensions.spot_check == "scheduled"), no evidence yet
+    confirmed      the latest evidence says so
+    contradicted   the latest evidence says the answer was wrong
+    check-missing  a scheduled check could not run (dropped, no node allowed, checker failed)
+
+`final_status` returns None for a receipt that expects no evidence and has none.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+
+from gateway.receipts.canonical import b64, canonical_json, unb64
+from gateway.receipts.signing import KeySet, Signer, format_time
+
+__all__ = [
+    "DOC_TYPE",
+    "FINAL_STATUSES",
+    "VERDICTS",
+    "final_status",
+    "late_evidence",
+    "verify_late_evidence",
+]
+
+DOC_TYPE = "ztgate-late-evidence/v1"
+DOMAIN = b"ztgate-late-evidence/v1\n"
+VERDICTS = ("confirmed", "contradicted", "check-missing")
+FINAL_STATUSES = ("pending", *VERDICTS)
+SCHEDULED = "scheduled"  # receipt extension `spot_check` when a check was sampled
+
+
+def late_evidence(
+    signer: Signer,
+    *,
+    receipt_id: str,
+    verdict: str,
+    kind: str,
+    nodes: Sequence[str] = (),
+    reason: str = "",
+    now: dt.datetime | None = None,
+) -> bytes:
+    """The signed document's bytes (what the leaf hashes and bundles ship)."""
+    if verdict not in VERDICTS:
+        raise ValueError(f"unknown verdict {verdict!r}")
+    body: dict[str, Any] = {
+        "type": DOC_TYPE,
+        "receipt_id": receipt_id,
+        "verdict": verdict,
+        "kind": kind,
+        "nodes": list(nodes),
+        "reason": reason,
+        "time": format_time(now or dt.datetime.now(dt.UTC)),
+        "key_id": signer.key_id,
+    }
+    sig = signer.sign_bytes(DOMAIN + canonical_json(body))
+    return canonical_json({**body, "signature": b64(sig)})
+
+
+def verify_late_evidence(raw: bytes, keys: KeySet, receipt_id: str | None = None) -> dict[str, Any]:
+    """The document, if its signature verifies under a key of `keys`; else ValueError."""
+    import json
+
+    doc = json.loads(raw)
+    if not isinstance(doc, dict) or doc.get("type") != DOC_TYPE:
+        raise ValueError("not a late-evidence document")
+    if canonical_json(doc) != raw:
+        raise ValueError("late evidence is not canonical JSON")
+    if receipt_id is not None and doc.get("receipt_id") != receipt_id:
+        raise ValueError("late evidence about another receipt")
+    if doc.get("verdict") not in VERDICTS:
+        raise ValueError("unknown verdict")
+    key = keys.get(str(doc.get("key_id")))
+    if key is None:
+        raise ValueError("late evidence signed by an unknown key")
+    body = {k: v for k, v in doc.items() if k != "signature"}
+    try:
+        key.public_key.verify(unb64(str(doc["signature"]), 64), DOMAIN + canonical_json(body))
+    except (InvalidSignature, KeyError) as exc:
+        raise ValueError("late evidence signature does not verify") from exc
+    return doc
+
+
+def final_status(
+    extensions: Mapping[str, Any], evidence: Iterable[Mapping[str, Any]]
+) -> str | None:
+    """The receipt's derived status: the latest evidence's verdict (in log order), else
+    pending when a check was scheduled, else None."""
+    verdict = None
+    for doc in evidence:
+        verdict = str(doc["verdict"])
+    if verdict is not None:
+        return verdict
+    return "pending" if extensions.get("spot_check") == SCHEDULED else None

@@ -1,0 +1,146 @@
+"""Wiring lie accounting into a built gateway: reputation, spot checks, their log and metrics.
+
+`add_lie_accounting(cfg, gw)` is what `gateway.runtime.build_gateway` calls: the router
+gets a `Reputation` (quarantine file `<data_dir>/quarantine.jsonl`), quarantine and
+release events become typed log leaves (`node_quarantine`, `node_release`) with their
+records, and, with ``[reputation] spot_checks = true``, mode `none` samples answers for
+spot checks whose verdicts are logged as `late_evidence` about the receipt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from gateway.receipts.canonical import canonical_json
+from gateway.receipts.entry import LogEntry
+from gateway.receipts.late import late_evidence
+from gateway.routing.reputation import QuarantineEvent, Reputation, Sampling, Sprt
+from gateway.verify.none import NoVerification
+from gateway.verify.spotcheck import SpotCheckMetrics, SpotChecks
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+    from gateway.config import Config
+    from gateway.routing.router import Router
+
+log = logging.getLogger(__name__)
+
+
+class ReputationMetrics(Collector):
+    """``ztgate_node_quarantines_total``, ``ztgate_node_releases_total`` (this replica's
+    counts) and ``ztgate_nodes_quarantined`` (now)."""
+
+    def __init__(self, reputation: Reputation) -> None:
+        self.reputation = reputation
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        rep = self.reputation
+        yield CounterMetricFamily(
+            "ztgate_node_quarantines", "Nodes or providers quarantined", value=rep.quarantines
+        )
+        yield CounterMetricFamily(
+            "ztgate_node_releases", "Quarantines released by an officer", value=rep.releases
+        )
+        yield GaugeMetricFamily(
+            "ztgate_nodes_quarantined",
+            "Nodes that receive no traffic until an officer releases them",
+            value=sum(1 for n in rep.nodes.values() if rep.quarantined(n)),
+        )
+
+
+def add_lie_accounting(cfg: Config, gw: Gateway) -> Reputation:
+    rc = cfg.reputation
+    receipts = gw.receipts
+
+    async def on_event(ev: QuarantineEvent) -> None:
+        if receipts is None:
+            return
+        kind = "node_quarantine" if ev.state == "quarantined" else "node_release"
+        record = canonical_json({"type": f"ztgate-{kind}/v1", **ev.__dict__})
+        try:
+            await receipts.record_document(LogEntry(kind, hashlib.sha256(record).digest()), record)
+        except Exception:  # the event stands (file, store); losing its leaf is logged
+            log.exception("could not log a %s event", kind)
+
+    rep = Reputation(
+        gw.store,
+        (s.config for s in gw.router.nodes.values()),
+        test=Sprt(rc.p0, rc.p1, rc.alpha),
+        sampling=Sampling(
+            rc.rate_suspect,
+            rc.rate_established,
+            rc.rate_trusted,
+            rc.trusted_after,
+            rc.long_trusted_after,
+        ),
+        path=cfg.data_dir / "quarantine.jsonl",
+        on_event=on_event,
+    )
+    gw.router.reputation = rep
+    gw.metrics.registry.register(ReputationMetrics(rep))
+    if not rc.spot_checks:
+        return rep
+
+    async def record(receipt_id: str, verdict: str, nodes: tuple[str, ...], why: str) -> None:
+        if receipts is None:
+            return
+        doc = late_evidence(
+            receipts.signer,
+            receipt_id=receipt_id,
+            verdict=verdict,
+            kind="spot_check",
+            nodes=nodes,
+            reason=why,
+        )
+        entry = LogEntry("late_evidence", hashlib.sha256(doc).digest(), receipt_id)
+        await receipts.record_document(entry, doc)
+
+    spot = SpotChecks(
+        gw.router,
+        max_queue=rc.queue,
+        workers=rc.workers,
+        timeout_s=rc.check_timeout_s,
+        max_output_bytes=cfg.limits.max_output_bytes,
+        record=record,
+    )
+    none = gw.verifiers.get("none")
+    if isinstance(none, NoVerification):
+        none.spot = spot
+    stage = gw.pipeline.receipt
+    if stage is not None:
+        stage.spot = spot
+    gw.spot = spot  # type: ignore[attr-defined]
+    gw.background.append(spot.run)
+    gw.metrics.registry.register(SpotCheckMetrics(spot))
+    return rep
+
+
+def node_listing(router: Router) -> list[dict[str, object]]:
+    """What `ztgate nodes` shows: health, reputation, evidence and quarantine per node."""
+    rep = router.reputation
+    out: list[dict[str, object]] = []
+    for name, st in sorted(router.nodes.items()):
+        row: dict[str, object] = {
+            "name": name,
+            "provider": st.config.provider,
+            "region": st.config.region,
+            "health": {
+                "ejected": name in router.ejected,
+                "failures": st.failures,
+                "attempts": st.attempts,
+                "served": st.served,
+                "failed": st.failed,
+                "ejections": st.ejections,
+                "disputed": st.disputed,
+            },
+        }
+        if rep is not None:
+            row.update(rep.describe(st.config))
+        out.append(row)
+    return out
