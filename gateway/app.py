@@ -157,6 +157,10 @@ class Gateway:
     state_up: bool = True
     # time.monotonic() of the next receipt-log announcement
     _next_announce: float = field(default=0.0, init=False)
+    # Whether the shared store holds this replica's announcement of its receipt logs (with
+    # receipts.public_url set): until then another replica sends a reader of a receipt
+    # signed here to nobody, so this replica is not ready (`ready`).
+    logs_announced: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         self.catalog = Catalog(self.models)
@@ -266,10 +270,13 @@ class Gateway:
     def ready(self) -> bool:
         """Ready: some model has a node to go to, no background loop is down, and the
         checks that fail closed can run (the shared store answers, the revocation list is
-        within its staleness budget). Both readiness endpoints answer exactly this."""
+        within its staleness budget), and this replica's receipt logs are announced in
+        the shared store before it signs a receipt (`announce_logs`). Both readiness
+        endpoints answer exactly this."""
         return (
             not self.down
             and self.state_up
+            and (self.logs_announced or not self.announces_logs)
             and not self.revocations.stale()
             and any(self.router.candidates(m) for m in self.models)
         )
@@ -310,6 +317,11 @@ class Gateway:
             if not stop.is_set():
                 await self.check_state()
 
+    @property
+    def announces_logs(self) -> bool:
+        """Whether this replica publishes where its receipt logs are (receipts.public_url)."""
+        return self.receipts is not None and self.cfg.receipts.public_url is not None
+
     async def announce_logs(self) -> None:
         url = self.cfg.receipts.public_url
         if self.receipts is None or url is None:
@@ -318,7 +330,11 @@ class Gateway:
             for rl in self.receipts.logs():
                 await self.store.publish_log(rl.log_id, url.rstrip("/"))
         except StoreUnavailable as exc:
+            self.logs_announced = False
+            self._next_announce = 0.0  # not ready until the next probe's retry succeeds
             log.error("could not announce this replica's receipt logs: %s", exc)
+            return
+        self.logs_announced = True
 
     def policy_changed(self) -> None:
         """After any successful (re)load: the bundle's staleness budget applies."""

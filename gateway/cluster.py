@@ -15,8 +15,10 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,6 +33,9 @@ from gateway.node.triton import (
 from gateway.pki import DEFAULT_SITE, PKI
 from gateway.ports import free_port
 from gateway.registry import ModelEntry, Registry, seed_examples
+
+if TYPE_CHECKING:
+    from gateway.cli import Progress
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +62,8 @@ class LocalCluster:
     parties: list[subprocess.Popen[str]] = field(default_factory=list)
     with_zk: bool = True
     with_mpc: bool = True
+    # `ztgate up`: progress lines of each long step (`gateway.cli.Progress`), by step name.
+    progress: Callable[[str], Progress] | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.nodes <= len(LAYOUT):
@@ -117,11 +124,18 @@ class LocalCluster:
         errors: list[BaseException] = []
 
         def start(sup: NodeSupervisor) -> None:
+            shown = None if self.progress is None else self.progress(f"node {sup.name}")
+            sup.process.progress = shown
             try:
                 took = sup.start()
-                log.info("node %s ready in %.2fs", sup.name, took)
+                if shown is None:
+                    log.info("node %s ready in %.2fs", sup.name, took)
+                else:
+                    shown.done("ready", took)
             except Exception as exc:  # reported below, after every start has been tried
                 errors.append(exc)
+            finally:
+                sup.process.progress = None  # restarts are the supervisor's, logged
 
         threads = [threading.Thread(target=start, args=(s,)) for s in self.supervisors]
         for t in threads:
@@ -156,7 +170,10 @@ class LocalCluster:
             calibration = (low + rng.random((32, 4), dtype=np.float32) * (high - low)).astype(
                 np.float32
             )
-            onboard(iris.path, "iris", calibration, out, mode="dev")
+            shown = None if self.progress is None else self.progress("zk onboard iris")
+            onboard(iris.path, "iris", calibration, out, mode="dev", progress=shown)
+            if shown is not None:
+                shown.done()
         add_zk_model(repo, "iris", out, iris)
         return ["zk/iris"]
 

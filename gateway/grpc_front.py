@@ -607,6 +607,32 @@ def server_options(cfg: Config) -> Sequence[tuple[str, int]]:
     )
 
 
+class _GenericOnly:
+    """What `add_GRPCInferenceServiceServicer_to_server` needs of a server, taking its
+    generic handler only (see `add_service`)."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self.server = server
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self.server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, _service: str, _handlers: Any) -> None:
+        pass  # the generic handler serves the same methods
+
+
+def add_service(front: GrpcFront, server: grpc.aio.Server) -> None:
+    """The service on `server` through its generic handler only.
+
+    The generated `add_..._to_server` also registers each of the service's 20 methods,
+    and grpc.aio then keeps one pending accept per registered method: its accept loop
+    awaits `asyncio.wait` over all 21 on every incoming RPC (callbacks added to and
+    removed from each), on the event loop that runs the pipeline. With the generic
+    handler alone it waits on one; the same handlers serve the same methods (an unknown
+    one is still UNIMPLEMENTED)."""
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(front, _GenericOnly(server))
+
+
 class GrpcServer:
     """The gRPC front as a background job of the gateway: it starts with the API's
     lifespan and stops (draining in-flight RPCs for `listen.graceful_shutdown_s`) before
@@ -623,7 +649,7 @@ class GrpcServer:
         assert listen.grpc_port is not None
         server = grpc.aio.server(options=server_options(self.cfg))
         front = GrpcFront(self.gw, CrlCheck(self.cfg.tls.crl, self.cfg.tls.client_ca))
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(front, server)
+        add_service(front, server)
         host = f"[{listen.host}]" if ":" in listen.host else listen.host
         self.port = server.add_secure_port(
             f"{host}:{listen.grpc_port}", server_credentials(self.tls)

@@ -319,6 +319,39 @@ def build_gateway(cfg: Config) -> Gateway:
     return gw
 
 
+def close_unserved(gw: Gateway) -> None:
+    """Close what `build_gateway` opened, for a gateway that never served (`serve --check`):
+    the revocation file's lock, the state store, the receipt logs, worker pools. A gateway
+    that served is closed by the API's lifespan instead. No final checkpoint is signed and
+    no witness is asked: nothing was logged."""
+
+    async def close() -> None:
+        await gw.router.close()
+        await gw.store.close()
+        if "mpc" in gw.verifiers:
+            from gateway.verify.mpc import MpcVerification
+
+            mpc = gw.verifiers["mpc"]
+            if isinstance(mpc, MpcVerification):
+                await mpc.close()
+
+    try:
+        asyncio.run(close())
+    finally:
+        gw.revocations.close()
+        gw.decode_pool.close()
+        if "zk" in gw.verifiers:
+            from gateway.verify.zk import ZkVerification
+
+            zk = gw.verifiers["zk"]
+            if isinstance(zk, ZkVerification):
+                zk.pool.close()
+        if gw.receipts is not None:
+            gw.receipts.closed = True
+            for rl in gw.receipts.logs():
+                rl.close_sync()
+
+
 def tls_files(cfg: Config) -> TLSFiles:
     return TLSFiles(cfg.tls.cert, cfg.tls.key, cfg.tls.client_ca, cfg.tls.crl)
 

@@ -215,3 +215,27 @@ def tls_redis(pki: PKI, workdir: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def dev_toml(pki: PKI, registry: Path, data_dir: Path, policies: Path) -> str:
+    """A dev gateway.toml with no nodes, up to its [policy] table: callers add the rest
+    (their [receipts] keys, a [pkcs11] table)."""
+    gw_dir = pki.root / "gateway" / "site-a"
+    return f"""
+mode = "dev"
+registry = "{registry}"
+data_dir = "{data_dir}"
+[listen]
+port = {free_port()}
+admin_port = {free_port()}
+[tls]
+cert = "{gw_dir / "server.crt"}"
+key = "{gw_dir / "server.key"}"
+client_ca = "{pki.client_ca_bundle()}"
+node_ca = "{pki.node_ca_bundle()}"
+node_client_cert = "{gw_dir / "node-client.crt"}"
+node_client_key = "{gw_dir / "node-client.key"}"
+dev_pki = true
+[policy]
+dir = "{policies}"
+"""

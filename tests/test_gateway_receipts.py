@@ -381,3 +381,56 @@ def test_a_receipt_verifies_exactly_as_the_api_returns_it(
         capsys.readouterr()
         assert main(["verify", str(wrong), "--trust", str(trust)]) == 2
         assert "not a receipt" in capsys.readouterr().err
+
+
+def test_a_replica_is_not_ready_until_its_receipt_logs_are_announced(
+    pki: PKI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kubernetes sends no traffic to a replica before /readyz: with receipts.public_url set,
+    that is only once the shared store says where this replica's receipt logs are, so a
+    receipt signed here can be read through any replica from its first answer on."""
+    from gateway.runtime import build_gateway, close_unserved
+    from gateway.state import StoreUnavailable
+    from tests.conftest import example_entries
+
+    example_entries(tmp_path)
+    url = "https://ztgate-gateway-0.ztgate-gateway.ztgate.svc:8443"
+    cfg = gateway_config(
+        pki, tmp_path / "registry", tmp_path / "data", [], receipts={"public_url": url}
+    )
+    gw = build_gateway(cfg)
+    try:
+        assert gw.announces_logs and gw.receipts is not None
+        log_id = gw.receipts.log.log_id
+        # No nodes here: only the announcement is left to decide readiness.
+        monkeypatch.setattr(gw.router, "candidates", lambda _model: ["a node"])
+        publish = gw.store.publish_log
+        down = {"publish": True}
+
+        async def flaky_publish(log: str, where: str) -> None:
+            if down["publish"]:
+                raise StoreUnavailable("publish refused")
+            await publish(log, where)
+
+        monkeypatch.setattr(gw.store, "publish_log", flaky_publish)
+
+        async def scenario() -> None:
+            assert not gw.ready()  # built, never announced
+            assert await gw.check_state()  # the store answers pings, but not the publish
+            assert not gw.logs_announced and not gw.ready()
+            assert await gw.store.find_log(log_id) is None
+            down["publish"] = False
+            assert await gw.check_state()  # retried on the next probe, not a minute later
+            assert gw.logs_announced and gw.ready()
+            assert await gw.store.find_log(log_id) == url
+
+        asyncio.run(scenario())
+    finally:
+        close_unserved(gw)
+    # Without a public URL there is nothing to announce, and readiness does not wait on it.
+    single = build_gateway(gateway_config(pki, tmp_path / "registry", tmp_path / "data", []))
+    try:
+        monkeypatch.setattr(single.router, "candidates", lambda _model: ["a node"])
+        assert not single.announces_logs and single.ready()
+    finally:
+        close_unserved(single)

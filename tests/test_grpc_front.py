@@ -261,6 +261,17 @@ def test_extensions_not_offered_are_unimplemented(
     assert "this gateway does not offer" in str(refused.value.message())
 
 
+def test_a_method_the_service_lacks_is_unimplemented(
+    alice: grpcclient.InferenceServerClient,
+) -> None:
+    # The service is added through its generic handler only (`add_service`): every
+    # method of it is served (the tests above), and one it lacks is still refused.
+    call = alice._channel.unary_unary("/inference.GRPCInferenceService/NoSuchMethod")
+    with pytest.raises(grpc.RpcError) as refused:
+        call(b"", timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
 def test_what_a_caller_may_not_view_does_not_exist_for_it(
     gateway: RunningGateway, pki: PKI, alice: grpcclient.InferenceServerClient
 ) -> None:

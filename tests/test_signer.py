@@ -22,7 +22,6 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from gateway.cli import main
 from gateway.config import ConfigError
 from gateway.pki import PKI, load_signing_key
-from gateway.ports import free_port
 from gateway.receipts.issue import verify_summary
 from gateway.receipts.note import SignedNote, WitnessKey
 from gateway.runtime import ProductionRefused, build_gateway, check_mode
@@ -295,35 +294,18 @@ def test_serve_check_names_the_token_settings(
     generate(softhsm.token, "check-receipt")
     generate(softhsm.token, "check-log")
     example_entries(tmp_path)
-    gw_dir = pki.root / "gateway" / "site-a"
 
     def write(receipts: str, pkcs11: str) -> Path:
         # Each --check builds a gateway in this process: each its own data dir.
         data = tmp_path / f"data{len(list(tmp_path.glob('data*')))}"
         pol = tmp_path / "pol"
-        from tests.gateway_harness import policy_dir
+        from tests.gateway_harness import dev_toml, policy_dir
 
         policy_dir(pol)
         path = tmp_path / "gateway.toml"
         path.write_text(
-            f"""
-mode = "dev"
-registry = "{tmp_path / "registry"}"
-data_dir = "{data}"
-[listen]
-port = {free_port()}
-admin_port = {free_port()}
-[tls]
-cert = "{gw_dir / "server.crt"}"
-key = "{gw_dir / "server.key"}"
-client_ca = "{pki.client_ca_bundle()}"
-node_ca = "{pki.node_ca_bundle()}"
-node_client_cert = "{gw_dir / "node-client.crt"}"
-node_client_key = "{gw_dir / "node-client.key"}"
-dev_pki = true
-[policy]
-dir = "{pol}"
-[receipts]
+            dev_toml(pki, tmp_path / "registry", data, pol)
+            + f"""[receipts]
 {receipts}
 [pkcs11]
 {pkcs11}

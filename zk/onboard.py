@@ -26,7 +26,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -211,11 +211,14 @@ def onboard(
     input_visibility: str = "public",
     output_visibility: str = "public",
     param_visibility: str = "fixed",
+    progress: Callable[[str], None] | None = None,
 ) -> OnboardResult:
     """Build and write the zk artefacts for ``model``; raises ZkError when it must refuse.
 
     Every refusal that needs no ezkl work (policy, SRS pinning, signature) happens first.
+    ``progress`` is told each long step as it begins (`gateway.cli.Progress`).
     """
+    step = progress or (lambda _text: None)
     model = Path(model).absolute()
     out = Path(out_dir).absolute()
     check_policy(
@@ -268,6 +271,7 @@ def onboard(
         tried: list[Tried] = []
         chosen: tuple[Tried, Path, Path, dict[str, Any]] | None = None
         for scale in sorted(scales):
+            step(f"calibrating (scale {scale})")
             attempt = _try_scale(
                 ezkl, model, scale, run_args, cal, rows[:MAX_ERROR_SAMPLES], reference, work
             )
@@ -298,6 +302,7 @@ def onboard(
         shutil.copyfile(circuit_tmp, node_dir / CIRCUIT_FILE)
         srs_name = DEV_SRS_FILE if srs_path is None else SRS_FILE
         srs_out = verifier_dir / srs_name
+        step(f"{'generating a dev' if srs_path is None else 'copying the'} SRS (logrows {logrows})")
         if srs_path is None:
             log.warning(
                 "DEV-ONLY: generating a local SRS (logrows %d); whoever holds this machine's "
@@ -308,6 +313,7 @@ def onboard(
         else:
             shutil.copyfile(srs_path, srs_out)
         shutil.copyfile(srs_out, node_dir / srs_name)
+        step(f"setup (logrows {logrows})")
         if not ezkl.setup(
             str(node_dir / CIRCUIT_FILE),
             str(verifier_dir / VK_FILE),
@@ -315,6 +321,7 @@ def onboard(
             str(srs_out),
         ):
             raise ZkError("ezkl setup failed")
+        step(f"proving key {(node_dir / PK_FILE).stat().st_size / 1e6:.0f} MB; hashing")
 
     record = ZkRecord(
         name=name,

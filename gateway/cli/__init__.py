@@ -3,7 +3,8 @@
 Conventions every verb keeps: one flag name per kind of path (`--pki`, `--registry`,
 `--log-dir`, `--data-dir`, `--config`, `--cluster-dir`, `--witness-dir`, `--zk-artefacts`,
 `--out`; older names stay as hidden aliases, `path_option`), `--json` where a verb prints
-data, defaults shown in `--help`, a closed pipe (`| head`) ends quietly, and other
+data, defaults shown in `--help`, a closed pipe (`| head`) ends quietly, long steps show
+progress on stderr (`Progress`; never in stdout's data, none with `--json`), and other
 libraries' log lines only with `-v`."""
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import json
 import logging
 import os
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -108,6 +111,39 @@ def json_option(parser: Any) -> None:
 def emit(args: argparse.Namespace, data: Any, text: str) -> None:
     """What a verb prints: `data` as JSON with --json, else `text`."""
     print(json.dumps(data, indent=2) if getattr(args, "json", False) else text)
+
+
+class Progress:
+    """Short progress lines of one long step (zk onboarding, a node's start) on stderr:
+    `zk onboard iris: calibrating (scale 7)...`, then `zk onboard iris: done in 21 s`.
+
+    Never on stdout, which carries a verb's data; silent with `--json` (`quiet`). One line
+    per step, so that log records and other steps (nodes starting in parallel) interleave
+    whole lines. Call it with each step as it begins; `done` ends it with the time taken."""
+
+    _lock = threading.Lock()
+
+    def __init__(self, what: str, quiet: bool = False) -> None:
+        self.what = what
+        self.quiet = quiet
+        self.started = time.monotonic()
+
+    @classmethod
+    def of(cls, args: argparse.Namespace, what: str) -> Progress:
+        return cls(what, quiet=bool(getattr(args, "json", False)))
+
+    def _line(self, text: str) -> None:
+        if self.quiet:
+            return
+        with self._lock:  # sys.stderr looked up now: tests and callers may replace it
+            print(f"{self.what}: {text}", file=sys.stderr, flush=True)
+
+    def __call__(self, step: str) -> None:
+        self._line(f"{step}...")
+
+    def done(self, text: str = "done", seconds: float | None = None) -> None:
+        took = time.monotonic() - self.started if seconds is None else seconds
+        self._line(f"{text} in {took:.1f} s" if took < 10 else f"{text} in {took:.0f} s")
 
 
 class OwnOrWarning(logging.Filter):

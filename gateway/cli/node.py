@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from gateway.cli import UsageError, emit, json_option
+from gateway.cli import Progress, UsageError, emit, json_option
 from gateway.pki import DEFAULT_SITE, PKI, PKIError
 from gateway.ports import free_port as _free_port
 
@@ -67,6 +68,7 @@ def register(sub: Any) -> None:
         metavar="DIR",
         help="`ztgate zk onboard` output: also serve <model>-zk, which proves (repeatable)",
     )
+    json_option(serve)
     serve.set_defaults(func=_serve)
 
     repo = verbs.add_parser(
@@ -245,6 +247,9 @@ def _serve(args: argparse.Namespace) -> int:
     workdir = (args.workdir or Path(".ztgate/nodes") / args.name).absolute()
     labels = _labels(args.label)
     identity = _identity(args)
+    progress = Progress.of(args, f"node {args.name}")
+    if args.registry is not None:
+        progress("building the model repository")
     repository = _build_repository(args, workdir)
     spec = NodeSpec(
         name=args.name,
@@ -260,8 +265,10 @@ def _serve(args: argparse.Namespace) -> int:
         labels=labels,
         grpc_host=args.grpc_host,
     )
+    process = TritonProcess(spec, args.triton_home.absolute() if args.triton_home else None)
+    process.progress = progress
     supervisor = NodeSupervisor(
-        TritonProcess(spec, args.triton_home.absolute() if args.triton_home else None),
+        process,
         interval_s=args.check_interval,
         start_deadline_s=args.start_deadline,
         max_restarts=args.max_restarts,
@@ -277,19 +284,42 @@ def _serve(args: argparse.Namespace) -> int:
         try:
             took = supervisor.start()
         except (NodeStartError, TritonNotInstalled) as exc:
-            print(f"ztgate: node {args.name} failed to start: {exc}")
+            print(f"ztgate: node {args.name} failed to start: {exc}", file=sys.stderr)
             return 1
-        print(f"node {spec.name} ready in {took:.2f}s ({spec.region}, {spec.provider})")
-        print(f"  gRPC (mTLS):  {spec.grpc_address}")
-        print(f"  pin DNS name: {identity.dns_name}   (grpc.ssl_target_name_override)")
-        print(f"  SPIFFE ID:    {identity.spiffe_id}")
-        print(f"  trusts:       {spec.client_ca}  ({identity.trusts})")
-        print(f"  repository:   {spec.repository}")
-        print(f"  log:          {supervisor.process.log_path}")
+        finally:
+            process.progress = None  # restarts are the supervisor's, logged
+        progress.done("ready", took)
+        data = {
+            "name": spec.name,
+            "ready_s": round(took, 3),
+            "region": spec.region,
+            "provider": spec.provider,
+            "grpc_address": spec.grpc_address,
+            "dns_name": identity.dns_name,
+            "spiffe_id": identity.spiffe_id,
+            "trusts": str(spec.client_ca),
+            "repository": str(spec.repository),
+            "log": str(supervisor.process.log_path),
+        }
+        text = "\n".join(
+            [
+                f"node {spec.name} ready in {took:.2f}s ({spec.region}, {spec.provider})",
+                f"  gRPC (mTLS):  {spec.grpc_address}",
+                f"  pin DNS name: {identity.dns_name}   (grpc.ssl_target_name_override)",
+                f"  SPIFFE ID:    {identity.spiffe_id}",
+                f"  trusts:       {spec.client_ca}  ({identity.trusts})",
+                f"  repository:   {spec.repository}",
+                f"  log:          {supervisor.process.log_path}",
+            ]
+        )
+        emit(args, data, text)
+        sys.stdout.flush()  # a reader waits for it (a pipe is block-buffered)
         # Serving has no natural end; the loop ends on a signal or when supervision gives up.
         while not stop.wait(1.0):
             if supervisor.state == "failed":
-                print(f"ztgate: node {args.name} gave up: {supervisor.last_reason}")
+                print(
+                    f"ztgate: node {args.name} gave up: {supervisor.last_reason}", file=sys.stderr
+                )
                 return 1
         return 0
     finally:

@@ -228,7 +228,9 @@ def _check(args: argparse.Namespace) -> int:
     if problems:
         return _report(args.config, problems)
     try:
-        runtime.build_gateway(cfg)
+        # Built as a start would, then closed: the process (a test, an embedding program)
+        # may check again, or serve, with the same data dir and its locks.
+        runtime.close_unserved(runtime.build_gateway(cfg))
     except ConfigError as exc:
         return _report(args.config, [Problem("start", str(exc), "see the message")])
     except Exception as exc:  # never a traceback from --check: one line naming it

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from gateway.cli import UsageError, path_option
+from gateway.cli import Progress, UsageError, path_option
 
 if TYPE_CHECKING:
     from gateway.cluster import LocalCluster
@@ -64,7 +65,11 @@ def _up(args: argparse.Namespace) -> int:
 
     try:
         cluster = LocalCluster(
-            args.dir, args.nodes, gateway_port=args.port, admin_port=args.admin_port
+            args.dir,
+            args.nodes,
+            gateway_port=args.port,
+            admin_port=args.admin_port,
+            progress=Progress,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
@@ -74,7 +79,7 @@ def _up(args: argparse.Namespace) -> int:
         try:
             table = cluster.start()
         except NodeStartError as exc:
-            print(f"ztgate: a node failed to start: {exc}")
+            print(f"ztgate: a node failed to start: {exc}", file=sys.stderr)
             return 1
         root = cluster.root
         print("nodes (gRPC, mutual TLS; callers must hold the site's gateway certificate):")

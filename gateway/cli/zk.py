@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.cli import UsageError, emit, json_option, path_option
+from gateway.cli import Progress, UsageError, emit, json_option, path_option
 
 
 def register(subparsers: Any) -> None:
@@ -36,6 +36,7 @@ def register(subparsers: Any) -> None:
     onboard.add_argument(
         "--scales", default=None, help="comma-separated fixed-point scales to try (7..11)"
     )
+    json_option(onboard)
     onboard.set_defaults(func=_onboard)
 
     add = verbs.add_parser("add-to-repository", help="add <name>-zk to a Triton repository")
@@ -77,6 +78,7 @@ def _onboard(args: argparse.Namespace) -> int:
         if args.scales
         else DEFAULT_SCALES
     )
+    progress = Progress.of(args, f"zk onboard {args.name}")
     try:
         result = onboard(
             args.model,
@@ -89,22 +91,56 @@ def _onboard(args: argparse.Namespace) -> int:
             srs_sha256=args.srs_sha256,
             tolerance=args.tolerance,
             scales=scales,
+            progress=progress,
         )
     except ZkError as exc:
         raise UsageError(str(exc)) from exc
+    progress.done()
     record = result.record
-    for tried in result.tried:
-        print(
-            f"scale {tried.scale}: logrows {tried.logrows}, "
-            f"max |error| vs onnxruntime {tried.max_abs_error:.3g}"
-        )
-    print(f"onboarded {record.name} v{record.version} into {result.out_dir}")
-    print(json.dumps(record.to_json(), indent=2))
-    for name, size in result.files.items():
-        print(f"  {size:>12,d}  {name}")
-    if record.dev_srs:
-        print("WARNING: DEV-ONLY SRS generated here; production needs --mode production --srs")
+    warnings = (
+        ["DEV-ONLY SRS generated here; production needs --mode production --srs"]
+        if record.dev_srs
+        else []
+    )
+    data = {
+        "out": str(result.out_dir),
+        "record": record.to_json(),
+        "tried": [
+            {"scale": t.scale, "logrows": t.logrows, "max_abs_error": t.max_abs_error}
+            for t in result.tried
+        ],
+        "files": result.files,
+        "warnings": warnings,
+    }
+    lines = [
+        f"scale {t.scale}: logrows {t.logrows}, max |error| vs onnxruntime {t.max_abs_error:.3g}"
+        for t in result.tried
+    ]
+    lines.append(f"onboarded {record.name} v{record.version} into {result.out_dir}")
+    lines += [f"  {key + ':':16} {value}" for key, value in _record_lines(record.to_json())]
+    lines.append("files:")
+    lines += [f"  {size:>12,d}  {name}" for name, size in result.files.items()]
+    emit(args, data, "\n".join(lines))
+    for warning in warnings:
+        print(f"WARNING: {warning}", file=sys.stderr)
     return 0
+
+
+def _record_lines(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """zk.json's fields as `key: value` text (tensors and quantisation in one line each)."""
+    out: list[tuple[str, str]] = []
+    for key, value in record.items():
+        if key in ("inputs", "outputs"):
+            value = ", ".join(f"{t['name']} {t['shape']} scale {t['scale']}" for t in value)
+        elif key == "quantisation":
+            value = (
+                f"scale {value.get('scale')}, max |error| {value.get('max_abs_error', 0):.3g} "
+                f"(tolerance {value.get('tolerance')}, {value.get('samples')} samples)"
+            )
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        out.append((key, str(value)))
+    return out
 
 
 def _add(args: argparse.Namespace) -> int:

@@ -373,6 +373,9 @@ class TritonProcess:
         self._log: TextIO | None = None
         self.started_at: float | None = None
         self.ready_after_s: float | None = None
+        # Told each step of `start` as it begins (`gateway.cli.Progress`: a person waiting
+        # at a terminal); the same steps are then logged at DEBUG rather than INFO.
+        self.progress: Callable[[str], None] | None = None
 
     # -- facts ------------------------------------------------------------------------
     @property
@@ -450,6 +453,10 @@ class TritonProcess:
                 raise NodeStartError(f"node {s.name}: {label} file {path} does not exist")
         if not Path(s.repository).is_dir():
             raise NodeStartError(f"node {s.name}: model repository {s.repository} is not a dir")
+        step = self.progress
+        level = logging.INFO if step is None else logging.DEBUG
+        if step is not None:
+            step("starting tritonserver")
         triton_home(self.home)
         s.workdir.mkdir(parents=True, exist_ok=True)
         self._clean_shm()
@@ -474,7 +481,9 @@ class TritonProcess:
             env=env,
             cwd=s.workdir,
         )
-        log.info("node %s: tritonserver pid %d starting", s.name, self._proc.pid)
+        log.log(level, "node %s: tritonserver pid %d starting", s.name, self._proc.pid)
+        if step is not None:
+            step(f"loading models (tritonserver pid {self._proc.pid})")
         deadline = self.started_at + deadline_s
         while self.clock() < deadline:
             if self._proc.poll() is not None:
@@ -487,7 +496,7 @@ class TritonProcess:
             if self.ready(timeout=min(_POLL_TIMEOUT_S, max(0.05, deadline - self.clock()))):
                 self.ready_after_s = self.clock() - self.started_at
                 self._kids = _identities(descendants(self._proc.pid))
-                log.info("node %s ready in %.2fs", s.name, self.ready_after_s)
+                log.log(level, "node %s ready in %.2fs", s.name, self.ready_after_s)
                 return self.ready_after_s
             time.sleep(_POLL_INTERVAL_S)
         self.stop()
