@@ -32,7 +32,6 @@ from gateway.config import Config
 from gateway.identity import Identity, IdentityResolver
 from gateway.jsonstrict import StrictJSONError, loads
 from gateway.pipeline import (
-    STATE_RETRY_AFTER_S,
     AdmissionStage,
     Answer,
     Caller,
@@ -51,6 +50,7 @@ from gateway.pipeline import (
     ReceiptStage,
     RouteStage,
     VerifyStage,
+    state_unavailable,
 )
 from gateway.pipeline.catalog import unknown_model
 from gateway.pipeline.decode import read_body
@@ -67,7 +67,6 @@ from gateway.protocol.problems import (
     NotFound,
     PolicyRollback,
     Problem,
-    StateUnavailable,
     UnsupportedExtension,
     problem_response,
 )
@@ -445,9 +444,10 @@ def _endpoint(gw: Gateway, route: str, run: Run) -> Handler:
             if isinstance(came.body, _Body) and came.body.unread():
                 p.headers["connection"] = "close"
             response = problem_response(p)
-        except Exception:
-            log.exception("bug on %s (request %s)", request.url.path, came.request_id)
-            response = problem_response(Internal(extra={"request_id": came.request_id}))
+        except Exception as exc:
+            problem = as_problem(exc, f"{request.url.path} (request {came.request_id})")
+            problem.extra.setdefault("request_id", came.request_id)
+            response = problem_response(problem)
         gw.metrics.requests.labels(route, str(response.status_code)).inc()
         return response
 
@@ -495,14 +495,6 @@ def _redirect_foreign_logs(gw: Gateway, endpoint: Any) -> Handler:
         return response
 
     return handler
-
-
-def _state_unavailable(exc: StoreUnavailable) -> StateUnavailable:
-    p = StateUnavailable(
-        "this action needs shared state, which is unreachable", retry_after=STATE_RETRY_AFTER_S
-    )
-    p.__cause__ = exc
-    return p
 
 
 def api_routes(gw: Gateway) -> list[Route]:
@@ -852,29 +844,33 @@ def respond(gw: Gateway, answer: Answer) -> Response:
 
 
 # --- errors, in one place ----------------------------------------------------------------
-async def _problem(request: Request, exc: Exception) -> Response:
+def as_problem(exc: Exception, where: str = "") -> Problem:
+    """Any exception as the problem a client gets; one mapping for every route."""
     if isinstance(exc, Problem):
-        # Where the request got an id (an authenticated route), the problem names it.
-        request_id = getattr(request.state, "request_id", None)
-        if isinstance(request_id, str):
-            exc.extra.setdefault("request_id", request_id)
-        return problem_response(exc)
+        return exc
     if isinstance(exc, StoreUnavailable):
-        return problem_response(_state_unavailable(exc))
+        return state_unavailable(exc)
     if isinstance(exc, TreeCorrupt):
         log.error("receipt log damaged: %s (ReceiptLog.verify_stored finds every bad hash)", exc)
-        return problem_response(LogUnavailable("the receipt log cannot serve this", retry_after=5))
+        return LogUnavailable("the receipt log cannot serve this", retry_after=5)
     if isinstance(exc, HTTPException):
         if exc.status_code == 404:
-            return problem_response(NotFound("no such route"))
+            return NotFound("no such route")
         if exc.status_code == 405:
             # Starlette's exception carries `Allow`, which a 405 must send (RFC 9110 15.5.6).
-            return problem_response(
-                MethodNotAllowed("method not allowed on this route", headers=exc.headers)
-            )
-        return problem_response(BadRequest(str(exc.detail)))
-    log.exception("bug", exc_info=exc)
-    return problem_response(Internal())
+            return MethodNotAllowed("method not allowed on this route", headers=exc.headers)
+        return BadRequest(str(exc.detail))
+    log.exception("bug on %s", where or "a request", exc_info=exc)
+    return Internal()
+
+
+async def _problem(request: Request, exc: Exception) -> Response:
+    p = as_problem(exc, request.url.path)
+    # Where the request got an id (an authenticated route), the problem names it.
+    request_id = getattr(request.state, "request_id", None)
+    if isinstance(request_id, str):
+        p.extra.setdefault("request_id", request_id)
+    return problem_response(p)
 
 
 def _job_name(job: Job) -> str:

@@ -127,10 +127,8 @@ class LocalCluster:
             shown = None if self.progress is None else self.progress(f"node {sup.name}")
             sup.process.progress = shown
             try:
-                took = sup.start()
-                if shown is None:
-                    log.info("node %s ready in %.2fs", sup.name, took)
-                else:
+                took = sup.start()  # logs "ready in" itself when nobody shows progress
+                if shown is not None:
                     shown.done("ready", took)
             except Exception as exc:  # reported below, after every start has been tried
                 errors.append(exc)

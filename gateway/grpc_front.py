@@ -42,8 +42,6 @@ from gateway import __version__
 from gateway.app import EXTENSIONS, SERVER_NAME, Gateway
 from gateway.config import Config
 from gateway.pipeline import Answer, Asked, Caller, DecodeStage, Incoming, body_of
-from gateway.pipeline.decode import check_inputs, check_outputs
-from gateway.protocol.codec import decode_request
 from gateway.protocol.problems import (
     BadRequest,
     Internal,
@@ -239,11 +237,7 @@ class GrpcDecode:
         if size > cap:  # gRPC's receive cap already holds it; a smaller config must too
             raise PayloadTooLarge(f"request of {size} bytes exceeds the cap of {cap}")
         body, header_length = codec_body(self.request, self.stage.limits.max_json_bytes)
-        request = decode_request(
-            body, header_length, entry.name, entry.version, self.stage.codec_limits
-        )
-        check_inputs(entry, request.inputs)
-        check_outputs(entry, request.outputs)
+        request = await self.stage.parse(caller, entry, body, header_length)
         return Asked(incoming, caller, entry, request, size, deadline, client_deadline)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from cedarpy import policies_to_json_str
 
 from gateway.cli import UsageError
+from gateway.files import atomic_write
 from gateway.policy.engine import InferDecision
 from gateway.policy.facts import ADMIN_ACTIONS, MODES
 from gateway.policy.golden import (
@@ -710,9 +711,7 @@ def _bundle_cosign(args: argparse.Namespace) -> int:
         return 1
     target = args.out or args.cosign
     try:
-        tmp_path = target.with_name(target.name + ".tmp")
-        tmp_path.write_bytes(out)
-        tmp_path.replace(target)
+        atomic_write(target, out, mode=None)
     except OSError as exc:
         raise UsageError(f"cannot write {target}: {exc}") from None
     print(f"goldens: {len(report.cases)} passed; signature added -> {target}")

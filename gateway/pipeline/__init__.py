@@ -22,6 +22,7 @@ from gateway.pipeline.admission import (
     Concurrency,
     IdentityStage,
     PrePolicyStage,
+    state_unavailable,
 )
 from gateway.pipeline.catalog import Catalog
 from gateway.pipeline.context import (
@@ -79,6 +80,7 @@ __all__ = [
     "client_ref",
     "log_decision",
     "new_request_id",
+    "state_unavailable",
 ]
 
 R = TypeVar("R")
@@ -158,12 +160,7 @@ class Pipeline:
                         await slot.enter_async_context(self.admission(caller))
                     return await handler(caller)
             except StoreUnavailable as exc:
-                # A store call no stage mapped (an admin action publishing to the store):
-                # the store's problem type all the same, never its address.
-                raise StateUnavailable(
-                    "this action needs shared state, which is unreachable",
-                    retry_after=STATE_RETRY_AFTER_S,
-                ) from exc
+                raise state_unavailable(exc) from exc
         except Problem as p:
             p.extra.setdefault("request_id", incoming.request_id)
             if isinstance(p, StateUnavailable) and isinstance(p.__cause__, StoreUnavailable):

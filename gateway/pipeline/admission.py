@@ -28,6 +28,16 @@ from gateway.telemetry import PROCESS_METRICS
 STATE_RETRY_AFTER_S = 2
 
 
+def state_unavailable(exc: StoreUnavailable) -> StateUnavailable:
+    """A store call no stage mapped (an admin action publishing to the store): the store's
+    problem type all the same, never its address; the cause is kept for readiness."""
+    p = StateUnavailable(
+        "this action needs shared state, which is unreachable", retry_after=STATE_RETRY_AFTER_S
+    )
+    p.__cause__ = exc
+    return p
+
+
 class IdentityStage:
     """The verified certificate, not expired, not revoked: checked on every request."""
 

@@ -18,7 +18,7 @@ from gateway.protocol.problems import (
     StateUnavailable,
     UnsupportedMediaType,
 )
-from gateway.protocol.tensors import Limits, RequestedOutput, Tensor
+from gateway.protocol.tensors import InferRequest, Limits, RequestedOutput, Tensor
 from gateway.registry import ModelEntry
 from gateway.state import StateStore, StoreUnavailable
 
@@ -190,6 +190,15 @@ class DecodeStage:
                     f"JSON header of {header_length} bytes exceeds the cap of "
                     f"{json_cap}{_USE_BINARY}"
                 )
+        request = await self.parse(caller, entry, body, header_length)
+        return Asked(incoming, caller, entry, request, len(body), deadline, client_deadline)
+
+    async def parse(
+        self, caller: Caller, entry: ModelEntry, body: bytes, header_length: int | None
+    ) -> InferRequest:
+        """A KServe v2 body (JSON, or binary after `header_length` bytes of JSON), decoded
+        (in the pool above `OFFLOAD_BYTES`) and held to the model's signature: every front
+        ends its decoding here."""
         if self.pool is not None and len(body) > OFFLOAD_BYTES:
             key = caller.identity.spiffe_id
             args = (body, header_length, entry.name, entry.version, self.codec_limits)
@@ -200,7 +209,7 @@ class DecodeStage:
             )
         check_inputs(entry, request.inputs)
         check_outputs(entry, request.outputs)
-        return Asked(incoming, caller, entry, request, len(body), deadline, client_deadline)
+        return request
 
 
 def check_inputs(entry: ModelEntry, inputs: tuple[Tensor, ...]) -> None:

@@ -148,20 +148,21 @@ class PolicyEngine:
         self._nodes = {n.name: n for n in nodes}
         policy_json = source.policy_set_json()
         self._policies = cedarpy.PolicySet.from_json_str(policy_json)
+        parsed = json.loads(policy_json)
         # What each policy's action scope names, read from the very text Cedar runs.
         self._named = {
-            pid: named_actions(body["action"])
-            for pid, body in json.loads(policy_json)["staticPolicies"].items()
+            pid: named_actions(body["action"]) for pid, body in parsed["staticPolicies"].items()
         }
         self._schema = cedarpy.Schema.from_str(source.schema_text)
         # The permits with their conditions dropped: what `may_infer` asks.
-        doc = json.loads(policy_json)
-        doc["staticPolicies"] = {
+        permits = {
             pid: {**body, "conditions": []}
-            for pid, body in doc["staticPolicies"].items()
+            for pid, body in parsed["staticPolicies"].items()
             if body["effect"] == "permit"
         }
-        self._scopes = cedarpy.PolicySet.from_json_str(json.dumps(doc))
+        self._scopes = cedarpy.PolicySet.from_json_str(
+            json.dumps({**parsed, "staticPolicies": permits})
+        )
         self._scope_cache: OrderedDict[tuple[Any, ...], bool] = OrderedDict()
         self._request_schema = self._schema if check_requests else None
         ents = [F.group_entity(g) for g in source.identities.groups()]
@@ -176,7 +177,7 @@ class PolicyEngine:
         # Cedar lists reasons in no fixed order; report them in file order.
         self._order = {p.id: i for i, p in enumerate(source.policies)}
         # The purpose literals the policies compare against (None: used some other way).
-        self.purpose_literals = purpose_literals(json.loads(policy_json))
+        self.purpose_literals = purpose_literals(parsed)
         self._cache: OrderedDict[tuple[Any, ...], PairResult] = OrderedDict()
         self._cache_size = cache_size
         self._clients: OrderedDict[F.IdentityFacts, tuple[str, cedarpy.Entities]] = OrderedDict()

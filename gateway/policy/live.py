@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.config import Config, ConfigError, NodeConfig
+from gateway.files import atomic_write
 from gateway.policy.engine import PolicyEngine
 from gateway.policy.facts import ModelFacts, NodeFacts, Rate
 from gateway.policy.golden import run_goldens
@@ -415,9 +416,7 @@ def bundle_loader(
                 # Survive a restart, in the gateway's own data dir: the officer's file
                 # is never written (it may be on a read-only mount, and it is theirs).
                 accepted.parent.mkdir(parents=True, exist_ok=True)
-                tmp = accepted.with_name(accepted.name + ".tmp")
-                tmp.write_bytes(data)
-                os.replace(tmp, accepted)
+                atomic_write(accepted, data, mode=None)
             state["version"], state["hash"] = b.version, policy_hash
 
         return Loaded(

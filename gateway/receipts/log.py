@@ -869,12 +869,12 @@ class ReceiptLog:
         from gateway.receipts.signing import KeySet
 
         row = self._rdb.execute("SELECT body FROM bodies WHERE idx = ?", (index,)).fetchone()
+        if row is None:
+            return None
         keys = self.path.parent / "keys.json"
         try:
             stamp = keys.stat().st_mtime_ns
         except OSError:
-            return None
-        if row is None:
             return None
         try:
             # Parsed once per version of the file, not once per proof served.

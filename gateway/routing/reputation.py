@@ -166,11 +166,9 @@ class Reputation:
 
     # --- what routing asks ----------------------------------------------------------------
     def quarantined(self, node: NodeConfig) -> bool:
-        for subject in (node_subject(node), provider_subject(node.provider)):
-            ev = self.events.get(subject)
-            if ev is not None and ev.state == "quarantined":
-                return True
-        return False
+        if not self.events:  # the usual case, asked for every candidate of every request
+            return False
+        return self._is_out(node_subject(node)) or self._is_out(provider_subject(node.provider))
 
     def rate(self, node: NodeConfig) -> float:
         """The spot-check rate for a reply of `node` (docs/reputation.md, sampling)."""
@@ -259,10 +257,7 @@ class Reputation:
         ev = QuarantineEvent(
             subject, name, "released", self.clock(), "released by an officer", by, rec.to_dict()
         )
-        try:
-            await self.store.reset_statistic(subject)
-        except StoreUnavailable:
-            raise
+        await self.store.reset_statistic(subject)
         self.records[subject] = Record(rec.counts, 0.0)
         self.releases += 1
         log.warning("released %s from quarantine (by %s)", name, by)
