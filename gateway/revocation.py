@@ -4,16 +4,18 @@ TLS alone does not do this: a kept-alive connection keeps its handshake, so the 
 consulted per request, keyed by (issuer, serial). Each replica keeps its own grow-only
 copy on disk and pulls new entries from the shared store, so a wiped or compromised Redis
 cannot un-revoke anyone. If the store cannot be reached the last-known set keeps serving
-for the staleness budget; past it the gateway fails closed.
+for the staleness budget; past it the gateway fails closed. Staleness is measured on a
+clock that neither a restart nor a clock set back resets (gateway.clock).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
+import math
 from pathlib import Path
 
+from gateway.clock import PersistedClock
 from gateway.state import StateStore, StoreUnavailable
 from gateway.state.durable import FileRevocations
 
@@ -26,15 +28,18 @@ class Revocations:
         store: StateStore,
         local: Path | None,
         staleness_budget_s: float = 300.0,
+        clock: PersistedClock | None = None,
     ) -> None:
         self.store = store
+        self.clock = clock or PersistedClock(None)
+        if self.clock.first_start:  # the budget runs from now
+            self.clock.synced()
         self._local = FileRevocations(local) if local is not None else None
         self._entries: set[tuple[str, str]] = (
             set(self._local.since(0)[1]) if self._local is not None else set()
         )
         self._store_version = 0
         self.staleness_budget_s = staleness_budget_s
-        self.last_sync = time.monotonic()
         self.sync_failures = 0
 
     @property
@@ -46,7 +51,8 @@ class Revocations:
         return (issuer, serial.lower()) in self._entries
 
     def stale_for(self) -> float:
-        return time.monotonic() - self.last_sync
+        last = self.clock.last_sync
+        return math.inf if last is None else max(0.0, self.clock.now() - last)
 
     def stale(self) -> bool:
         return self.stale_for() > self.staleness_budget_s
@@ -91,12 +97,16 @@ class Revocations:
                 version = await self.store.add_revocation(issuer, serial)
         learnt = sum(self._learn(i, s) for i, s in entries)
         self._store_version = version
-        self.last_sync = time.monotonic()
+        self.clock.synced()
         return learnt
 
     async def run(self, interval_s: float, stop: asyncio.Event) -> None:
         while not stop.is_set():
             await self.sync()
+            try:
+                await asyncio.to_thread(self.clock.persist)
+            except OSError as exc:  # a full disk must not stop revocation syncs
+                log.error("clock record not written: %s", exc)
             try:
                 await asyncio.wait_for(stop.wait(), timeout=interval_s)
             except TimeoutError:

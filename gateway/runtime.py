@@ -13,6 +13,7 @@ import uvicorn
 from cryptography import x509
 
 from gateway.app import Gateway, build_admin, build_api
+from gateway.clock import PersistedClock
 from gateway.config import Config, ConfigError, Logging, NodeConfig
 from gateway.identity import IdentityResolver
 from gateway.policy.live import LivePolicy, Loaded, ReloadRefused, bundle_loader, dir_loader
@@ -275,7 +276,9 @@ def build_gateway(cfg: Config) -> Gateway:
     clients = [NodeClient(n, channel_creds, cfg.limits.max_output_bytes) for n in nodes]
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     store = open_store(cfg.state.redis_url, cfg.data_dir, cfg.state.timeout_s)
-    revocations = Revocations(store, cfg.data_dir / "revoked.jsonl")
+    revocations = Revocations(
+        store, cfg.data_dir / "revoked.jsonl", clock=PersistedClock(cfg.data_dir / "clock.json")
+    )
     router = Router.from_clients(clients, store, cfg.routing)
     ca = x509.load_pem_x509_certificates(cfg.tls.client_ca.read_bytes())
     resolver = IdentityResolver(cfg.trust_domain, [c.subject for c in ca])
