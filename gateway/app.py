@@ -29,6 +29,7 @@ from starlette.routing import BaseRoute, Route
 from gateway import __version__
 from gateway.background import Job, supervise
 from gateway.config import Config
+from gateway.generate.routes import generate_routes
 from gateway.identity import Identity, IdentityResolver
 from gateway.jsonstrict import StrictJSONError, loads
 from gateway.pipeline import (
@@ -909,6 +910,7 @@ def build_api(gw: Gateway) -> Starlette:
                 await gw.receipts.close()
 
     routes: list[BaseRoute] = list(api_routes(gw))
+    routes += generate_routes(gw)  # generative models: generate, OpenAI (gateway/generate/)
     if gw.receipts is not None:
         receipts = gw.receipts
         # Any verified caller may read the logs (hashes only); nobody without an identity.

@@ -12,6 +12,7 @@ import logging
 import os
 import select
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -32,7 +33,7 @@ from gateway.node.triton import (
 )
 from gateway.pki import DEFAULT_SITE, PKI
 from gateway.ports import free_port
-from gateway.registry import ModelEntry, Registry, seed_examples
+from gateway.registry import ModelEntry, Registry, seed_examples, seed_generative_examples
 
 if TYPE_CHECKING:
     from gateway.cli import Progress
@@ -42,6 +43,12 @@ log = logging.getLogger(__name__)
 # The policies shipped with the source tree, copied into a new cluster's directory.
 SHIPPED_POLICIES = Path(__file__).resolve().parent.parent / "policies"
 
+# Calibration ranges of the shipped examples `ztgate up` onboards for zk by itself
+# (per input feature: low, high; iris's from its dataset).
+SHIPPED_CALIBRATION: dict[str, tuple[list[float], list[float]]] = {
+    "iris": ([4.3, 2.0, 1.0, 0.1], [7.9, 4.4, 6.9, 2.5]),
+}
+
 LAYOUT: tuple[tuple[str, str, str], ...] = (
     ("n1", "eu-west", "prov-a"),
     ("n2", "eu-central", "prov-b"),
@@ -49,6 +56,15 @@ LAYOUT: tuple[tuple[str, str, str], ...] = (
     ("n4", "eu-west", "prov-d"),
     ("n5", "us-west", "prov-e"),
 )
+
+
+def _free(port: int) -> bool:
+    try:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+    except OSError:
+        return False
+    return True
 
 
 @dataclass
@@ -84,6 +100,8 @@ class LocalCluster:
         registry = Registry.open(self.root / "registry")
         if not registry.entries():
             seed_examples(registry)
+        # The generative example (tinygpt), also into clusters made before it shipped.
+        seed_generative_examples(registry)
         pki.ensure("client", "demo")
         return pki
 
@@ -101,8 +119,8 @@ class LocalCluster:
                 name=name,
                 region=region,
                 provider=provider,
-                grpc_port=free_port(),
-                http_port=free_port(),
+                grpc_port=self.stable_port(f"{name}.grpc"),
+                http_port=self.stable_port(f"{name}.http"),
                 repository=repo,
                 cert=issued.cert,
                 key=issued.key,
@@ -154,26 +172,50 @@ class LocalCluster:
         return table
 
     def prepare_zk(self, repo: Path, entries: list[ModelEntry]) -> list[str]:
-        """Onboard iris for zk once (ezkl setup: tens of seconds), and serve `iris-zk`."""
-        from zk.onboard import onboard
-        from zk.repository import add_zk_model
+        """Serve `<name>-zk` for every registered model onboarded for zk (`ztgate zk onboard
+        NAME` puts its artefacts beside the registry); returns their directories.
 
-        iris = next(e for e in entries if e.name == "iris")
-        out = self.root / "zk" / "iris"
-        if not (out / "zk.json").is_file():
-            log.info("onboarding iris for zk proofs (one time; ezkl setup takes a while)")
+        A shipped example that allows zk and has a shipped calibration range (iris) is
+        onboarded here once, so the demo has a zk model; any other model that allows zk
+        but has no artefacts is only reported (onboarding needs its calibration data).
+        """
+        from zk.onboard import onboard
+        from zk.repository import add_onboarded, onboarded, onboarded_dir
+
+        registry_root = self.root / "registry"
+        have = {e.name for e, _ in onboarded(registry_root, entries)}
+        for entry in entries:
+            if "zk" not in entry.allowed_modes or entry.name in have:
+                continue
+            bounds = SHIPPED_CALIBRATION.get(entry.name)
+            if bounds is None or entry.generative is not None:
+                log.warning(
+                    "model %s allows zk but is not onboarded; run `ztgate zk onboard %s "
+                    "--calibration DATA` to serve its prover",
+                    entry.name,
+                    entry.name,
+                )
+                continue
+            out = onboarded_dir(registry_root, entry.name, entry.version)
+            if out.exists():
+                shutil.rmtree(out)  # a half-written onboarding, or one for other bytes
+            log.info("onboarding %s for zk proofs (one time)", entry.name)
             rng = np.random.default_rng(0)
-            low = np.array([4.3, 2.0, 1.0, 0.1], np.float32)
-            high = np.array([7.9, 4.4, 6.9, 2.5], np.float32)
-            calibration = (low + rng.random((32, 4), dtype=np.float32) * (high - low)).astype(
-                np.float32
-            )
-            shown = None if self.progress is None else self.progress("zk onboard iris")
-            onboard(iris.path, "iris", calibration, out, mode="dev", progress=shown)
+            low, high = (np.asarray(b, np.float32) for b in bounds)
+            calibration = low + rng.random((32, low.size), dtype=np.float32) * (high - low)
+            shown = None if self.progress is None else self.progress(f"zk onboard {entry.name}")
+            try:
+                onboard(
+                    entry.path, entry.name, calibration.astype(np.float32), out,
+                    version=entry.version, mode="dev", progress=shown,
+                )  # fmt: skip
+            except Exception as exc:  # zk is optional for the cluster: say so, serve the rest
+                log.warning("could not onboard %s for zk: %s", entry.name, exc)
+                continue
             if shown is not None:
                 shown.done()
-        add_zk_model(repo, "iris", out, iris)
-        return ["zk/iris"]
+        add_onboarded(repo, registry_root, entries)
+        return [str(d) for _, d in onboarded(registry_root, entries)]
 
     def start_party(self, name: str, deadline_s: float = 60.0) -> str:
         """This node's MPC party worker (same node identity); returns its address."""
@@ -181,7 +223,7 @@ class LocalCluster:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = [
             sys.executable, "-m", "mpc.party", "--name", name, "--pki", str(self.root / "pki"),
-            "--site", self.site, "--listen", "127.0.0.1:0",
+            "--site", self.site, "--listen", f"127.0.0.1:{self.stable_port(f'{name}.mpc')}",
         ]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         with log_path.open("w") as err:
@@ -239,7 +281,48 @@ class LocalCluster:
             ]
         for node in table:
             lines += ["", "[[nodes]]"] + [f"{k} = {json.dumps(v)}" for k, v in node.items()]
-        self.config_path.write_text("\n".join(lines) + "\n")
+        self.write_owned_config("\n".join(lines) + "\n")
+
+    def stable_port(self, key: str) -> int:
+        """The port `key` had at the last start when it is still free, else a new one: a
+        gateway.toml the operator edited keeps pointing at the right nodes across restarts."""
+        path = self.root / "nodes" / "ports.json"
+        try:
+            ports = json.loads(path.read_text()) if path.is_file() else {}
+        except ValueError:
+            ports = {}
+        port = ports.get(key)
+        if not (isinstance(port, int) and _free(port)):
+            port = free_port()
+            ports[key] = port
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(ports, indent=1, sort_keys=True) + "\n")
+        return int(port)
+
+    def write_owned_config(self, text: str) -> None:
+        """Write gateway.toml unless the operator has edited what `up` wrote last time.
+
+        `up` keeps the SHA-256 of what it wrote beside it; a file that no longer matches was
+        edited by hand and is left alone (the fresh one goes to gateway.up.toml to compare
+        with, and the gateway starts on the operator's file)."""
+        import hashlib
+
+        stamp = self.root / ".gateway.toml.sha256"
+        path = self.config_path
+        if path.is_file():
+            current = hashlib.sha256(path.read_bytes()).hexdigest()
+            # No stamp: written by an older `up`, which rewrote it every start anyway.
+            written = stamp.read_text().strip() if stamp.is_file() else None
+            if written is not None and current != written:
+                (self.root / "gateway.up.toml").write_text(text)
+                log.warning(
+                    "%s was edited since `ztgate up` wrote it: kept as is (what up would "
+                    "write now is in gateway.up.toml)",
+                    path,
+                )
+                return
+        path.write_text(text)
+        stamp.write_text(hashlib.sha256(text.encode()).hexdigest() + "\n")
 
     def halt(self) -> None:
         """Stop supervising the nodes (no restarts) ahead of :meth:`stop`; signal-safe.

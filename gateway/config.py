@@ -18,15 +18,19 @@ are resolved against the config file's directory. See docs/config.md for every k
                 idle_timeout_s
     [routing]   per_try_timeout_s, deadline_s, max_deadline_s, max_attempts,
                 eject_after_failures, eject_base_s, eject_max_s, max_ejected_share,
-                max_pending_per_node, health_interval_s, ewma_alpha
+                max_pending_per_node, health_interval_s, ewma_alpha, ewma_decay_s
     [state]     redis_url, revocation_sync_s
+    [uplink]    core_url, ca, interval_s, timeout_s, models_dir
     [receipts]  signing_key, log_key, signer, signing_key_label, log_key_label, dir,
                 checkpoint_interval_s
     [pkcs11]    module, token, slot, pin_file, required
     [receipts.retention]  body_days, check_interval_s, max_per_pass,
                 checkpoint_history_keep_every_s, checkpoint_history_keep_latest
     [logging]   decisions ("stderr" | "file:<path>"), decisions_max_bytes, decisions_backups
-    [zk]        artefacts, workers, deadline_s
+    [generate]  max_prompt_tokens, max_tokens, default_max_tokens, max_streams_per_identity,
+                first_token_timeout_s, token_timeout_s, send_timeout_s
+    [zk]        artefacts, workers, deadline_s, srs_sha256, lazy_queue, lazy_per_identity,
+                lazy_workers, lazy_deadline_s
     [mpc]       dealer_cert, dealer_key, dealer_listen, dealer_advertise_host, parties,
                 deadline_s
     [policy]    dir | bundle, officer_keys, default_rate, pre_policy_rate,
@@ -113,6 +117,30 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Generate:
+    """Generative models (gateway.generate): caps every client gets whatever policy says;
+    policy may only tighten them."""
+
+    max_prompt_tokens: int = 8192
+    max_tokens: int = 1024
+    default_max_tokens: int = 64  # when a request names no max_tokens
+    # Open streams per client identity on this replica (429 past it), besides
+    # limits.max_concurrent_per_identity, which a stream holds only until its first token.
+    max_streams_per_identity: int = 4
+    first_token_timeout_s: float = 30.0
+    token_timeout_s: float = 10.0  # most time between two tokens from a node
+    # A client that reads nothing for this long loses its stream (cancelled at the node).
+    send_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) <= 0:
+                raise ConfigError(f"generate.{f.name} must be positive")
+        if self.default_max_tokens > self.max_tokens:
+            raise ConfigError("generate.default_max_tokens must not exceed generate.max_tokens")
+
+
+@dataclass(frozen=True)
 class Routing:
     per_try_timeout_s: float = 2.0
     deadline_s: float = 10.0
@@ -125,6 +153,9 @@ class Routing:
     max_pending_per_node: int = 64
     health_interval_s: float = 2.0
     ewma_alpha: float = 0.2
+    # An idle node's latency estimate halves about every 0.7 x this: a node whose last
+    # replies were slow is tried again by traffic instead of left out for good.
+    ewma_decay_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -150,6 +181,25 @@ class State:
     redis_url: str | None = None
     revocation_sync_s: float = 2.0
     timeout_s: float = 0.5  # every Redis call; past it, soft state degrades, limits fail closed
+
+
+@dataclass(frozen=True)
+class Uplink:
+    """[uplink]: an edge site pulling from its core (docs/ddil.md, gateway/uplink.py): the
+    client CA's CRL first, then the signed policy bundle and model files; resumable,
+    hash-checked. Unset `core_url`: no pulling (a core, or an edge fed by hand)."""
+
+    core_url: str | None = None  # the core's publish URL, e.g. https://core:8090/publish
+    ca: Path | None = None  # CA of the core's TLS certificate (default: the system's)
+    interval_s: float = 30.0
+    timeout_s: float = 30.0  # each request; a download resumes where a cut left it
+    models_dir: Path | None = None  # where published model files are staged (unset: none)
+
+    def __post_init__(self) -> None:
+        if self.interval_s <= 0 or self.timeout_s <= 0:
+            raise ConfigError("uplink: interval_s and timeout_s must be positive")
+        if self.core_url is not None and not self.core_url.startswith(("https://", "http://")):
+            raise ConfigError("uplink.core_url: an http(s) URL")
 
 
 @dataclass(frozen=True)
@@ -207,6 +257,10 @@ class Receipts:
     replicas: tuple[str, ...] = ()
     # Witnesses that cosign each checkpoint: [vkey (C2SP note verifier key), URL] pairs.
     witnesses: tuple[tuple[str, str], ...] = ()
+    # An edge site's core: the URLs (of witnesses above) that keep this log's evidence.
+    # Leaves and bodies the core lacks are uploaded before it is asked to cosign, so what
+    # reached the core outlives the edge (gateway/receipts/vault.py).
+    reconcile_with: tuple[str, ...] = ()
     retention: Retention = field(default_factory=Retention)
 
     @property
@@ -257,6 +311,17 @@ class Zk:
     # SHA-256 of each SRS (KZG setup) file trusted for proofs. Production serves only models
     # whose record names one of these; whoever knows an SRS's toxic waste can forge proofs.
     srs_sha256: tuple[str, ...] = ()
+    # Lazy proofs (@proof("lazy..."), docs/zk.md): proofs waiting or running, those of one
+    # client identity, background provers at once, and how long a proof may take to arrive.
+    lazy_queue: int = 64
+    lazy_per_identity: int = 8
+    lazy_workers: int = 1
+    lazy_deadline_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        for name in ("lazy_queue", "lazy_per_identity", "lazy_workers", "lazy_deadline_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"zk.{name} must be positive")
 
 
 @dataclass(frozen=True)
@@ -330,8 +395,10 @@ class Config:
     listen: Listen = field(default_factory=Listen)
     limits: Limits = field(default_factory=Limits)
     routing: Routing = field(default_factory=Routing)
+    generate: Generate = field(default_factory=Generate)
     reputation: ReputationConfig = field(default_factory=ReputationConfig)
     state: State = field(default_factory=State)
+    uplink: Uplink = field(default_factory=Uplink)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     receipts: Receipts = field(default_factory=Receipts)
     zk: Zk = field(default_factory=Zk)
@@ -385,6 +452,8 @@ class Config:
                 "policy.bundle without policy.officer_keys: list the officers' public keys "
                 "so its signature is checked"
             )
+        if self.uplink.core_url is not None and self.uplink.core_url.startswith("http://"):
+            items.append("uplink.core_url is plaintext http://; use https:// (and uplink.ca)")
         return items
 
 
@@ -615,9 +684,11 @@ def parse_config(raw: dict[str, Any], base: Path) -> Config:
         ("listen", Listen),
         ("limits", Limits),
         ("routing", Routing),
+        ("generate", Generate),
         ("reputation", ReputationConfig),
         ("zk", Zk),
         ("mpc", Mpc),
+        ("uplink", Uplink),
     )
     for name, cls in simple:
         if name in raw:
@@ -647,6 +718,12 @@ def parse_config(raw: dict[str, Any], base: Path) -> Config:
             raise ConfigError("receipts: set both signing_key_label and log_key_label, or neither")
         if any(len(w) != 2 for w in r.witnesses):
             raise ConfigError("receipts.witnesses: a list of [vkey, url] pairs")
+        unknown = set(r.reconcile_with) - {url for _, url in r.witnesses}
+        if unknown:
+            raise ConfigError(
+                f"receipts.reconcile_with: {', '.join(sorted(unknown))} is not the URL of a "
+                "witness in receipts.witnesses"
+            )
         sections["receipts"] = r = dataclasses.replace(
             r, replicas=tuple(u.rstrip("/") for u in r.replicas)
         )
@@ -682,6 +759,8 @@ def parse_config(raw: dict[str, Any], base: Path) -> Config:
         raise ConfigError("routing: max_ejected_share in (0,1], max_attempts >= 1, deadline_s > 0")
     if not 0 < r.eject_base_s <= r.eject_max_s:
         raise ConfigError("routing: need 0 < eject_base_s <= eject_max_s")
+    if r.ewma_decay_s <= 0:
+        raise ConfigError("routing: ewma_decay_s must be positive")
     rep = cfg.reputation
     if not all(0 < x <= 1 for x in (rep.rate_suspect, rep.rate_established, rep.rate_trusted)):
         raise ConfigError("reputation: spot-check rates must be in (0, 1]; never zero")

@@ -44,6 +44,8 @@ from onnx import TensorProto, helper, numpy_helper
 from gateway.files import sha256_file
 
 EXAMPLE_NAMES: tuple[str, ...] = ("iris", "mnist", "risk")
+# Built by their own recipe (gateway/llm/train.py), not by this module's MLP trainers.
+GENERATIVE_NAMES: tuple[str, ...] = ("tinygpt",)
 SHIPPED_DIR = Path(__file__).resolve().parent / "examples"
 SUMS_FILE = "SHA256SUMS.json"
 
@@ -371,8 +373,11 @@ def build_examples(out_dir: Path, names: Sequence[str] = EXAMPLE_NAMES) -> dict[
 
 def write_sums(paths: dict[str, Path], out_dir: Path) -> Path:
     """Record each file's SHA-256 in ``out_dir/SHA256SUMS.json``."""
-    sums = {name: sha256_file(path) for name, path in sorted(paths.items())}
     target = out_dir / SUMS_FILE
+    # Entries built elsewhere (the generative examples) are kept.
+    kept = json.loads(target.read_text(encoding="utf-8")) if target.is_file() else {}
+    sums = {**kept, **{name: sha256_file(path) for name, path in sorted(paths.items())}}
+    sums = dict(sorted(sums.items()))
     target.write_text(json.dumps(sums, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return target
 
@@ -465,11 +470,11 @@ def shipped_sums() -> dict[str, str]:
     return {str(k): str(v) for k, v in raw.items()}
 
 
-def shipped_examples() -> dict[str, Path]:
+def shipped_examples(names: Sequence[str] = EXAMPLE_NAMES) -> dict[str, Path]:
     """Paths of the shipped examples, each checked against SHA256SUMS.json."""
     sums = shipped_sums()
     found: dict[str, Path] = {}
-    for name in EXAMPLE_NAMES:
+    for name in names:
         path = SHIPPED_DIR / f"{name}.onnx"
         if not path.is_file():
             raise ExampleError(f"shipped example {path} is missing")
@@ -478,6 +483,11 @@ def shipped_examples() -> dict[str, Path]:
             raise ExampleError(f"{path} has sha256 {actual}, SHA256SUMS.json says {sums.get(name)}")
         found[name] = path
     return found
+
+
+def shipped_generative() -> dict[str, Path]:
+    """Paths of the shipped generative examples, each checked against SHA256SUMS.json."""
+    return shipped_examples(GENERATIVE_NAMES)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,11 +23,12 @@ import dataclasses
 import logging
 import socket
 import struct
+import threading
 import time
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FaultProxy", "LinkStats"]
+__all__ = ["FaultProxy", "LinkStats", "ThreadedFaultProxy"]
 
 _CHUNK = 16 * 1024
 _MAX_CONNECTIONS = 256  # a bound, so a test that leaks connections fails loudly
@@ -243,3 +244,33 @@ def _reset(writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
+
+
+class ThreadedFaultProxy:
+    """A `FaultProxy` on its own event loop thread, for code that is not async (the demo,
+    the system suite): the faults are applied on the proxy's loop."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.proxy = FaultProxy(upstream)
+        asyncio.run_coroutine_threadsafe(self.proxy.start(), self._loop).result(10)
+
+    @property
+    def port(self) -> int:
+        return self.proxy.port
+
+    def cut(self) -> None:
+        self._loop.call_soon_threadsafe(self.proxy.cut)
+
+    def restore(self) -> None:
+        self._loop.call_soon_threadsafe(self.proxy.restore)
+
+    def throttle(self, bytes_per_s: float | None) -> None:
+        self._loop.call_soon_threadsafe(self.proxy.throttle, bytes_per_s)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.proxy.close(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)

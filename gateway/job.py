@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.config import NodeConfig
 from gateway.protocol.tensors import RequestedOutput, Tensor
 from gateway.registry import ModelEntry
+
+if TYPE_CHECKING:
+    from gateway.policy.facts import SpotCheckRate
 
 NodeFilter = Callable[[NodeConfig], bool]
 
@@ -28,6 +31,8 @@ class Job:
     deadline: float  # time.monotonic()
     allowed: NodeFilter  # policy's verdict per node, for the mode chosen
     request_id: str  # the gateway's own; never sent to a node
+    # Policy's least spot-check rate for a mode-`none` answer (@spot_check); None: none set.
+    spot_check: SpotCheckRate | None = None
 
     @property
     def output_names(self) -> tuple[str, ...]:

@@ -152,6 +152,34 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class GenerativeSpec:
+    """What a generative entry's node model honours (gateway/llm/generative.py checks it)."""
+
+    tokenizer_sha256: str
+    vocab: int
+    context_length: int
+    end_tokens: tuple[int, ...]
+    sampling: tuple[str, ...]  # the parameters the node honours
+    max_tokens: int  # the most tokens one request may ask for
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "tokenizer_sha256": self.tokenizer_sha256,
+            "vocab": self.vocab,
+            "context_length": self.context_length,
+            "end_tokens": list(self.end_tokens),
+            "sampling": list(self.sampling),
+            "max_tokens": self.max_tokens,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any) -> GenerativeSpec:
+        from gateway.llm.generative import spec_from_json
+
+        return spec_from_json(raw)
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     name: str
     version: str
@@ -161,10 +189,11 @@ class ModelEntry:
     classification: str
     allowed_modes: tuple[str, ...]
     path: Path
+    generative: GenerativeSpec | None = None  # set for the generative kind
 
     def to_json(self) -> dict[str, Any]:
         """The entry as a JSON object, including its name, version and absolute path."""
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "version": self.version,
             "sha256": self.sha256,
@@ -174,6 +203,10 @@ class ModelEntry:
             "outputs": [t.to_json() for t in self.outputs],
             "path": str(self.path),
         }
+        if self.generative is not None:
+            out["kind"] = "generative"
+            out["generative"] = self.generative.to_json()
+        return out
 
 
 # --------------------------------------------------------------------------- validation
@@ -380,6 +413,54 @@ class Registry:
             self._write_index(models)
         return self._entry(name, version, record)
 
+    def add_generative(
+        self,
+        onnx_path: Path | str,
+        name: str,
+        version: str = "1",
+        classification: str = "internal",
+        spec: GenerativeSpec | None = None,
+    ) -> ModelEntry:
+        """Register a generative model: an ONNX next-token model served token by token.
+
+        The ONNX file maps ``input_ids`` to the next token's ``logits`` over the tokenizer's
+        vocabulary (checked here); the entry's inputs and outputs are those of the streaming
+        node model built from it. Only mode ``none`` applies (gateway/llm/generative.py)."""
+        from gateway.llm import generative
+
+        validate_name(name)
+        validate_version(version)
+        validate_classification(classification)
+        source = Path(onnx_path)
+        try:
+            data = source.read_bytes()
+        except OSError as exc:
+            raise RegistryError(f"cannot read {source}: {exc.strerror or exc}") from exc
+        parsed = _parse_onnx(data, str(source))
+        spec = generative.check_model(_signature(parsed, str(source)), spec, str(source))
+        relative = f"models/{name}/{version}/{MODEL_FILE}"
+        record: dict[str, Any] = {
+            "kind": "generative",
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "file": relative,
+            "classification": classification,
+            "allowed_modes": list(generative.MODES),
+            "inputs": [t.to_json() for t in generative.STREAM_INPUTS],
+            "outputs": [t.to_json() for t in generative.STREAM_OUTPUTS],
+            "generative": spec.to_json(),
+        }
+        with self._locked():
+            models = self._read_index()
+            existing = models.get(name, {}).get(version)
+            if existing is not None:
+                return self._same_or_refuse(name, version, existing, record)
+            target = self.root / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(target, data)
+            models.setdefault(name, {})[version] = record
+            self._write_index(models)
+        return self._entry(name, version, record)
+
     def get(self, name: str, version: str | None = None) -> ModelEntry:
         """The entry for ``name`` at ``version``, or its highest version when None."""
         versions = self._read_index().get(name)
@@ -416,6 +497,20 @@ class Registry:
                 problems.append(f"{label}: sha256 is {actual}, registry says {entry.sha256}")
         return problems
 
+    def allow_mode(self, name: str, version: str, mode: str) -> ModelEntry:
+        """Add ``mode`` to an entry's allowed modes (`ztgate zk onboard` marks it zk-capable
+        once its artefacts exist); the bytes and everything else stay as registered."""
+        validate_modes([mode])
+        with self._locked():
+            models = self._read_index()
+            record = models.get(name, {}).get(version)
+            if record is None:
+                raise RegistryError(f"no model {name!r} version {version!r} in the registry")
+            if mode not in record["allowed_modes"]:
+                record["allowed_modes"] = [*record["allowed_modes"], mode]
+                self._write_index(models)
+        return self._entry(name, version, record)
+
     # ------------------------------------------------------------------ internals
 
     def _same_or_refuse(
@@ -426,8 +521,8 @@ class Registry:
                 f"{name} version {version} is already registered with different bytes "
                 f"(sha256 {existing['sha256']}); register a new version instead"
             )
-        for key in ("classification", "allowed_modes"):
-            if existing[key] != record[key]:
+        for key in ("classification", "allowed_modes", "kind", "generative"):
+            if existing.get(key) != record.get(key):
                 raise RegistryError(
                     f"{name} version {version} is already registered with {key} "
                     f"{existing[key]!r}, not {record[key]!r}"
@@ -445,6 +540,11 @@ class Registry:
                 classification=validate_classification(str(record["classification"])),
                 allowed_modes=validate_modes([str(m) for m in record["allowed_modes"]]),
                 path=self.root / str(record["file"]),
+                generative=(
+                    GenerativeSpec.from_json(record["generative"])
+                    if record.get("kind") == "generative"
+                    else None
+                ),
             )
         except (KeyError, TypeError) as exc:
             raise RegistryError(f"{self.index_path}: malformed entry {name}/{version}") from exc
@@ -507,3 +607,14 @@ def seed_examples(registry: Registry) -> list[ModelEntry]:
         classification, modes = EXAMPLE_POLICY[name]
         added.append(registry.add(path, name, "1", classification, modes))
     return added
+
+
+def seed_generative_examples(registry: Registry) -> list[ModelEntry]:
+    """Register the shipped generative example (tinygpt) as version 1."""
+    from gateway.examples import ExampleError, shipped_generative
+
+    try:
+        shipped = shipped_generative()
+    except (ExampleError, OSError, ValueError) as exc:
+        raise RegistryError(f"shipped examples are unusable: {exc}") from exc
+    return [registry.add_generative(path, name, "1", "public") for name, path in shipped.items()]

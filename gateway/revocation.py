@@ -6,6 +6,12 @@ copy on disk and pulls new entries from the shared store, so a wiped or compromi
 cannot un-revoke anyone. If the store cannot be reached the last-known set keeps serving
 for the staleness budget; past it the gateway fails closed. Staleness is measured on a
 clock that neither a restart nor a clock set back resets (gateway.clock).
+
+Revocations also arrive signed, as CRLs of the client CA (`tls.crl`): every entry of a CRL
+whose signature verifies is learnt into the same grow-only set, so a later CRL that
+leaves an entry out (or an older file copied back) un-revokes nobody. A CRL not signed
+by a client CA is ignored, loudly. This is the channel for an edge cut off from the core:
+no store entry, only what the CA signed.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import asyncio
 import logging
 import math
 from pathlib import Path
+
+from cryptography import x509
 
 from gateway.clock import PersistedClock
 from gateway.state import StateStore, StoreUnavailable
@@ -29,11 +37,22 @@ class Revocations:
         local: Path | None,
         staleness_budget_s: float = 300.0,
         clock: PersistedClock | None = None,
+        *,
+        crl: Path | None = None,
+        client_ca: Path | None = None,
     ) -> None:
         self.store = store
+        self._crl = crl if crl is not None and client_ca is not None else None
+        self._client_ca = client_ca
+        self._crl_stamp: tuple[int, int] | None = None
         self.clock = clock or PersistedClock(None)
-        if self.clock.first_start:  # the budget runs from now
+        # A first start gets the budget from now; a clock record deleted beside a
+        # revocation file that exists is not a first start: stale until a sync.
+        if self.clock.first_start and not (local is not None and local.exists()):
             self.clock.synced()
+        # False at an edge whose revocations come from its core (gateway/uplink.py): the
+        # local store answering says nothing about how fresh they are; a CRL pull does.
+        self.fresh_from_store = True
         self._local = FileRevocations(local) if local is not None else None
         self._entries: set[tuple[str, str]] = (
             set(self._local.since(0)[1]) if self._local is not None else set()
@@ -41,6 +60,7 @@ class Revocations:
         self._store_version = 0
         self.staleness_budget_s = staleness_budget_s
         self.sync_failures = 0
+        self.learn_crl()
 
     @property
     def version(self) -> int:
@@ -65,6 +85,21 @@ class Revocations:
             self._local.add(*entry)  # fsynced before it counts
         self._entries.add(entry)
         return True
+
+    def learn_crl(self) -> int:
+        """Learn the entries of `tls.crl` if the file changed; the number new."""
+        if self._crl is None or self._client_ca is None:
+            return 0
+        try:
+            st = self._crl.stat()
+            if (st.st_mtime_ns, st.st_size) == self._crl_stamp:
+                return 0
+            entries = signed_crl_entries(self._crl.read_bytes(), self._client_ca.read_bytes())
+        except (OSError, ValueError) as exc:
+            log.error("tls.crl unreadable; revocations learnt before are kept: %s", exc)
+            return 0
+        self._crl_stamp = (st.st_mtime_ns, st.st_size)
+        return sum(self._learn(issuer, serial) for issuer, serial in sorted(entries))
 
     async def revoke(self, issuer: str, serial: str) -> bool:
         """Revoke locally (durably) and publish to the other replicas; True if new."""
@@ -97,11 +132,13 @@ class Revocations:
                 version = await self.store.add_revocation(issuer, serial)
         learnt = sum(self._learn(i, s) for i, s in entries)
         self._store_version = version
-        self.clock.synced()
+        if self.fresh_from_store:
+            self.clock.synced()
         return learnt
 
     async def run(self, interval_s: float, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            await asyncio.to_thread(self.learn_crl)
             await self.sync()
             try:
                 await asyncio.to_thread(self.clock.persist)
@@ -115,3 +152,40 @@ class Revocations:
     def close(self) -> None:
         if self._local is not None:
             self._local.close()
+
+
+def signed_crl_entries(crl_pem: bytes, client_ca_pem: bytes) -> set[tuple[str, str]]:
+    """(issuer, serial as lowercase hex) of each certificate revoked by a PEM CRL in
+    `crl_pem` signed by one of the CAs in `client_ca_pem`; other CRLs are logged, skipped."""
+    cas = {c.subject.rfc4514_string(): c for c in x509.load_pem_x509_certificates(client_ca_pem)}
+    out: set[tuple[str, str]] = set()
+    end = b"-----END X509 CRL-----"
+    for block in crl_pem.split(end)[:-1]:
+        crl = x509.load_pem_x509_crl(block.strip() + b"\n" + end + b"\n")
+        issuer = crl.issuer.rfc4514_string()
+        ca = cas.get(issuer)
+        if ca is None or not crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
+            log.error("ignoring a CRL not signed by a client CA (%s)", issuer)
+            continue
+        out |= {(issuer, format(r.serial_number, "x")) for r in crl}
+    return out
+
+
+def crl_signed_by(crl: Path, client_ca: Path) -> bool:
+    """Whether every CRL in the file is signed by one of the client CAs (what an edge
+    checks before installing a CRL its core sent)."""
+    try:
+        cas = {
+            c.subject.rfc4514_string(): c
+            for c in x509.load_pem_x509_certificates(client_ca.read_bytes())
+        }
+        end = b"-----END X509 CRL-----"
+        blocks = crl.read_bytes().split(end)[:-1]
+        for block in blocks:
+            one = x509.load_pem_x509_crl(block.strip() + b"\n" + end + b"\n")
+            ca = cas.get(one.issuer.rfc4514_string())
+            if ca is None or not one.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
+                return False
+        return bool(blocks)
+    except (OSError, ValueError):
+        return False

@@ -7,8 +7,10 @@ import contextlib
 import logging
 import logging.handlers
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
 import uvicorn
 from cryptography import x509
 
@@ -113,7 +115,10 @@ def open_receipts(cfg: Config) -> ReceiptService | None:
     from gateway.receipts.note import WitnessKey
 
     try:
-        witnesses = [WitnessClient(WitnessKey.from_vkey(vkey), url) for vkey, url in r.witnesses]
+        witnesses = [
+            WitnessClient(WitnessKey.from_vkey(vkey), url, vault=url in r.reconcile_with)
+            for vkey, url in r.witnesses
+        ]
         service = ReceiptService.open(
             r.dir or cfg.data_dir / "receipts",
             *keys,
@@ -208,19 +213,34 @@ def srs_refusals(artefacts: Iterable[VerifierArtefacts], pinned: Sequence[str]) 
     return out
 
 
+def _onboarded_zk(cfg: Config) -> list[str]:
+    from zk.repository import ZK_DIR, onboarded
+
+    if not (cfg.registry / ZK_DIR).is_dir():
+        return []
+    try:
+        entries = Registry.open(cfg.registry).entries()
+    except RegistryError:
+        return []
+    return [str(d) for _, d in onboarded(cfg.registry, entries)]
+
+
 def add_proof_modes(cfg: Config, gw: Gateway, nodes: Sequence[NodeConfig]) -> None:
     """zk and mpc, where configured; each owns worker processes for the gateway's lifetime.
 
     `nodes` are the nodes as the policy's facts say (Loaded.nodes): MPC parties are
     chosen among them, one per signed provider."""
-    if cfg.zk.artefacts:
+    # zk: the dirs configured, and every registered model onboarded beside the registry
+    # (`ztgate zk onboard NAME`): no list to keep by hand.
+    zk_dirs = list(dict.fromkeys([*map(str, cfg.zk.artefacts), *_onboarded_zk(cfg)]))
+    if zk_dirs:
         from gateway.verify.zk import ZkVerification
         from zk.record import ZkError
         from zk.verifier import ZkVerifierPool
 
         pool = ZkVerifierPool(cfg.zk.workers, cache_dir=cfg.data_dir / "ezkl")
         try:
-            zk = ZkVerification.from_dirs(cfg.zk.artefacts, pool)
+            zk = ZkVerification.from_dirs(zk_dirs, pool, seal_into=cfg.data_dir / "zk-sealed")
         except (OSError, ValueError, ZkError) as exc:
             pool.close()
             raise ConfigError(f"zk.artefacts: {exc}") from exc
@@ -230,6 +250,9 @@ def add_proof_modes(cfg: Config, gw: Gateway, nodes: Sequence[NodeConfig]) -> No
                 pool.close()
                 raise ProductionRefused("production mode refuses: " + "; ".join(refused))
         gw.verifiers["zk"] = zk
+        from zk.lazy import install as install_lazy_proofs
+
+        install_lazy_proofs(gw, zk)  # @proof("lazy") answers (docs/zk.md, "Lazy proofs")
 
         async def zk_pool(stop: asyncio.Event) -> None:
             await pool.warm()
@@ -277,7 +300,11 @@ def build_gateway(cfg: Config) -> Gateway:
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     store = open_store(cfg.state.redis_url, cfg.data_dir, cfg.state.timeout_s)
     revocations = Revocations(
-        store, cfg.data_dir / "revoked.jsonl", clock=PersistedClock(cfg.data_dir / "clock.json")
+        store,
+        cfg.data_dir / "revoked.jsonl",
+        clock=PersistedClock(cfg.data_dir / "clock.json"),
+        crl=cfg.tls.crl,
+        client_ca=cfg.tls.client_ca,
     )
     router = Router.from_clients(clients, store, cfg.routing)
     ca = x509.load_pem_x509_certificates(cfg.tls.client_ca.read_bytes())
@@ -319,7 +346,62 @@ def build_gateway(cfg: Config) -> Gateway:
     gw.background.append(sync_revocations)
     if cfg.policy.dir is not None:
         gw.background.append(watch_policy)
+    add_uplink(cfg, gw)
     return gw
+
+
+def add_uplink(cfg: Config, gw: Gateway) -> None:
+    """An edge site pulling from its core (`[uplink]`, gateway/uplink.py): the CRL first,
+    then the signed bundle (loaded as a push would be: signatures, no rollback) and model
+    files. The log's upload to the core waits until the CRL was pulled (revocations
+    first after a reconnection)."""
+    if cfg.uplink.core_url is None:
+        return
+    from gateway.uplink import Uplink, UplinkError
+
+    uplink = Uplink(cfg)
+
+    async def crl_signed(path: Path) -> bool:
+        from gateway.revocation import crl_signed_by
+
+        return await asyncio.to_thread(crl_signed_by, path, cfg.tls.client_ca)
+
+    async def bundle_loads(path: Path) -> bool:
+        # Loaded as a push is (officer signatures, no rollback) before it is installed.
+        if not gw.policy.reload(bundle=await asyncio.to_thread(path.read_bytes)):
+            return False
+        gw.policy_changed()
+        await gw.record("policy_load", gw.policy.engine.source.hash.encode())
+        return True
+
+    uplink.checks = {"crl": crl_signed, "bundle": bundle_loads}
+    # Revocations are as fresh as the last CRL pulled from the core, not as the local
+    # store's answers (which an edge cut off from its core keeps getting).
+    gw.revocations.fresh_from_store = False
+    if gw.receipts is not None:
+        for w in gw.receipts.witnesses:
+            if w.vault:
+                w.ready = uplink.revocations_current
+
+    async def pull_from_core(stop: asyncio.Event) -> None:
+        try:
+            while not stop.is_set():
+                try:
+                    installed = await uplink.pull()
+                except (UplinkError, httpx.HTTPError, OSError) as exc:
+                    uplink.failures += 1
+                    log.warning("uplink: pull from the core failed: %s", exc)
+                    installed = []
+                if any(name.endswith(".crl") for name in installed):
+                    await asyncio.to_thread(gw.revocations.learn_crl)
+                if uplink.revocations_current(within_s=uplink.interval_s):
+                    gw.revocations.clock.synced()  # the core's CRL, pulled this round
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=uplink.interval_s)
+        finally:
+            await uplink.aclose()
+
+    gw.background.append(pull_from_core)
 
 
 def close_unserved(gw: Gateway) -> None:

@@ -102,6 +102,23 @@ class Timing:
     answer: Answer | None = None  # set by the pipeline once the request is answered
 
 
+@dataclass
+class StreamTiming:
+    """One generation's clock (time.monotonic_ns), from its arrival to its closing receipt."""
+
+    arrived: int  # when the front accepted the request
+    admitted: int  # when the stages after admission began
+    decoded: int = 0  # the body read and tokenized
+    node_asked: int = 0  # every check passed; a node is asked for its first token
+    first_token: int = 0
+    opened: int = 0  # the opening receipt logged
+    last_token: int = 0  # the node's stream over (ended, cancelled or broken)
+
+
+# A generation's finish reasons that count as answered (`success`); cancelled (the client
+# left or stopped reading) and node-error count as `fail`, as a refusal after admission.
+ANSWERED = frozenset({"stop", "length"})
+
 _current: ContextVar[Timing | None] = ContextVar("ztgate_inference_timing", default=None)
 
 
@@ -174,6 +191,30 @@ class InferenceStats:
             total - max(0, compute_input) - max(0, compute_infer) - max(0, compute_output)
         )
         stats.inference_count += rows(entry, timing.answer)
+        stats.execution_count += 1
+
+    def generated(self, entry: ModelEntry, t: StreamTiming, finish_reason: str | None) -> None:
+        """One generation of `entry` ended: `finish_reason` None when it was refused
+        before its stream opened. `compute_input` is the body's decoding, `compute_infer`
+        the node's stream from the request for its first token to its last,
+        `compute_output` the opening and closing receipts; one inference per stream."""
+        end = time.monotonic_ns()
+        stats = self.for_entry(entry)
+        stats.last_inference = time.time_ns() // 1_000_000
+        total = end - t.arrived
+        if finish_reason not in ANSWERED:
+            stats.durations["fail"].add(total)
+            return
+        compute_input = max(0, (t.decoded or t.admitted) - t.admitted)
+        compute_infer = max(0, t.last_token - t.node_asked)
+        compute_output = max(0, t.opened - t.first_token) + max(0, end - t.last_token)
+        d = stats.durations
+        d["success"].add(total)
+        d["compute_input"].add(compute_input)
+        d["compute_infer"].add(compute_infer)
+        d["compute_output"].add(compute_output)
+        d["queue"].add(total - compute_input - compute_infer - compute_output)
+        stats.inference_count += 1
         stats.execution_count += 1
 
     def _entry(self, name: str | None, version: str | None) -> ModelEntry | None:

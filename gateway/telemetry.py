@@ -386,7 +386,7 @@ class Telemetry:
         stage = Stage("request", None, attrs)
         if _tracer is not None:
             stage = _RootStage(_parent(headers), attrs)
-        counter = self.infer_requests if route == "infer" else None
+        counter = self.infer_requests if route in ("infer", "generate") else None
         return RequestScope(request_id, route, stage, counter)
 
 

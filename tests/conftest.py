@@ -6,7 +6,7 @@ import contextlib
 import os
 import signal
 import threading
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from gateway.node.triton import NodeSpec, NodeStartError, NodeSupervisor, Triton
 from gateway.node.triton import triton_home as lay_out_triton_home
 from gateway.pki import PKI
 from gateway.ports import free_port
-from gateway.registry import ModelEntry, Registry, seed_examples
+from gateway.registry import ModelEntry, Registry, seed_examples, seed_generative_examples
 
 # The session's own redis-server (tests/redis_fixture.py).
 pytest_plugins = ["tests.redis_fixture"]
@@ -92,8 +92,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
 _OUR_SHM_MARK = f"_{os.getpid()}_"
 
 
-def our_tritonservers() -> list[int]:
-    """Live tritonserver processes started by this test process (and their stubs)."""
+def our_tritonservers(names: tuple[str, ...] = ()) -> list[int]:
+    """Live tritonserver processes started by this test process (and their stubs); with
+    `names`, only those of these nodes (another session cluster may still be serving)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -105,6 +106,8 @@ def our_tritonservers() -> list[int]:
             continue
         if state in ("Z", "X"):
             continue
+        if names and not any(f"ztgate_{n}{_OUR_SHM_MARK}" in cmd for n in names):
+            continue
         if "shm-region-prefix-name=ztgate_" in cmd and _OUR_SHM_MARK in cmd:
             found.append(int(entry.name))
         elif "triton_python_backend_stub" in cmd and "ztgate_" in cmd and _OUR_SHM_MARK in cmd:
@@ -112,8 +115,13 @@ def our_tritonservers() -> list[int]:
     return found
 
 
-def our_shm_segments() -> list[Path]:
-    return [p for p in Path("/dev/shm").glob("ztgate_*") if _OUR_SHM_MARK in p.name]
+def our_shm_segments(names: tuple[str, ...] = ()) -> list[Path]:
+    return [
+        p
+        for p in Path("/dev/shm").glob("ztgate_*")
+        if _OUR_SHM_MARK in p.name
+        and (not names or any(p.name.startswith(f"ztgate_{n}{_OUR_SHM_MARK}") for n in names))
+    ]
 
 
 def example_entries(tmp: Path) -> list[ModelEntry]:
@@ -254,7 +262,8 @@ def triton_cluster(
         yield cluster
     finally:
         cluster.stop()
-    leaked, shm = our_tritonservers(), our_shm_segments()
+    names = tuple(nodes)
+    leaked, shm = our_tritonservers(names), our_shm_segments(names)
     assert not leaked and not shm, f"cluster left processes {leaked} and shm {shm}"
 
 
@@ -316,3 +325,106 @@ def one_off_node(
             "region": region,
             "provider": provider,
         }
+
+
+# =========================================================================== generative nodes
+
+LLM_MODEL = "tinygpt"  # the shipped generative example's registry name
+LLM_LAYOUT = (("g1", "eu-west", "prov-a"), ("g2", "eu-central", "prov-b"))
+
+
+def llm_entries(tmp: Path) -> list[ModelEntry]:
+    """Registry entries for the shipped generative example, from a registry in ``tmp``."""
+    registry = Registry.open(tmp / "registry")
+    seed_generative_examples(registry)
+    return list(registry.entries())
+
+
+@pytest.fixture(scope="session")
+def llm_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Triton repository serving tinygpt as a decoupled (token-streaming) model."""
+    tmp = tmp_path_factory.mktemp("llm-models")
+    return build_repository(llm_entries(tmp), tmp / "repository")
+
+
+@contextlib.contextmanager
+def llm_nodes(
+    pki: PKI,
+    triton_home: Path,
+    repository: Path,
+    base: Path,
+    layout: tuple[tuple[str, str, str], ...] = LLM_LAYOUT,
+    token_delay_ms: int = 0,
+    per_node: Mapping[str, tuple[Path, Mapping[str, str]]] | None = None,
+) -> Iterator[TritonCluster]:
+    """Supervised tritonservers serving `repository`, started in parallel; a per-token
+    sleep of `token_delay_ms` in the generative model (ZTGATE_TOKEN_DELAY_MS).
+    `per_node`: name -> (its own repository, extra environment), e.g. a liar's model or
+    another onnxruntime thread count (ZTGATE_ORT_THREADS)."""
+    env = {"ZTGATE_TOKEN_DELAY_MS": str(token_delay_ms)}
+
+    def make_node(name: str, region: str, provider: str) -> ClusterNode:
+        issued = pki.ensure("node", name)
+        own_repository, own_env = (per_node or {}).get(name, (repository, {}))
+        spec = NodeSpec(
+            name=name,
+            region=region,
+            provider=provider,
+            grpc_port=free_port(),
+            http_port=free_port(),
+            repository=own_repository,
+            cert=issued.cert,
+            key=issued.key,
+            client_ca=pki.gateway_ca_bundle(SITE),
+            workdir=base / name,
+            labels={"region": region, "provider": provider},
+        )
+        sup = NodeSupervisor(
+            TritonProcess(spec, triton_home, env={**env, **own_env}),
+            interval_s=0.5,
+            start_deadline_s=60.0,
+            backoff_s=0.2,
+            max_restarts=10,
+        )
+        return ClusterNode(
+            name,
+            region,
+            provider,
+            spec.grpc_address,
+            pki.node_dns_name(name),
+            issued.spiffe_id,
+            sup,
+        )
+
+    nodes = {name: make_node(name, region, provider) for name, region, provider in layout}
+    gw_cert, gw_key = pki.leaf_paths("gateway-node-client", SITE, SITE)
+    cluster = TritonCluster(pki, SITE, nodes, gw_cert, gw_key, pki.node_ca_bundle())
+    errors: list[BaseException] = []
+
+    def start(node: ClusterNode) -> None:
+        try:
+            node.supervisor.start()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(n,)) for n in nodes.values()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    try:
+        if errors:
+            raise errors[0]
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def llm_cluster(
+    pki: PKI, triton_home: Path, llm_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TritonCluster]:
+    """Two real nodes (g1, g2; regions eu-west/eu-central, providers prov-a/prov-b) serving
+    the generative model ``tinygpt`` (LLM_MODEL), tokens as fast as the model makes them."""
+    with llm_nodes(pki, triton_home, llm_repository, tmp_path_factory.mktemp("llm")) as c:
+        yield c

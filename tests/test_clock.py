@@ -130,3 +130,34 @@ def test_the_record_is_written_durably_and_only_when_it_changed(tmp_path: Path) 
     assert rec["last_sync"] == clock.last_sync
     assert rec["high_water"] >= rec["last_sync"]
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_deleted_clock_record_beside_revocations_is_not_a_first_start(tmp_path: Path) -> None:
+    path, revoked = tmp_path / "clock.json", tmp_path / "revoked.jsonl"
+    first = Revocations(
+        MemoryStore(), revoked, staleness_budget_s=300.0, clock=PersistedClock(path)
+    )
+    assert not first.stale()  # a first start: the budget runs from now (control)
+    first.clock.persist()
+    first.close()
+    path.unlink()  # what someone with the box would try
+    again = Revocations(
+        MemoryStore(), revoked, staleness_budget_s=300.0, clock=PersistedClock(path)
+    )
+    assert again.stale()
+    assert asyncio.run(again.sync()) == 0
+    assert not again.stale()
+    again.close()
+
+
+def test_at_an_edge_only_the_cores_crl_refreshes_not_the_local_store(tmp_path: Path) -> None:
+    """An edge whose revocations come from its core (gateway/uplink.py) is as fresh as the
+    last CRL pulled: its own store answering every sync does not count."""
+    clock = PersistedClock(tmp_path / "clock.json")
+    revs = Revocations(MemoryStore(), None, staleness_budget_s=1.0, clock=clock)
+    revs.fresh_from_store = False
+    time.sleep(1.2)
+    assert asyncio.run(revs.sync()) == 0  # the local store answers...
+    assert revs.stale()  # ...and the data is stale all the same
+    revs.clock.synced()  # a CRL pulled from the core
+    assert not revs.stale()

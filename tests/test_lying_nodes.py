@@ -3,12 +3,15 @@
 One python-backend node wraps the registered iris model and, per a control file read on
 every request, tells the truth, perturbs its outputs always, on 10% of answers, just
 above or just below the tolerance, serves a valid but different model (outputs
-permuted), or records what it receives (to diff a spot check against live traffic).
+permuted), records what it receives (to diff a spot check against live traffic), or
+replies slowly once (a real slow first reply, for node selection).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,9 +23,15 @@ import numpy as np
 import pytest
 
 from gateway.config import Config
+from gateway.job import Job
 from gateway.node.repository import build_repository
 from gateway.pki import PKI
+from gateway.protocol.tensors import Tensor
 from gateway.registry import Registry
+from gateway.routing.node_client import NodeClient, NodeCredentials
+from gateway.routing.reputation import Sprt
+from gateway.routing.router import Router
+from gateway.state.memory import MemoryStore
 from tests.conftest import TritonCluster, one_off_node
 from tests.gateway_harness import client_context, gateway_config, running_gateway
 from tests.test_gateway import IRIS, infer_body, iris_session, node_table
@@ -31,6 +40,7 @@ PRELUDE = """
 import json as _json
 import os as _os
 import random as _random
+import time as _time
 import uuid as _uuid
 
 _CONTROL = {control!r}
@@ -38,6 +48,11 @@ _CONTROL = {control!r}
 
 def _lie(results, request):
     kind = open(_os.path.join(_CONTROL, "kind")).read().strip()
+    if kind == "slow-once":  # one slow reply, then honest ones
+        with open(_os.path.join(_CONTROL, "kind"), "w") as f:
+            f.write("honest")
+        _time.sleep(1.0)
+        return results
     if kind == "record":
         seen = {{
             "id": request.request_id(),
@@ -185,8 +200,8 @@ def test_spot_checks_quarantine_a_node_lying_on_every_answer(pki: PKI, lying: Ly
         lied: list[str] = []
         nodes = gw.gw.router.nodes
         for _ in range(600):
-            # As fast as the honest nodes (power-of-two-choices would otherwise keep a
-            # node whose first reply was slow out of rotation, lying or not).
+            # As fast as the honest nodes, so it is picked as often as they are (a slow
+            # first reply would only be forgotten after `ewma_decay_s` idle).
             nodes["liar"].ewma_s = min(s.ewma_s for s in nodes.values())
             r = ask(c, gw.base, "none")
             assert r.status_code == 200, r.text
@@ -265,3 +280,127 @@ def test_redundant_copies_are_unlike_each_other_only_in_their_id(pki: PKI, lying
     ids = [r.pop("id") for r in records]
     assert len(set(ids)) == len(ids)
     assert all(r == records[0] for r in records)
+
+
+# ------------------------------------------------------- spot-check rates set by policy
+
+SPOT_CHECK_ALL = '@spot_check("100%")'
+
+
+def require_spot_checks(cfg: Config, annotation: str) -> None:
+    """An officer's annotation on the permit the demo caller's mode-`none` answers rest on."""
+    path = cfg.policy.dir / "10-callers.cedar"  # type: ignore[operator]
+    rule = '@id("apps-call-public-internal")\n'
+    text = path.read_text()
+    assert rule in text
+    path.write_text(text.replace(rule, rule + annotation + "\n"))
+
+
+def drained(spot: Any) -> None:
+    """Until every check offered so far has a result (bounded: a stuck check fails)."""
+    results = ("dropped", "skipped", "confirmed", "contradicted", "disputed", "failed")
+    deadline = time.monotonic() + 60
+    while sum(spot.counts[k] for k in results) < spot.counts["scheduled"]:
+        assert time.monotonic() < deadline, dict(spot.counts)
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("kind", ["above", "other"])
+def test_a_signed_spot_check_rate_quarantines_a_liar_the_config_switched_checks_off_for(
+    kind: str, pki: PKI, lying: Lying
+) -> None:
+    """The config an attacker holds turns spot checks off and sets the lowest rates; the
+    permit's `@spot_check("100%")` still checks every answer, and a node lying just above
+    the tolerance, or serving a valid but different model, is quarantined within the bound
+    docs/reputation.md derives: each check of a lie is one contradiction (two other
+    providers agree), `S` grows by ln(p1/p0) per contradiction and quarantines at
+    ln(1/alpha), so within ceil(ln(1/alpha) / ln(p1/p0)) = 6 of its answers at rate 1
+    (fewer when its own lies as a checker are contradicted too)."""
+    low = {"spot_checks": False, "rate_suspect": 1e-9, "rate_established": 1e-9}
+    cfg = lying.config(kind, 2, reputation={**low, "rate_trusted": 1e-9})
+    require_spot_checks(cfg, SPOT_CHECK_ALL)
+    test, rate = Sprt(), 1.0
+    bound = math.ceil(math.ceil(test.threshold / test.up) / rate)
+    assert bound == 6
+    with running_gateway(cfg) as gw, client(pki, "demo") as c:
+        rep, spot, nodes = gw.gw.router.reputation, gw.gw.spot, gw.gw.router.nodes  # type: ignore[attr-defined]
+        assert rep is not None and not spot.configured
+        liar_cfg = nodes["liar"].config
+        lied = 0
+        for _ in range(100):
+            # Faster-looking than the honest ones: it answers whenever it is one of the two.
+            nodes["liar"].ewma_s = min(s.ewma_s for s in nodes.values()) / 2
+            r = ask(c, gw.base, "none")
+            assert r.status_code == 200, r.text
+            assert r.json()["parameters"]["ztgate.receipt"]
+            lied += r.json()["parameters"]["ztgate.nodes"] == "liar"
+            drained(spot)
+            if rep.quarantined(liar_cfg):
+                break
+        record = rep.records[f"node:{liar_cfg.spiffe_id}"]
+        assert rep.quarantined(liar_cfg) and lied <= bound, (lied, record)
+        assert record.contradicted >= math.ceil(test.threshold / test.up)
+        # Every answer it gave was checked and contradicted (and its checks of honest
+        # answers, if any, add to that).
+        assert spot.counts["contradicted"] >= lied and spot.counts["dropped"] == 0
+
+
+def test_without_a_signed_rate_the_config_that_switched_checks_off_checks_nothing(
+    pki: PKI, lying: Lying
+) -> None:
+    """Control for the test above, built the same way less the annotation: the liar lies
+    on every answer and nothing is checked, so the checks above came from the policy."""
+    low = {"spot_checks": False, "rate_suspect": 1e-9, "rate_established": 1e-9}
+    cfg = lying.config("always", 2, reputation={**low, "rate_trusted": 1e-9})
+    with running_gateway(cfg) as gw, client(pki, "demo") as c:
+        rep, spot, nodes = gw.gw.router.reputation, gw.gw.spot, gw.gw.router.nodes  # type: ignore[attr-defined]
+        lied = 0
+        for _ in range(30):
+            nodes["liar"].ewma_s = min(s.ewma_s for s in nodes.values())
+            r = ask(c, gw.base, "none")
+            assert r.status_code == 200, r.text
+            lied += r.json()["parameters"]["ztgate.nodes"] == "liar"
+        assert rep is not None and lied >= 6
+        assert spot.counts["scheduled"] == 0 and not rep.quarantined(nodes["liar"].config)
+
+
+# ------------------------------------------------------------------ node selection
+
+
+def test_a_node_whose_first_reply_was_slow_gets_traffic_again(pki: PKI, lying: Lying) -> None:
+    """Power-of-two-choices on a real node whose first reply is slow (it sleeps 1 s once).
+
+    The latency estimate moves only when a node is picked, so a node that lost every
+    comparison after one slow reply was never picked again. With the estimate decaying
+    while a node is idle (`routing.ewma_decay_s`), traffic tries it again and learns it is
+    fast. Control, built the same way: with a decay too slow to matter, it gets nothing."""
+    inputs = (Tensor("input", "FP32", IRIS.shape, IRIS),)
+    entry = Registry.open(lying.registry).get("iris")
+
+    async def after_a_slow_first_reply(decay_s: float, requests: int) -> int:
+        cfg = lying.config("slow-once", 1, routing={"ewma_decay_s": decay_s})
+        creds = NodeCredentials(cfg.tls.node_ca, cfg.tls.node_client_cert, cfg.tls.node_client_key)
+        clients = [NodeClient(n, creds.channel_credentials()) for n in cfg.nodes]
+        router = Router.from_clients(clients, MemoryStore(), cfg.routing)
+
+        def job() -> Job:
+            return Job(entry, inputs, (), time.monotonic() + 30, lambda n: True, "t")
+
+        try:
+            honest = next(n for n in router.nodes if n != "liar")
+            await router.infer(job(), only=lambda n: n.name == honest)
+            first = await router.infer(job(), only=lambda n: n.name == "liar")
+            assert first.node.name == "liar"
+            assert (lying.control / "kind").read_text() == "honest"  # it was the slow one
+            liar = router.nodes["liar"]
+            for _ in range(requests):
+                await router.infer(job())
+                if liar.attempts > 1:
+                    break
+                await asyncio.sleep(0.01)
+            return liar.attempts - 1
+        finally:
+            await router.close()
+
+    assert asyncio.run(after_a_slow_first_reply(1e9, 30)) == 0  # control: out for good
+    assert asyncio.run(after_a_slow_first_reply(0.2, 500)) >= 1

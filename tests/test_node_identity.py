@@ -131,8 +131,8 @@ def test_redundant_pairs_only_nodes_the_officer_signed_as_independent(
 def test_redundant_pairs_distinct_signed_providers_positive_control(
     pki: PKI, triton_cluster: TritonCluster, registry_dir: Path, tmp_path: Path
 ) -> None:
-    """Control: signed facts with three providers; the first pair (equal scores, config
-    order) is n1+n2, which the same check as above accepts as independent."""
+    """Control: signed facts with three providers; whichever pair the router picks (its
+    latency estimates decide), the same check as above accepts it as independent."""
     tables = node_table(triton_cluster)
     facts = signed_facts(registry_dir, tables)
     signed_provider = {n.name: n.provider for n in facts.nodes}
@@ -141,7 +141,7 @@ def test_redundant_pairs_distinct_signed_providers_positive_control(
         r = ask(pki, gw, "redundant")
     assert r.status_code == 200, r.text
     pair = r.json()["parameters"]["ztgate.nodes"].split(",")
-    assert sorted(pair) == sorted(t["name"] for t in tables[:2])
+    assert len(set(pair)) == 2 and set(pair) <= {t["name"] for t in tables}, pair
     assert len({signed_provider[n] for n in pair}) == 2
 
 

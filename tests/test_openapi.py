@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import time
 import uuid
 from collections import Counter
@@ -63,6 +64,7 @@ INFER_PATHS = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/
 
 MIN_REQUESTS = 1000
 MIN_VALID_SHARE = 0.30
+GENERATIVE = re.compile(r"/generate(_stream)?$|^\S+ /v1/")
 # Hypothesis max_examples of each fuzzing phase, per operation (examples and coverage add theirs).
 FUZZ_EXAMPLES = {"infer": 400, "infer_negative": 100, "other": 45}
 SEED = int(os.environ.get("ZTGATE_FUZZ_SEED", "20240917"))
@@ -399,7 +401,12 @@ def check_fuzz_totals(selected: set[str]) -> None:
     assert not [s for s in by_status if s >= 500], summary
     if selected == FUZZ_TESTS:  # the shares below are those of the whole fuzz run
         assert total >= MIN_REQUESTS, summary
-        assert valid / total >= MIN_VALID_SHARE, summary
+        # The generative operations are fuzzed too (no 5xx, conformance), but the gateway
+        # under fuzz serves no generative model, so they can only ever be refused: they
+        # are left out of the share of valid answers (tests/test_generate.py shows them
+        # answering).
+        tensor = sum(n for (label, _), n in STATS.items() if not GENERATIVE.search(label))
+        assert valid / tensor >= MIN_VALID_SHARE, summary
         assert set(VALID_200) == set(RUNNABLE), summary
 
 

@@ -164,6 +164,10 @@ def _oracle_single(
             "hour": ctx.now.hour if ctx.now else 12,
             "purpose": ctx.purpose,
             "distinct_providers": providers,
+            "prompt_tokens": ctx.prompt_tokens,
+            "max_tokens": ctx.max_tokens,
+            "temperature_milli": ctx.temperature_milli,
+            "top_p_milli": ctx.top_p_milli,
         },
     }
     r = cedarpy.is_authorized(request, policies, json.dumps(entities), schema)

@@ -311,7 +311,7 @@ def test_seed_examples_is_idempotent(registry: Registry) -> None:
     first = seed_examples(registry)
     assert seed_examples(registry) == first
     sums = shipped_sums()
-    assert {(e.name, e.sha256) for e in first} == set(sums.items())
+    assert {(e.name, e.sha256) for e in first} == {(n, sums[n]) for n in EXAMPLE_POLICY}
     for entry in first:
         assert (entry.classification, entry.allowed_modes) == EXAMPLE_POLICY[entry.name]
     risk = registry.get("risk")
@@ -475,3 +475,77 @@ def test_cli_add_declares_output_ranges(tmp_path: Path, capsys: pytest.CaptureFi
                    "--output-range", bad, "--registry", reg])  # fmt: skip
         assert rc == 2 and "expected NAME=LOW:HIGH" in capsys.readouterr().err
     assert [e.version for e in Registry.open(reg).entries()] == ["1", "2"]
+
+
+# --------------------------------------------------------------------------- generative kind
+
+TINYGPT = SHIPPED_DIR / "tinygpt.onnx"
+
+
+def test_generative_entry_records_tokenizer_context_end_tokens_and_sampling(
+    tmp_path: Path,
+) -> None:
+    from gateway.llm import tokenizer
+    from gateway.llm.generative import STREAM_INPUTS, STREAM_OUTPUTS
+
+    registry = Registry.open(tmp_path)
+    entry = registry.add_generative(TINYGPT, "tinygpt", "1", "public")
+    assert entry.sha256 == shipped_sums()["tinygpt"] and entry.allowed_modes == ("none",)
+    spec = entry.generative
+    assert spec is not None
+    assert spec.tokenizer_sha256 == tokenizer.TOKENIZER_SPEC_SHA256
+    assert (spec.vocab, spec.context_length, spec.end_tokens) == (257, 128, (tokenizer.EOS,))
+    assert spec.sampling == ("temperature", "top_p", "seed")
+    assert (entry.inputs, entry.outputs) == (STREAM_INPUTS, STREAM_OUTPUTS)
+    raw = json.loads((tmp_path / INDEX_FILE).read_text())["models"]["tinygpt"]["1"]
+    assert raw["kind"] == "generative" and raw["generative"]["end_tokens"] == [256]
+    assert Registry.open(tmp_path).get("tinygpt") == entry  # read back the same
+    # A tensor model's entry has no generative part (control, read the same way).
+    assert registry.add(IRIS, "iris").generative is None
+
+
+def test_generative_refuses_what_is_not_a_next_token_model_over_its_vocab(
+    tmp_path: Path,
+) -> None:
+    import dataclasses
+
+    from gateway.llm.generative import default_spec
+
+    registry = Registry.open(tmp_path)
+    with pytest.raises(RegistryError, match="input_ids"):
+        registry.add_generative(IRIS, "notgpt")
+    with pytest.raises(RegistryError, match="logits over 257 tokens"):
+        registry.add_generative(
+            TINYGPT, "wrongvocab", spec=dataclasses.replace(default_spec(), vocab=300)
+        )
+    with pytest.raises(RegistryError, match="end token"):
+        registry.add_generative(
+            TINYGPT, "badend", spec=dataclasses.replace(default_spec(), end_tokens=(999,))
+        )
+    # Control: the same file with the default spec registers.
+    assert registry.add_generative(TINYGPT, "tinygpt").generative == default_spec()
+
+
+def test_generative_entry_is_immutable_in_its_spec(tmp_path: Path) -> None:
+    from gateway.llm.generative import default_spec
+
+    registry = Registry.open(tmp_path)
+    first = registry.add_generative(TINYGPT, "tinygpt")
+    assert registry.add_generative(TINYGPT, "tinygpt") == first  # identical: a no-op
+    with pytest.raises(RegistryError, match="generative"):
+        registry.add_generative(TINYGPT, "tinygpt", spec=default_spec(context_length=64))
+
+
+def test_cli_model_add_generative(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    reg = str(tmp_path / "reg")
+    args = ["model", "add", str(TINYGPT), "--name", "tg", "--registry", reg]
+    assert main([*args, "--generative", "--context-length", "64", "--max-tokens", "32"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["kind"] == "generative"
+    assert printed["generative"]["context_length"] == 64
+    assert printed["generative"]["max_tokens"] == 32
+    assert main(["model", "list", "--registry", reg]) == 0
+    assert capsys.readouterr().out.startswith("tg\t1\tinternal\tnone\tgenerative\t")
+    # Modes other than none are refused for generative models, with the reason.
+    assert main([*args, "--generative", "--name", "tg2", "--modes", "none,zk"]) == 2
+    assert "only mode none" in capsys.readouterr().err

@@ -334,3 +334,56 @@ def test_tritonserver_serves_the_generated_repository(registry: Registry, tmp_pa
         assert list(Path("/dev/shm").glob(f"{served.prefix}*"))
     # ... and none of it outlives the server (only ours: other runs may share /dev/shm).
     assert not list(Path("/dev/shm").glob(f"{served.prefix}*"))
+
+
+# --------------------------------------------------------------------------- generative models
+
+GENERATE_TEMPLATE = TEMPLATE.parent / "generate_model.py.tmpl"
+
+
+def _tinygpt(tmp_path: Path) -> Any:
+    from gateway.registry import seed_generative_examples
+
+    (entry,) = seed_generative_examples(Registry.open(tmp_path / "registry"))
+    return entry
+
+
+@pytest.mark.parametrize("flavour", ["python", "onnxruntime"])
+def test_generative_entry_becomes_a_decoupled_streaming_model(tmp_path: Path, flavour: str) -> None:
+    entry = _tinygpt(tmp_path)
+    out = build_repository([entry], tmp_path / "repo", flavour=flavour)  # type: ignore[arg-type]
+    config = (out / "tinygpt" / "config.pbtxt").read_text()
+    assert 'backend: "python"' in config
+    assert "model_transaction_policy { decoupled: true }" in config
+    assert 'key: "end_tokens" value: { string_value: "256" }' in config
+    assert 'key: "context_length" value: { string_value: "128" }' in config
+    assert 'name: "token_id"' in config and 'name: "input_ids"' in config
+    version = out / "tinygpt" / "1"
+    assert (version / "model.py").read_bytes() == GENERATE_TEMPLATE.read_bytes()
+    assert hashlib.sha256((version / "model.onnx").read_bytes()).hexdigest() == entry.sha256
+    ast.parse((version / "model.py").read_text())
+
+
+def test_vllm_repository_follows_the_vllm_backend_layout(tmp_path: Path) -> None:
+    import json
+
+    entry = _tinygpt(tmp_path)
+    out = build_repository(
+        [entry], tmp_path / "repo", flavour="vllm", vllm_model="Qwen/Qwen2.5-0.5B-Instruct"
+    )
+    config = (out / "tinygpt" / "config.pbtxt").read_text()
+    assert 'backend: "vllm"' in config and "max_batch_size: 0" in config
+    assert "model_transaction_policy { decoupled: true }" in config
+    for tensor in ("text_input", "stream", "sampling_parameters", "text_output"):
+        assert f'name: "{tensor}"' in config
+    assert sorted(p.name for p in (out / "tinygpt" / "1").iterdir()) == ["model.json"]
+    engine = json.loads((out / "tinygpt" / "1" / "model.json").read_text())
+    assert engine["model"] == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert engine["max_model_len"] == 128  # the registry entry's context length
+    assert engine["disable_log_requests"] is True  # prompts stay out of the node's log
+    # Controls built the same way: a tensor model, or no weights to load, is refused.
+    iris = seed_examples(Registry.open(tmp_path / "registry"))[0]
+    with pytest.raises(RepositoryError, match="not generative"):
+        build_repository([iris], tmp_path / "r2", flavour="vllm", vllm_model="x")
+    with pytest.raises(RepositoryError, match="vllm_model"):
+        build_repository([entry], tmp_path / "r3", flavour="vllm")

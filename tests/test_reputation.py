@@ -10,16 +10,29 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from gateway.config import NodeConfig
+from gateway.config import NodeConfig, Routing
+from gateway.policy import (
+    InferContext,
+    ModelFacts,
+    NodeFacts,
+    PolicyEngine,
+    PolicyError,
+    load_policy_dir,
+)
+from gateway.policy.facts import SpotCheckRate
 from gateway.receipts.late import final_status, late_evidence, verify_late_evidence
 from gateway.receipts.signing import KeySet, Signer
 from gateway.routing.reputation import Reputation, Sampling, Sprt, node_subject
+from gateway.routing.router import Router
 from gateway.state.memory import MemoryStore
+from gateway.verify.spotcheck import SpotChecks
+from tests import test_policy
 
 
 def node(name: str, provider: str) -> NodeConfig:
@@ -227,3 +240,97 @@ def test_evidence_and_quarantine_records_on_redis(redis_server: str) -> None:
             await store.close()
 
     asyncio.run(run())
+
+
+# --------------------------------------------------------------------------- policy's rate
+
+SPOT_POLICIES = """
+@id("none-5")
+@spot_check("5%")
+permit (principal, action == Ztgate::Action::"infer", resource) when { context.mode == "none" };
+
+@id("none-by-standing")
+@spot_check("suspect=50%, established=1%, trusted=1%")
+permit (principal, action == Ztgate::Action::"infer", resource) when { context.mode == "none" };
+
+@id("zk-all")
+@spot_check("100%")
+permit (principal, action == Ztgate::Action::"infer", resource) when { context.mode == "zk" };
+"""
+
+
+def _spot_engine(tmp_path: Path, text: str) -> PolicyEngine:
+    tmp_path.mkdir()
+    source = load_policy_dir(test_policy.policy_dir(tmp_path, {"10-spot.cedar": text}, only=True))
+    model = ModelFacts("m", "public", "", ("*",), ("none", "zk"))
+    nodes = [NodeFacts("a", "eu-west", "p1"), NodeFacts("b", "eu-west", "p2")]
+    return PolicyEngine(source, models={"m": model}, nodes=nodes)
+
+
+def test_the_strictest_spot_check_of_the_permits_allowing_mode_none_wins(tmp_path: Path) -> None:
+    """Per standing, the highest rate among the permits behind an allowed `none` pair; a
+    permit that allows only another mode (zk-all) sets nothing for `none`."""
+    ctx = InferContext(1, 10, "", test_policy.NOON)
+    d = _spot_engine(tmp_path / "a", SPOT_POLICIES).decide_infer(
+        test_policy.who("x"), "m", ctx, ["a", "b"]
+    )
+    assert d.modes == ("none", "zk")
+    assert d.spot_check == SpotCheckRate(0.5, 0.05, 0.05)
+    # Control, built the same way: without the annotations no floor is set.
+    plain = re.sub(r'@spot_check\("[^"]*"\)\n', "", SPOT_POLICIES)
+    d = _spot_engine(tmp_path / "b", plain).decide_infer(test_policy.who("x"), "m", ctx, ["a"])
+    assert d.modes == ("none", "zk") and d.spot_check is None
+
+
+@pytest.mark.parametrize(
+    "annotation",
+    ['@spot_check("0%")', '@spot_check("5")', '@spot_check("suspect=5%")', "FORBID"],
+)
+def test_bad_spot_checks_are_refused(annotation: str, tmp_path: Path) -> None:
+    """Never zero, a percentage, every standing or one for all, on a permit only."""
+    rule = '@id("r")\n{}\n{} (principal, action == Ztgate::Action::"infer", resource);\n'
+    effect = "permit"
+    if annotation == "FORBID":
+        annotation, effect = '@spot_check("5%")', "forbid"
+    with pytest.raises(PolicyError) as exc:
+        load_policy_dir(
+            test_policy.policy_dir(
+                tmp_path / "bad", {"50-r.cedar": rule.format(annotation, effect)}
+            )
+        )
+    assert [f.policy_id for f in exc.value.findings] == ["r"]
+    assert "@spot_check" in str(exc.value)
+    # Positive control: a good annotation on a permit loads, with that floor.
+    good = load_policy_dir(
+        test_policy.policy_dir(
+            tmp_path / "good",
+            {
+                "50-r.cedar": rule.format(
+                    '@spot_check("suspect=25%, established=5%, trusted=2%")', "permit"
+                )
+            },
+        )
+    )
+    assert good.policy("r").spot_check == SpotCheckRate(0.25, 0.05, 0.02)  # type: ignore[union-attr]
+
+
+def test_config_raises_the_policys_spot_check_rate_but_never_lowers_or_disables_it() -> None:
+    """An attacker holding gateway.toml can turn `[reputation] spot_checks` off and set the
+    lowest rates; answers are still checked at the rate a signed permit demands."""
+    floor = SpotCheckRate(0.5, 0.05, 0.05)
+    low = Sampling(suspect=1e-9, established=1e-9, trusted=1e-9)
+    high = Sampling(suspect=0.9, established=0.9, trusted=0.9)
+
+    def spot(sampling: Sampling, configured: bool) -> SpotChecks:
+        router = Router({}, MemoryStore(), Routing())
+        router.reputation = Reputation(MemoryStore(), [LIAR], sampling=sampling)
+        return SpotChecks(router, configured=configured, rng=random.Random(7))
+
+    assert spot(low, configured=False).rate(LIAR, floor) == 0.5  # suspect: new node
+    assert spot(low, configured=True).rate(LIAR, floor) == 0.5
+    assert spot(high, configured=True).rate(LIAR, floor) == 0.9  # config may raise it
+    # Control: without a policy floor the config decides, off means off.
+    assert spot(low, configured=False).rate(LIAR) == 0.0
+    assert not any(spot(high, configured=False).sample(LIAR) for _ in range(100))
+    sampled = spot(low, configured=False)
+    assert 20 < sum(sampled.sample(LIAR, floor) for _ in range(100)) < 80

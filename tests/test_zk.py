@@ -151,7 +151,7 @@ def zk_node(
     repo = build_repository([iris], base / "repository")
     add_zk_model(repo, "iris", zk_dir, entry=iris)
     with one_off_node(pki, triton_home, repo, "zk1", base / "work", provider="prov-z") as node:
-        yield NodeConfig(**node)
+        yield as_node(node)
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +185,18 @@ async def zk_gateway(
 
 
 NODE_ROW = ("name", "address", "dns_name", "spiffe_id", "region", "provider")
+
+
+def as_node(row: dict[str, str]) -> NodeConfig:
+    """A `[[nodes]]` row of one_off_node as the gateway's NodeConfig."""
+    return NodeConfig(
+        name=row["name"],
+        address=row["address"],
+        region=row["region"],
+        provider=row["provider"],
+        dns_name=row["dns_name"],
+        spiffe_id=row["spiffe_id"],
+    )
 
 
 async def zk_exchange(pki: PKI, gw: Gateway, x: npt.NDArray[Any], deadline_s: float = 240.0) -> Job:
@@ -341,7 +353,7 @@ def liars(
             t.join()
         if errors:
             raise errors[0]
-        yield {name: NodeConfig(**tables[name]) for name in lies}
+        yield {name: as_node(tables[name]) for name in lies}
 
 
 # =========================================================================== onboarding refusals

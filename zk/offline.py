@@ -56,6 +56,12 @@ def verify_zk_evidence(
         return Verdict.failure("zk-evidence-mismatch", f"bad zk record: {exc}")
     if receipt.model is not None and record.model_sha256 != receipt.model.sha256:
         return Verdict.failure("zk-evidence-mismatch", "the zk record is for another model")
+    terms = ext.get("postprocess", ())
+    if not isinstance(terms, tuple) or list(terms) != record.postprocess_terms():
+        return Verdict.failure(
+            "zk-evidence-mismatch",
+            "the zk record's postprocess is not the one the receipt names",
+        )
     if record.dev_srs and not allow_dev_srs:
         return Verdict.failure(
             "dev-srs",

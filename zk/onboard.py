@@ -23,9 +23,11 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +56,23 @@ from zk.record import (
     check_settings,
     sha256_file,
 )
+from zk.tuning import (
+    DEFAULT_DECOMPOSITION,
+    SEARCH_BUDGET_S,
+    Candidate,
+    Head,
+    Tried,
+    best,
+    decompositions,
+    intermediate_max_abs,
+    max_candidates,
+    needed_coverage,
+    reason,
+    softmax,
+    softmax_logits,
+    srs_logrows,
+    strip_softmax,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +80,6 @@ Mode = Literal["dev", "production"]
 DEFAULT_SCALES: tuple[int, ...] = (7, 8, 9, 10, 11)
 DEFAULT_TOLERANCE = 1e-2
 MAX_ERROR_SAMPLES = 64  # rows of the calibration set run through the circuit for the report
-
-
-@dataclass(frozen=True)
-class Tried:
-    scale: int
-    logrows: int
-    max_abs_error: float
 
 
 @dataclass(frozen=True)
@@ -165,34 +177,71 @@ def _circuit_outputs(ezkl: Any, witness: dict[str, Any], scales: Sequence[int]) 
     return np.asarray(values, dtype=np.float64)
 
 
-def _try_scale(
+@contextlib.contextmanager
+def _quiet_ezkl() -> Iterator[None]:
+    loggers = [logging.getLogger(n) for n in ("ezkl", "ezkl.execute")]
+    before = [lg.disabled for lg in loggers]
+    for lg in loggers:
+        lg.disabled = True
+    try:
+        yield
+    finally:
+        for lg, was in zip(loggers, before, strict=True):
+            lg.disabled = was
+
+
+def _try(
     ezkl: Any,
     model: Path,
-    scale: int,
+    candidate: Candidate,
     run_args: Any,
     calibration_json: Path,
     rows: npt.NDArray[Any],
     reference: list[npt.NDArray[Any]],
     work: Path,
 ) -> tuple[Tried, Path, Path, dict[str, Any]]:
-    settings = work / f"settings-{scale}.json"
-    circuit = work / f"network-{scale}.ezkl"
+    """Build one candidate circuit and measure its worst error against onnxruntime."""
+    tag = f"{candidate.scale}-{candidate.decomp_base}-{candidate.decomp_legs}-{candidate.head}"
+    settings = work / f"settings-{tag}.json"
+    circuit = work / f"network-{tag}.ezkl"
+    run_args.decomp_base = candidate.decomp_base
+    run_args.decomp_legs = candidate.decomp_legs
     if not ezkl.gen_settings(str(model), str(settings), py_run_args=run_args):
         raise ZkError("ezkl gen_settings failed")
-    ezkl.calibrate_settings(
-        str(calibration_json), str(model), str(settings), "resources", scales=[scale]
-    )
+    with _quiet_ezkl():  # its fidelity table per candidate is noise; the search logs one line
+        ezkl.calibrate_settings(
+            str(calibration_json), str(model), str(settings), "resources", scales=[candidate.scale]
+        )
+    parsed = json.loads(settings.read_text(encoding="utf-8"))
+    # Calibration may rewrite run_args; the soundness rules hold on what it wrote.
+    check_settings(parsed, "candidate settings")
+    got_args = parsed["run_args"]
+    if (got_args["decomp_base"], got_args["decomp_legs"]) != (
+        candidate.decomp_base,
+        candidate.decomp_legs,
+    ):
+        raise ZkError("calibration changed the decomposition")
     if not ezkl.compile_circuit(str(model), str(circuit), str(settings)):
         raise ZkError("ezkl compile_circuit failed")
-    parsed = json.loads(settings.read_text(encoding="utf-8"))
     worst = 0.0
     data = work / "row.json"
     for row, want in zip(rows, reference, strict=True):
         data.write_text(json.dumps({"input_data": [row.reshape(-1).tolist()]}), encoding="utf-8")
         witness = ezkl.gen_witness(str(data), str(circuit), str(work / "witness.json"))
         got = _circuit_outputs(ezkl, witness, parsed["model_output_scales"])
+        if candidate.head == "logits":
+            got = softmax(got)
         worst = max(worst, float(np.max(np.abs(got - want))))
-    return Tried(scale, int(parsed["run_args"]["logrows"]), worst), settings, circuit, parsed
+    tried = Tried(
+        candidate.scale,
+        int(got_args["logrows"]),
+        worst,
+        candidate.decomp_base,
+        candidate.decomp_legs,
+        candidate.head,
+        int(parsed.get("num_rows", 0)),
+    )
+    return tried, settings, circuit, parsed
 
 
 def onboard(
@@ -212,11 +261,16 @@ def onboard(
     output_visibility: str = "public",
     param_visibility: str = "fixed",
     progress: Callable[[str], None] | None = None,
+    tune: bool = True,
+    max_tries: int | None = None,
+    budget_s: float = SEARCH_BUDGET_S,
 ) -> OnboardResult:
     """Build and write the zk artefacts for ``model``; raises ZkError when it must refuse.
 
     Every refusal that needs no ezkl work (policy, SRS pinning, signature) happens first.
     ``progress`` is told each long step as it begins (`gateway.cli.Progress`).
+    ``tune`` searches decomposition and head too (zk/tuning.py); without it only scales
+    are tried, at ezkl's default decomposition (the "before" of bench/zk.py).
     """
     step = progress or (lambda _text: None)
     model = Path(model).absolute()
@@ -240,6 +294,7 @@ def onboard(
             "production mode needs a public-ceremony SRS pinned by SHA-256 (--srs FILE "
             "--srs-sha256 HEX); a locally generated SRS lets its maker forge proofs"
         )
+    max_logrows = srs_logrows(srs_path) if srs_path is not None else None
     if out.exists() and any(out.iterdir()):
         raise ZkError(f"{out} exists and is not empty; onboard into a fresh directory")
     try:
@@ -269,28 +324,92 @@ def onboard(
         run_args.check_mode = check_mode.lower()
         run_args.variables = variables
         tried: list[Tried] = []
-        chosen: tuple[Tried, Path, Path, dict[str, Any]] | None = None
-        for scale in sorted(scales):
-            step(f"calibrating (scale {scale})")
-            attempt = _try_scale(
-                ezkl, model, scale, run_args, cal, rows[:MAX_ERROR_SAMPLES], reference, work
-            )
-            tried.append(attempt[0])
+        built: dict[int, tuple[Tried, Path, Path, dict[str, Any]]] = {}
+        heads: list[Head] = ["as-is"]
+        largest = 0.0
+        if tune:
+            if softmax_logits(onnx.load(str(model))) is not None:
+                heads = ["logits", "as-is"]
+            step("measuring the calibrated range")
+            largest = intermediate_max_abs(model, rows[:MAX_ERROR_SAMPLES], inputs[0].name)
+        logits_model = strip_softmax(model, work / "logits.onnx") if "logits" in heads else None
+        limit = max_tries if max_tries is not None else max_candidates()
+        deadline = time.monotonic() + budget_s
+
+        def out_of_budget() -> bool:
+            return len(tried) >= limit or bool(tried and time.monotonic() > deadline)
+
+        def attempt(candidate: Candidate) -> Tried:
+            step(f"trying {candidate.label}")
+            source = logits_model if candidate.head == "logits" and logits_model else model
+            try:
+                sample = rows[:MAX_ERROR_SAMPLES]
+                built_one = _try(ezkl, source, candidate, run_args, cal, sample, reference, work)
+            except (ZkError, RuntimeError) as exc:
+                # ezkl refuses some layouts (a table too small for a lookup): not a pick.
+                failed = Tried(
+                    candidate.scale,
+                    0,
+                    math.inf,
+                    candidate.decomp_base,
+                    candidate.decomp_legs,
+                    candidate.head,
+                    note=str(exc)[:200],
+                )
+                tried.append(failed)
+                return failed
+            built[len(tried)] = built_one
+            tried.append(built_one[0])
             log.info(
-                "scale %d: logrows %d, max |error| %.3g vs onnxruntime",
-                scale,
-                attempt[0].logrows,
-                attempt[0].max_abs_error,
+                "%s: logrows %d, max |error| %.3g vs onnxruntime",
+                candidate.label,
+                built_one[0].logrows,
+                built_one[0].max_abs_error,
             )
-            if attempt[0].max_abs_error <= tolerance:
-                chosen = attempt
-                break
-        if chosen is None:
-            errors = ", ".join(f"scale {t.scale}: {t.max_abs_error:.3g}" for t in tried)
+            return built_one[0]
+
+        # Accuracy is decided by head and scale; the decomposition moves it only slightly
+        # (where rescaling happens), so a scale inaccurate under the first decomposition is
+        # not tried with the others. Each candidate is still measured against the tolerance
+        # on its own, and a larger scale is tried only when no smaller one was accurate.
+        # With fewer tries than scales (CI), climbing from the cheapest scale may spend
+        # every try below the accurate ones: then start from the most accurate and walk
+        # down while still accurate, so a usable circuit is always among those tried.
+        descending = limit <= len(scales)
+        for head in heads:
+            for scale in sorted(scales, reverse=descending):
+                group = (
+                    decompositions(needed_coverage(largest, scale))
+                    if tune
+                    else [DEFAULT_DECOMPOSITION]
+                )
+                accurate = False
+                for base, legs in group:
+                    if out_of_budget():
+                        break
+                    outcome = attempt(Candidate(scale, base, legs, head))
+                    if outcome.logrows and outcome.max_abs_error > tolerance:
+                        break
+                    accurate = accurate or bool(outcome.logrows)
+                if out_of_budget() or (not accurate if descending else accurate):
+                    break
+        pick = best(tried, tolerance, max_logrows)
+        if pick is None:
+            errors = ", ".join(
+                f"{t.scale}/{t.decomp_base}^{t.decomp_legs}/{t.head}: {t.max_abs_error:.3g}"
+                + (
+                    f" (logrows {t.logrows} > SRS {max_logrows})"
+                    if max_logrows is not None and t.logrows > max_logrows
+                    else ""
+                )
+                for t in tried
+            )
             raise ZkError(
-                f"quantisation error above tolerance {tolerance:g} at every scale ({errors})"
+                f"quantisation error above tolerance {tolerance:g}, or no SRS for the "
+                f"circuit, at every candidate tried ({errors})"
             )
-        best, settings_tmp, circuit_tmp, settings = chosen
+        chosen = built[tried.index(pick)]
+        best_try, settings_tmp, circuit_tmp, settings = chosen
         check_settings(settings, "generated settings")
         logrows = int(settings["run_args"]["logrows"])
 
@@ -350,11 +469,18 @@ def onboard(
         dev_srs=srs_path is None,
         ezkl_version=str(settings.get("version", "")),
         quantisation={
-            "scale": best.scale,
-            "max_abs_error": best.max_abs_error,
+            "scale": best_try.scale,
+            "max_abs_error": best_try.max_abs_error,
             "tolerance": tolerance,
             "samples": int(min(len(rows), MAX_ERROR_SAMPLES)),
-            "tried": [t.__dict__ for t in tried],
+        },
+        postprocess={outputs[0].name: "softmax"} if best_try.head == "logits" else {},
+        tuning={
+            "chosen": best_try.to_json(),
+            "reason": reason(best_try, tried, tolerance),
+            "tried": [t.to_json() for t in tried],
+            "searched": bool(tune),
+            "max_srs_logrows": max_logrows,
         },
     )
     (out / RECORD_FILE).write_text(json.dumps(record.to_json(), indent=2) + "\n", "utf-8")

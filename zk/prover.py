@@ -95,12 +95,6 @@ class Prover:
         return self.outputs_from_instances(proof["instances"]), raw
 
     def outputs_from_instances(self, instances: Any) -> list[npt.NDArray[np.float32]]:
-        flat = list(instances[0])
-        offset = sum(t.size for t in self.record.inputs)
-        outs = []
-        for t in self.record.outputs:
-            felts = flat[offset : offset + t.size]
-            offset += t.size
-            values = [self._ezkl.felt_to_float(f, t.scale) for f in felts]
-            outs.append(np.asarray(values, dtype=np.float32).reshape(t.shape))
-        return outs
+        from zk.verifier import dequantise_outputs
+
+        return dequantise_outputs(self._ezkl, list(instances[0]), self.record)

@@ -23,9 +23,15 @@ under it: :func:`load_record` is the one gate every side passes through.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import dataclasses
 import json
 import math
-from dataclasses import dataclass
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +51,7 @@ VERIFIER_DIR = "verifier"
 # What this gateway accepts. Anything else is refused at onboarding, on load, and per proof.
 REQUIRED_CHECK_MODE = "SAFE"
 REQUIRED_VISIBILITY: dict[str, str] = {"input": "public", "output": "public", "params": "fixed"}
+POSTPROCESS = frozenset({"softmax"})  # what the gateway may apply to proven outputs
 
 
 class ZkError(Exception):
@@ -96,6 +103,10 @@ class ZkRecord:
     dev_srs: bool
     ezkl_version: str
     quantisation: dict[str, Any]
+    # Output name -> function the gateway applies to the proven values ("softmax": the
+    # circuit proves the logits, see zk/tuning.py). Part of the receipt's evidence.
+    postprocess: dict[str, str] = field(default_factory=dict)
+    tuning: dict[str, Any] = field(default_factory=dict)  # what the search tried and why
 
     @property
     def zk_model_name(self) -> str:
@@ -129,6 +140,8 @@ class ZkRecord:
             "dev_srs": self.dev_srs,
             "ezkl_version": self.ezkl_version,
             "quantisation": dict(self.quantisation),
+            "postprocess": dict(self.postprocess),
+            "tuning": dict(self.tuning),
         }
 
     def evidence(self) -> dict[str, Any]:
@@ -140,7 +153,13 @@ class ZkRecord:
             "srs_sha256": self.srs_sha256,
             "logrows": self.logrows,
             "dev_srs": self.dev_srs,
+            # What the gateway applied to the proven outputs, in the receipt so an auditor
+            # recomputes the same answer (zk/offline.py compares it with zk.json).
+            **({"postprocess": self.postprocess_terms()} if self.postprocess else {}),
         }
+
+    def postprocess_terms(self) -> list[str]:
+        return [f"{name}={fn}" for name, fn in sorted(self.postprocess.items())]
 
     @classmethod
     def from_json(cls, raw: Any) -> ZkRecord:
@@ -164,12 +183,18 @@ class ZkRecord:
                 dev_srs=bool(raw["dev_srs"]),
                 ezkl_version=str(raw["ezkl_version"]),
                 quantisation=dict(raw.get("quantisation", {})),
+                postprocess={str(k): str(v) for k, v in dict(raw.get("postprocess", {})).items()},
+                tuning=dict(raw.get("tuning", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ZkError(f"malformed zk record: {exc}") from exc
         check_policy(record.check_mode, record.visibility, where="zk record")
         if not record.inputs or not record.outputs:
             raise ZkError("zk record has no inputs or no outputs")
+        names = {t.name for t in record.outputs}
+        for output, function in record.postprocess.items():
+            if output not in names or function not in POSTPROCESS:
+                raise ZkError(f"zk record: unknown postprocess {output!r}: {function!r}")
         return record
 
 
@@ -209,6 +234,12 @@ def check_settings(settings: dict[str, Any], where: str) -> None:
         raise ZkError(f"{where}: ignore_range_check_inputs_outputs is set; refusing")
 
 
+def _remove_sealed(base: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.chmod(base, 0o700)
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def load_record(path: Path) -> ZkRecord:
     """Read and check ``zk.json`` (a directory holding one is accepted too)."""
     path = Path(path)
@@ -229,6 +260,10 @@ class VerifierArtefacts:
     vk: Path
     settings: Path
     srs: Path
+    record_file: Path | None = None  # the zk.json these were loaded with
+    # A private read-only copy hashed once when made (`seal`): verify_proof need not re-hash.
+    sealed: bool = False
+    record_sha256: str = ""
 
     @classmethod
     def from_dir(cls, artefacts_dir: Path, record: ZkRecord | None = None) -> VerifierArtefacts:
@@ -236,9 +271,59 @@ class VerifierArtefacts:
         root = Path(artefacts_dir)
         record = record or load_record(root / RECORD_FILE)
         d = root / VERIFIER_DIR
-        found = cls(record, d / VK_FILE, d / SETTINGS_FILE, d / record.srs_file)
+        found = cls(record, d / VK_FILE, d / SETTINGS_FILE, d / record.srs_file, root / RECORD_FILE)
         found.check()
         return found
+
+    def seal(self, into: Path | None = None) -> VerifierArtefacts:
+        """Copy zk.json, vk, settings and SRS into a fresh private directory (0500, files
+        0400), hash the copies once against the record, and return artefacts naming only
+        the copy: what was checked is what ezkl reads, whatever happens to the originals
+        later (no time-of-check/time-of-use gap), and no answer hashes megabytes again."""
+        if self.record_file is None:
+            raise ZkError("artefacts without their zk.json cannot be sealed")
+        if into is not None:
+            Path(into).mkdir(parents=True, exist_ok=True)
+        base = Path(tempfile.mkdtemp(prefix="ztgate-zk-", dir=into))  # 0700, ours alone
+        copies = {}
+        for source in (self.record_file, self.vk, self.settings, self.srs):
+            target = base / (RECORD_FILE if source == self.record_file else source.name)
+            try:
+                shutil.copyfile(source, target)
+            except OSError as exc:
+                raise ZkError(f"cannot copy {source}: {exc.strerror or exc}") from exc
+            os.chmod(target, 0o400)
+            copies[source] = target
+        record_file = copies[self.record_file]
+        if load_record(record_file) != self.record:
+            raise ZkError(f"{self.record_file} changed while it was being sealed")
+        sealed = dataclasses.replace(
+            self,
+            vk=copies[self.vk],
+            settings=copies[self.settings],
+            srs=copies[self.srs],
+            record_file=record_file,
+            sealed=True,
+            record_sha256=sha256_file(record_file),
+        )
+        sealed.check()
+        os.chmod(base, 0o500)
+        atexit.register(_remove_sealed, base)  # this process's copy; no other process's
+        return sealed
+
+    def material(self) -> dict[str, tuple[str, str]]:
+        """What an auditor needs beside a proof: name -> (path, sha256), hashes known."""
+        if self.record_file is None:
+            return {}
+        return {
+            RECORD_FILE: (
+                str(self.record_file),
+                self.record_sha256 or sha256_file(self.record_file),
+            ),
+            "vk": (str(self.vk), self.record.vk_sha256),
+            SETTINGS_FILE: (str(self.settings), self.record.settings_sha256),
+            "srs": (str(self.srs), self.record.srs_sha256),
+        }
 
     def check(self) -> None:
         for label, path, want in (

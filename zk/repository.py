@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from gateway.node.repository import render_config
@@ -106,3 +107,41 @@ def add_zk_model(
     shutil.copyfile(artefacts / RECORD_FILE, version_dir / RECORD_FILE)
     shutil.copyfile(TEMPLATE, version_dir / "model.py")
     return model_dir
+
+
+# --------------------------------------------------------------------------- onboarded models
+# `ztgate zk onboard MODEL` writes a registered model's artefacts beside the registry, at
+# <registry>/zk/<name>/<version>/. That directory, holding a zk.json for exactly the entry's
+# bytes, is what makes the entry zk-capable: nodes built from the registry serve its prover,
+# and the gateway loads its verifier set, with no list kept by hand anywhere.
+ZK_DIR = "zk"
+
+
+def onboarded_dir(registry_root: Path | str, name: str, version: str) -> Path:
+    return Path(registry_root).absolute() / ZK_DIR / name / version
+
+
+def onboarded(
+    registry_root: Path | str, entries: Iterable[ModelEntry]
+) -> list[tuple[ModelEntry, Path]]:
+    """The entries with artefacts onboarded for exactly their bytes (others are skipped:
+    a record for an older version of the file serves nothing)."""
+    found = []
+    for entry in entries:
+        d = onboarded_dir(registry_root, entry.name, entry.version)
+        if not (d / RECORD_FILE).is_file():
+            continue
+        try:
+            record = load_record(d / RECORD_FILE)
+        except ZkError:
+            continue
+        if record.model_sha256 == entry.sha256 and record.name == entry.name:
+            found.append((entry, d))
+    return found
+
+
+def add_onboarded(
+    repo_dir: Path | str, registry_root: Path | str, entries: Iterable[ModelEntry]
+) -> list[Path]:
+    """Serve ``<name>-zk`` beside every served entry that has onboarded artefacts."""
+    return [add_zk_model(repo_dir, e.name, d, e) for e, d in onboarded(registry_root, entries)]

@@ -31,6 +31,7 @@ import logging
 import multiprocessing
 import os
 import tempfile
+from collections.abc import Sequence
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ import numpy.typing as npt
 
 from gateway.workers import init_worker
 from zk.record import VerifierArtefacts, ZkError, ZkRecord, sha256_file
+from zk.tuning import softmax
 
 log = logging.getLogger(__name__)
 
@@ -151,13 +153,21 @@ def verify_proof(
     vk_path: Path | str,
     settings_path: Path | str,
     srs_path: Path | str,
+    sealed: bool = False,
 ) -> ZkResult:
-    """Check ``proof_json`` against this request and the registered model (see module doc)."""
+    """Check ``proof_json`` against this request and the registered model (see module doc).
+
+    ``sealed``: the files are a private read-only copy hashed when it was made
+    (`VerifierArtefacts.seal`), so they are not hashed again here."""
     vk, settings, srs = Path(vk_path), Path(settings_path), Path(srs_path)
     for label, path, want in (
-        ("vk", vk, record.vk_sha256),
-        ("settings", settings, record.settings_sha256),
-        ("srs", srs, record.srs_sha256),
+        ()
+        if sealed
+        else (
+            ("vk", vk, record.vk_sha256),
+            ("settings", settings, record.settings_sha256),
+            ("srs", srs, record.srs_sha256),
+        )
     ):
         try:
             got = _cached_sha256(path)
@@ -211,13 +221,25 @@ def verify_proof(
             "forged, corrupted, altered outputs, or made for other weights",
             **hashes,
         )
+    outputs = dequantise_outputs(ezkl, felts, record)
+    return ZkResult(True, outputs=tuple(outputs), canonical_proof=canonical, **hashes)
+
+
+def dequantise_outputs(
+    ezkl: Any, felts: Sequence[Any], record: ZkRecord
+) -> list[npt.NDArray[np.float32]]:
+    """The answer a verified proof states: its output instances dequantised, then whatever
+    the record says the gateway applies (a softmax the circuit leaves out, zk/tuning.py)."""
     outputs = []
-    offset = spec.size
+    offset = sum(t.size for t in record.inputs)
     for t in record.outputs:
         values = [ezkl.felt_to_float(f, t.scale) for f in felts[offset : offset + t.size]]
         offset += t.size
-        outputs.append(np.asarray(values, dtype=np.float32).reshape(t.shape))
-    return ZkResult(True, outputs=tuple(outputs), canonical_proof=canonical, **hashes)
+        arr = np.asarray(values, dtype=np.float64).reshape(t.shape)
+        if record.postprocess.get(t.name) == "softmax":
+            arr = softmax(arr)
+        outputs.append(np.asarray(arr, dtype=np.float32))
+    return outputs
 
 
 # --------------------------------------------------------------------------- worker pool
@@ -277,6 +299,7 @@ class ZkVerifierPool:
                     artefacts.vk,
                     artefacts.settings,
                     artefacts.srs,
+                    artefacts.sealed,
                 )
             except BrokenProcessPool as exc:
                 log.error("zk verifier worker died; rebuilding the pool")
@@ -288,4 +311,12 @@ class ZkVerifierPool:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-__all__ = ["REASONS", "ZkError", "ZkResult", "ZkVerifierPool", "quantise", "verify_proof"]
+__all__ = [
+    "REASONS",
+    "ZkError",
+    "ZkResult",
+    "ZkVerifierPool",
+    "dequantise_outputs",
+    "quantise",
+    "verify_proof",
+]

@@ -1,4 +1,5 @@
-"""`ztgate demo`: start a local cluster and gateway, send one request per mode, print it all."""
+"""`ztgate demo`: start a local cluster and gateway, send one request per mode and one
+generative stream, print it all."""
 
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ def register(sub: Any) -> None:
     p = sub.add_parser("demo", help="local cluster + gateway; one request in every mode")
     cluster_dir_option(p)
     p.add_argument("--nodes", type=int, default=3)
+    p.add_argument(
+        "--no-edge", action="store_true", help="skip the edge scene (a cut link, then reconciled)"
+    )
     p.set_defaults(func=_demo)
 
 
@@ -106,6 +110,13 @@ def _demo(args: argparse.Namespace) -> int:
             )
             print(f"            receipt {p.get('ztgate.receipt_id')}")
             print(f"            {p.get('ztgate.receipt')}")
+        from gateway.cli.demo_generate import generative_scene
+
+        failures += generative_scene(pki, cluster.gateway_port)
+        if not args.no_edge:
+            from gateway.cli.demo_edge import edge_scene
+
+            failures += edge_scene(cluster.root, cluster.config_path, PKI.open(pki).trust_domain)
         return 1 if failures else 0
     finally:
         os.killpg(gateway.pid, signal.SIGTERM)

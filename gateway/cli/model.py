@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,23 @@ def register(subparsers: Any) -> None:
         metavar="NAME=LOW:HIGH",
         help="an output's range, checked on mpc answers (repeatable; empty side unbounded)",
     )
+    gen = add.add_argument_group(
+        "generative models", "an ONNX next-token model (input_ids -> logits), served as a stream"
+    )
+    gen.add_argument("--generative", action="store_true", help="register a generative model")
+    gen.add_argument("--context-length", type=int, default=128, help="tokens it sees (128)")
+    gen.add_argument(
+        "--max-tokens", type=int, default=512, help="most tokens one request may ask for (512)"
+    )
+    gen.add_argument(
+        "--end-tokens", default=None, metavar="ID,...", help="default: the tokenizer's end token"
+    )
+    gen.add_argument(
+        "--tokenizer-sha256",
+        default=None,
+        metavar="HEX",
+        help="the tokenizer it was trained with (default: ztgate's byte-level tokenizer)",
+    )
     _registry_option(add)
     add.set_defaults(func=_add)
 
@@ -82,12 +100,46 @@ def _open(args: argparse.Namespace) -> Registry:
 
 
 def _add(args: argparse.Namespace) -> int:
+    if args.generative:
+        return _add_generative(args)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     ranges = dict(_output_range(text) for text in args.output_range)
     registry = _open(args)
     try:
         entry = registry.add(
             args.file, args.name, args.version, args.classification, modes, ranges or None
+        )
+    except RegistryError as exc:
+        raise UsageError(str(exc)) from exc
+    print(json.dumps(entry.to_json(), indent=2))
+    return 0
+
+
+def _add_generative(args: argparse.Namespace) -> int:
+    from gateway.llm.generative import MODES as GENERATIVE_MODES
+    from gateway.llm.generative import default_spec
+
+    if args.output_range:
+        raise UsageError("--output-range does not apply to generative models")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if tuple(modes) != GENERATIVE_MODES:
+        raise UsageError(
+            f"generative models allow only mode {','.join(GENERATIVE_MODES)} (zk, mpc and "
+            "redundant are defined for one tensor answer, not a sampled token stream)"
+        )
+    spec = default_spec(args.context_length, args.max_tokens)
+    try:
+        if args.end_tokens is not None:
+            ends = tuple(int(t) for t in args.end_tokens.split(",") if t.strip())
+            spec = dataclasses.replace(spec, end_tokens=ends)
+    except ValueError:
+        raise UsageError(f"--end-tokens {args.end_tokens!r}: expected ID,...") from None
+    if args.tokenizer_sha256 is not None:
+        spec = dataclasses.replace(spec, tokenizer_sha256=args.tokenizer_sha256)
+    registry = _open(args)
+    try:
+        entry = registry.add_generative(
+            args.file, args.name, args.version, args.classification, spec
         )
     except RegistryError as exc:
         raise UsageError(str(exc)) from exc
@@ -131,7 +183,8 @@ def _examples(args: argparse.Namespace) -> int:
 
 def _row(entry: ModelEntry) -> str:
     modes = ",".join(entry.allowed_modes)
-    return f"{entry.name}\t{entry.version}\t{entry.classification}\t{modes}"
+    kind = "\tgenerative" if entry.generative is not None else ""
+    return f"{entry.name}\t{entry.version}\t{entry.classification}\t{modes}{kind}"
 
 
 def _verify(args: argparse.Namespace) -> int:

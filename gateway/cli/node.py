@@ -61,6 +61,13 @@ def register(sub: Any) -> None:
     serve.add_argument("--check-interval", type=float, default=2.0, metavar="SECONDS")
     serve.add_argument("--max-restarts", type=int, default=5, help="per 5 minutes")
     serve.add_argument(
+        "--token-delay-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="generative models sleep this long per token (benchmarks of a slow model)",
+    )
+    serve.add_argument(
         "--zk-artefacts",
         type=Path,
         action="append",
@@ -79,9 +86,15 @@ def register(sub: Any) -> None:
     repo.add_argument("--models", help="comma-separated model names (default: all)")
     repo.add_argument(
         "--flavour",
-        choices=("python", "onnxruntime"),
+        choices=("python", "onnxruntime", "vllm"),
         default="onnxruntime",
-        help="onnxruntime: NVIDIA's Triton image; python: the wheel's tritonserver",
+        help="onnxruntime: NVIDIA's Triton image; python: the wheel's tritonserver; "
+        "vllm: Triton's vLLM backend for generative models (needs --vllm-model)",
+    )
+    repo.add_argument(
+        "--vllm-model",
+        metavar="REF",
+        help="with --flavour vllm: the Hugging Face model id or directory vLLM loads",
     )
     repo.add_argument("--zk-artefacts", type=Path, action="append", default=[], metavar="DIR")
     json_option(repo)
@@ -106,17 +119,27 @@ def _build_repository(args: argparse.Namespace, workdir: Path) -> Path:
             raise UsageError(f"--repository {args.repository} is not a directory")
         return Path(args.repository).absolute()
     repo = _from_registry(args.registry, args.models, workdir / "repository", "python")
-    _add_zk(repo, args.registry, args.zk_artefacts)
+    _add_zk(repo, args.registry, args.zk_artefacts, args.models)
     return repo
 
 
-def _add_zk(repo: Path, registry: Path, dirs: list[Path]) -> None:
-    """Serve `<name>-zk` (prove as well as answer) for each onboarded model given."""
-    if not dirs:
-        return
+def _add_zk(
+    repo: Path, registry: Path, dirs: list[Path], models: str | None = None, onboarded: bool = True
+) -> None:
+    """Serve `<name>-zk` (prove as well as answer) for each served model onboarded beside
+    the registry (`ztgate zk onboard NAME`), and for each onboarded model given."""
     from gateway.registry import Registry, RegistryError
     from zk.record import ZkError, load_record
-    from zk.repository import add_zk_model
+    from zk.repository import add_onboarded, add_zk_model
+
+    if onboarded:
+        wanted = {m.strip() for m in (models or "").split(",") if m.strip()}
+        try:
+            entries = Registry.open(registry).entries()
+            served = [e for e in entries if not wanted or e.name in wanted]
+            add_onboarded(repo, registry, served)
+        except (ZkError, RegistryError, OSError) as exc:
+            raise UsageError(f"serving onboarded zk models: {exc}") from exc
 
     for d in dirs:
         try:
@@ -133,16 +156,20 @@ def _add_zk(repo: Path, registry: Path, dirs: list[Path]) -> None:
 
 
 def _repository(args: argparse.Namespace) -> int:
-    out = _from_registry(args.registry, args.models, args.out, args.flavour)
+    if (args.flavour == "vllm") != bool(args.vllm_model):
+        raise UsageError("--vllm-model goes with --flavour vllm, and only with it")
+    out = _from_registry(args.registry, args.models, args.out, args.flavour, args.vllm_model)
     if args.zk_artefacts and args.flavour != "python":
         raise UsageError("--zk-artefacts needs --flavour python (the prover is a python model)")
-    _add_zk(out, args.registry, args.zk_artefacts)
+    _add_zk(out, args.registry, args.zk_artefacts, args.models, args.flavour == "python")
     text = f"{args.flavour} repository written to {out}"
     emit(args, {"repository": str(out), "flavour": args.flavour}, text)
     return 0
 
 
-def _from_registry(registry: Path, models: str | None, out: Path, flavour: str) -> Path:
+def _from_registry(
+    registry: Path, models: str | None, out: Path, flavour: str, vllm_model: str | None = None
+) -> Path:
     from gateway.node.repository import RepositoryError, build_repository
     from gateway.registry import Registry, RegistryError
 
@@ -156,7 +183,12 @@ def _from_registry(registry: Path, models: str | None, out: Path, flavour: str) 
             entries = [e for e in entries if e.name in wanted]
         if not entries:
             raise UsageError(f"no models to serve in {registry}")
-        return build_repository(entries, out, flavour=flavour)  # type: ignore[arg-type]
+        return build_repository(
+            entries,
+            out,
+            flavour=flavour,  # type: ignore[arg-type]
+            vllm_model=vllm_model,
+        )
     except (RegistryError, RepositoryError) as exc:
         raise UsageError(str(exc)) from exc
 
@@ -265,7 +297,13 @@ def _serve(args: argparse.Namespace) -> int:
         labels=labels,
         grpc_host=args.grpc_host,
     )
-    process = TritonProcess(spec, args.triton_home.absolute() if args.triton_home else None)
+    if not 0 <= args.token_delay_ms <= 10_000:
+        raise UsageError("--token-delay-ms must be between 0 and 10000")
+    process = TritonProcess(
+        spec,
+        args.triton_home.absolute() if args.triton_home else None,
+        env={"ZTGATE_TOKEN_DELAY_MS": str(args.token_delay_ms)} if args.token_delay_ms else None,
+    )
     process.progress = progress
     supervisor = NodeSupervisor(
         process,

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,10 @@ def register(sub: Any) -> None:
     p.add_argument("-o", "--output", type=Path, metavar="FILE",
                    help="write the report to FILE instead of stdout")  # fmt: skip
     p.add_argument("--now", metavar="ISO", help="judge key retirement as of this time")
+    p.add_argument("--held", action="append", default=[], type=Path, metavar="RECEIPT",
+                   help="a receipt a client holds: flagged unless the bundle's log holds "
+                   "it at its index (an edge's log rewritten after reconciliation; "
+                   "repeatable; bundles only)")  # fmt: skip
     p.set_defaults(func=_verify)
 
 
@@ -86,6 +91,13 @@ def _verify(args: argparse.Namespace) -> int:
             report = verify_path(
                 args.target, trust, args.require_witness, salts, now, args.witness_quorum
             )
+            if args.held:
+                from gateway.receipts.bundle import BundleReader
+                from gateway.receipts.held import check_held
+
+                if args.target.is_file() and not tarfile.is_tarfile(args.target):
+                    raise UsageError("--held checks receipts against a bundle, not a receipt")
+                check_held(BundleReader(args.target), args.held, trust, report)
     except (TrustError, BundleError) as exc:
         raise UsageError(str(exc)) from exc
     except (OSError, ValueError) as exc:

@@ -45,7 +45,49 @@ def register(sub: Any) -> None:
     _dir(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8090)
+    serve.add_argument(
+        "--vault",
+        action="store_true",
+        help="the core's witness for edge sites: keep every leaf and body they upload "
+        "(DIR/vault.db) and cosign only checkpoints whose leaves it holds",
+    )
+    path_option(
+        serve,
+        "--publish",
+        type=Path,
+        default=None,
+        metavar="PUBLISH_DIR",
+        help="serve this directory to edge sites under /publish: *.crl (the client CA's "
+        "CRL), *bundle.json (the signed policy bundle), models/* (docs/ddil.md)",
+    )
     serve.set_defaults(func=_serve)
+
+    export = verbs.add_parser(
+        "export",
+        help="an audit bundle of the edge logs this core's vault holds (what an auditor "
+        "verifies when an edge is gone)",
+    )
+    _dir(export)
+    export.add_argument(
+        "--origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="one edge log (repeatable; default: every log in the vault)",
+    )
+    path_option(export, "--out", type=Path, required=True, metavar="OUT",
+                help="bundle directory, or a .tar file")  # fmt: skip
+    json_option(export)
+    export.set_defaults(func=_export)
+
+    revoke = verbs.add_parser(
+        "revoke-log",
+        help="refuse every checkpoint a log key signs from now on (a captured edge site)",
+    )
+    _dir(revoke)
+    revoke.add_argument("origin_prefix", metavar="ORIGIN_PREFIX", help="as given to --trust-log")
+    json_option(revoke)
+    revoke.set_defaults(func=_revoke)
 
 
 def _dir(p: Any) -> None:
@@ -159,11 +201,12 @@ def _token_key(spec: Any, create: bool = False) -> Any:
         raise UsageError(f"witness key in the token: {exc}") from exc
 
 
-def load_witness(d: Path) -> Any:
+def load_witness(d: Path, with_vault: bool = False) -> Any:
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
     from gateway.pki import PKIError, load_signing_key
     from gateway.receipts.canonical import unb64
+    from gateway.receipts.vault import Vault
     from gateway.receipts.witness import TrustedLog, Witness
 
     try:
@@ -174,10 +217,12 @@ def load_witness(d: Path) -> Any:
             TrustedLog(
                 str(t["origin_prefix"]),
                 ed25519.Ed25519PublicKey.from_public_bytes(unb64(str(t["public_key"]), 32)),
+                revoked=bool(t.get("revoked_at")),
             )
             for t in cfg.get("trusted_logs", [])
         ]
-        return Witness(str(cfg["name"]), key, trusted, d / "state.json")
+        vault = Vault(d / "vault.db") if with_vault else None
+        return Witness(str(cfg["name"]), key, trusted, d / "state.json", vault=vault)
     except (OSError, ValueError, KeyError, PKIError) as exc:
         raise UsageError(f"{d}: not a usable witness directory: {exc}") from exc
 
@@ -193,8 +238,67 @@ def _serve(args: argparse.Namespace) -> int:
 
     from gateway.receipts.witness import witness_app
 
-    witness = load_witness(args.dir)
+    witness = load_witness(args.dir, with_vault=args.vault)
     if not witness.trusted:
         raise UsageError("the witness trusts no log key; add --trust-log at init")
-    uvicorn.run(witness_app(witness), host=args.host, port=args.port, log_level="warning")
+    app = witness_app(witness, publish=args.publish)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    """Marks the key revoked in witness.json, with the sizes this witness had cosigned for
+    each of its logs: receipts at or above those indices were never cosigned here, and
+    `ztgate verify` with the trust file's revocation flags them."""
+    import time
+
+    from gateway.files import atomic_write
+
+    path = args.dir / "witness.json"
+    cfg = json.loads(path.read_text())
+    state_file = args.dir / "state.json"
+    logs = json.loads(state_file.read_text()).get("logs", {}) if state_file.is_file() else {}
+    hits = [t for t in cfg.get("trusted_logs", []) if t["origin_prefix"] == args.origin_prefix]
+    if not hits:
+        raise UsageError(f"the witness trusts no log key for {args.origin_prefix!r}")
+    sizes = {o: int(s["size"]) for o, s in logs.items() if o.startswith(args.origin_prefix)}
+    for t in hits:
+        t.setdefault("revoked_at", int(time.time()))
+        t["cosigned_at_revocation"] = {**sizes, **t.get("cosigned_at_revocation", {})}
+    atomic_write(path, (json.dumps(cfg, indent=2) + "\n").encode(), mode=None)
+    out = {"origin_prefix": args.origin_prefix, "cosigned_at_revocation": sizes}
+    emit(
+        args,
+        out,
+        f"revoked {args.origin_prefix}; cosigned sizes: {sizes or 'none'}; restart the "
+        "witness (ztgate witness serve) for it to take effect",
+    )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from gateway.receipts.note import NoteKey
+    from gateway.receipts.vault import Vault, VaultError, export_vault
+
+    witness = load_witness(args.dir)
+    path = args.dir / "vault.db"
+    if not path.is_file():
+        raise UsageError(f"{args.dir} keeps no vault (serve it with --vault)")
+    vault = Vault(path)
+    try:
+        origins = args.origin or vault.origins()
+        vkeys = {}
+        for origin in origins:
+            keys = [k for t in witness.trusted if (k := t.key_for(origin)) is not None]
+            if not keys:
+                raise UsageError(f"the witness trusts no log key for {origin}")
+            vkeys[origin] = NoteKey(origin, keys[0].public_key).vkey()
+        try:
+            n = export_vault(vault, vkeys, {witness.key.name: witness.key.vkey()}, args.out)
+        except VaultError as exc:
+            raise UsageError(str(exc)) from exc
+    finally:
+        vault.close()
+    out = {"out": str(args.out), "logs": len(vkeys), "receipts": n}
+    emit(args, out, f"{n} receipts of {len(vkeys)} edge log(s) in {args.out}")
     return 0

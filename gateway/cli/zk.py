@@ -18,9 +18,18 @@ def register(subparsers: Any) -> None:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     onboard = verbs.add_parser("onboard", help="build circuit, keys and zk.json for a model")
-    onboard.add_argument("model", type=Path, metavar="MODEL.onnx")
-    onboard.add_argument("--name", required=True)
-    onboard.add_argument("--version", default="1")
+    onboard.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a registered model's name (one step: artefacts beside the registry, entry "
+        "marked zk-capable), or an ONNX file with --name",
+    )
+    onboard.add_argument("--name", default=None, help="the model's name (with an ONNX file)")
+    onboard.add_argument("--version", default=None, help="default: 1, or the latest registered")
+    onboard.add_argument(
+        "--registry", type=Path, default=Path(".ztgate/registry"), metavar="DIR",
+        help="registry directory, for a registered MODEL (default .ztgate/registry)",
+    )  # fmt: skip
     onboard.add_argument(
         "--calibration",
         type=Path,
@@ -35,6 +44,11 @@ def register(subparsers: Any) -> None:
     onboard.add_argument("--tolerance", type=float, default=1e-2)
     onboard.add_argument(
         "--scales", default=None, help="comma-separated fixed-point scales to try (7..11)"
+    )
+    onboard.add_argument(
+        "--no-tune",
+        action="store_true",
+        help="only try scales, at ezkl's default decomposition (no circuit search)",
     )
     json_option(onboard)
     onboard.set_defaults(func=_onboard)
@@ -72,31 +86,46 @@ def _onboard(args: argparse.Namespace) -> int:
     from zk.onboard import DEFAULT_SCALES, load_calibration, onboard
     from zk.record import ZkError
 
-    out = args.out or Path(".ztgate/zk") / args.name / args.version
+    registered = _registered(args)
+    name, version = (registered.name, registered.version) if registered else (args.name, "1")
+    version = args.version or version
+    model_path = registered.path if registered else Path(args.model)
+    if registered is not None:
+        from zk.repository import onboarded_dir
+
+        out = args.out or onboarded_dir(args.registry, name, version)
+    else:
+        out = args.out or Path(".ztgate/zk") / name / version
     scales = (
         tuple(int(s) for s in args.scales.split(",") if s.strip())
         if args.scales
         else DEFAULT_SCALES
     )
-    progress = Progress.of(args, f"zk onboard {args.name}")
+    progress = Progress.of(args, f"zk onboard {name}")
     try:
         result = onboard(
-            args.model,
-            args.name,
+            model_path,
+            name,
             load_calibration(args.calibration),
             out,
-            version=args.version,
+            version=version,
             mode=args.mode,
             srs=args.srs,
             srs_sha256=args.srs_sha256,
             tolerance=args.tolerance,
             scales=scales,
             progress=progress,
+            tune=not args.no_tune,
         )
     except ZkError as exc:
         raise UsageError(str(exc)) from exc
     progress.done()
     record = result.record
+    if registered is not None:
+        from gateway.registry import Registry
+
+        # Only now, with artefacts for exactly these bytes in place, may policy pick zk.
+        Registry.open(args.registry).allow_mode(name, version, "zk")
     warnings = (
         ["DEV-ONLY SRS generated here; production needs --mode production --srs"]
         if record.dev_srs
@@ -113,9 +142,17 @@ def _onboard(args: argparse.Namespace) -> int:
         "warnings": warnings,
     }
     lines = [
-        f"scale {t.scale}: logrows {t.logrows}, max |error| vs onnxruntime {t.max_abs_error:.3g}"
+        f"scale {t.scale}, base {t.decomp_base}^{t.decomp_legs}, {t.head}: "
+        + (
+            f"logrows {t.logrows} ({t.num_rows} rows), max |error| vs onnxruntime "
+            f"{t.max_abs_error:.3g}"
+            if t.logrows
+            else f"not built ({t.note})"
+        )
         for t in result.tried
     ]
+    if record.tuning:
+        lines.append(f"chose {record.tuning.get('reason', '')}")
     lines.append(f"onboarded {record.name} v{record.version} into {result.out_dir}")
     lines += [f"  {key + ':':16} {value}" for key, value in _record_lines(record.to_json())]
     lines.append("files:")
@@ -126,12 +163,30 @@ def _onboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registered(args: argparse.Namespace) -> Any:
+    """The registry entry MODEL names, or None when MODEL is an ONNX file (needs --name)."""
+    from gateway.registry import Registry, RegistryError
+
+    if Path(args.model).suffix == ".onnx" or Path(args.model).is_file():
+        if not args.name:
+            raise UsageError("an ONNX file needs --name (or give a registered model's name)")
+        return None
+    if args.name and args.name != args.model:
+        raise UsageError(f"--name {args.name!r} differs from the registered model {args.model!r}")
+    try:
+        return Registry.open(args.registry).get(args.model, args.version)
+    except RegistryError as exc:
+        raise UsageError(str(exc)) from exc
+
+
 def _record_lines(record: dict[str, Any]) -> list[tuple[str, str]]:
     """zk.json's fields as `key: value` text (tensors and quantisation in one line each)."""
     out: list[tuple[str, str]] = []
     for key, value in record.items():
         if key in ("inputs", "outputs"):
             value = ", ".join(f"{t['name']} {t['shape']} scale {t['scale']}" for t in value)
+        elif key == "tuning":
+            value = value.get("reason", "") if isinstance(value, dict) else value
         elif key == "quantisation":
             value = (
                 f"scale {value.get('scale')}, max |error| {value.get('max_abs_error', 0):.3g} "

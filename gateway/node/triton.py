@@ -49,6 +49,7 @@ from typing import Any, TextIO
 import psutil
 
 from gateway.files import atomic_write
+from gateway.node.repository import SCORE_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -631,7 +632,7 @@ class NodeSupervisor:
         self.history: list[RestartEvent] = []
         self.state = "stopped"  # stopped | running | restarting | failed
         self._stubs: set[int] = set()
-        self._probe: tuple[str, dict[str, Any]] | None = None
+        self._probe: tuple[str, str, dict[str, Any]] | None = None  # model, route, body
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -711,35 +712,73 @@ class NodeSupervisor:
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             self._probe = self._pick_probe()
 
-    def _pick_probe(self) -> tuple[str, dict[str, Any]] | None:
+    def _decoupled(self, name: str) -> bool:
+        _, config = _http_json(f"{self.process.http_base}/v2/models/{name}/config", 2.0)
+        policy = config.get("model_transaction_policy", {}) if isinstance(config, dict) else {}
+        return bool(policy.get("decoupled"))
+
+    def _pick_probe(self) -> tuple[str, str, dict[str, Any]] | None:
         base = self.process.http_base
         name = self.probe_model
         if name is None:
             _, index = _http_json(f"{base}/v2/repository/index", 2.0, body={"ready": True})
             names = sorted(m["name"] for m in index or [] if m.get("state") == "READY")
+            # A generative model's scorer (repository.score_model_name) runs the same ONNX
+            # file; probing the generative model itself also exercises its streaming code.
+            names = [
+                n
+                for n in names
+                if not (n.endswith(SCORE_SUFFIX) and n[: -len(SCORE_SUFFIX)] in names)
+            ]
             if not names:
                 return None
-            name = names[0]
+            # A decoupled (generative) model only if the node has nothing else: its probe
+            # runs the model for a token, where a unary one is a single cheap inference.
+            name = min(names, key=self._decoupled)
         status, meta = _http_json(f"{base}/v2/models/{name}", 2.0)
         if status != 200:
             return None
+        if self._decoupled(name):
+            # HTTP /infer refuses decoupled models; Triton's generate extension streams
+            # them. One token, greedy: each input a single zero (a valid id, no sampling).
+            fields: dict[str, Any] = {spec["name"]: 0 for spec in meta["inputs"]}
+            fields.update(max_tokens=1, temperature=0.0, top_p=1.0)
+            return name, "generate_stream", fields
         body = {"inputs": [_probe_tensor(spec) for spec in meta["inputs"]]}
-        return name, body
+        return name, "infer", body
 
     def probe(self) -> str | None:
         """One all-zero inference on loopback; why it failed, or None if it answered."""
         if self._probe is None:
             return None
-        name, body = self._probe
+        name, route, body = self._probe
+        if route == "generate_stream":
+            return self._probe_stream(name, body)
         try:
             status, answer = _http_json(
-                f"{self.process.http_base}/v2/models/{name}/infer", self.probe_timeout_s, body
+                f"{self.process.http_base}/v2/models/{name}/{route}", self.probe_timeout_s, body
             )
         except (OSError, ValueError) as exc:
             return f"probe inference on {name} failed: {exc}"
         if status != 200:
             detail = answer.get("error") if isinstance(answer, dict) else answer
             return f"probe inference on {name} failed ({status}): {detail}"
+        return None
+
+    def _probe_stream(self, name: str, body: dict[str, Any]) -> str | None:
+        url = f"{self.process.http_base}/v2/models/{name}/generate_stream"
+        req = urllib.request.Request(  # noqa: S310 - our loopback http URL
+            url, data=json.dumps(body).encode(), method="POST"
+        )
+        req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=self.probe_timeout_s) as resp:  # noqa: S310
+                # One token then the end: a few hundred bytes; the cap bounds a broken node.
+                events = resp.read(64 * 1024)
+        except (OSError, ValueError) as exc:
+            return f"probe stream on {name} failed: {exc}"
+        if not events.startswith(b"data:") or b'"error"' in events:
+            return f"probe stream on {name} failed: {events[:200]!r}"
         return None
 
     def _run(self) -> None:

@@ -134,15 +134,27 @@ class Pipeline:
         self.telemetry = telemetry or Telemetry()
 
     async def authenticated(
-        self, incoming: Incoming, handler: Callable[[Caller], Awaitable[R]], route: str = "call"
+        self,
+        incoming: Incoming,
+        handler: Callable[[Caller], Awaitable[R]],
+        route: str = "call",
+        named: Callable[[], str | None] | None = None,
     ) -> R:
         """Identity and admission, then `handler` inside the caller's concurrency slot, all
-        under the request's root span (the client's `traceparent` its parent)."""
+        under the request's root span (the client's `traceparent` its parent). `named`
+        gives the model a body named (routes whose path names none, such as /v1/*), once
+        the handler found it visible to the caller: a denial receipt then names it."""
         with self.telemetry.request(incoming.request_id, route, incoming.headers):
-            return await self._authenticated(incoming, handler)
+            return await self._authenticated(
+                incoming, handler, stale_ok=route == "infer", named=named
+            )
 
     async def _authenticated(
-        self, incoming: Incoming, handler: Callable[[Caller], Awaitable[R]]
+        self,
+        incoming: Incoming,
+        handler: Callable[[Caller], Awaitable[R]],
+        stale_ok: bool = False,
+        named: Callable[[], str | None] | None = None,
     ) -> R:
         """Identity and admission, then `handler` inside the caller's concurrency slot.
 
@@ -154,7 +166,7 @@ class Pipeline:
         try:
             try:
                 with stage("identity"):
-                    caller = self.identity(incoming.scope)
+                    caller = self.identity(incoming.scope, stale_ok=stale_ok)
                 async with contextlib.AsyncExitStack() as slot:
                     with stage("admission"):
                         await slot.enter_async_context(self.admission(caller))
@@ -166,7 +178,8 @@ class Pipeline:
             if isinstance(p, StateUnavailable) and isinstance(p.__cause__, StoreUnavailable):
                 self.on_state_lost(p.__cause__)
             if p.receipted and caller is not None and self.denial is not None:
-                entry = self.catalog.known(incoming.model)
+                model = incoming.model or (named() if named is not None else None)
+                entry = self.catalog.known(model)
                 with stage("denial_receipt", problem_type=problem_slug(p)):
                     await self.denial(caller, entry, p, incoming.request_id)
             raise
@@ -224,7 +237,10 @@ class Pipeline:
                 s.set(nodes=",".join(outcome.nodes), attempts=outcome.attempts)
             self.stats.mark("output")
             with stage("receipt"):
-                receipt = None if self.receipt is None else await self.receipt(decided, outcome)
+                receipt = None
+                if self.receipt is not None:
+                    # A @proof obligation may change what the client is shown (docs/zk.md).
+                    outcome, receipt = await self.receipt.answer(decided, outcome)
         except Problem as p:
             p.extra.setdefault("decision_id", decision.id)
             raise

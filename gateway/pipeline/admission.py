@@ -45,11 +45,13 @@ class IdentityStage:
         self.resolver = resolver
         self.revocations = revocations
 
-    def __call__(self, scope: Mapping[str, Any]) -> Caller:
+    def __call__(self, scope: Mapping[str, Any], *, stale_ok: bool = False) -> Caller:
+        """`stale_ok`: an inference, where policy decides what stale revocation data still
+        allows (@stale, PolicyStage); everything else fails closed here."""
         identity = self.resolver.resolve(dict(scope))
         if self.revocations.revoked(identity.issuer, identity.serial):
             raise Unauthenticated("client certificate has been revoked")
-        if self.revocations.stale():
+        if not stale_ok and self.revocations.stale():
             # Fail closed: the last-known set may be missing a revocation by now. The
             # nodes are fine, so this is the shared store's problem type.
             raise StateUnavailable(

@@ -101,6 +101,7 @@ class Decided:
             deadline=self.deadline,
             allowed=self.node_allowed,
             request_id=a.incoming.request_id,
+            spot_check=self.decision.spot_check if self.mode == "none" else None,
         )
 
 
@@ -128,6 +129,12 @@ class Answer:
         }
         if outcome.nonfinite:
             params["ztgate.nonfinite"] = True
+        # A @proof("lazy...") answer: pending (status unverified-pending, proven by the
+        # deadline) or unscheduled (unverified, recorded as such); docs/zk.md.
+        for key in ("lazy_proof", "lazy_proof_deadline"):
+            value = outcome.evidence.get(key)
+            if isinstance(value, str):
+                params[f"ztgate.{key}"] = value
         if receipt is not None:
             params["ztgate.receipt_id"] = receipt.receipt.receipt_id
             params["ztgate.receipt"] = receipt.summary

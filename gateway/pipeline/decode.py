@@ -255,12 +255,16 @@ class NonceStage:
         self.window_s = window_s
 
     async def __call__(self, asked: Asked) -> None:
-        nonce = asked.incoming.headers.get(NONCE_HEADER)
+        await self.check(asked.incoming.headers, asked.caller)
+
+    async def check(self, headers: Mapping[str, str], caller: Caller) -> None:
+        """The same check for a front that decodes its own requests (gateway.generate)."""
+        nonce = headers.get(NONCE_HEADER)
         if nonce is None:
             return
         if not (1 <= len(nonce) <= 128 and nonce.isascii() and nonce.isprintable()):
             raise BadRequest(f"{NONCE_HEADER} must be 1-128 printable ASCII characters")
-        key = f"nonce:{asked.caller.identity.spiffe_id}:{nonce}"
+        key = f"nonce:{caller.identity.spiffe_id}:{nonce}"
         try:
             fresh = await self.store.check_nonce(key, self.window_s)
         except StoreUnavailable as exc:

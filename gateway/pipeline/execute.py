@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.identity import Identity
 from gateway.job import Outcome
@@ -25,6 +27,9 @@ from gateway.routing.router import Router
 from gateway.verify import Verifier
 from gateway.verify.spotcheck import SpotChecks
 
+if TYPE_CHECKING:
+    from zk.lazy import LazyProofs, Ticket
+
 log = logging.getLogger(__name__)
 
 RECEIPT_HEADER = "ztgate-receipt"
@@ -38,12 +43,22 @@ RECEIPTED_EVIDENCE = frozenset(
         "srs_sha256",
         "dev_srs",
         "logrows",
+        "postprocess",  # zk: a softmax the gateway applied to the proven logits
+        "lazy_proof",  # pending | unscheduled: a @proof("lazy") answer (zk/lazy.py)
+        "lazy_proof_deadline",
         "dealer",
         "session",
         "providers",
         "spot_check",
     }
 )
+
+
+def _material(value: object) -> Path | tuple[Path, str]:
+    """A verification material file: a path, or (path, sha256) when hashed at load."""
+    if isinstance(value, tuple | list):
+        return Path(value[0]), str(value[1])
+    return Path(str(value))
 
 
 class RouteStage:
@@ -90,9 +105,56 @@ class ReceiptStage:
     def __init__(self, service: ReceiptService, spot: SpotChecks | None = None) -> None:
         self.service = service
         self.spot = spot
+        self.lazy: LazyProofs | None = None  # set where zk is configured (runtime)
+
+    async def _lazy(self, decided: Decided, outcome: Outcome) -> tuple[Outcome, Ticket | None]:
+        """A permit's @proof("lazy") on a mode-`none` answer: reserve its proof, or let the
+        obligation decide when it cannot be scheduled (refuse, prove it now as mode zk
+        would, or record it unverified)."""
+        obligation = decided.decision.proof
+        if decided.mode != "none" or obligation is None:
+            return outcome, None
+        asked = decided.asked
+        ticket = None
+        if self.lazy is not None:
+            ticket = self.lazy.reserve(
+                decided.job(),
+                outcome,
+                asked.caller.identity.spiffe_id,
+                lambda n: decided.decision.node_allowed("zk", n.name),
+            )
+        if ticket is not None:
+            evidence = {
+                **outcome.evidence,
+                "lazy_proof": "pending",
+                "lazy_proof_deadline": ticket.deadline_text,
+            }
+            return replace(outcome, status="unverified-pending", evidence=evidence), ticket
+        if self.lazy is not None:
+            self.lazy.counts["unscheduled"] += 1
+            if obligation == "lazy-or-eager":
+                # The answer given is the proven one: mode zk's outcome, on the nodes the
+                # same decision allows in mode zk (its failure is mode zk's problem).
+                proven = await self.lazy.prove_now(
+                    decided.job(), lambda n: decided.decision.node_allowed("zk", n.name)
+                )
+                return proven, None
+        if obligation in ("lazy", "lazy-or-eager"):
+            raise NoHealthyNode(
+                "the policy requires a lazy proof of this answer and none can be scheduled "
+                "now (proof queue full, or no prover for the model)",
+                retry_after=1,
+            )
+        return replace(outcome, evidence={**outcome.evidence, "lazy_proof": "unscheduled"}), None
 
     async def __call__(self, decided: Decided, outcome: Outcome) -> Issued:
+        return (await self.answer(decided, outcome))[1]
+
+    async def answer(self, decided: Decided, outcome: Outcome) -> tuple[Outcome, Issued]:
+        """The outcome as receipted (a lazy proof's status, or an eager proof's answer,
+        which is what the client must be shown) and its receipt."""
         asked = decided.asked
+        outcome, ticket = await self._lazy(decided, outcome)
         evidence = outcome.evidence
         try:
             issued = await self.service.answer(
@@ -110,7 +172,17 @@ class ReceiptStage:
                 nodes=outcome.nodes,
                 request_id=asked.incoming.request_id,
                 extensions={
-                    k: ext_value(v) for k, v in sorted(evidence.items()) if k in RECEIPTED_EVIDENCE
+                    **{
+                        k: ext_value(v)
+                        for k, v in sorted(evidence.items())
+                        if k in RECEIPTED_EVIDENCE
+                    },
+                    # Answered on revocation data past its staleness budget (@stale): how old.
+                    **(
+                        {"revocation_stale_s": decided.decision.revocation_stale_s}
+                        if decided.decision.revocation_stale_s is not None
+                        else {}
+                    ),
                 },
             )
             proof = evidence.get("proof")
@@ -118,15 +190,22 @@ class ReceiptStage:
             if isinstance(proof, str) and isinstance(material, dict):
                 self.service.save_evidence(
                     issued.receipt.receipt_id,
-                    {"proof.json": proof.encode(), **{k: Path(v) for k, v in material.items()}},
+                    {
+                        "proof.json": proof.encode(),
+                        **{k: _material(v) for k, v in material.items()},
+                    },
                 )
         except (LogError, LogFrozen, OSError) as exc:
             # Never an answer without a receipt.
             log.error("receipt log refused an answer's receipt: %s", exc)
+            if ticket is not None and self.lazy is not None:
+                self.lazy.release(ticket)
             raise NoHealthyNode("the receipt log is unavailable", retry_after=5) from exc
+        if ticket is not None and self.lazy is not None:
+            self.lazy.offer(ticket, issued.receipt.receipt_id)
         if self.spot is not None and evidence.get("spot_check") == "scheduled":
             self.spot.offer(decided.job(), outcome, issued.receipt.receipt_id)
-        return issued
+        return outcome, issued
 
 
 class DenialStage:

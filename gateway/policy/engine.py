@@ -19,6 +19,7 @@ client text: it is keyed by the policy literal it equals, or `other` (`purpose_k
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -56,6 +57,11 @@ class _Key(NamedTuple):
     payload_class: str
     hour: int
     purpose: str  # `PolicyEngine.purpose_key`, not the client's text
+    # Generative requests: exact, so no cached allow crosses a token cap (0 for tensors).
+    prompt_tokens: int = 0
+    max_tokens: int = 0
+    temperature_milli: int = 0
+    top_p_milli: int = 0
 
 
 class PairResult(NamedTuple):
@@ -79,6 +85,18 @@ class InferDecision:
     policy_hash: str
     reason: str
     pairs: Mapping[tuple[str, str], PairResult]  # every (mode, node) evaluated
+    # The highest @spot_check among the permits behind an allowed mode-`none` pair: a
+    # floor under the configured spot-check rates (docs/reputation.md).
+    spot_check: F.SpotCheckRate | None = None
+    # The token limits (@tokens_per_minute, @token_budget) of the permits behind any
+    # allowed pair, the lowest per window length: generative models only.
+    token_budgets: tuple[F.TokenBudget, ...] = ()
+    # The strictest @proof among the permits behind an allowed mode-`none` pair: the answer
+    # is proven later by a zk-capable node (docs/zk.md, "Lazy proofs").
+    proof: str | None = None
+    # Set when revocation data was past its staleness budget and @stale permits kept
+    # these modes (PolicyEngine.past_staleness): how stale, in whole seconds.
+    revocation_stale_s: int | None = None
 
     def node_allowed(self, mode: str, node: str) -> bool:
         return node in self.nodes_by_mode.get(mode, ())
@@ -173,6 +191,12 @@ class PolicyEngine:
         self._rates = {
             p.id: p.rate or default_rate for p in source.policies if p.effect == "permit"
         }
+        self._proofs = {p.id: p.proof for p in source.policies if p.proof is not None}
+        self._stale = {p.id: p.stale for p in source.policies if p.stale is not None}
+        self._spot_checks = {
+            p.id: p.spot_check for p in source.policies if p.spot_check is not None
+        }
+        self._token_budgets = {p.id: p.token_budgets for p in source.policies if p.token_budgets}
         self._node_json = {n.name: F.node_record(n) for n in nodes}
         # Cedar lists reasons in no fixed order; report them in file order.
         self._order = {p.id: i for i, p in enumerate(source.policies)}
@@ -215,6 +239,10 @@ class PolicyEngine:
             F.payload_class(ctx.payload_bytes),
             F.utc_hour(ctx.now),
             self.purpose_key(ctx.purpose),
+            ctx.prompt_tokens,
+            ctx.max_tokens,
+            ctx.temperature_milli,
+            ctx.top_p_milli,
         )
         everyone = len({n.provider for n in nodes})
         pairs = [(m, n, everyone if m in F.MULTI_NODE_MODES else 1) for m in F.MODES for n in nodes]
@@ -271,6 +299,10 @@ class PolicyEngine:
                     "hour": base.hour,
                     "purpose": purpose,
                     "distinct_providers": count,
+                    "prompt_tokens": base.prompt_tokens,
+                    "max_tokens": base.max_tokens,
+                    "temperature_milli": base.temperature_milli,
+                    "top_p_milli": base.top_p_milli,
                 },
             }
             for _, mode, node, count in misses
@@ -303,6 +335,8 @@ class PolicyEngine:
         modes: list[str] = []
         by_mode: dict[str, tuple[str, ...]] = {}
         permits: set[tuple[str, ...]] = set()  # determining ids of allowed pairs
+        spot: F.SpotCheckRate | None = None  # strictest @spot_check behind allowed `none`
+        proof: str | None = None  # strictest @proof behind allowed `none`
         forbids: list[str] = []
         errors: list[str] = []
         for mode in F.MODES:
@@ -316,6 +350,11 @@ class PolicyEngine:
                     if offered:
                         ok.append(node.name)
                         permits.add(r.determining)
+                        if mode == "none":
+                            for pid in r.determining:
+                                got = self._spot_checks.get(pid)
+                                spot = got.stricter(spot) if got is not None else spot
+                                proof = F.stricter_proof(proof, self._proofs.get(pid))
                 else:
                     forbids.extend(r.determining)
             if ok:
@@ -341,6 +380,13 @@ class PolicyEngine:
             policy_hash=self.policy_hash,
             reason=reason,
             pairs=results,
+            spot_check=spot if modes else None,
+            proof=proof if modes else None,
+            token_budgets=F.strictest_budgets(
+                b
+                for pid in (determining if modes else ())
+                for b in self._token_budgets.get(pid, ())
+            ),
         )
 
     def _denied(self, reason: str) -> InferDecision:
@@ -432,6 +478,36 @@ class PolicyEngine:
             r.errors,
             self.policy_hash,
             reason,
+        )
+
+    def past_staleness(self, decision: InferDecision, stale_s: float) -> InferDecision:
+        """The decision as it stands with revocation data past its staleness budget: only
+        the (mode, node) pairs a determining permit keeps with @stale ("serve": any mode,
+        "verified": not `none`). Nothing kept: not allowed (deny by default)."""
+        kept: dict[str, tuple[str, ...]] = {}
+        for mode in decision.modes:
+            nodes = tuple(
+                node
+                for node in decision.nodes_by_mode.get(mode, ())
+                if any(
+                    self._stale.get(pid) == "serve"
+                    or (self._stale.get(pid) == "verified" and mode != "none")
+                    for pid in decision.pairs[(mode, node)].determining
+                )
+            )
+            if nodes:
+                kept[mode] = nodes
+        modes = tuple(m for m in decision.modes if m in kept)
+        reason = f"revocation data is {int(stale_s)}s old, past its staleness budget: " + (
+            f"{', '.join(modes)} kept by @stale" if modes else "no permit keeps serving (@stale)"
+        )
+        return dataclasses.replace(
+            decision,
+            allowed=bool(modes),
+            modes=modes,
+            nodes_by_mode=kept,
+            reason=reason if not modes else decision.reason,
+            revocation_stale_s=int(stale_s),
         )
 
     # ------------------------------------------------------------------ plumbing
@@ -599,6 +675,12 @@ def decision_record(
             nodes=list(nodes),
             rate=str(decision.rate) if decision.rate else None,
         )
+        if mode == "none" and decision.spot_check is not None:
+            record["spot_check"] = str(decision.spot_check)
+        if mode == "none" and decision.proof is not None:
+            record["proof"] = decision.proof
+        if decision.revocation_stale_s is not None:
+            record["revocation_stale_s"] = decision.revocation_stale_s
     else:
         allowed = decision.allowed
         record["action"] = decision.action

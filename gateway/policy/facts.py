@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,112 @@ class Rate:
         return f"{self.count}/{unit}" if unit else f"{self.count}/{self.per_seconds}s"
 
 
+_SPOT_RE = re.compile(r"(?:(suspect|established|trusted)\s*=\s*)?([0-9]+(?:\.[0-9]+)?)%")
+STANDINGS: tuple[str, ...] = ("suspect", "established", "trusted")
+
+
+# @proof obligations, strictest first: "lazy" refuses an answer it cannot schedule a proof
+# for (queue full, no prover); "lazy-or-eager" proves it before answering, as mode zk;
+# "lazy-or-unverified" answers and records it unverified.
+PROOF_OBLIGATIONS: tuple[str, ...] = ("lazy", "lazy-or-eager", "lazy-or-unverified")
+
+
+def stricter_proof(a: str | None, b: str | None) -> str | None:
+    if a is None or b is None:
+        return a or b
+    return min(a, b, key=PROOF_OBLIGATIONS.index)
+
+
+@dataclass(frozen=True, slots=True)
+class SpotCheckRate:
+    """A permit's `@spot_check`: the least share of its mode-`none` answers re-run on
+    another provider, by the answering node's standing (docs/reputation.md). A floor:
+    the gateway's configured rates may raise it, never lower it."""
+
+    suspect: float
+    established: float
+    trusted: float
+
+    @classmethod
+    def parse(cls, text: str) -> SpotCheckRate:
+        """'5%' (every standing) or 'suspect=25%, established=5%, trusted=2%'."""
+        parts = [p.strip() for p in text.split(",")]
+        got: dict[str | None, float] = {}
+        for part in parts:
+            m = _SPOT_RE.fullmatch(part)
+            if m is None or m.group(1) in got:
+                got = {}
+                break
+            got[m.group(1)] = float(m.group(2)) / 100
+        if set(got) == {None}:
+            got = dict.fromkeys(STANDINGS, got[None])
+        if set(got) != set(STANDINGS):
+            raise ValueError(
+                f"spot check {text!r} is not a percentage ('5%') or one per standing "
+                "('suspect=25%, established=5%, trusted=2%')"
+            )
+        if not all(0 < got[s] <= 1 for s in STANDINGS):
+            raise ValueError(f"spot check {text!r}: each rate must be above 0% and at most 100%")
+        return cls(got["suspect"], got["established"], got["trusted"])
+
+    def at(self, standing: str) -> float:
+        return float(getattr(self, standing)) if standing in STANDINGS else self.suspect
+
+    def stricter(self, other: SpotCheckRate | None) -> SpotCheckRate:
+        """The higher rate at each standing: the strictest permit wins."""
+        if other is None:
+            return self
+        return SpotCheckRate(
+            max(self.suspect, other.suspect),
+            max(self.established, other.established),
+            max(self.trusted, other.trusted),
+        )
+
+    def __str__(self) -> str:
+        return ", ".join(f"{s}={100 * self.at(s):g}%" for s in STANDINGS)
+
+
+_BUDGET_RE = re.compile(r"([1-9][0-9]{0,11})/(minute|hour|day|week)")
+_BUDGET_SECONDS = {"minute": 60, "hour": 3600, "day": 86400, "week": 7 * 86400}
+
+
+@dataclass(frozen=True, slots=True)
+class TokenBudget:
+    """At most `count` tokens (prompt and generated) per `per_seconds` window, per client
+    identity: a permit's `@tokens_per_minute("N")` or `@token_budget("N/day")`."""
+
+    count: int
+    per_seconds: int
+
+    @classmethod
+    def parse(cls, text: str) -> TokenBudget:
+        """'1000000/day' -> TokenBudget(1000000, 86400); per minute, hour, day or week."""
+        m = _BUDGET_RE.fullmatch(text.strip())
+        if m is None:
+            raise ValueError(
+                f"token budget {text!r} is not N/minute, N/hour, N/day or N/week "
+                "with N a positive whole number"
+            )
+        return cls(int(m.group(1)), _BUDGET_SECONDS[m.group(2)])
+
+    @classmethod
+    def per_minute(cls, text: str) -> TokenBudget:
+        """'20000' -> TokenBudget(20000, 60)."""
+        return cls.parse(f"{text.strip()}/minute")
+
+    def __str__(self) -> str:
+        unit = {v: k for k, v in _BUDGET_SECONDS.items()}.get(self.per_seconds)
+        return f"{self.count}/{unit}" if unit else f"{self.count}/{self.per_seconds}s"
+
+
+def strictest_budgets(budgets: Iterable[TokenBudget]) -> tuple[TokenBudget, ...]:
+    """The lowest count for each window length, shortest window first: all of them hold."""
+    least: dict[int, int] = {}
+    for b in budgets:
+        least[b.per_seconds] = min(b.count, least.get(b.per_seconds, b.count))
+    return tuple(TokenBudget(c, s) for s, c in sorted(least.items()))
+
+
 @dataclass(frozen=True, slots=True)
 class IdentityFacts:
     """The caller, as its verified certificate says (see gateway.identity.Identity)."""
@@ -131,6 +238,12 @@ class InferContext:
     payload_bytes: int
     purpose: str = ""
     now: dt.datetime | None = None  # None: the current time
+    # Generative requests only (0 otherwise): token counts and sampling parameters, never
+    # the text; sampling parameters in thousandths, since Cedar has no floats.
+    prompt_tokens: int = 0
+    max_tokens: int = 0
+    temperature_milli: int = 0
+    top_p_milli: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,8 +368,10 @@ def infer_context(
     hour: int,
     purpose: str,
     distinct_providers: int,
+    tokens: tuple[int, int, int, int] = (0, 0, 0, 0),
 ) -> dict[str, Any]:
-    """Every attribute the schema declares for `infer`, always all of them."""
+    """Every attribute the schema declares for `infer`, always all of them. `tokens`:
+    prompt_tokens, max_tokens, temperature_milli, top_p_milli (all 0 for tensors)."""
     return {
         "mode": mode,
         "node": node_record(node),
@@ -265,6 +380,10 @@ def infer_context(
         "hour": hour,
         "purpose": purpose,
         "distinct_providers": distinct_providers,
+        "prompt_tokens": tokens[0],
+        "max_tokens": tokens[1],
+        "temperature_milli": tokens[2],
+        "top_p_milli": tokens[3],
     }
 
 

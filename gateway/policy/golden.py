@@ -14,6 +14,8 @@ same batched, cached path the gateway uses), not through Cedar alone. Format::
       "nodes": [{"name": "n1", "region": "eu-west", "provider": "prov-a", "trust": 1}],
       "context": {"mode": "none", "node": "n1", "batch_size": 1,
                   "payload_bytes": 1024, "purpose": "", "hour": 12},
+                  (generative models add prompt_tokens, max_tokens, temperature_milli
+                  and top_p_milli)
       "expect": ["apps-call-public-internal"]        (optional: policies that must decide)
     }
 
@@ -156,6 +158,11 @@ def parse_request(raw: Any) -> Request:
         payload_bytes=_int(c, "payload_bytes", 1024),
         purpose=_str(c, "purpose"),
         now=dt.datetime(2025, 1, 1, hour, tzinfo=dt.UTC),
+        # Generative requests (0: a tensor request): counts and sampling, never text.
+        prompt_tokens=_int(c, "prompt_tokens", 0),
+        max_tokens=_int(c, "max_tokens", 0),
+        temperature_milli=_int(c, "temperature_milli", 0),
+        top_p_milli=_int(c, "top_p_milli", 0),
     )
     return Request(model=model, nodes=nodes, mode=mode, node=node, context=ctx, **common)
 

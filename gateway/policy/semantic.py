@@ -57,6 +57,10 @@ _RANGES: dict[str, tuple[int, int | None]] = {
     "context.hour": (0, 23),
     "context.batch_size": (1, None),
     "context.distinct_providers": (1, None),
+    "context.prompt_tokens": (0, None),
+    "context.max_tokens": (0, None),
+    "context.temperature_milli": (0, None),
+    "context.top_p_milli": (0, None),
 }
 _RESOURCE_LEAVES: dict[str, tuple[str, ...]] = {
     "Model": ("classification", "owner", "residency", "allowed_modes"),
@@ -72,6 +76,10 @@ _CONTEXT_LEAVES = (
     "hour",
     "purpose",
     "distinct_providers",
+    "prompt_tokens",
+    "max_tokens",
+    "temperature_milli",
+    "top_p_milli",
 )
 _NODE_LEAVES = ("name", "region", "region_prefixes", "provider", "trust")
 
@@ -959,6 +967,10 @@ _LABELS = {
     "context.hour": "hour (UTC)",
     "context.purpose": "purpose",
     "context.distinct_providers": "distinct providers",
+    "context.prompt_tokens": "prompt tokens",
+    "context.max_tokens": "max tokens",
+    "context.temperature_milli": "temperature (x1000)",
+    "context.top_p_milli": "top_p (x1000)",
 }
 
 

@@ -25,7 +25,23 @@ from gateway.policy.identities import EMPTY, IdentityMap, parse_identities
 
 SCHEMA_FILE = "schema.cedarschema"
 IDENTITIES_FILE = "identities.json"
-KNOWN_ANNOTATIONS = frozenset({"id", "rate", "description", "removes"})
+KNOWN_ANNOTATIONS = frozenset(
+    {
+        "id",
+        "rate",
+        "description",
+        "removes",
+        "spot_check",
+        "tokens_per_minute",
+        "token_budget",
+        "proof",
+        "stale",
+    }
+)
+# @stale: what a permit still grants once revocation data is past its staleness budget
+# (a cut-off edge). "serve": every mode it grants; "verified": all but `none`. A permit
+# without it grants nothing then: stale revocations fail closed unless policy says.
+STALE_GRANTS = ("serve", "verified")
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 _EOF = "unexpected end of input"
 
@@ -83,6 +99,12 @@ class PolicyInfo:
     rate: F.Rate | None
     text: str  # the policy's own source, annotations included
     removes: tuple[str, ...] = ()  # @removes: rule ids this edit deletes on purpose
+    spot_check: F.SpotCheckRate | None = None  # @spot_check: least mode-none check rate
+    # @tokens_per_minute and @token_budget: generative models' token limits per identity
+    token_budgets: tuple[F.TokenBudget, ...] = ()
+    # @proof("lazy"): a mode-`none` answer under this permit is proven later (docs/zk.md)
+    proof: str | None = None
+    stale: str | None = None  # @stale: see STALE_GRANTS
 
 
 @dataclass(frozen=True)
@@ -346,7 +368,11 @@ def _policy_info(
         bad(f"@id {pid!r}: use letters, digits and _ . : - (at most 128)", pid)
         return None
     for key in sorted(set(ann) - KNOWN_ANNOTATIONS):
-        bad(f"unknown annotation @{key}; the gateway reads @id, @rate and @description", pid)
+        bad(
+            f"unknown annotation @{key}; "
+            "the gateway reads @id, @rate, @spot_check and @description",
+            pid,
+        )
     admin = admin_finding(body)
     if admin is not None:
         bad(admin, pid)
@@ -366,7 +392,55 @@ def _policy_info(
             rate = F.Rate.parse(ann["rate"])
         except ValueError as exc:
             bad(f"@rate: {exc}", pid)
-    return PolicyInfo(pid, name, line, body["effect"], rate, chunk, removes)
+    spot_check = None
+    if "spot_check" in ann:
+        if body["effect"] != "permit":
+            bad("@spot_check belongs on a permit; a forbid allows no answer to check", pid)
+        try:
+            spot_check = F.SpotCheckRate.parse(ann["spot_check"])
+        except ValueError as exc:
+            bad(f"@spot_check: {exc}", pid)
+    budgets: list[F.TokenBudget] = []
+    for key, parse in (
+        ("tokens_per_minute", F.TokenBudget.per_minute),
+        ("token_budget", F.TokenBudget.parse),
+    ):
+        if key in ann:
+            if body["effect"] != "permit":
+                bad(f"@{key} belongs on a permit; a forbid allows no tokens to limit", pid)
+            try:
+                budgets.append(parse(ann[key]))
+            except ValueError as exc:
+                bad(f"@{key}: {exc}", pid)
+    stale = None
+    if "stale" in ann:
+        if body["effect"] != "permit":
+            bad("@stale belongs on a permit; a forbid grants nothing to keep", pid)
+        elif ann["stale"] not in STALE_GRANTS:
+            bad(f"@stale: one of {', '.join(STALE_GRANTS)} (none: refuse when stale)", pid)
+        else:
+            stale = ann["stale"]
+    proof = None
+    if "proof" in ann:
+        if body["effect"] != "permit":
+            bad("@proof belongs on a permit; a forbid allows no answer to prove", pid)
+        elif ann["proof"] not in F.PROOF_OBLIGATIONS:
+            bad(f"@proof: one of {', '.join(F.PROOF_OBLIGATIONS)}", pid)
+        else:
+            proof = ann["proof"]
+    return PolicyInfo(
+        pid,
+        name,
+        line,
+        body["effect"],
+        rate,
+        chunk,
+        removes,
+        spot_check,
+        tuple(budgets),
+        proof=proof,
+        stale=stale,
+    )
 
 
 def _check_unique_ids(policies: list[PolicyInfo], findings: list[Finding]) -> None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +26,7 @@ import httpx
 
 from gateway.receipts.log import LogError, ReceiptLog
 from gateway.receipts.note import Checkpoint, SignedNote, WitnessKey, parse_signature_lines
+from gateway.receipts.vault import MAX_UPLOAD_LEAVES, Upload, has_body
 from gateway.receipts.witness import WitnessRefused, add_checkpoint_body
 
 __all__ = ["Checkpointer", "WitnessClient"]
@@ -31,16 +34,77 @@ __all__ = ["Checkpointer", "WitnessClient"]
 log = logging.getLogger(__name__)
 
 WITNESS_TIMEOUT_S = 10.0
+UPLOAD_LEAVES = 512  # per request: small enough to finish between flaps of a poor link
+MAX_UPLOAD_REQUESTS = 10_000  # per round: the loop ends even if the core keeps moving
 
 
 class WitnessClient:
     """Pushes checkpoints to one witness over C2SP tlog-witness ``add-checkpoint``."""
 
-    def __init__(self, key: WitnessKey, url: str, http: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self,
+        key: WitnessKey,
+        url: str,
+        http: httpx.AsyncClient | None = None,
+        *,
+        vault: bool = False,
+    ) -> None:
+        """`vault`: this witness is the core's and keeps the edge's evidence: upload the
+        leaves and bodies it lacks before asking it to cosign (gateway.receipts.vault)."""
         self.key = key
         self.name = key.name
         self.url = url.rstrip("/")
+        self.vault = vault
+        # An edge pulling from its core (gateway/uplink.py): upload only once revocations
+        # were pulled since the link came back (revocations first).
+        self.ready: Callable[[], bool] | None = None
+        self.uploaded_bytes = 0  # compressed request bodies, for the DDIL figures
+        self._resend = False
         self._http = http or httpx.AsyncClient(timeout=WITNESS_TIMEOUT_S)
+
+    async def reconcile(self, source: ReceiptLog, size: int) -> None:
+        """Upload what the core's vault lacks of the first `size` leaves of `source`.
+
+        Resumable: the core says how much it holds, and each request adds a batch. After
+        the core found the pending leaves did not reproduce a root (a partial upload
+        replaced by a re-signed head, say), everything above the cosigned size goes again."""
+        if self.ready is not None and not self.ready():
+            raise WitnessRefused(425, "waiting for revocations from the core first")
+        r = await self._http.get(f"{self.url}/vault", params={"origin": source.origin})
+        if r.status_code != 200:
+            raise WitnessRefused(r.status_code, r.text)
+        try:
+            state = r.json()
+            start = int(state["cosigned"] if self._resend else state["stored"])
+        except (ValueError, KeyError, TypeError):
+            raise WitnessRefused(r.status_code, "the core's vault answered garbage") from None
+        self._resend = False
+        for _ in range(MAX_UPLOAD_REQUESTS):
+            if start >= size:
+                return
+            end = min(size, start + UPLOAD_LEAVES, start + MAX_UPLOAD_LEAVES)
+            upload = await asyncio.to_thread(_batch, source, start, end)
+            body = gzip.compress(json.dumps(upload.to_json()).encode(), compresslevel=6)
+            r = await self._http.post(
+                f"{self.url}/vault/upload",
+                params={"origin": source.origin},
+                content=body,
+                headers={"content-type": "application/json", "content-encoding": "gzip"},
+            )
+            self.uploaded_bytes += len(body)
+            if r.status_code == 409:
+                if "rewritten" in r.text:
+                    raise WitnessRefused(409, r.text)
+                try:
+                    held = int(r.json()["stored"])
+                except (ValueError, KeyError, TypeError):
+                    raise WitnessRefused(409, "the core's vault answered garbage") from None
+                start = min(start, held)  # the core holds less: go back
+                continue
+            if r.status_code != 200:
+                raise WitnessRefused(r.status_code, r.text)
+            start = end
+        raise WitnessRefused(409, "the upload did not converge")
 
     async def add_checkpoint(
         self,
@@ -67,6 +131,11 @@ class WitnessClient:
                     raise WitnessRefused(409, r.text)
                 old = int(text)
                 continue
+            if r.status_code == 412 and self.vault:
+                # The core lacks leaves (an upload cut short): the next tick uploads them.
+                raise WitnessRefused(412, f"the core's vault holds {r.text.strip()} leaves")
+            if r.status_code == 422 and self.vault and "uploaded" in r.text:
+                self._resend = True
             if r.status_code != 200:
                 raise WitnessRefused(r.status_code, r.text)
             for name, sig in parse_signature_lines(r.text):
@@ -80,6 +149,19 @@ class WitnessClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+
+def _batch(source: ReceiptLog, start: int, end: int) -> Upload:
+    leaves, blobs = [], {}
+    for i, entry in source.entries(start, end):
+        leaves.append(entry.leaf_data())
+        if has_body(entry):
+            body = source.body_at(i) if entry.type == "receipt" else source.record(i)
+            if body is not None:  # an erased body: its erasure leaf accounts for it
+                blobs[i] = body
+    unsigned = Upload(start, tuple(leaves), blobs)
+    note = source.sign_note(unsigned.note_text(source.origin))
+    return Upload(start, tuple(leaves), blobs, note.render())
 
 
 class Checkpointer:
@@ -114,6 +196,8 @@ class Checkpointer:
             if receipt_log.has_cosignature(size, w.name):
                 continue
             try:
+                if w.vault:
+                    await w.reconcile(receipt_log, size)
                 old = receipt_log.witness_size(w.name)
                 sig = await w.add_checkpoint(log_only, old, receipt_log.consistency)
             except WitnessRefused as exc:

@@ -6,7 +6,9 @@ whose ``ref`` is the receipt id and whose record (shipped in bundles beside the 
 the document itself. The receipt never changes; its *final status* is derived from the
 receipt and the evidence about it (docs/reputation.md, "Late evidence"):
 
-    pending        a check was scheduled (extensions.spot_check == "scheduled"), no evidence yet
+    pending        a check was scheduled (extensions.spot_check == "scheduled") or a lazy
+                   proof (extensions.lazy_proof == "pending"), no evidence yet
+    verified       a lazy proof verified and states the answer given
     confirmed      the latest evidence says so
     contradicted   the latest evidence says the answer was wrong
     check-missing  a scheduled check could not run (dropped, no node allowed, checker failed)
@@ -36,9 +38,12 @@ __all__ = [
 
 DOC_TYPE = "ztgate-late-evidence/v1"
 DOMAIN = b"ztgate-late-evidence/v1\n"
-VERDICTS = ("confirmed", "contradicted", "check-missing")
+# "verified": a lazy proof arrived, verified, and states the answer given (docs/zk.md).
+VERDICTS = ("confirmed", "contradicted", "check-missing", "verified")
 FINAL_STATUSES = ("pending", *VERDICTS)
 SCHEDULED = "scheduled"  # receipt extension `spot_check` when a check was sampled
+LAZY_PENDING = "pending"  # receipt extension `lazy_proof` when a proof was scheduled
+DETAIL_KEYS = frozenset({"proof_sha256", "instances_sha256", "deadline"})
 
 
 def late_evidence(
@@ -50,11 +55,17 @@ def late_evidence(
     nodes: Sequence[str] = (),
     reason: str = "",
     now: dt.datetime | None = None,
+    details: Mapping[str, str] | None = None,
 ) -> bytes:
-    """The signed document's bytes (what the leaf hashes and bundles ship)."""
+    """The signed document's bytes (what the leaf hashes and bundles ship). ``details``:
+    hashes only (`DETAIL_KEYS`: a lazy proof's), never tensor values."""
     if verdict not in VERDICTS:
         raise ValueError(f"unknown verdict {verdict!r}")
+    extra = dict(details or {})
+    if set(extra) - DETAIL_KEYS:
+        raise ValueError(f"unknown late-evidence details {sorted(set(extra) - DETAIL_KEYS)}")
     body: dict[str, Any] = {
+        **extra,
         "type": DOC_TYPE,
         "receipt_id": receipt_id,
         "verdict": verdict,
@@ -102,4 +113,6 @@ def final_status(
         verdict = str(doc["verdict"])
     if verdict is not None:
         return verdict
+    if extensions.get("lazy_proof") == LAZY_PENDING:
+        return "pending"
     return "pending" if extensions.get("spot_check") == SCHEDULED else None

@@ -1034,6 +1034,17 @@ class ReceiptLog:
         ).fetchone()
         return StoredBody(int(row[0]), row[1], bytes(row[2]), float(row[3])) if row else None
 
+    def sign_note(self, text: str) -> SignedNote:
+        """`text` signed with this log's checkpoint key (an upload to the core's vault)."""
+        if self._key is None:
+            raise LogError("a read-only log signs nothing")
+        return SignedNote(text, (self.note_key().sign(self._key, text),))
+
+    def body_at(self, index: int) -> bytes | None:
+        """The receipt body of leaf `index`, if stored (not erased, not another type)."""
+        row = self._rdb.execute("SELECT body FROM bodies WHERE idx = ?", (index,)).fetchone()
+        return bytes(row[0]) if row else None
+
     def bodies(self, since: float = 0.0) -> Iterable[StoredBody]:
         for row in self._rdb.execute(
             "SELECT idx, receipt_id, body, created FROM bodies WHERE created >= ? ORDER BY idx",

@@ -41,7 +41,11 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-Kind = Literal["answer", "denial"]
+# "open" and "close" bracket a stream from a generative model: the opening receipt is
+# logged before the first token leaves, the closing one (ext "opening": the opening's id)
+# commits to every token sent (gateway.generate.receipts).
+Kind = Literal["answer", "denial", "open", "close"]
+KINDS: tuple[Kind, ...] = ("answer", "denial", "open", "close")
 _RID = re.compile(r"^([a-z2-7]{16})\.([0-9]{1,19})\.([0-9a-f]{16})$")
 _LOG_ID = re.compile(r"^[a-z2-7]{16}$")
 
@@ -339,7 +343,8 @@ def _parse_receipt(d: Any) -> Receipt:
         raise ValueError(f"unsupported receipt format version {d['v']!r}")
     log = _keys(d["log"], {"id", "index"}, {"id", "index"})
     kind = _s(d["kind"])
-    if kind not in ("answer", "denial"):
+    known = next((k for k in KINDS if k == kind), None)
+    if known is None:
         raise ValueError(f"unknown receipt kind {kind!r}")
     log_id, index = _s(log["id"]), _i(log["index"])
     if not _LOG_ID.fullmatch(log_id):
@@ -358,7 +363,7 @@ def _parse_receipt(d: Any) -> Receipt:
         log_id=log_id,
         index=index,
         time=_s(d["time"]),
-        kind="answer" if kind == "answer" else "denial",
+        kind=known,
         key_id=_s(d["key_id"]),
         client=_sub(ClientRef, d["client"]),
         model=_sub(ModelRef, d["model"]),

@@ -140,7 +140,9 @@ class ReceiptService:
             extensions=extensions,
         )
 
-    def save_evidence(self, receipt_id: str, files: Mapping[str, bytes | Path]) -> None:
+    def save_evidence(
+        self, receipt_id: str, files: Mapping[str, bytes | Path | tuple[Path, str]]
+    ) -> None:
         """Evidence beside the log, never in its leaves (so retention can remove it):
         `evidence/<receipt id>.<name>`; large shared material (keys, SRS) is stored once,
         by content hash, under `evidence/shared/`, and referenced by the receipt's file."""
@@ -150,7 +152,18 @@ class ReceiptService:
         shared.mkdir(mode=0o700, exist_ok=True)
         refs: dict[str, str] = {}
         for name, content in files.items():
-            if isinstance(content, Path):
+            if isinstance(content, tuple):
+                # (path, sha256 known at load): read and checked only the first time, so an
+                # answer does not re-hash megabytes of SRS on the event loop.
+                path, digest = content
+                target = shared / digest
+                if not target.exists():
+                    data = path.read_bytes()
+                    if hashlib.sha256(data).hexdigest() != digest:
+                        raise OSError(f"{path} is not the {name} that was loaded")
+                    atomic_write(target, data)
+                refs[name] = digest
+            elif isinstance(content, Path):
                 data = content.read_bytes()
                 digest = hashlib.sha256(data).hexdigest()
                 target = shared / digest

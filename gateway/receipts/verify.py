@@ -602,7 +602,57 @@ def _receipt_facts(r: Receipt) -> dict[str, Any]:
         }
     if "dev_srs" in r.extensions:
         facts["dev_srs"] = r.extensions["dev_srs"] is True
+    if r.kind in ("open", "close"):
+        # What `_check_stream_links` compares: a stream's two receipts name one request.
+        facts["request_id"] = r.request_id
+        facts["client"] = r.client.spiffe_id if r.client else None
+        facts["finish_reason"] = r.extensions.get("finish_reason")
+        facts["opening"] = r.extensions.get("opening")
     return facts
+
+
+def _check_stream_links(report: Report) -> None:
+    """Each closing receipt against its opening one, where the bundle holds both: the
+    opening is an `open` receipt of the same request, client and model, logged earlier.
+    A closing receipt whose opening is not in the bundle is left as it is (an export by
+    time may cut a stream in two); an opening without a close is named, as it must not
+    happen on a gateway that ran to the end (docs/compliance.md)."""
+    closed: set[str] = set()
+    for rid, facts in sorted(report.receipts.items()):
+        if facts.get("kind") != "close":
+            continue
+        opening = facts.get("opening")
+        if not isinstance(opening, str):
+            report.add(
+                f"receipt {rid}", "invalid", "stream-link-missing", "names no opening receipt"
+            )
+            continue
+        closed.add(opening)
+        first = report.receipts.get(opening)
+        if first is None:
+            continue
+        same = (
+            first.get("kind") == "open"
+            and all(first.get(k) == facts.get(k) for k in ("request_id", "client", "model"))
+            and first.get("log_id") == facts.get("log_id")
+            and int(first.get("index", -1)) < int(facts.get("index", -1))
+        )
+        if same:
+            report.add(
+                f"receipt {rid}", "valid", "stream-linked", f"closes the stream {opening} opened"
+            )
+        else:
+            report.add(
+                f"receipt {rid}",
+                "invalid",
+                "stream-link-mismatch",
+                f"{opening} is not the opening receipt of this stream",
+            )
+    for rid, facts in sorted(report.receipts.items()):
+        if facts.get("kind") == "open" and rid not in closed:
+            report.add(
+                f"receipt {rid}", "valid", "stream-unclosed", "no closing receipt in this bundle"
+            )
 
 
 def _fingerprint(key: ed25519.Ed25519PublicKey) -> str:
@@ -711,6 +761,7 @@ def verify_bundle(
         except (KeyError, TypeError, ValueError) as exc:
             report.add(f"log {st.log_id}", "invalid", "malformed-manifest", str(exc))
     _check_chains(bundle, states, report)
+    _check_stream_links(report)
     _final_statuses(bundle, states, trust, report)
     for st in states:
         inventory = (st.start, st.size) if st.leaves is not None else None
@@ -767,11 +818,19 @@ def _final_statuses(
             if status is not None:
                 report.add(
                     f"receipt {rid}",
-                    "valid",
+                    _lazy_finding(ext, status),
                     "final-status",
                     f"late evidence: {status}",
                     final_status=status,
                 )
+
+
+def _lazy_finding(ext: Mapping[str, Any], status: str) -> Literal["valid", "invalid", "pending"]:
+    """A lazily proven answer (docs/zk.md) is valid only with its proof's late evidence:
+    pending before it, invalid when the proof contradicts it or never came."""
+    if "lazy_proof" not in ext or ext.get("lazy_proof") != "pending":
+        return "valid"
+    return {"verified": "valid", "pending": "pending"}.get(status, "invalid")  # type: ignore[return-value]
 
 
 def _receipt_evidence(bundle: BundleReader, base: str, rid: str) -> dict[str, bytes]:

@@ -3,8 +3,10 @@
 `add_lie_accounting(cfg, gw)` is what `gateway.runtime.build_gateway` calls: the router
 gets a `Reputation` (quarantine file `<data_dir>/quarantine.jsonl`), quarantine and
 release events become typed log leaves (`node_quarantine`, `node_release`) with their
-records, and, with ``[reputation] spot_checks = true``, mode `none` samples answers for
-spot checks whose verdicts are logged as `late_evidence` about the receipt.
+records, and mode `none` samples answers for spot checks whose verdicts are logged as
+`late_evidence` about the receipt: at the configured rates with ``[reputation]
+spot_checks = true``, and never below a permit's ``@spot_check`` whatever the config says
+(the check queue is always built, so a config cannot switch a policy's checks off).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from gateway.receipts.late import late_evidence
 from gateway.routing.reputation import QuarantineEvent, Reputation, Sampling, Sprt
 from gateway.verify.none import NoVerification
 from gateway.verify.spotcheck import SpotCheckMetrics, SpotChecks
+from gateway.verify.text_check import TextChecks, recorder
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -84,8 +87,6 @@ def add_lie_accounting(cfg: Config, gw: Gateway) -> Reputation:
     )
     gw.router.reputation = rep
     gw.metrics.registry.register(ReputationMetrics(rep))
-    if not rc.spot_checks:
-        return rep
 
     async def record(receipt_id: str, verdict: str, nodes: tuple[str, ...], why: str) -> None:
         if receipts is None:
@@ -108,6 +109,7 @@ def add_lie_accounting(cfg: Config, gw: Gateway) -> Reputation:
         timeout_s=rc.check_timeout_s,
         max_output_bytes=cfg.limits.max_output_bytes,
         record=record,
+        configured=rc.spot_checks,
     )
     none = gw.verifiers.get("none")
     if isinstance(none, NoVerification):
@@ -118,7 +120,29 @@ def add_lie_accounting(cfg: Config, gw: Gateway) -> Reputation:
     gw.spot = spot  # type: ignore[attr-defined]
     gw.background.append(spot.run)
     gw.metrics.registry.register(SpotCheckMetrics(spot))
+    add_text_checks(gw, spot)
     return rep
+
+
+def add_text_checks(gw: Gateway, spot: SpotChecks) -> None:
+    """Spot checks of generated text (gateway/generate/verified.py): sampled by `spot`'s
+    rates, run by a `TextChecks` queue of the same bounds, verdicts logged as late
+    evidence (kind ``text_spot_check``) about the closing receipt."""
+    from gateway.generate.verified import TextSpot  # the generate routes import routing
+
+    checks = TextChecks(
+        gw.router,
+        max_queue=spot.queue.maxsize,
+        workers=spot.workers,
+        timeout_s=spot.timeout_s,
+        record=recorder(gw.receipts),
+    )
+    text_spot = TextSpot(gw.router, spot, checks)
+    gw.text_spot = text_spot  # type: ignore[attr-defined]
+    service = getattr(gw, "generate", None)
+    if service is not None:  # routes built first: give them the checks too
+        service.text_spot = text_spot
+    gw.background.append(checks.run)
 
 
 def node_listing(router: Router) -> list[dict[str, object]]:

@@ -1,10 +1,11 @@
 """Lie accounting, apart from transport health: evidence, the test, quarantine.
 
 docs/reputation.md states the design and derives its bounds; this module is that design.
-Evidence (confirmed, contradicted, outvoted, disputed) goes to a record per node, keyed by
-its signed identity, and per signed provider, in the shared store; each record carries a
-one-sided CUSUM of the SPRT log-likelihood ratio of "contradicted with rate p1" against
-"with rate p0". When a node's (or its provider's) statistic reaches ln(1/alpha) the node
+Evidence (confirmed, contradicted, outvoted, disputed; a lazy prover's missed or delivered
+proofs) goes to a record per node, keyed by its signed identity, and per signed provider,
+in the shared store; each record carries a one-sided CUSUM of the SPRT log-likelihood
+ratio of "contradicted with rate p1" against "with rate p0" (and of "misses proofs at q1"
+against "at q0"). When a node's (or its provider's) statistic reaches ln(1/alpha) the node
 (or every node of the provider) is quarantined: no traffic at all until an officer
 releases it. Quarantine events are kept in this replica's own grow-only file as well as
 the store, so a store that loses them gets them back (deleting the key readmits nothing).
@@ -12,6 +13,7 @@ the store, so a store that loses them gets them back (deleting the key readmits 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -26,7 +28,12 @@ from gateway.state import StateStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-EVENTS = ("confirmed", "contradicted", "outvoted", "disputed")
+# Evidence about a node's answers (each one judged reply, counted in `checked`) ...
+JUDGED = ("confirmed", "contradicted", "outvoted", "disputed")
+# ... and about a node as a lazy prover (zk/lazy.py): whether a proof it was given arrived
+# by its deadline. Not a judged answer: a missed proof says nothing about a lie.
+PROVER = ("missed", "delivered")
+EVENTS = (*JUDGED, *PROVER)
 COUNTS = ("checked", *EVENTS)
 
 
@@ -37,6 +44,10 @@ class Sprt:
     p0: float = 1e-3  # honest-disagreement rate assumed from the tolerance
     p1: float = 0.05  # the lie rate the test is tuned for
     alpha: float = 1e-9  # false-positive bound per start point
+    # A prover's missed proofs, its own Bernoulli in the same statistic: an honest but
+    # loaded prover misses at most q0 of its deadlines, one that withholds proofs q1.
+    q0: float = 0.05
+    q1: float = 0.4
 
     @property
     def up(self) -> float:
@@ -55,6 +66,12 @@ class Sprt:
             return self.up
         if event == "confirmed":
             return self.down
+        # Each step is its observation's log-likelihood ratio, so the statistic stays a
+        # supermartingale for a node honest in both roles and the N * alpha bound holds.
+        if event == "missed":
+            return math.log(self.q1 / self.q0)  # ln 8 = +2.079: 10 in a row to quarantine
+        if event == "delivered":
+            return math.log((1 - self.q1) / (1 - self.q0))  # -0.460
         return 0.0  # disputed: the two-party rule charges nobody
 
 
@@ -170,45 +187,51 @@ class Reputation:
             return False
         return self._is_out(node_subject(node)) or self._is_out(provider_subject(node.provider))
 
-    def rate(self, node: NodeConfig) -> float:
-        """The spot-check rate for a reply of `node` (docs/reputation.md, sampling)."""
+    def sampled_as(self, node: NodeConfig) -> str:
+        """suspect, established or trusted: which spot-check rate a reply of `node` gets,
+        the configured one or a policy's @spot_check floor (docs/reputation.md)."""
         s = self.sampling
         rec = self.records.get(node_subject(node), Record())
         prov = self.records.get(provider_subject(node.provider), Record())
         if rec.contradicted or prov.contradicted or rec.confirmed < s.trusted_after:
-            return s.suspect
+            return "suspect"
         if rec.confirmed < s.long_trusted_after:
-            return s.established
-        return s.trusted
+            return "established"
+        return "trusted"
+
+    def rate(self, node: NodeConfig) -> float:
+        """The configured spot-check rate for a reply of `node` (docs/reputation.md)."""
+        return float(getattr(self.sampling, self.sampled_as(node)))
 
     def standing(self, node: NodeConfig) -> str:
-        if self.quarantined(node):
-            return "quarantined"
-        return {
-            self.sampling.suspect: "suspect",
-            self.sampling.established: "established",
-            self.sampling.trusted: "trusted",
-        }.get(self.rate(node), "suspect")
+        return "quarantined" if self.quarantined(node) else self.sampled_as(node)
 
     # --- evidence -------------------------------------------------------------------------
     async def observe(self, node: NodeConfig, event: str) -> bool:
         """Count one piece of evidence about `node`; True if it quarantined something."""
         if event not in EVENTS:
             raise ValueError(f"unknown evidence {event!r}")
-        counts = {"checked": 1, event: 1}
+        counts = {"checked": 1, event: 1} if event in JUDGED else {event: 1}
         if event == "outvoted":
             counts["contradicted"] = 1
         step = self.test.step(event)
-        hit = False
-        for subject, name in (
+        subjects = (
             (node_subject(node), node.name),
             (provider_subject(node.provider), node.provider),
-        ):
-            try:
-                have, stat = await self.store.add_evidence(subject, counts, step)
-            except StoreUnavailable as exc:
-                log.warning("evidence about %s not recorded, store unavailable: %s", name, exc)
+        )
+        # The node's and the provider's records are independent: one round trip for both.
+        got = await asyncio.gather(
+            *(self.store.add_evidence(subject, counts, step) for subject, _ in subjects),
+            return_exceptions=True,
+        )
+        hit = False
+        for (subject, name), result in zip(subjects, got, strict=True):
+            if isinstance(result, StoreUnavailable):
+                log.warning("evidence about %s not recorded, store unavailable: %s", name, result)
                 continue
+            if isinstance(result, BaseException):
+                raise result
+            have, stat = result
             rec = Record(have, stat)
             self.records[subject] = rec
             if stat >= self.test.threshold and not self._is_out(subject):

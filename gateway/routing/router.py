@@ -2,7 +2,11 @@
 
 Selection is power-of-two-choices over the nodes that serve the model, pass the policy's
 constraints, are not ejected and are under their pending-request cap: of two random
-candidates, the one with the lower (pending + 1) x latency-EWMA wins.
+candidates, the one with the lower (pending + 1) x latency estimate wins. The estimate is
+an EWMA of the node's replies that decays toward zero while the node gets none
+(`ewma_decay_s`): the estimate only moves when the node is picked, so without the decay a
+node whose first reply was slow lost every comparison and was never picked again.
+Decayed, it wins a pick after a while idle and its real latency is learnt from traffic.
 
 Ejection is by observed errors, not readiness: a Triton whose python stub crashed stays
 "ready" while every inference fails. N consecutive failures eject a node for a time that
@@ -39,10 +43,10 @@ from prometheus_client.registry import Collector
 
 from gateway.config import NodeConfig, Routing
 from gateway.job import Job, NodeFilter
-from gateway.protocol.problems import DeadlineExceeded, NoHealthyNode, UpstreamFailed
+from gateway.protocol.problems import BadRequest, DeadlineExceeded, NoHealthyNode, UpstreamFailed
 from gateway.protocol.tensors import DATATYPES, Tensor
 from gateway.registry import ModelEntry
-from gateway.routing.node_client import NodeClient, NodeError
+from gateway.routing.node_client import GenerateRequest, NodeClient, NodeError
 from gateway.routing.reputation import Reputation
 from gateway.state import StateStore, StoreUnavailable
 from gateway.telemetry import span
@@ -54,7 +58,9 @@ log = logging.getLogger(__name__)
 class NodeState:
     client: NodeClient
     pending: int = 0
-    ewma_s: float = 0.001
+    ewma_s: float = 0.001  # the estimate as of `learnt_at`
+    learnt_at: float = field(default_factory=time.monotonic)
+    decay_s: float = 10.0  # Routing.ewma_decay_s
     failures: int = 0  # consecutive, as this replica saw them
     attempts: int = 0  # requests sent to this node (not health probes), whatever the outcome
     served: int = 0
@@ -67,8 +73,19 @@ class NodeState:
     def config(self) -> NodeConfig:
         return self.client.node
 
+    def latency(self, now: float | None = None) -> float:
+        """The latency estimate now: the EWMA, decayed for the time it was not updated."""
+        idle = (time.monotonic() if now is None else now) - self.learnt_at
+        return self.ewma_s * math.exp(-idle / self.decay_s) if idle > 0 else self.ewma_s
+
+    def learn(self, seconds: float, alpha: float) -> None:
+        now = time.monotonic()
+        est = self.latency(now)
+        self.ewma_s = est + alpha * (seconds - est)
+        self.learnt_at = now
+
     def score(self) -> float:
-        return (self.pending + 1) * self.ewma_s
+        return (self.pending + 1) * self.latency()
 
 
 @dataclass(frozen=True)
@@ -113,7 +130,9 @@ class Router:
 
     @classmethod
     def from_clients(cls, clients: Iterable[NodeClient], store: StateStore, cfg: Routing) -> Router:
-        return cls({c.node.name: NodeState(c) for c in clients}, store, cfg)
+        return cls(
+            {c.node.name: NodeState(c, decay_s=cfg.ewma_decay_s) for c in clients}, store, cfg
+        )
 
     def candidates(self, model: str, allowed: NodeFilter | None = None) -> list[NodeState]:
         return [
@@ -153,6 +172,11 @@ class Router:
         (proving) pass `learn_latency=False`: their seconds must not skew the latency EWMA
         that plain requests are balanced by."""
         entry = job.entry
+        if entry.generative is not None:
+            # A decoupled node model refuses unary inference; say why before any node does.
+            raise BadRequest(
+                f"model {entry.name!r} is generative: ask its generate or chat endpoints, not infer"
+            )
         what = call or Call(entry.name, entry.version, job.output_names)
         timeout = self.cfg.per_try_timeout_s if per_try_timeout_s is None else per_try_timeout_s
         tries = self.cfg.max_attempts if max_attempts is None else max_attempts
@@ -219,7 +243,7 @@ class Router:
                     state.pending -= 1
                 attempt_span.set(outcome="ok")
             if learn_latency:
-                state.ewma_s += self.cfg.ewma_alpha * (time.monotonic() - start - state.ewma_s)
+                state.learn(time.monotonic() - start, self.cfg.ewma_alpha)
             state.served += 1
             if state.failures:
                 state.failures = 0
@@ -334,7 +358,11 @@ class Router:
     async def _probe(self, state: NodeState, timeout_s: float = 1.0) -> None:
         name = state.config.name
         try:
-            await state.client.infer(*probe_request(state, self), timeout_s=timeout_s)
+            entry = probe_entry(state, self)
+            if entry is not None and entry.generative is not None:
+                await probe_stream(state.client, entry, timeout_s)
+            else:
+                await state.client.infer(*probe_request(state, self), timeout_s=timeout_s)
         except NodeError as exc:
             log.info("node %s still failing its probe: %s", name, exc.reason)
             until = await self._quiet(
@@ -447,11 +475,32 @@ class NodeMetrics(Collector):
         yield retries
 
 
+def probe_entry(state: NodeState, router: Router) -> ModelEntry | None:
+    """The model a node's health probe asks for: a fixed-shape one when the node has one
+    (a unary inference is the cheapest probe), else a generative one."""
+    served = [e for e in router.probe_models.values() if state.config.serves(e.name)]
+    return min(served, key=lambda e: e.generative is not None, default=None)
+
+
+async def probe_stream(client: NodeClient, entry: ModelEntry, timeout_s: float) -> None:
+    """Probe a generative model by a one-token stream: a decoupled model refuses unary
+    inference, and a stream exercises what requests to it use (raises NodeError)."""
+    spec = entry.generative
+    assert spec is not None
+    request = GenerateRequest((spec.end_tokens[0],), 1, 0.0, 1.0, 0)
+    stream = await client.generate(entry.name, entry.version, request, timeout_s=timeout_s)
+    try:
+        if await stream.next(timeout_s, spec.vocab) is None:
+            raise NodeError(client.node.name, "probe stream ended without a token")
+    finally:
+        stream.cancel()
+
+
 def probe_request(
     state: NodeState, router: Router
 ) -> tuple[str, str, tuple[Tensor, ...], tuple[str, ...]]:
     """A zero-filled inference of a model the node serves, batch 1."""
-    entry = next((e for e in router.probe_models.values() if state.config.serves(e.name)), None)
+    entry = probe_entry(state, router)
     if entry is None:
         raise NodeError(state.config.name, "no registered model to probe")
     inputs = tuple(

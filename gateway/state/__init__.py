@@ -87,6 +87,14 @@ class StateStore(Protocol):
         at `rate_per_s`). Returns (allowed, retry_after_s); retry_after is 0 if allowed."""
         ...
 
+    # -- token meters (generative models) ------------------------------------------
+    async def spend(self, key: str, amount: int, limit: int, ttl_s: float) -> tuple[bool, int]:
+        """Atomically add `amount` to counter `key` unless that would pass `limit`; a
+        negative `amount` (a refund) always applies, never below 0. The counter expires
+        `ttl_s` after its first write (the caller names the window in `key`). Returns
+        (applied, the count after the call)."""
+        ...
+
     # -- revocations ----------------------------------------------------------------
     async def add_revocation(self, issuer: str, serial: str) -> int:
         """Add to the grow-only revocation set; returns the set's version after the call
@@ -155,6 +163,15 @@ def check_bucket_args(rate_per_s: float, burst: int, cost: int) -> None:
         # A cost above burst could never be admitted; better a loud error than a
         # request that waits forever.
         raise ValueError(f"cost must be in [1, burst={burst}], got {cost}")
+
+
+def check_spend_args(amount: int, limit: int, ttl_s: float) -> None:
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    if amount > limit:
+        # Could never be admitted: a loud error rather than a refusal forever.
+        raise ValueError(f"amount {amount} exceeds limit {limit}")
+    check_ttl(ttl_s)
 
 
 def check_eject_args(base_s: float, max_s: float) -> None:

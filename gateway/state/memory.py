@@ -21,6 +21,7 @@ from gateway.state import (
     StoreUnavailable,
     check_bucket_args,
     check_eject_args,
+    check_spend_args,
     check_ttl,
 )
 from gateway.state.durable import FileRevocations
@@ -59,6 +60,7 @@ class MemoryStore:
         self._nodes: OrderedDict[str, _Node] = OrderedDict()
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
         self._nonces: OrderedDict[str, float] = OrderedDict()  # key -> expiry
+        self._meters: OrderedDict[str, tuple[int, float]] = OrderedDict()  # key -> (n, expiry)
         self._logs: dict[str, str] = {}  # receipt log id -> replica URL (this replica only)
         self._next_full_sweep = 0.0
         self._file = FileRevocations(revocations_path) if revocations_path else None
@@ -141,6 +143,34 @@ class MemoryStore:
             bucket.tokens -= cost
             return True, 0.0
         return False, (cost - bucket.tokens) / rate_per_s
+
+    # -- token meters ---------------------------------------------------------------
+    async def spend(self, key: str, amount: int, limit: int, ttl_s: float) -> tuple[bool, int]:
+        check_spend_args(amount, limit, ttl_s)
+        now = self._clock()
+        got = self._meters.get(key)
+        if got is not None and got[1] <= now:
+            del self._meters[key]
+            got = None
+        if got is None:
+            while self._meters:  # expired windows from the old end, amortised O(1)
+                oldest, (_, exp) = next(iter(self._meters.items()))
+                if exp > now:
+                    break
+                del self._meters[oldest]
+            if amount <= 0:
+                return True, 0
+            if len(self._meters) >= self._max_keys:
+                # Evicting a live meter would forgive a spent budget; refuse instead.
+                raise StoreUnavailable("token meter table full")
+            count, expiry = 0, now + ttl_s
+        else:
+            count, expiry = got
+        if amount > 0 and count + amount > limit:
+            return False, count
+        count = max(0, count + amount)
+        self._meters[key] = (count, expiry)
+        return True, count
 
     # -- revocations ----------------------------------------------------------------
     async def add_revocation(self, issuer: str, serial: str) -> int:

@@ -39,6 +39,7 @@ from gateway.state import (
     StoreUnavailable,
     check_bucket_args,
     check_eject_args,
+    check_spend_args,
     check_ttl,
 )
 
@@ -89,6 +90,22 @@ redis.call('PEXPIRE', KEYS[1], string.format('%d', ttl))
 return {allowed, num(retry)}
 """
 )
+
+# KEYS[1] meter counter. ARGV: amount, limit, ttl_ms. The expiry is set on the first
+# write only: the key names its window, and the window ends when it expires.
+_SPEND = """
+local amount, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+if amount > 0 and n + amount > limit then return {0, n} end
+if amount <= 0 and n == 0 then return {1, 0} end
+local left = math.max(0, n + amount)
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('SET', KEYS[1], string.format('%d', left), 'KEEPTTL')
+else
+  redis.call('SET', KEYS[1], string.format('%d', left), 'PX', ARGV[3])
+end
+return {1, left}
+"""
 
 # KEYS[1] node hash {f: failures, n: times ejected, u: ejected until}
 # ARGV: now, base_s, max_s, key ttl seconds
@@ -236,6 +253,7 @@ class RedisStore:
         self._revoke = reg(_REVOKE)
         self._revoked_since = reg(_REVOKED_SINCE)
         self._add_evidence = reg(_EVIDENCE)
+        self._spend = reg(_SPEND)
 
     # -- plumbing -------------------------------------------------------------------
     async def _do(self, aw: Awaitable[T]) -> T:
@@ -298,6 +316,13 @@ class RedisStore:
             self._take_token(keys=[f"{self._prefix}tb:{key}"], args=args)
         )
         return bool(allowed), float(retry)
+
+    # -- token meters ---------------------------------------------------------------
+    async def spend(self, key: str, amount: int, limit: int, ttl_s: float) -> tuple[bool, int]:
+        check_spend_args(amount, limit, ttl_s)
+        args = [str(int(amount)), str(int(limit)), str(max(1, math.ceil(ttl_s * 1000)))]
+        ok, n = await self._do(self._spend(keys=[f"{self._prefix}meter:{key}"], args=args))
+        return bool(int(ok)), int(n)
 
     # -- revocations ----------------------------------------------------------------
     def _revocation_keys(self) -> list[str]:

@@ -1,8 +1,8 @@
 """Mode `none`: one node's answer, checked against the model's signature only.
 
 With spot checks (`gateway.verify.spotcheck`), a sample of answers, at the rate the
-answering node's reputation sets, is marked ``spot_check = "scheduled"`` in its receipt and
-re-run later on a node of another provider.
+answering node's reputation sets (never below the policy's `@spot_check`), is marked
+``spot_check = "scheduled"`` in its receipt and re-run later on a node of another provider.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class NoVerification:
             nonfinite=routed.nonfinite,
             evidence=(
                 {"spot_check": "scheduled"}
-                if self.spot is not None and self.spot.sample(routed.node)
+                if self.spot is not None and self.spot.sample(routed.node, job.spot_check)
                 else {}
             ),
         )

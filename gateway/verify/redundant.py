@@ -119,8 +119,9 @@ class RedundantVerification:
         )
 
     async def _outcome(self, router: Router, routed: list[Routed], status: str) -> Outcome:
-        for r in routed:  # each answer was confirmed by another provider's
-            await router.confirm(r.node.name)
+        # Each answer was confirmed by another provider's; the records are independent, so
+        # their store updates run at once rather than one round trip after another.
+        await asyncio.gather(*(router.confirm(r.node.name) for r in routed))
         return Outcome(
             outputs=tuple(routed[0].outputs),
             nodes=tuple(r.node.name for r in routed),

@@ -2,7 +2,10 @@
 
 Off the request path and bounded: `NoVerification` decides, per answer, whether to check
 it (at the rate the answering node's reputation sets, never zero; the receipt then says
-``spot_check = "scheduled"``), and the receipt stage offers the job to a queue of
+``spot_check = "scheduled"``). The rate is the higher of the configured one (only with
+``[reputation] spot_checks = true``) and the floor the permits behind the decision set
+with ``@spot_check``: an operator's config can raise what a signed policy demands, never
+lower or switch it off. Then the receipt stage offers the job to a queue of
 `max_queue` items that `workers` tasks drain; a full queue drops the check, counts it,
 and logs it as ``check-missing`` late evidence.
 
@@ -35,6 +38,7 @@ from gateway.verify.redundant import agree
 
 if TYPE_CHECKING:
     from gateway.config import NodeConfig
+    from gateway.policy.facts import SpotCheckRate
     from gateway.routing.router import Routed, Router
 
 log = logging.getLogger(__name__)
@@ -63,8 +67,11 @@ class SpotChecks:
         atol: float = 1e-5,
         record: RecordFn | None = None,
         rng: random.Random | None = None,
+        configured: bool = True,
     ) -> None:
         self.router = router
+        # Whether the configured rates apply; a policy's @spot_check applies either way.
+        self.configured = configured
         self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=max_queue)
         self.workers = workers
         self.timeout_s = timeout_s
@@ -78,10 +85,19 @@ class SpotChecks:
         self._tasks: set[asyncio.Task[None]] = set()
 
     # --- on the request path: O(1), never awaits a node ---------------------------------
-    def sample(self, node: NodeConfig) -> bool:
+    def rate(self, node: NodeConfig, floor: SpotCheckRate | None = None) -> float:
+        """The chance an answer of `node` is checked: policy's floor, raised by config."""
         rep = self.router.reputation
-        rate = 1.0 if rep is None else rep.rate(node)
-        return self.rng.random() < rate
+        rate = 0.0
+        if self.configured:
+            rate = 1.0 if rep is None else rep.rate(node)
+        if floor is not None:
+            rate = max(rate, floor.at("suspect" if rep is None else rep.sampled_as(node)))
+        return rate
+
+    def sample(self, node: NodeConfig, floor: SpotCheckRate | None = None) -> bool:
+        rate = self.rate(node, floor)
+        return rate > 0 and self.rng.random() < rate
 
     def offer(self, job: Job, outcome: Outcome, receipt_id: str | None) -> bool:
         self.counts["scheduled"] += 1

@@ -6,9 +6,10 @@ Per request:
    proof is only ever checked against the artefacts onboarded for exactly these bytes.
 2. The request must be one finite row of the circuit's input shape (circuits have a fixed
    batch of 1); anything else is the client's error (400), before any node is called.
-3. A node is picked among those the router would use for the model, that also serve
-   ``<name>-zk`` (``NodeConfig.serves``; an empty model list means every model), and asked
-   for the ``proof`` output only of model ``<name>-zk``.
+3. A node is picked among those the router would use for the model (the signed facts and
+   the policy decision) that report ``<name>-zk`` ready themselves (zk/capability.py: the
+   node's word only narrows that set), and asked for the ``proof`` output only of model
+   ``<name>-zk``.
 4. The proof is checked in the verifier pool (zk/verifier.py): structure, the input
    instances equal the gateway's own quantisation of the request, ezkl.verify with the
    registered vk/settings/SRS.
@@ -46,7 +47,8 @@ from gateway.registry import TensorSpec
 from gateway.routing.node_client import NodeError
 from gateway.routing.router import Call
 from gateway.telemetry import PROCESS_METRICS, timed
-from zk.record import RECORD_FILE, VerifierArtefacts
+from zk.capability import ProverCapability
+from zk.record import VerifierArtefacts
 from zk.verifier import ZkResult, ZkVerifierPool
 
 if TYPE_CHECKING:
@@ -68,10 +70,12 @@ class ZkVerification:
         prove_timeout_s: float = 120.0,
         max_attempts: int = 3,
         node_filter: Callable[[NodeConfig], bool] | None = None,
+        capability: ProverCapability | None = None,
     ) -> None:
         """``artefacts`` maps a registered model's SHA-256 to its verifier artefacts."""
         self.artefacts = dict(artefacts)
         self.pool = pool
+        self.capability = capability or ProverCapability()
         self.prove_timeout_s = prove_timeout_s
         self.max_attempts = max_attempts
         self.node_filter = node_filter
@@ -81,10 +85,16 @@ class ZkVerification:
 
     @classmethod
     def from_dirs(
-        cls, dirs: Iterable[Path | str], pool: ZkVerifierPool, **kw: Any
+        cls,
+        dirs: Iterable[Path | str],
+        pool: ZkVerifierPool,
+        seal_into: Path | None = None,
+        **kw: Any,
     ) -> ZkVerification:
-        """From onboarding output directories; each is hash-checked against its zk.json."""
-        found = [VerifierArtefacts.from_dir(Path(d)) for d in dirs]
+        """From onboarding output directories: each is copied into a private read-only
+        directory (under ``seal_into``, else the system's temp dir), the copy hash-checked
+        once against its zk.json, and only the copy used from then on."""
+        found = [VerifierArtefacts.from_dir(Path(d)).seal(seal_into) for d in dirs]
         return cls({a.record.model_sha256: a for a in found}, pool, **kw)
 
     async def run(self, job: Job, router: Router) -> Outcome:
@@ -97,8 +107,23 @@ class ZkVerification:
         zk_name = record.zk_model_name
         extra = self.node_filter
 
+        def admitted(node: NodeConfig) -> bool:
+            # What the signed facts and the decision allow for this request: only these
+            # nodes are asked whether they can prove, so a claim can never widen it.
+            return job.allowed(node) and node.serves(entry.name) and (extra is None or extra(node))
+
+        capable = await self.capability.ready(
+            router.nodes.values(), zk_name, record.version, admitted
+        )
+        if not capable:
+            raise NoHealthyNode(
+                f"no node that policy allows for {entry.name!r} reports its prover "
+                f"({zk_name}) ready",
+                retry_after=1,
+            )
+
         def provers(node: NodeConfig) -> bool:
-            return node.serves(zk_name) and (extra is None or extra(node))
+            return node.name in capable and admitted(node)
 
         async def proven(outputs: list[Tensor]) -> ZkResult:
             return await self._check(outputs, row, artefacts)
@@ -141,12 +166,8 @@ class ZkVerification:
                 "proof": result.canonical_proof.decode("ascii"),
                 # Kept beside the log (not in the receipt) so audit bundles can carry
                 # what an auditor needs to re-verify the proof offline.
-                "verification_material": {
-                    "zk.json": str(artefacts.vk.parent.parent / RECORD_FILE),
-                    "vk": str(artefacts.vk),
-                    "settings.json": str(artefacts.settings),
-                    "srs": str(artefacts.srs),
-                },
+                # name -> (path, sha256): hashed when the artefacts were loaded, not per answer.
+                "verification_material": artefacts.material(),
             },
         )
 

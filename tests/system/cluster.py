@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from gateway.faultproxy import ThreadedFaultProxy
 from gateway.ports import free_port, wait_ready
 from tests.system.customer_pki import CustomerPKI
 from tests.system.processes import ZTGATE, Service, Services, run_cli
@@ -55,7 +56,8 @@ IDENTITIES: dict[str, dict[str, Any]] = {
     "olga": {"groups": ["officers"], "clearance": 0},
     "audra": {"groups": ["auditors"], "clearance": 0},
 }
-MODEL_POLICY = {m: {"residency": ["*"]} for m in ("iris", "mnist", "risk")}
+MODEL_POLICY = {m: {"residency": ["*"]} for m in ("iris", "mnist", "risk", "tinygpt")}
+GENERATIVE = "tinygpt"  # the shipped generative example, registered as an operator would
 
 
 @dataclass
@@ -130,6 +132,8 @@ class ProductionCluster:
     registry: Path
     witness_dir: Path
     witness_vkey: str
+    witness_port: int  # the core witness itself; the replicas reach it through `link`
+    link: ThreadedFaultProxy
     srs: Path
     srs_sha256: str
     zk_dir: Path
@@ -230,6 +234,13 @@ def start_cluster(root: Path, services: Services) -> ProductionCluster:
     iris_onnx = next(Path(e["path"]) for e in listed if e["name"] == "iris")
     if not iris_onnx.is_absolute():
         iris_onnx = registry / iris_onnx
+    from gateway.examples import shipped_generative
+
+    add_gpt = [
+        "model", "add", str(shipped_generative()[GENERATIVE]), "--name", GENERATIVE,
+        "--classification", "public", "--generative", "--registry", str(registry),
+    ]  # fmt: skip
+    _check(run_cli(add_gpt, root), "model add --generative")
 
     # -- Redis: TLS only, one ACL user (production refuses plaintext redis://) ------------
     redis_exe = shutil.which("redis-server")
@@ -271,7 +282,16 @@ def start_cluster(root: Path, services: Services) -> ProductionCluster:
     witness = services.add(
         Service(
             "witness",
-            [*ZTGATE, "witness", "serve", "--dir", str(witness_dir), "--port", str(witness_port)],
+            [
+                *ZTGATE,
+                "witness",
+                "serve",
+                "--dir",
+                str(witness_dir),
+                "--port",
+                str(witness_port),
+                "--vault",
+            ],
             root,
             root / "logs" / "witness.log",
         )
@@ -279,6 +299,11 @@ def start_cluster(root: Path, services: Services) -> ProductionCluster:
     assert witness.proc is not None
     if not wait_ready(f"http://127.0.0.1:{witness_port}/", 30, witness.proc):
         raise RuntimeError(f"witness did not start:\n{witness.tail()}")
+    # The witness is the core's, with a vault: the replicas reach it through a link the
+    # scenarios can cut (tests/system/test_edge_link.py), and upload their logs to it.
+    link = ThreadedFaultProxy(("127.0.0.1", witness_port))
+    services.on_stop(link.close)
+    core_url = f"http://127.0.0.1:{link.port}"
 
     # -- MPC party workers, one per node, with the node's customer certificate ------------
     # The customer's files one by one (deploy/README.md): the node certificate and key,
@@ -406,7 +431,7 @@ def start_cluster(root: Path, services: Services) -> ProductionCluster:
             "signing_key": signing_key, "log_key": log_key,
             "checkpoint_interval_s": CHECKPOINT_INTERVAL_S,
             "public_url": public[i], "replicas": public,
-            "witnesses": [[vkey, f"http://127.0.0.1:{witness_port}"]],
+            "witnesses": [[vkey, core_url]], "reconcile_with": [core_url],
         }  # fmt: skip
         lines += _table("receipts", receipts)
         lines += _table("zk", {"artefacts": [zk_dir], "srs_sha256": [srs_sha256]})
@@ -455,6 +480,8 @@ def start_cluster(root: Path, services: Services) -> ProductionCluster:
         registry=registry,
         witness_dir=witness_dir,
         witness_vkey=vkey,
+        witness_port=witness_port,
+        link=link,
         srs=srs,
         srs_sha256=srs_sha256,
         zk_dir=zk_dir,

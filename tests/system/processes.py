@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,12 +158,19 @@ class Services:
     """Every service started by the suite, stopped in reverse order."""
 
     items: list[Service] = field(default_factory=list)
+    # In-process helpers (the fault proxy's thread) closed after every service stopped.
+    closers: list[Callable[[], None]] = field(default_factory=list)
 
     def add(self, service: Service) -> Service:
         self.items.append(service)
         return service
 
+    def on_stop(self, close: Callable[[], None]) -> None:
+        self.closers.append(close)
+
     def stop_all(self) -> list[str]:
         for s in reversed(self.items):
             s.stop()
+        for close in reversed(self.closers):
+            close()
         return [f"{s.name} (group {g})" for s in self.items for g in s.groups if group_alive(g)]

@@ -1,0 +1,1 @@
+"""Generative models: the byte-level tokenizer, the tiny GPT's training recipe."""

@@ -1,0 +1,370 @@
+"""The core's copy of each edge log: every leaf, receipt body and record an edge uploaded.
+
+An edge gateway cut off from the core keeps its own log. When the link returns it
+uploads what the core does not yet hold (resumably: the core says how much it has) and
+then pushes its checkpoint to the core's witness, which cosigns only a checkpoint whose
+leaves the vault holds and whose root they reproduce (`Witness.add_checkpoint`). So what
+reached the core survives the edge's destruction, and an edge cannot have a checkpoint
+cosigned for a history it did not hand over.
+
+Leaves above the last cosigned size are pending: an upload may replace them (a retry
+after a cut, or an edge that crashed and re-signed its head), but never what was
+cosigned. A body must hash to its leaf (a receipt's body to its `receipt` leaf, a record
+to its record leaf), so a body cannot be swapped for another under a leaf.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hashlib
+import re
+import sqlite3
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.receipts.entry import LogEntry
+from gateway.receipts.merkle import MerkleTree, leaf_hash
+
+__all__ = ["MAX_UPLOAD_LEAVES", "Upload", "Vault", "VaultError", "export_vault", "has_body"]
+
+MAX_UPLOAD_LEAVES = 2048  # per request: bounds one request's memory and its retry cost
+# Leaves whose entry commits to a body the auditor must be able to read.
+_RECORD_TYPES = ("erasure", "log_start", "late_evidence", "node_quarantine", "node_release")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS leaves(origin TEXT NOT NULL, idx INTEGER NOT NULL,
+    data BLOB NOT NULL, PRIMARY KEY(origin, idx));
+CREATE TABLE IF NOT EXISTS blobs(origin TEXT NOT NULL, idx INTEGER NOT NULL,
+    data BLOB NOT NULL, PRIMARY KEY(origin, idx));
+CREATE TABLE IF NOT EXISTS checkpoints(origin TEXT NOT NULL, size INTEGER NOT NULL,
+    note TEXT NOT NULL, PRIMARY KEY(origin, size));
+"""
+
+
+class VaultError(Exception):
+    """An upload the vault refuses (HTTP 400/409 at the witness)."""
+
+    def __init__(self, message: str, stored: int | None = None) -> None:
+        super().__init__(message)
+        self.stored = stored
+
+
+UPLOAD_NOTE = "ztgate vault upload v1"
+MAX_ORIGIN_LEAVES = 50_000_000  # one edge log; past it the edge starts a new log id
+MAX_ORIGINS = 10_000
+_RECEIPT_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,160}")
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One request's worth: leaves from `start`, and the bodies of those that have one,
+    with `note`: the edge's log key's signature over what is uploaded (`note_text`), so
+    only the holder of a trusted log key can put anything in the vault."""
+
+    start: int
+    leaves: tuple[bytes, ...]
+    blobs: dict[int, bytes]
+    note: str = ""
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for x in self.leaves:
+            h.update(len(x).to_bytes(4, "big") + x)
+        for i, b in sorted(self.blobs.items()):
+            h.update(i.to_bytes(8, "big") + len(b).to_bytes(8, "big") + b)
+        return h.hexdigest()
+
+    def note_text(self, origin: str) -> str:
+        """What the log key signs: the origin, the range and a digest of every byte."""
+        return f"{UPLOAD_NOTE}\n{origin}\n{self.start}\n{len(self.leaves)}\n{self.digest()}\n"
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "start": self.start,
+            "leaves": [base64.b64encode(x).decode() for x in self.leaves],
+            "blobs": {str(i): base64.b64encode(b).decode() for i, b in sorted(self.blobs.items())},
+            "note": self.note,
+        }
+
+    @classmethod
+    def from_json(cls, doc: object) -> Upload:
+        if not isinstance(doc, dict):
+            raise VaultError("malformed upload")
+        start, leaves, blobs = doc.get("start"), doc.get("leaves"), doc.get("blobs")
+        note = doc.get("note", "")
+        if (
+            not isinstance(note, str)
+            or not isinstance(start, int)
+            or isinstance(start, bool)
+            or start < 0
+            or not isinstance(leaves, list)
+            or not isinstance(blobs, dict)
+        ):
+            raise VaultError("malformed upload")
+        if len(leaves) > MAX_UPLOAD_LEAVES:
+            raise VaultError(f"at most {MAX_UPLOAD_LEAVES} leaves per upload")
+        try:
+            return cls(
+                start,
+                tuple(base64.b64decode(x, validate=True) for x in leaves),
+                {int(i): base64.b64decode(b, validate=True) for i, b in blobs.items()},
+                note,
+            )
+        except (TypeError, ValueError, binascii.Error):
+            raise VaultError("malformed upload") from None
+
+
+class Vault:
+    """One SQLite file for every edge origin this core witnesses."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # what the edge was told is stored, is
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # ------------------------------------------------------------------ reading
+
+    def origins(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT DISTINCT origin FROM leaves")]
+
+    def stored(self, origin: str) -> int:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COALESCE(MAX(idx) + 1, 0) FROM leaves WHERE origin = ?", (origin,)
+            ).fetchone()
+        return int(row[0])
+
+    def cosigned(self, origin: str) -> int:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COALESCE(MAX(size), 0) FROM checkpoints WHERE origin = ?", (origin,)
+            ).fetchone()
+        return int(row[0])
+
+    def leaves(self, origin: str, end: int | None = None) -> list[bytes]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT data FROM leaves WHERE origin = ? AND idx < ? ORDER BY idx",
+                (origin, 2**62 if end is None else end),
+            ).fetchall()
+        return [bytes(r[0]) for r in rows]
+
+    def blob(self, origin: str, index: int) -> bytes | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT data FROM blobs WHERE origin = ? AND idx = ?", (origin, index)
+            ).fetchone()
+        return bytes(row[0]) if row else None
+
+    def checkpoints(self, origin: str) -> list[tuple[int, str]]:
+        """(size, the cosigned checkpoint note as the core issued it), oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT size, note FROM checkpoints WHERE origin = ? ORDER BY size", (origin,)
+            ).fetchall()
+        return [(int(s), str(n)) for s, n in rows]
+
+    def tree(self, origin: str, size: int) -> MerkleTree:
+        """The Merkle tree of the first `size` stored leaves (O(size) hashing, done once
+        per checkpoint)."""
+        leaves = self.leaves(origin, size)
+        if len(leaves) != size:
+            raise VaultError(f"the vault holds {len(leaves)} leaves, not {size}", len(leaves))
+        return MerkleTree(leaf_hash(x) for x in leaves)
+
+    # ------------------------------------------------------------------ writing
+
+    def append(self, origin: str, upload: Upload) -> int:
+        """Store an upload; the stored size after it. Idempotent for what is stored."""
+        cosigned = self.cosigned(origin)
+        stored = self.stored(origin)
+        if upload.start + len(upload.leaves) > MAX_ORIGIN_LEAVES:
+            raise VaultError(f"an edge log may hold at most {MAX_ORIGIN_LEAVES} leaves here")
+        if stored == 0 and len(self.origins()) >= MAX_ORIGINS:
+            raise VaultError(f"the vault holds {MAX_ORIGINS} edge logs already")
+        if upload.start > stored:
+            raise VaultError(f"upload starts at {upload.start}; the vault holds {stored}", stored)
+        end = upload.start + len(upload.leaves)
+        if set(upload.blobs) - set(range(upload.start, end)):
+            raise VaultError("a body for a leaf outside this upload")
+        checked = [_check_leaf(i, data, upload.blobs.get(i)) for i, data in _indexed(upload)]
+        with self._tx() as db:
+            for i, data in checked:
+                if i < cosigned:
+                    row = db.execute(
+                        "SELECT data FROM leaves WHERE origin = ? AND idx = ?", (origin, i)
+                    ).fetchone()
+                    if row is None or bytes(row[0]) != data:
+                        raise VaultError(
+                            f"leaf {i} differs from the one the core cosigned: history "
+                            "the core witnessed was rewritten",
+                            stored,
+                        )
+                    continue
+                db.execute(
+                    "INSERT OR REPLACE INTO leaves(origin, idx, data) VALUES (?, ?, ?)",
+                    (origin, i, data),
+                )
+                # A replaced pending leaf takes its old body with it.
+                db.execute("DELETE FROM blobs WHERE origin = ? AND idx = ?", (origin, i))
+                body = upload.blobs.get(i)
+                if body is not None:
+                    db.execute(
+                        "INSERT OR REPLACE INTO blobs(origin, idx, data) VALUES (?, ?, ?)",
+                        (origin, i, body),
+                    )
+        return self.stored(origin)
+
+    def commit(self, origin: str, size: int, note: str) -> None:
+        """The core cosigned `note` (of tree size `size`): leaves below it are final."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO checkpoints(origin, size, note) VALUES (?, ?, ?)",
+                (origin, size, note),
+            )
+
+
+def _indexed(upload: Upload) -> Iterator[tuple[int, bytes]]:
+    return ((upload.start + k, data) for k, data in enumerate(upload.leaves))
+
+
+def _check_leaf(index: int, data: bytes, body: bytes | None) -> tuple[int, bytes]:
+    try:
+        entry = LogEntry.parse(data)
+    except (ValueError, UnicodeDecodeError):
+        raise VaultError(f"leaf {index} is not a log entry") from None
+    if body is not None and hashlib.sha256(body).digest() != entry.sha256:
+        raise VaultError(f"the body of leaf {index} does not hash to it")
+    return index, data
+
+
+def has_body(entry: LogEntry) -> bool:
+    """Whether the edge sends a body with this leaf (a receipt, or a record)."""
+    return entry.type == "receipt" or entry.type in _RECORD_TYPES
+
+
+def export_vault(
+    vault: Vault, log_vkeys: dict[str, str], witnesses: dict[str, str], out: Path
+) -> int:
+    """An audit bundle (`gateway.receipts.bundle` layout) of edge logs as the core holds
+    them, each up to its latest cosigned checkpoint: what an auditor verifies when an edge
+    is gone. `log_vkeys` (origin -> the log's note vkey) chooses the logs; the keys are
+    written for reading only (the verifier takes keys from the auditor's trust file).
+    Returns the receipts written."""
+    import datetime as dt
+    import json
+
+    from gateway.receipts.bundle import BUNDLE_FORMAT
+    from gateway.receipts.export import _Writer
+
+    w = _Writer(out)
+    logs, total = [], 0
+    try:
+        for origin in sorted(log_vkeys):
+            if not vault.checkpoints(origin):
+                continue  # uploaded, never cosigned: nothing the core vouches for
+            entry = _export_origin(vault, origin, w)
+            total += len(entry["receipts"])
+            logs.append(entry)
+        keys = [{"origin": o, "vkey": k} for o, k in sorted(log_vkeys.items())]
+        w.put("keys/log-keys.json", json.dumps(keys).encode())
+        w.put(
+            "keys/witness-keys.json",
+            json.dumps([{"name": n, "vkey": k} for n, k in witnesses.items()]).encode(),
+        )
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "created": dt.datetime.now(dt.UTC).isoformat(),
+            "since": None,
+            "exported_by": "core vault",
+            "logs": logs,
+        }
+        w.put("manifest.json", json.dumps(manifest, indent=1).encode())
+    finally:
+        w.close()
+    return total
+
+
+def _export_origin(vault: Vault, origin: str, w: Any) -> dict[str, Any]:
+    import itertools
+    import json
+
+    from gateway.receipts.canonical import b64
+    from gateway.receipts.export import _proof_text
+    from gateway.receipts.log import tlog_proof
+
+    notes = dict(vault.checkpoints(origin))
+    if not notes:
+        raise VaultError(f"the core has cosigned nothing of {origin}")
+    head = max(notes)
+    tree = vault.tree(origin, head)
+    leaves = vault.leaves(origin, head)
+    log_id = origin.rsplit("/", 1)[-1]
+    base = f"logs/{log_id}"
+    receipts = []
+    for size, note in sorted(notes.items()):
+        w.put(f"{base}/checkpoints/{size}.checkpoint", note.encode())
+    for a, b in itertools.pairwise(sorted(notes)):
+        w.put(f"{base}/consistency/{a}-{b}.proof", _proof_text(tree.consistency_proof(a, b)))
+    for i, data in enumerate(leaves):
+        entry = LogEntry.parse(data)
+        blob = vault.blob(origin, i)
+        if blob is None:
+            continue
+        if entry.type != "receipt":
+            w.put(f"{base}/records/{i}.json", blob)
+            continue
+        try:
+            receipt_id = str(json.loads(blob)["receipt"]["id"])
+        except (ValueError, KeyError, TypeError):
+            raise VaultError(f"the body of leaf {i} of {origin} is not a receipt") from None
+        if not _RECEIPT_ID_RE.fullmatch(receipt_id) or ".." in receipt_id:
+            raise VaultError(f"leaf {i} of {origin}: an unusable receipt id")  # a file name
+        w.put(f"{base}/receipts/{receipt_id}.json", blob)
+        covering = min(s for s in notes if s > i)
+        w.put(
+            f"{base}/receipts/{receipt_id}.tlog-proof",
+            tlog_proof(i, tree.inclusion_proof(i, covering), notes[covering]).encode(),
+        )
+        receipts.append({"id": receipt_id, "index": i, "proof": True})
+    w.put(f"{base}/leaves", b"".join(x + b"\n" for x in leaves))
+    w.put(f"{base}/leaves.left", b"")
+    return {
+        "log_id": log_id,
+        "origin": origin,
+        "size": head,
+        "frozen": None,
+        "checkpoints": sorted(notes),
+        "consistency": [list(p) for p in itertools.pairwise(sorted(notes))],
+        "receipts": receipts,
+        "erased": [],
+        "inventory": {
+            "start": 0,
+            "size": head,
+            "first_leaf": leaves[0].decode() if head else None,
+            "start_proof": [b64(h) for h in tree.inclusion_proof(0, head)],
+        },
+    }

@@ -1,0 +1,502 @@
+"""An edge site's log reconciled with the core over a link that is really cut (DDIL).
+
+The edge: a receipt log with its checkpointer. The core: a witness with a vault, served
+by uvicorn on loopback. Between them the project's TCP fault proxy, so a cut link is a
+reset TCP connection and a resumed upload crosses a real socket. Each refusal has its
+positive control: the same log, unaltered, reconciled and cosigned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gzip
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import pytest_asyncio
+import uvicorn
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from gateway import ports
+from gateway.faultproxy import FaultProxy
+from gateway.receipts import checkpointer as checkpointer_module
+from gateway.receipts.bundle import BundleReader
+from gateway.receipts.checkpointer import Checkpointer, WitnessClient
+from gateway.receipts.entry import LogEntry
+from gateway.receipts.export import export_bundle
+from gateway.receipts.log import ReceiptLog
+from gateway.receipts.merkle import MerkleTree, leaf_hash
+from gateway.receipts.note import Checkpoint, NoteKey, SignedNote
+from gateway.receipts.vault import Upload, Vault, export_vault
+from gateway.receipts.verify import TrustedLogKey, TrustPolicy, verify_bundle
+from gateway.receipts.witness import Witness, WitnessRefused, witness_app
+from tests.test_receipts import World, make_world
+
+
+@dataclass
+class Site:
+    world: World  # the edge: its log, keys, receipts
+    core: Witness
+    vault: Vault
+    proxy: FaultProxy
+    client: WitnessClient
+    checkpointer: Checkpointer
+    url: str  # the core, direct (not through the proxy)
+
+    async def reconcile(self) -> Checkpoint:
+        note = await self.checkpointer.tick()
+        return Checkpoint.parse_text(note.text)
+
+    def cosigned_by_core(self) -> int:
+        return self.world.log.witness_size(self.core.key.name)
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def site(tmp_path: Path) -> AsyncIterator[Site]:
+    world = await make_world(tmp_path, witness_http=False)
+    vault = Vault(tmp_path / "core" / "vault.db")
+    core = Witness(
+        "core.example/witness",
+        world.witness_key,
+        world.witness.trusted,
+        tmp_path / "core" / "state.json",
+        vault=vault,
+    )
+    port = ports.free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            witness_app(core), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
+        )
+    )
+    serving = asyncio.ensure_future(server.serve())
+    for _ in range(3000):  # bounded: 30 s
+        if server.started:
+            break
+        await asyncio.sleep(0.01)
+    proxy = FaultProxy(("127.0.0.1", port))
+    await proxy.start()
+    client = WitnessClient(
+        core.key,
+        f"http://127.0.0.1:{proxy.port}",
+        httpx.AsyncClient(timeout=5.0),
+        vault=True,
+    )
+    yield Site(
+        world,
+        core,
+        vault,
+        proxy,
+        client,
+        Checkpointer(lambda: world.log, [client]),
+        f"http://127.0.0.1:{port}",
+    )
+    await client.aclose()
+    await proxy.close()
+    server.should_exit = True
+    await serving
+    if not world.log._closed:
+        await world.log.close()
+    vault.close()
+
+
+async def _receipts(world: World, n: int) -> None:
+    for _ in range(n):
+        await world.receipt()
+
+
+def _vault_matches_log(site: Site, size: int) -> None:
+    """What the core holds is the edge's log: each leaf, each receipt body under it."""
+    origin = site.world.log.origin
+    leaves = site.vault.leaves(origin, size)
+    assert leaves == [e.leaf_data() for _, e in site.world.log.entries(0, size)]
+    tree = MerkleTree(leaf_hash(x) for x in leaves)
+    assert tree.root() == site.world.log.tree.root(size)
+    for i, data in enumerate(leaves):
+        entry = LogEntry.parse(data)
+        if entry.type == "receipt":
+            body = site.vault.blob(origin, i)
+            assert body is not None and hashlib.sha256(body).digest() == entry.sha256
+
+
+async def test_a_cut_off_edge_keeps_logging_and_is_cosigned_once_the_link_returns(
+    site: Site,
+) -> None:
+    await _receipts(site.world, 3)
+    first = await site.reconcile()
+    assert site.cosigned_by_core() == first.size  # positive control: linked, cosigned
+    site.proxy.cut()
+    await _receipts(site.world, 20)  # the edge keeps answering, and logging
+    cut = await site.reconcile()
+    assert cut.size == first.size + 20
+    assert site.cosigned_by_core() == first.size  # nothing reached the core
+    assert site.checkpointer.push_failures[site.client.name] >= 1
+    site.proxy.restore()
+    back = await site.reconcile()
+    assert back.size == cut.size and site.cosigned_by_core() == back.size
+    _vault_matches_log(site, back.size)
+    # The checkpoint the core keeps carries its own cosignature over the edge's note.
+    (size, note), *_ = reversed(site.vault.checkpoints(site.world.log.origin))
+    assert size == back.size and note.startswith(site.world.log.checkpoint_at(size).text)  # type: ignore[union-attr]
+    assert site.core.key.name in note
+
+
+async def test_an_upload_cut_mid_way_resumes_where_the_core_stopped(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(checkpointer_module, "UPLOAD_LEAVES", 8)
+    await _receipts(site.world, 100)
+    # Each upload's answer is ~20 bytes of JSON plus headers: the link drops after a few.
+    site.proxy.drop_after(900)
+    await site.reconcile()
+    origin = site.world.log.origin
+    partial = site.vault.stored(origin)
+    assert 0 < partial < 101 and site.cosigned_by_core() == 0
+    site.proxy.restore()
+    sent_before = site.proxy.stats.bytes_up
+    done = await site.reconcile()
+    assert site.cosigned_by_core() == done.size
+    _vault_matches_log(site, done.size)
+    # Resumed, not restarted: the second round sent less than the whole log again would.
+    full = sum(len(x) for x in site.vault.leaves(origin)) + sum(
+        len(b) for i in range(done.size) if (b := site.vault.blob(origin, i)) is not None
+    )
+    assert site.proxy.stats.bytes_up - sent_before < full
+
+
+def _forge(site: Site, leaves: list[bytes]) -> tuple[SignedNote, MerkleTree]:
+    """What a captured edge can make: any tree, signed with the site's own log key."""
+    tree = MerkleTree(leaf_hash(x) for x in leaves)
+    origin = site.world.log.origin
+    cp = Checkpoint(origin, len(leaves), tree.root(), int(time.time()))
+    name, sig = NoteKey(origin, site.world.log_key.public_key()).sign(site.world.log_key, cp.text())
+    return SignedNote(cp.text(), ((name, sig),)), tree
+
+
+def _leaves(site: Site, end: int) -> list[bytes]:
+    return [e.leaf_data() for _, e in site.world.log.entries(0, end)]
+
+
+async def test_history_the_core_witnessed_cannot_be_rewritten(site: Site) -> None:
+    await _receipts(site.world, 5)
+    await site.reconcile()
+    witnessed = site.cosigned_by_core()
+    assert witnessed == 6  # positive control: the real log, cosigned
+    real = _leaves(site, witnessed)
+    other = LogEntry("receipt", hashlib.sha256(b"another answer").digest()).leaf_data()
+    forged = [*real[:-1], other, other, other, other]  # leaf 5 rewritten, then grown
+    note, tree = _forge(site, forged)
+    origin = site.world.log.origin
+    async with httpx.AsyncClient(base_url=site.url) as http:
+        r = await http.post(
+            "/vault/upload",
+            params={"origin": origin},
+            json=_signed(site, 5, forged[5:]),
+        )
+        assert r.status_code == 409 and "rewritten" in r.json()["error"]
+        with pytest.raises(WitnessRefused) as refused:
+            await site.client.add_checkpoint(note, witnessed, tree.consistency_proof)
+        assert refused.value.status == 422
+        metrics = (await http.get("/metrics")).text
+    assert site.core.refusals["rewritten"] == 1 and site.core.refusals["inconsistent"] == 1
+    assert 'ztgate_witness_refusals_total{reason="inconsistent"} 1' in metrics
+    assert site.vault.leaves(origin, witnessed) == real  # what the core holds is unchanged
+    # The real log still reconciles.
+    await _receipts(site.world, 1)
+    await site.reconcile()
+    assert site.cosigned_by_core() == witnessed + 1
+
+
+async def test_a_truncated_edge_log_is_refused_and_counted(site: Site) -> None:
+    await _receipts(site.world, 6)
+    await site.reconcile()
+    assert site.cosigned_by_core() == 7  # positive control
+    note, tree = _forge(site, _leaves(site, 4))
+    with pytest.raises(WitnessRefused):
+        await site.client.add_checkpoint(note, 3, tree.consistency_proof)
+    assert site.core.refusals["truncated"] == 1
+    assert site.core.latest(site.world.log.origin)[0] == 7
+
+
+async def test_a_revoked_site_key_is_refused_from_then_on(site: Site) -> None:
+    await _receipts(site.world, 2)
+    await site.reconcile()
+    assert site.cosigned_by_core() == 3  # positive control (with the log_start leaf)
+    site.core.trusted = [dataclasses.replace(t, revoked=True) for t in site.core.trusted]
+    await _receipts(site.world, 2)
+    await site.reconcile()
+    assert site.cosigned_by_core() == 3
+    assert site.core.refusals["revoked"] >= 1
+    assert site.vault.stored(site.world.log.origin) == 3  # nor are its uploads taken
+
+
+async def test_checkpoint_times_must_lie_between_the_last_one_and_the_cores_now(
+    site: Site,
+) -> None:
+    await _receipts(site.world, 2)
+    await site.reconcile()
+    first = site.cosigned_by_core()
+    assert first == 3  # positive control
+    # A captured edge post-dating its checkpoint beyond the allowed skew.
+    site.world.log.clock = lambda: time.time() + 3600
+    await _receipts(site.world, 1)
+    await site.reconcile()
+    assert site.cosigned_by_core() == first and site.core.refusals["time"] == 1
+    # And backdating below the last cosigned time.
+    site.world.log.clock = lambda: time.time() - 3600
+    await _receipts(site.world, 1)
+    await site.reconcile()
+    assert site.cosigned_by_core() == first and site.core.refusals["time"] == 2
+    site.world.log.clock = time.time
+    await _receipts(site.world, 1)
+    await site.reconcile()
+    assert site.cosigned_by_core() == first + 3
+
+
+async def test_the_vault_refuses_bodies_that_do_not_hash_to_their_leaf_and_bombs(
+    site: Site,
+) -> None:
+    origin = site.world.log.origin
+    await _receipts(site.world, 2)
+    entries = list(site.world.log.entries(0, 3))
+    body = site.world.log.body_at(1)
+    assert body is not None
+    raw = [e.leaf_data() for _, e in entries]
+    good = _signed(site, 0, raw, {1: body})
+    bad = _signed(site, 0, raw, {1: body + b" "})
+    unsigned = {**good, "note": ""}
+    other_key = _signed(site, 0, raw, {1: body}, key=ed25519.Ed25519PrivateKey.generate())
+    async with httpx.AsyncClient(base_url=site.url) as http:
+        r = await http.post("/vault/upload", params={"origin": origin}, json=bad)
+        assert r.status_code == 400 and "does not hash" in r.json()["error"]
+        bomb = gzip.compress(b"[" * (32 << 20))
+        r = await http.post(
+            "/vault/upload",
+            params={"origin": origin},
+            content=bomb,
+            headers={"content-encoding": "gzip"},
+        )
+        assert r.status_code == 400 and len(bomb) < (1 << 20)
+        r = await http.post("/vault/upload", params={"origin": "elsewhere/x"}, json=good)
+        assert r.status_code == 400  # no trusted key for that origin
+        for forged_upload in (unsigned, other_key):  # only the edge's own log key may upload
+            r = await http.post("/vault/upload", params={"origin": origin}, json=forged_upload)
+            assert r.status_code == 400 and "not signed" in r.json()["error"]
+        r = await http.post("/vault/upload", params={"origin": origin}, json=good)
+        assert r.status_code == 200 and r.json() == {"stored": 3}  # positive control
+
+
+def _signed(
+    site: Site,
+    start: int,
+    leaves: list[bytes],
+    blobs: dict[int, bytes] | None = None,
+    key: ed25519.Ed25519PrivateKey | None = None,
+) -> dict[str, object]:
+    """An upload as the edge (or, with `key`, someone else) signs it."""
+    origin = site.world.log.origin
+    up = Upload(start, tuple(leaves), dict(blobs or {}))
+    signer = key or site.world.log_key
+    name, sig = NoteKey(origin, signer.public_key()).sign(signer, up.note_text(origin))
+    return Upload(
+        start, up.leaves, up.blobs, SignedNote(up.note_text(origin), ((name, sig),)).render()
+    ).to_json()
+
+
+def base64_of(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode()
+
+
+def test_uploads_are_json_not_pickles() -> None:
+    """The wire format is plain JSON an auditor can read (and the core parses strictly)."""
+    from gateway.receipts.vault import Upload, VaultError
+
+    up = Upload(0, (b'{"sha256":"00","type":"receipt"}',), {})
+    assert Upload.from_json(json.loads(json.dumps(up.to_json()))) == up
+    with pytest.raises(VaultError):
+        Upload.from_json({"start": -1, "leaves": [], "blobs": {}})
+
+
+async def test_revoking_a_site_key_with_the_cli_takes_effect_at_the_next_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`ztgate witness revoke-log` records what the core had cosigned when it revoked the
+    key; a witness loaded afterwards (with its vault) refuses that key's checkpoints."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from gateway.cli import main
+    from gateway.cli.witness import load_witness
+    from gateway.receipts.canonical import b64
+    from gateway.receipts.signing import raw_public
+    from gateway.receipts.witness import add_checkpoint_body
+
+    log_key = ed25519.Ed25519PrivateKey.generate()
+    pub = b64(raw_public(log_key.public_key()))
+    d = tmp_path / "w"
+    assert main(["witness", "init", "--dir", str(d), "--name", "core.example/w",
+                 "--trust-log", f"ztgate.local/={pub}"]) == 0  # fmt: skip
+    rl = ReceiptLog.open(tmp_path / "logs", log_key, "ztgate.local/edge-1/receipts")
+    try:
+        await rl.append(LogEntry("revocation", hashlib.sha256(b"a").digest()))
+        note = await rl.checkpoint()
+        body = add_checkpoint_body(0, [], note)
+        w = load_witness(d)
+        assert (await w.add_checkpoint(body))[0] == 200  # positive control
+        capsys.readouterr()
+        assert main(["witness", "revoke-log", "--dir", str(d), "ztgate.local/", "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["cosigned_at_revocation"] == {rl.origin: 2}
+        revoked = load_witness(d, with_vault=True)
+        await rl.append(LogEntry("revocation", hashlib.sha256(b"b").digest()))
+        later = await rl.checkpoint()
+        status, _, _ = await revoked.add_checkpoint(
+            add_checkpoint_body(2, rl.consistency(2, 3), later)
+        )
+        assert status == 403 and revoked.refusals["revoked"] == 1
+        assert revoked.vault is not None
+        revoked.vault.close()
+        assert main(["witness", "revoke-log", "--dir", str(d), "elsewhere/"]) == 2
+    finally:
+        await rl.close()
+
+
+def _core_trust(site: Site) -> TrustPolicy:
+    """The auditor's trust file: the edge's receipt and log keys, the core as witness."""
+    return TrustPolicy(
+        site.world.keyset,
+        [TrustedLogKey("ztgate.local/", site.world.log_key.public_key())],
+        {site.core.key.name: site.core.key},
+    )
+
+
+async def test_a_destroyed_edges_receipts_verify_from_the_cores_vault(
+    site: Site, tmp_path: Path
+) -> None:
+    await _receipts(site.world, 12)
+    await site.reconcile()
+    held = site.world.issued[3]  # what one client kept
+    origin, log_vkey = site.world.log.origin, site.world.log.note_key().vkey()
+    await site.world.log.close()
+    shutil.rmtree(site.world.log_dir)  # the edge is gone
+    out = tmp_path / "from-core"
+    written = export_vault(
+        site.vault, {origin: log_vkey}, {site.core.key.name: site.core.key.vkey()}, out
+    )
+    assert written == 12
+    report = verify_bundle(BundleReader(out), _core_trust(site), require=[site.core.key.name])
+    assert report.status == "valid", [f for f in report.findings if f.status != "valid"]
+    assert held.receipt.receipt_id in report.receipts
+    # Negative control built the same way: one stored body altered at the core.
+    forged = tmp_path / "forged"
+    shutil.copytree(out, forged)
+    path = next((forged / "logs").glob(f"*/receipts/{held.receipt.receipt_id}.json"))
+    path.write_bytes(path.read_bytes().replace(b'"iris"', b'"irid"'))
+    assert verify_bundle(BundleReader(forged), _core_trust(site)).status == "invalid"
+
+
+async def test_receipts_the_core_has_not_cosigned_are_reported_so(
+    site: Site, tmp_path: Path
+) -> None:
+    await _receipts(site.world, 3)
+    await site.reconcile()
+    site.proxy.cut()
+    await _receipts(site.world, 4)  # offline: checkpointed by the edge only
+    await site.reconcile()
+    out = tmp_path / "edge-export"
+    export_bundle(site.world.log_dir, out)
+    report = verify_bundle(BundleReader(out), _core_trust(site), require=[site.core.key.name])
+    offline = {i.receipt.receipt_id for i in site.world.issued[3:]}
+    online = {i.receipt.receipt_id for i in site.world.issued[:3]}
+    uncosigned = {f.subject.split()[-1] for f in report.findings if f.code == "missing-cosignature"}
+    assert uncosigned == offline  # named, each of them, and only them
+    valid = {f.subject.split()[-1] for f in report.findings if f.status == "valid"}
+    assert online <= valid
+    site.proxy.restore()
+    await site.reconcile()  # reconciled: the same receipts now verify
+    again = tmp_path / "edge-export-2"
+    export_bundle(site.world.log_dir, again)
+    report = verify_bundle(BundleReader(again), _core_trust(site), require=[site.core.key.name])
+    assert report.status == "valid"
+
+
+async def test_the_log_waits_for_revocations_from_the_core_first(site: Site) -> None:
+    """After a reconnection an edge pulls the core's CRL before it uploads its log
+    (gateway/uplink.py sets `ready`); until then the upload is held back and counted."""
+    await _receipts(site.world, 2)
+    pulled = False
+    site.client.ready = lambda: pulled
+    await site.reconcile()
+    assert site.cosigned_by_core() == 0 and site.vault.stored(site.world.log.origin) == 0
+    assert site.checkpointer.push_failures[site.client.name] == 1
+    pulled = True  # the CRL came in
+    await site.reconcile()
+    assert site.cosigned_by_core() == 3
+
+
+async def test_a_receipt_a_client_holds_is_flagged_when_the_reconciled_log_lacks_it(
+    site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A captured edge gives a client a receipt, then rewrites what it had not yet handed
+    to the core and reconciles that: the core cosigns the rewritten history (it never saw
+    the receipt), and `ztgate verify --held` on the core's export flags the client's
+    receipt. A receipt from before the last reconciliation is found (the control)."""
+    from gateway.cli import main
+
+    await _receipts(site.world, 3)
+    await site.reconcile()
+    witnessed = site.cosigned_by_core()
+    kept = site.world.issued[1]  # reconciled before the capture
+    given = await site.world.receipt()  # then handed to a client, never reconciled
+    held_old, held_new = tmp_path / "old.json", tmp_path / "new.json"
+    held_old.write_bytes(kept.signed.to_bytes())
+    held_new.write_bytes(given.signed.to_bytes())
+    # The edge rewrites from `witnessed` on and reconciles the rewritten log.
+    origin = site.world.log.origin
+    other = LogEntry("revocation", hashlib.sha256(b"rewritten").digest()).leaf_data()
+    forged = [*_leaves(site, witnessed), other]
+    note, tree = _forge(site, forged)
+    async with httpx.AsyncClient(base_url=site.url) as http:
+        r = await http.post(
+            "/vault/upload",
+            params={"origin": origin},
+            json=_signed(site, witnessed, [other]),
+        )
+        assert r.status_code == 200
+    await site.client.add_checkpoint(note, witnessed, tree.consistency_proof)
+    bundle = tmp_path / "from-core"
+    export_vault(
+        site.vault,
+        {origin: site.world.log.note_key().vkey()},
+        {site.core.key.name: site.core.key.vkey()},
+        bundle,
+    )
+    trust = tmp_path / "trust.json"
+    trust.write_text(json.dumps(_core_trust(site).to_dict()))
+    args = ["verify", str(bundle), "--trust", str(trust), "--json"]
+    assert main([*args, "--held", str(held_old)]) == 0  # the bundle and the old receipt
+    capsys.readouterr()
+    assert main([*args, "--held", str(held_old), "--held", str(held_new)]) == 1
+    report = json.loads(capsys.readouterr().out)
+    codes = {f["subject"]: f["code"] for f in report["findings"] if "held" in f["subject"]}
+    assert codes == {
+        f"held receipt {kept.receipt.receipt_id}": "held-in-log",
+        f"held receipt {given.receipt.receipt_id}": "absent-from-log",
+    }
+    # A receipt someone made up (not signed by a trusted key) says nothing about the log.
+    made_up = json.loads(held_new.read_bytes())
+    made_up["sig"] = base64_of(bytes(64))
+    held_fake = tmp_path / "fake.json"
+    held_fake.write_text(json.dumps(made_up))
+    assert main([*args, "--held", str(held_fake)]) == 1
+    report = json.loads(capsys.readouterr().out)
+    codes = {f["code"] for f in report["findings"] if "held" in f["subject"]}
+    assert codes == {"bad-signature"}
