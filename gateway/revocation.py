@@ -47,8 +47,10 @@ class Revocations:
         self._crl_stamp: tuple[int, int] | None = None
         self.clock = clock or PersistedClock(None)
         # A first start gets the budget from now; a clock record deleted beside a
-        # revocation file that exists is not a first start: stale until a sync.
-        if self.clock.first_start and not (local is not None and local.exists()):
+        # revocation file that holds entries is not a first start: stale until a sync.
+        # (The embedded store creates the file empty before this runs.)
+        history = local is not None and local.is_file() and local.stat().st_size > 0
+        if self.clock.first_start and not history:
             self.clock.synced()
         # False at an edge whose revocations come from its core (gateway/uplink.py): the
         # local store answering says nothing about how fresh they are; a CRL pull does.

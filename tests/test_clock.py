@@ -138,6 +138,7 @@ def test_a_deleted_clock_record_beside_revocations_is_not_a_first_start(tmp_path
         MemoryStore(), revoked, staleness_budget_s=300.0, clock=PersistedClock(path)
     )
     assert not first.stale()  # a first start: the budget runs from now (control)
+    assert asyncio.run(first.revoke("CN=client CA", "1f"))  # the data dir has history
     first.clock.persist()
     first.close()
     path.unlink()  # what someone with the box would try
