@@ -178,7 +178,9 @@ class Uplink:
         self.crl_at: float | None = None  # monotonic time of the last CRL pull that succeeded
         self.rounds = 0
         self.failures = 0
-        self.installed: list[str] = []
+        # dest -> (sha256, mtime_ns, size) of what this edge installed or last hashed: an
+        # unchanged file is not hashed again every round (model files run to gigabytes).
+        self._known: dict[Path, tuple[str, int, int]] = {}
         # role -> check of a downloaded file before it is installed (gateway.runtime).
         self.checks: dict[str, Callable[[Path], Awaitable[bool]]] = {}
 
@@ -221,6 +223,10 @@ class Uplink:
             dest = self.destination(item)
             if dest is None:
                 continue
+            if self._unchanged(dest, item.sha256):
+                if item.role == "crl":
+                    self.crl_at = time.monotonic()
+                continue
             if await fetch_resumable(
                 self._http,
                 f"{self.base}/{item.name}",
@@ -231,20 +237,20 @@ class Uplink:
             ):
                 installed.append(item.name)
                 log.warning("uplink: installed %s (%s) from the core", item.name, item.role)
+            with contextlib.suppress(OSError):
+                st = dest.stat()
+                self._known[dest] = (item.sha256, st.st_mtime_ns, st.st_size)
             if item.role == "crl":
                 self.crl_at = time.monotonic()
-        self.installed += installed
         return installed
 
-    async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self.pull()
-            except (UplinkError, httpx.HTTPError, OSError) as exc:
-                self.failures += 1
-                log.warning("uplink: pull from the core failed: %s", exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.interval_s)
+    def _unchanged(self, dest: Path, sha256: str) -> bool:
+        known = self._known.get(dest)
+        try:
+            st = dest.stat()
+        except OSError:
+            return False
+        return known == (sha256, st.st_mtime_ns, st.st_size)
 
     async def aclose(self) -> None:
         await self._http.aclose()
