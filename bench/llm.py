@@ -27,7 +27,8 @@ Where a gateway stream's first token waits: the gateway's own stage histogram
 (``ztgate_stage_duration_seconds``, scraped from its /metrics before and after each
 gateway run), the mean milliseconds per stream in each stage up to the first token
 (identity, admission, decode, policy, token_limit, node_first_token: the node's stream
-open and first token, receipt: the opening receipt signed and fsynced), printed per run.
+open and first token, receipt: what is left of the opening receipt's signing and fsync
+once the first token is in: it is written while the node computes it), printed per run.
 """
 
 from __future__ import annotations

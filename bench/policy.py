@@ -16,7 +16,17 @@ Every call decides 4 modes x 3 nodes (12 Cedar requests) for one inference reque
 * ``mix-uniform``  the worst case: the same, but batch size, purpose, payload size and
                    model drawn afresh for every request.
 
-Prints p50/p99 in microseconds and the mix's cache hit rate (per (mode, node) pair).
+Prints p50/p99 in microseconds and the mix's cache hit rate (per (mode, node class)).
+
+Per node class (issue 19), ``--fleet``: the shipped policies on the 3 nodes above and on
+300 simulated nodes (registry-free NodeFacts over 8 regions, 6 providers, trust 0-2),
+for one mode (the client named it) and for all four:
+
+* ``new``   a request the decision cache has not seen (a new caller or batch size);
+            what the node-reading policies answer per class is cached by what they
+            read (the model and mode here), so it is shared with earlier requests.
+* ``cold``  every cache cleared first, as after a policy reload or revocation bump.
+* ``hit``   the same request again.
 """
 
 from __future__ import annotations
@@ -52,6 +62,97 @@ MODELS = {
 }
 CLIENT = "spiffe://ztgate.local/client/"
 NOON = dt.datetime(2025, 1, 1, 12, tzinfo=dt.UTC)
+
+
+REGIONS = (
+    "eu-west-1",
+    "eu-west-2",
+    "eu-central-1",
+    "eu-north-1",
+    "eu-south-1",
+    "us-east-1",
+    "us-west-2",
+    "ap-south-1",
+)
+PROVIDERS = ("prov-a", "prov-b", "prov-c", "prov-d", "prov-e", "prov-f")
+
+
+def fleet(n: int, seed: int = 19) -> list[NodeFacts]:
+    """`n` nodes spread over regions, providers and trust as a real fleet might be:
+    most nodes trust 1, some trusted hardware (2), some untrusted (0)."""
+    rng = random.Random(seed)
+    return [
+        NodeFacts(
+            f"node-{i:03d}",
+            rng.choice(REGIONS),
+            rng.choice(PROVIDERS),
+            rng.choices((0, 1, 2), (1, 6, 2))[0],
+        )
+        for i in range(n)
+    ]
+
+
+def fleet_cases(
+    engine: PolicyEngine, names: list[str], modes: tuple[str, ...] | None, n: int
+) -> list[tuple[str, list[float]]]:
+    """new / cold / hit for one engine and mode choice (see the docstring)."""
+    who = [IdentityFacts(f"{CLIENT}demo", "demo")] + [
+        IdentityFacts(f"{CLIENT}svc{i}", f"svc{i}", "Acme", "Sales", "", str(i)) for i in range(40)
+    ]
+    ctx0 = InferContext(1, 1024, "", NOON)
+
+    def new(i: int) -> object:
+        ctx = InferContext(1 + i % 250, 1024, "", NOON)
+        return engine.decide_infer(who[(i // 250) % len(who)], "iris", ctx, names, modes=modes)
+
+    def cold(_: int) -> object:
+        engine.clear_cache()
+        return engine.decide_infer(who[0], "iris", ctx0, names, modes=modes)
+
+    def hit(_: int) -> object:
+        return engine.decide_infer(who[0], "iris", ctx0, names, modes=modes)
+
+    new(-1)  # the classes' own answers, as any running gateway has them
+    rows = [("new", timed(n, new)), ("cold", timed(max(n // 10, 50), cold))]
+    hit(0)
+    rows.append(("hit", timed(n, hit)))
+    return rows
+
+
+def per_node_miss(engine: PolicyEngine, names: list[str]) -> Callable[[int], object]:
+    ctx = InferContext(1, 1024, "", NOON)
+    demo = IdentityFacts(f"{CLIENT}demo", "demo")
+
+    def call(_: int) -> object:
+        engine.clear_cache()
+        return engine.decide_infer(demo, "iris", ctx, names)
+
+    return call
+
+
+def fleet_rows(n: int, directory: Path) -> None:
+    """Misses on 3 and on 300 nodes, one mode and all modes (see the docstring)."""
+    source = load_policy_dir(directory)
+    print(f"policy per node class, {len(source.policies)} policies, model iris")
+    print(f"python {platform.python_version()} on {platform.machine()}\n")
+    print(f"{'case':<26}{'nodes':>6}{'classes':>8}{'calls':>7}{'p50 us':>9}{'p99 us':>9}")
+    for nodes in (NODES, fleet(300)):
+        names = [x.name for x in nodes]
+        for label, modes in (("one mode (none)", ("none",)), ("all modes", None)):
+            engine = PolicyEngine(source, models=MODELS, nodes=nodes)
+            for case, samples in fleet_cases(engine, names, modes, n):
+                p50, p99 = percentiles(samples)
+                name = f"{case}, {label}"
+                print(
+                    f"{name:<26}{len(nodes):>6}{engine.class_count:>8}{len(samples):>7}"
+                    f"{p50:>9.1f}{p99:>9.1f}"
+                )
+        # Before issue 19: every node decided on its own, every mode, nothing shared.
+        before = PolicyEngine(source, models=MODELS, nodes=nodes, node_classes=False)
+        samples = timed(10 if len(nodes) > 10 else 200, per_node_miss(before, names))
+        p50, p99 = percentiles(samples)
+        name = "per node (before), all"
+        print(f"{name:<26}{len(nodes):>6}{len(nodes):>8}{len(samples):>7}{p50:>9.1f}{p99:>9.1f}")
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:
@@ -166,8 +267,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=20000)
     ap.add_argument("--dir", type=Path, default=Path("policies"))
+    ap.add_argument("--fleet", action="store_true", help="only the node-class figures")
     args = ap.parse_args()
     n = args.requests
+    if args.fleet:
+        fleet_rows(min(n, 2000), args.dir)
+        return
     source = load_policy_dir(args.dir)
     engine = PolicyEngine(source, models=MODELS, nodes=NODES)
     nocheck = PolicyEngine(source, models=MODELS, nodes=NODES, check_requests=False)
@@ -203,7 +308,7 @@ def main() -> None:
     print()
     for name, stats in rates:
         print(
-            f"{name} cache: {stats.hits} hits, {stats.misses} misses (per mode x node pair), "
+            f"{name} cache: {stats.hits} hits, {stats.misses} misses (per mode x node class), "
             f"hit rate {stats.hit_rate:.1%}, {stats.size} entries"
         )
 

@@ -31,6 +31,8 @@ from gateway.background import Job, supervise
 from gateway.config import Config
 from gateway.generate.routes import generate_routes
 from gateway.identity import Identity, IdentityResolver
+from gateway.jobs import JobService
+from gateway.jobs.routes import job_routes
 from gateway.jsonstrict import StrictJSONError, loads
 from gateway.pipeline import (
     AdmissionStage,
@@ -161,6 +163,7 @@ class Gateway:
     # receipts.public_url set): until then another replica sends a reader of a receipt
     # signed here to nobody, so this replica is not ready (`ready`).
     logs_announced: bool = field(default=False, init=False)
+    jobs: JobService | None = field(default=None, init=False)  # the jobs API (build_api)
 
     def __post_init__(self) -> None:
         self.catalog = Catalog(self.models)
@@ -178,7 +181,7 @@ class Gateway:
             pre_policy=PrePolicyStage(self.policy),
             decode=DecodeStage(self.cfg, self.decode_pool),
             nonce=NonceStage(self.store, self.cfg.policy.nonce_window_s),
-            policy=PolicyStage(self.policy, self.router, self.revocations),
+            policy=PolicyStage(self.policy, self.router, self.revocations, offered=self.verifiers),
             mode=ModeStage(
                 self.verifiers, {"zk": self.cfg.zk.deadline_s, "mpc": self.cfg.mpc.deadline_s}
             ),
@@ -886,6 +889,8 @@ def build_api(gw: Gateway) -> Starlette:
         if gw.receipts is not None:
             gw.receipts.start()
             jobs.append(("receipts", gw.receipts.run))
+        queue.start()
+        jobs.append(("jobs", queue.run))
         jobs.append(("health", gw.router.run_health))
         jobs.append(("state", gw.watch_state))
         gw.policy_changed()
@@ -902,6 +907,7 @@ def build_api(gw: Gateway) -> Starlette:
         finally:
             stop.set()
             await asyncio.wait(tasks, timeout=5)
+            await queue.close()
             await gw.router.close()
             await gw.store.close()
             gw.revocations.close()
@@ -909,7 +915,12 @@ def build_api(gw: Gateway) -> Starlette:
             if gw.receipts is not None:
                 await gw.receipts.close()
 
+    queue = gw.jobs = JobService(gw)  # the jobs API (gateway/jobs/): submit, then poll
     routes: list[BaseRoute] = list(api_routes(gw))
+    routes += [
+        Route(path, _authenticated(gw, name, handler), methods=methods, name=f"{name}:{path}")
+        for path, handler, methods, name in job_routes(queue)
+    ]
     routes += generate_routes(gw)  # generative models: generate, OpenAI (gateway/generate/)
     if gw.receipts is not None:
         receipts = gw.receipts
@@ -920,11 +931,13 @@ def build_api(gw: Gateway) -> Starlette:
             routes.append(
                 Route(r.path, _authenticated(gw, "log", handler), methods=r.methods, name=r.name)
             )
-    return Starlette(
+    app = Starlette(
         routes=routes,
         exception_handlers={Exception: _problem, HTTPException: _problem},
         lifespan=lifespan,
     )
+    queue.app = app  # jobs run through this very app (gateway/jobs/runner.py)
+    return app
 
 
 def build_admin(gw: Gateway) -> Starlette:

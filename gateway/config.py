@@ -21,6 +21,10 @@ are resolved against the config file's directory. See docs/config.md for every k
                 max_pending_per_node, health_interval_s, ewma_alpha, ewma_decay_s
     [state]     redis_url, revocation_sync_s
     [uplink]    core_url, ca, interval_s, timeout_s, models_dir
+    [jobs]      max_open_per_identity, max_open, max_age_s, result_ttl_s, max_attempts,
+                backoff_s, backoff_max_s, workers
+    [forward]   host, port, ca, crl, max_skew_s, nonce_ttl_s, core_url, core_site, core_ca,
+                cert, key, timeout_s
     [receipts]  signing_key, log_key, signer, signing_key_label, log_key_label, dir,
                 checkpoint_interval_s
     [pkcs11]    module, token, slot, pin_file, required
@@ -184,6 +188,31 @@ class State:
 
 
 @dataclass(frozen=True)
+class Jobs:
+    """[jobs]: the asynchronous jobs API (gateway/jobs/, docs/jobs.md): submit, then poll."""
+
+    max_open_per_identity: int = 16  # queued or running jobs one client may hold
+    max_open: int = 10_000  # in all: the queue's bound on this replica
+    max_age_s: float = 3600.0  # a job not done by then fails as expired
+    result_ttl_s: float = 86400.0  # a finished job (and its result) is deleted after this
+    max_attempts: int = 8  # runs that failed retryably (no node, overloaded) before it fails
+    backoff_s: float = 1.0  # first retry delay; doubles up to backoff_max_s
+    backoff_max_s: float = 60.0
+    workers: int = 4  # jobs run at once on this replica
+    # The key that seals each job (gateway/jobs/seal.py); unset: <data_dir>/jobs.key, made
+    # on first start. Replicas sharing a Redis must share this file.
+    key_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if min(self.max_open_per_identity, self.max_open, self.max_attempts, self.workers) < 1:
+            raise ConfigError("jobs: max_open_per_identity, max_open, max_attempts, workers >= 1")
+        if not 0 < self.backoff_s <= self.backoff_max_s:
+            raise ConfigError("jobs: need 0 < backoff_s <= backoff_max_s")
+        if self.max_age_s <= 0 or self.result_ttl_s <= 0:
+            raise ConfigError("jobs: max_age_s and result_ttl_s must be positive")
+
+
+@dataclass(frozen=True)
 class Uplink:
     """[uplink]: an edge site pulling from its core (docs/ddil.md, gateway/uplink.py): the
     client CA's CRL first, then the signed policy bundle and model files; resumable,
@@ -200,6 +229,42 @@ class Uplink:
             raise ConfigError("uplink: interval_s and timeout_s must be positive")
         if self.core_url is not None and not self.core_url.startswith(("https://", "http://")):
             raise ConfigError("uplink.core_url: an http(s) URL")
+
+
+@dataclass(frozen=True)
+class Forward:
+    """[forward]: edge -> core forwarding (docs/ddil.md, "Forwarding to the core";
+    gateway/forward/). At a core, `port` opens a listener that accepts only forwarder
+    certificates (`ca`: the forwarder CA, nothing else). At an edge, `core_url` is where a
+    request goes when no local node can serve it, sent with the site's forwarder `cert`
+    and `key`. Both unset: off."""
+
+    host: str = "127.0.0.1"
+    port: int | None = None
+    ca: Path | None = None  # the forwarder CA: the forward listener's whole trust store
+    crl: Path | None = None  # the forwarder CA's CRL: revoked sites fail the handshake
+    max_skew_s: float = 30.0  # a statement's time may differ from the core's by this much
+    nonce_ttl_s: float = 120.0  # how long a statement's nonce is remembered (>= 2 x skew)
+    core_url: str | None = None  # the core's forward listener, https://core:8444
+    core_site: str = "site-a"  # the core's site: its gateway SPIFFE ID is the audience
+    core_ca: Path | None = None  # CA of the core's TLS certificate (default: the system's)
+    cert: Path | None = None  # this site's forwarder certificate (spiffe://td/site/S/forwarder)
+    key: Path | None = None
+    timeout_s: float = 10.0  # each forwarded request, end to end
+
+    def __post_init__(self) -> None:
+        if self.max_skew_s <= 0 or self.timeout_s <= 0:
+            raise ConfigError("forward: max_skew_s and timeout_s must be positive")
+        if self.nonce_ttl_s < 2 * self.max_skew_s:
+            # A nonce forgotten while its statement is still inside the window replays.
+            raise ConfigError("forward.nonce_ttl_s must be at least twice max_skew_s")
+        if self.port is not None and self.ca is None:
+            raise ConfigError("forward.port needs forward.ca (the forwarder CA)")
+        if self.core_url is not None:
+            if not self.core_url.startswith("https://"):
+                raise ConfigError("forward.core_url: an https:// URL")
+            if self.cert is None or self.key is None:
+                raise ConfigError("forward.core_url needs forward.cert and forward.key")
 
 
 @dataclass(frozen=True)
@@ -376,6 +441,7 @@ class NodeConfig:
     # with a bundle, which signs them; if given, they must match the bundle's.
     dns_name: str = field(default="", kw_only=True)
     spiffe_id: str = field(default="", kw_only=True)
+    site: str = field(default="", kw_only=True)  # "": this gateway's site (signed with a bundle)
     mpc_address: str | None = None  # host:port of the node's `ztgate mpc party`
     models: tuple[str, ...] = ()  # empty: every model in the registry
     labels: tuple[tuple[str, str], ...] = ()
@@ -399,6 +465,8 @@ class Config:
     reputation: ReputationConfig = field(default_factory=ReputationConfig)
     state: State = field(default_factory=State)
     uplink: Uplink = field(default_factory=Uplink)
+    forward: Forward = field(default_factory=Forward)
+    jobs: Jobs = field(default_factory=Jobs)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     receipts: Receipts = field(default_factory=Receipts)
     zk: Zk = field(default_factory=Zk)
@@ -689,6 +757,8 @@ def parse_config(raw: dict[str, Any], base: Path) -> Config:
         ("zk", Zk),
         ("mpc", Mpc),
         ("uplink", Uplink),
+        ("forward", Forward),
+        ("jobs", Jobs),
     )
     for name, cls in simple:
         if name in raw:

@@ -13,9 +13,13 @@ Layout of a PKI directory (all keys 0600)::
     ca/client/ca.crt ca.key       application, officer and auditor certificates
     ca/node/ca.crt ca.key         node server certs (+ client EKU for the MPC mesh)
     ca/gateway-<site>/ca.crt ...  the site's gateway server, gateway-to-node, dealer
+    ca/forwarder/ca.crt ca.key    edge sites' forwarders: what a core's [forward] listener
+                                  trusts, and nothing else trusts
     gateway/<site>/server.*       TLS server cert of the site's gateway (localhost SANs)
     gateway/<site>/node-client.*  what the gateway presents to that site's nodes
     gateway/<site>/dealer.*       spiffe://<td>/gateway/dealer, the MPC dealer (TTP)
+    gateway/<site>/forwarder.*    spiffe://<td>/site/<site>/forwarder: the site calling its
+                                  core for a client (gateway/forward/)
     nodes/<name>/node.*           a node's cert: serverAuth + clientAuth, DNS <name>.node.<td>
     clients/<name>/client.*       a caller's cert: spiffe://<td>/client/<name>
     keys/<purpose>.key .pub       Ed25519 signing keys (receipts, log checkpoints, officer
@@ -44,8 +48,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from gateway.files import atomic_write
 from gateway.keyid import signing_key_id as signing_key_id  # re-exported for `ztgate pki`
 
-Role = Literal["client", "node", "gateway-server", "gateway-node-client", "dealer"]
-ROLES: tuple[Role, ...] = ("client", "node", "gateway-server", "gateway-node-client", "dealer")
+Role = Literal["client", "node", "gateway-server", "gateway-node-client", "dealer", "forwarder"]
+ROLES: tuple[Role, ...] = (
+    "client",
+    "node",
+    "gateway-server",
+    "gateway-node-client",
+    "dealer",
+    "forwarder",
+)
 SIGNING_KEYS: tuple[str, ...] = ("receipt-signing", "log-checkpoint", "officer-policy")
 DEFAULT_TRUST_DOMAIN = "ztgate.local"
 DEFAULT_SITE = "site-a"
@@ -89,6 +100,10 @@ class PKI:
             return self.root / "ca" / "client"
         if role == "node":
             return self.root / "ca" / "node"
+        if role == "forwarder":
+            # Its own CA, not a site's gateway CA: a site's nodes must not accept a
+            # forwarder, and the core's forward listener must accept nothing else.
+            return self.root / "ca" / "forwarder"
         return self.root / "ca" / f"gateway-{site}"
 
     def ca_cert(self, role: Role, site: str = DEFAULT_SITE) -> Path:
@@ -109,7 +124,13 @@ class PKI:
     def key_path(self, purpose: str) -> Path:
         return self.root / "keys" / f"{purpose}.key"
 
+    def forwarder_ca_bundle(self) -> Path:
+        """What a core's forward listener trusts (`forward.ca`): forwarder certificates only."""
+        return self.ca_cert("forwarder")
+
     def spiffe_id(self, role: Role, name: str) -> str:
+        if role == "forwarder":
+            return f"spiffe://{self.trust_domain}/site/{name}/forwarder"
         kind = {"client": "client", "node": "node"}.get(role, "gateway")
         return f"spiffe://{self.trust_domain}/{kind}/{name}"
 
@@ -122,9 +143,11 @@ class PKI:
         elif role == "node":
             d, stem = self.root / "nodes" / name, "node"
         else:
-            stem = {"gateway-server": "server", "gateway-node-client": "node-client"}.get(
-                role, "dealer"
-            )
+            stem = {
+                "gateway-server": "server",
+                "gateway-node-client": "node-client",
+                "forwarder": "forwarder",
+            }.get(role, "dealer")
             d = self.root / "gateway" / site
             if role == "gateway-server" and name != site:
                 stem = f"server-{name}"
@@ -168,6 +191,7 @@ class PKI:
             _make_root(pki.root / "root", trust_domain, ca_days)
         pki._ensure_ca("client", DEFAULT_SITE, ca_days)
         pki._ensure_ca("node", DEFAULT_SITE, ca_days)
+        pki._ensure_ca("forwarder", DEFAULT_SITE, ca_days)
         for site in pki.sites:
             pki._ensure_ca("gateway-server", site, ca_days)
             for role in ("gateway-server", "gateway-node-client", "dealer"):
@@ -176,6 +200,9 @@ class PKI:
                     pki.issue(
                         role, site if role != "dealer" else "dealer", site=site, days=leaf_days
                     )
+            cert, _ = pki.leaf_paths("forwarder", site, site)
+            if not cert.is_file():
+                pki.issue("forwarder", site, site=site, days=leaf_days)
             pki._ensure_signing_key(f"edge-gateway-{site}")
         for purpose in SIGNING_KEYS:
             pki._ensure_signing_key(purpose)
@@ -191,7 +218,9 @@ class PKI:
         if (d / "ca.crt").is_file():
             return
         root_cert, root_key = _load_pair(self.root_ca, self.root / "root" / "ca.key")
-        label = {"client": "client", "node": "node"}.get(role, f"gateway {site}")
+        label = {"client": "client", "node": "node", "forwarder": "forwarder"}.get(
+            role, f"gateway {site}"
+        )
         key = ec.generate_private_key(ec.SECP256R1())
         name = _name(f"ztgate dev {label} CA", self.trust_domain)
         now = _now()
@@ -248,7 +277,12 @@ class PKI:
         if role not in ROLES:
             raise PKIError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
         _check_name(name)
-        if role in ("gateway-server", "gateway-node-client", "dealer") and site not in self.sites:
+        if role == "forwarder" and name != site:
+            raise PKIError("a forwarder certificate is named after its site")
+        if (
+            role in ("gateway-server", "gateway-node-client", "dealer", "forwarder")
+            and site not in self.sites
+        ):
             raise PKIError(f"unknown site {site!r}; known: {', '.join(self.sites)}")
         ca_dir = self.ca_dir(role, site)
         if not (ca_dir / "ca.crt").is_file():
@@ -328,7 +362,17 @@ def client_crl(pki: PKI, serials: Iterable[int], out: Path, days: int = 7) -> Pa
     The per-request revocation set is what takes effect at once; a CRL also stops a
     revoked client before its TLS session exists, and other TLS terminators can load it.
     """
-    ca_cert, ca_key = _load_pair(pki.ca_cert("client"), pki.ca_dir("client") / "ca.key")
+    return _crl(pki, "client", serials, out, days)
+
+
+def forwarder_crl(pki: PKI, serials: Iterable[int], out: Path, days: int = 7) -> Path:
+    """A CRL from the forwarder CA (`forward.crl` at a core): a captured edge site's
+    forwarder certificate is refused at the forward listener's next handshake."""
+    return _crl(pki, "forwarder", serials, out, days)
+
+
+def _crl(pki: PKI, role: Role, serials: Iterable[int], out: Path, days: int) -> Path:
+    ca_cert, ca_key = _load_pair(pki.ca_cert(role), pki.ca_dir(role) / "ca.key")
     now = _now()
     builder = (
         x509.CertificateRevocationListBuilder()

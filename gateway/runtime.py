@@ -8,7 +8,7 @@ import logging
 import logging.handlers
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import uvicorn
@@ -18,6 +18,7 @@ from gateway.app import Gateway, build_admin, build_api
 from gateway.clock import PersistedClock
 from gateway.config import Config, ConfigError, Logging, NodeConfig
 from gateway.identity import IdentityResolver
+from gateway.policy.facts import IdentityFacts
 from gateway.policy.live import LivePolicy, Loaded, ReloadRefused, bundle_loader, dir_loader
 from gateway.policy.source import PolicyError
 from gateway.receipts.service import ReceiptService
@@ -307,6 +308,7 @@ def build_gateway(cfg: Config) -> Gateway:
         client_ca=cfg.tls.client_ca,
     )
     router = Router.from_clients(clients, store, cfg.routing)
+    router.site = cfg.site  # hybrid sites: this site's nodes first (gateway.forward.site)
     ca = x509.load_pem_x509_certificates(cfg.tls.client_ca.read_bytes())
     resolver = IdentityResolver(cfg.trust_domain, [c.subject for c in ca])
     gw = Gateway(
@@ -453,8 +455,12 @@ def servers(cfg: Config, gw: Gateway) -> list[uvicorn.Server]:
         from gateway.grpc_front import GrpcServer
 
         gw.background.append(GrpcServer(cfg, gw, tls).run)
+    app = build_api(gw)  # once: it owns the gateway's lifespan (and the jobs service)
+    listener = getattr(gw, "forward_listener", None)
+    if listener is not None:
+        listener.api = app  # forwarded requests enter this very app as the client
     api = uvicorn.Config(
-        build_api(gw),
+        edge_failover(cfg, gw, app),
         host=cfg.listen.host,
         port=cfg.listen.port,
         loop="uvloop",
@@ -482,6 +488,89 @@ def servers(cfg: Config, gw: Gateway) -> list[uvicorn.Server]:
     return [uvicorn.Server(api), uvicorn.Server(admin)]
 
 
+def edge_failover(cfg: Config, gw: Gateway, api: Any) -> Any:
+    """An edge that forwards to its core (`forward.core_url`): the API app, failing over to
+    the core when no local node can serve (gateway/forward/client.py)."""
+    f = cfg.forward
+    if f.core_url is None or f.cert is None or f.key is None:
+        return api
+    from gateway.forward.client import CoreForwarder, EdgeFailover
+
+    forwarder = CoreForwarder(
+        site=cfg.site,
+        trust_domain=cfg.trust_domain,
+        core_url=f.core_url,
+        core_site=f.core_site,
+        cert=f.cert,
+        key=f.key,
+        core_ca=f.core_ca,
+        timeout_s=f.timeout_s,
+    )
+
+    async def close_forwarder(stop: asyncio.Event) -> None:
+        await stop.wait()
+        await forwarder.aclose()
+
+    gw.background.append(close_forwarder)
+    gw.forwarder = forwarder  # type: ignore[attr-defined]
+    return EdgeFailover(api, forwarder, cfg.limits.max_body_bytes)
+
+
+def forward_server(cfg: Config, gw: Gateway) -> uvicorn.Server | None:
+    """The core's forward listener (`forward.port`): TLS 1.3 with the forwarder CA as its
+    whole trust store, so a client certificate fails the handshake there, as a forwarder
+    certificate does on the API listener (gateway/forward/listener.py). Call it before
+    `servers`, which hands it the API app."""
+    f = cfg.forward
+    if f.port is None or f.ca is None:
+        return None
+    from gateway.forward.listener import ForwardListener
+
+    # Reloaded like the API's: a new forward.crl takes effect at the next handshake.
+    tls = ReloadingContext(TLSFiles(cfg.tls.cert, cfg.tls.key, f.ca, f.crl))
+
+    async def watch_tls(stop: asyncio.Event) -> None:
+        await tls.watch(cfg.tls.reload_interval_s, stop)
+
+    gw.background.append(watch_tls)
+
+    def may_forward(identity: IdentityFacts, site: str, model: str) -> bool:
+        decision = gw.policy.engine.decide_forward_for(identity, site, model)
+        if not decision.allowed:
+            log.warning("forward_for denied for site %s: %s", site, decision.reason)
+        return decision.allowed
+
+    listener = ForwardListener(
+        None,  # the API app, attached by `servers` (call this first)
+        trust_domain=cfg.trust_domain,
+        site=cfg.site,
+        client_ca=cfg.tls.client_ca,
+        max_skew_s=f.max_skew_s,
+        nonce_ttl_s=f.nonce_ttl_s,
+        max_body_bytes=cfg.limits.max_body_bytes,
+        check_nonce=gw.store.check_nonce,
+        may_forward=may_forward,
+        resolve=gw.resolver.resolve,
+    )
+    gw.forward_listener = listener  # type: ignore[attr-defined]
+    return uvicorn.Server(
+        uvicorn.Config(
+            listener,
+            host=f.host,
+            port=f.port,
+            loop="uvloop",
+            http=tls_protocol(cfg.limits.header_timeout_s, cfg.limits.idle_timeout_s),
+            ssl_context_factory=lambda _cfg, _default: tls.listening,
+            ssl_certfile=str(cfg.tls.cert),
+            timeout_graceful_shutdown=cfg.listen.graceful_shutdown_s,
+            access_log=False,
+            server_header=False,
+            proxy_headers=False,
+            lifespan="off",
+        )
+    )
+
+
 async def serve(cfg: Config) -> None:
     configure_logging(cfg.logging.level, cfg.logging.format)
     configure_decision_log(cfg.logging)
@@ -489,20 +578,25 @@ async def serve(cfg: Config) -> None:
         setup_tracing()  # the standard OTEL_* variables; off unless OTEL_TRACES_EXPORTER
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    api, admin = servers(cfg, build_gateway(cfg))
-    # Only the API server owns the signal handlers; the admin listener follows it down.
-    admin.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+    gw = build_gateway(cfg)
+    forward = forward_server(cfg, gw)  # before `servers`: its TLS watch joins the jobs
+    api, admin = servers(cfg, gw)
+    # Only the API server owns the signal handlers; the others follow it down.
+    followers = [admin] if forward is None else [admin, forward]
+    for follower in followers:
+        follower.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
     api_task = asyncio.create_task(api.serve())
     # The probes listen only once the API does: the API binds its port after its lifespan
     # startup, and a replica the orchestrator sees ready must accept connections.
     while not api.started and not api_task.done():
         await asyncio.wait([api_task], timeout=0.02)  # uvicorn sets `started`, no event
-    admin_task = asyncio.create_task(admin.serve())
+    tasks = [asyncio.create_task(f.serve()) for f in followers]
     try:
         await api_task
     finally:
-        admin.should_exit = True
-        await asyncio.wait([admin_task], timeout=cfg.listen.graceful_shutdown_s + 1)
+        for follower in followers:
+            follower.should_exit = True
+        await asyncio.wait(tasks, timeout=cfg.listen.graceful_shutdown_s + 1)
         shutdown_tracing()  # flush what the exporters still hold
 
 

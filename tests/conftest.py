@@ -37,8 +37,15 @@ def _skip_reason(longrepr: object) -> str:
     return str(longrepr)
 
 
+# Issue 17 asks for tests over network namespaces "where the machine allows, skipped with
+# a reason elsewhere": that one skip (tests/test_edge_netns.py) is let through, by reason.
+ALLOWED_SKIP = "netns unavailable:"
+
+
 def _fail_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
     reason = _skip_reason(report.longrepr)
+    if reason.removeprefix("Skipped: ").startswith(ALLOWED_SKIP):
+        return
     report.outcome = "failed"
     report.longrepr = f"CI=true: nothing may skip in CI, and this did ({reason})"
 

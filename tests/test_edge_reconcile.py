@@ -28,10 +28,12 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from gateway import ports
 from gateway.faultproxy import FaultProxy
 from gateway.receipts import checkpointer as checkpointer_module
+from gateway.receipts import vault as vault_module
 from gateway.receipts.bundle import BundleReader
 from gateway.receipts.checkpointer import Checkpointer, WitnessClient
 from gateway.receipts.entry import LogEntry
 from gateway.receipts.export import export_bundle
+from gateway.receipts.issue import Issued
 from gateway.receipts.log import ReceiptLog
 from gateway.receipts.merkle import MerkleTree, leaf_hash
 from gateway.receipts.note import Checkpoint, NoteKey, SignedNote
@@ -39,6 +41,7 @@ from gateway.receipts.vault import Upload, Vault, export_vault
 from gateway.receipts.verify import TrustedLogKey, TrustPolicy, verify_bundle
 from gateway.receipts.witness import Witness, WitnessRefused, witness_app
 from tests.test_receipts import World, make_world
+from tests.test_zk import zk_dir  # noqa: F401  (a fixture: iris onboarded for zk, dev SRS)
 
 
 @dataclass
@@ -299,15 +302,16 @@ def _signed(
     leaves: list[bytes],
     blobs: dict[int, bytes] | None = None,
     key: ed25519.Ed25519PrivateKey | None = None,
+    evidence: dict[int, dict[str, str]] | None = None,
+    material: dict[str, bytes] | None = None,
 ) -> dict[str, object]:
     """An upload as the edge (or, with `key`, someone else) signs it."""
     origin = site.world.log.origin
-    up = Upload(start, tuple(leaves), dict(blobs or {}))
+    up = Upload(start, tuple(leaves), dict(blobs or {}), "", evidence or {}, material or {})
     signer = key or site.world.log_key
     name, sig = NoteKey(origin, signer.public_key()).sign(signer, up.note_text(origin))
-    return Upload(
-        start, up.leaves, up.blobs, SignedNote(up.note_text(origin), ((name, sig),)).render()
-    ).to_json()
+    note = SignedNote(up.note_text(origin), ((name, sig),)).render()
+    return dataclasses.replace(up, note=note).to_json()
 
 
 def base64_of(data: bytes) -> str:
@@ -500,3 +504,133 @@ async def test_a_receipt_a_client_holds_is_flagged_when_the_reconciled_log_lacks
     report = json.loads(capsys.readouterr().out)
     codes = {f["code"] for f in report["findings"] if "held" in f["subject"]}
     assert codes == {"bad-signature"}
+
+
+# ----------------------------------------------------------------- zk evidence in the vault
+
+
+async def _zk_receipt(
+    site: Site, onboarded: Path, tmp_path: Path
+) -> tuple[Issued, dict[str, bytes]]:
+    """A zk answer as the edge logs it: a real ezkl proof of iris (the dev SRS of
+    tests/test_zk.py), its receipt, and the evidence saved beside the log as the pipeline
+    saves it (`ReceiptService.save_evidence`). Returns the receipt and its evidence files."""
+    from gateway.pipeline.execute import RECEIPTED_EVIDENCE
+    from gateway.receipts.model import ModelRef, VerificationRef, ext_value
+    from gateway.receipts.service import ReceiptService
+    from tests.test_zk import X
+    from zk.prover import Prover
+    from zk.record import NODE_DIR, VerifierArtefacts
+    from zk.verifier import verify_proof
+
+    a = VerifierArtefacts.from_dir(onboarded)
+    _, raw = await asyncio.to_thread(Prover(onboarded / NODE_DIR, workdir=tmp_path).prove, X)
+    result = verify_proof(raw, X, a.record, a.vk, a.settings, a.srs)
+    assert result, result
+    issued = await site.world.receipt(
+        model=ModelRef("iris", "1", a.record.model_sha256),
+        verification=VerificationRef(
+            "zk", "verified", result.instances_sha256, result.proof_sha256
+        ),
+        extensions={
+            k: ext_value(v) for k, v in a.record.evidence().items() if k in RECEIPTED_EVIDENCE
+        },
+    )
+    service = ReceiptService.__new__(ReceiptService)
+    service.log = site.world.log  # only save_evidence is used: it needs the log's path
+    service.save_evidence(
+        issued.receipt.receipt_id,
+        {
+            "proof.json": result.canonical_proof,
+            **{name: (Path(p), d) for name, (p, d) in a.material().items()},
+        },
+    )
+    files = {n: await asyncio.to_thread(Path(p).read_bytes) for n, (p, _) in a.material().items()}
+    return issued, {"proof.json": result.canonical_proof, **files}
+
+
+@pytest.mark.slow
+async def test_an_edge_zk_receipt_verifies_its_proof_from_the_cores_vault(
+    site: Site,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The upload carries each zk receipt's proof and verification material; the vault
+    takes only what the signed receipt commits to, and its export re-verifies the proof."""
+    from gateway.cli import main
+
+    onboarded: Path = request.getfixturevalue("zk_dir")  # tests/test_zk.py's
+    await _receipts(site.world, 1)
+    issued, files = await _zk_receipt(site, onboarded, tmp_path / "prove")
+    refs = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    proof = files["proof.json"]
+    origin, index = site.world.log.origin, issued.receipt.index
+    body = site.world.log.body_at(index)
+    assert body is not None
+    leaves = _leaves(site, index + 1)
+    blobs = {i: b for i in range(index + 1) if (b := site.world.log.body_at(i)) is not None}
+    blobs[0] = site.world.log.record(0) or b""
+    real = refs["proof.json"]
+    other = proof.replace(b'"instances"', b'"instances" ', 1)  # another proof file
+    swapped = hashlib.sha256(other).hexdigest()
+    async with httpx.AsyncClient(base_url=site.url) as http:
+
+        async def post(**kw: object) -> httpx.Response:
+            return await http.post(
+                "/vault/upload", params={"origin": origin}, json=_signed(site, **kw)
+            )  # type: ignore[arg-type]
+
+        # A proof whose digest is not the one the receipt names is refused...
+        r = await post(
+            start=0, leaves=leaves, blobs=blobs, evidence={index: {**refs, "proof.json": swapped}}
+        )
+        assert r.status_code == 400 and "commits to" in r.json()["error"]
+        # ...and the same upload naming the receipt's own proof is taken (the control).
+        r = await post(start=0, leaves=leaves, blobs=blobs, evidence={index: refs})
+        assert r.status_code == 200, r.text
+        missing = (await http.get("/vault/missing", params={"origin": origin})).json()
+        assert missing == {"missing": [[index, n, d] for n, d in sorted(refs.items())]}
+        for after in ("--5", "x", "1" * 30):
+            r = await http.get("/vault/missing", params={"origin": origin, "after": after})
+            assert r.status_code == 400
+        # The file itself: one no receipt names, or not hashing to its name, is refused.
+        r = await post(start=0, leaves=[], material={swapped: other})
+        assert r.status_code == 400 and "names that evidence" in r.json()["error"]
+        r = await post(start=0, leaves=[], material={real: other})
+        assert r.status_code == 400 and "does not hash" in r.json()["error"]
+        # The receipt names its zk record by content: a record of another model is refused.
+        record = json.loads(files["zk.json"])
+        forged = json.dumps({**record, "model_sha256": "00" * 32}).encode()
+        named = {**refs, "zk.json": hashlib.sha256(forged).hexdigest()}
+        r = await post(start=0, leaves=leaves, blobs=blobs, evidence={index: named})
+        assert r.status_code == 200  # pending leaves: the edge may name them again
+        r = await post(start=0, leaves=[], material={named["zk.json"]: forged})
+        assert r.status_code == 400 and "zk record" in r.json()["error"]
+        r = await post(start=0, leaves=leaves, blobs=blobs, evidence={index: refs})
+        assert r.status_code == 200
+    assert site.vault.evidence(origin, index) == {}
+    # The edge's own round: it names every file, sends what the core lacks (paging through
+    # what the core says it lacks, one leaf a page here), and is cosigned.
+    later, later_files = await _zk_receipt(site, onboarded, tmp_path / "prove-2")
+    monkeypatch.setattr(vault_module, "MAX_MISSING_LISTED", 1)
+    await site.reconcile()
+    assert site.cosigned_by_core() == later.receipt.index + 1
+    assert site.vault.evidence(origin, index) == files  # each file, as the edge holds it
+    assert site.vault.evidence(origin, later.receipt.index) == later_files
+    # The edge is destroyed; the auditor verifies from the core's export alone.
+    log_vkey = site.world.log.note_key().vkey()
+    await site.world.log.close()
+    shutil.rmtree(site.world.log_dir)
+    out = tmp_path / "from-core"
+    export_vault(site.vault, {origin: log_vkey}, {site.core.key.name: site.core.key.vkey()}, out)
+    trust = tmp_path / "trust.json"
+    trust.write_text(json.dumps(_core_trust(site).to_dict()))
+    args = ["verify", str(out), "--trust", str(trust), "--json", "--allow-dev-srs"]
+    capsys.readouterr()
+    assert main([*args, "--require-witness", site.core.key.name]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for rid in (issued.receipt.receipt_id, later.receipt.receipt_id):
+        (finding,) = [f for f in report["findings"] if f["subject"] == f"receipt {rid}"]
+        assert finding["status"] == "valid" and finding["details"]["proof_reverified"] is True

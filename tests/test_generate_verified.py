@@ -35,6 +35,7 @@ from tests.gateway_harness import (
     running_gateway,
 )
 from tests.test_gateway import node_table
+from tests.test_generate import pick_stop
 from tests.test_llm_verify import _substitute_model, prompts
 
 MAX_TOKENS = 24
@@ -300,3 +301,36 @@ def test_spot_checks_of_text_become_late_evidence_on_the_closing_receipt(
     assert caught["final_status"] == "contradicted"
     assert caught["late_evidence"][-1]["nodes"][0] == "sub"
     assert router.nodes["sub"].failed >= 1 and router.nodes["g1"].failed == 0
+
+
+def test_a_stop_sequence_ends_verified_text_at_what_was_delivered(
+    gateway: RunningGateway, pki: PKI
+) -> None:
+    """Redundant agreement and the teacher-forced spot check both cover only the text the
+    client got: honest nodes still agree, and are still confirmed."""
+    with client(pki, "vt-honest") as c:
+        for prompt in PROSE:  # one whose answer is long enough to cut
+            plain = stream(c, gateway, prompt, "redundant")
+            text = text_of(plain)
+            if len(text) > 8:
+                break
+        stop, at = pick_stop(text)
+        body = {**completion(prompt, "redundant"), "stop": stop}
+        with c.stream("POST", f"{gateway.base}/v1/completions", json=body) as r:
+            got = events(r)
+    # Positive control: the same request without stop is the whole agreed answer.
+    assert closing(plain)["ztgate"]["verification_status"] == "agreed"
+    last = closing(got)
+    assert text_of(got) == text[:at]
+    assert last["ztgate"]["finish_reason"] == "stop"
+    assert last["ztgate"]["verification_status"] == "agreed"
+    assert last["usage"]["completion_tokens"] == len(text[:at].encode())
+    with client(pki, "vt-spot-honest") as c:
+        body = {**completion(prompt, None), "stop": [stop]}
+        with c.stream("POST", f"{gateway.base}/v1/completions", json=body) as r:
+            spot = events(r)
+        doc = verdict(c, gateway, closing(spot)["ztgate"]["receipt_id"])
+    assert text_of(spot) == text[:at] and closing(spot)["ztgate"]["finish_reason"] == "stop"
+    assert doc["receipt"]["ext"]["spot_check"] == "scheduled"
+    assert doc["receipt"]["ext"]["completion_tokens"] == len(text[:at].encode())
+    assert doc["final_status"] == "confirmed"

@@ -40,6 +40,20 @@ def register(sub: Any) -> None:
     erase = verbs.add_parser("erase", help="delete receipt bodies (erasure request)")
     erase.add_argument("--log-dir", type=Path, required=True, metavar="DIR")
     erase.add_argument("--reason", default="erasure-request")
+    jobs = erase.add_mutually_exclusive_group()
+    jobs.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="the replica's data_dir: also delete the jobs (docs/jobs.md) holding these receipts",
+    )
+    jobs.add_argument(
+        "--config",
+        type=Path,
+        metavar="F",
+        help="the gateway's TOML: also delete the jobs holding these receipts where it keeps "
+        "them (its Redis, else its data_dir)",
+    )
     erase.add_argument("receipt_ids", nargs="+", metavar="RECEIPT_ID")
     json_option(erase)
     erase.set_defaults(func=_erase)
@@ -148,12 +162,52 @@ def _erase(args: argparse.Namespace) -> int:
             total += rl.erase_sync(rids, args.reason)
         finally:
             rl.close_sync()
+    jobs = _erase_jobs(args.data_dir, args.config, args.receipt_ids)
     text = (
         f"erased {total} receipt bod{'y' if total == 1 else 'ies'}; leaves and proofs kept; "
         "the erasure is logged at the active log's next checkpoint"
     )
-    emit(args, {"erased": total}, text)
+    if args.data_dir or args.config:
+        text += f"; deleted {jobs} job{'' if jobs == 1 else 's'} holding them"
+    emit(args, {"erased": total, "jobs": jobs}, text)
     return 0
+
+
+def _erase_jobs(data_dir: Path | None, config: Path | None, receipt_ids: list[str]) -> int:
+    """A job's stored answer carries its receipt: it goes with the receipt's body."""
+    import asyncio
+
+    from gateway.config import ConfigError, load_config
+    from gateway.jobs.store import JOBS_FILE, SyncJobStore
+
+    if config is not None:
+        try:
+            cfg = load_config(config)
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from exc
+        if cfg.state.redis_url:
+            from gateway.jobs.redis import RedisJobStore
+
+            async def erase(url: str) -> int:
+                shared = RedisJobStore(url, timeout_s=max(cfg.state.timeout_s, 5.0))
+                try:
+                    return await shared.erase_receipts(receipt_ids)
+                finally:
+                    await shared.close()
+
+            return asyncio.run(erase(cfg.state.redis_url))
+        data_dir = cfg.data_dir
+    if data_dir is None:
+        return 0
+    path = data_dir / JOBS_FILE
+    if not path.is_file():
+        return 0
+    # No lock: a running gateway owns the file, and SQLite orders this write with its own.
+    store = SyncJobStore(path, lock=False)
+    try:
+        return store.erase_receipts(receipt_ids)
+    finally:
+        store.close()
 
 
 def _expire(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from gateway.jsonstrict import StrictJSONError, loads
@@ -21,6 +21,10 @@ from gateway.verify import MODES
 Surface = Literal["chat", "completion", "triton"]
 MAX_MESSAGES = 256
 MAX_TEMPERATURE = 2.0
+# Stop sequences (gateway/generate/stop.py): OpenAI's count; the length bounds what a
+# stream holds back while a stop may still be starting.
+MAX_STOPS = 4
+MAX_STOP_BYTES = 64
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,8 @@ class Ask:
     mode: str | None  # ztgate.verification, when the client names one
     purpose: str
     include_usage: bool = False  # OpenAI stream_options.include_usage
+    # UTF-8 stop sequences (gateway/generate/stop.py): client text, kept out of reprs.
+    stop: tuple[bytes, ...] = field(default=(), repr=False)
 
 
 def parse(surface: Surface, body: bytes, *, model: str | None, default_max_tokens: int) -> Ask:
@@ -76,9 +82,6 @@ def _openai(surface: Surface, doc: Mapping[str, Any], default_max: int) -> Ask:
     for key in ("tools", "functions", "logprobs", "echo", "suffix"):
         if doc.get(key) not in (None, False):
             raise BadRequest(f"{key} is not supported by this gateway")
-    stop = doc.get("stop")
-    if stop not in (None, [], ""):
-        raise BadRequest("stop is not supported: the model stops at its end token")
     max_tokens = doc.get("max_completion_tokens", doc.get("max_tokens"))
     options = doc.get("stream_options")
     usage = isinstance(options, dict) and options.get("include_usage") is True
@@ -93,6 +96,7 @@ def _openai(surface: Surface, doc: Mapping[str, Any], default_max: int) -> Ask:
         mode=_mode(doc.get("ztgate.verification")),
         purpose=_purpose(doc.get("ztgate.purpose")),
         include_usage=usage,
+        stop=_stop(doc.get("stop")),
     )
 
 
@@ -117,6 +121,7 @@ def _triton(doc: Mapping[str, Any], model: str, default_max: int) -> Ask:
         stream=_bool(params.get("stream"), "stream"),
         mode=_mode(params.get("ztgate.verification")),
         purpose=_purpose(params.get("ztgate.purpose")),
+        stop=_stop(params.get("stop")),
     )
 
 
@@ -148,6 +153,25 @@ def _top_p(raw: Any) -> float:
     if value <= 0.0:
         raise BadRequest("top_p must be above 0 and at most 1")
     return value
+
+
+def _stop(raw: Any) -> tuple[bytes, ...]:
+    """A string or a list of up to MAX_STOPS non-empty strings ("" alone, [] or null:
+    none), each at most MAX_STOP_BYTES of UTF-8."""
+    if raw is None or raw == "":
+        return ()
+    items = [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, list) or not all(isinstance(s, str) and s for s in items):
+        raise BadRequest("stop must be a string or a list of non-empty strings")
+    if len(items) > MAX_STOPS:
+        raise BadRequest(f"stop takes at most {MAX_STOPS} sequences")
+    try:
+        out = tuple(s.encode("utf-8") for s in items)
+    except UnicodeEncodeError as exc:  # a lone surrogate from a JSON escape
+        raise BadRequest("stop sequences must be valid Unicode text") from exc
+    if any(len(s) > MAX_STOP_BYTES for s in out):
+        raise BadRequest(f"each stop sequence must be at most {MAX_STOP_BYTES} bytes of UTF-8")
+    return out
 
 
 def _bool(raw: Any, name: str) -> bool:

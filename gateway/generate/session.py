@@ -4,8 +4,9 @@ a node's token stream between an opening and a closing receipt.
     (identity, admission: Pipeline.authenticated) -> pre-policy -> caps -> nonce -> policy
     (token counts and sampling parameters, never text) -> mode (none; redundant where the
     entry offers it: verified.py) -> @rate -> stream
-    slot -> token reservation -> node (first token) -> opening receipt -> tokens ->
-    closing receipt, token settlement, slot release
+    slot -> token reservation -> node (first token; meanwhile the opening receipt, durable
+    before anything is sent: opening.py) -> tokens (stop sequences: stop.py) -> closing
+    receipt, token settlement, slot release
 
 The last three run whatever ends the stream (its end, the client leaving, the node
 failing, a send timing out), shielded from cancellation, so a cut stream still gets the
@@ -29,6 +30,8 @@ from gateway.config import Generate
 from gateway.generate import verified
 from gateway.generate.ask import Ask
 from gateway.generate.meter import Reservation, TokenMeter
+from gateway.generate.opening import EarlyOpenings
+from gateway.generate.stop import StopScan
 from gateway.generate.verified import AgreedText, TextSpot
 from gateway.llm.tokenizer import TOKENIZER_SPEC_SHA256, Detokenizer
 from gateway.pipeline.admission import PrePolicyStage, take_token
@@ -150,6 +153,8 @@ class Stream:
     _done: bool = False
     mode: str = "none"  # none | redundant (gateway/generate/verified.py)
     call: GenerateCall | None = None
+    stopped: bool = False  # a stop sequence ended it (gateway/generate/stop.py)
+    read: int = 0  # tokens read from the node(s): `sent` and those held back or stopped
 
     @property
     def salt(self) -> str | None:
@@ -157,22 +162,42 @@ class Stream:
 
     async def events(self) -> AsyncGenerator[Event, None]:
         detok = Detokenizer()
+        scan = StopScan(self.ask.stop)
+        tokens = self.generation.tokens()
         try:
             yield self.opened
             pending = 0
-            async for token in self.generation.tokens():
-                self.sent.append(token)
-                pending += 1
-                text = detok.feed((token,))
+            async for token in tokens:
+                self.read += 1
+                out = scan.feed(token)
+                self.sent.extend(out)
+                pending += len(out)
+                text = detok.feed(out)
                 if text:
                     yield Piece(text, pending)
                     pending = 0
-            tail = detok.flush()
+                if scan.matched:
+                    self.stopped = True
+                    await self._stop_node(tokens)
+                    break
+            out = scan.flush()
+            self.sent.extend(out)
+            pending += len(out)
+            tail = detok.feed(out) + detok.flush()
             if tail or pending:
                 yield Piece(tail, pending)
             yield await self.finish()
         finally:
-            await self.finish()
+            await self.finish()  # shielded: cancels at the node, writes the closing receipt
+            await tokens.aclose()
+
+    async def _stop_node(self, tokens: AsyncGenerator[int, None]) -> None:
+        """A stop sequence matched: the node's generation is cancelled, as when a client
+        leaves; a node that just sent its last token is read out instead (Generation.drain:
+        a cancellation racing a request's completion can crash tritonserver)."""
+        if isinstance(self.generation, Generation):
+            await self.generation.drain(0)
+        await tokens.aclose()  # a redundant stream's nodes: AgreedGeneration closes them
 
     async def finish(self) -> Closed:
         """Cancel at the node, close the receipt, settle tokens, free the slot; once."""
@@ -194,7 +219,7 @@ class Stream:
             await self.generation.aclose()
             if self.timing is not None:
                 self.timing.last_token = time.monotonic_ns()
-            reason = self.generation.finish_reason or "cancelled"
+            reason = "stop" if self.stopped else self.generation.finish_reason or "cancelled"
             issued = None
             verification, ext = verified.closing(self, reason)
             if self.head is not None and svc.receipts is not None and self.opened.issued:
@@ -218,7 +243,9 @@ class Stream:
                 self.closed = Closed(None, "cancelled", len(self.ask.prompt_ids), len(self.sent))
             if self.timing is not None:
                 svc.stats.generated(self.entry, self.timing, self.closed.finish_reason)
-            await svc.meter.settle(self.reservation, len(self.ask.prompt_ids) + len(self.sent))
+            # The node's work: tokens held back or cut at a stop sequence were generated.
+            used = max(self.read, len(self.sent))
+            await svc.meter.settle(self.reservation, len(self.ask.prompt_ids) + used)
             svc.slots.give(self.caller.identity.spiffe_id)
 
 
@@ -410,40 +437,62 @@ class GenerateService:
         )
         timing.node_asked = time.monotonic_ns()
         mode = "redundant" if ask.mode == "redundant" else "none"  # decide() allowed it
+        parameters = _parameters(ask, seed)
+
+        def head_for(node: str, peers: tuple[str, ...] = ()) -> StreamHeader:
+            return StreamHeader(
+                client_ref(caller.identity),
+                model_ref(entry),
+                PolicyRef(decision.policy_hash, decision.id),
+                node,
+                request_id,
+                new_salt(),
+                peers=peers,
+                mode=mode,
+            )
+
+        # Mode none: the opening receipt is written while the first token is on its way
+        # (gateway/generate/opening.py); redundant names all its nodes, known only after.
+        early = None
+        if self.receipts is not None and mode == "none":
+            early = EarlyOpenings(self.receipts, head_for, ask.prompt_ids, parameters)
         with self.telemetry.stage("node_first_token", model=entry.name) as s:
             generation: Generation | AgreedText
-            if mode == "redundant":
-                generation = await verified.open_redundant(self.router, call, decision, self.cfg)
-            else:
-                generation = await open_generation(
-                    self.router,
-                    call,
-                    only=lambda node: decision.node_allowed("none", node.name),
-                    first_token_timeout_s=self.cfg.first_token_timeout_s,
-                    token_timeout_s=self.cfg.token_timeout_s,
-                )
+            try:
+                if mode == "redundant":
+                    generation = await verified.open_redundant(
+                        self.router, call, decision, self.cfg
+                    )
+                else:
+                    generation = await open_generation(
+                        self.router,
+                        call,
+                        only=lambda node: decision.node_allowed("none", node.name),
+                        first_token_timeout_s=self.cfg.first_token_timeout_s,
+                        token_timeout_s=self.cfg.token_timeout_s,
+                        on_attempt=None if early is None else early.attempt,
+                    )
+            except BaseException as exc:
+                if early is not None:
+                    cut = isinstance(exc, asyncio.CancelledError)
+                    await early.abandon("cancelled" if cut else "node-error")
+                raise
             s.set(node=generation.node)
         timing.first_token = time.monotonic_ns()
         head = None
         issued = None
         try:
-            if self.receipts is not None:
-                head = StreamHeader(
-                    client_ref(caller.identity),
-                    model_ref(entry),
-                    PolicyRef(decision.policy_hash, decision.id),
-                    generation.node,
-                    request_id,
-                    new_salt(),
-                    peers=generation.peers if isinstance(generation, AgreedText) else (),
-                    mode=mode,
-                )
-                with self.telemetry.stage("receipt"):
-                    issued = await open_stream(
-                        self.receipts, head, ask.prompt_ids, _parameters(ask, seed)
-                    )
+            with self.telemetry.stage("receipt"):
+                if early is not None:
+                    head, issued = await early.chosen(generation.node)
+                elif self.receipts is not None:
+                    peers = generation.peers if isinstance(generation, AgreedText) else ()
+                    head = head_for(generation.node, peers)
+                    issued = await open_stream(self.receipts, head, ask.prompt_ids, parameters)
         except BaseException as exc:
             await generation.aclose()
+            if early is not None:
+                await early.abandon("cancelled")
             timing.last_token = time.monotonic_ns()
             if isinstance(exc, LogError | LogFrozen | OSError):
                 log.error("receipt log refused an opening receipt: %s", exc)
@@ -475,4 +524,6 @@ def _parameters(ask: Ask, seed: int) -> dict[str, Any]:
         "top_p": repr(ask.top_p),
         "seed": str(seed),
         "tokenizer_sha256": TOKENIZER_SPEC_SHA256,
+        # Their count only: the sequences are client text (gateway/generate/stop.py).
+        **({"stop_sequences": len(ask.stop)} if ask.stop else {}),
     }

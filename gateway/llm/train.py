@@ -3,8 +3,12 @@
 A byte-level GPT (2 layers, width 64, 4 heads, context 128; about 141k parameters) trained
 for 300 steps on the text of the stdlib's ``pydoc_data/topics.py``. Its text is poor; what
 matters is that it is a real autoregressive model that reproduces bit for bit: fixed seeds,
-one thread (float sums reorder with the thread count), a pinned torch, and a corpus whose
-SHA-256 is checked (the file changes between Python releases). Run::
+one thread (float sums reorder with the thread count), a pinned torch, a corpus whose
+SHA-256 is checked (the file changes between Python releases), and kernels pinned to the
+portable code paths (`PINNED_ENV`): torch and MKL otherwise pick kernels by CPU (AVX2,
+AVX-512, AMX), whose sums round differently, so the same recipe made other bytes on
+another machine. `build()` runs the recipe in a child process with that environment,
+because both libraries read it once, at load. Run::
 
     python -m gateway.llm.train gateway/examples/tinygpt.onnx
 
@@ -19,7 +23,10 @@ import hashlib
 import importlib.util
 import io
 import math
+import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import cast
 
@@ -156,16 +163,44 @@ def export(model: TinyGPT) -> bytes:
     return buf.getvalue()
 
 
+# The same kernels on every x86 CPU: ATen's unvectorised dispatch, MKL's conditional
+# numerical reproducibility on its compatible path, oneDNN at its lowest ISA, one thread.
+PINNED_ENV = {
+    "ATEN_CPU_CAPABILITY": "default",
+    "MKL_CBWR": "COMPATIBLE",
+    "ONEDNN_MAX_CPU_ISA": "SSE41",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+
+
+def _pinned() -> bool:
+    return all(os.environ.get(k) == v for k, v in PINNED_ENV.items())
+
+
 def build() -> bytes:
-    """The ONNX bytes of the recipe's model."""
-    return export(train())
+    """The ONNX bytes of the recipe's model, made in a child with the pinned kernels."""
+    with tempfile.TemporaryDirectory(prefix="ztgate-tinygpt-") as tmp:
+        out = Path(tmp) / "tinygpt.onnx"
+        subprocess.run(
+            [sys.executable, "-m", "gateway.llm.train", str(out)],
+            env={**os.environ, **PINNED_ENV},
+            check=True,
+            capture_output=True,
+            timeout=900,
+        )
+        return out.read_bytes()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="where to write the ONNX file")
     args = parser.parse_args(argv)
-    data = build()
+    if _pinned():
+        torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # a module flag
+        data = export(train())
+    else:
+        data = build()
     args.out.write_bytes(data)
     print(f"{args.out}: sha256 {hashlib.sha256(data).hexdigest()}", file=sys.stderr)
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from gateway.pipeline.admission import take_token
 from gateway.pipeline.context import Asked, Decided
@@ -37,12 +37,23 @@ def valid_purpose(value: object) -> bool:
 
 
 class PolicyStage:
-    """Cedar decides which modes and nodes this request may use; no permit, no call."""
+    """Cedar decides which modes and nodes this request may use; no permit, no call.
 
-    def __init__(self, policy: LivePolicy, router: Router, revocations: Revocations) -> None:
+    A client that names a mode this gateway offers (`offered`) gets that mode decided
+    alone; only when it is not allowed are all modes decided, for the refusal's list of
+    allowed modes. Without `offered` every request decides every mode."""
+
+    def __init__(
+        self,
+        policy: LivePolicy,
+        router: Router,
+        revocations: Revocations,
+        offered: Collection[str] | None = None,
+    ) -> None:
         self.policy = policy
         self.router = router
         self.revocations = revocations
+        self.offered = offered
 
     def __call__(self, asked: Asked) -> InferDecision:
         request, entry = asked.request, asked.entry
@@ -60,26 +71,44 @@ class PolicyStage:
         nodes = [s.config.name for s in self.router.nodes.values() if s.config.serves(entry.name)]
         if not nodes:
             raise NoHealthyNode(f"no node serves {entry.name!r}", retry_after=5)
-        decision = self.policy.engine.decide_infer(
-            asked.caller.facts, entry.name, ctx, nodes, revocation_version=self.revocations.version
-        )
-        if decision.allowed and self.revocations.stale():
-            # A cut-off edge: the last-known revocations may be missing one by now. Only
-            # what @stale permits keep is served, and the receipt says how stale it was.
-            decision = self.policy.engine.past_staleness(decision, self.revocations.stale_for())
-            if not decision.allowed:
-                log_decision(decision, asked.caller.facts, entry.name, None)
-                raise StateUnavailable(
-                    "the revocation list could not be refreshed within its staleness "
-                    "budget, and policy keeps serving nothing for this request then",
-                    retry_after=5,
-                )
+        mode = request.parameters.get("ztgate.verification")
+        one = None
+        if isinstance(mode, str) and mode in MODES and mode in (self.offered or ()):
+            one = (mode,)
+        decision = self._decide(asked, ctx, nodes, one)
+        if one is not None and mode not in decision.modes:
+            decision = self._decide(asked, ctx, nodes, None)
+        if not decision.allowed and decision.revocation_stale_s is not None:
+            log_decision(decision, asked.caller.facts, entry.name, None)
+            raise StateUnavailable(
+                "the revocation list could not be refreshed within its staleness "
+                "budget, and policy keeps serving nothing for this request then",
+                retry_after=5,
+            )
         if not decision.allowed:
             log_decision(decision, asked.caller.facts, entry.name, None)
             raise Forbidden(
                 f"policy denies this request: {decision.reason}; no mode is allowed",
                 extra={"allowed_modes": [], "decision_id": decision.id},
             )
+        return decision
+
+    def _decide(
+        self, asked: Asked, ctx: InferContext, nodes: list[str], modes: tuple[str, ...] | None
+    ) -> InferDecision:
+        engine = self.policy.engine
+        decision = engine.decide_infer(
+            asked.caller.facts,
+            asked.entry.name,
+            ctx,
+            nodes,
+            revocation_version=self.revocations.version,
+            modes=modes,
+        )
+        if decision.allowed and self.revocations.stale():
+            # A cut-off edge: the last-known revocations may be missing one by now. Only
+            # what @stale permits keep is served, and the receipt says how stale it was.
+            decision = engine.past_staleness(decision, self.revocations.stale_for())
         return decision
 
 

@@ -171,6 +171,8 @@ class BundleFacts:
                     "trust": n.trust,
                     "dns_name": n.dns_name,
                     "spiffe_id": n.spiffe_id,
+                    # Only when set: bundles signed before sites existed stay byte-identical.
+                    **({"site": n.site} if n.site else {}),
                 }
                 for n in sorted(self.nodes, key=lambda n: n.name)
             ],
@@ -198,7 +200,8 @@ class BundleFacts:
         nodes = []
         for i, item in enumerate(_list(obj, "nodes", "facts")):
             where = f"facts.nodes[{i}]"
-            n = _object(item, where, _NODE_KEYS)
+            keys = (*_NODE_KEYS, "site") if isinstance(item, dict) and "site" in item else None
+            n = _object(item, where, keys or _NODE_KEYS)
             nodes.append(
                 NodeFacts(
                     name=_str(n, "name", where),
@@ -207,6 +210,7 @@ class BundleFacts:
                     trust=_int(n, "trust", where),
                     dns_name=_str(n, "dns_name", where),
                     spiffe_id=_str(n, "spiffe_id", where),
+                    site=_str(n, "site", where) if "site" in n else "",
                 )
             )
         return cls(tuple(models), tuple(nodes))
@@ -375,7 +379,15 @@ def facts_from(
                     )
             spiffe_id, dns_name = from_cert
         node_facts.append(
-            NodeFacts(node.name, node.region, node.provider, int(trust), dns_name, spiffe_id)
+            NodeFacts(
+                node.name,
+                node.region,
+                node.provider,
+                int(trust),
+                dns_name,
+                spiffe_id,
+                site=getattr(node, "site", "") or "",
+            )
         )
     if certs:
         raise ValueError(f"certificates for nodes not in the inventory: {', '.join(sorted(certs))}")

@@ -9,7 +9,16 @@ denied even if a permit matched (Cedar itself skips an erroring policy, which wo
 silently disarm a `forbid`); NoDecision (e.g. a context the schema refuses) is a deny;
 and every context attribute the schema declares is always filled (facts.infer_context).
 
-Cache: each (mode, node) decision is keyed by the exact Cedar request it came from
+Node classes (node_class.py): nodes whose records agree on every attribute a policy reads
+get the same answer, so Cedar decides one representative per class and the answer is
+given to each node of it. The set is cut in two (_Split): the policies that never read
+the node are decided once per mode, and those that do per class, cached by the part of
+the request they read (node_class.policy_reads; the model and mode for the shipped set),
+so a request on a known fleet costs one Cedar request per mode, not one per node. Only
+the modes asked for are decided (the pipeline asks for the client's mode alone when it
+names one). tests/test_policy_classes.py holds all of it to deciding each node alone.
+
+Cache: each (mode, node class) decision is keyed by the exact Cedar request it came from
 (every principal, resource and context attribute, via the facts that determine them),
 the policy set hash and the caller's revocation version. High-cardinality inputs reach
 Cedar only as coarse values the schema names (payload_class, hour), so exact keys still
@@ -26,13 +35,14 @@ import logging
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import cedarpy
 
 from gateway.policy import facts as F
+from gateway.policy.node_class import Reads, class_key, node_attributes, policy_reads
 from gateway.policy.source import PolicySource, named_actions
 
 log = logging.getLogger(__name__)
@@ -97,6 +107,9 @@ class InferDecision:
     # Set when revocation data was past its staleness budget and @stale permits kept
     # these modes (PolicyEngine.past_staleness): how stale, in whole seconds.
     revocation_stale_s: int | None = None
+    # The modes Cedar decided, cheapest first: `modes` and everything derived from the
+    # permits (rate, spot_check, proof, token_budgets) speak of these alone.
+    evaluated: tuple[str, ...] = F.MODES
 
     def node_allowed(self, mode: str, node: str) -> bool:
         return node in self.nodes_by_mode.get(mode, ())
@@ -106,6 +119,8 @@ class InferDecision:
         one mode: the decision's own `reason` speaks of every mode together (its permits
         when any mode is allowed), which is wrong next to a deny of the mode asked for."""
         results = [r for (m, _), r in self.pairs.items() if m == mode]
+        if mode not in self.evaluated:
+            return (), f"{mode} was not evaluated"
         if mode in self.modes:
             ids = tuple(dict.fromkeys(p for r in results if r.allowed for p in r.determining))
             return ids, f"{mode} allowed by {', '.join(ids)}"
@@ -154,9 +169,12 @@ class PolicyEngine:
         default_rate: F.Rate = DEFAULT_RATE,
         cache_size: int = 65536,
         check_requests: bool = True,
+        node_classes: bool = True,
     ) -> None:
         """`check_requests`: hand Cedar the schema per call so it re-checks each request's
-        shape (roughly doubles the cost of a cache miss; off only for measurement)."""
+        shape (roughly doubles the cost of a cache miss; off only for measurement).
+        `node_classes`: False decides every node on its own (the reference the
+        equivalence tests compare with)."""
         for m in models.values():
             F.check_model(m)
         self.source = source
@@ -198,11 +216,30 @@ class PolicyEngine:
         }
         self._token_budgets = {p.id: p.token_budgets for p in source.policies if p.token_budgets}
         self._node_json = {n.name: F.node_record(n) for n in nodes}
+        self._fleets: OrderedDict[tuple[str, ...], _Fleet] = OrderedDict()
+        # Which node attributes the policies read (None: not known, so all of them).
+        keys = {k for record in self._node_json.values() for k in record}
+        read = node_attributes(parsed, keys) if node_classes else None
+        self.node_attributes = None if read is None else tuple(sorted(read))
+        # Each node's class as a small number (the cache keys hold it).
+        ids: dict[str, int] = {}
+        self._class = {
+            name: ids.setdefault(class_key(record, self.node_attributes), len(ids))
+            for name, record in self._node_json.items()
+        }
+        self.class_count = len(ids)
+        self._split = _split(parsed, keys) if node_classes and len(ids) > 1 else None
+        # Answers of the two halves of a split policy set (_Split): the node-free half
+        # per request, mode and count; the node half per what it reads, then class.
+        self._free: OrderedDict[tuple[Any, ...], _Part] = OrderedDict()
+        self._near: OrderedDict[tuple[Any, ...], dict[int, _Part]] = OrderedDict()
+        self._interned: dict[_Part, _Part] = {}
         # Cedar lists reasons in no fixed order; report them in file order.
         self._order = {p.id: i for i, p in enumerate(source.policies)}
         # The purpose literals the policies compare against (None: used some other way).
         self.purpose_literals = purpose_literals(parsed)
-        self._cache: OrderedDict[tuple[Any, ...], PairResult] = OrderedDict()
+        self._cache: OrderedDict[tuple[Any, ...], dict[int, PairResult]] = OrderedDict()
+        self._cached = 0  # answers in the cache (each group holds one per class)
         self._cache_size = cache_size
         self._clients: OrderedDict[F.IdentityFacts, tuple[str, cedarpy.Entities]] = OrderedDict()
         self._version: int | None = None
@@ -218,14 +255,23 @@ class PolicyEngine:
         ctx: F.InferContext,
         candidate_nodes: Sequence[str],
         revocation_version: int = 0,
+        modes: Sequence[str] | None = None,
     ) -> InferDecision:
-        """Which modes and nodes policy allows for this request, and why."""
+        """Which modes and nodes policy allows for this request, and why. `modes`: the
+        modes to decide (None: all). Deciding `none` also decides `zk` when a permit
+        carries @proof: a lazy proof runs on the nodes mode zk allows."""
+        asked = F.MODES
+        if modes is not None:
+            if unknown := set(modes) - set(F.MODES):
+                raise ValueError(f"unknown modes {sorted(unknown)}; one of {', '.join(F.MODES)}")
+            lazy = "none" in modes and bool(self._proofs)
+            asked = tuple(m for m in F.MODES if m in modes or (lazy and m == "zk"))
         self._check_version(revocation_version)
         facts = self._models.get(model)
         if facts is None:
             return self._denied(f"unknown model {model!r}: deny by default")
-        nodes = [self._nodes[n] for n in dict.fromkeys(candidate_nodes) if n in self._nodes]
-        if not nodes:
+        fleet = self._fleet(candidate_nodes)
+        if not fleet.names:
             return self._denied(f"no known candidate node among {list(candidate_nodes)}")
         base = _Key(
             self.policy_hash,
@@ -244,47 +290,115 @@ class PolicyEngine:
             ctx.temperature_milli,
             ctx.top_p_milli,
         )
-        everyone = len({n.provider for n in nodes})
-        pairs = [(m, n, everyone if m in F.MULTI_NODE_MODES else 1) for m in F.MODES for n in nodes]
-        results = self._evaluate(identity, base, ctx.purpose, pairs)
+        everyone = len(frozenset().union(*fleet.providers.values()))
+        classes = list(fleet.first)
+        wanted = [(m, everyone if m in F.MULTI_NODE_MODES else 1, classes) for m in asked]
+        groups = self._evaluate(identity, base, ctx.purpose, fleet.first, wanted)
+        decided: dict[str, Mapping[int, PairResult]] = dict(zip(asked, groups, strict=True))
         # Provider independence counts the nodes actually allowed: re-decide a multi-node
         # mode with the smaller count until it holds (it only shrinks, so this ends).
-        for mode in F.MULTI_NODE_MODES:
+        for mode in (m for m in F.MULTI_NODE_MODES if m in asked):
             count = everyone
             while True:
-                ok = [n for n in nodes if results[(mode, n.name)].allowed]
-                now = len({n.provider for n in ok})
+                ok = [c for c in classes if decided[mode][c].allowed]
+                now = len(frozenset().union(*(fleet.providers[c] for c in ok)))
                 if not ok or now == count:
                     break
                 count = now
-                again = [(mode, n, count) for n in ok]
-                results.update(self._evaluate(identity, base, ctx.purpose, again))
-        return self._assemble(facts, nodes, results)
+                again = self._evaluate(
+                    identity, base, ctx.purpose, fleet.first, [(mode, count, ok)]
+                )
+                decided[mode] = {**decided[mode], **{c: again[0][c] for c in ok}}
+        return self._assemble(facts, fleet, decided, asked)
+
+    def _fleet(self, candidate_nodes: Sequence[str]) -> _Fleet:
+        """The known candidates by class, kept per candidate list (node facts are fixed
+        per engine, and a gateway asks with the same few lists again and again)."""
+        key = tuple(candidate_nodes)
+        hit = self._fleets.get(key)
+        if hit is not None:
+            self._fleets.move_to_end(key)
+            return hit
+        names = tuple(n for n in dict.fromkeys(key) if n in self._nodes)
+        of = {n: self._class[n] for n in names}
+        first: dict[int, F.NodeFacts] = {}
+        providers: dict[int, set[str]] = {}
+        for n in names:
+            first.setdefault(of[n], self._nodes[n])
+            providers.setdefault(of[n], set()).add(self._nodes[n].provider)
+        fleet = _Fleet(names, of, first, {c: frozenset(p) for c, p in providers.items()}, {})
+        self._fleets[key] = fleet
+        if len(self._fleets) > 256:
+            self._fleets.popitem(last=False)
+        return fleet
 
     def _evaluate(
         self,
         identity: F.IdentityFacts,
         base: _Key,
         purpose: str,
-        pairs: Sequence[tuple[str, F.NodeFacts, int]],
-    ) -> dict[tuple[str, str], PairResult]:
-        """`purpose` is the request's own (Cedar decides on it); `base.purpose` is only
-        its cache key (`purpose_key`), under which the decision is shared."""
-        out: dict[tuple[str, str], PairResult] = {}
-        misses: list[tuple[tuple[Any, ...], str, F.NodeFacts, int]] = []
+        first: Mapping[int, F.NodeFacts],
+        wanted: Sequence[tuple[str, int, Sequence[int]]],
+    ) -> list[dict[int, PairResult]]:
+        """Cedar's answer per node class, for each (mode, provider count, classes) of
+        `wanted`: from the cache, or one batched call where the node `first` gives for a
+        class stands for it. `purpose` is the request's own (Cedar decides on it);
+        `base.purpose` is only its cache key (`purpose_key`), under which it is shared.
+        Each answer is a cached group (one per request, mode and count): read it only."""
         cache = self._cache
-        for mode, node, count in pairs:
-            key = (*base, mode, node.name, count)
-            hit = cache.get(key)
-            if hit is not None:
-                cache.move_to_end(key)
-                out[(mode, node.name)] = hit
+        groups: list[dict[int, PairResult]] = []
+        todo: list[tuple[dict[int, PairResult], str, int, list[int]]] = []
+        asked = 0
+        for mode, count, classes in wanted:
+            key = (*base, mode, count)
+            group = cache.get(key)
+            if group is None:
+                group = cache[key] = {}
             else:
-                misses.append((key, mode, node, count))
-        self._hits += len(pairs) - len(misses)
-        self._misses += len(misses)
-        if not misses:
-            return out
+                cache.move_to_end(key)
+            groups.append(group)
+            missing = [c for c in classes if c not in group]
+            asked += len(classes)
+            if missing:
+                todo.append((group, mode, count, missing))
+        fresh = sum(len(t[3]) for t in todo)
+        self._hits += asked - fresh
+        self._misses += fresh
+        if not todo:
+            return groups
+        if self._split is None:
+            asks = [(mode, first[c], count) for _, mode, count, missing in todo for c in missing]
+            answers = iter(self._cedar(identity, base, purpose, self._policies, asks))
+            for group, _, count, missing in todo:
+                for c in missing:
+                    group[c] = _judge(next(answers), count, self._order)
+        else:
+            self._split_results(identity, base, purpose, self._split, first, todo)
+        for group, mode, _, missing in todo:
+            for c in missing:
+                if group[c].errors:
+                    log.warning(
+                        "policy evaluation error for %s on %s/%s (and its node class), "
+                        "denied (fail closed): %s",
+                        identity.spiffe_id,
+                        mode,
+                        first[c].name,
+                        "; ".join(group[c].errors),
+                    )
+        self._cached += fresh
+        while self._cached > self._cache_size and cache:
+            self._cached -= len(cache.popitem(last=False)[1])
+        return groups
+
+    def _cedar(
+        self,
+        identity: F.IdentityFacts,
+        base: _Key,
+        purpose: str,
+        policies: cedarpy.PolicySet,
+        asks: Sequence[tuple[str, F.NodeFacts, int]],
+    ) -> list[cedarpy.AuthzResult]:
+        """One batched Cedar call: `policies` on each (mode, node, count) of `asks`."""
         principal, entities = self._client(identity)
         requests = [
             {
@@ -305,33 +419,82 @@ class PolicyEngine:
                     "top_p_milli": base.top_p_milli,
                 },
             }
-            for _, mode, node, count in misses
+            for mode, node, count in asks
         ]
-        answers = cedarpy.is_authorized_batch(
-            requests, self._policies, entities, self._request_schema
-        )
-        for (key, mode, node, count), answer in zip(misses, answers, strict=True):
-            result = _judge(answer, count, self._order)
-            if result.errors:
-                log.warning(
-                    "policy evaluation error for %s on %s/%s, denied (fail closed): %s",
-                    identity.spiffe_id,
-                    mode,
-                    node.name,
-                    "; ".join(result.errors),
-                )
-            cache[key] = result
-            out[(mode, node.name)] = result
-        while len(cache) > self._cache_size:
-            cache.popitem(last=False)
-        return out
+        return list(cedarpy.is_authorized_batch(requests, policies, entities, self._request_schema))
+
+    def _split_results(
+        self,
+        identity: F.IdentityFacts,
+        base: _Key,
+        purpose: str,
+        split: _Split,
+        first: Mapping[int, F.NodeFacts],
+        todo: Sequence[tuple[dict[int, PairResult], str, int, list[int]]],
+    ) -> None:
+        """Fills each group's missing classes from the policies that never read the node
+        (decided once per mode and count) and those that do (per class, cached by what
+        they read, so shared across callers and requests): what the whole set answers
+        (_combine)."""
+        free, near = self._free, self._near
+        halves: list[tuple[tuple[Any, ...], dict[int, _Part]]] = []
+        need_free: dict[tuple[Any, ...], tuple[str, F.NodeFacts, int]] = {}
+        need_near: dict[tuple[int, int], tuple[dict[int, _Part], int]] = {}
+        near_asks: list[tuple[str, F.NodeFacts, int]] = []
+        for _, mode, count, missing in todo:
+            key = (*base, mode, count)
+            if key in free:
+                free.move_to_end(key)
+            else:
+                need_free[key] = (mode, first[missing[0]], count)
+            reduced = _reduced(split.node_reads, base, mode, count)
+            parts = near.get(reduced)
+            if parts is None:
+                parts = near[reduced] = {}
+            else:
+                near.move_to_end(reduced)
+            halves.append((key, parts))
+            for c in missing:
+                if c not in parts and (id(parts), c) not in need_near:
+                    need_near[(id(parts), c)] = (parts, c)
+                    near_asks.append((mode, first[c], count))
+        if need_free:
+            got = self._cedar(identity, base, purpose, split.free, list(need_free.values()))
+            for key, answer in zip(need_free, got, strict=True):
+                free[key] = _part(answer, self._order)
+        if near_asks:
+            got = self._cedar(identity, base, purpose, split.node, near_asks)
+            interned = self._interned
+            if len(interned) > 4096:
+                interned.clear()
+            for (parts, c), answer in zip(need_near.values(), got, strict=True):
+                part = _part(answer, self._order)
+                # Equal answers as one object: most classes answer alike, and below they
+                # are then combined once.
+                parts[c] = interned.setdefault(part, part)
+        for (group, _, count, missing), (key, parts) in zip(todo, halves, strict=True):
+            half = free[key]
+            combined: dict[int, PairResult] = {}
+            for c in missing:
+                part = parts[c]
+                result = combined.get(id(part))
+                if result is None:
+                    result = combined[id(part)] = _combine(half, part, count, self._order)
+                group[c] = result
+        for cached in (free, near):
+            while len(cached) > self._cache_size:
+                cached.popitem(last=False)
 
     def _assemble(
         self,
         model: F.ModelFacts,
-        nodes: Sequence[F.NodeFacts],
-        results: dict[tuple[str, str], PairResult],
+        fleet: _Fleet,
+        decided: Mapping[str, Mapping[int, PairResult]],
+        evaluated: tuple[str, ...],
     ) -> InferDecision:
+        """The decision from one answer per (mode, class). Classes are visited in the
+        order their first node comes in the candidates, and every node of a class has its
+        answer, so every list below is what visiting each node would build."""
         modes: list[str] = []
         by_mode: dict[str, tuple[str, ...]] = {}
         permits: set[tuple[str, ...]] = set()  # determining ids of allowed pairs
@@ -339,16 +502,16 @@ class PolicyEngine:
         proof: str | None = None  # strictest @proof behind allowed `none`
         forbids: list[str] = []
         errors: list[str] = []
-        for mode in F.MODES:
+        for mode in evaluated:
             offered = mode in model.allowed_modes  # the registry's technical limit
-            ok: list[str] = []
-            for node in nodes:
-                r = results[(mode, node.name)]
+            ok: set[int] = set()
+            for c in fleet.first:
+                r = decided[mode][c]
                 if r.errors:
                     errors.extend(r.errors)
                 if r.allowed:
                     if offered:
-                        ok.append(node.name)
+                        ok.add(c)
                         permits.add(r.determining)
                         if mode == "none":
                             for pid in r.determining:
@@ -359,7 +522,8 @@ class PolicyEngine:
                     forbids.extend(r.determining)
             if ok:
                 modes.append(mode)
-                by_mode[mode] = tuple(ok)
+                every = len(ok) == len(fleet.first)
+                by_mode[mode] = fleet.names if every else fleet.only(ok)
         rate: F.Rate | None = None
         if modes:
             determining = tuple(dict.fromkeys(pid for ids in sorted(permits) for pid in ids))
@@ -379,7 +543,7 @@ class PolicyEngine:
             errors=tuple(dict.fromkeys(errors)),
             policy_hash=self.policy_hash,
             reason=reason,
-            pairs=results,
+            pairs=_Pairs(evaluated, fleet, decided),
             spot_check=spot if modes else None,
             proof=proof if modes else None,
             token_budgets=F.strictest_budgets(
@@ -387,6 +551,7 @@ class PolicyEngine:
                 for pid in (determining if modes else ())
                 for b in self._token_budgets.get(pid, ())
             ),
+            evaluated=evaluated,
         )
 
     def _denied(self, reason: str) -> InferDecision:
@@ -532,6 +697,9 @@ class PolicyEngine:
         # version gets its own (unshared) entries and does not wipe the new ones.
         if self._version is None or version > self._version:
             self._cache.clear()
+            self._cached = 0
+            self._free.clear()
+            self._near.clear()
             self._version = version
 
     def purpose_key(self, purpose: str) -> str:
@@ -548,11 +716,225 @@ class PolicyEngine:
         return "=" + purpose if purpose in literals else "other"
 
     def stats(self) -> CacheStats:
-        return CacheStats(self._hits, self._misses, len(self._cache))
+        return CacheStats(self._hits, self._misses, self._cached)
 
     def clear_cache(self) -> None:
         self._cache.clear()
+        self._cached = 0
+        self._free.clear()
+        self._near.clear()
         self._hits = self._misses = 0
+
+    def decide_forward_for(self, identity: F.IdentityFacts, site: str, model: str) -> AuthzDecision:
+        """May edge `site` act for this client on `model` (docs/ddil.md, "Forwarding to the
+        core")? Only a determining permit that names `forward_for` grants it, as for the
+        admin actions: a broad permit must not turn every site into every client's
+        deputy. The client's own `infer` is decided afterwards, as for any request."""
+        principal, entities = self._client(identity)
+        request = {
+            "principal": principal,
+            "action": F.action_uid(F.FORWARD_FOR),
+            "resource": F.uid("Model", model),
+            "context": {"site": site},
+        }
+        if model not in self._models:
+            unknown = "denied: unknown model"
+            return AuthzDecision(
+                os.urandom(16).hex(), False, F.FORWARD_FOR, (), (), self.policy_hash, unknown
+            )
+        answer = cedarpy.is_authorized(request, self._policies, entities, self._request_schema)
+        r = _judge(answer, 0, self._order)
+        naming = tuple(p for p in r.determining if F.FORWARD_FOR in (self._named.get(p) or ()))
+        allowed = r.allowed and bool(naming) and not r.errors
+        reason = (
+            f"allowed by {', '.join(naming)}"
+            if allowed
+            else _deny_reason(r.determining if not r.allowed else (), r.errors)
+        )
+        return AuthzDecision(
+            os.urandom(16).hex(),
+            allowed,
+            F.FORWARD_FOR,
+            naming if allowed else r.determining,
+            r.errors,
+            self.policy_hash,
+            reason,
+        )
+
+
+class _Fleet(NamedTuple):
+    """A candidate list resolved: the known nodes in order, and by class (in the order
+    each class's first node comes) its first node, which Cedar sees, and providers."""
+
+    names: tuple[str, ...]
+    of: dict[str, int]  # node -> class
+    first: dict[int, F.NodeFacts]
+    providers: dict[int, frozenset[str]]
+    subsets: dict[frozenset[int], tuple[str, ...]]  # `only`'s answers so far
+
+    def only(self, classes: set[int]) -> tuple[str, ...]:
+        """The candidates in `classes`, in order."""
+        key = frozenset(classes)
+        hit = self.subsets.get(key)
+        if hit is None:
+            hit = tuple(n for n in self.names if self.of[n] in key)
+            if len(self.subsets) < 64:
+                self.subsets[key] = hit
+        return hit
+
+
+class _Pairs(Mapping[tuple[str, str], PairResult]):
+    """InferDecision.pairs: (mode, node) -> its answer, read through the node's class
+    rather than copied out per node (a fleet of hundreds would copy hundreds)."""
+
+    __slots__ = ("_decided", "_fleet", "_modes")
+
+    def __init__(
+        self, modes: tuple[str, ...], fleet: _Fleet, decided: Mapping[str, Mapping[int, PairResult]]
+    ) -> None:
+        self._modes = modes
+        self._fleet = fleet
+        self._decided = decided
+
+    def __getitem__(self, key: tuple[str, str]) -> PairResult:
+        if not isinstance(key, tuple) or len(key) != 2:
+            raise KeyError(key)
+        mode, node = key
+        c = self._fleet.of.get(node)
+        if mode not in self._modes or c is None:
+            raise KeyError(key)
+        return self._decided[mode][c]
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return ((m, n) for m in self._modes for n in self._fleet.names)
+
+    def __len__(self) -> int:
+        return len(self._modes) * len(self._fleet.names)
+
+    def __repr__(self) -> str:
+        return repr(dict(self.items()))
+
+
+class _Split(NamedTuple):
+    """A policy set cut in two: `free` never reads `context.node`, `node` does (and
+    reads `node_reads` of the rest of the request)."""
+
+    free: cedarpy.PolicySet
+    node: cedarpy.PolicySet
+    node_reads: Reads
+
+
+class _Part(NamedTuple):
+    """Cedar's answer from part of the policy set, before the fail-closed rules."""
+
+    no_decision: bool
+    forbids: tuple[str, ...]  # the forbids that matched (Cedar names them on a deny)
+    permits: tuple[str, ...]  # the permits that matched, when no forbid did
+    errors: tuple[str, ...]
+
+
+# The context attributes of `infer` a reduced key can hold (the node is the class).
+_CONTEXT_KEYS = frozenset(
+    {
+        "mode",
+        "node",
+        "batch_size",
+        "payload_class",
+        "hour",
+        "purpose",
+        "distinct_providers",
+        "prompt_tokens",
+        "max_tokens",
+        "temperature_milli",
+        "top_p_milli",
+    }
+)
+
+
+def _split(parsed: Mapping[str, Any], keys: set[str]) -> _Split | None:
+    """The policy set cut by whether each policy reads the node; None where cutting
+    gains nothing (no policy reads it) or is not understood (templates)."""
+    if parsed.get("templates") or parsed.get("templateLinks"):
+        return None
+    static: Mapping[str, Any] = parsed["staticPolicies"]
+    node = {
+        pid: body
+        for pid, body in static.items()
+        if node_attributes({"staticPolicies": {pid: body}}, keys) != frozenset()
+    }
+    if not node:
+        return None
+    free = {pid: body for pid, body in static.items() if pid not in node}
+    reads = policy_reads(node.values())
+    if reads.context is not None and not reads.context <= _CONTEXT_KEYS:
+        reads = Reads(reads.principal, reads.resource, None)  # unknown: all of it
+    return _Split(
+        cedarpy.PolicySet.from_json_str(json.dumps({**parsed, "staticPolicies": free})),
+        cedarpy.PolicySet.from_json_str(json.dumps({**parsed, "staticPolicies": node})),
+        reads,
+    )
+
+
+def _reduced(reads: Reads, base: _Key, mode: str, count: int) -> tuple[Any, ...]:
+    """The part of a request the node-reading policies read (the node aside): their
+    answer for one node class is shared by every request that agrees on it."""
+    values = {
+        "mode": mode,
+        "batch_size": base.batch_size,
+        "payload_class": base.payload_class,
+        "hour": base.hour,
+        "purpose": base.purpose,
+        "distinct_providers": count,
+        "prompt_tokens": base.prompt_tokens,
+        "max_tokens": base.max_tokens,
+        "temperature_milli": base.temperature_milli,
+        "top_p_milli": base.top_p_milli,
+    }
+    context = reads.context
+    return (
+        base.policy_hash,
+        base.revocation_version,
+        (base.spiffe_id, base.name, base.organization, base.unit) if reads.principal else (),
+        base.model if reads.resource else "",
+        tuple(values.items())
+        if context is None
+        else tuple((k, values[k]) for k in sorted(context) if k != "node"),
+    )
+
+
+def _part(answer: cedarpy.AuthzResult, order: Mapping[str, int]) -> _Part:
+    errors = tuple(sorted(answer.diagnostics.errors))
+    if answer.decision == cedarpy.Decision.NoDecision:
+        return _Part(True, (), (), errors)
+    reasons = tuple(sorted(answer.diagnostics.reasons, key=lambda pid: order.get(pid, -1)))
+    if answer.allowed:
+        return _Part(False, (), reasons, errors)
+    return _Part(False, reasons, (), errors)
+
+
+def _combine(free: _Part, node: _Part, count: int, order: Mapping[str, int]) -> PairResult:
+    """What one Cedar call over both halves answers, with the fail-closed rules (as
+    _judge): any forbid that matched denies and is the reason; else the permits that
+    matched allow; an error anywhere denies."""
+    if free.no_decision or node.no_decision:
+        errors = free.errors if free.no_decision else node.errors
+        return PairResult(False, (), errors or ("no decision",), count)
+    errors = _merge(free.errors, node.errors, None)
+    forbids = _merge(free.forbids, node.forbids, order)
+    reasons = forbids or _merge(free.permits, node.permits, order)
+    allowed = not forbids and bool(reasons)
+    return PairResult(allowed and not errors, reasons, errors, count)
+
+
+def _merge(
+    a: tuple[str, ...], b: tuple[str, ...], order: Mapping[str, int] | None
+) -> tuple[str, ...]:
+    """Two sorted tuples as one (by file order, or as strings where `order` is None)."""
+    if not a or not b:
+        return a or b
+    if order is None:
+        return tuple(sorted(a + b))
+    return tuple(sorted(a + b, key=lambda pid: order.get(pid, -1)))
 
 
 def _judge(answer: cedarpy.AuthzResult, count: int, order: Mapping[str, int]) -> PairResult:
@@ -681,6 +1063,9 @@ def decision_record(
             record["proof"] = decision.proof
         if decision.revocation_stale_s is not None:
             record["revocation_stale_s"] = decision.revocation_stale_s
+        if decision.evaluated != F.MODES:
+            # Only these were decided: `modes` says nothing of the others.
+            record["evaluated"] = list(decision.evaluated)
     else:
         allowed = decision.allowed
         record["action"] = decision.action

@@ -34,7 +34,9 @@ RESOURCE_ACTIONS: dict[str, str] = {
     "admin_nodes": "Gateway",  # list nodes: health, reputation, evidence, quarantine
     "admin_release_node": "Gateway",  # release a quarantined node (docs/reputation.md)
 }
-ACTIONS: tuple[str, ...] = (INFER, *RESOURCE_ACTIONS)
+# An edge site acting for a client at its core (gateway/forward/); context: { site }.
+FORWARD_FOR = "forward_for"
+ACTIONS: tuple[str, ...] = (INFER, *RESOURCE_ACTIONS, FORWARD_FOR)
 # Granted only by a permit that names them in its action scope (source.admin_finding,
 # PolicyEngine.authorize): a broad permit must never hand out control of the gateway.
 ADMIN_ACTIONS: tuple[str, ...] = tuple(a for a, t in RESOURCE_ACTIONS.items() if t == "Gateway")
@@ -228,6 +230,9 @@ class NodeFacts:
     trust: int = 1
     dns_name: str = ""
     spiffe_id: str = ""
+    # The site the node belongs to ("": the gateway's own). Signed like the region; the
+    # router prefers the gateway's own site's nodes (gateway/routing/router.py).
+    site: str = ""
 
 
 @dataclass(frozen=True, slots=True)

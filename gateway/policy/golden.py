@@ -21,7 +21,8 @@ same batched, cached path the gateway uses), not through Cedar alone. Format::
 
 For the other actions, `resource` replaces model/nodes/context:
 ``{"type": "Receipt", "id": "r1", "owner": "spiffe://...", "model": "iris"}``; `view`
-(seeing that a model exists) takes `model` alone, without nodes or context.
+(seeing that a model exists) takes `model` alone, without nodes or context;
+`forward_for` takes `model` and ``"context": {"site": "site-b"}``.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class Request:
     context: F.InferContext | None = None
     # other actions
     resource: F.ResourceFacts | None = None
+    site: str = ""  # forward_for: the forwarding site
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,9 @@ def parse_request(raw: Any) -> Request:
     if F.RESOURCE_ACTIONS.get(action) == "Model":
         seen = _model(_obj(raw, "model"))
         return Request(model=seen, resource=F.ResourceFacts("Model", seen.name), **common)
+    if action == F.FORWARD_FOR:
+        site = _str(_obj(raw, "context"), "site", required=True)
+        return Request(model=_model(_obj(raw, "model")), site=site, **common)
     if action in F.RESOURCE_ACTIONS:
         r = _obj(raw, "resource")
         resource = F.ResourceFacts(
@@ -245,6 +250,9 @@ def engine_for(source: PolicySource, request: Request) -> PolicyEngine:
 def run_request(source: PolicySource, request: Request) -> Outcome:
     """Decide one request through the engine the gateway uses."""
     engine = engine_for(source, request)
+    if request.action == F.FORWARD_FOR and request.model is not None:
+        d = engine.decide_forward_for(request.identity, request.site, request.model.name)
+        return Outcome(d.allowed, d.determining, d.errors, d.reason, d)
     if request.resource is not None:
         d = engine.authorize(request.identity, request.action, request.resource)
         return Outcome(d.allowed, d.determining, d.errors, d.reason, d)

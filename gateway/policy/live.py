@@ -76,7 +76,8 @@ def model_facts(entries: Mapping[str, ModelEntry], cfg: Config) -> dict[str, Mod
 def node_facts(nodes: Sequence[NodeConfig]) -> list[NodeFacts]:
     """Dev mode's facts: the config's own word for each node (no officer signed them)."""
     return [
-        NodeFacts(n.name, n.region, n.provider, n.trust, n.dns_name, n.spiffe_id) for n in nodes
+        NodeFacts(n.name, n.region, n.provider, n.trust, n.dns_name, n.spiffe_id, n.site)
+        for n in nodes
     ]
 
 
@@ -142,6 +143,7 @@ def signed_nodes(nodes: Sequence[NodeConfig], facts: Sequence[NodeFacts]) -> tup
                 region=fact.region,
                 provider=fact.provider,
                 trust=fact.trust,
+                site=fact.site,
             )
         )
     if problems:

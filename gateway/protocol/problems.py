@@ -159,6 +159,14 @@ class Replayed(Problem):
     status = 409
 
 
+class IdempotencyConflict(Problem):
+    """A job's Idempotency-Key already names another request of the same identity."""
+
+    type = PROBLEM_BASE + "idempotency-conflict"
+    title = "Idempotency key reused with another request"
+    status = 409
+
+
 class PolicyRollback(Problem):
     """/admin/reload of a signed policy bundle older than the one in force (or the same
     version with other content): the gateway keeps its policy. Not a malformed request."""

@@ -17,16 +17,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import httpx
 
 from gateway.receipts.log import LogError, ReceiptLog
 from gateway.receipts.note import Checkpoint, SignedNote, WitnessKey, parse_signature_lines
-from gateway.receipts.vault import MAX_UPLOAD_LEAVES, Upload, has_body
+from gateway.receipts.vault import (
+    EVIDENCE_NAMES,
+    MAX_MATERIAL_FILE,
+    MAX_UPLOAD_LEAVES,
+    Upload,
+    evidence_commitments,
+    has_body,
+)
 from gateway.receipts.witness import WitnessRefused, add_checkpoint_body
 
 __all__ = ["Checkpointer", "WitnessClient"]
@@ -36,6 +46,7 @@ log = logging.getLogger(__name__)
 WITNESS_TIMEOUT_S = 10.0
 UPLOAD_LEAVES = 512  # per request: small enough to finish between flaps of a poor link
 MAX_UPLOAD_REQUESTS = 10_000  # per round: the loop ends even if the core keeps moving
+_HEX64 = re.compile(r"[0-9a-f]{64}")  # a shared evidence file's name: its SHA-256
 
 
 class WitnessClient:
@@ -81,17 +92,11 @@ class WitnessClient:
         self._resend = False
         for _ in range(MAX_UPLOAD_REQUESTS):
             if start >= size:
+                await self._send_evidence(source)
                 return
             end = min(size, start + UPLOAD_LEAVES, start + MAX_UPLOAD_LEAVES)
             upload = await asyncio.to_thread(_batch, source, start, end)
-            body = gzip.compress(json.dumps(upload.to_json()).encode(), compresslevel=6)
-            r = await self._http.post(
-                f"{self.url}/vault/upload",
-                params={"origin": source.origin},
-                content=body,
-                headers={"content-type": "application/json", "content-encoding": "gzip"},
-            )
-            self.uploaded_bytes += len(body)
+            r = await self._post(source, upload)
             if r.status_code == 409:
                 if "rewritten" in r.text:
                     raise WitnessRefused(409, r.text)
@@ -105,6 +110,48 @@ class WitnessClient:
                 raise WitnessRefused(r.status_code, r.text)
             start = end
         raise WitnessRefused(409, "the upload did not converge")
+
+    async def _post(self, source: ReceiptLog, upload: Upload) -> httpx.Response:
+        body = await asyncio.to_thread(_compressed, upload)  # megabytes: off the loop
+        r = await self._http.post(
+            f"{self.url}/vault/upload",
+            params={"origin": source.origin},
+            content=body,
+            headers={"content-type": "application/json", "content-encoding": "gzip"},
+        )
+        self.uploaded_bytes += len(body)
+        return r
+
+    async def _send_evidence(self, source: ReceiptLog) -> None:
+        """The evidence files the core's receipts name and it lacks, one per request. A
+        file the edge no longer has (erased) or the core refuses is skipped, never retried
+        in this round: evidence never holds up the log's cosignature."""
+        after, sent = -1, set()
+        for _ in range(MAX_UPLOAD_REQUESTS):
+            r = await self._http.get(
+                f"{self.url}/vault/missing", params={"origin": source.origin, "after": after}
+            )
+            if r.status_code != 200:
+                raise WitnessRefused(r.status_code, r.text)
+            try:
+                page = [(int(i), str(n), str(d)) for i, n, d in r.json()["missing"]]
+            except (ValueError, KeyError, TypeError):
+                raise WitnessRefused(r.status_code, "the core's vault answered garbage") from None
+            if not page:
+                return
+            after = page[-1][0]  # a page holds whole leaves: the next starts past this one
+            for index, name, digest in page:
+                if digest in sent:
+                    continue
+                sent.add(digest)
+                upload = await asyncio.to_thread(_evidence_upload, source, index, name, digest)
+                if upload is None:
+                    continue
+                answer = await self._post(source, upload)
+                if answer.status_code == 400:
+                    log.error("the core refused evidence of leaf %d: %s", index, answer.text)
+                elif answer.status_code != 200:
+                    raise WitnessRefused(answer.status_code, answer.text)
 
     async def add_checkpoint(
         self,
@@ -151,17 +198,81 @@ class WitnessClient:
         await self._http.aclose()
 
 
+def _compressed(upload: Upload) -> bytes:
+    return gzip.compress(json.dumps(upload.to_json()).encode(), compresslevel=6)
+
+
 def _batch(source: ReceiptLog, start: int, end: int) -> Upload:
-    leaves, blobs = [], {}
+    leaves, blobs, evidence = [], {}, {}
     for i, entry in source.entries(start, end):
         leaves.append(entry.leaf_data())
         if has_body(entry):
             body = source.body_at(i) if entry.type == "receipt" else source.record(i)
             if body is not None:  # an erased body: its erasure leaf accounts for it
                 blobs[i] = body
-    unsigned = Upload(start, tuple(leaves), blobs)
+                refs = {n: d for n, (d, _) in _evidence_files(source.path, body).items()}
+                if refs:
+                    evidence[i] = refs
+    return _signed(source, Upload(start, tuple(leaves), blobs, evidence=evidence))
+
+
+def _signed(source: ReceiptLog, unsigned: Upload) -> Upload:
     note = source.sign_note(unsigned.note_text(source.origin))
-    return Upload(start, tuple(leaves), blobs, note.render())
+    return Upload(
+        unsigned.start,
+        unsigned.leaves,
+        unsigned.blobs,
+        note.render(),
+        unsigned.evidence,
+        unsigned.material,
+    )
+
+
+def _evidence_files(log_dir: Path, body: bytes) -> dict[str, tuple[str, Path]]:
+    """A zk receipt's evidence files beside the log (`ReceiptService.save_evidence`):
+    name -> (SHA-256, path), only those that are what the receipt commits to, so that a
+    damaged file at the edge leaves its receipt without evidence at the core rather than
+    having the core refuse the log's upload."""
+    committed = evidence_commitments(body)
+    if not committed:
+        return {}
+    rid = str(json.loads(body)["receipt"]["id"])
+    root = log_dir / "evidence"
+    found: dict[str, tuple[str, Path]] = {}
+    with contextlib.suppress(OSError, ValueError):
+        shared = json.loads((root / f"{rid}.shared.json").read_bytes())
+        for name, digest in shared.items() if isinstance(shared, dict) else ():
+            if name in EVIDENCE_NAMES and isinstance(digest, str):
+                found[name] = (digest, root / "shared" / digest)
+    for name in EVIDENCE_NAMES:
+        path = root / f"{rid}.{name}"
+        with contextlib.suppress(OSError):
+            found[name] = (hashlib.sha256(path.read_bytes()).hexdigest(), path)
+    return {
+        n: (d, p)
+        for n, (d, p) in found.items()
+        if n in committed and committed[n] in (None, d) and _HEX64.fullmatch(d)
+    }
+
+
+def _evidence_upload(source: ReceiptLog, index: int, name: str, digest: str) -> Upload | None:
+    """One evidence file the core asked for, if the edge still has it as it was named."""
+    body = source.body_at(index)
+    if body is None:
+        return None
+    want = _evidence_files(source.path, body).get(name)
+    if want is None or want[0] != digest:
+        return None
+    try:
+        if want[1].stat().st_size > MAX_MATERIAL_FILE:
+            log.warning("evidence %s of leaf %d is too large for the core's vault", name, index)
+            return None
+        data = want[1].read_bytes()
+    except OSError:
+        return None
+    if hashlib.sha256(data).hexdigest() != digest:
+        return None
+    return _signed(source, Upload(0, (), {}, material={digest: data}))
 
 
 class Checkpointer:

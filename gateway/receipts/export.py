@@ -18,7 +18,7 @@ from gateway.receipts.log import ReceiptLog, tlog_proof
 from gateway.receipts.note import Checkpoint
 from gateway.receipts.signing import KeySet, PublishedKey
 
-__all__ = ["ExportSummary", "export_bundle", "gather_logs", "merged_keyset"]
+__all__ = ["ExportSummary", "Writer", "export_bundle", "gather_logs", "merged_keyset", "proof_text"]
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,9 @@ class ExportSummary:
     erased: int
 
 
-class _Writer:
+class Writer:
+    """A bundle being written: a directory, or a tar file when `out` ends in .tar."""
+
     def __init__(self, out: Path) -> None:
         self.out = out
         self.written: set[str] = set()
@@ -58,7 +60,7 @@ class _Writer:
             self.tar.close()
 
 
-def _proof_text(proof: list[bytes]) -> bytes:
+def proof_text(proof: list[bytes]) -> bytes:
     return "".join(f"{b64(h)}\n" for h in proof).encode()
 
 
@@ -124,7 +126,7 @@ def export_bundle(
     receipts dir), with receipts created since `since`."""
     paths = gather_logs(log_dirs)
     since_ts = since.timestamp() if since is not None else 0.0
-    w = _Writer(out)
+    w = Writer(out)
     manifest: dict[str, Any] = {
         "format": BUNDLE_FORMAT,
         "created": dt.datetime.now(dt.UTC).isoformat(),
@@ -161,7 +163,7 @@ def export_bundle(
     )
 
 
-def _export_evidence(rl: ReceiptLog, w: _Writer, base: str, receipt_id: str) -> None:
+def _export_evidence(rl: ReceiptLog, w: Writer, base: str, receipt_id: str) -> None:
     """A receipt's evidence files, and the shared material they name (once per bundle)."""
     root = rl.path / "evidence"
     for f in sorted(root.glob(f"{receipt_id}.*")) if root.is_dir() else ():
@@ -174,7 +176,7 @@ def _export_evidence(rl: ReceiptLog, w: _Writer, base: str, receipt_id: str) -> 
 
 
 def _export_log(
-    rl: ReceiptLog, w: _Writer, since_ts: float, totals: dict[str, int]
+    rl: ReceiptLog, w: Writer, since_ts: float, totals: dict[str, int]
 ) -> dict[str, Any]:
     base = f"logs/{rl.log_id}"
     notes = {Checkpoint.parse_text(n.text).size: n for n in rl.checkpoints()}
@@ -221,7 +223,7 @@ def _export_log(
         w.put(f"{base}/checkpoints/{size}.checkpoint", notes[size].render().encode())
     links = []
     for a, b in itertools.pairwise(ordered):
-        w.put(f"{base}/consistency/{a}-{b}.proof", _proof_text(rl.consistency(a, b)))
+        w.put(f"{base}/consistency/{a}-{b}.proof", proof_text(rl.consistency(a, b)))
         links.append([a, b])
 
     leaves = []
@@ -232,7 +234,7 @@ def _export_log(
             if record is not None:
                 w.put(f"{base}/records/{i}.json", record)
     w.put(f"{base}/leaves", b"".join(leaves))
-    w.put(f"{base}/leaves.left", _proof_text(rl.tree.left_hashes(start, head)))
+    w.put(f"{base}/leaves.left", proof_text(rl.tree.left_hashes(start, head)))
     start_record = rl.record(0)
     if start_record is not None:
         w.put(f"{base}/records/0.json", start_record)

@@ -25,6 +25,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from gateway.forward.site import receipt_extensions as site_extensions
 from gateway.protocol.tensors import Tensor
 from gateway.receipts.canonical import b64
 from gateway.receipts.commit import commit_tensor, new_salt
@@ -99,7 +100,10 @@ async def issue(
 ) -> Issued:
     """Sign and durably log one receipt; returns it with the client's salt.
 
-    `extensions` carries mode-specific evidence (zk artefact hashes, the mpc dealer)."""
+    `extensions` carries mode-specific evidence (zk artefact hashes, the mpc dealer); a
+    request an edge site forwarded also records that site, its hops, and which site
+    answered and why (gateway/forward/site.py)."""
+    extensions = {**site_extensions(), **(extensions or {})}
     salt = salt if salt is not None else (new_salt() if inputs or outputs else None)
     ins = tensor_refs(inputs, salt) if salt is not None else ()
     outs = tensor_refs(outputs, salt) if salt is not None else ()

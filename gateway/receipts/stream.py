@@ -1,8 +1,9 @@
 """Receipts around a stream from a generative model: one when it opens, one when it ends.
 
-The opening receipt is signed and logged after the node's first token arrived and before
-anything reaches the client: the caller, the model, policy's decision, a salted commitment
-to the prompt's token ids, the sampling parameters and the node. The closing receipt
+The opening receipt is signed and logged once a node is picked, while its first token is
+on its way (gateway/generate/opening.py), and is durable before anything reaches the
+client: the caller, the model, policy's decision, a salted commitment to the prompt's
+token ids, the sampling parameters and the node. The closing receipt
 commits, with the same salt, to every token id sent to the client, counts them, says why
 the stream ended and names the opening receipt (ext "opening"), so a verifier can pair
 them (gateway.receipts.verify). Token ids are committed as INT64 tensors with the

@@ -11,6 +11,12 @@ Leaves above the last cosigned size are pending: an upload may replace them (a r
 after a cut, or an edge that crashed and re-signed its head), but never what was
 cosigned. A body must hash to its leaf (a receipt's body to its `receipt` leaf, a record
 to its record leaf), so a body cannot be swapped for another under a leaf.
+
+A zk receipt's evidence (its proof and the verification material, `zk/offline.py`) comes
+in two steps: the leaf's upload names each file by SHA-256, and only a digest the signed
+receipt commits to is taken (`evidence_commitments`); the file itself follows in its own
+upload, taken only if some named reference wants it and it hashes to its name. So an edge
+cannot swap a proof, and the vault stores nothing no receipt asked for.
 """
 
 from __future__ import annotations
@@ -18,19 +24,36 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import datetime as dt
 import hashlib
+import itertools
+import json
 import re
 import sqlite3
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.receipts.bundle import BUNDLE_FORMAT
+from gateway.receipts.canonical import b64
 from gateway.receipts.entry import LogEntry
+from gateway.receipts.export import Writer, proof_text
+from gateway.receipts.log import tlog_proof
 from gateway.receipts.merkle import MerkleTree, leaf_hash
 
-__all__ = ["MAX_UPLOAD_LEAVES", "Upload", "Vault", "VaultError", "export_vault", "has_body"]
+__all__ = [
+    "EVIDENCE_NAMES",
+    "MAX_MATERIAL_FILE",
+    "MAX_UPLOAD_LEAVES",
+    "Upload",
+    "Vault",
+    "VaultError",
+    "evidence_commitments",
+    "export_vault",
+    "has_body",
+]
 
 MAX_UPLOAD_LEAVES = 2048  # per request: bounds one request's memory and its retry cost
 # Leaves whose entry commits to a body the auditor must be able to read.
@@ -43,6 +66,10 @@ CREATE TABLE IF NOT EXISTS blobs(origin TEXT NOT NULL, idx INTEGER NOT NULL,
     data BLOB NOT NULL, PRIMARY KEY(origin, idx));
 CREATE TABLE IF NOT EXISTS checkpoints(origin TEXT NOT NULL, size INTEGER NOT NULL,
     note TEXT NOT NULL, PRIMARY KEY(origin, size));
+CREATE TABLE IF NOT EXISTS evidence(origin TEXT NOT NULL, idx INTEGER NOT NULL,
+    name TEXT NOT NULL, digest TEXT NOT NULL, PRIMARY KEY(origin, idx, name));
+CREATE INDEX IF NOT EXISTS evidence_digest ON evidence(digest);
+CREATE TABLE IF NOT EXISTS material(digest TEXT PRIMARY KEY, data BLOB NOT NULL);
 """
 
 
@@ -58,6 +85,14 @@ UPLOAD_NOTE = "ztgate vault upload v1"
 MAX_ORIGIN_LEAVES = 50_000_000  # one edge log; past it the edge starts a new log id
 MAX_ORIGINS = 10_000
 _RECEIPT_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,160}")
+# A zk receipt's evidence files (zk/offline.py MATERIAL); nothing else is taken.
+EVIDENCE_NAMES = ("proof.json", "zk.json", "vk", "settings.json", "srs")
+# One file per upload, under the witness's 16 MiB request cap once base64-encoded; a
+# larger SRS stays at the edge (its receipts then report zk-evidence-missing at the core).
+MAX_MATERIAL_FILE = 11 << 20
+MAX_VAULT_MATERIAL = 8 << 30  # every origin's evidence files together
+MAX_MISSING_LISTED = 64  # leaves per `missing` answer (5 files each at most): the edge pages
+_DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -70,6 +105,10 @@ class Upload:
     leaves: tuple[bytes, ...]
     blobs: dict[int, bytes]
     note: str = ""
+    # Leaf index -> {evidence file name: its SHA-256 hex}: what the edge holds for a receipt.
+    evidence: dict[int, dict[str, str]] = field(default_factory=dict)
+    # SHA-256 hex -> the file: evidence a reference named, sent after its leaf.
+    material: dict[str, bytes] = field(default_factory=dict)
 
     def digest(self) -> str:
         h = hashlib.sha256()
@@ -77,6 +116,12 @@ class Upload:
             h.update(len(x).to_bytes(4, "big") + x)
         for i, b in sorted(self.blobs.items()):
             h.update(i.to_bytes(8, "big") + len(b).to_bytes(8, "big") + b)
+        # Only when present, so an upload without evidence signs as it always did.
+        for i, refs in sorted(self.evidence.items()):
+            for name, d in sorted(refs.items()):
+                h.update(f"evidence {i} {name} {d}\n".encode())
+        for d, data in sorted(self.material.items()):
+            h.update(f"material {d} {len(data)}\n".encode() + data)
         return h.hexdigest()
 
     def note_text(self, origin: str) -> str:
@@ -84,12 +129,17 @@ class Upload:
         return f"{UPLOAD_NOTE}\n{origin}\n{self.start}\n{len(self.leaves)}\n{self.digest()}\n"
 
     def to_json(self) -> dict[str, object]:
-        return {
+        doc: dict[str, object] = {
             "start": self.start,
             "leaves": [base64.b64encode(x).decode() for x in self.leaves],
             "blobs": {str(i): base64.b64encode(b).decode() for i, b in sorted(self.blobs.items())},
             "note": self.note,
         }
+        if self.evidence:
+            doc["evidence"] = {str(i): dict(r) for i, r in sorted(self.evidence.items())}
+        if self.material:
+            doc["material"] = {d: base64.b64encode(b).decode() for d, b in self.material.items()}
+        return doc
 
     @classmethod
     def from_json(cls, doc: object) -> Upload:
@@ -108,15 +158,74 @@ class Upload:
             raise VaultError("malformed upload")
         if len(leaves) > MAX_UPLOAD_LEAVES:
             raise VaultError(f"at most {MAX_UPLOAD_LEAVES} leaves per upload")
+        evidence, material = doc.get("evidence", {}), doc.get("material", {})
+        if not isinstance(evidence, dict) or not isinstance(material, dict):
+            raise VaultError("malformed upload")
+        if len(material) > 1:
+            raise VaultError("at most one evidence file per upload")
         try:
+            refs = {int(i): _refs(r) for i, r in evidence.items()}
+            files = {str(d): base64.b64decode(b, validate=True) for d, b in material.items()}
             return cls(
                 start,
                 tuple(base64.b64decode(x, validate=True) for x in leaves),
                 {int(i): base64.b64decode(b, validate=True) for i, b in blobs.items()},
                 note,
+                refs,
+                files,
             )
         except (TypeError, ValueError, binascii.Error):
             raise VaultError("malformed upload") from None
+
+
+def _refs(raw: object) -> dict[str, str]:
+    if not isinstance(raw, dict) or not all(
+        n in EVIDENCE_NAMES and isinstance(d, str) and _DIGEST_RE.fullmatch(d)
+        for n, d in raw.items()
+    ):
+        raise ValueError("malformed evidence references")
+    return dict(raw)
+
+
+def evidence_commitments(body: bytes) -> dict[str, str | None]:
+    """Evidence file name -> the SHA-256 a receipt body commits to (None: the receipt
+    names no digest for it, and the file is checked against the receipt by its content).
+    Empty for anything that is not a zk receipt with a proof."""
+    from gateway.receipts.model import FormatError, SignedReceipt
+
+    if b'"mode":"zk"' not in body:  # canonical JSON: skips parsing every other receipt
+        return {}
+    try:
+        r = SignedReceipt.from_bytes(body).receipt
+    except FormatError:
+        return {}
+    v = r.verification
+    if v is None or v.mode != "zk" or not v.proof_sha256:
+        return {}
+    ext = r.extensions
+    out: dict[str, str | None] = {"proof.json": v.proof_sha256, "zk.json": None}
+    for name, key in (("vk", "vk_sha256"), ("settings.json", "settings_sha256"),
+                      ("srs", "srs_sha256")):  # fmt: skip
+        value = ext.get(key)
+        if isinstance(value, str):
+            out[name] = value
+    return out
+
+
+def _record_matches(data: bytes, body: bytes) -> bool:
+    """A zk.json file is the record of the receipt's model and verification material (the
+    receipt names no digest for the record itself)."""
+    from gateway.receipts.model import FormatError, SignedReceipt
+
+    try:
+        doc = json.loads(data)
+        r = SignedReceipt.from_bytes(body).receipt
+    except (ValueError, UnicodeDecodeError, FormatError):
+        return False
+    if not isinstance(doc, dict) or r.model is None or doc.get("model_sha256") != r.model.sha256:
+        return False
+    ext = r.extensions
+    return all(doc.get(k) == ext.get(k) for k in ("vk_sha256", "settings_sha256", "srs_sha256"))
 
 
 class Vault:
@@ -129,6 +238,8 @@ class Vault:
         self._db.execute("PRAGMA synchronous=FULL")  # what the edge was told is stored, is
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
+        row = self._db.execute("SELECT COALESCE(SUM(LENGTH(data)), 0) FROM material").fetchone()
+        self._material_bytes = int(row[0])  # kept up to date by each commit that adds some
 
     def close(self) -> None:
         self._db.close()
@@ -187,6 +298,33 @@ class Vault:
             ).fetchall()
         return [(int(s), str(n)) for s, n in rows]
 
+    def evidence(self, origin: str, index: int) -> dict[str, bytes]:
+        """The evidence files the vault holds for the receipt at `index`, by name."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT e.name, m.data FROM evidence e JOIN material m ON m.digest = e.digest"
+                " WHERE e.origin = ? AND e.idx = ?",
+                (origin, index),
+            ).fetchall()
+        return {str(n): bytes(d) for n, d in rows}
+
+    def missing(self, origin: str, after: int = -1) -> list[tuple[int, str, str]]:
+        """(leaf index, name, digest) of evidence files named but not yet held: every one
+        of the first MAX_MISSING_LISTED leaves past `after` that lack any, in leaf order.
+        Whole leaves, so the edge pages on from the last index it was given."""
+        lacking = (
+            "FROM evidence e WHERE e.origin = ? AND e.idx > ? AND NOT EXISTS"
+            " (SELECT 1 FROM material m WHERE m.digest = e.digest)"
+        )
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT e.idx, e.name, e.digest {lacking} AND e.idx IN"
+                f" (SELECT DISTINCT e.idx {lacking} ORDER BY e.idx LIMIT ?)"
+                " ORDER BY e.idx, e.name",
+                (origin, after, origin, after, MAX_MISSING_LISTED),
+            ).fetchall()
+        return [(int(i), str(n), str(d)) for i, n, d in rows]
+
     def tree(self, origin: str, size: int) -> MerkleTree:
         """The Merkle tree of the first `size` stored leaves (O(size) hashing, done once
         per checkpoint)."""
@@ -211,6 +349,7 @@ class Vault:
         if set(upload.blobs) - set(range(upload.start, end)):
             raise VaultError("a body for a leaf outside this upload")
         checked = [_check_leaf(i, data, upload.blobs.get(i)) for i, data in _indexed(upload)]
+        _check_evidence(upload)
         with self._tx() as db:
             for i, data in checked:
                 if i < cosigned:
@@ -230,13 +369,47 @@ class Vault:
                 )
                 # A replaced pending leaf takes its old body with it.
                 db.execute("DELETE FROM blobs WHERE origin = ? AND idx = ?", (origin, i))
+                db.execute("DELETE FROM evidence WHERE origin = ? AND idx = ?", (origin, i))
                 body = upload.blobs.get(i)
                 if body is not None:
                     db.execute(
                         "INSERT OR REPLACE INTO blobs(origin, idx, data) VALUES (?, ?, ?)",
                         (origin, i, body),
                     )
+                for name, digest in upload.evidence.get(i, {}).items():
+                    db.execute(
+                        "INSERT INTO evidence(origin, idx, name, digest) VALUES (?, ?, ?, ?)",
+                        (origin, i, name, digest),
+                    )
+            for digest, data in upload.material.items():
+                # Under the lock; a rollback after it over-counts, which errs on the safe side.
+                self._material_bytes += self._store_material(db, origin, digest, data)
         return self.stored(origin)
+
+    def _store_material(self, db: sqlite3.Connection, origin: str, digest: str, data: bytes) -> int:
+        """One evidence file: only one a reference of this origin names, and that hashes
+        to its name; held once for every receipt and origin that names it. Bytes added."""
+        if len(data) > MAX_MATERIAL_FILE:
+            raise VaultError(f"an evidence file may hold at most {MAX_MATERIAL_FILE} bytes")
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise VaultError("an evidence file does not hash to its name")
+        if db.execute("SELECT 1 FROM material WHERE digest = ?", (digest,)).fetchone():
+            return 0  # already held: a resend after a cut
+        wanted = db.execute(
+            "SELECT e.name, b.data FROM evidence e LEFT JOIN blobs b"
+            " ON b.origin = e.origin AND b.idx = e.idx"
+            " WHERE e.origin = ? AND e.digest = ? LIMIT 1",
+            (origin, digest),
+        ).fetchone()
+        if wanted is None:
+            raise VaultError("no receipt of this log names that evidence file")
+        name, body = str(wanted[0]), wanted[1]
+        if name == "zk.json" and (body is None or not _record_matches(data, bytes(body))):
+            raise VaultError("the zk record is not the one its receipt names")
+        if self._material_bytes + len(data) > MAX_VAULT_MATERIAL:
+            raise VaultError(f"the vault holds {MAX_VAULT_MATERIAL} bytes of evidence already")
+        db.execute("INSERT INTO material(digest, data) VALUES (?, ?)", (digest, data))
+        return len(data)
 
     def commit(self, origin: str, size: int, note: str) -> None:
         """The core cosigned `note` (of tree size `size`): leaves below it are final."""
@@ -261,6 +434,20 @@ def _check_leaf(index: int, data: bytes, body: bytes | None) -> tuple[int, bytes
     return index, data
 
 
+def _check_evidence(upload: Upload) -> None:
+    """Each reference names a digest its receipt (in this upload) commits to."""
+    for i, refs in upload.evidence.items():
+        body = upload.blobs.get(i)
+        if body is None:
+            raise VaultError(f"evidence for leaf {i} without its receipt in this upload")
+        committed = evidence_commitments(body)
+        for name, digest in refs.items():
+            if name not in committed or committed[name] not in (None, digest):
+                raise VaultError(
+                    f"the {name} named for leaf {i} is not the one its receipt commits to"
+                )
+
+
 def has_body(entry: LogEntry) -> bool:
     """Whether the edge sends a body with this leaf (a receipt, or a record)."""
     return entry.type == "receipt" or entry.type in _RECORD_TYPES
@@ -274,13 +461,7 @@ def export_vault(
     is gone. `log_vkeys` (origin -> the log's note vkey) chooses the logs; the keys are
     written for reading only (the verifier takes keys from the auditor's trust file).
     Returns the receipts written."""
-    import datetime as dt
-    import json
-
-    from gateway.receipts.bundle import BUNDLE_FORMAT
-    from gateway.receipts.export import _Writer
-
-    w = _Writer(out)
+    w = Writer(out)
     logs, total = [], 0
     try:
         for origin in sorted(log_vkeys):
@@ -308,14 +489,19 @@ def export_vault(
     return total
 
 
-def _export_origin(vault: Vault, origin: str, w: Any) -> dict[str, Any]:
-    import itertools
-    import json
+def _export_evidence(files: dict[str, bytes], w: Writer, base: str, receipt_id: str) -> None:
+    """As an edge's own export lays evidence out (`export._export_evidence`): each file
+    once per bundle by its SHA-256, named from the receipt's `.shared.json`."""
+    if not files:
+        return
+    refs = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    w.put(f"{base}/evidence/{receipt_id}.shared.json", json.dumps(refs, sort_keys=True).encode())
+    for name, digest in refs.items():
+        if f"{base}/evidence/shared/{digest}" not in w.written:
+            w.put(f"{base}/evidence/shared/{digest}", files[name])
 
-    from gateway.receipts.canonical import b64
-    from gateway.receipts.export import _proof_text
-    from gateway.receipts.log import tlog_proof
 
+def _export_origin(vault: Vault, origin: str, w: Writer) -> dict[str, Any]:
     notes = dict(vault.checkpoints(origin))
     if not notes:
         raise VaultError(f"the core has cosigned nothing of {origin}")
@@ -328,7 +514,7 @@ def _export_origin(vault: Vault, origin: str, w: Any) -> dict[str, Any]:
     for size, note in sorted(notes.items()):
         w.put(f"{base}/checkpoints/{size}.checkpoint", note.encode())
     for a, b in itertools.pairwise(sorted(notes)):
-        w.put(f"{base}/consistency/{a}-{b}.proof", _proof_text(tree.consistency_proof(a, b)))
+        w.put(f"{base}/consistency/{a}-{b}.proof", proof_text(tree.consistency_proof(a, b)))
     for i, data in enumerate(leaves):
         entry = LogEntry.parse(data)
         blob = vault.blob(origin, i)
@@ -350,6 +536,7 @@ def _export_origin(vault: Vault, origin: str, w: Any) -> dict[str, Any]:
             tlog_proof(i, tree.inclusion_proof(i, covering), notes[covering]).encode(),
         )
         receipts.append({"id": receipt_id, "index": i, "proof": True})
+        _export_evidence(vault.evidence(origin, i), w, base, receipt_id)
     w.put(f"{base}/leaves", b"".join(x + b"\n" for x in leaves))
     w.put(f"{base}/leaves.left", b"")
     return {

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import zlib
 from collections import Counter
@@ -318,6 +319,18 @@ def witness_app(witness: Witness, publish: Path | None = None) -> Starlette:
         stored = await asyncio.to_thread(vault.stored, origin)
         return JSONResponse({"stored": stored, "cosigned": witness.latest(origin)[0]})
 
+    async def vault_missing(request: Request) -> Response:
+        """Evidence files an origin's receipts name that the vault lacks (`?after=` pages)."""
+        vault = witness.vault
+        if vault is None:
+            return PlainTextResponse("this witness keeps no vault\n", status_code=404)
+        origin = request.query_params.get("origin", "")
+        after = request.query_params.get("after", "-1")
+        if re.fullmatch(r"-1|\d{1,18}", after) is None:
+            return JSONResponse({"error": "after: a leaf index"}, status_code=400)
+        rows = await asyncio.to_thread(vault.missing, origin, int(after))
+        return JSONResponse({"missing": [list(r) for r in rows]})
+
     async def vault_upload(request: Request) -> Response:
         origin = request.query_params.get("origin", "")
         raw = bytearray()
@@ -367,6 +380,7 @@ def witness_app(witness: Witness, publish: Path | None = None) -> Starlette:
             Route("/add-checkpoint", add_checkpoint, methods=["POST"]),
             Route("/vault", vault_state, methods=["GET"]),
             Route("/vault/upload", vault_upload, methods=["POST"]),
+            Route("/vault/missing", vault_missing, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             Route("/", info, methods=["GET"]),
         ]

@@ -42,6 +42,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gateway.config import NodeConfig, Routing
+from gateway.forward.site import answered_by
 from gateway.job import Job, NodeFilter
 from gateway.protocol.problems import BadRequest, DeadlineExceeded, NoHealthyNode, UpstreamFailed
 from gateway.protocol.tensors import DATATYPES, Tensor
@@ -127,6 +128,7 @@ class Router:
     # Lie accounting apart from transport health (docs/reputation.md); None: not kept.
     reputation: Reputation | None = None
     retries: int = 0  # attempts after a request's first (ztgate_node_retries_total)
+    site: str = ""  # this gateway's site: its nodes (and unlabelled ones) are tried first
 
     @classmethod
     def from_clients(cls, clients: Iterable[NodeClient], store: StateStore, cfg: Routing) -> Router:
@@ -193,6 +195,9 @@ class Router:
                     f"deadline passed after {attempt - 1} attempt(s): {'; '.join(reasons)}"
                 )
             cands = [s for s in self.candidates(entry.name, eligible) if s.config.name not in tried]
+            # Hybrid sites: this site's nodes first; another site's only when none of ours
+            # is left, and only those policy allowed (`eligible`: residency included).
+            cands = [s for s in cands if s.config.site in ("", self.site)] or cands
             if not cands:
                 if tried:
                     break
@@ -245,6 +250,8 @@ class Router:
             if learn_latency:
                 state.learn(time.monotonic() - start, self.cfg.ewma_alpha)
             state.served += 1
+            if only is None:  # one answer for the request; a mode choosing nodes records none
+                answered_by(state.config.site, self.site)
             if state.failures:
                 state.failures = 0
                 await self._quiet(self.store.record_success(name))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 
 from gateway.job import NodeFilter
@@ -159,10 +159,13 @@ async def open_generation(
     only: NodeFilter | None,
     first_token_timeout_s: float,
     token_timeout_s: float,
+    on_attempt: Callable[[str], None] | None = None,
 ) -> Generation:
     """Open a stream on a node that may serve `call.model`; returns once its first token
     (or its end) arrived. Raises NoHealthyNode when no node may serve it, UpstreamFailed
-    when every node tried failed before its first token."""
+    when every node tried failed before its first token. `on_attempt` is told each node
+    as it is picked, before the stream opens: work that names the node (the opening
+    receipt) can then overlap the wait for the first token."""
     if call.max_tokens < 1:
         raise ValueError("max_tokens must be at least 1")
     request = GenerateRequest(
@@ -186,6 +189,8 @@ async def open_generation(
         state.attempts += 1
         if attempt > 1:
             router.retries += 1
+        if on_attempt is not None:
+            on_attempt(name)
         state.pending += 1
         start = time.monotonic()
         with span("node_stream_open", node=name, attempt=attempt, model=call.model) as sp:

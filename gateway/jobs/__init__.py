@@ -1,0 +1,60 @@
+"""Asynchronous jobs beside the synchronous API (docs/jobs.md): durable, bounded per
+identity and in age, run by a background worker through the sync route itself.
+
+    store.py   the jobs database under the data dir (fsynced before a 202)
+    runner.py  the worker: claim, run in process through the app, retry, record once
+    routes.py  submit, poll, result
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from gateway.jobs.runner import ASGIApp, JobMetrics, Runner
+from gateway.jobs.seal import load_key
+from gateway.jobs.store import JOBS_FILE, JobBackend, JobStore
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+__all__ = ["JobService"]
+
+
+class JobService:
+    """Built with the app (no I/O); `start` opens the store (Redis where the gateway's
+    state is, else a file under the data dir), `close` closes it."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.cfg = gw.cfg.jobs
+        self.metrics = JobMetrics(gw.metrics.registry)
+        self.store: JobBackend | None = None
+        self.runner: Runner | None = None
+        self.app: ASGIApp | None = None
+        self.key = b""  # seals jobs (gateway/jobs/seal.py); read at start
+
+    def start(self) -> None:
+        url = self.gw.cfg.state.redis_url
+        store: JobBackend
+        if url:  # replicas share their jobs where they share their state
+            from gateway.jobs.redis import RedisJobStore
+
+            store = RedisJobStore(url, timeout_s=self.gw.cfg.state.timeout_s)
+        else:
+            store = JobStore(self.gw.cfg.data_dir / JOBS_FILE)
+        self.store = store
+        self.key = load_key(self.cfg.key_file or self.gw.cfg.data_dir / "jobs.key")
+        days = self.gw.cfg.receipts.retention.body_days
+        self.runner = Runner(
+            store, self.cfg, self.key, self.metrics, None if days is None else days * 86400.0
+        )
+        self.runner.app = self.app
+
+    async def run(self, stop: Any) -> None:
+        assert self.runner is not None
+        await self.runner.run(stop)
+
+    async def close(self) -> None:
+        if self.store is not None:
+            await self.store.close()
+            self.store = None

@@ -1,0 +1,346 @@
+"""Jobs in the shared Redis, for replicas that share one (`state.redis_url`): any replica
+takes a submit, answers a poll and runs a job.
+
+Each change is one Lua script (atomic on the server, timed by the server's clock). A run
+holds a lease (`LEASE_S`) that its runner renews while the run lasts; a replica that dies
+mid-run stops renewing, and the job runs again on whichever replica claims it next, its
+dispatches counted as on disk. Durability is Redis's: the 202 waits for the write to be
+acknowledged, and survives a Redis crash only with `appendonly yes` and `appendfsync
+always` (docs/jobs.md).
+
+Keys, under `ztgate:jobs:`: `j:<id>` the job (a hash), `k:<sha256(owner, key)>` the
+idempotency key, `o:<sha256(owner)>` an owner's open jobs, `r:<receipt id>` the job of a
+receipt, and the sorted sets `queued` (by next run), `running` (by lease end), `created`
+(open jobs by age) and `finished` (by finish time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gateway.jobs.store import Conflict, Full, JobRow, Submitted
+from gateway.state import StoreUnavailable
+
+__all__ = ["LEASE_S", "RedisJobStore"]
+
+T = TypeVar("T")
+PREFIX = "ztgate:jobs:"
+LEASE_S = 30.0  # a run's lease; renewed every LEASE_S / 3 while it runs
+PURGE_BATCH = 1000  # jobs one expiry pass looks at, per kind
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, TimeoutError, OSError)
+
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local P = ARGV[1]
+"""
+
+# Removes a job and everything that points at it.
+_DROP = """
+local function drop(id)
+  local h = P .. 'j:' .. id
+  local f = redis.call('HMGET', h, 'kkey', 'okey', 'receipt_id')
+  if f[1] then redis.call('DEL', f[1]) end
+  if f[2] then redis.call('SREM', f[2], id) end
+  if f[3] then redis.call('DEL', P .. 'r:' .. f[3]) end
+  redis.call('DEL', h)
+  for _, z in ipairs({'queued', 'running', 'created', 'finished'}) do
+    redis.call('ZREM', P .. z, id)
+  end
+end
+"""
+
+# ARGV: prefix, id, owner, kkey, okey, digest, route, model, cert, headers, body,
+# per_identity, total, mac
+_SUBMIT = (
+    _NOW
+    + """
+local id, kkey, okey = ARGV[2], ARGV[4], ARGV[5]
+local found = redis.call('GET', kkey)
+if found then
+  local digest = redis.call('HGET', P .. 'j:' .. found, 'digest')
+  if digest == ARGV[6] then return {'same', found} end
+  if digest then return {'conflict', found} end
+  redis.call('DEL', kkey)  -- its job is gone (purged): the key is free again
+end
+if redis.call('SCARD', okey) >= tonumber(ARGV[12]) then return {'full', 'identity'} end
+if redis.call('ZCARD', P .. 'created') >= tonumber(ARGV[13]) then return {'full', 'replica'} end
+redis.call('HSET', P .. 'j:' .. id, 'id', id, 'owner', ARGV[3], 'kkey', kkey, 'okey', okey,
+  'digest', ARGV[6], 'route', ARGV[7], 'model', ARGV[8], 'cert', ARGV[9], 'headers', ARGV[10],
+  'body', ARGV[11], 'state', 'queued', 'created', now, 'updated', now, 'attempts', 0,
+  'executions', 0, 'mac', ARGV[14])
+redis.call('SET', kkey, id)
+redis.call('SADD', okey, id)
+redis.call('ZADD', P .. 'queued', now, id)
+redis.call('ZADD', P .. 'created', now, id)
+return {'new', id}
+"""
+)
+
+# ARGV: prefix, limit, lease_s. Due queued jobs, then runs whose lease ran out.
+_CLAIM = (
+    _NOW
+    + """
+local limit = tonumber(ARGV[2])
+local ids = redis.call('ZRANGEBYSCORE', P .. 'queued', '-inf', now, 'LIMIT', 0, limit)
+if #ids < limit then
+  local stale = redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', now, 'LIMIT', 0,
+    limit - #ids)
+  for _, id in ipairs(stale) do table.insert(ids, id) end
+end
+for _, id in ipairs(ids) do
+  local h = P .. 'j:' .. id
+  redis.call('ZREM', P .. 'queued', id)
+  redis.call('ZADD', P .. 'running', now + tonumber(ARGV[3]), id)
+  redis.call('HINCRBY', h, 'attempts', 1)
+  redis.call('HINCRBY', h, 'executions', 1)
+  redis.call('HSET', h, 'state', 'running', 'updated', now)
+end
+return ids
+"""
+)
+
+# ARGV: prefix, id, lease_s
+_RENEW = (
+    _NOW
+    + """
+if redis.call('ZSCORE', P .. 'running', ARGV[2]) then
+  redis.call('ZADD', P .. 'running', now + tonumber(ARGV[3]), ARGV[2])
+end
+return 1
+"""
+)
+
+# ARGV: prefix, id, delay_s
+_RETRY = (
+    _NOW
+    + """
+local id = ARGV[2]
+if not redis.call('ZSCORE', P .. 'running', id) then return 0 end
+redis.call('ZREM', P .. 'running', id)
+redis.call('ZADD', P .. 'queued', now + tonumber(ARGV[3]), id)
+redis.call('HSET', P .. 'j:' .. id, 'state', 'queued', 'updated', now)
+return 1
+"""
+)
+
+# The one result: over a running job only. ARGV: prefix, id, state, status, headers,
+# result, receipt_id ('' for none)
+_FINISH = (
+    _NOW
+    + """
+local id = ARGV[2]
+if not redis.call('ZSCORE', P .. 'running', id) then return 0 end
+local h = P .. 'j:' .. id
+redis.call('ZREM', P .. 'running', id)
+redis.call('ZREM', P .. 'created', id)
+redis.call('SREM', redis.call('HGET', h, 'okey'), id)
+redis.call('HDEL', h, 'cert', 'headers', 'body', 'mac')
+redis.call('HSET', h, 'state', ARGV[3], 'status', ARGV[4], 'result_headers', ARGV[5],
+  'result', ARGV[6], 'updated', now)
+if ARGV[7] ~= '' then
+  redis.call('HSET', h, 'receipt_id', ARGV[7])
+  redis.call('SET', P .. 'r:' .. ARGV[7], id)
+end
+redis.call('ZADD', P .. 'finished', now, id)
+return 1
+"""
+)
+
+# ARGV: prefix, max_age_s, result_ttl_s, problem headers, problem body, batch
+_EXPIRE = (
+    _NOW
+    + _DROP
+    + """
+local batch = tonumber(ARGV[6])
+local expired, deleted = 0, 0
+local old = redis.call('ZRANGEBYSCORE', P .. 'created', '-inf', now - tonumber(ARGV[2]),
+  'LIMIT', 0, batch)
+for _, id in ipairs(old) do
+  if redis.call('ZSCORE', P .. 'queued', id) then  -- a running job finishes first
+    local h = P .. 'j:' .. id
+    redis.call('ZREM', P .. 'queued', id)
+    redis.call('ZREM', P .. 'created', id)
+    redis.call('SREM', redis.call('HGET', h, 'okey'), id)
+    redis.call('HDEL', h, 'cert', 'headers', 'body')
+    redis.call('HSET', h, 'state', 'failed', 'status', 504, 'result_headers', ARGV[4],
+      'result', ARGV[5], 'updated', now)
+    redis.call('ZADD', P .. 'finished', now, id)
+    expired = expired + 1
+  end
+end
+local done = redis.call('ZRANGEBYSCORE', P .. 'finished', '-inf', now - tonumber(ARGV[3]),
+  'LIMIT', 0, batch)
+for _, id in ipairs(done) do
+  drop(id)
+  deleted = deleted + 1
+end
+return {expired, deleted}
+"""
+)
+
+# ARGV: prefix, receipt ids...
+_ERASE = (
+    _NOW
+    + _DROP
+    + """
+local n = 0
+for i = 2, #ARGV do
+  local id = redis.call('GET', P .. 'r:' .. ARGV[i])
+  if id then drop(id); n = n + 1 end
+end
+return n
+"""
+)
+
+
+def _sha(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def _s(raw: dict[bytes, bytes], key: str) -> str | None:
+    v = raw.get(key.encode())
+    return None if v is None else v.decode()
+
+
+def _row(raw: dict[bytes, bytes]) -> JobRow:
+    def num(key: str) -> float:
+        return float(_s(raw, key) or 0)
+
+    status = _s(raw, "status")
+    return JobRow(
+        id=_s(raw, "id") or "",
+        owner=_s(raw, "owner") or "",
+        route=_s(raw, "route") or "",
+        model=_s(raw, "model") or "",
+        cert=_s(raw, "cert"),
+        headers=json.loads(_s(raw, "headers") or "{}"),
+        body=raw.get(b"body"),
+        state=_s(raw, "state") or "",
+        created=num("created"),
+        updated=num("updated"),
+        attempts=int(num("attempts")),
+        executions=int(num("executions")),
+        status=None if status is None else int(float(status)),
+        result_headers=json.loads(_s(raw, "result_headers") or "{}"),
+        result=raw.get(b"result"),
+        receipt_id=_s(raw, "receipt_id"),
+        mac=_s(raw, "mac"),
+    )
+
+
+class RedisJobStore:
+    """`JobBackend` on Redis. Every call has a deadline; no answer is `StoreUnavailable`
+    (the API's 503 state-unavailable; the runner tries again)."""
+
+    lease_s: float | None = LEASE_S
+
+    def __init__(self, url: str, *, timeout_s: float = 0.5, prefix: str = PREFIX) -> None:
+        self.prefix = prefix
+        # Bodies and results are bytes: no decoding here (the state store decodes).
+        self._client: Redis = Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),  # a script re-sent after a timeout could apply twice
+            client_name="ztgate-jobs",
+        )
+        self._deadline_s = 2 * timeout_s + 0.25
+        reg = self._client.register_script
+        self._submit = reg(_SUBMIT)
+        self._claim = reg(_CLAIM)
+        self._renew = reg(_RENEW)
+        self._retry = reg(_RETRY)
+        self._finish = reg(_FINISH)
+        self._expire = reg(_EXPIRE)
+        self._erase = reg(_ERASE)
+
+    async def _call(self, aw: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                return await aw
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable("the job store (Redis) did not answer") from exc
+
+    async def submit(
+        self,
+        *,
+        new_id: str,
+        owner: str,
+        key: str,
+        digest: str,
+        route: str,
+        model: str,
+        cert: str,
+        headers: dict[str, str],
+        body: bytes,
+        per_identity: int,
+        total: int,
+        mac: str,
+    ) -> Submitted:
+        args: list[Any] = [self.prefix, new_id, owner, self.prefix + "k:" + _sha(owner, key)]
+        args += [self.prefix + "o:" + _sha(owner), digest, route, model, cert]
+        args += [json.dumps(headers), body, per_identity, total, mac]
+        what, arg = await self._call(self._submit(args=args))
+        what, arg = what.decode(), arg.decode()
+        if what == "conflict":
+            raise Conflict(arg)
+        if what == "full":
+            raise Full(arg)
+        return Submitted(arg, what == "new")
+
+    async def get(self, job_id: str) -> JobRow | None:
+        raw: dict[bytes, bytes] = await self._call(
+            self._client.hgetall(self.prefix + "j:" + job_id)  # type: ignore[arg-type]
+        )
+        return _row(raw) if raw else None
+
+    async def requeue_running(self) -> int:
+        return 0  # leases bring back what a dead replica was running
+
+    async def claim(self, limit: int) -> list[JobRow]:
+        ids = await self._call(self._claim(args=[self.prefix, limit, LEASE_S]))
+        rows = [await self.get(i.decode()) for i in ids]
+        return [r for r in rows if r is not None]
+
+    async def renew(self, job_id: str) -> None:
+        await self._call(self._renew(args=[self.prefix, job_id, LEASE_S]))
+
+    async def retry(self, job_id: str, delay_s: float) -> None:
+        await self._call(self._retry(args=[self.prefix, job_id, delay_s]))
+
+    async def finish(
+        self,
+        job_id: str,
+        state: str,
+        status: int,
+        headers: dict[str, str],
+        result: bytes,
+        receipt_id: str | None,
+    ) -> bool:
+        args: list[Any] = [self.prefix, job_id, state, status, json.dumps(headers), result]
+        args.append(receipt_id or "")
+        return bool(await self._call(self._finish(args=args)))
+
+    async def expire(self, max_age_s: float, result_ttl_s: float, result: bytes) -> tuple[int, int]:
+        problem = json.dumps({"content-type": "application/problem+json"})
+        args: list[Any] = [self.prefix, max_age_s, result_ttl_s, problem, result, PURGE_BATCH]
+        expired, deleted = await self._call(self._expire(args=args))
+        return int(expired), int(deleted)
+
+    async def erase_receipts(self, receipt_ids: list[str]) -> int:
+        return int(await self._call(self._erase(args=[self.prefix, *receipt_ids])))
+
+    async def close(self) -> None:
+        await self._client.aclose()

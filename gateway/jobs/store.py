@@ -1,0 +1,470 @@
+"""Jobs on disk: one SQLite database under the data dir, every change fsynced before it
+is acknowledged (`synchronous=FULL`), so a 202 names a job that survives a crash.
+
+One process owns the file (an exclusive `flock` beside it, as for revocations): two
+gateways on one data dir would run each job twice. Blocking calls; `JobStore` runs them
+on its own single thread, so the event loop never waits on the disk.
+
+What a row keeps of the client's request (its body, its certificate) is kept only while
+the job may still run: `finish` and `fail` drop both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from gateway.files import fsync_dir
+
+__all__ = [
+    "JOBS_FILE",
+    "Conflict",
+    "Full",
+    "JobBackend",
+    "JobRow",
+    "JobStore",
+    "Submitted",
+    "SyncJobStore",
+]
+
+JOBS_FILE = "jobs.db"
+OPEN = ("queued", "running")
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,            -- the submitter's SPIFFE ID (from its certificate)
+    idem_key TEXT NOT NULL,
+    digest TEXT NOT NULL,           -- SHA-256 of route, model, version, body
+    route TEXT NOT NULL,            -- the sync path the job runs as
+    model TEXT NOT NULL,
+    cert TEXT,                      -- the submitter's PEM leaf; dropped once finished
+    headers TEXT,                   -- JSON, the few request headers the decode reads
+    body BLOB,                      -- dropped once finished
+    state TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    not_before REAL NOT NULL,       -- next run no earlier than this (backoff)
+    attempts INTEGER NOT NULL DEFAULT 0,
+    executions INTEGER NOT NULL DEFAULT 0,  -- runs dispatched: may reach a node
+    status INTEGER,                 -- the sync response's HTTP status
+    result_headers TEXT,
+    result BLOB,
+    receipt_id TEXT,
+    mac TEXT,                       -- the gateway's seal over what the job runs as
+    UNIQUE (owner, idem_key)
+);
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs (state, not_before);
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, state);
+CREATE INDEX IF NOT EXISTS jobs_receipt ON jobs (receipt_id);
+"""
+
+
+class Conflict(Exception):
+    """The idempotency key names another request of this client's."""
+
+
+class Full(Exception):
+    """A bound on open jobs is reached (`scope`: "identity" or "replica")."""
+
+    def __init__(self, scope: str) -> None:
+        super().__init__(scope)
+        self.scope = scope
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    id: str
+    created: bool  # False: the key named this job already
+
+
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    id: str
+    owner: str
+    route: str
+    model: str
+    cert: str | None
+    headers: dict[str, str]
+    body: bytes | None
+    state: str
+    created: float
+    updated: float
+    attempts: int
+    executions: int
+    status: int | None
+    result_headers: dict[str, str]
+    result: bytes | None
+    receipt_id: str | None
+    mac: str | None
+
+
+_SELECT = (
+    "SELECT id, owner, route, model, cert, headers, body, state, created, updated, attempts,"
+    " executions, status, result_headers, result, receipt_id, mac FROM jobs WHERE id = ?"
+)
+
+
+def _row(r: Sequence[Any]) -> JobRow:
+    return JobRow(
+        id=r[0],
+        owner=r[1],
+        route=r[2],
+        model=r[3],
+        cert=r[4],
+        headers=json.loads(r[5]) if r[5] else {},
+        body=r[6],
+        state=r[7],
+        created=r[8],
+        updated=r[9],
+        attempts=r[10],
+        executions=r[11],
+        status=r[12],
+        result_headers=json.loads(r[13]) if r[13] else {},
+        result=r[14],
+        receipt_id=r[15],
+        mac=r[16],
+    )
+
+
+class SyncJobStore:
+    """The database itself, blocking; `JobStore` is its async face. The CLI (`ztgate audit
+    erase`) opens it with `lock=False`: SQLite serialises its writes with the gateway's."""
+
+    def __init__(self, path: Path, *, lock: bool = True, clock: Callable[[], float] = time.time):
+        self.path = Path(path)
+        self.clock = clock
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_fd: int | None = None
+        if lock:
+            fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise RuntimeError(f"{self.path} is in use by another gateway") from None
+            self._lock_fd = fd
+        created = not self.path.exists()
+        self.db = sqlite3.connect(
+            self.path, timeout=10, isolation_level=None, check_same_thread=False
+        )
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")  # fsync at every commit
+        self.db.executescript(_SCHEMA)
+        os.chmod(self.path, 0o600)
+        if created:
+            fsync_dir(self.path.parent)  # or a crash could lose the file with its jobs
+
+    def close(self) -> None:
+        self.db.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            out = fn(self.db)
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+        return out
+
+    def submit(
+        self,
+        *,
+        new_id: str,
+        owner: str,
+        key: str,
+        digest: str,
+        route: str,
+        model: str,
+        cert: str,
+        headers: dict[str, str],
+        body: bytes,
+        per_identity: int,
+        total: int,
+        mac: str,
+    ) -> Submitted:
+        def tx(db: sqlite3.Connection) -> Submitted:
+            found = db.execute(
+                "SELECT id, digest FROM jobs WHERE owner = ? AND idem_key = ?", (owner, key)
+            ).fetchone()
+            if found is not None:
+                if found[1] != digest:
+                    raise Conflict(found[0])
+                return Submitted(found[0], False)
+            mine = db.execute(
+                "SELECT count(*) FROM jobs WHERE owner = ? AND state IN (?, ?)", (owner, *OPEN)
+            ).fetchone()[0]
+            if mine >= per_identity:
+                raise Full("identity")
+            if (
+                db.execute("SELECT count(*) FROM jobs WHERE state IN (?, ?)", OPEN).fetchone()[0]
+                >= total
+            ):
+                raise Full("replica")
+            now = self.clock()
+            row = (new_id, owner, key, digest, route, model, cert, json.dumps(headers), body)
+            db.execute(
+                "INSERT INTO jobs (id, owner, idem_key, digest, route, model, cert, headers,"
+                " body, state, created, updated, not_before, mac) VALUES"
+                " (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+                (*row, now, now, now, mac),
+            )
+            return Submitted(new_id, True)
+
+        return self._tx(tx)
+
+    def get(self, job_id: str) -> JobRow | None:
+        r = self.db.execute(_SELECT, (job_id,)).fetchone()
+        return None if r is None else _row(r)
+
+    def requeue_running(self) -> int:
+        """At start: jobs a crash interrupted run again (their dispatches stay counted)."""
+        return self._tx(
+            lambda db: (
+                db.execute("UPDATE jobs SET state = 'queued' WHERE state = 'running'").rowcount
+            )
+        )
+
+    def claim(self, limit: int) -> list[JobRow]:
+        """Up to `limit` due jobs, marked running with one more dispatch counted, durably,
+        before any of them reaches a node."""
+
+        def tx(db: sqlite3.Connection) -> list[JobRow]:
+            now = self.clock()
+            ids = [
+                r[0]
+                for r in db.execute(
+                    "SELECT id FROM jobs WHERE state = 'queued' AND not_before <= ?"
+                    " ORDER BY not_before LIMIT ?",
+                    (now, limit),
+                )
+            ]
+            for job_id in ids:
+                db.execute(
+                    "UPDATE jobs SET state = 'running', executions = executions + 1,"
+                    " attempts = attempts + 1, updated = ? WHERE id = ?",
+                    (now, job_id),
+                )
+            return [_row(db.execute(_SELECT, (i,)).fetchone()) for i in ids]
+
+        return self._tx(tx)
+
+    def retry(self, job_id: str, delay_s: float) -> None:
+        now = self.clock()
+        self._tx(
+            lambda db: db.execute(
+                "UPDATE jobs SET state = 'queued', not_before = ?, updated = ?"
+                " WHERE id = ? AND state = 'running'",
+                (now + delay_s, now, job_id),
+            )
+        )
+
+    def finish(
+        self,
+        job_id: str,
+        state: str,
+        status: int,
+        headers: dict[str, str],
+        result: bytes,
+        receipt_id: str | None,
+    ) -> bool:
+        """Record the one result (state done or failed) and drop the request; False if the
+        job was not running (already finished, expired or erased): nothing changes."""
+        now = self.clock()
+        return self._tx(
+            lambda db: (
+                db.execute(
+                    "UPDATE jobs SET state = ?, status = ?, result_headers = ?, result = ?,"
+                    " receipt_id = ?, cert = NULL, headers = NULL, body = NULL, mac = NULL,"
+                    " updated = ?"
+                    " WHERE id = ? AND state = 'running'",
+                    (state, status, json.dumps(headers), result, receipt_id, now, job_id),
+                ).rowcount
+                == 1
+            )
+        )
+
+    def expire(self, max_age_s: float, result_ttl_s: float, result: bytes) -> tuple[int, int]:
+        """Queued jobs older than `max_age_s` fail (with `result`, a problem); finished
+        ones older than `result_ttl_s` are deleted. Returns (expired, deleted)."""
+        now = self.clock()
+
+        def tx(db: sqlite3.Connection) -> tuple[int, int]:
+            expired = db.execute(
+                "UPDATE jobs SET state = 'failed', status = 504, result_headers = ?,"
+                " result = ?, cert = NULL, headers = NULL, body = NULL, updated = ?"
+                " WHERE state = 'queued' AND created < ?",
+                (
+                    json.dumps({"content-type": "application/problem+json"}),
+                    result,
+                    now,
+                    now - max_age_s,
+                ),
+            ).rowcount
+            deleted = db.execute(
+                "DELETE FROM jobs WHERE state IN ('done', 'failed') AND updated < ?",
+                (now - result_ttl_s,),
+            ).rowcount
+            return expired, deleted
+
+        return self._tx(tx)
+
+    def erase_receipts(self, receipt_ids: Sequence[str]) -> int:
+        """Delete the jobs whose result carries one of these receipts (an erasure)."""
+
+        def tx(db: sqlite3.Connection) -> int:
+            return sum(
+                db.execute("DELETE FROM jobs WHERE receipt_id = ?", (rid,)).rowcount
+                for rid in receipt_ids
+            )
+
+        return self._tx(tx)
+
+    def erase_owner(self, owner: str) -> int:
+        """Delete every job of one client (an erasure request for that subject)."""
+        return self._tx(
+            lambda db: db.execute("DELETE FROM jobs WHERE owner = ?", (owner,)).rowcount
+        )
+
+    def open_count(self) -> int:
+        row = self.db.execute("SELECT count(*) FROM jobs WHERE state IN (?, ?)", OPEN).fetchone()
+        return int(row[0])
+
+
+class JobBackend(Protocol):
+    """What the API and the runner need of a job store: on disk here (`JobStore`), or in
+    the shared Redis (`gateway.jobs.redis.RedisJobStore`). Each method is `SyncJobStore`'s
+    of the same name, but `renew`: a store shared by replicas gives each run a lease of
+    `lease_s` (None: no lease) that the runner renews while the run lasts."""
+
+    lease_s: float | None
+
+    async def submit(
+        self,
+        *,
+        new_id: str,
+        owner: str,
+        key: str,
+        digest: str,
+        route: str,
+        model: str,
+        cert: str,
+        headers: dict[str, str],
+        body: bytes,
+        per_identity: int,
+        total: int,
+        mac: str,
+    ) -> Submitted: ...
+    async def get(self, job_id: str) -> JobRow | None: ...
+    async def requeue_running(self) -> int: ...
+    async def claim(self, limit: int) -> list[JobRow]: ...
+    async def renew(self, job_id: str) -> None: ...
+    async def retry(self, job_id: str, delay_s: float) -> None: ...
+    async def finish(
+        self,
+        job_id: str,
+        state: str,
+        status: int,
+        headers: dict[str, str],
+        result: bytes,
+        receipt_id: str | None,
+    ) -> bool: ...
+    async def expire(
+        self, max_age_s: float, result_ttl_s: float, result: bytes
+    ) -> tuple[int, int]: ...
+    async def close(self) -> None: ...
+
+
+class JobStore:
+    """`SyncJobStore` on one worker thread: calls run in order, off the event loop."""
+
+    lease_s: float | None = None  # one process owns the file: a crash requeues at start
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+        self.sync = SyncJobStore(path, clock=clock)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="jobs-db")
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+    async def submit(
+        self,
+        *,
+        new_id: str,
+        owner: str,
+        key: str,
+        digest: str,
+        route: str,
+        model: str,
+        cert: str,
+        headers: dict[str, str],
+        body: bytes,
+        per_identity: int,
+        total: int,
+        mac: str,
+    ) -> Submitted:
+        return await self._call(
+            self.sync.submit,
+            new_id=new_id,
+            owner=owner,
+            key=key,
+            digest=digest,
+            route=route,
+            model=model,
+            cert=cert,
+            headers=headers,
+            body=body,
+            per_identity=per_identity,
+            total=total,
+            mac=mac,
+        )
+
+    async def get(self, job_id: str) -> JobRow | None:
+        return await self._call(self.sync.get, job_id)
+
+    async def requeue_running(self) -> int:
+        return await self._call(self.sync.requeue_running)
+
+    async def claim(self, limit: int) -> list[JobRow]:
+        return await self._call(self.sync.claim, limit)
+
+    async def renew(self, job_id: str) -> None:
+        return None
+
+    async def retry(self, job_id: str, delay_s: float) -> None:
+        await self._call(self.sync.retry, job_id, delay_s)
+
+    async def finish(
+        self,
+        job_id: str,
+        state: str,
+        status: int,
+        headers: dict[str, str],
+        result: bytes,
+        receipt_id: str | None,
+    ) -> bool:
+        return await self._call(
+            self.sync.finish, job_id, state, status, headers, result, receipt_id
+        )
+
+    async def expire(self, max_age_s: float, result_ttl_s: float, result: bytes) -> tuple[int, int]:
+        return await self._call(self.sync.expire, max_age_s, result_ttl_s, result)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._pool.shutdown, wait=True)
+        self.sync.close()

@@ -1,0 +1,593 @@
+"""The jobs API end to end (gateway/jobs/, docs/jobs.md): a real gateway over mutual TLS,
+real tritonservers, real certificates; a job runs through the sync route itself."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from gateway.jobs.redis import RedisJobStore
+from gateway.jobs.store import JOBS_FILE, JobRow, SyncJobStore
+from gateway.node.triton import NodeSpec, TritonProcess
+from gateway.pki import PKI, Issued
+from gateway.ports import free_port, wait_ready
+from gateway.receipts.log import ReceiptLog
+from gateway.receipts.model import SignedReceipt
+from tests.conftest import LLM_MODEL, SITE, TritonCluster, llm_entries
+from tests.gateway_harness import (
+    RunningGateway,
+    client_context,
+    dev_toml,
+    gateway_config,
+    policy_dir,
+    running_gateway,
+)
+from tests.test_gateway import IRIS, infer_body, node_table
+
+JOBS = {"max_open_per_identity": 3, "backoff_s": 0.2, "backoff_max_s": 1.0, "max_attempts": 200}
+# How long a test waits for a job before it gives up (a bound, not a timing assertion).
+PATIENCE_S = 120.0
+
+
+@pytest.fixture(scope="module")
+def registry_dir(triton_repository: Path) -> Path:
+    return triton_repository.parent / "registry"
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    pki: PKI,
+    triton_cluster: TritonCluster,
+    registry_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RunningGateway]:
+    cfg = gateway_config(
+        pki,
+        registry_dir,
+        tmp_path_factory.mktemp("jobsdata"),
+        node_table(triton_cluster),
+        jobs=JOBS,
+    )
+    with running_gateway(cfg) as gw:
+        yield gw
+
+
+def client(pki: PKI, who: Issued) -> httpx.Client:
+    return httpx.Client(verify=client_context(pki, who.cert, who.key), timeout=30)
+
+
+def submit(c: httpx.Client, base: str, key: str, body: Any = None) -> httpx.Response:
+    return c.post(
+        f"{base}/v2/models/iris/jobs",
+        json=infer_body(IRIS) if body is None else body,
+        headers={"idempotency-key": key},
+    )
+
+
+def wait_finished(c: httpx.Client, base: str, job_id: str) -> dict[str, Any]:
+    end = time.monotonic() + PATIENCE_S
+    while True:
+        r = c.get(f"{base}/v2/jobs/{job_id}")
+        assert r.status_code == 200, r.text
+        view: dict[str, Any] = r.json()
+        if view["status"] in ("done", "failed"):
+            return view
+        assert time.monotonic() < end, f"job never finished: {view}"
+        time.sleep(0.1)
+
+
+def outputs(answer: dict[str, Any]) -> dict[str, Any]:
+    return {o["name"]: o["data"] for o in answer["outputs"]}
+
+
+def stored(gw: RunningGateway, job_id: str) -> JobRow | None:
+    """A job's row as the store holds it, read on a connection of the test's own."""
+    store = SyncJobStore(gw.cfg.data_dir / JOBS_FILE, lock=False)
+    try:
+        return store.get(job_id)
+    finally:
+        store.close()
+
+
+def hold(gw: RunningGateway, held: bool) -> None:
+    """Keep due jobs queued (the runner's drain switch), or let them run."""
+    assert gw.gw.jobs is not None and gw.gw.jobs.runner is not None
+    gw.gw.jobs.runner.hold = held
+    if not held:
+        gw.gw.jobs.runner.wake.set()
+
+
+def test_submit_then_poll_gives_the_answer_the_sync_call_gives(
+    gateway: RunningGateway, pki: PKI
+) -> None:
+    alice = pki.ensure("client", "alice")
+    with client(pki, alice) as c:
+        sync = c.post(f"{gateway.base}/v2/models/iris/infer", json=infer_body(IRIS))
+        assert sync.status_code == 200
+        r = submit(c, gateway.base, "same-as-sync-1")
+        assert r.status_code == 202, r.text
+        assert r.headers["location"] == f"/v2/jobs/{r.json()['id']}"
+        view = wait_finished(c, gateway.base, r.json()["id"])
+        assert view["status"] == "done" and view["http_status"] == 200
+        assert outputs(view["response"]) == outputs(sync.json())
+        params = view["response"]["parameters"]
+        # The sync answer's receipt, for the job: signed, in the log, readable by its owner.
+        assert view["receipt_id"] == params["ztgate.receipt_id"]
+        assert view["receipt"] == params["ztgate.receipt"]
+        assert view["node_executions"] == 1
+        receipt = c.get(f"{gateway.base}/v2/receipts/{view['receipt_id']}")
+        assert receipt.status_code == 200
+        assert receipt.json()["receipt"]["client"]["spiffe_id"].endswith("/client/alice")
+        # The raw answer, byte for byte as the sync route sent it, with its receipt header.
+        raw = c.get(f"{gateway.base}{view['result']}")
+        assert raw.status_code == 200 and raw.json() == view["response"]
+        assert raw.headers["ztgate-receipt"] == view["receipt"]
+
+
+def test_a_retried_submit_makes_no_second_job_and_another_body_is_refused(
+    gateway: RunningGateway, pki: PKI
+) -> None:
+    alice = pki.ensure("client", "alice")
+    with client(pki, alice) as c:
+        first = submit(c, gateway.base, "retry-key-1")
+        again = submit(c, gateway.base, "retry-key-1")
+        assert first.status_code == 202 and again.status_code == 200
+        assert again.json()["id"] == first.json()["id"]
+        other = infer_body(IRIS[:1])
+        conflict = submit(c, gateway.base, "retry-key-1", other)
+        assert conflict.status_code == 409
+        assert conflict.json()["type"].endswith("/idempotency-conflict")
+        # Control: the same body under a new key is a new job.
+        fresh = submit(c, gateway.base, "retry-key-2", other)
+        assert fresh.status_code == 202 and fresh.json()["id"] != first.json()["id"]
+        view = wait_finished(c, gateway.base, first.json()["id"])
+        assert view["status"] == "done" and view["node_executions"] == 1
+        # Resubmitting a finished job's key still names it (a client whose 202 was lost).
+        late = submit(c, gateway.base, "retry-key-1")
+        assert late.status_code == 200 and late.json()["status"] == "done"
+        wait_finished(c, gateway.base, fresh.json()["id"])
+
+
+def test_a_submit_without_a_usable_idempotency_key_is_refused(
+    gateway: RunningGateway, pki: PKI
+) -> None:
+    alice = pki.ensure("client", "alice")
+    with client(pki, alice) as c:
+        url = f"{gateway.base}/v2/models/iris/jobs"
+        for headers in ({}, {"idempotency-key": "x" * 129}, {"idempotency-key": "a b"}):
+            r = c.post(url, json=infer_body(IRIS), headers=headers)
+            assert r.status_code == 400 and r.json()["type"].endswith("/bad-request")
+        unknown = c.post(
+            f"{gateway.base}/v2/models/nosuch/jobs",
+            json=infer_body(IRIS),
+            headers={"idempotency-key": "k"},
+        )
+        assert unknown.status_code == 404
+        # A body the sync route would refuse is refused at submit, with the same type.
+        bad = {
+            "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]
+        }
+        for route in ("infer", "jobs"):
+            r = c.post(
+                f"{gateway.base}/v2/models/iris/{route}", json=bad, headers={"idempotency-key": "b"}
+            )
+            assert r.status_code == 400 and r.json()["type"].endswith("/invalid-tensor"), r.text
+
+
+def test_open_jobs_per_identity_are_capped_under_a_burst(gateway: RunningGateway, pki: PKI) -> None:
+    bursty = pki.issue("client", "jobburst", organization="Acme")
+    control = pki.issue("client", "jobcalm", organization="Acme")
+    hold(gateway, True)
+    try:
+        with client(pki, bursty) as c, client(pki, control) as calm:
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(lambda i: submit(c, gateway.base, f"burst-{i}"), range(8)))
+            codes = sorted(r.status_code for r in answers)
+            assert codes == [202] * 3 + [429] * 5, codes
+            refused = next(r for r in answers if r.status_code == 429)
+            assert refused.json()["type"].endswith("/rate-limited")
+            assert "retry-after" in refused.headers
+            # Another identity is not affected by this one's cap.
+            assert submit(calm, gateway.base, "calm-1").status_code == 202
+            accepted = [r.json()["id"] for r in answers if r.status_code == 202]
+            hold(gateway, False)
+            for job_id in accepted:
+                assert wait_finished(c, gateway.base, job_id)["status"] == "done"
+            # Once they are done, the cap has room again.
+            assert submit(c, gateway.base, "burst-after").status_code == 202
+    finally:
+        hold(gateway, False)
+
+
+def test_a_job_is_invisible_to_another_identity(gateway: RunningGateway, pki: PKI) -> None:
+    alice = pki.ensure("client", "alice")
+    bob = pki.issue("client", "jobpeeker", organization="Acme")
+    with client(pki, alice) as owner, client(pki, bob) as other:
+        job_id = submit(owner, gateway.base, "private-1").json()["id"]
+        wait_finished(owner, gateway.base, job_id)
+        for path in (f"/v2/jobs/{job_id}", f"/v2/jobs/{job_id}/result"):
+            seen = other.get(f"{gateway.base}{path}")
+            assert seen.status_code == 404
+            # The same answer as for an id that never existed: no oracle.
+            never = other.get(f"{gateway.base}/v2/jobs/{'0' * 32}")
+            assert never.status_code == 404 and never.json()["type"] == seen.json()["type"]
+            assert never.json()["detail"] == seen.json()["detail"]
+            assert owner.get(f"{gateway.base}{path}").status_code == 200  # control
+        # Nor can another identity's submit with the owner's key reach the owner's job.
+        mine = submit(other, gateway.base, "private-1")
+        assert mine.status_code == 202 and mine.json()["id"] != job_id
+        wait_finished(other, gateway.base, mine.json()["id"])
+
+
+def test_a_client_revoked_after_submit_has_its_job_failed_at_run_time(
+    gateway: RunningGateway, pki: PKI
+) -> None:
+    revokee = pki.issue("client", "jobrevoked", organization="Acme")
+    control = pki.issue("client", "jobkept", organization="Acme")
+    olga = pki.ensure("client", "olga")
+    hold(gateway, True)
+    try:
+        with client(pki, revokee) as bad, client(pki, control) as good:
+            bad_id = submit(bad, gateway.base, "rev-1").json()["id"]
+            good_id = submit(good, gateway.base, "rev-1").json()["id"]
+            with client(pki, olga) as officer:
+                r = officer.post(
+                    f"{gateway.base}/admin/revoke",
+                    json={"certificate": revokee.cert.read_text()},
+                )
+                assert r.status_code == 200, r.text
+            hold(gateway, False)
+            assert wait_finished(good, gateway.base, good_id)["status"] == "done"
+        # The revoked client cannot poll any more; its job's record says why it failed.
+        row = stored(gateway, bad_id)
+        end = time.monotonic() + PATIENCE_S
+        while row is not None and row.state not in ("done", "failed"):
+            assert time.monotonic() < end
+            time.sleep(0.1)
+            row = stored(gateway, bad_id)
+        assert row is not None and row.state == "failed" and row.status == 401
+        assert row.result is not None and b"revoked" in row.result
+        assert row.body is None and row.cert is None  # the request is not kept
+    finally:
+        hold(gateway, False)
+
+
+# --- nodes that are not there yet, and a gateway killed mid-job --------------------------
+def node_spec(pki: PKI, repository: Path, name: str, workdir: Path) -> NodeSpec:
+    issued = pki.ensure("node", name)
+    return NodeSpec(
+        name=name,
+        region="eu-west",
+        provider="prov-j",
+        grpc_port=free_port(),
+        http_port=free_port(),
+        repository=repository,
+        cert=issued.cert,
+        key=issued.key,
+        client_ca=pki.gateway_ca_bundle(SITE),
+        workdir=workdir,
+    )
+
+
+def node_row(pki: PKI, spec: NodeSpec) -> dict[str, str]:
+    return {
+        "name": spec.name,
+        "address": spec.grpc_address,
+        "dns_name": pki.node_dns_name(spec.name),
+        "spiffe_id": pki.ensure("node", spec.name).spiffe_id,
+        "region": spec.region,
+        "provider": spec.provider,
+    }
+
+
+def wait_attempts(c: httpx.Client, base: str, job_id: str, at_least: int) -> dict[str, Any]:
+    end = time.monotonic() + PATIENCE_S
+    while True:
+        view: dict[str, Any] = c.get(f"{base}/v2/jobs/{job_id}").json()
+        if view["attempts"] >= at_least:
+            return view
+        assert time.monotonic() < end, view
+        time.sleep(0.1)
+
+
+def test_a_job_waits_out_a_node_outage_and_is_done_when_it_returns(
+    pki: PKI,
+    triton_home: Path,
+    triton_repository: Path,
+    registry_dir: Path,
+    tmp_path: Path,
+) -> None:
+    spec = node_spec(pki, triton_repository, "jobnode1", tmp_path / "node")
+    cfg = gateway_config(pki, registry_dir, tmp_path / "data", [node_row(pki, spec)], jobs=JOBS)
+    alice = pki.ensure("client", "alice")
+    with running_gateway(cfg) as gw, client(pki, alice) as c:
+        # No node yet: the sync call is refused, and a job keeps trying.
+        sync = c.post(f"{gw.base}/v2/models/iris/infer", json=infer_body(IRIS))
+        assert sync.status_code in (502, 503)
+        job_id = submit(c, gw.base, "outage-1").json()["id"]
+        view = wait_attempts(c, gw.base, job_id, 2)
+        assert view["status"] in ("queued", "running")
+        with TritonProcess(spec, triton_home) as node:
+            node.start(90.0)
+            done = wait_finished(c, gw.base, job_id)
+            assert done["status"] == "done", done
+            assert done["response"]["parameters"]["ztgate.nodes"] == "jobnode1"
+            assert np.asarray(outputs(done["response"])["probabilities"]).size > 0
+
+
+def receipts_in(log_dir: Path, kind: str) -> list[SignedReceipt]:
+    found = []
+    for path in ReceiptLog.all_logs(log_dir):
+        rl = ReceiptLog.open_readonly(path)
+        try:
+            for stored in rl.bodies():
+                signed = SignedReceipt.from_bytes(stored.body)
+                if signed.receipt.kind == kind:
+                    found.append(signed)
+        finally:
+            rl.close_sync()
+    return found
+
+
+def test_a_job_survives_a_gateway_sigkill_with_one_result_and_one_receipt(
+    pki: PKI,
+    triton_home: Path,
+    triton_repository: Path,
+    registry_dir: Path,
+    tmp_path: Path,
+) -> None:
+    spec = node_spec(pki, triton_repository, "jobnode2", tmp_path / "node")
+    data = tmp_path / "data"
+    row = node_row(pki, spec)
+    toml = dev_toml(pki, registry_dir, data, policy_dir(tmp_path / "policies"))
+    toml += f"""
+[receipts]
+signing_key = "{pki.key_path("receipt-signing")}"
+log_key = "{pki.key_path("log-checkpoint")}"
+checkpoint_interval_s = 0.2
+[jobs]
+backoff_s = 0.2
+backoff_max_s = 1.0
+max_attempts = 1000
+[[nodes]]
+{chr(10).join(f'{k} = "{v}"' for k, v in row.items())}
+"""
+    config = tmp_path / "gateway.toml"
+    config.write_text(toml)
+    port = int(toml.split("[listen]\nport = ")[1].split("\n")[0])
+    admin = int(toml.split("admin_port = ")[1].split("\n")[0])
+    base = f"https://127.0.0.1:{port}"
+
+    def serve() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        # Ready needs a node; live is enough to take a job.
+        assert wait_ready(f"http://127.0.0.1:{admin}/v2/health/live", 60, proc)
+        return proc
+
+    def kill(proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+    alice = pki.ensure("client", "alice")
+    first = serve()
+    try:
+        with client(pki, alice) as c:
+            r = submit(c, base, "crash-1")
+            assert r.status_code == 202, r.text
+            job_id = r.json()["id"]
+            wait_attempts(c, base, job_id, 2)  # no node: queued, retried
+        os.killpg(first.pid, signal.SIGKILL)  # no shutdown: the job is only on disk
+        first.wait(timeout=10)
+    finally:
+        kill(first)
+    with TritonProcess(spec, triton_home) as node:
+        node.start(90.0)
+        second = serve()
+        try:
+            with client(pki, alice) as c:
+                view = wait_finished(c, base, job_id)
+                assert view["status"] == "done", view
+                # The key still names the one job across the restart.
+                assert submit(c, base, "crash-1").json()["id"] == job_id
+                assert view["node_executions"] >= 1
+                receipt_id = view["receipt_id"]
+        finally:
+            second.send_signal(signal.SIGTERM)
+            try:
+                second.wait(timeout=20)
+            finally:
+                kill(second)
+    inferences = receipts_in(data / "receipts", "answer")
+    assert [s.receipt.receipt_id for s in inferences] == [receipt_id]
+
+
+def test_a_job_written_into_the_store_without_the_key_runs_as_nobody(
+    gateway: RunningGateway, pki: PKI
+) -> None:
+    alice = pki.ensure("client", "alice")
+    victim = pki.issue("client", "jobvictim", organization="Acme")
+    hold(gateway, True)
+    try:
+        with client(pki, alice) as c:
+            control = submit(c, gateway.base, "sealed-1").json()["id"]
+            # Whoever can write the store (here the file; with Redis, Redis) and holds a
+            # client's certificate, which is public, writes a job for that client. Nothing
+            # in the gateway would make such a row: this is the store written by hand.
+            store = SyncJobStore(gateway.cfg.data_dir / JOBS_FILE, lock=False)
+            try:
+                forged = store.submit(
+                    new_id="f" * 32,
+                    owner="spiffe://ztgate.local/client/jobvictim",
+                    key="forged-1",
+                    digest="0" * 64,
+                    route="/v2/models/iris/infer",
+                    model="iris",
+                    cert=victim.cert.read_text(),
+                    headers={"content-type": "application/json"},
+                    body=json.dumps(infer_body(IRIS)).encode(),
+                    per_identity=100,
+                    total=100000,
+                    mac="0" * 64,
+                ).id
+            finally:
+                store.close()
+            hold(gateway, False)
+            assert wait_finished(c, gateway.base, control)["status"] == "done"
+        row = stored(gateway, forged)
+        end = time.monotonic() + PATIENCE_S
+        while row is not None and row.state not in ("done", "failed"):
+            assert time.monotonic() < end
+            time.sleep(0.1)
+            row = stored(gateway, forged)
+        assert row is not None and row.state == "failed" and row.status == 500
+        assert row.executions == 1 and row.result is not None
+        assert json.loads(row.result)["type"].endswith("/internal")  # the log says why
+        assert b"outputs" not in row.result
+    finally:
+        hold(gateway, False)
+
+
+def test_erasing_a_receipt_erases_the_job_that_holds_it(gateway: RunningGateway, pki: PKI) -> None:
+    alice = pki.ensure("client", "alice")
+    with client(pki, alice) as c:
+        job_id = submit(c, gateway.base, "erase-1").json()["id"]
+        view = wait_finished(c, gateway.base, job_id)
+        kept = submit(c, gateway.base, "erase-2").json()["id"]
+        wait_finished(c, gateway.base, kept)
+        data = gateway.cfg.data_dir
+        where = ["--log-dir", str(data / "receipts"), "--data-dir", str(data)]
+        erased = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "audit",
+                "erase",
+                "--json",
+                *where,
+                view["receipt_id"],
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert json.loads(erased.stdout) == {"erased": 1, "jobs": 1}
+        assert c.get(f"{gateway.base}/v2/receipts/{view['receipt_id']}").status_code == 404
+        assert c.get(f"{gateway.base}/v2/jobs/{job_id}").status_code == 404
+        assert c.get(f"{gateway.base}/v2/jobs/{kept}").status_code == 200  # control
+
+
+def test_a_job_row_keeps_no_client_input_once_done(gateway: RunningGateway, pki: PKI) -> None:
+    alice = pki.ensure("client", "alice")
+    with client(pki, alice) as c:
+        job_id = submit(c, gateway.base, "drop-1").json()["id"]
+        wait_finished(c, gateway.base, job_id)
+    row = stored(gateway, job_id)
+    assert row is not None and row.body is None and row.cert is None and not row.headers
+    assert json.loads(row.result or b"{}")["outputs"]
+
+
+def test_a_generation_job_gives_the_whole_answer_the_sync_generate_gives(
+    pki: PKI, llm_cluster: TritonCluster, tmp_path: Path
+) -> None:
+    llm_entries(tmp_path)
+    nodes = [{**n, "models": [LLM_MODEL]} for n in node_table(llm_cluster)]
+    cfg = gateway_config(pki, tmp_path / "registry", tmp_path / "g", nodes, jobs=JOBS)
+    body = {"text_input": "def ", "parameters": {"max_tokens": 6, "temperature": 0}}
+    demo = pki.ensure("client", "demo")
+    with running_gateway(cfg) as gw, client(pki, demo) as c:
+        sync = c.post(f"{gw.base}/v2/models/{LLM_MODEL}/generate", json=body)
+        assert sync.status_code == 200, sync.text
+        url = f"{gw.base}/v2/models/{LLM_MODEL}/generate/jobs"
+        r = c.post(url, json=body, headers={"idempotency-key": "gen-1"})
+        assert r.status_code == 202, r.text
+        view = wait_finished(c, gw.base, r.json()["id"])
+        assert view["status"] == "done", view
+        answer = view["response"]
+        assert answer["text_output"] == sync.json()["text_output"]  # temperature 0
+        assert view["receipt_id"] == answer["ztgate"]["receipt_id"]
+        assert (
+            c.get(f"{gw.base}/v2/receipts/{view['receipt_id']}").json()["receipt"]["kind"]
+            == "close"
+        )
+        # A job's answer is whole: a streamed one is refused at submit; so is a tensor model.
+        streamed = {**body, "parameters": {**body["parameters"], "stream": True}}
+        refused = c.post(url, json=streamed, headers={"idempotency-key": "gen-2"})
+        assert refused.status_code == 400
+        iris = c.post(
+            f"{gw.base}/v2/models/iris/generate/jobs", json=body, headers={"idempotency-key": "g3"}
+        )
+        assert iris.status_code in (400, 404)
+
+
+# --- replicas sharing Redis -----------------------------------------------------------------
+async def erase_in_redis(url: str, receipt_id: str) -> int:
+    store = RedisJobStore(url, timeout_s=5.0)
+    try:
+        return await store.erase_receipts([receipt_id])
+    finally:
+        await store.close()
+
+
+def test_replicas_sharing_redis_share_their_jobs(
+    pki: PKI,
+    triton_cluster: TritonCluster,
+    registry_dir: Path,
+    redis_server: str,
+    tmp_path: Path,
+) -> None:
+    nodes = node_table(triton_cluster)
+    shared = {"redis_url": redis_server, "timeout_s": 3.0}
+    # Replicas sharing a Redis share the key that seals jobs (gateway/jobs/seal.py).
+    jobs = {**JOBS, "key_file": str(tmp_path / "jobs.key")}
+    a_cfg = gateway_config(pki, registry_dir, tmp_path / "a", nodes, jobs=jobs, state=shared)
+    b_cfg = gateway_config(pki, registry_dir, tmp_path / "b", nodes, jobs=jobs, state=shared)
+    who = pki.issue("client", "jobshared", organization="Acme")
+    other = pki.issue("client", "jobsharedpeer", organization="Acme")
+    with running_gateway(a_cfg) as a, running_gateway(b_cfg) as b:
+        hold(a, True)  # only b runs jobs: what a took, b must find
+        with client(pki, who) as c, client(pki, other) as peer:
+            r = submit(c, a.base, "shared-1")
+            assert r.status_code == 202, r.text
+            job_id = r.json()["id"]
+            # The key is shared too: a retry that lands on the other replica is the same job.
+            again = submit(c, b.base, "shared-1")
+            assert again.status_code == 200 and again.json()["id"] == job_id
+            assert submit(c, b.base, "shared-1", infer_body(IRIS[:1])).status_code == 409
+            view = wait_finished(c, a.base, job_id)  # polled where it was submitted
+            assert view["status"] == "done" and view["node_executions"] == 1
+            assert wait_finished(c, b.base, job_id) == view
+            assert peer.get(f"{a.base}/v2/jobs/{job_id}").status_code == 404
+            # An erasure of its receipt takes the job with it (`ztgate audit erase --config`).
+            assert asyncio.run(erase_in_redis(redis_server, view["receipt_id"])) == 1
+            assert c.get(f"{b.base}/v2/jobs/{job_id}").status_code == 404
+            # The per-identity cap holds across replicas (both held: nothing finishes).
+            hold(b, True)
+            codes = [submit(c, (a, b)[i % 2].base, f"shared-cap-{i}").status_code for i in range(5)]
+            assert codes == [202] * 3 + [429] * 2, codes
+            assert submit(peer, a.base, "shared-cap-0").status_code == 202  # control
+            hold(b, False)
+            hold(a, False)
+            for i in range(3):
+                got = submit(c, a.base, f"shared-cap-{i}").json()["id"]
+                assert wait_finished(c, a.base, got)["status"] == "done"
