@@ -85,6 +85,32 @@ when { context.node.provider == "prov-a" && context.payload_class == "large" };
 forbid (principal, action == Ztgate::Action::"infer", resource)
 when { context.batch_size > 4 && context.node.trust * 4611686018427387904 > 0 };
 """
+# No rule here reads the mode (or the provider count, which differs between modes), so
+# deciding the mode a client names alone gives the full decision: the engine's fast path.
+MODE_BLIND = """
+@id("apps-in-eu")
+@rate("30/minute")
+permit (principal in Ztgate::Group::"apps", action == Ztgate::Action::"infer", resource)
+when { context.node.region like "eu-*" };
+
+@id("trusted-anywhere")
+@rate("7/minute")
+@proof("lazy")
+permit (principal, action == Ztgate::Action::"infer", resource)
+when { context.node has trust && context.node.trust >= 2 };
+
+@id("no-us-confidential")
+forbid (principal, action == Ztgate::Action::"infer", resource)
+when { context.node.region like "us-*" && resource.classification == "confidential" };
+"""
+# The review's attack: a mode-conditional permit with a stricter rate. Naming `none` must
+# not pick the looser rate of the permits that allow `none` alone.
+STRICT_REDUNDANT = """
+@id("redundant-slowly")
+@rate("5/minute")
+permit (principal, action == Ztgate::Action::"infer", resource)
+when { context.mode == "redundant" };
+"""
 WHOLE_RECORD = """
 @id("whole-node")
 forbid (principal, action == Ztgate::Action::"infer", resource)
@@ -245,8 +271,9 @@ def test_the_classes_follow_the_attributes_the_policies_read(tmp_path: Path) -> 
 def test_a_requested_mode_is_decided_alone_as_the_full_decision_decides_it(
     tmp_path: Path,
 ) -> None:
-    source = load_policy_dir(policy_dir(tmp_path, {"60.cedar": READS_REGION_PROVIDER_TRUST}))
+    source = load_policy_dir(policy_dir(tmp_path, {"60.cedar": MODE_BLIND}, only=True))
     engine = PolicyEngine(source, models=MODELS, nodes=FLEET)
+    assert engine.mode_blind
     checked = 0
     for i, model, ctx, nodes in cases(7, 60):
         full = engine.decide_infer(IDENTITIES[i], model, ctx, nodes)
@@ -259,6 +286,8 @@ def test_a_requested_mode_is_decided_alone_as_the_full_decision_decides_it(
             assert {k: v for k, v in one.pairs.items() if k[0] == mode} == {
                 k: v for k, v in full.pairs.items() if k[0] == mode
             }
+            if mode in one.modes:  # the limits the determining permits set: the same
+                assert one.rate == full.rate and one.token_budgets == full.token_budgets
             checked += mode in one.modes
             if mode == "none":
                 # A permit carries @proof: `zk` is decided with `none`, for the lazy proof.
@@ -272,31 +301,60 @@ def test_a_requested_mode_is_decided_alone_as_the_full_decision_decides_it(
     assert checked
 
 
+def test_naming_a_mode_never_picks_a_looser_rate_when_policies_read_the_mode(
+    tmp_path: Path,
+) -> None:
+    ctx = contexts()[0]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    dirs = {
+        "reads-mode": policy_dir(tmp_path / "a", {"60.cedar": STRICT_REDUNDANT}),
+        "mode-blind": policy_dir(tmp_path / "b", {"60.cedar": MODE_BLIND}, only=True),
+    }
+    engines = {
+        k: PolicyEngine(load_policy_dir(d), models=MODELS, nodes=FLEET) for k, d in dirs.items()
+    }
+    strict = engines["reads-mode"]
+    assert not strict.mode_blind  # the shipped rules read the mode too
+    full = strict.decide_infer(who("demo"), "m0", ctx, NAMES)
+    named = strict.decide_infer(who("demo"), "m0", ctx, NAMES, modes=("none",))
+    assert "redundant" in full.modes and full.rate is not None and full.rate.count == 5
+    assert named.evaluated == MODES and named.rate == full.rate
+    # Control, built the same way: rules that cannot tell modes apart decide the one named.
+    blind = engines["mode-blind"]
+    assert blind.mode_blind
+    one = blind.decide_infer(who("demo"), "m0", ctx, NAMES, modes=("redundant",))
+    assert one.evaluated == ("redundant",)
+    assert one.rate == blind.decide_infer(who("demo"), "m0", ctx, NAMES).rate
+
+
 def test_the_decision_log_names_only_the_modes_decided(tmp_path: Path) -> None:
-    engine = PolicyEngine(load_policy_dir(POLICIES), models=MODELS, nodes=FLEET)
+    source = load_policy_dir(policy_dir(tmp_path, {"60.cedar": MODE_BLIND}, only=True))
+    engine = PolicyEngine(source, models=MODELS, nodes=FLEET)
     ctx = contexts()[0]
     full = engine.decide_infer(who("demo"), "m0", ctx, NAMES)
     one = engine.decide_infer(who("demo"), "m0", ctx, NAMES, modes=("none",))
     assert full.allowed and one.allowed
     record = decision_record(one, who("demo"), "m0", "none")
-    assert record["evaluated"] == ["none"] and record["modes"] == ["none"]
+    assert record["evaluated"] == ["none", "zk"] and record["modes"] == ["none", "zk"]
     assert "evaluated" not in decision_record(full, who("demo"), "m0", "none")  # control
     with pytest.raises(ValueError, match="unknown modes"):
         engine.decide_infer(who("demo"), "m0", ctx, NAMES, modes=("fast",))
 
 
-def test_a_fleet_of_300_forms_few_classes_and_one_miss_decides_each_once() -> None:
+def test_a_fleet_of_300_forms_few_classes_and_one_miss_decides_each_once(tmp_path: Path) -> None:
     rng = random.Random(3)
     fleet = [
         NodeFacts(f"s{i}", rng.choice(REGIONS), rng.choice(PROVIDERS), rng.choice((0, 1, 1, 2)))
         for i in range(300)
     ]
-    source = load_policy_dir(POLICIES)
+    source = load_policy_dir(policy_dir(tmp_path, {"60.cedar": MODE_BLIND}, only=True))
     engine = PolicyEngine(source, models=MODELS, nodes=fleet)
     assert engine.class_count == len({(n.region, n.trust) for n in fleet}) <= 15
     names = [n.name for n in fleet]
     d = engine.decide_infer(who("demo"), "m0", contexts()[0], names, modes=("none",))
-    assert len(d.pairs) == 300 and engine.stats().misses <= engine.class_count
+    # `none` and, for the @proof permit's lazy proofs, `zk`: each class decided once.
+    assert len(d.pairs) == 600 and engine.stats().misses <= 2 * engine.class_count
 
 
 # --- the pipeline: a client's named mode ------------------------------------------------
@@ -310,16 +368,32 @@ async def test_the_policy_stage_decides_a_named_mode_alone_and_all_modes_to_refu
     full = PolicyStage(gw.policy, gw.router, gw.revocations)  # decides every mode
     mode = ModeStage(gw.verifiers)
     ask_none = await decode(gw, pki, "demo", json_body(IRIS, **{"ztgate.verification": "none"}))
+    # These rules read the mode, so naming one still decides them all: the rate is the
+    # one every mode's permits set, never the looser one of the mode named.
+    assert not gw.policy.engine.mode_blind
     decision = fast(ask_none)
-    assert decision.evaluated == ("none",) and decision.modes == ("none",)
+    assert decision.evaluated == MODES and decision.rate == full(ask_none).rate
     with caplog.at_level(logging.INFO, logger="ztgate.decisions"):
         assert mode(ask_none, decision).mode == "none"
     line = json.loads(caplog.records[-1].getMessage())
-    assert line["evaluated"] == ["none"] and line["modes"] == ["none"]
-    assert line["result"] == "allow" and line["determining"] == ["apps-call-iris"]
-    # Control: not naming a mode decides them all, as does a stage not told the offer.
-    assert fast(await decode(gw, pki, "demo", json_body(IRIS))).evaluated == MODES
-    assert full(ask_none).evaluated == MODES
+    assert "evaluated" not in line and line["result"] == "allow"
+    assert line["determining"] == ["apps-call-iris"]
+    # The stage does ask for the mode named: the engine narrows when the rules let it
+    # (test_naming_a_mode_never_picks_a_looser_rate_when_policies_read_the_mode).
+    asked: list[object] = []
+    real = gw.policy.engine.decide_infer
+
+    def spy(*args: object, **kwargs: object) -> InferDecision:
+        asked.append(kwargs.get("modes"))
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    gw.policy.engine.decide_infer = spy  # type: ignore[method-assign]
+    try:
+        fast(ask_none)
+        fast(await decode(gw, pki, "demo", json_body(IRIS)))  # control: no mode named
+    finally:
+        del gw.policy.engine.decide_infer
+    assert asked == [("none",), None]
     # A named mode policy refuses: every mode is decided, and the refusal is today's.
     ask_redundant = await decode(
         gw, pki, "demo", json_body(IRIS, **{"ztgate.verification": "redundant"})

@@ -47,6 +47,9 @@ from gateway.policy.source import PolicySource, named_actions
 
 log = logging.getLogger(__name__)
 
+# Context attributes whose value differs between the modes of one request.
+_MODE_DEPENDENT = frozenset({"mode", "distinct_providers"})
+
 DEFAULT_RATE = F.Rate(60, 60)
 _ERROR_POLICY = re.compile(r"evaluating policy `([^`]+)`")
 
@@ -229,6 +232,13 @@ class PolicyEngine:
         }
         self.class_count = len(ids)
         self._split = _split(parsed, keys) if node_classes and len(ids) > 1 else None
+        # Deciding only the mode a client names gives the same decision (rate, token
+        # budgets, nodes) as deciding all of them only when no policy's answer can change
+        # with the mode: a mode-conditional permit or forbid would otherwise change which
+        # permits determine the rate, so naming a mode could pick a looser @rate (and,
+        # with buckets keyed by rate, add limits together).
+        reads = policy_reads(parsed["staticPolicies"].values())
+        self.mode_blind = reads.context is not None and not (reads.context & _MODE_DEPENDENT)
         # Answers of the two halves of a split policy set (_Split): the node-free half
         # per request, mode and count; the node half per what it reads, then class.
         self._free: OrderedDict[tuple[Any, ...], _Part] = OrderedDict()
@@ -258,10 +268,12 @@ class PolicyEngine:
         modes: Sequence[str] | None = None,
     ) -> InferDecision:
         """Which modes and nodes policy allows for this request, and why. `modes`: the
-        modes to decide (None: all). Deciding `none` also decides `zk` when a permit
-        carries @proof: a lazy proof runs on the nodes mode zk allows."""
+        modes to decide (None: all), honoured only when the policies are `mode_blind`
+        (otherwise every mode is decided, so the rate is never the looser one of the mode
+        a client names). Deciding `none` also decides `zk` when a permit carries @proof: a
+        lazy proof runs on the nodes mode zk allows."""
         asked = F.MODES
-        if modes is not None:
+        if modes is not None and self.mode_blind:
             if unknown := set(modes) - set(F.MODES):
                 raise ValueError(f"unknown modes {sorted(unknown)}; one of {', '.join(F.MODES)}")
             lazy = "none" in modes and bool(self._proofs)
