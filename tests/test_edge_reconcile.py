@@ -53,6 +53,7 @@ class Site:
     client: WitnessClient
     checkpointer: Checkpointer
     url: str  # the core, direct (not through the proxy)
+    vault_path: Path
 
     async def reconcile(self) -> Checkpoint:
         note = await self.checkpointer.tick()
@@ -100,6 +101,7 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
         client,
         Checkpointer(lambda: world.log, [client]),
         f"http://127.0.0.1:{port}",
+        tmp_path / "core" / "vault.db",
     )
     await client.aclose()
     await proxy.close()
@@ -634,3 +636,242 @@ async def test_an_edge_zk_receipt_verifies_its_proof_from_the_cores_vault(
     for rid in (issued.receipt.receipt_id, later.receipt.receipt_id):
         (finding,) = [f for f in report["findings"] if f["subject"] == f"receipt {rid}"]
         assert finding["status"] == "valid" and finding["details"]["proof_reverified"] is True
+
+
+# ------------------------------------------- the vault's evidence: quotas, erasure, records
+#
+# These receipts are zk receipts as a captured edge holding its keys signs them: their
+# digests point at whatever files it likes (the vault checks commitments, not proofs), so no
+# prover is needed. Real edge log, real vault database, real files.
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def _fake_zk(
+    site: Site, tag: bytes, srs: bytes | None = None, model: str = "cd" * 32
+) -> tuple[Issued, dict[str, bytes]]:
+    """A zk receipt whose evidence is filler (`srs`: random bytes unless given) with a
+    proof naming `tag`; its zk.json is the record of its model and keys."""
+    import os
+
+    from gateway.receipts.model import ModelRef, VerificationRef
+
+    instances = os.urandom(8).hex().encode()  # what erasure must leave no trace of
+    files = {
+        "proof.json": b'{"proof":"' + tag + b'","instances":[["' + instances + b'"]]}',
+        "vk": b"vk " + tag,
+        "settings.json": b'{"settings":"' + tag + b'"}',
+        "srs": os.urandom(64) if srs is None else srs,
+    }
+    keys = {"vk_sha256": _sha(files["vk"]), "settings_sha256": _sha(files["settings.json"]),
+            "srs_sha256": _sha(files["srs"])}  # fmt: skip
+    files["zk.json"] = json.dumps({"model_sha256": model, **keys}).encode()
+    issued = await site.world.receipt(
+        model=ModelRef("iris", "1", model),
+        verification=VerificationRef("zk", "verified", "ee" * 32, _sha(files["proof.json"])),
+        extensions=keys,
+    )
+    return issued, files
+
+
+def _save_evidence(site: Site, issued: Issued, files: dict[str, bytes]) -> None:
+    """Beside the edge's log, as the pipeline saves it (what its reconciliation sends)."""
+    from gateway.receipts.service import ReceiptService
+
+    service = ReceiptService.__new__(ReceiptService)
+    service.log = site.world.log  # only save_evidence is used: it needs the log's path
+    service.save_evidence(issued.receipt.receipt_id, dict(files))
+
+
+def _one_leaf(site: Site, issued: Issued, refs: dict[str, str]) -> Upload:
+    """The receipt as leaf 0 of some log, naming `refs` (the vault takes any log's leaves:
+    the witness checks who signed them)."""
+    body = site.world.log.body_at(issued.receipt.index)
+    assert body is not None
+    leaf = LogEntry("receipt", hashlib.sha256(body).digest()).leaf_data()
+    return Upload(0, (leaf,), {0: body}, "", {0: refs})
+
+
+def _held_digests(path: Path) -> set[str]:
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    try:
+        return {str(r[0]) for r in db.execute("SELECT digest FROM material")}
+    finally:
+        db.close()
+
+
+async def test_one_edge_fills_only_its_own_share_of_the_vaults_evidence(
+    site: Site, tmp_path: Path
+) -> None:
+    """An edge that re-signs its pending leaves to point at ever new filler files keeps
+    only the latest: a file no reference names is deleted, and what it holds counts
+    against its own key's quota, however many log ids it starts; another edge still stores
+    evidence (the positive control)."""
+    import os
+
+    path = tmp_path / "quota" / "vault.db"
+    vault = Vault(path, quota=(3 << 20) // 2)  # room for one 1 MiB file, not two
+    edge, other = "ztgate.local/", "edge-b.example/"
+    a, a_files = await _fake_zk(site, b"a", srs=os.urandom(1 << 20))
+    b, b_files = await _fake_zk(site, b"b", srs=os.urandom(1 << 20))
+    c, c_files = await _fake_zk(site, b"c", srs=os.urandom(1 << 20))
+    origin = f"{edge}gw/log-1"
+    try:
+        vault.append(origin, _one_leaf(site, a, {"srs": _sha(a_files["srs"])}), edge)
+        vault.append(
+            origin, Upload(1, (), {}, material={_sha(a_files["srs"]): a_files["srs"]}), edge
+        )
+        assert vault.evidence(origin, 0) == {"srs": a_files["srs"]}
+        # The pending leaf replaced: a's file is named by nothing and goes, so b's fits.
+        vault.append(origin, _one_leaf(site, b, {"srs": _sha(b_files["srs"])}), edge)
+        assert _held_digests(path) == set()
+        vault.append(
+            origin, Upload(1, (), {}, material={_sha(b_files["srs"]): b_files["srs"]}), edge
+        )
+        assert _held_digests(path) == {_sha(b_files["srs"])}
+        # At its quota: a new log id under the same key shares it.
+        fresh = f"{edge}gw/log-2"
+        c_srs = {_sha(c_files["srs"]): c_files["srs"]}
+        vault.append(fresh, _one_leaf(site, c, {"srs": _sha(c_files["srs"])}), edge)
+        with pytest.raises(vault_module.VaultError, match="quota"):
+            vault.append(fresh, Upload(1, (), {}, material=c_srs), edge)
+        # Another edge's key has its own share: the same file is taken from it.
+        vault.append(f"{other}log-1", _one_leaf(site, c, {"srs": _sha(c_files["srs"])}), other)
+        vault.append(f"{other}log-1", Upload(1, (), {}, material=c_srs), other)
+        assert vault.evidence(f"{other}log-1", 0) == {"srs": c_files["srs"]}
+    finally:
+        vault.close()
+
+
+async def test_a_zk_record_the_vault_holds_is_checked_against_each_receipt_naming_it(
+    site: Site, tmp_path: Path
+) -> None:
+    """Edge B cannot point its receipt at a zk.json held for edge A's receipt of another
+    model; a receipt whose model and keys the record does describe may (the control)."""
+    path = tmp_path / "records" / "vault.db"
+    vault = Vault(path)
+    a, a_files = await _fake_zk(site, b"a")
+    record = a_files["zk.json"]
+    mine = {"zk.json": _sha(record)}
+    try:
+        vault.append("edge-a.example/log", _one_leaf(site, a, mine), "edge-a.example/")
+        vault.append(
+            "edge-a.example/log",
+            Upload(1, (), {}, material={_sha(record): record}),
+            "edge-a.example/",
+        )
+        other_model, _ = await _fake_zk(site, b"b", model="0f" * 32)
+        with pytest.raises(vault_module.VaultError, match="zk record"):
+            vault.append(
+                "edge-b.example/log", _one_leaf(site, other_model, mine), "edge-b.example/"
+            )
+        assert vault.stored("edge-b.example/log") == 0
+        # The control: the same model and keys (a's receipt, as edge B logged it).
+        vault.append("edge-b.example/log", _one_leaf(site, a, mine), "edge-b.example/")
+        assert vault.evidence("edge-b.example/log", 0) == {"zk.json": record}
+    finally:
+        vault.close()
+
+
+def _vault_files(site: Site) -> bytes:
+    """Every byte of the core's vault: the database, its WAL and shared memory."""
+    db = site.vault_path
+    return b"".join(p.read_bytes() for p in db.parent.glob(db.name + "*") if p.is_file())
+
+
+async def test_an_erasure_reaches_the_cores_copy_of_the_evidence(
+    site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A zk proof carries the client's inputs and outputs. Erased at the edge, the erasure
+    leaf it uploads erases the core's copy; the core's operator erases with `ztgate
+    witness erase`. Either way no byte of it is left in the vault's files, while what
+    another receipt still names stays (the control)."""
+    from gateway.cli import main
+
+    kept, kept_files = await _fake_zk(site, b"kept")
+    by_edge, by_edge_files = await _fake_zk(site, b"by-edge")
+    by_core, by_core_files = await _fake_zk(site, b"by-core", srs=kept_files["srs"])
+    for issued, files in ((kept, kept_files), (by_edge, by_edge_files), (by_core, by_core_files)):
+        _save_evidence(site, issued, files)
+    await site.reconcile()
+    origin = site.world.log.origin
+    for issued, files in ((kept, kept_files), (by_edge, by_edge_files)):
+        assert site.vault.evidence(origin, issued.receipt.index) == files
+    secret = by_edge_files["proof.json"]
+    assert secret in _vault_files(site)  # the scan finds it before erasure (control)
+    await site.world.log.erase([by_edge.receipt.receipt_id], "erasure-request")
+    await site.reconcile()  # uploads the erasure leaf
+    assert site.vault.evidence(origin, by_edge.receipt.index) == {}
+    assert secret not in _vault_files(site)
+    assert site.vault.evidence(origin, kept.receipt.index) == kept_files
+    # The core's operator: the command erases only what no other receipt names.
+    d = site.vault_path.parent
+    args = ["witness", "erase", "--dir", str(d), "--origin", origin]
+    assert main([*args, "--index", str(by_core.receipt.index), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["references"] == 5
+    assert site.vault.evidence(origin, by_core.receipt.index) == {}
+    assert by_core_files["proof.json"] not in _vault_files(site)
+    assert site.vault.evidence(origin, kept.receipt.index) == kept_files  # its SRS is shared
+    assert site.vault.missing(origin) == []  # nothing asked for again
+    assert main([*args, "--index", "-1"]) == 2
+
+
+@pytest.mark.slow
+async def test_evidence_erased_at_the_core_is_reported_missing_and_the_rest_verify(
+    site: Site,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    request: pytest.FixtureRequest,
+) -> None:
+    """Real proofs: after `ztgate witness erase` of one receipt's evidence, the core's
+    export reports that receipt's evidence missing, and the other receipt's proof, whose
+    verification material it shared, still re-verifies (the control)."""
+    from gateway.cli import main
+
+    onboarded: Path = request.getfixturevalue("zk_dir")  # tests/test_zk.py's
+    erased, _ = await _zk_receipt(site, onboarded, tmp_path / "prove-1")
+    kept, kept_files = await _zk_receipt(site, onboarded, tmp_path / "prove-2")
+    await site.reconcile()
+    origin = site.world.log.origin
+    assert site.vault.evidence(origin, kept.receipt.index) == kept_files
+    d = site.vault_path.parent
+    cmd = ["witness", "erase", "--dir", str(d), "--origin", origin]
+    assert main([*cmd, "--index", str(erased.receipt.index)]) == 0
+    assert site.vault.evidence(origin, erased.receipt.index) == {}
+    out = tmp_path / "from-core"
+    export_vault(
+        site.vault,
+        {origin: site.world.log.note_key().vkey()},
+        {site.core.key.name: site.core.key.vkey()},
+        out,
+    )
+    trust = tmp_path / "trust.json"
+    trust.write_text(json.dumps(_core_trust(site).to_dict()))
+    capsys.readouterr()
+    args = ["verify", str(out), "--trust", str(trust), "--json", "--allow-dev-srs"]
+    assert main([*args, "--require-witness", site.core.key.name]) == 1
+    findings = {f["subject"]: f for f in json.loads(capsys.readouterr().out)["findings"]}
+    gone = findings[f"receipt {erased.receipt.receipt_id}"]
+    assert (gone["status"], gone["code"]) == ("invalid", "zk-evidence-missing")
+    still = findings[f"receipt {kept.receipt.receipt_id}"]
+    assert still["status"] == "valid" and still["details"]["proof_reverified"] is True
+
+
+def test_the_vaults_quota_per_edge_key_is_set_in_witness_json(tmp_path: Path) -> None:
+    from gateway.cli import main
+    from gateway.cli.witness import load_witness
+
+    d = tmp_path / "w"
+    assert main(["witness", "init", "--dir", str(d), "--name", "core.example/w"]) == 0
+    default = load_witness(d, with_vault=True)
+    assert default.vault.quota == vault_module.MAX_OWNER_MATERIAL  # the control
+    default.vault.close()
+    cfg = json.loads((d / "witness.json").read_text())
+    (d / "witness.json").write_text(json.dumps({**cfg, "vault_quota_bytes": 5 << 20}))
+    configured = load_witness(d, with_vault=True)
+    assert configured.vault.quota == 5 << 20
+    configured.vault.close()

@@ -80,6 +80,24 @@ def register(sub: Any) -> None:
     json_option(export)
     export.set_defaults(func=_export)
 
+    erase = verbs.add_parser(
+        "erase",
+        help="delete the zk evidence the vault holds for an edge's receipts (an erasure "
+        "request: their proofs carry the client's inputs and outputs)",
+    )
+    _dir(erase)
+    erase.add_argument("--origin", required=True, metavar="ORIGIN", help="the edge log")
+    erase.add_argument(
+        "--index",
+        type=int,
+        nargs="+",
+        required=True,
+        metavar="N",
+        help="the receipts' leaf indexes in that log (a receipt's `index`)",
+    )
+    json_option(erase)
+    erase.set_defaults(func=_erase)
+
     revoke = verbs.add_parser(
         "revoke-log",
         help="refuse every checkpoint a log key signs from now on (a captured edge site)",
@@ -206,7 +224,7 @@ def load_witness(d: Path, with_vault: bool = False) -> Any:
 
     from gateway.pki import PKIError, load_signing_key
     from gateway.receipts.canonical import unb64
-    from gateway.receipts.vault import Vault
+    from gateway.receipts.vault import MAX_OWNER_MATERIAL, Vault
     from gateway.receipts.witness import TrustedLog, Witness
 
     try:
@@ -221,7 +239,9 @@ def load_witness(d: Path, with_vault: bool = False) -> Any:
             )
             for t in cfg.get("trusted_logs", [])
         ]
-        vault = Vault(d / "vault.db") if with_vault else None
+        # Bytes of evidence files each trusted log key may keep in the vault.
+        quota = int(cfg.get("vault_quota_bytes", MAX_OWNER_MATERIAL))
+        vault = Vault(d / "vault.db", quota) if with_vault else None
         return Witness(str(cfg["name"]), key, trusted, d / "state.json", vault=vault)
     except (OSError, ValueError, KeyError, PKIError) as exc:
         raise UsageError(f"{d}: not a usable witness directory: {exc}") from exc
@@ -301,4 +321,23 @@ def _export(args: argparse.Namespace) -> int:
         vault.close()
     out = {"out": str(args.out), "logs": len(vkeys), "receipts": n}
     emit(args, out, f"{n} receipts of {len(vkeys)} edge log(s) in {args.out}")
+    return 0
+
+
+def _erase(args: argparse.Namespace) -> int:
+    """Works beside a running `serve`: SQLite orders this write with the server's."""
+    from gateway.receipts.vault import Vault
+
+    if any(i < 0 for i in args.index):
+        raise UsageError("--index: leaf indexes are 0 or more")
+    path = args.dir / "vault.db"
+    if not path.is_file():
+        raise UsageError(f"{args.dir} keeps no vault (serve it with --vault)")
+    vault = Vault(path)
+    try:
+        n = vault.erase(args.origin, args.index)
+    finally:
+        vault.close()
+    out = {"origin": args.origin, "indexes": sorted(set(args.index)), "references": n}
+    emit(args, out, f"erased the evidence of {len(out['indexes'])} receipt(s) of {args.origin}")
     return 0

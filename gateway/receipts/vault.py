@@ -17,6 +17,15 @@ in two steps: the leaf's upload names each file by SHA-256, and only a digest th
 receipt commits to is taken (`evidence_commitments`); the file itself follows in its own
 upload, taken only if some named reference wants it and it hashes to its name. So an edge
 cannot swap a proof, and the vault stores nothing no receipt asked for.
+
+Each file is charged to the trusted log key (its origin prefix) whose upload brought it,
+against a quota per key (`Vault.quota`): one captured edge can fill its own share, not
+every edge's. A file no reference names any more (its pending leaf replaced, its receipt
+erased) is deleted at once, so abandoned files do not keep counting.
+
+Evidence holds client data (a proof's public instances are the inputs and outputs), so it
+can be erased (`Vault.erase`: `ztgate witness erase`, or an `erasure` leaf the edge
+uploads) and leaves no copy in the vault's files (`secure_delete`, the WAL truncated).
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import datetime as dt
 import hashlib
 import itertools
 import json
+import logging
 import re
 import sqlite3
 import threading
@@ -55,6 +65,7 @@ __all__ = [
     "has_body",
 ]
 
+log = logging.getLogger(__name__)
 MAX_UPLOAD_LEAVES = 2048  # per request: bounds one request's memory and its retry cost
 # Leaves whose entry commits to a body the auditor must be able to read.
 _RECORD_TYPES = ("erasure", "log_start", "late_evidence", "node_quarantine", "node_release")
@@ -70,6 +81,17 @@ CREATE TABLE IF NOT EXISTS evidence(origin TEXT NOT NULL, idx INTEGER NOT NULL,
     name TEXT NOT NULL, digest TEXT NOT NULL, PRIMARY KEY(origin, idx, name));
 CREATE INDEX IF NOT EXISTS evidence_digest ON evidence(digest);
 CREATE TABLE IF NOT EXISTS material(digest TEXT PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS erased(origin TEXT NOT NULL, idx INTEGER NOT NULL,
+    PRIMARY KEY(origin, idx));
+CREATE TABLE IF NOT EXISTS charges(owner TEXT PRIMARY KEY, bytes INTEGER NOT NULL);
+"""
+# Who brought each file and its size; `charges` sums them per owner, so a quota check is
+# one row, not a scan. Files from before quotas are charged to no key ('').
+_MATERIAL_OWNER = """
+ALTER TABLE material ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+ALTER TABLE material ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
+UPDATE material SET size = LENGTH(data);
+INSERT INTO charges(owner, bytes) SELECT owner, SUM(size) FROM material GROUP BY owner;
 """
 
 
@@ -90,7 +112,9 @@ EVIDENCE_NAMES = ("proof.json", "zk.json", "vk", "settings.json", "srs")
 # One file per upload, under the witness's 16 MiB request cap once base64-encoded; a
 # larger SRS stays at the edge (its receipts then report zk-evidence-missing at the core).
 MAX_MATERIAL_FILE = 11 << 20
-MAX_VAULT_MATERIAL = 8 << 30  # every origin's evidence files together
+MAX_VAULT_MATERIAL = 8 << 30  # every origin's evidence files together: the disk's bound
+# Per trusted log key (an edge site; every log id under its prefix): one edge's share.
+MAX_OWNER_MATERIAL = 1 << 30
 MAX_MISSING_LISTED = 64  # leaves per `missing` answer (5 files each at most): the edge pages
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 
@@ -231,15 +255,19 @@ def _record_matches(data: bytes, body: bytes) -> bool:
 class Vault:
     """One SQLite file for every edge origin this core witnesses."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, quota: int = MAX_OWNER_MATERIAL) -> None:
+        """`quota`: bytes of evidence files each trusted log key may have here."""
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.quota = quota
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # what the edge was told is stored, is
+        self._db.execute("PRAGMA secure_delete=ON")  # erased evidence leaves no freed cells
         self._db.executescript(_SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(material)")}
+        if "owner" not in columns:  # a vault from before quotas: its files count globally
+            self._db.executescript(f"BEGIN;{_MATERIAL_OWNER}COMMIT;")
         self._lock = threading.Lock()
-        row = self._db.execute("SELECT COALESCE(SUM(LENGTH(data)), 0) FROM material").fetchone()
-        self._material_bytes = int(row[0])  # kept up to date by each commit that adds some
 
     def close(self) -> None:
         self._db.close()
@@ -335,8 +363,12 @@ class Vault:
 
     # ------------------------------------------------------------------ writing
 
-    def append(self, origin: str, upload: Upload) -> int:
-        """Store an upload; the stored size after it. Idempotent for what is stored."""
+    def append(self, origin: str, upload: Upload, owner: str | None = None) -> int:
+        """Store an upload; the stored size after it. Idempotent for what is stored.
+        `owner`: the trusted log key's origin prefix that signed it (default: the origin),
+        charged for the evidence files it brings and allowed to erase evidence of the
+        origins under it."""
+        owner = origin if owner is None else owner
         cosigned = self.cosigned(origin)
         stored = self.stored(origin)
         if upload.start + len(upload.leaves) > MAX_ORIGIN_LEAVES:
@@ -350,7 +382,9 @@ class Vault:
             raise VaultError("a body for a leaf outside this upload")
         checked = [_check_leaf(i, data, upload.blobs.get(i)) for i, data in _indexed(upload)]
         _check_evidence(upload)
+        erasures: dict[str, set[int]] = {}
         with self._tx() as db:
+            dropped: set[str] = set()  # digests a replaced leaf named
             for i, data in checked:
                 if i < cosigned:
                     row = db.execute(
@@ -363,38 +397,67 @@ class Vault:
                             stored,
                         )
                     continue
+                old = db.execute(
+                    "SELECT data FROM leaves WHERE origin = ? AND idx = ?", (origin, i)
+                ).fetchone()
+                if old is not None and bytes(old[0]) != data:  # another receipt: not erased
+                    db.execute("DELETE FROM erased WHERE origin = ? AND idx = ?", (origin, i))
                 db.execute(
                     "INSERT OR REPLACE INTO leaves(origin, idx, data) VALUES (?, ?, ?)",
                     (origin, i, data),
                 )
-                # A replaced pending leaf takes its old body with it.
+                # A replaced pending leaf takes its old body and evidence with it.
                 db.execute("DELETE FROM blobs WHERE origin = ? AND idx = ?", (origin, i))
-                db.execute("DELETE FROM evidence WHERE origin = ? AND idx = ?", (origin, i))
+                dropped.update(_drop_refs(db, origin, [i]))
                 body = upload.blobs.get(i)
                 if body is not None:
                     db.execute(
                         "INSERT OR REPLACE INTO blobs(origin, idx, data) VALUES (?, ?, ?)",
                         (origin, i, body),
                     )
-                for name, digest in upload.evidence.get(i, {}).items():
-                    db.execute(
-                        "INSERT INTO evidence(origin, idx, name, digest) VALUES (?, ?, ?, ?)",
-                        (origin, i, name, digest),
-                    )
+                    if LogEntry.parse(data).type == "erasure":
+                        _erasure_of(body, owner, erasures)
+                self._add_refs(db, origin, i, upload)
+            _drop_orphans(db, dropped)
             for digest, data in upload.material.items():
-                # Under the lock; a rollback after it over-counts, which errs on the safe side.
-                self._material_bytes += self._store_material(db, origin, digest, data)
+                self._store_material(db, origin, owner, digest, data)
+            for erased_origin, indexes in erasures.items():
+                _erase_rows(db, erased_origin, indexes)
+        if erasures:
+            self._truncate_wal()
         return self.stored(origin)
 
-    def _store_material(self, db: sqlite3.Connection, origin: str, digest: str, data: bytes) -> int:
+    def _add_refs(self, db: sqlite3.Connection, origin: str, i: int, upload: Upload) -> None:
+        refs = upload.evidence.get(i, {})
+        if not refs or _is_erased(db, origin, i):
+            return  # an erased receipt's evidence does not come back with a resend
+        body = upload.blobs[i]  # _check_evidence: every reference comes with its receipt
+        for name, digest in refs.items():
+            if name == "zk.json":
+                # Named by content, not digest: a record already held was checked against
+                # another receipt, so it is checked against this one too.
+                held = db.execute(
+                    "SELECT data FROM material WHERE digest = ?", (digest,)
+                ).fetchone()
+                if held is not None and not _record_matches(bytes(held[0]), body):
+                    raise VaultError("the zk record is not the one its receipt names")
+            db.execute(
+                "INSERT INTO evidence(origin, idx, name, digest) VALUES (?, ?, ?, ?)",
+                (origin, i, name, digest),
+            )
+
+    def _store_material(
+        self, db: sqlite3.Connection, origin: str, owner: str, digest: str, data: bytes
+    ) -> None:
         """One evidence file: only one a reference of this origin names, and that hashes
-        to its name; held once for every receipt and origin that names it. Bytes added."""
+        to its name; held once for every receipt and origin that names it, charged to the
+        owner whose upload brought it."""
         if len(data) > MAX_MATERIAL_FILE:
             raise VaultError(f"an evidence file may hold at most {MAX_MATERIAL_FILE} bytes")
         if hashlib.sha256(data).hexdigest() != digest:
             raise VaultError("an evidence file does not hash to its name")
         if db.execute("SELECT 1 FROM material WHERE digest = ?", (digest,)).fetchone():
-            return 0  # already held: a resend after a cut
+            return  # already held: a resend after a cut
         wanted = db.execute(
             "SELECT e.name, b.data FROM evidence e LEFT JOIN blobs b"
             " ON b.origin = e.origin AND b.idx = e.idx"
@@ -404,12 +467,44 @@ class Vault:
         if wanted is None:
             raise VaultError("no receipt of this log names that evidence file")
         name, body = str(wanted[0]), wanted[1]
-        if name == "zk.json" and (body is None or not _record_matches(data, bytes(body))):
-            raise VaultError("the zk record is not the one its receipt names")
-        if self._material_bytes + len(data) > MAX_VAULT_MATERIAL:
+        if name == "zk.json":
+            if body is None or not _record_matches(data, bytes(body)):
+                raise VaultError("the zk record is not the one its receipt names")
+            _drop_unmatched_records(db, digest, data)
+        (mine,) = db.execute(
+            "SELECT COALESCE(SUM(bytes), 0) FROM charges WHERE owner = ?", (owner,)
+        ).fetchone()
+        if int(mine) + len(data) > self.quota:
+            raise VaultError(f"this edge holds its quota of evidence here ({self.quota} bytes)")
+        (everyone,) = db.execute("SELECT COALESCE(SUM(bytes), 0) FROM charges").fetchone()
+        if int(everyone) + len(data) > MAX_VAULT_MATERIAL:
             raise VaultError(f"the vault holds {MAX_VAULT_MATERIAL} bytes of evidence already")
-        db.execute("INSERT INTO material(digest, data) VALUES (?, ?)", (digest, data))
-        return len(data)
+        db.execute(
+            "INSERT INTO material(digest, data, owner, size) VALUES (?, ?, ?, ?)",
+            (digest, data, owner, len(data)),
+        )
+        db.execute(
+            "INSERT INTO charges(owner, bytes) VALUES (?, ?)"
+            " ON CONFLICT(owner) DO UPDATE SET bytes = bytes + excluded.bytes",
+            (owner, len(data)),
+        )
+
+    def erase(self, origin: str, indexes: list[int]) -> int:
+        """Delete the evidence of the receipts at `indexes` (an erasure request): their
+        references, and every file no other receipt names, leaving no copy in the vault's
+        files. Leaves and receipt bodies stay (they hold commitments, not inputs); a resend
+        does not bring the evidence back. Returns the references deleted."""
+        with self._tx() as db:
+            n = _erase_rows(db, origin, set(indexes))
+        self._truncate_wal()
+        return n
+
+    def _truncate_wal(self) -> None:
+        """The WAL still holds the deleted pages: copy it into the database and empty it."""
+        with self._lock:
+            busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            log.warning("vault: WAL still in use after an erasure; truncated at the next one")
 
     def commit(self, origin: str, size: int, note: str) -> None:
         """The core cosigned `note` (of tree size `size`): leaves below it are final."""
@@ -418,6 +513,78 @@ class Vault:
                 "INSERT OR REPLACE INTO checkpoints(origin, size, note) VALUES (?, ?, ?)",
                 (origin, size, note),
             )
+
+
+def _drop_refs(db: sqlite3.Connection, origin: str, indexes: list[int]) -> list[str]:
+    """Delete the evidence references of these leaves; the digest each named."""
+    digests: list[str] = []
+    for i in indexes:
+        rows = db.execute(
+            "DELETE FROM evidence WHERE origin = ? AND idx = ? RETURNING digest", (origin, i)
+        ).fetchall()
+        digests += (str(r[0]) for r in rows)
+    return digests
+
+
+def _drop_orphans(db: sqlite3.Connection, digests: set[str]) -> int:
+    """Delete the files among `digests` that no reference names any more; how many."""
+    gone = 0
+    for d in sorted(digests):
+        for owner, size in db.execute(
+            "DELETE FROM material WHERE digest = ? AND NOT EXISTS"
+            " (SELECT 1 FROM evidence WHERE digest = ?) RETURNING owner, size",
+            (d, d),
+        ).fetchall():
+            db.execute("UPDATE charges SET bytes = bytes - ? WHERE owner = ?", (size, owner))
+            gone += 1
+    return gone
+
+
+def _drop_unmatched_records(db: sqlite3.Connection, digest: str, data: bytes) -> None:
+    """References to this zk record from receipts it is not the record of: they can never
+    be satisfied by it (the digest is fixed), so they go rather than borrow it."""
+    rows = db.execute(
+        "SELECT e.origin, e.idx, b.data FROM evidence e LEFT JOIN blobs b"
+        " ON b.origin = e.origin AND b.idx = e.idx WHERE e.digest = ? AND e.name = 'zk.json'",
+        (digest,),
+    ).fetchall()
+    for origin, idx, body in rows:
+        if body is None or not _record_matches(data, bytes(body)):
+            db.execute(
+                "DELETE FROM evidence WHERE origin = ? AND idx = ? AND name = 'zk.json'",
+                (origin, idx),
+            )
+
+
+def _is_erased(db: sqlite3.Connection, origin: str, index: int) -> bool:
+    row = db.execute("SELECT 1 FROM erased WHERE origin = ? AND idx = ?", (origin, index))
+    return row.fetchone() is not None
+
+
+def _erase_rows(db: sqlite3.Connection, origin: str, indexes: set[int]) -> int:
+    """Within a transaction: drop these receipts' evidence, and files left unnamed."""
+    ordered = sorted(indexes)
+    db.executemany(
+        "INSERT OR IGNORE INTO erased(origin, idx) VALUES (?, ?)", ((origin, i) for i in ordered)
+    )
+    digests = _drop_refs(db, origin, ordered)
+    _drop_orphans(db, set(digests))
+    return len(digests)
+
+
+def _erasure_of(record: bytes, owner: str, into: dict[str, set[int]]) -> None:
+    """The receipts an edge's `erasure` leaf erased (`entry.erasure_record`), if they are
+    of a log its key covers (an erasure in a frozen log is logged by its successor)."""
+    try:
+        doc = json.loads(record)
+        origin, indexes = doc["origin"], doc["indices"]
+    except (ValueError, KeyError, TypeError):
+        return  # the leaf is the edge's word; an unreadable one erases nothing here
+    covers = owner if owner.endswith("/") else owner + "/"
+    if not isinstance(origin, str) or not (origin == owner or origin.startswith(covers)):
+        return
+    if isinstance(indexes, list) and all(type(i) is int and i >= 0 for i in indexes):
+        into.setdefault(origin, set()).update(indexes)
 
 
 def _indexed(upload: Upload) -> Iterator[tuple[int, bytes]]:

@@ -281,9 +281,12 @@ class Witness:
         if all(t.revoked for t in signers):
             self._refuse(403, "revoked", origin, "upload under a revoked log key")
             raise VaultError(f"the log key for {origin} is revoked at the core")
+        # The key, not the origin, owns what it brings: its quota covers every log id
+        # under its prefix, which an edge holding it can start at will.
+        owner = next(t for t in signers if not t.revoked).origin_prefix
         try:
             async with self._lock:  # never between a cosignature's root check and commit
-                return await asyncio.to_thread(self.vault.append, origin, upload)
+                return await asyncio.to_thread(self.vault.append, origin, upload, owner)
         except VaultError as exc:
             if "rewritten" in str(exc):
                 self._refuse(409, "rewritten", origin, str(exc))
