@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,15 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
-def run_sync(base: str, ctx: ssl.SSLContext, n: int, c: int) -> dict[str, Any]:
+def timed_calls(
+    base: str,
+    ctx: ssl.SSLContext,
+    n: int,
+    c: int,
+    check: Callable[[httpx.Response], object] = httpx.Response.raise_for_status,
+) -> tuple[list[float], float]:
+    """N synchronous iris calls from C threads, each its own keep-alive mTLS client: what
+    each waited, and the wall time of all. `check` raises on an answer not as expected."""
     waits: list[float] = []
     lock = threading.Lock()
 
@@ -64,14 +73,19 @@ def run_sync(base: str, ctx: ssl.SSLContext, n: int, c: int) -> dict[str, Any]:
             for _ in range(count):
                 t = time.perf_counter()
                 r = cl.post("/v2/models/iris/infer", json=BODY)
-                r.raise_for_status()
+                took = time.perf_counter() - t
+                check(r)
                 with lock:
-                    waits.append(time.perf_counter() - t)
+                    waits.append(took)
 
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(c) as pool:
         list(pool.map(worker, [n // c] * c))
-    wall = time.perf_counter() - t0
+    return waits, time.perf_counter() - t0
+
+
+def run_sync(base: str, ctx: ssl.SSLContext, n: int, c: int) -> dict[str, Any]:
+    waits, wall = timed_calls(base, ctx, n, c)
     return {"rate": len(waits) / wall, "p50_ms": pct(waits, 0.5), "p95_ms": pct(waits, 0.95)}
 
 
@@ -125,18 +139,26 @@ def run_jobs(base: str, ctx: ssl.SSLContext, n: int, c: int) -> dict[str, Any]:
     }
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=400)
+def one_node_bench(doc: str, name: str, requests: int) -> tuple[argparse.Namespace, LocalCluster]:
+    """The command line of a bench on one iris node, and that node started (`ztgate up`'s
+    cluster without zk or mpc, in --dir or a fresh temporary directory)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=requests)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--dir", type=Path)
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
-    root = args.dir or Path(tempfile.mkdtemp(prefix="ztgate-bench-jobs-"))
+    root = args.dir or Path(tempfile.mkdtemp(prefix=f"ztgate-bench-{name}-"))
     cluster = LocalCluster(
         root, 1, gateway_port=free_port(), admin_port=free_port(), with_zk=False, with_mpc=False
     )
     cluster.start()
+    return args, cluster
+
+
+def main() -> int:
+    args, cluster = one_node_bench(__doc__, "jobs", 400)
+    root = cluster.root
     gateway: subprocess.Popen[bytes] | None = None
     try:
         # The bench's caller: every check runs, with limits no benchmark reaches, and room

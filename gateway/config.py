@@ -23,8 +23,9 @@ are resolved against the config file's directory. See docs/config.md for every k
     [uplink]    core_url, ca, interval_s, timeout_s, models_dir
     [jobs]      max_open_per_identity, max_open, max_age_s, result_ttl_s, max_attempts,
                 backoff_s, backoff_max_s, workers
-    [forward]   host, port, ca, crl, max_skew_s, nonce_ttl_s, core_url, core_site, core_ca,
-                cert, key, timeout_s
+    [forward]   host, port, ca, crl, max_skew_s, nonce_ttl_s, site_rate_per_s, site_burst,
+                site_concurrency, max_connections, core_url, core_site, core_ca, cert, key,
+                timeout_s
     [receipts]  signing_key, log_key, signer, signing_key_label, log_key_label, dir,
                 checkpoint_interval_s
     [pkcs11]    module, token, slot, pin_file, required
@@ -245,9 +246,15 @@ class Forward:
     crl: Path | None = None  # the forwarder CA's CRL: revoked sites fail the handshake
     max_skew_s: float = 30.0  # a statement's time may differ from the core's by this much
     nonce_ttl_s: float = 120.0  # how long a statement's nonce is remembered (>= 2 x skew)
+    # Per site: 100/s x nonce_ttl_s 120 = 12k nonce keys at most, well under the shared
+    # cache's bound, while a whole edge's failover traffic still fits.
+    site_rate_per_s: float = 100.0  # statements one site may send per second, on average
+    site_burst: int = 200  # and at once
+    site_concurrency: int = 16  # one site's forwarded requests in the core at a time
+    max_connections: int = 128  # the forward listener's connections and requests, all sites
     core_url: str | None = None  # the core's forward listener, https://core:8444
     core_site: str = "site-a"  # the core's site: its gateway SPIFFE ID is the audience
-    core_ca: Path | None = None  # CA of the core's TLS certificate (default: the system's)
+    core_ca: Path | None = None  # CA of the core's TLS certificate (required with core_url)
     cert: Path | None = None  # this site's forwarder certificate (spiffe://td/site/S/forwarder)
     key: Path | None = None
     timeout_s: float = 10.0  # each forwarded request, end to end
@@ -260,11 +267,19 @@ class Forward:
             raise ConfigError("forward.nonce_ttl_s must be at least twice max_skew_s")
         if self.port is not None and self.ca is None:
             raise ConfigError("forward.port needs forward.ca (the forwarder CA)")
+        if self.site_rate_per_s <= 0 or min(self.site_burst, self.site_concurrency) < 1:
+            raise ConfigError("forward: site_rate_per_s, site_burst, site_concurrency positive")
+        if self.max_connections < 1:
+            raise ConfigError("forward.max_connections must be at least 1")
         if self.core_url is not None:
             if not self.core_url.startswith("https://"):
                 raise ConfigError("forward.core_url: an https:// URL")
             if self.cert is None or self.key is None:
                 raise ConfigError("forward.core_url needs forward.cert and forward.key")
+            if self.core_ca is None:
+                # The system's roots would let any public certificate for the core's
+                # hostname stand in for the core: its CA is pinned, always.
+                raise ConfigError("forward.core_url needs forward.core_ca (the core's CA)")
 
 
 @dataclass(frozen=True)
@@ -519,6 +534,11 @@ class Config:
             items.append(
                 "policy.bundle without policy.officer_keys: list the officers' public keys "
                 "so its signature is checked"
+            )
+        if self.forward.port is not None and self.forward.crl is None:
+            items.append(
+                "forward.port without forward.crl: a captured edge's forwarder certificate "
+                "could not be revoked; set forward.crl to the forwarder CA's CRL"
             )
         if self.uplink.core_url is not None and self.uplink.core_url.startswith("http://"):
             items.append("uplink.core_url is plaintext http://; use https:// (and uplink.ca)")

@@ -33,6 +33,7 @@ PRODUCTION: dict[str, str] = {
     "tls.node_client_cert": "not issued by the development PKI",
     "state.redis_url": "required: rediss:// with an ACL user, TLS checks not turned off",
     "policy.dir": "refused: use a signed policy.bundle",
+    "forward.crl": "required with forward.port (a forwarder must be revocable)",
     "policy.bundle": "required (an officer-signed bundle)",
     "policy.officer_keys": "at least one with policy.bundle",
     "receipts.signing_key": "required",

@@ -270,6 +270,12 @@ class ThreadedFaultProxy:
     def throttle(self, bytes_per_s: float | None) -> None:
         self._loop.call_soon_threadsafe(self.proxy.throttle, bytes_per_s)
 
+    def flap(self, up_s: float, down_s: float) -> None:
+        self._loop.call_soon_threadsafe(self.proxy.flap, up_s, down_s)
+
+    def delay(self, seconds: float) -> None:
+        self._loop.call_soon_threadsafe(self.proxy.delay, seconds)
+
     def close(self) -> None:
         asyncio.run_coroutine_threadsafe(self.proxy.close(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)

@@ -41,6 +41,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from gateway import __version__
 from gateway.app import EXTENSIONS, SERVER_NAME, Gateway
 from gateway.config import Config
+from gateway.forward.site import one_request
 from gateway.pipeline import Answer, Asked, Caller, DecodeStage, Incoming, body_of
 from gateway.protocol.problems import (
     BadRequest,
@@ -501,7 +502,8 @@ class GrpcFront(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[
             )
             return resp
 
-        return await self.gw.pipeline.infer(came, respond, decode)
+        with one_request():  # a stream's messages share a task (gateway/forward/site.py)
+            return await self.gw.pipeline.infer(came, respond, decode)
 
     async def ModelInfer(self, request: Message, context: Any) -> Message:
         try:
@@ -609,10 +611,53 @@ class _GenericOnly:
         self.server = server
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        self.server.add_generic_rpc_handlers(handlers)
+        self.server.add_generic_rpc_handlers([_Undecodable(h) for h in handlers])
 
     def add_registered_method_handlers(self, _service: str, _handlers: Any) -> None:
         pass  # the generic handler serves the same methods
+
+
+_UNPARSED = object()  # a unary request whose bytes are not the method's message
+
+
+class _Undecodable(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """Unary methods refuse a message that does not parse as INVALID_ARGUMENT (a
+    bad-request problem in the trailers), like any other bad request. Without this,
+    grpc.aio answers a deserializer's DecodeError with UNKNOWN, the gRPC 500. Handlers
+    are wrapped once per method (the service's fixed set), not per call."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+        self.inner = inner
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = str(details.method)
+        done = self._wrapped.get(method)
+        if done is not None:
+            return done
+        h = self.inner.service(details)
+        if h is None or h.request_streaming or h.response_streaming or h.unary_unary is None:
+            return h
+        behavior, parse = h.unary_unary, h.request_deserializer
+
+        def lenient(raw: bytes) -> Any:
+            try:
+                return parse(raw)
+            except Exception:  # protobuf's DecodeError (and nothing this code raises)
+                return _UNPARSED
+
+        async def call(request: Any, context: Any) -> Any:
+            if request is _UNPARSED:
+                await _abort(
+                    context, BadRequest("the request is not a valid message for this method")
+                )
+            return await behavior(request, context)
+
+        wrapped = grpc.unary_unary_rpc_method_handler(
+            call, request_deserializer=lenient, response_serializer=h.response_serializer
+        )
+        self._wrapped[method] = wrapped
+        return wrapped
 
 
 def add_service(front: GrpcFront, server: grpc.aio.Server) -> None:

@@ -492,7 +492,7 @@ def edge_failover(cfg: Config, gw: Gateway, api: Any) -> Any:
     """An edge that forwards to its core (`forward.core_url`): the API app, failing over to
     the core when no local node can serve (gateway/forward/client.py)."""
     f = cfg.forward
-    if f.core_url is None or f.cert is None or f.key is None:
+    if f.core_url is None or f.cert is None or f.key is None or f.core_ca is None:
         return api
     from gateway.forward.client import CoreForwarder, EdgeFailover
 
@@ -524,7 +524,9 @@ def forward_server(cfg: Config, gw: Gateway) -> uvicorn.Server | None:
     f = cfg.forward
     if f.port is None or f.ca is None:
         return None
+    from gateway.forward.limits import SiteLimits
     from gateway.forward.listener import ForwardListener
+    from gateway.forward.metrics import ForwardMetrics
 
     # Reloaded like the API's: a new forward.crl takes effect at the next handshake.
     tls = ReloadingContext(TLSFiles(cfg.tls.cert, cfg.tls.key, f.ca, f.crl))
@@ -551,8 +553,10 @@ def forward_server(cfg: Config, gw: Gateway) -> uvicorn.Server | None:
         check_nonce=gw.store.check_nonce,
         may_forward=may_forward,
         resolve=gw.resolver.resolve,
+        limits=SiteLimits(f.site_rate_per_s, f.site_burst, f.site_concurrency),
     )
     gw.forward_listener = listener  # type: ignore[attr-defined]
+    gw.metrics.registry.register(ForwardMetrics(listener))
     return uvicorn.Server(
         uvicorn.Config(
             listener,
@@ -563,6 +567,8 @@ def forward_server(cfg: Config, gw: Gateway) -> uvicorn.Server | None:
             ssl_context_factory=lambda _cfg, _default: tls.listening,
             ssl_certfile=str(cfg.tls.cert),
             timeout_graceful_shutdown=cfg.listen.graceful_shutdown_s,
+            # Every site's requests together; each site's own share is `SiteLimits`'.
+            limit_concurrency=f.max_connections,
             access_log=False,
             server_header=False,
             proxy_headers=False,

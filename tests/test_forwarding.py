@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import numpy as np
 import pytest
@@ -29,18 +30,25 @@ import uvicorn
 import uvloop
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from gateway.app import Gateway
-from gateway.config import Config, Forward
+from gateway.config import Config, ConfigError, Forward
 from gateway.faultproxy import ThreadedFaultProxy
 from gateway.forward import statement
-from gateway.forward.client import SITE_WHY_HEADER
+from gateway.forward.client import SITE_WHY_HEADER, CoreForwarder
+from gateway.forward.limits import SiteLimits
 from gateway.pki import PKI, Issued, forwarder_crl
 from gateway.ports import free_port
-from gateway.runtime import build_gateway, forward_server, servers
+from gateway.runtime import ProductionRefused, build_gateway, check_mode, forward_server, servers
+from tests import test_gateway
 from tests.conftest import TritonCluster, one_off_node
 from tests.gateway_harness import client_context, gateway_config
+from tests.test_gateway import node_table
+from tests.test_grpc_front import wait_listening
 
+registry_dir = test_gateway.registry_dir  # the fixture: the session's model registry
 CORE_SITE = "site-a"
 EDGE_SITE = "site-b"  # policies/60-forwarding.cedar lets it forward for apps
 OTHER_SITE = "site-c"  # no permit names it
@@ -62,20 +70,6 @@ def infer_body(x: np.ndarray) -> bytes:
     ).encode()
 
 
-def node_table(cluster: TritonCluster) -> list[dict[str, Any]]:
-    return [
-        {
-            "name": n.name,
-            "address": n.address,
-            "dns_name": n.dns_name,
-            "spiffe_id": n.spiffe_id,
-            "region": n.region,
-            "provider": n.provider,
-        }
-        for n in cluster.nodes.values()
-    ]
-
-
 @dataclasses.dataclass
 class Core:
     cfg: Config
@@ -88,6 +82,21 @@ class Core:
     @property
     def forward_base(self) -> str:
         return f"https://127.0.0.1:{self.cfg.forward.port}"
+
+
+def site_config(
+    sites: PKI, registry: Path, data: Path, nodes: list[dict[str, Any]], site: str, **more: Any
+) -> Config:
+    """A gateway of `site` on the session's tritonservers, which trust site-a's gateway CA
+    only: it calls them with site-a's node-client certificate."""
+    cfg = gateway_config(sites, registry, data, nodes, site=site, **more)
+    gw_a = sites.root / "gateway" / CORE_SITE
+    tls = dataclasses.replace(
+        cfg.tls,
+        node_client_cert=gw_a / "node-client.crt",
+        node_client_key=gw_a / "node-client.key",
+    )
+    return dataclasses.replace(cfg, tls=tls)
 
 
 @contextmanager
@@ -126,11 +135,6 @@ def running(cfg: Config) -> Iterator[Gateway]:
 def sites(pki: PKI) -> PKI:
     """The session's PKI with the edge sites added (their gateway CAs, forwarders)."""
     return PKI.init(pki.root, trust_domain=pki.trust_domain, sites=[EDGE_SITE, OTHER_SITE])
-
-
-@pytest.fixture(scope="module")
-def registry_dir(triton_repository: Path) -> Path:
-    return triton_repository.parent / "registry"
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +185,7 @@ def send(
     who: Issued,
     body: bytes,
     *,
-    sent_body: bytes | None = None,
+    sent_body: bytes | Iterator[bytes] | None = None,
     headers: dict[str, str] | None = None,
     **overrides: Any,
 ) -> tuple[httpx.Response, dict[str, str]]:
@@ -316,8 +320,19 @@ def test_a_loop_back_through_the_core_is_refused(core: Core, sites: PKI) -> None
     fwd, alice = forwarder(sites, EDGE_SITE), client(sites, "alice")
     r, _ = send(core, sites, fwd, alice, infer_body(IRIS), hops=(EDGE_SITE, CORE_SITE))
     assert r.status_code == 403 and reason(r) == "forbidden:forward-loop"
-    ok, _ = send(core, sites, fwd, alice, infer_body(IRIS), hops=(OTHER_SITE,))
+    ok, _ = send(core, sites, fwd, alice, infer_body(IRIS))
     assert ok.status_code == 200, ok.text
+
+
+def test_a_hop_list_naming_more_than_the_sender_is_refused(core: Core, sites: PKI) -> None:
+    """Nothing forwards a forwarded request, so the only hop is the sender: a longer list
+    would put the edge's word alone into the core's receipt (`ext.forward_hops`)."""
+    fwd, alice = forwarder(sites, EDGE_SITE), client(sites, "alice")
+    r, _ = send(core, sites, fwd, alice, infer_body(IRIS), hops=(OTHER_SITE,))
+    assert r.status_code == 403 and reason(r) == "forbidden:forward-hops"
+    ok, _ = send(core, sites, fwd, alice, infer_body(IRIS))
+    assert ok.status_code == 200, ok.text
+    assert receipt(core, sites, alice, ok)["ext"]["forward_hops"] == [EDGE_SITE]
 
 
 def test_a_statement_naming_another_site_than_its_certificate_is_refused(
@@ -372,6 +387,37 @@ def test_a_client_certificate_not_from_the_client_ca_is_refused(
     assert r.status_code == 403 and reason(r) == "forbidden:client-certificate"
 
 
+def test_forward_refusals_are_counted_on_the_gateways_metrics_by_reason(
+    core: Core, sites: PKI
+) -> None:
+    """What the listener counts reaches Prometheus: a refusal under its reason, and
+    (the control) an accepted request under `accepted`, on the core's own /metrics."""
+
+    def scrape() -> dict[tuple[str, str], float]:
+        r = httpx.get(f"http://127.0.0.1:{core.cfg.listen.admin_port}/metrics", timeout=10)
+        assert r.status_code == 200
+        return {
+            (s.name, s.labels.get("reason", "")): s.value
+            for fam in text_string_to_metric_families(r.text)
+            for s in fam.samples
+            if s.name.startswith("ztgate_forward_")
+        }
+
+    refused = ("ztgate_forward_refusals_total", "statement-audience")
+    accepted = ("ztgate_forward_accepted_total", "")
+    fwd, alice = forwarder(sites, EDGE_SITE), client(sites, "alice")
+    before = scrape()
+    r, _ = send(
+        core, sites, fwd, alice, infer_body(IRIS), aud="spiffe://ztgate.local/gateway/site-z"
+    )
+    assert reason(r) == "forbidden:statement-audience"
+    ok, _ = send(core, sites, fwd, alice, infer_body(IRIS))
+    assert ok.status_code == 200, ok.text
+    after = scrape()
+    assert after[refused] == before.get(refused, 0.0) + 1
+    assert after[accepted] == before[accepted] + 1
+
+
 def test_a_revoked_forwarder_fails_the_handshake_from_the_next_crl_on(
     core: Core, sites: PKI, tmp_path: Path
 ) -> None:
@@ -419,16 +465,9 @@ def test_an_edge_whose_nodes_died_answers_from_the_core_and_says_so(
         node = node_life.enter_context(
             one_off_node(sites, triton_home, triton_repository, "edge1", tmp_path / "edge1")
         )
-        edge_cfg = gateway_config(sites, registry_dir, tmp_path / "edge", [node], site=EDGE_SITE)
-        # The session's nodes trust site-a's gateway CA; the edge's node is one of them.
-        gw_a = sites.root / "gateway" / CORE_SITE
+        edge_cfg = site_config(sites, registry_dir, tmp_path / "edge", [node], EDGE_SITE)
         edge_cfg = dataclasses.replace(
             edge_cfg,
-            tls=dataclasses.replace(
-                edge_cfg.tls,
-                node_client_cert=gw_a / "node-client.crt",
-                node_client_key=gw_a / "node-client.key",
-            ),
             forward=Forward(
                 core_url=f"https://127.0.0.1:{proxy.port}",
                 core_site=CORE_SITE,
@@ -496,22 +535,13 @@ def test_an_edge_prefers_its_own_sites_nodes_and_falls_back_where_residency_allo
                 sites, triton_home, triton_repository, "edge2", tmp_path / "edge2", "ap-south"
             )
         )
-        cfg = gateway_config(
+        cfg = site_config(
             sites,
             registry_dir,
             tmp_path / "edge",
             [{**edge2, "site": EDGE_SITE}, {**n1, "site": CORE_SITE}],
-            site=EDGE_SITE,
+            EDGE_SITE,
             policy={"models": {"iris": {"residency": ["ap-"]}}},
-        )
-        gw_a = sites.root / "gateway" / CORE_SITE  # the session's nodes trust site-a's CA
-        cfg = dataclasses.replace(
-            cfg,
-            tls=dataclasses.replace(
-                cfg.tls,
-                node_client_cert=gw_a / "node-client.crt",
-                node_client_key=gw_a / "node-client.key",
-            ),
         )
         stack.enter_context(running(cfg))
         edge = f"https://127.0.0.1:{cfg.listen.port}"
@@ -544,10 +574,356 @@ def test_an_edge_prefers_its_own_sites_nodes_and_falls_back_where_residency_allo
         assert "n1" not in doc["detail"]
 
 
+def test_a_redundant_answer_names_the_sites_of_both_nodes_that_gave_it(
+    sites: PKI, triton_cluster: TritonCluster, registry_dir: Path, tmp_path: Path
+) -> None:
+    """Mode redundant chooses its own nodes (one per provider); the receipt names the sites
+    of the two that agreed, not only a mode-none answer's one. A gateway at site-b whose
+    n1 is its own and n2, n3 are site-a's: every pair the mode can pick is named as such.
+    Control: the same gateway's mode-none answer comes from its own n1, `local`."""
+    alice = client(sites, "alice")
+    site_of = {"n1": EDGE_SITE, "n2": CORE_SITE, "n3": CORE_SITE}
+    table = [{**n, "site": site_of[n["name"]]} for n in node_table(triton_cluster)]
+    cfg = site_config(sites, registry_dir, tmp_path / "gw", table, EDGE_SITE)
+    body = json.loads(infer_body(IRIS))
+    with (
+        running(cfg),
+        httpx.Client(verify=client_context(sites, alice.cert, alice.key), timeout=30) as c,
+    ):
+        url = f"https://127.0.0.1:{cfg.listen.port}/v2/models/iris/infer"
+        plain = c.post(url, json=body)
+        assert plain.status_code == 200, plain.text
+        assert plain.json()["parameters"]["ztgate.nodes"] == "n1"
+        rec = edge_receipt(cfg, sites, alice, plain)
+        assert (rec["ext"]["site"], rec["ext"]["site_why"]) == (EDGE_SITE, "local")
+
+        body["parameters"] = {"ztgate.verification": "redundant"}
+        r = c.post(url, json=body)
+        assert r.status_code == 200, r.text
+        params = r.json()["parameters"]
+        assert params["ztgate.verification_status"] == "agreed"
+        nodes = params["ztgate.nodes"].split(",")
+        assert len(nodes) == 2
+        rec = edge_receipt(cfg, sites, alice, r)
+        assert rec["nodes"] == nodes
+        want = ",".join(sorted({site_of[n] for n in nodes}))
+        assert (rec["ext"]["site"], rec["ext"]["site_why"]) == (want, "fallback-region")
+
+
 def edge_receipt(cfg: Config, sites: PKI, who: Issued, r: httpx.Response) -> dict[str, Any]:
-    rid = r.json()["parameters"]["ztgate.receipt_id"]
+    return receipt_at(cfg, sites, who, r.json()["parameters"]["ztgate.receipt_id"])
+
+
+def receipt_at(cfg: Config, sites: PKI, who: Issued, rid: str) -> dict[str, Any]:
     with httpx.Client(verify=client_context(sites, who.cert, who.key), timeout=10) as c:
         got = c.get(f"https://127.0.0.1:{cfg.listen.port}/v2/receipts/{rid}")
     assert got.status_code == 200, got.text
     doc: dict[str, Any] = got.json()["receipt"]
     return doc
+
+
+# --- security review (issue 26) ----------------------------------------------------------
+def test_grpc_stream_messages_each_name_only_their_own_answering_site(
+    sites: PKI, triton_cluster: TritonCluster, registry_dir: Path, tmp_path: Path
+) -> None:
+    """The messages of one gRPC stream run in one task: the site one message's node had
+    must not reach the next message's receipt. A gateway at site-b where only n1 (site-a)
+    serves iris and only n2 (the gateway's own, no site) serves mnist: on one stream, iris
+    then mnist, mnist's receipt names no site. Control: the same stream the other way
+    round, and iris's receipt names site-a both times."""
+    alice = client(sites, "alice")
+    table = {n["name"]: n for n in node_table(triton_cluster)}
+    nodes = [
+        {**table["n1"], "site": CORE_SITE, "models": ["iris"]},
+        {**table["n2"], "models": ["mnist"]},
+    ]
+    port = free_port()
+    cfg = site_config(
+        sites, registry_dir, tmp_path / "gw", nodes, EDGE_SITE, listen={"grpc_port": port}
+    )
+
+    def request(model: str, x: np.ndarray) -> Any:
+        req = service_pb2.ModelInferRequest(model_name=model)
+        spec = req.inputs.add()
+        spec.name, spec.datatype = "input", "FP32"
+        spec.shape.extend(x.shape)
+        req.raw_input_contents.append(x.astype(np.float32).tobytes())
+        return req
+
+    iris, mnist = request("iris", IRIS), request("mnist", np.zeros((1, 784)))
+    creds = grpc.ssl_channel_credentials(
+        sites.root_ca.read_bytes(), alice.key.read_bytes(), alice.cert.read_bytes()
+    )
+    with running(cfg):
+        wait_listening(port)
+        with grpc.secure_channel(f"127.0.0.1:{port}", creds) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+            def sites_named(*reqs: Any) -> list[tuple[str, str] | None]:
+                out = list(stub.ModelStreamInfer(iter(reqs), timeout=60))
+                assert [m.error_message for m in out] == [""] * len(reqs)
+                named: list[tuple[str, str] | None] = []
+                for m in out:
+                    rid = m.infer_response.parameters["ztgate.receipt_id"].string_param
+                    ext = receipt_at(cfg, sites, alice, rid).get("ext", {})
+                    named.append((ext["site"], ext["site_why"]) if "site" in ext else None)
+                return named
+
+            far = (CORE_SITE, "fallback-region")
+            assert sites_named(iris, mnist) == [far, None]
+            assert sites_named(mnist, iris) == [None, far]
+
+
+def dead_node(cluster: TritonCluster, models: list[str]) -> dict[str, Any]:
+    """n1's table entry at an address where nothing listens: a node that died."""
+    n1 = next(n for n in node_table(cluster) if n["name"] == "n1")
+    return {**n1, "address": f"127.0.0.1:{free_port()}", "models": models}
+
+
+def edge_config(
+    sites: PKI, registry: Path, data: Path, nodes: list[dict[str, Any]], core: Core
+) -> Config:
+    fwd = forwarder(sites, EDGE_SITE)
+    cfg = site_config(sites, registry, data, nodes, EDGE_SITE)
+    forward = Forward(
+        core_url=core.forward_base,
+        core_site=CORE_SITE,
+        core_ca=sites.root_ca,
+        cert=fwd.cert,
+        key=fwd.key,
+    )
+    return dataclasses.replace(cfg, forward=forward)
+
+
+@pytest.fixture(scope="module")
+def edge(
+    core: Core,
+    sites: PKI,
+    triton_cluster: TritonCluster,
+    registry_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[str]:
+    """An edge (site-b) whose one node, for iris only, is down: iris goes to the core."""
+    data = tmp_path_factory.mktemp("edge")
+    cfg = edge_config(sites, registry_dir, data, [dead_node(triton_cluster, ["iris"])], core)
+    with running(cfg):
+        yield f"https://127.0.0.1:{cfg.listen.port}"
+
+
+def reached(core: Core) -> int:
+    """Requests the core's forward listener has seen (accepted or refused)."""
+    listener = core.gw.forward_listener  # type: ignore[attr-defined]
+    return int(listener.accepted + sum(listener.refusals.values()))
+
+
+def test_an_edge_with_no_node_for_a_model_refuses_it_itself_and_does_not_forward(
+    core: Core,
+    sites: PKI,
+    edge: str,
+    triton_cluster: TritonCluster,
+    registry_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """ "No node serves" comes before the edge's policy decides, so forwarding on it would
+    skip the edge's own forbids and @rate: the edge fails over only on a refusal that
+    names its decision. An edge with no node for iris refuses iris itself (the core,
+    the control shows, would answer); an edge whose iris node is down forwards it."""
+    alice = client(sites, "alice")
+    ctx = client_context(sites, alice.cert, alice.key)
+    cfg = edge_config(
+        sites, registry_dir, tmp_path / "e", [dead_node(triton_cluster, ["mnist"])], core
+    )
+    with running(cfg), httpx.Client(verify=ctx, timeout=30) as c:
+        before = reached(core)
+        r = c.post(
+            f"https://127.0.0.1:{cfg.listen.port}/v2/models/iris/infer", content=infer_body(IRIS)
+        )
+        assert r.status_code == 503, r.text
+        assert r.json()["type"] == "https://ztgate.dev/problems/no-healthy-node"
+        assert SITE_WHY_HEADER not in r.headers
+        assert reached(core) == before  # never sent to the core
+    with httpx.Client(verify=ctx, timeout=30) as c:
+        ok = c.post(f"{edge}/v2/models/iris/infer", content=infer_body(IRIS))
+    assert ok.status_code == 200, ok.text
+    assert ok.headers[SITE_WHY_HEADER] == "forwarded-to-core"
+
+
+def test_a_binary_answer_from_the_core_keeps_the_headers_that_read_it(
+    sites: PKI, edge: str
+) -> None:
+    """The binary tensor extension: the core's `inference-header-content-length` (and
+    its `ztgate-receipt`) reach the client, which reads the same probabilities as the
+    JSON control request gets."""
+    alice = client(sites, "alice")
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": list(IRIS.shape),
+                    "parameters": {"binary_data_size": IRIS.nbytes},
+                }
+            ],
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    with httpx.Client(verify=client_context(sites, alice.cert, alice.key), timeout=30) as c:
+        url = f"{edge}/v2/models/iris/infer"
+        control = c.post(url, content=infer_body(IRIS))
+        r = c.post(
+            url,
+            content=header + IRIS.tobytes(),
+            headers={
+                "inference-header-content-length": str(len(header)),
+                "content-type": "application/octet-stream",
+            },
+        )
+    assert control.status_code == 200, control.text
+    assert "inference-header-content-length" not in control.headers
+    assert r.status_code == 200, r.text
+    assert r.headers[SITE_WHY_HEADER] == "forwarded-to-core"
+    assert r.headers["ztgate-receipt"]
+    n = int(r.headers["inference-header-content-length"])
+    [out] = json.loads(r.content[:n])["outputs"]
+    got = np.frombuffer(r.content[n:], np.float32).reshape(out["shape"])
+    want = np.array(control.json()["outputs"][0]["data"], np.float32).reshape(out["shape"])
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_the_edge_pins_the_cores_ca_and_spiffe_id(core: Core, sites: PKI) -> None:
+    """`core_ca` is required with `core_url`; and a core whose certificate does not name
+    the statement's audience fails the handshake before anything is sent. Control: the
+    same forwarder aimed at the audience the core's certificate names is answered."""
+    fwd, alice = forwarder(sites, EDGE_SITE), client(sites, "alice")
+    with pytest.raises(ConfigError, match="core_ca"):
+        Forward(core_url="https://core.example:8444", cert=fwd.cert, key=fwd.key)
+
+    def attempt(core_site: str) -> httpx.Response:
+        async def go() -> httpx.Response:
+            f = CoreForwarder(
+                site=EDGE_SITE,
+                trust_domain=core.cfg.trust_domain,
+                core_url=core.forward_base,
+                core_site=core_site,
+                cert=fwd.cert,
+                key=fwd.key,
+                core_ca=sites.root_ca,
+                timeout_s=15,
+            )
+            try:
+                return await f.forward(
+                    client_cert=leaf_pem(alice),
+                    path="/v2/models/iris/infer",
+                    model="iris",
+                    version="",
+                    body=infer_body(IRIS),
+                    content_type="application/json",
+                )
+            finally:
+                await f.aclose()
+
+        return asyncio.run(go())
+
+    before = reached(core)
+    with pytest.raises(httpx.ConnectError):
+        attempt(OTHER_SITE)  # the core's certificate names site-a's gateway
+    assert reached(core) == before
+    ok = attempt(CORE_SITE)
+    assert ok.status_code == 200, ok.text
+
+
+def test_production_refuses_a_forward_listener_without_a_crl(
+    core: Core, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without `forward.crl` a captured edge's forwarder certificate cannot be revoked:
+    production refuses it, dev warns. Control: with the CRL, no such item."""
+    prod = dataclasses.replace(core.cfg, mode="production")
+    no_crl = dataclasses.replace(prod, forward=dataclasses.replace(prod.forward, crl=None))
+    [item] = [i for i in no_crl.dev_only_items() if i.startswith("forward.")]
+    assert "forward.crl" in item
+    with pytest.raises(ProductionRefused, match=r"forward\.crl"):
+        check_mode(no_crl)
+    assert not [i for i in prod.dev_only_items() if i.startswith("forward.")]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gateway.runtime"):
+        check_mode(dataclasses.replace(no_crl, mode="dev"))
+    assert f"DEV-ONLY in use: {item}" in [r.getMessage() for r in caplog.records]
+
+
+@contextmanager
+def site_limits(core: Core, **kw: Any) -> Iterator[SiteLimits]:
+    """The running core's per-site bounds, replaced for one test."""
+    listener = core.gw.forward_listener  # type: ignore[attr-defined]
+    old, listener.limits = listener.limits, SiteLimits(**kw)
+    try:
+        yield listener.limits
+    finally:
+        listener.limits = old
+
+
+def test_forward_for_is_decided_before_the_body_is_read(core: Core, sites: PKI) -> None:
+    """A site policy does not let act for the client is refused on its headers: its
+    body, larger than the core takes, is never read. Control: the same body from a site
+    that may forward is read, and refused as too large."""
+    alice = client(sites, "alice")
+    listener = core.gw.forward_listener  # type: ignore[attr-defined]
+    old, listener.max_body_bytes = listener.max_body_bytes, 1024
+    try:
+        big = b"x" * 4096
+        denied, _ = send(core, sites, forwarder(sites, OTHER_SITE), alice, big)
+        assert denied.status_code == 403 and reason(denied) == "forbidden:forward-for-denied"
+        read, _ = send(core, sites, forwarder(sites, EDGE_SITE), alice, big)
+        assert read.status_code == 413, read.text
+    finally:
+        listener.max_body_bytes = old
+
+
+def test_a_sites_token_bucket_is_taken_before_its_nonce_is_spent(core: Core, sites: PKI) -> None:
+    """One token a second, a burst of one, on a clock the test moves: the second statement
+    at once is refused with a stable reason, and the same statement, once a token is
+    back, is answered: the refusal spent no nonce."""
+    fwd, alice = forwarder(sites, EDGE_SITE), client(sites, "alice")
+    body = infer_body(IRIS)
+    now = [0.0]
+    with site_limits(core, rate_per_s=1.0, burst=1, concurrency=8, clock=lambda: now[0]):
+        first, _ = send(core, sites, fwd, alice, body)
+        assert first.status_code == 200, first.text
+        r, headers = send(core, sites, fwd, alice, body)
+        assert r.status_code == 429 and reason(r) == "rate-limited:site-rate"
+        now[0] += 1.0
+        again, _ = send(core, sites, fwd, alice, body, headers=headers)
+        assert again.status_code == 200, again.text
+
+
+def test_a_site_has_at_most_its_concurrency_cap_in_the_core(core: Core, sites: PKI) -> None:
+    """A cap of one: while one request of the site is in the core (its body held back by
+    the test), the next is refused before its body is read; released, both are answered."""
+    fwd, alice = forwarder(sites, EDGE_SITE), client(sites, "alice")
+    body = infer_body(IRIS)
+    gate = threading.Event()
+
+    def slow() -> Iterator[bytes]:
+        yield body[:10]
+        gate.wait(30)
+        yield body[10:]
+
+    got: list[httpx.Response] = []
+    with site_limits(core, rate_per_s=1000.0, burst=1000, concurrency=1) as limits:
+        held = threading.Thread(
+            target=lambda: got.append(send(core, sites, fwd, alice, body, sent_body=slow())[0])
+        )
+        held.start()
+        try:
+            end = time.monotonic() + 20
+            while limits.busy(EDGE_SITE) == 0:
+                assert time.monotonic() < end, "the first request never reached the core"
+                time.sleep(0.02)
+            r, _ = send(core, sites, fwd, alice, body)
+            assert r.status_code == 503 and reason(r) == "overloaded:site-concurrency"
+        finally:
+            gate.set()
+            held.join(30)
+        assert got and got[0].status_code == 200, got
+        ok, _ = send(core, sites, fwd, alice, body)
+        assert ok.status_code == 200, ok.text

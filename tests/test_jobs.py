@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +21,17 @@ import httpx
 import numpy as np
 import pytest
 
+from gateway.faultproxy import ThreadedFaultProxy
+from gateway.jobs.model import JobRow, NewJob
 from gateway.jobs.redis import RedisJobStore
-from gateway.jobs.store import JOBS_FILE, JobRow, SyncJobStore
+from gateway.jobs.seal import KeyFileError, load_key, seal
+from gateway.jobs.store import JOBS_FILE, SyncJobStore
 from gateway.node.triton import NodeSpec, TritonProcess
 from gateway.pki import PKI, Issued
 from gateway.ports import free_port, wait_ready
 from gateway.receipts.log import ReceiptLog
 from gateway.receipts.model import SignedReceipt
+from tests import test_gateway
 from tests.conftest import LLM_MODEL, SITE, TritonCluster, llm_entries
 from tests.gateway_harness import (
     RunningGateway,
@@ -37,14 +43,10 @@ from tests.gateway_harness import (
 )
 from tests.test_gateway import IRIS, infer_body, node_table
 
+registry_dir = test_gateway.registry_dir  # the fixture: the session's model registry
 JOBS = {"max_open_per_identity": 3, "backoff_s": 0.2, "backoff_max_s": 1.0, "max_attempts": 200}
 # How long a test waits for a job before it gives up (a bound, not a timing assertion).
 PATIENCE_S = 120.0
-
-
-@pytest.fixture(scope="module")
-def registry_dir(triton_repository: Path) -> Path:
-    return triton_repository.parent / "registry"
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +102,17 @@ def stored(gw: RunningGateway, job_id: str) -> JobRow | None:
         return store.get(job_id)
     finally:
         store.close()
+
+
+def stored_finished(gw: RunningGateway, job_id: str) -> JobRow | None:
+    """The row once the job is done or failed, for a job its owner can no longer poll."""
+    end = time.monotonic() + PATIENCE_S
+    row = stored(gw, job_id)
+    while row is not None and row.state not in ("done", "failed"):
+        assert time.monotonic() < end, row
+        time.sleep(0.1)
+        row = stored(gw, job_id)
+    return row
 
 
 def hold(gw: RunningGateway, held: bool) -> None:
@@ -252,12 +265,7 @@ def test_a_client_revoked_after_submit_has_its_job_failed_at_run_time(
             hold(gateway, False)
             assert wait_finished(good, gateway.base, good_id)["status"] == "done"
         # The revoked client cannot poll any more; its job's record says why it failed.
-        row = stored(gateway, bad_id)
-        end = time.monotonic() + PATIENCE_S
-        while row is not None and row.state not in ("done", "failed"):
-            assert time.monotonic() < end
-            time.sleep(0.1)
-            row = stored(gateway, bad_id)
+        row = stored_finished(gateway, bad_id)
         assert row is not None and row.state == "failed" and row.status == 401
         assert row.result is not None and b"revoked" in row.result
         assert row.body is None and row.cert is None  # the request is not kept
@@ -420,6 +428,87 @@ max_attempts = 1000
     assert [s.receipt.receipt_id for s in inferences] == [receipt_id]
 
 
+def test_a_job_over_a_flapping_link_is_one_job_with_one_result_and_one_receipt(
+    pki: PKI, triton_cluster: TritonCluster, registry_dir: Path, tmp_path: Path
+) -> None:
+    """The link between client and gateway (the fault proxy, a real TCP proxy) fails while
+    the client submits and polls, the client retrying with the same Idempotency-Key.
+
+    First the case a retry exists for: the submit reaches the gateway, which makes the
+    job, and the link goes down while the 202 is on its way back (the link is slowed, and
+    cut once the job is in the store). Then the link flaps while the client retries and
+    polls. One job, one result, one receipt in the log. A gateway of its own, so that its
+    log and its store hold this test's jobs only; the control (another key is another
+    job) shows the counts would see a second one."""
+    cfg = gateway_config(
+        pki, registry_dir, tmp_path / "data", node_table(triton_cluster), jobs=JOBS
+    )
+    alice = pki.ensure("client", "alice")
+
+    def jobs_stored() -> int:
+        with contextlib.closing(sqlite3.connect(cfg.data_dir / JOBS_FILE)) as db:
+            return int(db.execute("SELECT count(*) FROM jobs").fetchone()[0])
+
+    with contextlib.ExitStack() as stack:
+        gw = stack.enter_context(running_gateway(cfg))
+        proxy = ThreadedFaultProxy(("127.0.0.1", cfg.listen.port))
+        stack.callback(proxy.close)
+        link = f"https://127.0.0.1:{proxy.port}"
+        c = stack.enter_context(client(pki, alice))
+
+        # The lost 202: a kept-alive connection, then every chunk held a second on the link.
+        assert c.get(f"{link}/v2/jobs/{'0' * 32}").status_code == 404
+        proxy.delay(1.0)
+        pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1))
+        first = pool.submit(submit, c, link, "flap-1")
+        end = time.monotonic() + PATIENCE_S
+        while jobs_stored() == 0:
+            assert time.monotonic() < end and not first.done(), "the submit never landed"
+            time.sleep(0.01)
+        proxy.cut()  # the job is made; its 202 is still on the link
+        with pytest.raises(httpx.TransportError):
+            first.result(timeout=PATIENCE_S)
+        proxy.restore()
+
+        def over_the_link(call: Callable[[], httpx.Response]) -> httpx.Response:
+            end = time.monotonic() + PATIENCE_S
+            while True:
+                try:
+                    return call()
+                except httpx.TransportError:
+                    assert time.monotonic() < end, "the link never let a call through"
+                    time.sleep(0.05)
+
+        proxy.flap(0.25, 0.25)
+        answers = [over_the_link(lambda: submit(c, link, "flap-1")) for _ in range(8)]
+        # Every retry names the job whose 202 was lost: none of them makes one.
+        assert [r.status_code for r in answers] == [200] * 8, [r.text for r in answers]
+        job_id = answers[0].json()["id"]
+        assert {r.json()["id"] for r in answers} == {job_id}
+        views = []
+        while not views or views[-1]["status"] not in ("done", "failed"):
+            r = over_the_link(lambda: c.get(f"{link}/v2/jobs/{job_id}"))
+            assert r.status_code == 200, r.text
+            views.append(r.json())
+            time.sleep(0.05)
+        for _ in range(4):  # and once done, every poll gives the one answer
+            views.append(over_the_link(lambda: c.get(f"{link}/v2/jobs/{job_id}")).json())
+        proxy.restore()
+        done = views[-1]
+        assert done["status"] == "done" and done["node_executions"] == 1, done
+        assert all(v == done for v in views if v["status"] == "done")
+        assert jobs_stored() == 1
+        # Control, on the link restored: another key is another job, and the count sees it.
+        fresh = submit(c, gw.base, "flap-2")
+        assert fresh.status_code == 202 and fresh.json()["id"] != job_id
+        assert jobs_stored() == 2
+        second = wait_finished(c, gw.base, fresh.json()["id"])
+    answered = receipts_in(cfg.data_dir / "receipts", "answer")
+    assert sorted(s.receipt.receipt_id for s in answered) == sorted(
+        [done["receipt_id"], second["receipt_id"]]
+    )
+
+
 def test_a_job_written_into_the_store_without_the_key_runs_as_nobody(
     gateway: RunningGateway, pki: PKI
 ) -> None:
@@ -434,30 +523,25 @@ def test_a_job_written_into_the_store_without_the_key_runs_as_nobody(
             # in the gateway would make such a row: this is the store written by hand.
             store = SyncJobStore(gateway.cfg.data_dir / JOBS_FILE, lock=False)
             try:
-                forged = store.submit(
-                    new_id="f" * 32,
+                forged_job = NewJob(
+                    id="f" * 32,
                     owner="spiffe://ztgate.local/client/jobvictim",
                     key="forged-1",
                     digest="0" * 64,
                     route="/v2/models/iris/infer",
                     model="iris",
+                    created=time.time(),
                     cert=victim.cert.read_text(),
                     headers={"content-type": "application/json"},
                     body=json.dumps(infer_body(IRIS)).encode(),
-                    per_identity=100,
-                    total=100000,
                     mac="0" * 64,
-                ).id
+                )
+                forged = store.submit(forged_job, per_identity=100, total=100000).id
             finally:
                 store.close()
             hold(gateway, False)
             assert wait_finished(c, gateway.base, control)["status"] == "done"
-        row = stored(gateway, forged)
-        end = time.monotonic() + PATIENCE_S
-        while row is not None and row.state not in ("done", "failed"):
-            assert time.monotonic() < end
-            time.sleep(0.1)
-            row = stored(gateway, forged)
+        row = stored_finished(gateway, forged)
         assert row is not None and row.state == "failed" and row.status == 500
         assert row.executions == 1 and row.result is not None
         assert json.loads(row.result)["type"].endswith("/internal")  # the log says why
@@ -591,3 +675,232 @@ def test_replicas_sharing_redis_share_their_jobs(
             for i in range(3):
                 got = submit(c, a.base, f"shared-cap-{i}").json()["id"]
                 assert wait_finished(c, a.base, got)["status"] == "done"
+
+
+# --- issue 26: the store's writer cannot replay, forge or swap; dropped data leaves disk ----
+def marked_body(value: float) -> tuple[dict[str, Any], bytes]:
+    """An iris request carrying `value`, and the bytes it appears as in the request: a
+    marker to look for in the store's files (no answer carries its input)."""
+    x = np.array([[value, 3.5, 1.4, 0.2]], dtype=np.float32)
+    body = infer_body(x)
+    return body, json.dumps(body["inputs"][0]["data"][0]).encode()
+
+
+def on_disk(gw: RunningGateway, marker: bytes) -> bool:
+    """Whether `marker` is anywhere in the job store's files (free pages and WAL too).
+
+    Read by another process: closing a descriptor of the database in this one (which runs
+    the gateway) would drop the gateway's POSIX locks on it, and SQLite's with them."""
+    files = [gw.cfg.data_dir / JOBS_FILE, gw.cfg.data_dir / f"{JOBS_FILE}-wal"]
+    found = subprocess.run(
+        ["grep", "-q", "-a", "-F", "-e", marker.decode(), *[str(f) for f in files if f.exists()]],
+        timeout=60,
+    )
+    assert found.returncode in (0, 1), found
+    return found.returncode == 0
+
+
+def stored_raw(gw: RunningGateway, job_id: str) -> dict[str, Any]:
+    with contextlib.closing(sqlite3.connect(gw.cfg.data_dir / JOBS_FILE)) as db:
+        db.row_factory = sqlite3.Row
+        return dict(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+
+def write_row(gw: RunningGateway, row: dict[str, Any]) -> None:
+    """The store written by hand, as whoever can write the data dir could."""
+    with contextlib.closing(sqlite3.connect(gw.cfg.data_dir / JOBS_FILE, timeout=30)) as db:
+        db.execute("DELETE FROM jobs WHERE id = ?", (row["id"],))
+        cols = ", ".join(row)
+        db.execute(
+            f"INSERT INTO jobs ({cols}) VALUES ({', '.join('?' * len(row))})", list(row.values())
+        )
+        db.commit()
+
+
+def test_a_sealed_job_copied_back_into_the_store_does_not_run_again(
+    gateway: RunningGateway, pki: PKI
+) -> None:
+    """A writer of the store copies a queued job, waits for it to finish, and writes the
+    copy back as queued: with a fresh `created` its seal fails; with the sealed one, once
+    older than jobs.max_age_s, it is refused as expired. Control: the original runs."""
+    alice = pki.ensure("client", "alice")
+    hold(gateway, True)
+    try:
+        with client(pki, alice) as c:
+            job_id = submit(c, gateway.base, "replay-1").json()["id"]
+            copy = stored_raw(gateway, job_id)
+            assert copy["state"] == "queued" and copy["body"] and copy["mac"]
+            hold(gateway, False)
+            original = wait_finished(c, gateway.base, job_id)
+            assert original["status"] == "done" and original["node_executions"] == 1  # control
+            now = time.time()
+            fresh = {**copy, "created": now, "updated": now, "not_before": now}
+            write_row(gateway, fresh)
+            replayed = wait_finished(c, gateway.base, job_id)
+            assert replayed["status"] == "failed" and replayed["http_status"] == 500
+            assert replayed["response"]["type"].endswith("/internal")
+            assert "outputs" not in replayed["response"]
+            # The sealed time kept, but older than any job may run (the store's clock
+            # and index are the writer's; the seal bounds the age).
+            # Sealed here with the gateway's key, to test the age bound alone.
+            old = now - gateway.cfg.jobs.max_age_s - 60
+            key = load_key(gateway.cfg.jobs.key_file or gateway.cfg.data_dir / "jobs.key")
+            stale = {**copy, "created": old, "updated": now, "not_before": now}
+            stale["mac"] = seal(
+                key,
+                job_id=job_id,
+                owner=copy["owner"],
+                route=copy["route"],
+                model=copy["model"],
+                created=old,
+                cert=copy["cert"],
+                headers=json.loads(copy["headers"]),
+                body=copy["body"],
+            )
+            write_row(gateway, stale)
+            expired = wait_finished(c, gateway.base, job_id)
+            assert expired["status"] == "failed" and expired["http_status"] == 504, expired
+            assert expired["response"]["type"].endswith("/deadline-exceeded")
+    finally:
+        hold(gateway, False)
+
+
+def test_a_finished_or_erased_job_leaves_no_request_bytes_in_the_store_files(
+    gateway: RunningGateway, pki: PKI
+) -> None:
+    alice = pki.ensure("client", "alice")
+    subject = pki.issue("client", "joberased", organization="Acme")
+    done_body, done_marker = marked_body(4.718281828459045)
+    erased_body, erased_marker = marked_body(6.626070150001)
+    hold(gateway, True)
+    try:
+        with client(pki, alice) as c, client(pki, subject) as s:
+            job_id = submit(c, gateway.base, "scrub-1", done_body).json()["id"]
+            queued = submit(s, gateway.base, "scrub-2", erased_body).json()["id"]
+            # Controls: while the jobs may run, their requests are on disk.
+            assert on_disk(gateway, done_marker) and on_disk(gateway, erased_marker)
+            # A queued job has no receipt: an erasure by subject reaches it.
+            data = gateway.cfg.data_dir
+            spiffe = stored_raw(gateway, queued)["owner"]
+            where = ["--log-dir", str(data / "receipts"), "--data-dir", str(data)]
+            where += ["--subject", spiffe]
+            erased = subprocess.run(
+                [sys.executable, "-m", "gateway", "audit", "erase", "--json", *where],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            )
+            assert json.loads(erased.stdout) == {"erased": 0, "jobs": 1}
+            assert s.get(f"{gateway.base}/v2/jobs/{queued}").status_code == 404
+            assert not on_disk(gateway, erased_marker)
+            assert on_disk(gateway, done_marker)  # control: another client's job is kept
+            hold(gateway, False)
+            assert wait_finished(c, gateway.base, job_id)["status"] == "done"
+        assert not on_disk(gateway, done_marker)
+    finally:
+        hold(gateway, False)
+
+
+def test_a_swapped_or_falsified_answer_is_not_shown(gateway: RunningGateway, pki: PKI) -> None:
+    alice = pki.ensure("client", "alice")
+    with client(pki, alice) as c:
+        first = submit(c, gateway.base, "swap-1").json()["id"]
+        second = submit(c, gateway.base, "swap-2", infer_body(IRIS[:1])).json()["id"]
+        wait_finished(c, gateway.base, first)
+        wait_finished(c, gateway.base, second)
+        assert c.get(f"{gateway.base}/v2/jobs/{first}/result").status_code == 200  # control
+        theirs = stored_raw(gateway, second)
+        mine = stored_raw(gateway, first)
+        swapped = {**mine}
+        for k in ("result", "result_headers", "receipt_id", "status", "mac"):
+            swapped[k] = theirs[k]
+        problem = {"type": "https://ztgate.dev/problems/forbidden", "status": 403}
+        falsified = {
+            **mine,
+            "state": "failed",
+            "status": 403,
+            "result": json.dumps(problem).encode(),
+            "result_headers": json.dumps({"content-type": "application/problem+json"}),
+            "receipt_id": None,
+        }
+        for forged in (swapped, falsified):
+            write_row(gateway, forged)
+            for path in (f"/v2/jobs/{first}", f"/v2/jobs/{first}/result"):
+                r = c.get(f"{gateway.base}{path}")
+                assert r.status_code == 500 and r.json()["type"].endswith("/internal"), r.text
+            assert c.get(f"{gateway.base}/v2/jobs/{second}").status_code == 200  # control
+        write_row(gateway, mine)  # control: the recorded answer verifies again
+        assert c.get(f"{gateway.base}/v2/jobs/{first}").json()["status"] == "done"
+
+
+def test_the_job_key_is_refused_unless_a_private_regular_file_of_the_gateway(
+    tmp_path: Path,
+) -> None:
+    made = tmp_path / "jobs.key"
+    key = load_key(made)  # control: made 0600, this process's, and read back
+    assert load_key(made) == key and (made.stat().st_mode & 0o777) == 0o600
+    link = tmp_path / "link.key"
+    link.symlink_to(made)
+    with pytest.raises(KeyFileError, match="symlink"):
+        load_key(link)
+    loose = tmp_path / "loose.key"
+    loose.write_bytes(os.urandom(32))
+    loose.chmod(0o640)
+    with pytest.raises(KeyFileError, match="0600"):
+        load_key(loose)
+    loose.chmod(0o600)
+    assert load_key(loose)  # control: the same file, private
+    # Another user's file takes root to make: under CI the test runs as root.
+    assert os.geteuid() == 0 or not os.environ.get("CI")
+    if os.geteuid() == 0:
+        os.chown(loose, 65534, 65534)
+        with pytest.raises(KeyFileError, match="uid"):
+            load_key(loose)
+
+
+async def redis_store_roundtrip(url: str) -> None:
+    from gateway.jobs.model import Outcome
+
+    store = RedisJobStore(url, timeout_s=5.0, prefix=f"ztgate:jobs-test:{os.getpid()}:")
+    try:
+
+        def new(owner: str, n: int) -> NewJob:
+            return NewJob(
+                id=f"{n:032x}",
+                owner=owner,
+                key=f"k{n}",
+                digest=str(n),
+                route="/v2/models/iris/infer",
+                model="iris",
+                created=1234.5 + n,
+                cert="pem",
+                headers={},
+                body=b"secret",
+                mac="m",
+            )
+
+        for n, owner in enumerate(["spiffe://x/a", "spiffe://x/a", "spiffe://x/b"]):
+            assert (await store.submit(new(owner, n), 10, 100)).created
+        row = await store.get(f"{0:032x}")
+        assert row is not None and row.created == 1234.5  # the sealed time, not the server's
+        [claimed] = await store.claim(1)
+        out = Outcome("done", 200, {}, b"answer", "rid", "result-mac")
+        assert await store.finish(claimed.id, out)
+        done = await store.get(claimed.id)
+        assert done is not None and done.mac == "result-mac" and done.body is None
+        expired, _ = await store.expire(-1.0, 1e9, b"problem", lambda i: "expired-" + i)
+        assert expired == 2
+        late = await store.get(f"{2:032x}")
+        assert late is not None and late.state == "failed" and late.mac == f"expired-{2:032x}"
+        assert await store.erase_owner("spiffe://x/a") == 2
+        assert await store.get(f"{0:032x}") is None and await store.get(f"{1:032x}") is None
+        assert await store.get(f"{2:032x}") is not None  # control: another owner's job
+    finally:
+        await store.close()
+
+
+def test_the_redis_store_keeps_the_sealed_time_and_seals_and_erases_by_subject(
+    redis_server: str,
+) -> None:
+    asyncio.run(redis_store_roundtrip(redis_server))

@@ -670,6 +670,7 @@ def test_problem_types_table() -> None:
         "unknown-version": (404, False),
         "method-not-allowed": (405, False),
         "replayed-request": (409, False),
+        "idempotency-conflict": (409, False),
         "policy-rollback": (409, False),
         "payload-too-large": (413, False),
         "unsupported-media-type": (415, False),

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.pipeline.context import Incoming, body_of, request_id_of
 from gateway.pki import PKI, load_signing_key, signing_key_id
 from gateway.protocol.codec import decode_request, encode_request
 from gateway.protocol.tensors import InferRequest, Tensor, canonical_bytes
@@ -34,7 +35,14 @@ from gateway.receipts.canonical import b64, canonical_json, json_safe, unb64
 from gateway.receipts.checkpointer import Checkpointer, WitnessClient
 from gateway.receipts.commit import commit_tensor, new_salt
 from gateway.receipts.http import log_routes
-from gateway.receipts.issue import DenialCoalescer, Issued, issue, summary, verify_summary
+from gateway.receipts.issue import (
+    DenialCoalescer,
+    Issued,
+    derive,
+    issue,
+    summary,
+    verify_summary,
+)
 from gateway.receipts.log import LogEntry, LogFrozen, ReceiptLog
 from gateway.receipts.marker import HeadMarker
 from gateway.receipts.merkle import leaf_hash, verify_consistency, verify_inclusion
@@ -44,6 +52,7 @@ from gateway.receipts.model import (
     FormatError,
     ModelRef,
     PolicyRef,
+    Receipt,
     SignedReceipt,
     TensorRef,
     VerificationRef,
@@ -898,3 +907,152 @@ async def test_identical_denials_are_coalesced(world: World) -> None:
     counted = [r for r in bodies if r.denial and r.denial.count > 1]
     assert len(counted) == 1 and counted[0].denial is not None
     assert counted[0].denial.count == 49 and counted[0].denial.follows == first.receipt.receipt_id
+
+
+# ======================================================================= lean per request (#19)
+
+
+async def test_a_receipt_is_canonicalised_once(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Signing, the log's body and the summary (read twice, as the HTTP front does: a
+    parameter and a header) share one RFC 8785 encoding. The real method, counted."""
+    calls: list[int] = []
+    real = Receipt.to_canonical
+
+    def counted(self: Receipt) -> bytes:
+        calls.append(1)
+        return real(self)
+
+    monkeypatch.setattr(Receipt, "to_canonical", counted)
+    issued = await world.receipt()
+    lines = {issued.summary, issued.summary}
+    assert len(calls) == 1
+    monkeypatch.undo()
+    # The reused encoding is the RFC 8785 one, and the summary is what a fresh one gives.
+    canonical = issued.receipt.to_canonical()
+    assert issued.signed.canonical == canonical == rfc8785.dumps(issued.receipt.to_dict())
+    fresh = " ".join(
+        (
+            "ztgate-receipt/v1",
+            issued.receipt.receipt_id,
+            b64(hashlib.sha256(canonical).digest()),
+            issued.receipt.key_id,
+            b64(issued.signed.signature),
+        )
+    )
+    assert lines == {fresh} and verify_summary(fresh, world.keyset, issued.receipt)
+    body = world.log.body(issued.receipt.receipt_id)
+    assert body is not None and body.body == issued.signed.to_bytes()
+
+
+async def test_salt_and_nonce_from_one_seed(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One 16-byte draw per receipt gives its salt and its id's nonce; a request's receipt
+    seed comes from the request's own one draw, and the public request id does not give
+    it away (domain-separated hashes of a secret)."""
+    seed = os.urandom(16)
+    salt, nonce = derive(seed)
+    issued = await world.receipt(seed=seed)
+    assert issued.salt == salt and len(salt) == 32
+    assert issued.receipt.receipt_id.endswith("." + nonce)
+    # the salt is not in the receipt, and the commitments are under it
+    assert b64(salt) not in issued.signed.to_bytes().decode()
+    assert issued.receipt.inputs[0].commitment == commit_tensor(
+        _tensor([[5.1, 3.5, 1.4, 0.2]]), salt
+    )
+    # Another seed, other values; no seed given: one kernel draw, here in `issue`.
+    draws: list[int] = []
+    real = os.urandom
+
+    def counted(n: int) -> bytes:
+        draws.append(n)
+        return real(n)
+
+    monkeypatch.setattr(os, "urandom", counted)
+    other = await world.receipt()
+    monkeypatch.undo()
+    assert draws == [16]
+    assert other.salt not in (None, salt) and not other.receipt.receipt_id.endswith(nonce)
+    # A request: its id and its receipt's seed both come from one secret draw.
+    came = Incoming(scope={}, headers={}, body=body_of(b""))
+    again = Incoming(scope={}, headers={}, body=body_of(b""))
+    assert came.request_id == request_id_of(came.seed) != again.request_id
+    assert len(came.request_id) == 32 and came.receipt_seed not in (came.seed, again.receipt_seed)
+    assert came.seed.hex() not in came.request_id and came.receipt_seed.hex() != came.request_id
+    for s in (came.seed, came.receipt_seed):
+        assert derive(s)[1] not in came.request_id
+
+
+def test_killed_with_a_stale_head_marker_loses_no_receipt(tmp_path: Path) -> None:
+    """The marker is written at most every ~50 ms, so after a crash it may lag the log.
+    A child appends receipts and is SIGKILLed after the 200th; the marker is then put back
+    to a head the log really had earlier (what a lagging marker holds). Reopened for
+    writing, the same log continues with every receipt that was returned, and appends.
+    The refusal side (a marker ahead of the log) is
+    test_block_level_restore_caught_by_the_head_marker."""
+    logs, marker = tmp_path / "logs", tmp_path / "logs.head"
+    log_key = tmp_path / "log.key"
+    log_key.write_bytes(
+        ed25519.Ed25519PrivateKey.generate().private_bytes_raw()  # the child's and ours
+    )
+    child = textwrap.dedent(
+        f"""
+        import asyncio, sys
+        from pathlib import Path
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+        from gateway.receipts.issue import issue
+        from gateway.receipts.log import ReceiptLog
+        from gateway.receipts.model import Denial
+        from gateway.receipts.signing import Signer
+
+        async def main():
+            raw = Path({str(log_key)!r}).read_bytes()
+            key = ed25519.Ed25519PrivateKey.from_private_bytes(raw)
+            rl = ReceiptLog.open(Path({str(logs)!r}), key, {ORIGIN!r})
+            signer = Signer(ed25519.Ed25519PrivateKey.generate())
+            async def one():
+                while True:
+                    r = await issue(rl, signer, kind="denial", denial=Denial("t", "r"))
+                    sys.stdout.write(r.receipt.receipt_id + "\\n")
+                    sys.stdout.flush()
+            await asyncio.gather(*(one() for _ in range(32)))
+        asyncio.run(main())
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", child], stdout=subprocess.PIPE, cwd=Path(__file__).parent.parent
+    )
+    assert proc.stdout is not None
+    returned: list[str] = []
+    early: bytes | None = None
+    while len(returned) < 200:
+        line = proc.stdout.readline()
+        assert line, "child died"
+        returned.append(line.decode().strip())
+        if len(returned) == 20:
+            early = marker.read_bytes()  # a head the log had by then
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    returned += [line.decode().strip() for line in proc.stdout.read().splitlines()]
+    assert early is not None
+    marker.write_bytes(early)
+    stale = HeadMarker(marker).read()
+    assert stale is not None
+    key = ed25519.Ed25519PrivateKey.from_private_bytes(log_key.read_bytes())
+
+    async def reopen() -> None:
+        rl = ReceiptLog.open(logs, key, ORIGIN)
+        try:
+            assert rl.frozen_reason is None and rl.log_id == stale.log_id
+            assert stale.size < len(returned) <= rl.size - 1  # leaf 0 is the log_start
+            for rid in returned:
+                body = rl.body(rid)
+                assert body is not None, f"receipt {rid} was returned but is not in the log"
+                assert rl.entry(body.index).sha256 == hashlib.sha256(body.body).digest()
+            await rl.append(LogEntry("revocation", hashlib.sha256(b"after").digest()))
+        finally:
+            await rl.close()
+        head = HeadMarker(marker).read()
+        assert head is not None and head.size == rl.size  # caught up at close
+
+    asyncio.run(reopen())

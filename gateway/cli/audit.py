@@ -54,7 +54,13 @@ def register(sub: Any) -> None:
         help="the gateway's TOML: also delete the jobs holding these receipts where it keeps "
         "them (its Redis, else its data_dir)",
     )
-    erase.add_argument("receipt_ids", nargs="+", metavar="RECEIPT_ID")
+    erase.add_argument(
+        "--subject",
+        metavar="SPIFFE_ID",
+        help="with --data-dir or --config: also delete every job of this client, queued ones "
+        "too (its receipts are erased by their ids)",
+    )
+    erase.add_argument("receipt_ids", nargs="*", metavar="RECEIPT_ID")
     json_option(erase)
     erase.set_defaults(func=_erase)
 
@@ -145,6 +151,11 @@ def _erase(args: argparse.Namespace) -> int:
     from gateway.receipts.log import ReceiptLog
     from gateway.receipts.model import FormatError, parse_receipt_id
 
+    if not args.receipt_ids and not args.subject:
+        raise UsageError("name the RECEIPT_IDs to erase, or a --subject")
+    if args.subject and not (args.data_dir or args.config):
+        raise UsageError("--subject erases jobs: give --data-dir or --config")
+
     by_log: dict[str, list[str]] = {}
     for rid in args.receipt_ids:
         try:
@@ -162,7 +173,7 @@ def _erase(args: argparse.Namespace) -> int:
             total += rl.erase_sync(rids, args.reason)
         finally:
             rl.close_sync()
-    jobs = _erase_jobs(args.data_dir, args.config, args.receipt_ids)
+    jobs = _erase_jobs(args.data_dir, args.config, args.receipt_ids, args.subject)
     text = (
         f"erased {total} receipt bod{'y' if total == 1 else 'ies'}; leaves and proofs kept; "
         "the erasure is logged at the active log's next checkpoint"
@@ -173,8 +184,11 @@ def _erase(args: argparse.Namespace) -> int:
     return 0
 
 
-def _erase_jobs(data_dir: Path | None, config: Path | None, receipt_ids: list[str]) -> int:
-    """A job's stored answer carries its receipt: it goes with the receipt's body."""
+def _erase_jobs(
+    data_dir: Path | None, config: Path | None, receipt_ids: list[str], subject: str | None
+) -> int:
+    """A job's stored answer carries its receipt: it goes with the receipt's body. A
+    subject's jobs all go, queued ones (which have no receipt yet) too."""
     import asyncio
 
     from gateway.config import ConfigError, load_config
@@ -191,7 +205,8 @@ def _erase_jobs(data_dir: Path | None, config: Path | None, receipt_ids: list[st
             async def erase(url: str) -> int:
                 shared = RedisJobStore(url, timeout_s=max(cfg.state.timeout_s, 5.0))
                 try:
-                    return await shared.erase_receipts(receipt_ids)
+                    n = await shared.erase_receipts(receipt_ids) if receipt_ids else 0
+                    return n + (await shared.erase_owner(subject) if subject else 0)
                 finally:
                     await shared.close()
 
@@ -205,7 +220,8 @@ def _erase_jobs(data_dir: Path | None, config: Path | None, receipt_ids: list[st
     # No lock: a running gateway owns the file, and SQLite orders this write with its own.
     store = SyncJobStore(path, lock=False)
     try:
-        return store.erase_receipts(receipt_ids)
+        n = store.erase_receipts(receipt_ids) if receipt_ids else 0
+        return n + (store.erase_owner(subject) if subject else 0)
     finally:
         store.close()
 

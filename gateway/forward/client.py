@@ -2,11 +2,16 @@
 the core when the edge's own nodes cannot serve.
 
 `EdgeFailover` wraps the edge's API app. An inference runs here first, under the edge's
-policy; only when it ends in `no-healthy-node` or `upstream-failed` (policy allowed it,
-no local node could answer) is the same body sent to the core's forward listener, and
+policy; only when it ends in `no-healthy-node` or `upstream-failed` after the edge's own
+policy allowed it (the problem names the edge's decision: its forbids and @rate ran) is
+the same body sent to the core's forward listener, and
 the core's answer, or its refusal, is what the client gets, marked
 `ztgate-site-why: forwarded-to-core`. A request that itself came through a forward
 listener is never forwarded again.
+
+The core is pinned: only `core_ca` is trusted, and the handshake fails unless the core's
+certificate names, as its one URI SAN, the gateway SPIFFE ID the statement is addressed
+to, before any byte of the request is sent.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ _INFER_PATH = re.compile(r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>
 # No local node could serve: none healthy, or every one tried failed.
 _FAIL_OVER_ON = {PROBLEM_BASE + "no-healthy-node": 503, PROBLEM_BASE + "upstream-failed": 502}
 _PASSED_HEADERS = ("inference-header-content-length",)
+# The core's answer headers the client needs to read it: the binary extension's JSON
+# length and the receipt summary. Nothing else of the core's reaches the client.
+_RETURNED_HEADERS = ("inference-header-content-length", "ztgate-receipt")
 SITE_WHY_HEADER = "ztgate-site-why"
 SITE_HEADER = "ztgate-site"
 
@@ -51,7 +59,7 @@ class CoreForwarder:
         core_site: str,
         cert: Path,
         key: Path,
-        core_ca: Path | None,
+        core_ca: Path,
         timeout_s: float,
     ) -> None:
         self.site = site
@@ -61,8 +69,9 @@ class CoreForwarder:
         if not isinstance(loaded, ec.EllipticCurvePrivateKey):
             raise ValueError(f"{key} is not an EC private key")
         self._key = loaded
-        ctx = ssl.create_default_context(cafile=str(core_ca) if core_ca else None)
+        ctx = ssl.create_default_context(cafile=str(core_ca))
         ctx.load_cert_chain(cert, key)
+        ctx.sslobject_class = _pinned(self.audience)
         self._http = httpx.AsyncClient(
             base_url=core_url.rstrip("/"),
             verify=ctx,
@@ -145,7 +154,7 @@ class EdgeFailover:
             return
         answer = b"".join(msg.get("body", b"") for msg in out)
         core = None
-        if _problem_type(answer) in _FAIL_OVER_ON:
+        if _may_fail_over(answer):
             core = await self._to_core(scope, m, body)
         if core is None:
             await send(start)
@@ -158,6 +167,11 @@ class EdgeFailover:
                 "status": core.status_code,
                 "headers": [
                     (b"content-type", core.headers.get("content-type", "").encode("latin-1")),
+                    *(
+                        (k.encode(), core.headers[k].encode("latin-1"))
+                        for k in _RETURNED_HEADERS
+                        if k in core.headers
+                    ),
                     (SITE_WHY_HEADER.encode(), FORWARDED_TO_CORE.encode()),
                     (SITE_HEADER.encode(), self.forwarder.core_site.encode()),
                 ],
@@ -190,10 +204,33 @@ class EdgeFailover:
         return response
 
 
-def _problem_type(body: bytes) -> str | None:
+def _may_fail_over(body: bytes) -> bool:
+    """Whether the edge's own refusal leaves the request to the core: no local node could
+    answer, and the edge's policy had allowed it. The pipeline names its decision on every
+    problem raised after policy, mode and rate allowed the request; a "no node serves"
+    raised before policy decided has none, and the edge's forbids and @rate must not be
+    skipped by forwarding it."""
     try:
         doc = json.loads(body)
     except ValueError:
-        return None
-    kind = doc.get("type") if isinstance(doc, dict) else None
-    return kind if isinstance(kind, str) else None
+        return False
+    if not isinstance(doc, dict):
+        return False
+    return doc.get("type") in _FAIL_OVER_ON and isinstance(doc.get("decision_id"), str)
+
+
+def _pinned(audience: str) -> type[ssl.SSLObject]:
+    """An SSLObject class whose handshake also requires the peer's certificate to name
+    `audience` as its one URI SAN (the chain and hostname were checked by then)."""
+
+    class Pinned(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            super().do_handshake()
+            sans: Any = (self.getpeercert() or {}).get("subjectAltName", ())
+            uris = [pair[1] for pair in sans if pair[0] == "URI"]
+            if uris != [audience]:
+                raise ssl.SSLCertVerificationError(
+                    f"the core's certificate does not name {audience}"
+                )
+
+    return Pinned

@@ -3,16 +3,20 @@ by the ordinary pipeline as that client.
 
 Nothing the edge says is taken on trust: the site is the forwarder certificate's (verified
 by TLS against the forwarder CA, which is all this listener trusts); the statement must be
-signed by that same certificate, name this core as audience, be fresh and unseen, list no
-loop and hash to the body sent; the client's certificate must be issued by this core's
-client CA. Then policy decides `forward_for` (this site may act for this client on this
-model), and the request enters the API app exactly as if the client had called, so the
+signed by that same certificate, name this core as audience, be fresh, name no hop but
+the sender; the client's certificate must be issued by this core's client CA; policy must
+decide `forward_for` (this site may act for this client on this model). All of that reads
+headers only. Only then does the site take one of its tokens and concurrency slots
+(`SiteLimits`), and only inside that slot is the body read, hashed against the statement
+and the nonce spent. Then the request enters the API app exactly as if the client had
+called, so the
 core's own revocations, `infer` policy, limits and receipts apply. Every refusal is a
 problem+json whose `reason` is a stable slug, counted in `refusals`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
@@ -26,6 +30,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from gateway.forward.limits import SiteLimits
 from gateway.forward.site import FORWARDED, Forwarded
 from gateway.forward.statement import Statement, StatementError, verified
 from gateway.pipeline import state_unavailable
@@ -78,6 +83,7 @@ class ForwardListener:
         check_nonce: Callable[[str, float], Awaitable[bool]],
         may_forward: Callable[[IdentityFacts, str, str], bool],
         resolve: Callable[[dict[str, Any]], Any],
+        limits: SiteLimits,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.api = api
@@ -94,6 +100,7 @@ class ForwardListener:
         self._may_forward = may_forward
         self._resolve = resolve
         self._clock = clock
+        self.limits = limits
         self.refusals: Counter[str] = Counter()
         self.accepted = 0
 
@@ -102,17 +109,24 @@ class ForwardListener:
             return  # no lifespan here: the API listener owns the gateway's
         if self.api is None:
             raise RuntimeError("the forward listener serves only once the API app is attached")
-        try:
+        with contextlib.ExitStack() as held:  # the site's slot, until the answer is sent
             try:
-                forwarded, body, client_pem = await self._check(scope, receive)
-            except StoreUnavailable as exc:  # the nonce store: refuse, never a 500
-                raise state_unavailable(exc) from exc
-        except Problem as p:
-            reason = str(p.extra.get("reason", p.type.rsplit("/", 1)[-1]))
-            self.refusals[reason] += 1
-            log.warning("forward listener refused a request: %s", reason)
-            await problem_response(p)(scope, receive, send)
-            return
+                try:
+                    forwarded, body, client_pem = await self._check(scope, receive, held)
+                except StoreUnavailable as exc:  # the nonce store: refuse, never a 500
+                    raise state_unavailable(exc) from exc
+            except Problem as p:
+                reason = str(p.extra.get("reason", p.type.rsplit("/", 1)[-1]))
+                self.refusals[reason] += 1
+                log.warning("forward listener refused a request: %s", reason)
+                await problem_response(p)(scope, receive, send)
+                return
+            await self._serve(scope, send, forwarded, body, client_pem)
+
+    async def _serve(
+        self, scope: Scope, send: Send, forwarded: Forwarded, body: bytes, client_pem: str
+    ) -> None:
+        assert self.api is not None  # checked by __call__
         self.accepted += 1
         inner = dict(scope)
         tls = dict(scope.get("extensions", {}).get("tls") or {})
@@ -139,7 +153,9 @@ class ForwardListener:
         finally:
             FORWARDED.reset(token)
 
-    async def _check(self, scope: Scope, receive: Receive) -> tuple[Forwarded, bytes, str]:
+    async def _check(
+        self, scope: Scope, receive: Receive, held: contextlib.ExitStack
+    ) -> tuple[Forwarded, bytes, str]:
         site, signer = self._forwarder_of(scope)
         m = _INFER_PATH.fullmatch(scope.get("path", ""))
         if scope.get("method") != "POST" or m is None:
@@ -151,17 +167,19 @@ class ForwardListener:
             raise _refused(exc.reason, str(exc)) from exc
         self._check_statement(st, site, m["model"], m["version"] or "")
         client_pem = self._client_certificate(st)
+        identity = self._resolve({"extensions": {"tls": {"client_cert_chain": [client_pem]}}})
+        if not self._may_forward(IdentityFacts.from_identity(identity), site, st.model):
+            raise _refused(
+                "forward-for-denied", f"site {site} may not act for this client on this model"
+            )
+        # From here the request costs the core memory and a nonce: within the site's bounds.
+        held.enter_context(self.limits.slot(site))
         body = await self._body(receive)
         if hashlib.sha256(body).hexdigest() != st.body_sha256:
             raise _refused("body-digest", "the body is not the one the statement names")
         # Fails closed: a store that cannot answer raises, and the request is refused.
         if not await self._check_nonce(f"forward:{site}:{st.nonce}", self.nonce_ttl_s):
             raise Replayed("this statement was already used", extra={"reason": "replayed"})
-        identity = self._resolve({"extensions": {"tls": {"client_cert_chain": [client_pem]}}})
-        if not self._may_forward(IdentityFacts.from_identity(identity), site, st.model):
-            raise _refused(
-                "forward-for-denied", f"site {site} may not act for this client on this model"
-            )
         return Forwarded(site, st.hops, self.site), body, client_pem
 
     def _forwarder_of(self, scope: Scope) -> tuple[str, x509.Certificate]:
@@ -188,9 +206,12 @@ class ForwardListener:
             raise _refused("statement-audience", "the statement is for another gateway")
         if abs(self._clock() - st.iat) > self.max_skew_s:
             raise _refused("statement-time", "the statement's time is outside the window")
-        if self.site in st.hops or st.hops[-1] != site or len(set(st.hops)) != len(st.hops):
-            # edge -> core -> edge, or a hop list that does not end at the sender.
+        if self.site in st.hops:  # edge -> core -> edge -> core
             raise _refused("forward-loop", "the request already passed this gateway")
+        if st.hops != (site,):
+            # No gateway forwards a forwarded request, so the sender is the only hop; a
+            # longer list would be the edge's word alone in the core's receipt.
+            raise _refused("forward-hops", "the hops name another site than the sender")
         if (st.model, st.version) != (model, version):
             raise _refused("statement-model", "the statement names another model")
 

@@ -6,6 +6,8 @@ per request task, so concurrent requests never see each other's."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -28,15 +30,32 @@ class Forwarded:
 
 
 FORWARDED: ContextVar[Forwarded | None] = ContextVar("ztgate_forwarded", default=None)
-# (site, why) of the node that answered, set by the router for nodes with a signed site.
+# (site, why) of the nodes that answered, set for the request (`answered_by`).
 ANSWERED: ContextVar[tuple[str, str] | None] = ContextVar("ztgate_answered", default=None)
 
 
-def answered_by(node_site: str, own_site: str) -> None:
-    """The router's note: a node of `node_site` answered at a gateway of `own_site`. Nodes
-    without a site are the gateway's own, and their receipts stay as they were."""
-    if node_site:
-        ANSWERED.set((node_site, LOCAL if node_site == own_site else FALLBACK_REGION))
+def answered_by(node_sites: Sequence[str], own_site: str) -> None:
+    """The note for the receipt: nodes of `node_sites` gave the answer (one in mode none,
+    each party of the other modes) at a gateway of `own_site`. A node without a site is
+    the gateway's own; where no node has one, receipts stay as they were. Several sites
+    are named together, sorted, comma-separated, so `site` stays one string."""
+    if not any(node_sites):
+        ANSWERED.set(None)
+        return
+    sites = sorted({s or own_site for s in node_sites})
+    ANSWERED.set((",".join(sites), LOCAL if sites == [own_site] else FALLBACK_REGION))
+
+
+@contextmanager
+def one_request() -> Iterator[None]:
+    """Scope the note to one request. A front that runs several requests in one task (the
+    gRPC stream's messages) wraps each: the site a message's nodes had must not reach a
+    later message's receipt (a refusal, another mode, a node without a site)."""
+    token = ANSWERED.set(None)
+    try:
+        yield
+    finally:
+        ANSWERED.reset(token)
 
 
 def receipt_extensions() -> dict[str, ExtValue]:

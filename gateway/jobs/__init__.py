@@ -8,16 +8,20 @@ identity and in age, run by a background worker through the sync route itself.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
+from gateway.jobs.model import JobBackend
 from gateway.jobs.runner import ASGIApp, JobMetrics, Runner
-from gateway.jobs.seal import load_key
-from gateway.jobs.store import JOBS_FILE, JobBackend, JobStore
+from gateway.jobs.seal import KeyFileError, load_key
+from gateway.jobs.store import JOBS_FILE, JobStore
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
 __all__ = ["JobService"]
+
+log = logging.getLogger(__name__)
 
 
 class JobService:
@@ -43,7 +47,11 @@ class JobService:
         else:
             store = JobStore(self.gw.cfg.data_dir / JOBS_FILE)
         self.store = store
-        self.key = load_key(self.cfg.key_file or self.gw.cfg.data_dir / "jobs.key")
+        try:
+            self.key = load_key(self.cfg.key_file or self.gw.cfg.data_dir / "jobs.key")
+        except KeyFileError as exc:  # whoever could swap the key could forge jobs
+            log.critical("jobs: refusing to start: %s", exc)
+            raise
         days = self.gw.cfg.receipts.retention.body_days
         self.runner = Runner(
             store, self.cfg, self.key, self.metrics, None if days is None else days * 86400.0

@@ -9,9 +9,14 @@ acknowledged, and survives a Redis crash only with `appendonly yes` and `appendf
 always` (docs/jobs.md).
 
 Keys, under `ztgate:jobs:`: `j:<id>` the job (a hash), `k:<sha256(owner, key)>` the
-idempotency key, `o:<sha256(owner)>` an owner's open jobs, `r:<receipt id>` the job of a
-receipt, and the sorted sets `queued` (by next run), `running` (by lease end), `created`
-(open jobs by age) and `finished` (by finish time).
+idempotency key, `o:<sha256(owner)>` an owner's open jobs, `a:<sha256(owner)>` all of
+an owner's jobs (for an erasure by subject), `r:<receipt id>` the job of a receipt, and
+the sorted sets `queued` (by next run), `running` (by lease end), `created` (open jobs
+by age, the server's clock) and `finished` (by finish time). A job's own
+`created` field is the gateway's sealed submit time (gateway/jobs/seal.py).
+
+Redis keeps what it deletes in its AOF and RDB files until they are rewritten
+(docs/jobs.md): an erased job's bytes leave the disk only then.
 """
 
 from __future__ import annotations
@@ -29,7 +34,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.jobs.store import Conflict, Full, JobRow, Submitted
+from gateway.jobs.model import (
+    PROBLEM_HEADERS,
+    Conflict,
+    Full,
+    JobRow,
+    MacFor,
+    NewJob,
+    Outcome,
+    Submitted,
+)
 from gateway.state import StoreUnavailable
 
 __all__ = ["LEASE_S", "RedisJobStore"]
@@ -50,10 +64,11 @@ local P = ARGV[1]
 _DROP = """
 local function drop(id)
   local h = P .. 'j:' .. id
-  local f = redis.call('HMGET', h, 'kkey', 'okey', 'receipt_id')
+  local f = redis.call('HMGET', h, 'kkey', 'okey', 'receipt_id', 'akey')
   if f[1] then redis.call('DEL', f[1]) end
   if f[2] then redis.call('SREM', f[2], id) end
   if f[3] then redis.call('DEL', P .. 'r:' .. f[3]) end
+  if f[4] then redis.call('SREM', f[4], id) end
   redis.call('DEL', h)
   for _, z in ipairs({'queued', 'running', 'created', 'finished'}) do
     redis.call('ZREM', P .. z, id)
@@ -62,7 +77,7 @@ end
 """
 
 # ARGV: prefix, id, owner, kkey, okey, digest, route, model, cert, headers, body,
-# per_identity, total, mac
+# per_identity, total, mac, created (the gateway's, sealed), akey
 _SUBMIT = (
     _NOW
     + """
@@ -78,10 +93,11 @@ if redis.call('SCARD', okey) >= tonumber(ARGV[12]) then return {'full', 'identit
 if redis.call('ZCARD', P .. 'created') >= tonumber(ARGV[13]) then return {'full', 'replica'} end
 redis.call('HSET', P .. 'j:' .. id, 'id', id, 'owner', ARGV[3], 'kkey', kkey, 'okey', okey,
   'digest', ARGV[6], 'route', ARGV[7], 'model', ARGV[8], 'cert', ARGV[9], 'headers', ARGV[10],
-  'body', ARGV[11], 'state', 'queued', 'created', now, 'updated', now, 'attempts', 0,
-  'executions', 0, 'mac', ARGV[14])
+  'body', ARGV[11], 'state', 'queued', 'created', ARGV[15], 'updated', now, 'attempts', 0,
+  'executions', 0, 'mac', ARGV[14], 'akey', ARGV[16])
 redis.call('SET', kkey, id)
 redis.call('SADD', okey, id)
+redis.call('SADD', ARGV[16], id)
 redis.call('ZADD', P .. 'queued', now, id)
 redis.call('ZADD', P .. 'created', now, id)
 return {'new', id}
@@ -136,7 +152,7 @@ return 1
 )
 
 # The one result: over a running job only. ARGV: prefix, id, state, status, headers,
-# result, receipt_id ('' for none)
+# result, receipt_id ('' for none), mac (the answer's seal)
 _FINISH = (
     _NOW
     + """
@@ -146,9 +162,9 @@ local h = P .. 'j:' .. id
 redis.call('ZREM', P .. 'running', id)
 redis.call('ZREM', P .. 'created', id)
 redis.call('SREM', redis.call('HGET', h, 'okey'), id)
-redis.call('HDEL', h, 'cert', 'headers', 'body', 'mac')
+redis.call('HDEL', h, 'cert', 'headers', 'body')
 redis.call('HSET', h, 'state', ARGV[3], 'status', ARGV[4], 'result_headers', ARGV[5],
-  'result', ARGV[6], 'updated', now)
+  'result', ARGV[6], 'updated', now, 'mac', ARGV[8])
 if ARGV[7] ~= '' then
   redis.call('HSET', h, 'receipt_id', ARGV[7])
   redis.call('SET', P .. 'r:' .. ARGV[7], id)
@@ -158,24 +174,32 @@ return 1
 """
 )
 
-# ARGV: prefix, max_age_s, result_ttl_s, problem headers, problem body, batch
+# ARGV: prefix, max_age_s, result_ttl_s, problem headers, problem body, batch, then
+# (id, the seal of its expiry) pairs: the old jobs the caller read (`_OLD`) and sealed.
+_OLD = """
+local now = tonumber(redis.call('TIME')[1])
+return redis.call('ZRANGEBYSCORE', ARGV[1] .. 'created', '-inf', now - tonumber(ARGV[2]),
+  'LIMIT', 0, tonumber(ARGV[3]))
+"""
 _EXPIRE = (
     _NOW
     + _DROP
     + """
 local batch = tonumber(ARGV[6])
 local expired, deleted = 0, 0
-local old = redis.call('ZRANGEBYSCORE', P .. 'created', '-inf', now - tonumber(ARGV[2]),
-  'LIMIT', 0, batch)
-for _, id in ipairs(old) do
-  if redis.call('ZSCORE', P .. 'queued', id) then  -- a running job finishes first
+for i = 7, #ARGV - 1, 2 do
+  local id = ARGV[i]
+  local born = redis.call('ZSCORE', P .. 'created', id)
+  -- a running job finishes first
+  if born and tonumber(born) < now - tonumber(ARGV[2]) and
+      redis.call('ZSCORE', P .. 'queued', id) then
     local h = P .. 'j:' .. id
     redis.call('ZREM', P .. 'queued', id)
     redis.call('ZREM', P .. 'created', id)
     redis.call('SREM', redis.call('HGET', h, 'okey'), id)
     redis.call('HDEL', h, 'cert', 'headers', 'body')
     redis.call('HSET', h, 'state', 'failed', 'status', 504, 'result_headers', ARGV[4],
-      'result', ARGV[5], 'updated', now)
+      'result', ARGV[5], 'updated', now, 'mac', ARGV[i + 1])
     redis.call('ZADD', P .. 'finished', now, id)
     expired = expired + 1
   end
@@ -201,6 +225,25 @@ for i = 2, #ARGV do
   if id then drop(id); n = n + 1 end
 end
 return n
+"""
+)
+
+# ARGV: prefix, akey, okey, batch. Up to `batch` of one owner's jobs (all, and open ones
+# submitted before the `a:` set existed); the caller repeats until none are left.
+_ERASE_OWNER = (
+    _NOW
+    + _DROP
+    + """
+local seen, n = 0, 0
+for _, key in ipairs({ARGV[2], ARGV[3]}) do
+  for _, id in ipairs(redis.call('SRANDMEMBER', key, tonumber(ARGV[4]))) do
+    if redis.call('EXISTS', P .. 'j:' .. id) == 1 then n = n + 1 end
+    drop(id)
+    redis.call('SREM', key, id)
+    seen = seen + 1
+  end
+end
+return {seen, n}
 """
 )
 
@@ -265,6 +308,8 @@ class RedisJobStore:
         self._finish = reg(_FINISH)
         self._expire = reg(_EXPIRE)
         self._erase = reg(_ERASE)
+        self._erase_owner = reg(_ERASE_OWNER)
+        self._old = reg(_OLD)
 
     async def _call(self, aw: Awaitable[T]) -> T:
         try:
@@ -273,25 +318,12 @@ class RedisJobStore:
         except _UNAVAILABLE as exc:
             raise StoreUnavailable("the job store (Redis) did not answer") from exc
 
-    async def submit(
-        self,
-        *,
-        new_id: str,
-        owner: str,
-        key: str,
-        digest: str,
-        route: str,
-        model: str,
-        cert: str,
-        headers: dict[str, str],
-        body: bytes,
-        per_identity: int,
-        total: int,
-        mac: str,
-    ) -> Submitted:
-        args: list[Any] = [self.prefix, new_id, owner, self.prefix + "k:" + _sha(owner, key)]
-        args += [self.prefix + "o:" + _sha(owner), digest, route, model, cert]
-        args += [json.dumps(headers), body, per_identity, total, mac]
+    async def submit(self, job: NewJob, per_identity: int, total: int) -> Submitted:
+        p, owner = self.prefix, job.owner
+        args: list[Any] = [p, job.id, owner, p + "k:" + _sha(owner, job.key)]
+        args += [p + "o:" + _sha(owner), job.digest, job.route, job.model, job.cert]
+        args += [json.dumps(job.headers), job.body, per_identity, total, job.mac]
+        args += [repr(float(job.created)), p + "a:" + _sha(owner)]
         what, arg = await self._call(self._submit(args=args))
         what, arg = what.decode(), arg.decode()
         if what == "conflict":
@@ -320,27 +352,37 @@ class RedisJobStore:
     async def retry(self, job_id: str, delay_s: float) -> None:
         await self._call(self._retry(args=[self.prefix, job_id, delay_s]))
 
-    async def finish(
-        self,
-        job_id: str,
-        state: str,
-        status: int,
-        headers: dict[str, str],
-        result: bytes,
-        receipt_id: str | None,
-    ) -> bool:
-        args: list[Any] = [self.prefix, job_id, state, status, json.dumps(headers), result]
-        args.append(receipt_id or "")
+    async def finish(self, job_id: str, out: Outcome) -> bool:
+        args: list[Any] = [self.prefix, job_id, out.state, out.status, json.dumps(out.headers)]
+        args += [out.result, out.receipt_id or "", out.mac]
         return bool(await self._call(self._finish(args=args)))
 
-    async def expire(self, max_age_s: float, result_ttl_s: float, result: bytes) -> tuple[int, int]:
-        problem = json.dumps({"content-type": "application/problem+json"})
-        args: list[Any] = [self.prefix, max_age_s, result_ttl_s, problem, result, PURGE_BATCH]
+    async def expire(
+        self, max_age_s: float, result_ttl_s: float, result: bytes, mac_for: MacFor
+    ) -> tuple[int, int]:
+        # The seal needs the key, which Redis never sees: read the old ids, seal each
+        # one's expiry here, and let the script expire those still queued and old.
+        old = await self._call(self._old(args=[self.prefix, max_age_s, PURGE_BATCH]))
+        args: list[Any] = [self.prefix, max_age_s, result_ttl_s, PROBLEM_HEADERS, result]
+        args.append(PURGE_BATCH)
+        for raw in old:
+            job_id = raw.decode()
+            args += [job_id, mac_for(job_id)]
         expired, deleted = await self._call(self._expire(args=args))
         return int(expired), int(deleted)
 
     async def erase_receipts(self, receipt_ids: list[str]) -> int:
         return int(await self._call(self._erase(args=[self.prefix, *receipt_ids])))
+
+    async def erase_owner(self, owner: str) -> int:
+        """Delete every job of one client, queued ones too (`ztgate audit erase --subject`)."""
+        p, n = self.prefix, 0
+        while True:
+            args: list[Any] = [p, p + "a:" + _sha(owner), p + "o:" + _sha(owner), PURGE_BATCH]
+            seen, erased = await self._call(self._erase_owner(args=args))
+            n += int(erased)
+            if int(seen) == 0:
+                return n
 
     async def close(self) -> None:
         await self._client.aclose()

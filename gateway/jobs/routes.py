@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -26,13 +28,14 @@ from starlette.responses import JSONResponse, Response
 
 from gateway.generate.ask import parse
 from gateway.generate.session import is_generative
-from gateway.jobs.seal import seal
-from gateway.jobs.store import Conflict, Full, JobRow
+from gateway.jobs.model import Conflict, Full, JobRow, NewJob
+from gateway.jobs.seal import seal, seal_result, verify
 from gateway.pipeline.context import Incoming, body_of
 from gateway.pipeline.decode import read_body
 from gateway.protocol.problems import (
     BadRequest,
     IdempotencyConflict,
+    Internal,
     NotFound,
     RateLimited,
     StateUnavailable,
@@ -42,6 +45,8 @@ if TYPE_CHECKING:
     from gateway.jobs import JobService
 
 __all__ = ["JobRoutes", "job_routes"]
+
+log = logging.getLogger(__name__)
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -127,31 +132,34 @@ class JobRoutes:
         store = service.store
         if store is None:
             raise StateUnavailable("the job store is not open yet", retry_after=1)
-        new_id, owner = secrets.token_hex(16), caller.identity.spiffe_id
+        new_id, owner, created = secrets.token_hex(16), caller.identity.spiffe_id, time.time()
         try:
-            sub = await store.submit(
-                new_id=new_id,
+            mac = seal(
+                service.key,
+                job_id=new_id,
+                owner=owner,
+                route=route,
+                model=entry.name,
+                created=created,
+                cert=cert,
+                headers=headers,
+                body=body,
+            )
+            job = NewJob(
+                id=new_id,
                 owner=owner,
                 key=key,
                 digest=digest.hexdigest(),
                 route=route,
                 model=entry.name,
+                created=created,
                 cert=cert,
                 headers=headers,
                 body=body,
-                per_identity=service.cfg.max_open_per_identity,
-                total=service.cfg.max_open,
-                mac=seal(
-                    service.key,
-                    job_id=new_id,
-                    owner=owner,
-                    route=route,
-                    model=entry.name,
-                    cert=cert,
-                    headers=headers,
-                    body=body,
-                ),
+                mac=mac,
             )
+            cfg = service.cfg
+            sub = await store.submit(job, cfg.max_open_per_identity, cfg.max_open)
         except Conflict as exc:
             raise IdempotencyConflict(
                 "this Idempotency-Key was used for a different request",
@@ -186,7 +194,26 @@ class JobRoutes:
             row = await store.get(job_id)
         if row is None or row.owner != request.state.identity.spiffe_id:
             raise NotFound("no such job")  # the same for another client's job
+        if row.state in ("done", "failed") and not self._answer_sealed(row):
+            # Not the answer this gateway recorded for this job (swapped in, or turned
+            # into a failure, by someone who can write the store): never shown.
+            log.error("job %s: its stored answer does not verify against the job key", row.id)
+            raise Internal("a job's stored answer does not verify")
         return row
+
+    def _answer_sealed(self, row: JobRow) -> bool:
+        if row.result is None or row.status is None:
+            return False
+        expected = seal_result(
+            self.service.key,
+            job_id=row.id,
+            state=row.state,
+            status=row.status,
+            headers=row.result_headers,
+            result=row.result,
+            receipt_id=row.receipt_id,
+        )
+        return verify(expected, row.mac)
 
     async def status(self, request: Request) -> Response:
         return JSONResponse(job_view(await self._mine(request)))

@@ -22,14 +22,15 @@ import contextlib
 import hmac
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
 from gateway.config import Jobs
-from gateway.jobs.seal import seal
-from gateway.jobs.store import JobBackend, JobRow
+from gateway.jobs.model import PROBLEM_HEADERS, JobBackend, JobRow, Outcome
+from gateway.jobs.seal import seal, seal_result
 from gateway.protocol.problems import DeadlineExceeded, Internal
 from gateway.state import StoreUnavailable
 
@@ -157,6 +158,9 @@ def expired_problem() -> bytes:
     return json.dumps(p.to_dict()).encode()
 
 
+EXPIRED_HEADERS = json.loads(PROBLEM_HEADERS)
+
+
 class Runner:
     """`run(stop)` is the gateway's background job; `app` is set once the API app exists.
 
@@ -217,8 +221,21 @@ class Runner:
         self.wake.set()
 
     async def _expire(self) -> None:
+        problem = expired_problem()
+
+        def mac_for(job_id: str) -> str:
+            return seal_result(
+                self.key,
+                job_id=job_id,
+                state="failed",
+                status=504,
+                headers=EXPIRED_HEADERS,
+                result=problem,
+                receipt_id=None,
+            )
+
         expired, deleted = await self.store.expire(
-            self.cfg.max_age_s, self.result_ttl_s, expired_problem()
+            self.cfg.max_age_s, self.result_ttl_s, problem, mac_for
         )
         if expired:
             self.metrics.expired.inc(expired)
@@ -258,11 +275,33 @@ class Runner:
             owner=row.owner,
             route=row.route,
             model=row.model,
+            created=row.created,
             cert=row.cert,
             headers=row.headers,
             body=row.body,
         )
         return hmac.compare_digest(expected, row.mac)
+
+    async def _finish(
+        self, row: JobRow, state: str, status: int, headers: dict[str, str], body: bytes
+    ) -> None:
+        """Record the one answer, sealed (a poll checks the seal: gateway/jobs/seal.py)."""
+        receipt = receipt_of(headers, body) if status == 200 else None
+        mac = seal_result(
+            self.key,
+            job_id=row.id,
+            state=state,
+            status=status,
+            headers=headers,
+            result=body,
+            receipt_id=receipt,
+        )
+        if await self.store.finish(row.id, Outcome(state, status, headers, body, receipt, mac)):
+            self.metrics.finished.labels(state).inc()
+
+    async def _refuse(self, row: JobRow, problem: Internal | DeadlineExceeded) -> None:
+        body = json.dumps(problem.to_dict()).encode()
+        await self._finish(row, "failed", problem.status, dict(EXPIRED_HEADERS), body)
 
     async def _run(self, row: JobRow) -> None:
         assert self.app is not None
@@ -270,11 +309,15 @@ class Runner:
             # Written by someone other than a gateway holding the key, or damaged: it
             # runs as nobody. An operator should look at who can write the job store.
             log.error("job %s: its record does not verify against the job key; not run", row.id)
-            problem = Internal()
-            body = json.dumps(problem.to_dict()).encode()
-            headers = {"content-type": "application/problem+json"}
-            if await self.store.finish(row.id, "failed", problem.status, headers, body, None):
-                self.metrics.finished.labels("failed").inc()
+            await self._refuse(row, Internal())
+            return
+        if time.time() - row.created > self.cfg.max_age_s:
+            # Sealed, but older than any job may run: a stale copy written back into the
+            # store would otherwise run again as its client. (Expiry normally fails it
+            # first; this holds even when the store's own age index was rewritten.)
+            log.warning("job %s: submitted more than jobs.max_age_s ago; not run", row.id)
+            self.metrics.expired.inc()
+            await self._refuse(row, DeadlineExceeded("the job was not done within jobs.max_age_s"))
             return
         try:
             if row.cert is None or row.body is None:
@@ -294,7 +337,4 @@ class Runner:
             log.info("job %s: answer %d, retry %d in %.1f s", row.id, status, row.attempts, delay)
             await self.store.retry(row.id, delay)
             return
-        state = "done" if status == 200 else "failed"
-        receipt = receipt_of(headers, body) if status == 200 else None
-        if await self.store.finish(row.id, state, status, headers, body, receipt):
-            self.metrics.finished.labels(state).inc()
+        await self._finish(row, "done" if status == 200 else "failed", status, headers, body)

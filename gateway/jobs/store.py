@@ -6,7 +6,10 @@ gateways on one data dir would run each job twice. Blocking calls; `JobStore` ru
 on its own single thread, so the event loop never waits on the disk.
 
 What a row keeps of the client's request (its body, its certificate) is kept only while
-the job may still run: `finish` and `fail` drop both.
+the job may still run: `finish` and `expire` drop both, and an erasure drops the row. No
+copy stays in the files either: `secure_delete` zeroes freed cells, and the WAL, which
+still holds the old pages, is checkpointed into the database and truncated after each
+such change (as the receipt log does for its erasures).
 """
 
 from __future__ import annotations
@@ -14,30 +17,33 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import json
+import logging
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from gateway.files import fsync_dir
+from gateway.jobs.model import (
+    OPEN,
+    PROBLEM_HEADERS,
+    Conflict,
+    Full,
+    JobRow,
+    MacFor,
+    NewJob,
+    Outcome,
+    Submitted,
+)
 
-__all__ = [
-    "JOBS_FILE",
-    "Conflict",
-    "Full",
-    "JobBackend",
-    "JobRow",
-    "JobStore",
-    "Submitted",
-    "SyncJobStore",
-]
+__all__ = ["JOBS_FILE", "JobStore", "SyncJobStore"]
+
+log = logging.getLogger(__name__)
 
 JOBS_FILE = "jobs.db"
-OPEN = ("queued", "running")
 T = TypeVar("T")
 
 _SCHEMA = """
@@ -68,45 +74,6 @@ CREATE INDEX IF NOT EXISTS jobs_due ON jobs (state, not_before);
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, state);
 CREATE INDEX IF NOT EXISTS jobs_receipt ON jobs (receipt_id);
 """
-
-
-class Conflict(Exception):
-    """The idempotency key names another request of this client's."""
-
-
-class Full(Exception):
-    """A bound on open jobs is reached (`scope`: "identity" or "replica")."""
-
-    def __init__(self, scope: str) -> None:
-        super().__init__(scope)
-        self.scope = scope
-
-
-@dataclass(frozen=True, slots=True)
-class Submitted:
-    id: str
-    created: bool  # False: the key named this job already
-
-
-@dataclass(frozen=True, slots=True)
-class JobRow:
-    id: str
-    owner: str
-    route: str
-    model: str
-    cert: str | None
-    headers: dict[str, str]
-    body: bytes | None
-    state: str
-    created: float
-    updated: float
-    attempts: int
-    executions: int
-    status: int | None
-    result_headers: dict[str, str]
-    result: bytes | None
-    receipt_id: str | None
-    mac: str | None
 
 
 _SELECT = (
@@ -160,6 +127,7 @@ class SyncJobStore:
         )
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # fsync at every commit
+        self.db.execute("PRAGMA secure_delete=ON")  # a dropped body leaves no freed cells
         self.db.executescript(_SCHEMA)
         os.chmod(self.path, 0o600)
         if created:
@@ -171,6 +139,16 @@ class SyncJobStore:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    def _scrub(self) -> None:
+        """Move the WAL's pages into the database and truncate it: until then the WAL
+        holds the client's bytes a `finish` or an erasure just dropped."""
+        busy, _, _ = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:  # a reader holds an old snapshot: the next change retries
+            log.warning(
+                "jobs: %s-wal still in use; dropped data stays in it until the next checkpoint",
+                self.path,
+            )
+
     def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         self.db.execute("BEGIN IMMEDIATE")
         try:
@@ -181,32 +159,19 @@ class SyncJobStore:
         self.db.execute("COMMIT")
         return out
 
-    def submit(
-        self,
-        *,
-        new_id: str,
-        owner: str,
-        key: str,
-        digest: str,
-        route: str,
-        model: str,
-        cert: str,
-        headers: dict[str, str],
-        body: bytes,
-        per_identity: int,
-        total: int,
-        mac: str,
-    ) -> Submitted:
+    def submit(self, job: NewJob, per_identity: int, total: int) -> Submitted:
         def tx(db: sqlite3.Connection) -> Submitted:
             found = db.execute(
-                "SELECT id, digest FROM jobs WHERE owner = ? AND idem_key = ?", (owner, key)
+                "SELECT id, digest FROM jobs WHERE owner = ? AND idem_key = ?",
+                (job.owner, job.key),
             ).fetchone()
             if found is not None:
-                if found[1] != digest:
+                if found[1] != job.digest:
                     raise Conflict(found[0])
                 return Submitted(found[0], False)
             mine = db.execute(
-                "SELECT count(*) FROM jobs WHERE owner = ? AND state IN (?, ?)", (owner, *OPEN)
+                "SELECT count(*) FROM jobs WHERE owner = ? AND state IN (?, ?)",
+                (job.owner, *OPEN),
             ).fetchone()[0]
             if mine >= per_identity:
                 raise Full("identity")
@@ -216,14 +181,15 @@ class SyncJobStore:
             ):
                 raise Full("replica")
             now = self.clock()
-            row = (new_id, owner, key, digest, route, model, cert, json.dumps(headers), body)
+            row = (job.id, job.owner, job.key, job.digest, job.route, job.model, job.cert)
+            # `created` is the sealed submit time: the runner's bound on a job's age.
             db.execute(
                 "INSERT INTO jobs (id, owner, idem_key, digest, route, model, cert, headers,"
                 " body, state, created, updated, not_before, mac) VALUES"
                 " (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
-                (*row, now, now, now, mac),
+                (*row, json.dumps(job.headers), job.body, job.created, now, now, job.mac),
             )
-            return Submitted(new_id, True)
+            return Submitted(job.id, True)
 
         return self._tx(tx)
 
@@ -273,55 +239,66 @@ class SyncJobStore:
             )
         )
 
-    def finish(
-        self,
-        job_id: str,
-        state: str,
-        status: int,
-        headers: dict[str, str],
-        result: bytes,
-        receipt_id: str | None,
-    ) -> bool:
-        """Record the one result (state done or failed) and drop the request; False if the
-        job was not running (already finished, expired or erased): nothing changes."""
+    def finish(self, job_id: str, out: Outcome) -> bool:
         now = self.clock()
-        return self._tx(
+        done = self._tx(
             lambda db: (
                 db.execute(
                     "UPDATE jobs SET state = ?, status = ?, result_headers = ?, result = ?,"
-                    " receipt_id = ?, cert = NULL, headers = NULL, body = NULL, mac = NULL,"
+                    " receipt_id = ?, cert = NULL, headers = NULL, body = NULL, mac = ?,"
                     " updated = ?"
                     " WHERE id = ? AND state = 'running'",
-                    (state, status, json.dumps(headers), result, receipt_id, now, job_id),
+                    (
+                        out.state,
+                        out.status,
+                        json.dumps(out.headers),
+                        out.result,
+                        out.receipt_id,
+                        out.mac,
+                        now,
+                        job_id,
+                    ),
                 ).rowcount
                 == 1
             )
         )
+        if done:
+            self._scrub()
+        return done
 
-    def expire(self, max_age_s: float, result_ttl_s: float, result: bytes) -> tuple[int, int]:
-        """Queued jobs older than `max_age_s` fail (with `result`, a problem); finished
-        ones older than `result_ttl_s` are deleted. Returns (expired, deleted)."""
+    def expire(
+        self, max_age_s: float, result_ttl_s: float, result: bytes, mac_for: MacFor
+    ) -> tuple[int, int]:
+        """Queued jobs older than `max_age_s` fail (with `result`, a problem, sealed by
+        `mac_for(id)`); finished ones older than `result_ttl_s` are deleted. Returns
+        (expired, deleted)."""
         now = self.clock()
 
         def tx(db: sqlite3.Connection) -> tuple[int, int]:
-            expired = db.execute(
-                "UPDATE jobs SET state = 'failed', status = 504, result_headers = ?,"
-                " result = ?, cert = NULL, headers = NULL, body = NULL, updated = ?"
-                " WHERE state = 'queued' AND created < ?",
-                (
-                    json.dumps({"content-type": "application/problem+json"}),
-                    result,
-                    now,
-                    now - max_age_s,
-                ),
-            ).rowcount
+            old = [
+                r[0]
+                for r in db.execute(
+                    "SELECT id FROM jobs WHERE state = 'queued' AND created < ?",
+                    (now - max_age_s,),
+                )
+            ]
+            for job_id in old:
+                db.execute(
+                    "UPDATE jobs SET state = 'failed', status = 504, result_headers = ?,"
+                    " result = ?, cert = NULL, headers = NULL, body = NULL, mac = ?,"
+                    " updated = ? WHERE id = ?",
+                    (PROBLEM_HEADERS, result, mac_for(job_id), now, job_id),
+                )
             deleted = db.execute(
                 "DELETE FROM jobs WHERE state IN ('done', 'failed') AND updated < ?",
                 (now - result_ttl_s,),
             ).rowcount
-            return expired, deleted
+            return len(old), deleted
 
-        return self._tx(tx)
+        expired, deleted = self._tx(tx)
+        if expired or deleted:
+            self._scrub()
+        return expired, deleted
 
     def erase_receipts(self, receipt_ids: Sequence[str]) -> int:
         """Delete the jobs whose result carries one of these receipts (an erasure)."""
@@ -332,65 +309,25 @@ class SyncJobStore:
                 for rid in receipt_ids
             )
 
-        return self._tx(tx)
+        n = self._tx(tx)
+        self._scrub()
+        return n
 
     def erase_owner(self, owner: str) -> int:
-        """Delete every job of one client (an erasure request for that subject)."""
-        return self._tx(
-            lambda db: db.execute("DELETE FROM jobs WHERE owner = ?", (owner,)).rowcount
-        )
+        """Delete every job of one client, queued ones too (an erasure request for that
+        subject: `ztgate audit erase --subject`)."""
+        n = self._tx(lambda db: db.execute("DELETE FROM jobs WHERE owner = ?", (owner,)).rowcount)
+        self._scrub()
+        return n
 
     def open_count(self) -> int:
         row = self.db.execute("SELECT count(*) FROM jobs WHERE state IN (?, ?)", OPEN).fetchone()
         return int(row[0])
 
 
-class JobBackend(Protocol):
-    """What the API and the runner need of a job store: on disk here (`JobStore`), or in
-    the shared Redis (`gateway.jobs.redis.RedisJobStore`). Each method is `SyncJobStore`'s
-    of the same name, but `renew`: a store shared by replicas gives each run a lease of
-    `lease_s` (None: no lease) that the runner renews while the run lasts."""
-
-    lease_s: float | None
-
-    async def submit(
-        self,
-        *,
-        new_id: str,
-        owner: str,
-        key: str,
-        digest: str,
-        route: str,
-        model: str,
-        cert: str,
-        headers: dict[str, str],
-        body: bytes,
-        per_identity: int,
-        total: int,
-        mac: str,
-    ) -> Submitted: ...
-    async def get(self, job_id: str) -> JobRow | None: ...
-    async def requeue_running(self) -> int: ...
-    async def claim(self, limit: int) -> list[JobRow]: ...
-    async def renew(self, job_id: str) -> None: ...
-    async def retry(self, job_id: str, delay_s: float) -> None: ...
-    async def finish(
-        self,
-        job_id: str,
-        state: str,
-        status: int,
-        headers: dict[str, str],
-        result: bytes,
-        receipt_id: str | None,
-    ) -> bool: ...
-    async def expire(
-        self, max_age_s: float, result_ttl_s: float, result: bytes
-    ) -> tuple[int, int]: ...
-    async def close(self) -> None: ...
-
-
 class JobStore:
-    """`SyncJobStore` on one worker thread: calls run in order, off the event loop."""
+    """`JobBackend` on disk: `SyncJobStore` on one worker thread, calls in order, off the
+    event loop."""
 
     lease_s: float | None = None  # one process owns the file: a crash requeues at start
 
@@ -402,37 +339,8 @@ class JobStore:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
 
-    async def submit(
-        self,
-        *,
-        new_id: str,
-        owner: str,
-        key: str,
-        digest: str,
-        route: str,
-        model: str,
-        cert: str,
-        headers: dict[str, str],
-        body: bytes,
-        per_identity: int,
-        total: int,
-        mac: str,
-    ) -> Submitted:
-        return await self._call(
-            self.sync.submit,
-            new_id=new_id,
-            owner=owner,
-            key=key,
-            digest=digest,
-            route=route,
-            model=model,
-            cert=cert,
-            headers=headers,
-            body=body,
-            per_identity=per_identity,
-            total=total,
-            mac=mac,
-        )
+    async def submit(self, job: NewJob, per_identity: int, total: int) -> Submitted:
+        return await self._call(self.sync.submit, job, per_identity, total)
 
     async def get(self, job_id: str) -> JobRow | None:
         return await self._call(self.sync.get, job_id)
@@ -449,21 +357,13 @@ class JobStore:
     async def retry(self, job_id: str, delay_s: float) -> None:
         await self._call(self.sync.retry, job_id, delay_s)
 
-    async def finish(
-        self,
-        job_id: str,
-        state: str,
-        status: int,
-        headers: dict[str, str],
-        result: bytes,
-        receipt_id: str | None,
-    ) -> bool:
-        return await self._call(
-            self.sync.finish, job_id, state, status, headers, result, receipt_id
-        )
+    async def finish(self, job_id: str, out: Outcome) -> bool:
+        return await self._call(self.sync.finish, job_id, out)
 
-    async def expire(self, max_age_s: float, result_ttl_s: float, result: bytes) -> tuple[int, int]:
-        return await self._call(self.sync.expire, max_age_s, result_ttl_s, result)
+    async def expire(
+        self, max_age_s: float, result_ttl_s: float, result: bytes, mac_for: MacFor
+    ) -> tuple[int, int]:
+        return await self._call(self.sync.expire, max_age_s, result_ttl_s, result, mac_for)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._pool.shutdown, wait=True)

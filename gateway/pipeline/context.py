@@ -9,7 +9,8 @@ optional, so no stage has to assert that an earlier one ran:
 from __future__ import annotations
 
 import base64
-import secrets
+import hashlib
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,12 +25,30 @@ from gateway.protocol.tensors import InferRequest, JsonScalar
 from gateway.receipts.issue import Issued
 from gateway.registry import ModelEntry
 
+# One fresh random value per request (`Incoming.seed`, secret: never logged or sent) is
+# all the kernel is asked for on the gateway's own behalf; the request id and the
+# receipt's seed (salt and receipt-id nonce, gateway.receipts.issue.derive) come from it by
+# domain-separated SHA-256, so the public request id says nothing about the salt. Ids that
+# must stay independent are drawn apart: the per-attempt node ids (a node must not link
+# attempts), and the policy decision id (drawn by gateway/policy/engine.py).
+SEED_SIZE = 16
+_REQUEST_ID = b"ztgate/request-id/v1\n"
+_RECEIPT_SEED = b"ztgate/receipt-seed/v1\n"
+
+
+def new_seed() -> bytes:
+    return os.urandom(SEED_SIZE)
+
+
+def request_id_of(seed: bytes) -> str:
+    return hashlib.sha256(_REQUEST_ID + seed).digest()[:16].hex()
+
 
 def new_request_id() -> str:
     """The gateway's own id for a request: what receipts, problems and logs carry. Never the
     client's `ztgate-request-id` header, which is unbounded client text (a signed receipt
     must not grow with what a client sends)."""
-    return secrets.token_hex(16)
+    return request_id_of(new_seed())
 
 
 def body_of(data: bytes, chunk: int = 65536) -> Callable[[], AsyncIterator[bytes]]:
@@ -51,8 +70,18 @@ class Incoming:
     body: Callable[[], AsyncIterator[bytes]]  # read only by the decode stage, bounded
     model: str | None = None  # from the path, for routes about a model
     version: str | None = None
-    request_id: str = field(default_factory=new_request_id)
+    seed: bytes = field(default_factory=new_seed, repr=False, compare=False)  # secret
+    request_id: str = ""  # derived from `seed` unless a front gives one
     started: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        if not self.request_id:
+            object.__setattr__(self, "request_id", request_id_of(self.seed))
+
+    @property
+    def receipt_seed(self) -> bytes:
+        """The seed this request's receipt derives its salt and nonce from."""
+        return hashlib.sha256(_RECEIPT_SEED + self.seed).digest()[:SEED_SIZE]
 
 
 @dataclass(frozen=True)

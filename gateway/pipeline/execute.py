@@ -85,7 +85,9 @@ class VerifyStage:
         self.router = router
 
     async def __call__(self, decided: Decided) -> Outcome:
-        return await self.verifiers[decided.mode].run(decided.job(), self.router)
+        outcome = await self.verifiers[decided.mode].run(decided.job(), self.router)
+        self.router.answered(outcome.nodes)  # the sites that answered, for the receipt
+        return outcome
 
 
 def client_ref(identity: Identity) -> ClientRef:
@@ -171,6 +173,7 @@ class ReceiptStage:
                 ),
                 nodes=outcome.nodes,
                 request_id=asked.incoming.request_id,
+                seed=asked.incoming.receipt_seed,
                 extensions={
                     **{
                         k: ext_value(v)

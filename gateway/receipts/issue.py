@@ -8,7 +8,13 @@ log (group commit). The caller returns the answer after that, never before.
 parameter): ``ztgate-receipt/v1 <receipt id> <b64 SHA-256 of the receipt> <key id>
 <b64 signature>``. It carries the receipt's own signature (which signs the id and the
 digest), so a client can check it offline against the published key set
-(`verify_summary`) and later match it with the full receipt.
+(`verify_summary`) and later match it with the full receipt. It is built once, at issue,
+from the digest the signer computed: a receipt is canonicalised (RFC 8785) exactly once
+on the request path, and that one encoding is signed, stored and summarised.
+
+Randomness: one fresh 16-byte value per receipt (`seed`) gives both the commitment salt
+and the receipt id's nonce by domain-separated SHA-256, so each stays unpredictable
+(SHA-256 of a secret 128-bit value) while the gateway asks the kernel once, not twice.
 
 `DenialCoalescer` folds repeated identical denials (same caller, model, problem) into
 one receipt with a count, so a client hammering a forbidden model cannot flood the log.
@@ -19,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
-import secrets
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -28,7 +34,7 @@ from dataclasses import dataclass, replace
 from gateway.forward.site import receipt_extensions as site_extensions
 from gateway.protocol.tensors import Tensor
 from gateway.receipts.canonical import b64
-from gateway.receipts.commit import commit_tensor, new_salt
+from gateway.receipts.commit import SALT_SIZE, commit_tensor
 from gateway.receipts.log import LogEntry, ReceiptLog
 from gateway.receipts.model import (
     ClientRef,
@@ -47,7 +53,6 @@ from gateway.receipts.signing import (
     SUMMARY_PREFIX,
     Signer,
     format_time,
-    receipt_digest,
     verify_summary,
 )
 
@@ -66,14 +71,27 @@ __all__ = [
 class Issued:
     signed: SignedReceipt
     salt: bytes | None  # for the client only; never stored by the gateway
+    summary: str  # the response's line, computed once (fronts read it more than once)
 
     @property
     def receipt(self) -> Receipt:
         return self.signed.receipt
 
-    @property
-    def summary(self) -> str:
-        return summary(self.signed)
+
+SEED_SIZE = 16
+_SALT = b"ztgate/receipt-salt/v1\n"
+_NONCE = b"ztgate/receipt-nonce/v1\n"
+
+
+def derive(seed: bytes) -> tuple[bytes, str]:
+    """(commitment salt, receipt-id nonce) from one secret seed, domain-separated: neither
+    can be computed from the other, and the nonce (public, in the receipt id) says nothing
+    about the salt (which only the client gets)."""
+    if len(seed) < SEED_SIZE:
+        raise ValueError(f"a receipt seed is at least {SEED_SIZE} random bytes")
+    salt = hashlib.sha256(_SALT + seed).digest()[:SALT_SIZE]
+    nonce = hashlib.sha256(_NONCE + seed).digest()[:8].hex()
+    return salt, nonce
 
 
 def tensor_refs(tensors: Sequence[Tensor], salt: bytes) -> tuple[TensorRef, ...]:
@@ -95,6 +113,7 @@ async def issue(
     denial: Denial | None = None,
     request_id: str | None = None,
     salt: bytes | None = None,
+    seed: bytes | None = None,
     now: dt.datetime | None = None,
     extensions: Mapping[str, ExtValue] | None = None,
 ) -> Issued:
@@ -102,14 +121,16 @@ async def issue(
 
     `extensions` carries mode-specific evidence (zk artefact hashes, the mpc dealer); a
     request an edge site forwarded also records that site, its hops, and which site
-    answered and why (gateway/forward/site.py)."""
+    answered and why (gateway/forward/site.py). `seed` (fresh, secret, at least 16 bytes;
+    default: drawn here) yields the salt and the receipt id's nonce (`derive`)."""
     extensions = {**site_extensions(), **(extensions or {})}
-    salt = salt if salt is not None else (new_salt() if inputs or outputs else None)
+    derived_salt, nonce = derive(seed if seed is not None else os.urandom(SEED_SIZE))
+    if salt is None and (inputs or outputs):
+        salt = derived_salt
     ins = tensor_refs(inputs, salt) if salt is not None else ()
     outs = tensor_refs(outputs, salt) if salt is not None else ()
     stamp = format_time(now or dt.datetime.now(dt.UTC))
-    nonce = secrets.token_hex(8)
-    out: list[SignedReceipt] = []
+    out: list[tuple[SignedReceipt, bytes]] = []
 
     def build(index: int) -> tuple[LogEntry, tuple[str, bytes]]:
         rid = make_receipt_id(receipt_log.log_id, index, nonce)
@@ -131,24 +152,28 @@ async def issue(
             request_id=request_id,
             extensions=dict(extensions or {}),
         )
-        signed = signer.sign(receipt)
-        body = signed.to_bytes()
-        out.append(signed)
+        signed, digest = signer.sign_with_digest(receipt)
+        body = signed.to_bytes()  # the signer's canonical bytes, not a second encoding
+        out.append((signed, digest))
         return LogEntry("receipt", _sha256(body)), (rid, body)
 
     await receipt_log.append_built(build)
-    return Issued(out[0], salt)
+    signed, digest = out[0]
+    return Issued(signed, salt, summary(signed, digest))
 
 
 def _sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def summary(signed: SignedReceipt) -> str:
+def summary(signed: SignedReceipt, digest: bytes | None = None) -> str:
+    """The summary line; `digest` is the one the signer returned (else computed here from
+    the canonical bytes the signed receipt carries, or a fresh encoding)."""
+    if digest is None:
+        canonical = signed.canonical or signed.receipt.to_canonical()
+        digest = hashlib.sha256(canonical).digest()
     r = signed.receipt
-    return " ".join(
-        (SUMMARY_PREFIX, r.receipt_id, b64(receipt_digest(r)), r.key_id, b64(signed.signature))
-    )
+    return " ".join((SUMMARY_PREFIX, r.receipt_id, b64(digest), r.key_id, b64(signed.signature)))
 
 
 # --- coalescing identical denials --------------------------------------------------------

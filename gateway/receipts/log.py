@@ -39,15 +39,15 @@ on) and starts a fresh log with a new log id for this replica:
 1. Birth inode: the database records the inode number its file had when created. A copy
    or restore (``cp``, ``tar x``, ``rsync``, a restore tool) makes a new file, hence a
    new inode. Cheap, no write per append, catches file-level restores at any moment.
-2. Head marker (`gateway.receipts.marker`): after every durable batch the log records,
-   off the append path, its log id, size and root in a marker file kept *outside* the
-   log directory (default ``<dir>.head`` beside it; in production, other storage). At
-   open, the log must be the one the marker names, hold at least that many leaves, and
-   reproduce that root. Catches block-level restores (volume snapshots keep inode
+2. Head marker (`gateway.receipts.marker`): after durable batches, at most every ~50 ms,
+   the log records, off the append path, its log id, size and root in a marker file kept
+   *outside* the log directory (default ``<dir>.head`` beside it; in production, other
+   storage). At open, the log must be the one the marker names, hold at least that many
+   leaves, and reproduce that root. Catches block-level restores (volume snapshots keep inode
    numbers) and file-level ones where the file system reused the old inode number.
 
 What neither can catch, a restore of a state newer than the marker's last write (a
-backup taken within the same millisecond as the crash) or a marker restored together
+backup taken within the ~50 ms before the crash) or a marker restored together
 with the log, the witnesses catch: a witness refuses any checkpoint that is not
 consistent with the last one it cosigned (409/422), and the log reports it loudly.
 
@@ -91,7 +91,7 @@ from gateway.receipts.entry import (
     record_entry,
     start_record,
 )
-from gateway.receipts.marker import HeadMarker
+from gateway.receipts.marker import MIN_INTERVAL_S, HeadMarker
 from gateway.receipts.merkle import (
     EMPTY_ROOT,
     Frontier,
@@ -230,6 +230,7 @@ class ReceiptLog:
         self._marker_path = marker
         self._marker_thread = ThreadPoolExecutor(1, thread_name_prefix="receipt-log-marker")
         self._marker_task: asyncio.Task[None] | None = None
+        self._marker_at = -MIN_INTERVAL_S  # time.monotonic() of the last marker write
         self.max_batch = max_batch
         self.max_queue = max_queue
         self._db_thread = ThreadPoolExecutor(1, thread_name_prefix=f"receipt-log-{path.name}")
@@ -765,6 +766,12 @@ class ReceiptLog:
         assert self.marker is not None
         written = -1
         while written != self.tree.size:
+            # At most one fdatasync per MIN_INTERVAL_S: the marker is a lower bound that may
+            # lag (gateway.receipts.marker), and a write per batch cost a sync per batch.
+            wait = self._marker_at + MIN_INTERVAL_S - time.monotonic()
+            if wait > 0 and not self._closed:
+                await asyncio.sleep(wait)
+            self._marker_at = time.monotonic()
             size = self.tree.size
             root = b64(self.tree.root(size))
             try:

@@ -5,9 +5,18 @@ Format: two 512-byte slots written alternately (ping-pong), each one JSON line
 ``{"seq", "log_id", "size", "root"}`` followed by its CRC-32, padded with spaces. A
 write touches one slot and is followed by ``fdatasync``; a torn write spoils at most that
 slot, and the reader takes the valid slot with the highest ``seq``. The marker is
-written after each group-commit batch is durable, off the append path (at most one write
-in flight, always of the newest durable size), so it never runs ahead of the log and
-lags it by at most the batch being written.
+written after a group-commit batch is durable, off the append path (at most one write
+in flight, always of the newest durable size), and at most once per `MIN_INTERVAL_S`
+(one fdatasync per ~50 ms, not one per batch), so it never runs ahead of the log and lags
+it by at most that interval plus the batch being written.
+
+What the lag means for a crash: nothing for the log's own recovery. The marker is a hint
+about rollback, never a source of receipts: the log's leaves and bodies are durable in its
+own database before any answer leaves (the group commit), and reopening after a crash
+takes every durable leaf from there. A stale marker (behind the log) is always accepted,
+since the log extends it. What it costs is detection: a restore to a state taken within
+the last ~50 ms before the crash is not seen by the marker (the witnesses still refuse
+the fork it would make, gateway/receipts/log.py).
 """
 
 from __future__ import annotations
@@ -20,9 +29,10 @@ from pathlib import Path
 
 from gateway.files import fsync_dir
 
-__all__ = ["Head", "HeadMarker"]
+__all__ = ["MIN_INTERVAL_S", "Head", "HeadMarker"]
 
 SLOT = 512
+MIN_INTERVAL_S = 0.05  # at most one marker write (and fdatasync) per this many seconds
 
 
 @dataclass(frozen=True, slots=True)

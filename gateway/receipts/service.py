@@ -125,6 +125,7 @@ class ReceiptService:
         nodes: Sequence[str],
         request_id: str,
         extensions: Mapping[str, ExtValue] | None = None,
+        seed: bytes | None = None,
     ) -> Issued:
         return await issue(
             self.log,
@@ -138,6 +139,7 @@ class ReceiptService:
             nodes=nodes,
             request_id=request_id,
             extensions=extensions,
+            seed=seed,  # the request's own (pipeline.context), or drawn by `issue`
         )
 
     def save_evidence(

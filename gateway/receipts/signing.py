@@ -104,11 +104,18 @@ class Signer:
         return self.key.sign(message)
 
     def sign(self, receipt: Receipt) -> SignedReceipt:
+        return self.sign_with_digest(receipt)[0]
+
+    def sign_with_digest(self, receipt: Receipt) -> tuple[SignedReceipt, bytes]:
+        """The signed receipt and the digest its signature covers: the one canonicalisation
+        a receipt gets on the hot path, whose bytes the log stores (`to_bytes`) and whose
+        digest the response's summary line carries (`gateway.receipts.issue.summary`)."""
         if receipt.key_id != self.key_id:
             receipt = replace(receipt, key_id=self.key_id)
         canonical = receipt.to_canonical()
         digest = hashlib.sha256(canonical).digest()
-        return SignedReceipt(receipt, self.key.sign(signed_message(receipt, digest)), canonical)
+        sig = self.key.sign(signed_message(receipt, digest))
+        return SignedReceipt(receipt, sig, canonical), digest
 
 
 def receipt_digest(receipt: Receipt) -> bytes:

@@ -250,13 +250,17 @@ class Router:
             if learn_latency:
                 state.learn(time.monotonic() - start, self.cfg.ewma_alpha)
             state.served += 1
-            if only is None:  # one answer for the request; a mode choosing nodes records none
-                answered_by(state.config.site, self.site)
             if state.failures:
                 state.failures = 0
                 await self._quiet(self.store.record_success(name))
             return Routed(outputs, state.config, attempt, tuple(tried), nonfinite, checked)
         raise UpstreamFailed(f"every node tried failed ({', '.join(tried)}): {'; '.join(reasons)}")
+
+    def answered(self, nodes: Sequence[str]) -> None:
+        """Note the sites of the nodes whose answer the request gets, for its receipt:
+        after the mode ran, since only the mode knows which of the nodes it asked made the
+        answer (redundant's agreeing pair, the zk prover, the MPC parties)."""
+        answered_by([self.nodes[n].config.site for n in nodes if n in self.nodes], self.site)
 
     async def charge(self, node: str, evidence: str = "contradicted") -> None:
         """Count a failure a verifier proved after the reply passed routing's checks.
