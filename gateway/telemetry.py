@@ -333,6 +333,11 @@ class ProcessMetrics(Collector):
             ["policy"],
             registry=reg,
         )
+        self.decision_log_dropped = Counter(
+            "ztgate_decision_log_dropped",
+            "Decision-log records dropped because the log's writer queue was full",
+            registry=reg,
+        )
 
     def collect(self) -> Iterator[Any]:
         return iter(self.registry.collect())

@@ -15,6 +15,7 @@ import pytest
 from gateway.node.repository import build_repository
 from gateway.node.triton import NodeSpec, NodeStartError, NodeSupervisor, TritonProcess
 from gateway.node.triton import triton_home as lay_out_triton_home
+from gateway.pipeline.decision_log import flush_decisions
 from gateway.pki import PKI
 from gateway.ports import free_port
 from gateway.registry import ModelEntry, Registry, seed_examples, seed_generative_examples
@@ -71,6 +72,17 @@ def pytest_make_collect_report(
     if in_ci() and report.skipped:
         _fail_skip(report)
     return report
+
+
+# =========================================================================== decision log
+
+
+@pytest.fixture(autouse=True)
+def _decision_log_written() -> Iterator[None]:
+    """A test's decision records are written before the next test starts, so none lands
+    in another test's caplog or decision file (the log is written by a thread)."""
+    yield
+    flush_decisions()
 
 
 # =========================================================================== ports

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from gateway.node.repository import build_repository
+from gateway.pipeline.decide import flush_decisions
 from gateway.pki import PKI
 from gateway.policy import InferContext, PolicyEngine, load_policy_dir
 from gateway.receipts.issue import DenialCoalescer
@@ -313,6 +314,7 @@ def test_problems_name_the_request_the_decision_and_the_modes_allowed(
             early_r = demo.post(url, json=early)
         with client(pki, "nobody-problems") as nobody:
             denied = nobody.post(url, json=body_with(None))
+        flush_decisions()  # the writer thread's records, all of them, before reading
     allowed = [m for m, r in by_mode.items() if r.status_code == 200]
     refused = {m: r for m, r in by_mode.items() if r.status_code == 403}
     assert allowed and refused, {m: r.status_code for m, r in by_mode.items()}

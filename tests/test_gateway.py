@@ -20,6 +20,7 @@ import tritonclient.http as httpclient
 from cryptography import x509
 
 from gateway.identity import IdentityResolver
+from gateway.pipeline.decide import flush_decisions
 from gateway.pki import PKI
 from gateway.receipts.model import SignedReceipt
 from gateway.runtime import build_gateway
@@ -176,6 +177,7 @@ def test_identity_ignores_headers(
     assert authz[0].startswith(
         f"authorization DENIED: admin_reload gateway by {nobody.spiffe_id} ("
     )
+    flush_decisions()  # the writer thread's records, all of them, before reading
     decisions = [json.loads(r.message) for r in caplog.records if r.name == "ztgate.decisions"]
     assert [(d["spiffe_id"], d["result"]) for d in decisions] == [(nobody.spiffe_id, "deny")]
     # And so do the denial receipts.

@@ -21,6 +21,7 @@ import pytest
 
 from gateway.cli import main
 from gateway.config import Config
+from gateway.pipeline.decide import flush_decisions
 from gateway.pki import PKI, load_signing_key
 from gateway.policy.bundle import build_bundle, facts_from, sign_bundle
 from gateway.registry import Registry
@@ -84,6 +85,7 @@ def test_policy_decides_and_every_decision_is_logged(
         assert risk.status_code == 403, risk.text
         # Asking for a mode the policy does not allow for this model.
         assert infer(demo, gateway, **{"ztgate.verification": "zk"}).status_code == 403
+    flush_decisions()  # the writer thread's records, all of them, before reading
     records = [json.loads(r.message) for r in caplog.records if r.name == "ztgate.decisions"]
     # One record per request, in order: who, what, in which mode, and the result.
     assert [

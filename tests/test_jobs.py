@@ -24,13 +24,26 @@ import pytest
 from gateway.faultproxy import ThreadedFaultProxy
 from gateway.jobs.model import JobRow, NewJob
 from gateway.jobs.redis import RedisJobStore
+from gateway.jobs.runner import CRASH_ENV
+from gateway.jobs.scope import job_seed
 from gateway.jobs.seal import KeyFileError, load_key, seal
 from gateway.jobs.store import JOBS_FILE, SyncJobStore
 from gateway.node.triton import NodeSpec, TritonProcess
 from gateway.pki import PKI, Issued
 from gateway.ports import free_port, wait_ready
-from gateway.receipts.log import ReceiptLog
-from gateway.receipts.model import SignedReceipt
+from gateway.protocol.tensors import Tensor
+from gateway.receipts.issue import issue
+from gateway.receipts.log import JobReceipted, ReceiptLog
+from gateway.receipts.model import (
+    ClientRef,
+    ModelRef,
+    PolicyRef,
+    SignedReceipt,
+    VerificationRef,
+)
+from gateway.receipts.service import ReceiptService
+from gateway.receipts.signing import KeySet
+from gateway.receipts.verify import TrustedLogKey, TrustPolicy
 from tests import test_gateway
 from tests.conftest import LLM_MODEL, SITE, TritonCluster, llm_entries
 from tests.gateway_harness import (
@@ -904,3 +917,266 @@ def test_the_redis_store_keeps_the_sealed_time_and_seals_and_erases_by_subject(
     redis_server: str,
 ) -> None:
     asyncio.run(redis_store_roundtrip(redis_server))
+
+
+# ----------------------------------------------------------- one receipt per job, keyed
+
+
+def receipt_doc(c: httpx.Client, base: str, receipt_id: str) -> dict[str, Any]:
+    r = c.get(f"{base}/v2/receipts/{receipt_id}")
+    assert r.status_code == 200, r.text
+    doc: dict[str, Any] = r.json()["receipt"]
+    return doc
+
+
+def test_a_jobs_receipt_names_the_job_and_a_sync_answers_names_none(
+    gateway: RunningGateway, pki: PKI
+) -> None:
+    alice = pki.ensure("client", "alice")
+    with client(pki, alice) as c:
+        job_id = submit(c, gateway.base, "named-1").json()["id"]
+        view = wait_finished(c, gateway.base, job_id)
+        assert view["status"] == "done", view
+        ext = receipt_doc(c, gateway.base, view["receipt_id"])["ext"]
+        assert ext["job_id"] == job_id and "supersedes" not in ext
+        # Control, the same request made synchronously: its receipt names no job.
+        sync = c.post(f"{gateway.base}/v2/models/iris/infer", json=infer_body(IRIS))
+        assert sync.status_code == 200, sync.text
+        rid = sync.json()["parameters"]["ztgate.receipt_id"]
+        assert "job_id" not in receipt_doc(c, gateway.base, rid).get("ext", {})
+
+
+def test_a_job_killed_after_its_receipt_is_logged_runs_again_under_that_one_receipt(
+    pki: PKI, triton_cluster: TritonCluster, registry_dir: Path, tmp_path: Path
+) -> None:
+    """The crash exactly once must survive: the node answered and the receipt is fsynced in
+    the log, but the job has not recorded its result. Placed deterministically: the first
+    gateway runs with `CRASH_ENV` set, so its runner exits the process (`os._exit`, no
+    shutdown, what a SIGKILL at that point leaves) right there. The restarted gateway runs
+    the job again (a second node execution, counted), commits to the same outputs under
+    the job's salt, and gives the receipt already logged: one answer receipt in the log,
+    naming the job, and an export of the log still verifies."""
+    data = tmp_path / "data"
+    toml = dev_toml(pki, registry_dir, data, policy_dir(tmp_path / "policies"))
+    toml += f"""
+[receipts]
+signing_key = "{pki.key_path("receipt-signing")}"
+log_key = "{pki.key_path("log-checkpoint")}"
+checkpoint_interval_s = 0.2
+[jobs]
+backoff_s = 0.2
+backoff_max_s = 1.0
+max_attempts = 1000
+"""
+    for row in node_table(triton_cluster):
+        toml += "[[nodes]]\n" + "".join(f'{k} = "{v}"\n' for k, v in row.items())
+    config = tmp_path / "gateway.toml"
+    config.write_text(toml)
+    port = int(toml.split("[listen]\nport = ")[1].split("\n")[0])
+    admin = int(toml.split("admin_port = ")[1].split("\n")[0])
+    base = f"https://127.0.0.1:{port}"
+    plain_env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
+
+    def serve(env: dict[str, str]) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+        )
+        assert wait_ready(f"http://127.0.0.1:{admin}/v2/health/live", 60, proc)
+        return proc
+
+    def kill(proc: subprocess.Popen[bytes]) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    alice = pki.ensure("client", "alice")
+    first = serve({**plain_env, CRASH_ENV: "1"})
+    try:
+        with client(pki, alice) as c:
+            r = submit(c, base, "killed-1")
+            assert r.status_code == 202, r.text
+            job_id = r.json()["id"]
+        assert first.wait(timeout=PATIENCE_S) == 137  # it died where the test put the crash
+    finally:
+        kill(first)
+    logged = receipts_in(data / "receipts", "answer")
+    assert [s.receipt.extensions.get("job_id") for s in logged] == [job_id]
+    store = SyncJobStore(data / JOBS_FILE, lock=False)
+    try:
+        row = store.get(job_id)
+    finally:
+        store.close()
+    assert row is not None and row.state == "running" and row.receipt_id is None  # unrecorded
+    assert row.executions == 1
+
+    second = serve(plain_env)
+    try:
+        with client(pki, alice) as c:
+            view = wait_finished(c, base, job_id)
+            assert view["status"] == "done", view
+            assert view["node_executions"] == 2  # the node computed it twice: counted
+            assert view["receipt_id"] == logged[0].receipt.receipt_id
+            assert view["response"]["parameters"]["ztgate.receipt_id"] == view["receipt_id"]
+            metrics = httpx.get(f"http://127.0.0.1:{admin}/metrics", timeout=10).text
+            assert 'ztgate_job_reruns_total{receipt="reused"} 1.0' in metrics
+            # Control: a job that ran once is no rerun, and gets a receipt of its own.
+            other = wait_finished(c, base, submit(c, base, "killed-2").json()["id"])
+            assert other["node_executions"] == 1
+            assert other["receipt_id"] != view["receipt_id"]
+    finally:
+        second.send_signal(signal.SIGTERM)
+        try:
+            second.wait(timeout=20)
+        finally:
+            kill(second)
+    answered = receipts_in(data / "receipts", "answer")
+    assert sorted(s.receipt.receipt_id for s in answered) == sorted(
+        [view["receipt_id"], other["receipt_id"]]
+    )
+    assert sorted(str(s.receipt.extensions["job_id"]) for s in answered) == sorted(
+        [job_id, other["id"]]
+    )
+
+    # `ztgate verify` on an export: the receipts gained an ext field, nothing else.
+    logs = ReceiptLog.all_logs(data / "receipts")
+    rl = ReceiptLog.open_readonly(logs[0])
+    try:
+        origin = rl.origin
+    finally:
+        rl.close_sync()
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    log_key = load_pem_private_key(pki.key_path("log-checkpoint").read_bytes(), None)
+    trust = TrustPolicy(
+        KeySet.load(data / "receipts" / "keys.json"),
+        [TrustedLogKey(origin, log_key.public_key())],  # type: ignore[arg-type]
+        {},
+    )
+    (tmp_path / "trust.json").write_text(json.dumps(trust.to_dict()))
+    bundle = tmp_path / "bundle"
+    gateway_cli = [sys.executable, "-m", "gateway"]
+    subprocess.run(
+        [*gateway_cli, "audit", "export", "--log-dir", str(data / "receipts"), str(bundle)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    verified = subprocess.run(
+        [*gateway_cli, "verify", str(bundle), "--trust", str(tmp_path / "trust.json"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    report = json.loads(verified.stdout)
+    assert verified.returncode == 0 and report["status"] == "valid", report
+    found = {f["subject"] for f in report["findings"] if f["status"] == "valid"}
+    assert {f"receipt {s.receipt.receipt_id}" for s in answered} <= found
+
+
+JOB_KEY = b"k" * 32
+RECEIPT_ORIGIN = "ztgate.local/site-a/receipts"
+
+
+def answer_fields(label: int) -> dict[str, Any]:
+    """`ReceiptService.answer`'s fields for one iris answer whose label is `label`."""
+    return {
+        "client": ClientRef("spiffe://ztgate.local/client/alice", "1f", "CN=client CA"),
+        "model": ModelRef("iris", "1", "ab" * 32),
+        "inputs": [Tensor("input", "FP32", (1, 4), np.array([[5.1, 3.5, 1.4, 0.2]], "<f4"))],
+        "outputs": [Tensor("label", "INT64", (1,), np.array([label], "<i8"))],
+        "policy": PolicyRef("sha256:" + "00" * 32, "decision-1"),
+        "verification": VerificationRef("none", "unverified"),
+        "nodes": ["n1"],
+        "request_id": "r1",
+    }
+
+
+async def test_a_job_run_again_gets_its_logged_receipt_unless_it_answered_otherwise(
+    pki: PKI, tmp_path: Path
+) -> None:
+    """The receipt service and the log's job index, in process, on a real log: the second
+    run's answer is given to the service directly (a different one stands for a
+    nondeterministic node, which no test model here is)."""
+    service = ReceiptService.open(
+        tmp_path / "receipts",
+        pki.key_path("receipt-signing"),
+        pki.key_path("log-checkpoint"),
+        RECEIPT_ORIGIN,
+    )
+    key = JOB_KEY
+    fields = answer_fields(0)
+    reruns: list[str] = []
+    service.on_job_rerun = reruns.append
+    try:
+        first = await service.answer(**fields, seed=job_seed(key, "job-1"), job_id="job-1")
+        assert first.receipt.extensions["job_id"] == "job-1"
+        size = service.log.size
+        again = await service.answer(**fields, seed=job_seed(key, "job-1"), job_id="job-1")
+        assert (again.receipt, again.salt, again.summary) == (
+            first.receipt,
+            first.salt,
+            first.summary,
+        )
+        assert service.log.size == size and reruns == ["reused"]  # no second receipt
+
+        # The log itself refuses a second receipt for the job that supersedes nothing.
+        with pytest.raises(JobReceipted):
+            await issue(service.log, service.signer, **fields, job=("job-1", None))
+        assert service.log.size == size
+
+        otherwise = answer_fields(2)
+        second = await service.answer(**otherwise, seed=job_seed(key, "job-1"), job_id="job-1")
+        ext = second.receipt.extensions
+        assert ext["job_id"] == "job-1" and ext["supersedes"] == first.receipt.receipt_id
+        assert service.log.size == size + 1 and reruns == ["reused", "superseded"]
+        assert service.log.job_receipt("job-1") == second.receipt.index
+
+        # Control: another job, the same request, is a receipt of its own.
+        other = await service.answer(**fields, seed=job_seed(key, "job-2"), job_id="job-2")
+        assert other.receipt.receipt_id != first.receipt.receipt_id
+        assert other.salt != first.salt and "supersedes" not in other.receipt.extensions
+        # And a request that is no job is never looked up or indexed.
+        plain = await service.answer(**fields, seed=job_seed(key, "job-1"))
+        assert "job_id" not in plain.receipt.extensions
+        assert service.log.job_receipt("job-1") == second.receipt.index
+    finally:
+        await service.close()
+
+
+async def test_a_job_whose_receipt_is_in_a_frozen_log_is_not_receipted_twice(
+    pki: PKI, tmp_path: Path
+) -> None:
+    """A replica's log frozen (after a restore) and a new one begun between a job's runs:
+    the frozen log is searched too. The frozen log is the one the first run wrote, handed
+    to the new service as `ReceiptService.open` hands over a directory's frozen logs."""
+    keys = (pki.key_path("receipt-signing"), pki.key_path("log-checkpoint"))
+    seed = job_seed(JOB_KEY, "job-f")
+    before = ReceiptService.open(tmp_path / "before", *keys, RECEIPT_ORIGIN)
+    try:
+        first = await before.answer(**answer_fields(0), seed=seed, job_id="job-f")
+    finally:
+        await before.close()
+    (old,) = ReceiptLog.all_logs(tmp_path / "before")
+    service = ReceiptService.open(tmp_path / "after", *keys, RECEIPT_ORIGIN)
+    service.frozen = [ReceiptLog.open_readonly(old)]
+    try:
+        size = service.log.size
+        again = await service.answer(**answer_fields(0), seed=seed, job_id="job-f")
+        assert again.receipt == first.receipt and service.log.size == size
+        otherwise = await service.answer(**answer_fields(1), seed=seed, job_id="job-f")
+        assert otherwise.receipt.extensions["supersedes"] == first.receipt.receipt_id
+        assert otherwise.receipt.log_id == service.log.log_id != first.receipt.log_id
+        assert service.log.job_receipt("job-f") == otherwise.receipt.index
+        # Control: a job no log has seen gets a receipt of its own in the active log.
+        fresh = await service.answer(
+            **answer_fields(0), seed=job_seed(JOB_KEY, "job-g"), job_id="job-g"
+        )
+        assert "supersedes" not in fresh.receipt.extensions and service.log.size == size + 2
+    finally:
+        await service.close()
+        for rl in service.frozen:
+            rl.close_sync()

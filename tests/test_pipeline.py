@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,6 +26,7 @@ import tritonclient.http as httpclient
 
 from gateway.app import Gateway
 from gateway.job import Job, Outcome
+from gateway.jobs.scope import JOB_EXTENSION, JobScope
 from gateway.pipeline import (
     AdmissionStage,
     Asked,
@@ -44,9 +47,10 @@ from gateway.pipeline import (
     VerifyStage,
     body_of,
 )
+from gateway.pipeline.decide import decision_id_of
 from gateway.pipeline.offload import OFFLOAD_BYTES, DecodePool
 from gateway.pki import PKI
-from gateway.policy.facts import Rate
+from gateway.policy.facts import InferContext, Rate
 from gateway.ports import free_port
 from gateway.protocol.problems import (
     BadRequest,
@@ -61,6 +65,7 @@ from gateway.protocol.problems import (
     Unauthenticated,
 )
 from gateway.protocol.tensors import Limits
+from gateway.receipts.issue import derive
 from gateway.revocation import Revocations
 from gateway.routing.router import Router
 from gateway.runtime import build_gateway
@@ -289,6 +294,60 @@ async def test_mode_refusals_name_the_rules_and_the_allowed_modes(gw: Gateway, p
     assert "xxx" not in bad.value.detail
     ask_none = await decode(gw, pki, "demo", json_body(IRIS, **{"ztgate.verification": "none"}))
     assert mode(ask_none, policy(ask_none)).mode == "none"  # control
+
+
+async def test_the_decision_id_comes_from_the_requests_one_draw(
+    gw: Gateway, pki: PKI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The policy stage asks the kernel for nothing: its decision id is a domain-separated
+    hash of the request's secret seed, so two requests get two ids and the id (public: in
+    problems, receipts, the decision log) gives away neither the seed nor what else comes
+    from it (the request id, the receipt's salt and nonce)."""
+    policy = PolicyStage(gw.policy, gw.router, gw.revocations)
+    one = await decode(gw, pki, "demo", json_body(IRIS))
+    two = await decode(gw, pki, "demo", json_body(IRIS))
+    draws: list[int] = []
+    real = os.urandom
+
+    def counted(n: int) -> bytes:
+        draws.append(n)
+        return real(n)
+
+    monkeypatch.setattr(os, "urandom", counted)
+    first, second = policy(one), policy(two)
+    monkeypatch.undo()
+    assert draws == []
+    assert first.id == decision_id_of(one.incoming.seed) and len(first.id) == 32
+    assert second.id == decision_id_of(two.incoming.seed) != first.id
+    seed = one.incoming.seed
+    salt, nonce = derive(one.incoming.receipt_seed)
+    for other in (seed, one.incoming.receipt_seed, salt, bytes.fromhex(one.incoming.request_id)):
+        assert other.hex()[:8] not in first.id and first.id[:8] not in other.hex()
+    assert nonce not in first.id and first.id != hashlib.sha256(seed).digest()[:16].hex()
+    # A denial's id comes from the seed too (the problem and the receipt name it).
+    came = Incoming(scope=scope_of(pki, "carol"), headers={}, body=body_of(json_body(IRIS)))
+    carol = await DecodeStage(gw.cfg)(came, caller(gw, pki, "carol"), gw.entry("iris", None))
+    with pytest.raises(Forbidden) as denied:
+        policy(carol)
+    assert denied.value.extra["decision_id"] == decision_id_of(came.seed)
+    # A job's seed is the same on every run, but each run is a decision of its own.
+    job = {**scope_of(pki, "demo"), "extensions": {**scope_of(pki, "demo")["extensions"]}}
+    job["extensions"][JOB_EXTENSION] = JobScope("job-1", seed)
+    runs = [
+        Incoming(scope=job, headers={}, body=body_of(json_body(IRIS)), seed=seed) for _ in range(2)
+    ]
+    ids = [
+        policy(await DecodeStage(gw.cfg)(r, caller(gw, pki, "demo"), gw.entry("iris", None))).id
+        for r in runs
+    ]
+    assert ids[0] != ids[1] and decision_id_of(seed) not in ids
+    # Control: a caller that gives no id (the CLI, golden tests) gets a fresh draw each time.
+    ctx = InferContext(batch_size=1, payload_bytes=64)
+    ask = (one.caller.facts, "iris", ctx, ["n1", "n2"])
+    monkeypatch.setattr(os, "urandom", counted)
+    drawn = {gw.policy.engine.decide_infer(*ask).id for _ in range(2)}
+    monkeypatch.undo()
+    assert draws == [16, 16] and len(drawn) == 2 and first.id not in drawn
 
 
 # --- rate, route, verify, receipt ---------------------------------------------------------

@@ -20,6 +20,7 @@ import pytest
 
 from gateway.app import Gateway
 from gateway.pipeline import ModeStage, PolicyStage
+from gateway.pipeline.decide import flush_decisions
 from gateway.pki import PKI
 from gateway.policy import (
     InferContext,
@@ -375,6 +376,7 @@ async def test_the_policy_stage_decides_a_named_mode_alone_and_all_modes_to_refu
     assert decision.evaluated == MODES and decision.rate == full(ask_none).rate
     with caplog.at_level(logging.INFO, logger="ztgate.decisions"):
         assert mode(ask_none, decision).mode == "none"
+        flush_decisions()
     line = json.loads(caplog.records[-1].getMessage())
     assert "evaluated" not in line and line["result"] == "allow"
     assert line["determining"] == ["apps-call-iris"]

@@ -3,6 +3,7 @@ identity and in age, run by a background worker through the sync route itself.
 
     store.py   the jobs database under the data dir (fsynced before a 202)
     runner.py  the worker: claim, run in process through the app, retry, record once
+    scope.py   what a run carries into the pipeline: the job id and its receipt seed
     routes.py  submit, poll, result
 """
 
@@ -57,6 +58,8 @@ class JobService:
             store, self.cfg, self.key, self.metrics, None if days is None else days * 86400.0
         )
         self.runner.app = self.app
+        if self.gw.receipts is not None:  # a job's second run, counted (docs/jobs.md)
+            self.gw.receipts.on_job_rerun = lambda what: self.metrics.reruns.labels(what).inc()
 
     async def run(self, stop: Any) -> None:
         assert self.runner is not None

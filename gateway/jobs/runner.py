@@ -12,7 +12,10 @@ Exactly once, as far as the store can make it: a run is marked (and a dispatch c
 durably before it starts, and its one result is recorded only over a running job. A
 crash between the node's answer and that record runs the job again: the node may compute
 it twice (both dispatches counted in the job and in `ztgate_job_dispatches_total`), and
-the client is given only the result recorded.
+the client is given only the result recorded. Its receipt is logged once too: every run
+of a job carries the job (`gateway/jobs/scope.py`: its id and a seed derived from it with
+the job key), the receipt log indexes answer receipts by job id, and a second run that
+answers the same gives the first run's receipt (gateway/receipts/service.py).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import contextlib
 import hmac
 import json
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -30,6 +34,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from gateway.config import Jobs
 from gateway.jobs.model import PROBLEM_HEADERS, JobBackend, JobRow, Outcome
+from gateway.jobs.scope import JOB_EXTENSION, JobScope, job_seed
 from gateway.jobs.seal import seal, seal_result
 from gateway.protocol.problems import DeadlineExceeded, Internal
 from gateway.state import StoreUnavailable
@@ -54,6 +59,10 @@ POLL_S = 0.25  # how often the runner looks for due jobs when nothing woke it
 EXPIRE_INTERVAL_S = 5.0
 # A run that outlives every deadline the pipeline sets has hung: give it up, retry later.
 RUN_TIMEOUT_S = 900.0
+# Tests only: set in a gateway's environment, the process dies (as a SIGKILL would leave
+# it) after a job's run answered 200, its receipt durable, before the result is recorded:
+# the one crash the exactly-once receipt must survive, placed where a test can find it.
+CRASH_ENV = "ZTGATE_TEST_CRASH_BEFORE_JOB_RECORD"
 
 
 class JobMetrics:
@@ -73,12 +82,25 @@ class JobMetrics:
         self.expired = Counter(
             "ztgate_jobs_expired", "Jobs failed for being older than max_age_s", registry=registry
         )
+        self.reruns = Counter(
+            "ztgate_job_reruns",
+            "Job runs that answered after an earlier run's receipt was logged: its receipt "
+            "reused (the same answer) or superseded (a different one)",
+            ["receipt"],
+            registry=registry,
+        )
 
 
 async def call_app(
-    app: ASGIApp, path: str, cert: str, headers: dict[str, str], body: bytes
+    app: ASGIApp,
+    path: str,
+    cert: str,
+    headers: dict[str, str],
+    body: bytes,
+    job: JobScope | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
-    """POST `body` to `path` on `app` as the holder of `cert`; the whole response."""
+    """POST `body` to `path` on `app` as the holder of `cert`; the whole response.
+    `job`: the job this request runs for (its receipt names it)."""
     raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
     raw_headers.append((b"content-length", str(len(body)).encode()))
     scope: dict[str, Any] = {
@@ -97,6 +119,8 @@ async def call_app(
         "state": {},
         "extensions": {"tls": {"client_cert_chain": [cert], "client_cert_error": None}},
     }
+    if job is not None:
+        scope["extensions"][JOB_EXTENSION] = job
     sent = False
     done = asyncio.Event()
 
@@ -324,13 +348,23 @@ class Runner:
                 raise RuntimeError("a running job without its request")
             async with asyncio.timeout(RUN_TIMEOUT_S):
                 status, headers, body = await call_app(
-                    self.app, row.route, row.cert, row.headers, row.body
+                    self.app,
+                    row.route,
+                    row.cert,
+                    row.headers,
+                    row.body,
+                    JobScope(row.id, job_seed(self.key, row.id)),
                 )
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("job %s: run failed; retried", row.id)
             status, headers, body = 503, {}, b""
+        if status == 200 and os.environ.get(CRASH_ENV):
+            log.critical(
+                "job %s: %s is set: exiting before the result is recorded", row.id, CRASH_ENV
+            )
+            os._exit(137)
         if status in RETRY_STATUSES and row.attempts < self.cfg.max_attempts:
             delay = min(self.cfg.backoff_s * 2 ** (row.attempts - 1), self.cfg.backoff_max_s)
             self.metrics.retries.inc()

@@ -19,6 +19,7 @@ from typing import Any
 from gateway.config import NodeConfig
 from gateway.identity import Identity
 from gateway.job import Job, Outcome
+from gateway.jobs.scope import job_of
 from gateway.policy.engine import InferDecision
 from gateway.policy.facts import IdentityFacts
 from gateway.protocol.tensors import InferRequest, JsonScalar
@@ -30,7 +31,10 @@ from gateway.registry import ModelEntry
 # receipt's seed (salt and receipt-id nonce, gateway.receipts.issue.derive) come from it by
 # domain-separated SHA-256, so the public request id says nothing about the salt. Ids that
 # must stay independent are drawn apart: the per-attempt node ids (a node must not link
-# attempts), and the policy decision id (drawn by gateway/policy/engine.py).
+# attempts). The policy decision id is derived from the seed too
+# (gateway/pipeline/decide.py `decision_id_of`), except on a job's run.
+# A job's run (gateway/jobs/scope.py) takes the job's own secret seed instead, the same on
+# every run, so a re-run after a crash commits under the salt the first run used.
 SEED_SIZE = 16
 _REQUEST_ID = b"ztgate/request-id/v1\n"
 _RECEIPT_SEED = b"ztgate/receipt-seed/v1\n"
@@ -75,6 +79,9 @@ class Incoming:
     started: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
+        job = job_of(self.scope)
+        if job is not None:
+            object.__setattr__(self, "seed", job.seed)
         if not self.request_id:
             object.__setattr__(self, "request_id", request_id_of(self.seed))
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
+import hashlib
 import logging
 from collections.abc import Collection, Mapping
 
+from gateway.jobs.scope import job_of
 from gateway.pipeline.admission import take_token
 from gateway.pipeline.context import Asked, Decided
-from gateway.policy.engine import InferDecision, decision_record
+from gateway.pipeline.decision_log import WRITER, decisions, flush_decisions
+from gateway.policy.engine import InferDecision
 from gateway.policy.facts import IdentityFacts, InferContext
 from gateway.policy.live import LivePolicy
 from gateway.protocol.problems import BadRequest, Forbidden, NoHealthyNode, StateUnavailable
@@ -19,7 +21,21 @@ from gateway.state import StateStore
 from gateway.telemetry import PROCESS_METRICS
 from gateway.verify import MODES, Verifier
 
-decisions = logging.getLogger("ztgate.decisions")
+__all__ = [
+    "ModeStage",
+    "PolicyStage",
+    "RateLimitStage",
+    "decision_id_of",
+    "flush_decisions",
+    "log_decision",
+]
+
+# The decision id comes from the request's one random draw (`Incoming.seed`) by a
+# domain-separated hash: public, like the request id, and neither gives away the seed or
+# what else is derived from it (the receipt's salt and nonce). A job's run is the
+# exception: its seed is the same on every run (gateway/jobs/scope.py), while each run is
+# a new decision with an id of its own, so it draws one.
+_DECISION_ID = b"ztgate/decision-id/v1\n"
 
 # Client text that reaches Cedar (and the decision log) is bounded: a purpose is a short
 # label that policies compare with literals, never free text.
@@ -28,6 +44,10 @@ BAD_PURPOSE = f"ztgate.purpose must be a string of at most {MAX_PURPOSE} printab
 
 # Fixed, so a refusal never echoes the value (which may be megabytes) back or into a log.
 UNKNOWN_MODE = f"unknown verification mode; ztgate.verification must be one of {', '.join(MODES)}"
+
+
+def decision_id_of(seed: bytes) -> str:
+    return hashlib.sha256(_DECISION_ID + seed).digest()[:16].hex()
 
 
 def valid_purpose(value: object) -> bool:
@@ -93,6 +113,12 @@ class PolicyStage:
             )
         return decision
 
+    @staticmethod
+    def _decision_id(asked: Asked) -> str | None:
+        if job_of(asked.incoming.scope) is not None:
+            return None  # the engine draws
+        return decision_id_of(asked.incoming.seed)
+
     def _decide(
         self, asked: Asked, ctx: InferContext, nodes: list[str], modes: tuple[str, ...] | None
     ) -> InferDecision:
@@ -104,6 +130,7 @@ class PolicyStage:
             nodes,
             revocation_version=self.revocations.version,
             modes=modes,
+            decision_id=self._decision_id(asked),
         )
         if decision.allowed and self.revocations.stale():
             # A cut-off edge: the last-known revocations may be missing one by now. Only
@@ -180,10 +207,11 @@ def log_decision(
     decision: InferDecision, identity: IdentityFacts, model: str, mode: str | None
 ) -> None:
     """One JSON line per decision; never tensors or payloads. A denial is counted by the
-    policies that determined it (ztgate_policy_denials_total)."""
+    policies that determined it (ztgate_policy_denials_total). The line is written off
+    the request path (gateway.pipeline.decision_log): `flush_decisions()` to read it."""
     if mode is None and not decision.allowed:
         PROCESS_METRICS.denied(decision.determining)
     elif mode is not None and mode not in decision.modes:
         PROCESS_METRICS.denied(decision.for_mode(mode)[0])
     if decisions.isEnabledFor(logging.INFO):
-        decisions.info(json.dumps(decision_record(decision, identity, model, mode)))
+        WRITER.put(decision, identity, model, mode)

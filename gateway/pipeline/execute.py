@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from gateway.identity import Identity
 from gateway.job import Outcome
+from gateway.jobs.scope import job_of
 from gateway.pipeline.context import Caller, Decided
 from gateway.protocol.problems import NoHealthyNode, Problem
 from gateway.receipts.issue import Issued
@@ -158,6 +159,7 @@ class ReceiptStage:
         asked = decided.asked
         outcome, ticket = await self._lazy(decided, outcome)
         evidence = outcome.evidence
+        job = job_of(asked.incoming.scope)  # a job's run: its receipt names the job
         try:
             issued = await self.service.answer(
                 client=client_ref(asked.caller.identity),
@@ -174,6 +176,7 @@ class ReceiptStage:
                 nodes=outcome.nodes,
                 request_id=asked.incoming.request_id,
                 seed=asked.incoming.receipt_seed,
+                job_id=None if job is None else job.id,
                 extensions={
                     **{
                         k: ext_value(v)

@@ -266,12 +266,14 @@ class PolicyEngine:
         candidate_nodes: Sequence[str],
         revocation_version: int = 0,
         modes: Sequence[str] | None = None,
+        decision_id: str | None = None,
     ) -> InferDecision:
         """Which modes and nodes policy allows for this request, and why. `modes`: the
         modes to decide (None: all), honoured only when the policies are `mode_blind`
         (otherwise every mode is decided, so the rate is never the looser one of the mode
         a client names). Deciding `none` also decides `zk` when a permit carries @proof: a
-        lazy proof runs on the nodes mode zk allows."""
+        lazy proof runs on the nodes mode zk allows. `decision_id`: the id the request
+        derived from its seed (the pipeline); None draws a fresh one (CLI tools, tests)."""
         asked = F.MODES
         if modes is not None and self.mode_blind:
             if unknown := set(modes) - set(F.MODES):
@@ -281,10 +283,12 @@ class PolicyEngine:
         self._check_version(revocation_version)
         facts = self._models.get(model)
         if facts is None:
-            return self._denied(f"unknown model {model!r}: deny by default")
+            return self._denied(f"unknown model {model!r}: deny by default", decision_id)
         fleet = self._fleet(candidate_nodes)
         if not fleet.names:
-            return self._denied(f"no known candidate node among {list(candidate_nodes)}")
+            return self._denied(
+                f"no known candidate node among {list(candidate_nodes)}", decision_id
+            )
         base = _Key(
             self.policy_hash,
             revocation_version,
@@ -321,7 +325,7 @@ class PolicyEngine:
                     identity, base, ctx.purpose, fleet.first, [(mode, count, ok)]
                 )
                 decided[mode] = {**decided[mode], **{c: again[0][c] for c in ok}}
-        return self._assemble(facts, fleet, decided, asked)
+        return self._assemble(facts, fleet, decided, asked, decision_id)
 
     def _fleet(self, candidate_nodes: Sequence[str]) -> _Fleet:
         """The known candidates by class, kept per candidate list (node facts are fixed
@@ -503,6 +507,7 @@ class PolicyEngine:
         fleet: _Fleet,
         decided: Mapping[str, Mapping[int, PairResult]],
         evaluated: tuple[str, ...],
+        decision_id: str | None = None,
     ) -> InferDecision:
         """The decision from one answer per (mode, class). Classes are visited in the
         order their first node comes in the candidates, and every node of a class has its
@@ -546,7 +551,7 @@ class PolicyEngine:
             determining = tuple(dict.fromkeys(forbids))
             reason = _deny_reason(determining, tuple(dict.fromkeys(errors)))
         return InferDecision(
-            id=os.urandom(16).hex(),
+            id=decision_id or os.urandom(16).hex(),
             allowed=bool(modes),
             modes=tuple(modes),
             nodes_by_mode=by_mode,
@@ -566,9 +571,18 @@ class PolicyEngine:
             evaluated=evaluated,
         )
 
-    def _denied(self, reason: str) -> InferDecision:
+    def _denied(self, reason: str, decision_id: str | None = None) -> InferDecision:
         return InferDecision(
-            os.urandom(16).hex(), False, (), {}, None, (), (), self.policy_hash, reason, {}
+            decision_id or os.urandom(16).hex(),
+            False,
+            (),
+            {},
+            None,
+            (),
+            (),
+            self.policy_hash,
+            reason,
+            {},
         )
 
     def may_infer(self, identity: F.IdentityFacts, model: str) -> bool:

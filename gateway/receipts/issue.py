@@ -116,13 +116,16 @@ async def issue(
     seed: bytes | None = None,
     now: dt.datetime | None = None,
     extensions: Mapping[str, ExtValue] | None = None,
+    job: tuple[str, int | None] | None = None,
 ) -> Issued:
     """Sign and durably log one receipt; returns it with the client's salt.
 
     `extensions` carries mode-specific evidence (zk artefact hashes, the mpc dealer); a
     request an edge site forwarded also records that site, its hops, and which site
     answered and why (gateway/forward/site.py). `seed` (fresh, secret, at least 16 bytes;
-    default: drawn here) yields the salt and the receipt id's nonce (`derive`)."""
+    default: drawn here) yields the salt and the receipt id's nonce (`derive`). `job`:
+    (job id, the index of the receipt this one supersedes or None), the log's job index
+    (`ReceiptLog.append_built`)."""
     extensions = {**site_extensions(), **(extensions or {})}
     derived_salt, nonce = derive(seed if seed is not None else os.urandom(SEED_SIZE))
     if salt is None and (inputs or outputs):
@@ -157,7 +160,7 @@ async def issue(
         out.append((signed, digest))
         return LogEntry("receipt", _sha256(body)), (rid, body)
 
-    await receipt_log.append_built(build)
+    await receipt_log.append_built(build, job=job)
     signed, digest = out[0]
     return Issued(signed, salt, summary(signed, digest))
 

@@ -143,6 +143,10 @@ class LogClosed(LogError):
     pass
 
 
+class JobReceipted(LogError):
+    """The job already has an answer receipt here (and this one does not supersede it)."""
+
+
 @dataclass(frozen=True, slots=True)
 class StoredBody:
     index: int
@@ -159,6 +163,7 @@ class _Pending:
     body: tuple[str, bytes] | None
     future: asyncio.Future[int] | None
     record: tuple[bytes, int | None] | None = None  # (record bytes, erasure_queue seq)
+    job: str | None = None  # the job this answer receipt is for (job_receipts)
 
 
 @dataclass
@@ -188,6 +193,7 @@ CREATE TABLE IF NOT EXISTS records(idx INTEGER PRIMARY KEY, record BLOB NOT NULL
     at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS erasure_queue(seq INTEGER PRIMARY KEY AUTOINCREMENT,
     record BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS job_receipts(job_id TEXT PRIMARY KEY, idx INTEGER NOT NULL);
 """
 _SCHEMA = _TABLES + NODES_SCHEMA  # the stored tree hashes: `gateway.receipts.treestore`
 
@@ -262,6 +268,7 @@ class ReceiptLog:
             )
         self._next = self.tree.size
         self._pending: list[_Pending] = []
+        self._jobs: dict[str, int] = {}  # job id -> index, queued and not yet committed
         self._inflight: list[_Pending] = []
         self._wake: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
@@ -528,11 +535,16 @@ class ReceiptLog:
         build: Callable[[int], tuple[LogEntry, tuple[str, bytes] | None]],
         *,
         record: bytes | None = None,
+        job: tuple[str, int | None] | None = None,
     ) -> int:
         """Like `append`, for entries that embed their own index (receipts).
 
         `build(index)` runs synchronously right after the index is reserved, so it must
         not fail for reasons other than bugs; its entry takes exactly that index.
+
+        `job` = (job id, the index of the receipt this one supersedes, or None): the
+        receipt is indexed under the job id in the same transaction as its leaf, and
+        refused (`JobReceipted`) unless it supersedes exactly the job's current receipt.
         """
         if self.frozen_reason is not None:
             raise LogFrozen(f"log {self.log_id} is frozen: {self.frozen_reason}")
@@ -542,12 +554,19 @@ class ReceiptLog:
         assert self._slots is not None and self._wake is not None
         await self._slots.acquire()
         try:
+            if job is not None:  # checked after the wait: nothing can slip in between
+                current = self.job_receipt(job[0])
+                if current != job[1]:
+                    raise JobReceipted(f"job already has receipt {current} in {self.log_id}")
             index = self._next
             entry, body = build(index)
             data = entry.leaf_data()
             fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
             rec = None if record is None else (record, None)
-            self._pending.append(_Pending(index, data, leaf_hash(data), body, fut, rec))
+            job_id = None if job is None else job[0]
+            self._pending.append(_Pending(index, data, leaf_hash(data), body, fut, rec, job_id))
+            if job_id is not None:
+                self._jobs[job_id] = index
             self._next += 1
         except BaseException:
             self._slots.release()
@@ -588,6 +607,7 @@ class ReceiptLog:
                     self._inflight = []
                     self._next = self.tree.size
                     for p in failed:
+                        self._unqueue_job(p)
                         if p.future is not None and not p.future.done():
                             p.future.set_exception(LogError(f"receipt log write failed: {exc}"))
                         self._slots.release()
@@ -599,6 +619,7 @@ class ReceiptLog:
                 # frontier changes hands here, on the event loop.
                 tree.advance(frontier)
                 for p in batch:
+                    self._unqueue_job(p)  # committed: job_receipts has it now
                     if p.future is not None and not p.future.done():
                         p.future.set_result(p.index)
                     self._slots.release()
@@ -610,6 +631,24 @@ class ReceiptLog:
                 self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
             if self._closed and not self._pending:
                 return
+
+    def _unqueue_job(self, p: _Pending) -> None:
+        if p.job is not None and self._jobs.get(p.job) == p.index:
+            del self._jobs[p.job]
+
+    def job_receipt(self, job_id: str) -> int | None:
+        """The index of the job's latest answer receipt in this log (queued ones too), or
+        None: a dict look-up, then one primary-key read."""
+        queued = self._jobs.get(job_id)
+        if queued is not None:
+            return queued
+        try:
+            row = self._rdb.execute(
+                "SELECT idx FROM job_receipts WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        except sqlite3.OperationalError:  # a log from before the index, opened read-only
+            return None
+        return int(row[0]) if row else None
 
     def _write_batch(self, batch: list[_Pending], frontier: Frontier) -> tuple[float, Frontier]:
         """One transaction, one WAL fsync (synchronous=FULL) for the whole batch, with the
@@ -636,6 +675,9 @@ class ReceiptLog:
                     "DELETE FROM erasure_queue WHERE seq = ?",
                     [(r[1],) for _, r in records if r[1] is not None],
                 )
+            jobs = [(p.job, p.index) for p in batch if p.job is not None]
+            if jobs:  # the job's receipt and its index commit together, or neither does
+                db.executemany("INSERT OR REPLACE INTO job_receipts VALUES (?, ?)", jobs)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")

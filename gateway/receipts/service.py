@@ -19,7 +19,7 @@ from pathlib import Path
 from gateway.files import atomic_write
 from gateway.protocol.tensors import Tensor
 from gateway.receipts.checkpointer import Checkpointer, WitnessClient
-from gateway.receipts.issue import DenialCoalescer, Issued, issue
+from gateway.receipts.issue import DenialCoalescer, Issued, derive, issue, summary, tensor_refs
 from gateway.receipts.log import LogEntry, ReceiptLog
 from gateway.receipts.model import (
     ClientRef,
@@ -27,7 +27,9 @@ from gateway.receipts.model import (
     ExtValue,
     ModelRef,
     PolicyRef,
+    SignedReceipt,
     VerificationRef,
+    make_receipt_id,
 )
 from gateway.receipts.signing import KeySet, Signer
 from gateway.signer import FileSigner
@@ -51,6 +53,8 @@ class ReceiptService:
     reopen: Callable[[], ReceiptLog] | None = None
     closed: bool = False
     witnesses: Sequence[WitnessClient] = ()
+    # Called with "reused" or "superseded" when a job runs again (the jobs' metrics).
+    on_job_rerun: Callable[[str], None] | None = None
 
     def __post_init__(self) -> None:
         self.checkpointer = Checkpointer(
@@ -126,7 +130,27 @@ class ReceiptService:
         request_id: str,
         extensions: Mapping[str, ExtValue] | None = None,
         seed: bytes | None = None,
+        job_id: str | None = None,
     ) -> Issued:
+        """The answer's receipt. For a job's run (`job_id`, with the job's seed), at most
+        one per job unless the answers differ: see `_job_receipt`."""
+        ext = dict(extensions or {})
+        job: tuple[str, int | None] | None = None
+        if job_id is not None and seed is not None:
+            ext["job_id"] = job_id
+            prior = self.log.job_receipt(job_id)
+            holder = self.log
+            if prior is None:  # its first run may have answered before this log began
+                holder, prior = next(
+                    ((rl, i) for rl in self.frozen if (i := rl.job_receipt(job_id)) is not None),
+                    (self.log, None),
+                )
+            if prior is not None:
+                reused = self._job_receipt(holder, prior, seed, inputs, outputs)
+                if isinstance(reused, Issued):
+                    return reused
+                ext["supersedes"] = reused
+            job = (job_id, prior if holder is self.log else None)
         return await issue(
             self.log,
             self.signer,
@@ -138,9 +162,39 @@ class ReceiptService:
             verification=verification,
             nodes=nodes,
             request_id=request_id,
-            extensions=extensions,
+            extensions=ext,
             seed=seed,  # the request's own (pipeline.context), or drawn by `issue`
+            job=job,
         )
+
+    def _job_receipt(
+        self,
+        holder: ReceiptLog,
+        index: int,
+        seed: bytes,
+        inputs: Sequence[Tensor],
+        outputs: Sequence[Tensor],
+    ) -> Issued | str:
+        """A job ran again after its receipt was logged (a crash before its result was
+        recorded). The same seed gives the same salt, so the same tensors give the same
+        commitments: then the logged receipt is the answer's (returned), and no second one
+        is logged. Otherwise (a nondeterministic node, or the first body erased) the id of
+        the receipt a new one must supersede: a second, different execution, logged as one."""
+        salt, nonce = derive(seed)
+        body = holder.body_at(index)
+        if body is not None:
+            signed = SignedReceipt.from_bytes(body)
+            r = signed.receipt
+            if r.inputs == tensor_refs(inputs, salt) and r.outputs == tensor_refs(outputs, salt):
+                self._rerun("reused")
+                return Issued(signed, salt, summary(signed))
+        self._rerun("superseded")
+        log.warning("a job ran again and answered otherwise: a receipt that supersedes its first")
+        return make_receipt_id(holder.log_id, index, nonce)
+
+    def _rerun(self, what: str) -> None:
+        if self.on_job_rerun is not None:
+            self.on_job_rerun(what)
 
     def save_evidence(
         self, receipt_id: str, files: Mapping[str, bytes | Path | tuple[Path, str]]
