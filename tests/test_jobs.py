@@ -1122,6 +1122,16 @@ async def test_a_job_run_again_gets_its_logged_receipt_unless_it_answered_otherw
             first.summary,
         )
         assert service.log.size == size and reruns == ["reused"]  # no second receipt
+        assert again.reused and not first.reused  # its evidence is not filed again
+
+        # The same outputs with other evidence (a zk proof is randomised): a second
+        # execution the first receipt does not commit to, so one that supersedes it.
+        proved = {**fields, "verification": VerificationRef("zk", "verified", None, "cd" * 32)}
+        zk_job = await service.answer(**fields, seed=job_seed(key, "job-z"), job_id="job-z")
+        zk_again = await service.answer(**proved, seed=job_seed(key, "job-z"), job_id="job-z")
+        assert not zk_again.reused
+        assert zk_again.receipt.extensions["supersedes"] == zk_job.receipt.receipt_id
+        size, reruns[:] = service.log.size, ["reused"]
 
         # The log itself refuses a second receipt for the job that supersedes nothing.
         with pytest.raises(JobReceipted):

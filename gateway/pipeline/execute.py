@@ -193,7 +193,7 @@ class ReceiptStage:
             )
             proof = evidence.get("proof")
             material = evidence.get("verification_material")
-            if isinstance(proof, str) and isinstance(material, dict):
+            if isinstance(proof, str) and isinstance(material, dict) and not issued.reused:
                 self.service.save_evidence(
                     issued.receipt.receipt_id,
                     {
@@ -208,7 +208,12 @@ class ReceiptStage:
                 self.lazy.release(ticket)
             raise NoHealthyNode("the receipt log is unavailable", retry_after=5) from exc
         if ticket is not None and self.lazy is not None:
-            self.lazy.offer(ticket, issued.receipt.receipt_id)
+            if issued.reused:  # the first run's receipt has its own lazy proof
+                self.lazy.release(ticket)
+            else:
+                self.lazy.offer(ticket, issued.receipt.receipt_id)
+        if issued.reused:
+            return outcome, issued  # its evidence and spot check are the first run's
         if self.spot is not None and evidence.get("spot_check") == "scheduled":
             self.spot.offer(decided.job(), outcome, issued.receipt.receipt_id)
         return outcome, issued

@@ -72,6 +72,9 @@ class Issued:
     signed: SignedReceipt
     salt: bytes | None  # for the client only; never stored by the gateway
     summary: str  # the response's line, computed once (fronts read it more than once)
+    # A job's re-run answered under the receipt its first run logged: that receipt's
+    # evidence, lazy proof and spot check are the first run's, not to be filed again.
+    reused: bool = False
 
     @property
     def receipt(self) -> Receipt:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.files import atomic_write
+from gateway.forward.site import receipt_extensions as site_extensions
 from gateway.protocol.tensors import Tensor
 from gateway.receipts.checkpointer import Checkpointer, WitnessClient
 from gateway.receipts.issue import DenialCoalescer, Issued, derive, issue, summary, tensor_refs
@@ -146,7 +147,7 @@ class ReceiptService:
                     (self.log, None),
                 )
             if prior is not None:
-                reused = self._job_receipt(holder, prior, seed, inputs, outputs)
+                reused = self._job_receipt(holder, prior, seed, inputs, outputs, verification, ext)
                 if isinstance(reused, Issued):
                     return reused
                 ext["supersedes"] = reused
@@ -174,23 +175,34 @@ class ReceiptService:
         seed: bytes,
         inputs: Sequence[Tensor],
         outputs: Sequence[Tensor],
+        verification: VerificationRef,
+        extensions: Mapping[str, ExtValue],
     ) -> Issued | str:
         """A job ran again after its receipt was logged (a crash before its result was
         recorded). The same seed gives the same salt, so the same tensors give the same
         commitments: then the logged receipt is the answer's (returned), and no second one
-        is logged. Otherwise (a nondeterministic node, or the first body erased) the id of
-        the receipt a new one must supersede: a second, different execution, logged as one."""
+        is logged. The verification and the receipted evidence must match too (a zk proof
+        is randomised: a second proof is a second execution's evidence, which the first
+        receipt does not commit to). Otherwise (a nondeterministic node, other evidence, or
+        the first body erased) the id of the receipt a new one must supersede: a second,
+        different execution, logged as one."""
         salt, nonce = derive(seed)
         body = holder.body_at(index)
         if body is not None:
             signed = SignedReceipt.from_bytes(body)
             r = signed.receipt
-            if r.inputs == tensor_refs(inputs, salt) and r.outputs == tensor_refs(outputs, salt):
+            if (
+                r.inputs == tensor_refs(inputs, salt)
+                and r.outputs == tensor_refs(outputs, salt)
+                and r.verification == verification
+                and r.extensions == {**site_extensions(), **extensions}  # as `issue` adds
+            ):
                 self._rerun("reused")
-                return Issued(signed, salt, summary(signed))
+                return Issued(signed, salt, summary(signed), reused=True)
         self._rerun("superseded")
         log.warning("a job ran again and answered otherwise: a receipt that supersedes its first")
-        return make_receipt_id(holder.log_id, index, nonce)
+        # The stored body's id; recomputed only when the body is gone (erased).
+        return r.receipt_id if body is not None else make_receipt_id(holder.log_id, index, nonce)
 
     def _rerun(self, what: str) -> None:
         if self.on_job_rerun is not None:
