@@ -56,6 +56,7 @@ from gateway.pipeline import (
     state_unavailable,
 )
 from gateway.pipeline.catalog import unknown_model
+from gateway.pipeline.decision_log import EXIT_FLUSH_S, flush_decisions
 from gateway.pipeline.decode import read_body
 from gateway.pipeline.offload import DecodePool
 from gateway.policy.facts import VIEW, IdentityFacts, Rate, ResourceFacts
@@ -914,6 +915,8 @@ def build_api(gw: Gateway) -> Starlette:
             gw.decode_pool.close()
             if gw.receipts is not None:
                 await gw.receipts.close()
+            # The decision lines of this gateway's last requests, off the loop and bounded.
+            await asyncio.to_thread(flush_decisions, EXIT_FLUSH_S)
 
     queue = gw.jobs = JobService(gw)  # the jobs API (gateway/jobs/): submit, then poll
     routes: list[BaseRoute] = list(api_routes(gw))

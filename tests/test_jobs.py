@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -623,10 +624,15 @@ def test_a_generation_job_gives_the_whole_answer_the_sync_generate_gives(
         answer = view["response"]
         assert answer["text_output"] == sync.json()["text_output"]  # temperature 0
         assert view["receipt_id"] == answer["ztgate"]["receipt_id"]
-        assert (
-            c.get(f"{gw.base}/v2/receipts/{view['receipt_id']}").json()["receipt"]["kind"]
-            == "close"
-        )
+        # Both stream receipts name the job; the sync generate's (the control) name none.
+        closing = receipt_doc(c, gw.base, view["receipt_id"])
+        opening = receipt_doc(c, gw.base, closing["ext"]["opening"])
+        assert closing["kind"] == "close" and opening["kind"] == "open"
+        assert closing["ext"]["job_id"] == opening["ext"]["job_id"] == r.json()["id"]
+        sync_closing = receipt_doc(c, gw.base, sync.json()["ztgate"]["receipt_id"])
+        sync_opening = receipt_doc(c, gw.base, sync_closing["ext"]["opening"])
+        assert sync_closing["kind"] == "close" and sync_opening["kind"] == "open"
+        assert "job_id" not in sync_closing["ext"] and "job_id" not in sync_opening["ext"]
         # A job's answer is whole: a streamed one is refused at submit; so is a tensor model.
         streamed = {**body, "parameters": {**body["parameters"], "stream": True}}
         refused = c.post(url, json=streamed, headers={"idempotency-key": "gen-2"})
@@ -1153,6 +1159,86 @@ async def test_a_job_run_again_gets_its_logged_receipt_unless_it_answered_otherw
         plain = await service.answer(**fields, seed=job_seed(key, "job-1"))
         assert "job_id" not in plain.receipt.extensions
         assert service.log.job_receipt("job-1") == second.receipt.index
+    finally:
+        await service.close()
+
+
+async def test_a_job_run_again_while_its_receipt_is_queued_waits_for_it_to_commit(
+    pki: PKI, tmp_path: Path
+) -> None:
+    """A second run answering while the first run's receipt is queued, not yet committed:
+    the service waits for the commit and compares, rather than take the body it cannot
+    read yet for "answered otherwise". The log's database thread is held on an event (a
+    slow disk, which no test can cause on cue) so the receipt stays queued; it is the
+    log's own single writer thread, so its write lines up behind the hold."""
+    service = ReceiptService.open(
+        tmp_path / "receipts",
+        pki.key_path("receipt-signing"),
+        pki.key_path("log-checkpoint"),
+        RECEIPT_ORIGIN,
+    )
+    loop = asyncio.get_running_loop()
+
+    async def held_run_twice(job: str, again: dict[str, Any]) -> tuple[Any, Any]:
+        hold = threading.Event()
+        held = loop.run_in_executor(service.log._db_thread, hold.wait, 60.0)
+        seed = job_seed(JOB_KEY, job)
+        first = asyncio.create_task(service.answer(**answer_fields(0), seed=seed, job_id=job))
+        for _ in range(1000):  # the first run's task queues its receipt
+            if service.log.job_receipt(job) is not None:
+                break
+            await asyncio.sleep(0)
+        assert service.log.body_at(service.log.job_receipt(job) or 0) is None  # queued
+        second = asyncio.create_task(service.answer(**again, seed=seed, job_id=job))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not second.done()  # waiting for the first receipt's commit
+        hold.set()
+        await held
+        return await first, await second
+
+    try:
+        size = service.log.size
+        first, again = await held_run_twice("job-q", answer_fields(0))
+        assert again.reused and again.receipt == first.receipt
+        assert service.log.size == size + 1
+        # Control, held the same way: a different answer still supersedes the first.
+        first, other = await held_run_twice("job-r", answer_fields(1))
+        assert other.receipt.extensions["supersedes"] == first.receipt.receipt_id
+        assert service.log.size == size + 3
+    finally:
+        await service.close()
+
+
+async def test_erasing_a_jobs_receipt_drops_its_job_index_row(pki: PKI, tmp_path: Path) -> None:
+    """Retention or erasure of a receipt's body deletes its `job_receipts` row in the same
+    transaction; another job's row stays."""
+    service = ReceiptService.open(
+        tmp_path / "receipts",
+        pki.key_path("receipt-signing"),
+        pki.key_path("log-checkpoint"),
+        RECEIPT_ORIGIN,
+    )
+    try:
+        gone = await service.answer(
+            **answer_fields(0), seed=job_seed(JOB_KEY, "job-e"), job_id="job-e"
+        )
+        kept = await service.answer(
+            **answer_fields(0), seed=job_seed(JOB_KEY, "job-k"), job_id="job-k"
+        )
+        assert service.log.job_receipt("job-e") == gone.receipt.index
+        assert await service.log.erase([gone.receipt.receipt_id], "erasure-request") == 1
+        assert service.log.job_receipt("job-e") is None
+        assert service.log.job_receipt("job-k") == kept.receipt.index  # control
+        # Its next run is the job's first receipt here again, superseding nothing.
+        size = service.log.size
+        fresh = await service.answer(
+            **answer_fields(0), seed=job_seed(JOB_KEY, "job-e"), job_id="job-e"
+        )
+        assert "supersedes" not in fresh.receipt.extensions and service.log.size == size + 1
+        # Retention's path (`expire`) drops the rows of what it expires too.
+        assert await service.log.expire(-1.0) >= 2
+        assert service.log.job_receipt("job-e") is None is service.log.job_receipt("job-k")
     finally:
         await service.close()
 

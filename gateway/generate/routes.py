@@ -20,6 +20,7 @@ from gateway.generate.ask import Ask, Surface, parse
 from gateway.generate.session import Closed, GenerateService, Opened, Piece, Stream, is_generative
 from gateway.generate.sse import EventStream
 from gateway.generate.wire import DONE, OpenAIWire, TritonWire, openai_error, sse
+from gateway.jobs.scope import job_of
 from gateway.pipeline.context import Caller, Incoming
 from gateway.pipeline.decode import read_body
 from gateway.protocol.problems import Problem, UpstreamFailed, problem_response
@@ -176,7 +177,10 @@ async def _run(
         timing.decoded = time.monotonic_ns()
         entry = gw.seen(caller, ask.model, came.version)
         named.append(entry.name)
-        stream = await service.start(caller, entry, ask, came.request_id, request.headers, timing)
+        job = job_of(request.scope)  # a job's run: its stream receipts name the job
+        stream = await service.start(
+            caller, entry, ask, came.request_id, request.headers, timing, job.id if job else None
+        )
         if ask.stream or streaming:
             return stream  # sent outside the admission slot, holding a stream slot
         text, opened, closed = await _collect(stream)

@@ -155,6 +155,7 @@ class Stream:
     call: GenerateCall | None = None
     stopped: bool = False  # a stop sequence ended it (gateway/generate/stop.py)
     read: int = 0  # tokens read from the node(s): `sent` and those held back or stopped
+    job_id: str | None = None  # a job's run (gateway/jobs/scope.py): both receipts name it
 
     @property
     def salt(self) -> str | None:
@@ -232,7 +233,7 @@ class Stream:
                         self.sent,
                         reason,
                         verification,
-                        ext,
+                        ext if self.job_id is None else {**ext, "job_id": self.job_id},
                     )
                 except (LogError, LogFrozen, OSError):
                     log.exception("closing receipt of request %s not logged", self.request_id)
@@ -368,6 +369,7 @@ class GenerateService:
         request_id: str,
         headers: Mapping[str, str] | None = None,
         timing: StreamTiming | None = None,
+        job_id: str | None = None,
     ) -> Stream:
         """Every check, then the node's first token and the opening receipt; raises a
         Problem before anything is sent. The returned stream owns a stream slot and a
@@ -403,7 +405,7 @@ class GenerateService:
                     reservation = await self.meter.reserve(spiffe, decision.token_budgets, need)
                 try:
                     stream = await self._open(
-                        caller, entry, ask, request_id, decision, reservation, timing
+                        caller, entry, ask, request_id, decision, reservation, timing, job_id
                     )
                 except BaseException:
                     await self.meter.settle(reservation, 0)
@@ -423,6 +425,7 @@ class GenerateService:
         decision: InferDecision,
         reservation: Reservation,
         timing: StreamTiming,
+        job_id: str | None = None,
     ) -> Stream:
         seed = secrets.randbits(63)  # the gateway's, never the client's: receipted
         call = GenerateCall(
@@ -438,6 +441,8 @@ class GenerateService:
         timing.node_asked = time.monotonic_ns()
         mode = "redundant" if ask.mode == "redundant" else "none"  # decide() allowed it
         parameters = _parameters(ask, seed)
+        if job_id is not None:  # the opening receipt names the job whose answer this is
+            parameters["job_id"] = job_id
 
         def head_for(node: str, peers: tuple[str, ...] = ()) -> StreamHeader:
             return StreamHeader(
@@ -513,6 +518,7 @@ class GenerateService:
             sent=[],
             mode=mode,
             call=call,
+            job_id=job_id,
         )
 
 

@@ -70,10 +70,17 @@ class DecisionLog:
             self._start()
         return True
 
-    def flush(self) -> None:
-        """Write every queued record now, on this thread, and return when they are."""
-        with self._writing:
+    def flush(self, timeout_s: float = -1) -> bool:
+        """Write every queued record now, on this thread, and return when they are; with
+        `timeout_s`, give up (False) when the writer holds the queue that long (a sink
+        blocked on a full disk or pipe must not hang the process's exit)."""
+        if not self._writing.acquire(timeout=timeout_s):
+            return False
+        try:
             self._drain()
+        finally:
+            self._writing.release()
+        return True
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -119,11 +126,13 @@ def _write(item: Pending) -> None:
 
 
 WRITER = DecisionLog()
-atexit.register(WRITER.flush)
+EXIT_FLUSH_S = 2.0
+atexit.register(WRITER.flush, EXIT_FLUSH_S)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=WRITER._after_fork)
 
 
-def flush_decisions() -> None:
-    """Every decision logged so far is written when this returns (tests, shutdown)."""
-    WRITER.flush()
+def flush_decisions(timeout_s: float = -1) -> bool:
+    """Every decision logged so far is written when this returns (tests, shutdown); False
+    when `timeout_s` passed with the writer still busy."""
+    return WRITER.flush(timeout_s)

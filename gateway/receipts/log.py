@@ -194,6 +194,8 @@ CREATE TABLE IF NOT EXISTS records(idx INTEGER PRIMARY KEY, record BLOB NOT NULL
 CREATE TABLE IF NOT EXISTS erasure_queue(seq INTEGER PRIMARY KEY AUTOINCREMENT,
     record BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS job_receipts(job_id TEXT PRIMARY KEY, idx INTEGER NOT NULL);
+-- By leaf too: an erasure deletes the erased receipt's row (`_erase_rows`).
+CREATE INDEX IF NOT EXISTS job_receipts_by_idx ON job_receipts(idx);
 """
 _SCHEMA = _TABLES + NODES_SCHEMA  # the stored tree hashes: `gateway.receipts.treestore`
 
@@ -635,6 +637,16 @@ class ReceiptLog:
     def _unqueue_job(self, p: _Pending) -> None:
         if p.job is not None and self._jobs.get(p.job) == p.index:
             del self._jobs[p.job]
+
+    async def committed_job_receipt(self, job_id: str) -> int | None:
+        """`job_receipt` once no receipt of the job is queued: a queued one has no body to
+        compare yet. Bounded: another run of the same job queueing again and again (never
+        in one gateway's runner) is refused as retryable (`JobReceipted`, a `LogError`)."""
+        for _ in range(3):
+            if job_id not in self._jobs:
+                return self.job_receipt(job_id)
+            await self.flush()  # the queued receipt commits or fails; either ends its queueing
+        raise JobReceipted(f"job receipt still queued in {self.log_id}")
 
     def job_receipt(self, job_id: str) -> int | None:
         """The index of the job's latest answer receipt in this log (queued ones too), or
@@ -1172,6 +1184,9 @@ class ReceiptLog:
                     for s in (
                         ("DELETE FROM bodies WHERE idx = ?", (i,)),
                         ("INSERT OR REPLACE INTO erasures VALUES (?, ?, ?)", (i, reason, now)),
+                        # No row naming a job outlives its receipt's body: a run after
+                        # this is the job's first receipt here, not a reuse of a gone one.
+                        ("DELETE FROM job_receipts WHERE idx = ?", (i,)),
                     )
                 ),
                 *([queue] if active is None or active == self.path else []),

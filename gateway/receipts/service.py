@@ -139,7 +139,8 @@ class ReceiptService:
         job: tuple[str, int | None] | None = None
         if job_id is not None and seed is not None:
             ext["job_id"] = job_id
-            prior = self.log.job_receipt(job_id)
+            # Committed, not queued: a queued receipt's body cannot be compared yet.
+            prior = await self.log.committed_job_receipt(job_id)
             holder = self.log
             if prior is None:  # its first run may have answered before this log began
                 holder, prior = next(
