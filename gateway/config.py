@@ -514,6 +514,14 @@ class Config:
                 f"state.redis_url turns TLS checks off ({', '.join(weak)}); remove them and "
                 "give the server's CA with ssl_ca_certs"
             )
+        if self.state.redis_url is not None and self.jobs.key_file is None:
+            # Replicas share jobs through Redis: a job one accepts may run on another, and a
+            # key each made for itself (<data_dir>/jobs.key) fails every such job's seal.
+            items.append(
+                "state.redis_url without jobs.key_file: each replica would seal jobs with a "
+                "key of its own, so a job another replica runs fails; provision one key for "
+                "every replica (deploy/README.md) and set jobs.key_file"
+            )
         if self.policy.dir is not None:
             items.append(
                 "policy.dir: an unsigned policy directory; have an officer sign a bundle "

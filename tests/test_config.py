@@ -32,6 +32,7 @@ def raw(**over: Any) -> dict[str, Any]:
         "state": {"redis_url": "rediss://gw@redis.internal:6380/0"},
         "policy": {"bundle": "bundle.json", "officer_keys": ["officer.pub"]},
         "receipts": {"signing_key": "receipt.key", "log_key": "log.key"},
+        "jobs": {"key_file": "jobs.key"},
     }
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
@@ -167,6 +168,7 @@ def test_retention_and_logging_keys_are_documented() -> None:
         ({"policy": {"bundle": None, "dir": "policies"}}, "unsigned policy directory"),
         ({"policy": {"officer_keys": []}}, "without policy.officer_keys"),
         ({"receipts": {"signing_key": None, "log_key": None}}, "receipts disabled"),
+        ({"jobs": {"key_file": None}}, "without jobs.key_file"),
     ],
 )
 def test_production_refuses_each_dev_only_item(

@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
+from gateway.jobs.seal import load_key
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 KUBE = DEPLOY / "kubernetes"
@@ -279,6 +281,7 @@ def _as_mounted(overlay: str, tmp: Path) -> tuple[Path, dict[str, Any]]:
     shutil.copy(pki.root_ca, at(redis_ca.group(1)))
     for key, purpose in (("signing_key", "receipt-signing"), ("log_key", "log-checkpoint")):
         shutil.copy(pki.signing_key(purpose), at(raw["receipts"][key]))
+    load_key(at(raw["jobs"]["key_file"]))  # as the init container leaves it: private, 0600
     officer = pki.signing_key("officer-policy")
     [officer_pub] = raw["policy"]["officer_keys"]
     shutil.copy(officer.with_suffix(".pub"), at(officer_pub))

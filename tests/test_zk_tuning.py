@@ -128,8 +128,9 @@ def test_tuned_circuit_is_smaller_than_defaults_and_within_tolerance(
     tuning = tuned.record.tuning
     assert tuning["searched"] and "smallest circuit" in tuning["reason"]
     assert tuning["chosen"]["logrows"] == tuned.record.logrows
-    if os.environ.get("CI") == "true":
-        assert 1 <= len(tuning["tried"]) <= CI_MAX_CANDIDATES
+    assert tuning["tried"] and tuning["chosen"] in tuning["tried"]
+    if os.environ.get("CI") == "true":  # CI bounds the search (its time, not its result)
+        assert len(tuning["tried"]) <= CI_MAX_CANDIDATES
     assert load_record(tuned.out_dir).tuning == tuning
 
 

@@ -73,6 +73,7 @@ def check_files(cfg: Config) -> list[Problem]:
     out += _file("pkcs11.module", cfg.pkcs11.module)
     out += _file("pkcs11.pin_file", cfg.pkcs11.pin_file)
     out += _file("policy.bundle", cfg.policy.bundle)
+    out += _file("jobs.key_file", cfg.jobs.key_file)
     out += _file("policy.dir", cfg.policy.dir, directory=True)
     for i, key in enumerate(cfg.policy.officer_keys):
         out += _file(f"policy.officer_keys[{i}]", key)

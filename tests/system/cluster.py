@@ -25,6 +25,7 @@ import httpx
 import numpy as np
 
 from gateway.faultproxy import ThreadedFaultProxy
+from gateway.jobs.seal import load_key
 from gateway.ports import free_port, wait_ready
 from tests.system.customer_pki import CustomerPKI
 from tests.system.processes import ZTGATE, Service, Services, run_cli
@@ -395,6 +396,10 @@ def start_cluster(root: Path, services: Services) -> ProductionCluster:
     ports = [(free_port(), free_port(), free_port()) for _ in range(2)]  # API, admin, gRPC
     public = [f"https://127.0.0.1:{p}" for p, _, _ in ports]
     policies = _write_policies(root / "officer" / "policies")
+    # One jobs seal key both replicas share (they share jobs through Redis): private,
+    # written once, as an operator provisions it (deploy/README.md).
+    jobs_key = root / "jobs.key"
+    load_key(jobs_key)  # makes it: random, 0600
     replicas: list[Replica] = []
     for i, (name, (port, admin, grpc)) in enumerate(zip(("gw-a", "gw-b"), ports, strict=True)):
         d = root / name
@@ -421,6 +426,7 @@ def start_cluster(root: Path, services: Services) -> ProductionCluster:
             "routing", {"per_try_timeout_s": 5.0, "deadline_s": 30.0, "health_interval_s": 1.0}
         )
         lines += _table("state", {"redis_url": redis_url, "timeout_s": 3.0})
+        lines += _table("jobs", {"key_file": jobs_key})
         lines += _table(
             "policy",
             {"bundle": d / "policy-bundle.json", "officer_keys": [officer_key.with_suffix(".pub")]},
