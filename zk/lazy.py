@@ -267,10 +267,7 @@ def _same_answer(given: Outcome, proven: Outcome, tolerance: float) -> bool:
 def install(gw: Any, zk: ZkVerification) -> LazyProofs | None:
     """Wire lazy proofs into a gateway with receipts (runtime.add_proof_modes): late
     evidence signed by the receipt key, the proof kept beside the log as eager zk's is."""
-    import hashlib
-
-    from gateway.receipts.entry import LogEntry
-    from gateway.receipts.late import late_evidence
+    from gateway.receipts.late import record_late_evidence
 
     # Without receipts there is nothing to attach late evidence to: no lazy proofs.
     receipts = getattr(gw, "receipts", None)
@@ -281,8 +278,8 @@ def install(gw: Any, zk: ZkVerification) -> LazyProofs | None:
     async def record(
         receipt_id: str, verdict: str, nodes: tuple[str, ...], why: str, details: dict[str, str]
     ) -> None:
-        doc = late_evidence(
-            receipts.signer,
+        await record_late_evidence(
+            receipts,
             receipt_id=receipt_id,
             verdict=verdict,
             kind="lazy_proof",
@@ -290,8 +287,6 @@ def install(gw: Any, zk: ZkVerification) -> LazyProofs | None:
             reason=why,
             details=details,
         )
-        entry = LogEntry("late_evidence", hashlib.sha256(doc).digest(), receipt_id)
-        await receipts.record_document(entry, doc)
         log.info("lazy proof of %s: %s (%s)", receipt_id, verdict, why)
 
     def save(receipt_id: str, proof: bytes, material: dict[str, Any]) -> None:

@@ -38,6 +38,7 @@ from gateway.jobs.model import (
     Outcome,
     Submitted,
 )
+from gateway.sqlitedb import open_durable, truncate_wal
 
 __all__ = ["JOBS_FILE", "JobStore", "SyncJobStore"]
 
@@ -122,12 +123,7 @@ class SyncJobStore:
                 raise RuntimeError(f"{self.path} is in use by another gateway") from None
             self._lock_fd = fd
         created = not self.path.exists()
-        self.db = sqlite3.connect(
-            self.path, timeout=10, isolation_level=None, check_same_thread=False
-        )
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")  # fsync at every commit
-        self.db.execute("PRAGMA secure_delete=ON")  # a dropped body leaves no freed cells
+        self.db = open_durable(self.path, timeout=10)
         self.db.executescript(_SCHEMA)
         os.chmod(self.path, 0o600)
         if created:
@@ -142,8 +138,7 @@ class SyncJobStore:
     def _scrub(self) -> None:
         """Move the WAL's pages into the database and truncate it: until then the WAL
         holds the client's bytes a `finish` or an erasure just dropped."""
-        busy, _, _ = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        if busy:  # a reader holds an old snapshot: the next change retries
+        if not truncate_wal(self.db):  # a reader holds an old snapshot: the next change retries
             log.warning(
                 "jobs: %s-wal still in use; dropped data stays in it until the next checkpoint",
                 self.path,
@@ -319,10 +314,6 @@ class SyncJobStore:
         n = self._tx(lambda db: db.execute("DELETE FROM jobs WHERE owner = ?", (owner,)).rowcount)
         self._scrub()
         return n
-
-    def open_count(self) -> int:
-        row = self.db.execute("SELECT count(*) FROM jobs WHERE state IN (?, ?)", OPEN).fetchone()
-        return int(row[0])
 
 
 class JobStore:

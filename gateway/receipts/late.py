@@ -19,20 +19,24 @@ receipt and the evidence about it (docs/reputation.md, "Late evidence"):
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidSignature
 
 from gateway.receipts.canonical import b64, canonical_json, unb64
+from gateway.receipts.entry import LogEntry
 from gateway.receipts.signing import KeySet, Signer, format_time
 
 __all__ = [
     "DOC_TYPE",
     "FINAL_STATUSES",
     "VERDICTS",
+    "EvidenceLog",
     "final_status",
     "late_evidence",
+    "record_late_evidence",
     "verify_late_evidence",
 ]
 
@@ -77,6 +81,40 @@ def late_evidence(
     }
     sig = signer.sign_bytes(DOMAIN + canonical_json(body))
     return canonical_json({**body, "signature": b64(sig)})
+
+
+class EvidenceLog(Protocol):
+    """What `record_late_evidence` needs of the receipt service (gateway/receipts/service.py)."""
+
+    signer: Signer
+
+    async def record_document(self, entry: LogEntry, record: bytes) -> int: ...
+
+
+async def record_late_evidence(
+    receipts: EvidenceLog,
+    *,
+    receipt_id: str,
+    verdict: str,
+    kind: str,
+    nodes: Sequence[str] = (),
+    reason: str = "",
+    details: Mapping[str, str] | None = None,
+) -> None:
+    """`late_evidence` signed by the receipt key and logged as a ``late_evidence`` leaf
+    about the receipt, the document kept as the leaf's record (spot checks, text checks
+    and lazy proofs all record theirs this way)."""
+    doc = late_evidence(
+        receipts.signer,
+        receipt_id=receipt_id,
+        verdict=verdict,
+        kind=kind,
+        nodes=nodes,
+        reason=reason,
+        details=details,
+    )
+    entry = LogEntry("late_evidence", hashlib.sha256(doc).digest(), receipt_id)
+    await receipts.record_document(entry, doc)
 
 
 def verify_late_evidence(raw: bytes, keys: KeySet, receipt_id: str | None = None) -> dict[str, Any]:

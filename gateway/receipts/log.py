@@ -112,6 +112,7 @@ from gateway.receipts.treestore import (
     stored_size,
 )
 from gateway.signer import Signer
+from gateway.sqlitedb import open_durable, truncate_wal
 
 __all__ = [
     "ENTRY_TYPES",
@@ -242,13 +243,7 @@ class ReceiptLog:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self._db_thread = ThreadPoolExecutor(1, thread_name_prefix=f"receipt-log-{path.name}")
-        self._db = sqlite3.connect(
-            path / "log.db", check_same_thread=False, isolation_level=None, timeout=30
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        # Erased bodies are overwritten, not just unlinked from the b-tree.
-        self._db.execute("PRAGMA secure_delete=ON")
+        self._db = open_durable(path / "log.db", timeout=30)
         self._db.executescript(_SCHEMA)
         # Reads go through their own connection: in WAL mode it sees committed data only,
         # never a batch the writer thread has not yet committed.
@@ -1200,8 +1195,7 @@ class ReceiptLog:
             for entry in it:
                 if entry.is_file() and _evidence_owner(entry.name) in gone:
                     Path(entry.path).unlink(missing_ok=True)
-        busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        if busy:
+        if not truncate_wal(self._db):
             log.warning(
                 "receipt log %s: WAL still in use after erasure; retried next time", self.log_id
             )

@@ -52,6 +52,7 @@ from gateway.receipts.entry import LogEntry
 from gateway.receipts.export import Writer, proof_text
 from gateway.receipts.log import tlog_proof
 from gateway.receipts.merkle import MerkleTree, leaf_hash
+from gateway.sqlitedb import open_durable, truncate_wal
 
 __all__ = [
     "EVIDENCE_NAMES",
@@ -259,10 +260,7 @@ class Vault:
         """`quota`: bytes of evidence files each trusted log key may have here."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.quota = quota
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # what the edge was told is stored, is
-        self._db.execute("PRAGMA secure_delete=ON")  # erased evidence leaves no freed cells
+        self._db = open_durable(path)
         self._db.executescript(_SCHEMA)
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(material)")}
         if "owner" not in columns:  # a vault from before quotas: its files count globally
@@ -502,8 +500,8 @@ class Vault:
     def _truncate_wal(self) -> None:
         """The WAL still holds the deleted pages: copy it into the database and empty it."""
         with self._lock:
-            busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        if busy:
+            truncated = truncate_wal(self._db)
+        if not truncated:
             log.warning("vault: WAL still in use after an erasure; truncated at the next one")
 
     def commit(self, origin: str, size: int, note: str) -> None:

@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 
 from gateway.receipts.canonical import canonical_json
 from gateway.receipts.entry import LogEntry
-from gateway.receipts.late import late_evidence
+from gateway.receipts.late import record_late_evidence
 from gateway.routing.reputation import QuarantineEvent, Reputation, Sampling, Sprt
 from gateway.verify.none import NoVerification
 from gateway.verify.spotcheck import SpotCheckMetrics, SpotChecks
@@ -89,18 +89,15 @@ def add_lie_accounting(cfg: Config, gw: Gateway) -> Reputation:
     gw.metrics.registry.register(ReputationMetrics(rep))
 
     async def record(receipt_id: str, verdict: str, nodes: tuple[str, ...], why: str) -> None:
-        if receipts is None:
-            return
-        doc = late_evidence(
-            receipts.signer,
-            receipt_id=receipt_id,
-            verdict=verdict,
-            kind="spot_check",
-            nodes=nodes,
-            reason=why,
-        )
-        entry = LogEntry("late_evidence", hashlib.sha256(doc).digest(), receipt_id)
-        await receipts.record_document(entry, doc)
+        if receipts is not None:
+            await record_late_evidence(
+                receipts,
+                receipt_id=receipt_id,
+                verdict=verdict,
+                kind="spot_check",
+                nodes=nodes,
+                reason=why,
+            )
 
     spot = SpotChecks(
         gw.router,

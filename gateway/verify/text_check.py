@@ -29,21 +29,17 @@ Nothing here logs or records token values: reasons name positions and counts onl
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
 from gateway.job import NodeFilter
 from gateway.protocol.problems import Problem
-from gateway.receipts.entry import LogEntry
-from gateway.receipts.late import late_evidence
-from gateway.receipts.signing import Signer
+from gateway.receipts.late import EvidenceLog, record_late_evidence
 from gateway.routing.node_client import Scores
 from gateway.routing.router import Router
 from gateway.routing.streaming import GenerateCall, score_answer
@@ -54,32 +50,16 @@ log = logging.getLogger(__name__)
 KIND = "text_spot_check"  # late evidence `kind` (tensor spot checks use "spot_check")
 
 
-class EvidenceLog(Protocol):
-    """What `recorder` needs of the receipt service (gateway/receipts/service.py)."""
-
-    signer: Signer
-
-    async def record_document(self, entry: LogEntry, record: bytes) -> int: ...
-
-
 def recorder(receipts: EvidenceLog | None) -> RecordFn:
     """The `record` for `TextChecks`: each verdict becomes a signed late-evidence document
     (gateway/receipts/late.py, the same as tensor spot checks', kind `KIND`) logged as a
     ``late_evidence`` leaf about the receipt."""
 
     async def record(receipt_id: str, verdict: str, nodes: tuple[str, ...], why: str) -> None:
-        if receipts is None:
-            return
-        doc = late_evidence(
-            receipts.signer,
-            receipt_id=receipt_id,
-            verdict=verdict,
-            kind=KIND,
-            nodes=nodes,
-            reason=why,
-        )
-        entry = LogEntry("late_evidence", hashlib.sha256(doc).digest(), receipt_id)
-        await receipts.record_document(entry, doc)
+        if receipts is not None:
+            await record_late_evidence(
+                receipts, receipt_id=receipt_id, verdict=verdict, kind=KIND, nodes=nodes, reason=why
+            )
 
     return record
 
