@@ -310,6 +310,7 @@ def test_signed_bundles_refuse_tampering_and_rollback(
                 mode=mode,
                 tls={"dev_pki": False},
                 state={"redis_url": redis_url},
+                jobs={"key_file": str(tmp_path / data / "jobs.key")},
                 policy={"dir": None, "bundle": str(path), "officer_keys": [officer_pub], **policy},
             )
 
