@@ -242,7 +242,8 @@ class LazyProofs:
         )
         if self.save is not None:
             material = dict(proven.evidence.get("verification_material", {}))
-            self.save(receipt_id, str(proven.evidence["proof"]).encode(), material)
+            proof = str(proven.evidence["proof"]).encode()
+            await asyncio.to_thread(self.save, receipt_id, proof, material)  # files, fsyncs
         tolerance = float(record.quantisation.get("tolerance", 1e-2))
         if _same_answer(outcome, proven, tolerance):
             await self.router.confirm(answered)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import replace
@@ -194,7 +195,9 @@ class ReceiptStage:
             proof = evidence.get("proof")
             material = evidence.get("verification_material")
             if isinstance(proof, str) and isinstance(material, dict) and not issued.reused:
-                self.service.save_evidence(
+                # Files and fsyncs: off the event loop, like the receipt's own batch.
+                await asyncio.to_thread(
+                    self.service.save_evidence,
                     issued.receipt.receipt_id,
                     {
                         "proof.json": proof.encode(),
