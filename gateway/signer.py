@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "Signer",
     "SignerError",
     "Token",
+    "raw_public",
     "read_pin",
 ]
 
@@ -292,14 +294,15 @@ def generate(token: Token, label: str) -> ed25519.Ed25519PublicKey:
     return Pkcs11Signer(token, label).public_key()
 
 
+def raw_public(key: ed25519.Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
 def import_key(token: Token, label: str, key: ed25519.Ed25519PrivateKey) -> None:
     """Put an existing Ed25519 key into the token as non-extractable (then destroy the
     file: the token cannot make the copy outside it unusable)."""
-    from cryptography.hazmat.primitives import serialization
     from pkcs11 import Attribute, KeyType, ObjectClass, PKCS11Error
     from pkcs11.util.ec import encode_named_curve_parameters
-
-    from gateway.receipts.signing import raw_public
 
     params = encode_named_curve_parameters(ED25519_OID)
     private = key.private_bytes(

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from gateway.files import atomic_write
@@ -38,6 +37,7 @@ from gateway.keyid import signing_key_id
 from gateway.receipts.canonical import b64, canonical_json, unb64
 from gateway.receipts.model import Receipt, SignedReceipt
 from gateway.signer import Signer as KeySigner
+from gateway.signer import raw_public
 
 __all__ = [
     "RECEIPT_DOMAIN",
@@ -73,10 +73,6 @@ class Verdict:
 
     def __bool__(self) -> bool:
         return self.ok
-
-
-def raw_public(key: ed25519.Ed25519PublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def format_time(t: dt.datetime) -> str:
