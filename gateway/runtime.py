@@ -513,7 +513,7 @@ def edge_failover(cfg: Config, gw: Gateway, api: Any) -> Any:
 
     gw.background.append(close_forwarder)
     gw.forwarder = forwarder  # type: ignore[attr-defined]
-    return EdgeFailover(api, forwarder, cfg.limits.max_body_bytes)
+    return EdgeFailover(api, forwarder, cfg.limits.max_body_bytes, cfg.generate)
 
 
 def forward_server(cfg: Config, gw: Gateway) -> uvicorn.Server | None:

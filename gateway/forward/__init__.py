@@ -1,6 +1,7 @@
 """Edge -> core forwarding without a confused deputy (docs/ddil.md, "Forwarding to the core").
 
-An edge site whose own nodes cannot serve a request may send it to its core. The core
+An edge site whose own nodes cannot serve a request (an inference or a generation:
+`paths.py`) may send it to its core. The core
 must not become the edge's deputy: it answers only what the client itself may ask, under
 the core's own policy and revocations, and only for sites policy lets act for that
 client (`forward_for`). So the edge calls a separate listener with a per-site forwarder

@@ -1,13 +1,22 @@
 """The edge's half: send a request to the core with a signed statement, and fail over to
 the core when the edge's own nodes cannot serve.
 
-`EdgeFailover` wraps the edge's API app. An inference runs here first, under the edge's
-policy; only when it ends in `no-healthy-node` or `upstream-failed` after the edge's own
-policy allowed it (the problem names the edge's decision: its forbids and @rate ran) is
-the same body sent to the core's forward listener, and
-the core's answer, or its refusal, is what the client gets, marked
-`ztgate-site-why: forwarded-to-core`. A request that itself came through a forward
-listener is never forwarded again.
+`EdgeFailover` wraps the edge's API app. An inference or a generation (Triton's
+generate and generate_stream, OpenAI's chat and completions: `paths.py`) runs here
+first, under the edge's policy; only when it ends in `no-healthy-node` or
+`upstream-failed` after the edge's own policy allowed it (the problem names the edge's
+decision: its forbids and @rate ran), before any byte of the answer was sent, is the
+same body sent to the core's forward listener, and the core's answer, or its refusal, is
+what the client gets, marked `ztgate-site-why: forwarded-to-core`. A request that itself
+came through a forward listener is never forwarded again.
+
+A stream of events is passed on as it arrives, one read at a time: each read within
+`timeout_s`, the whole within what a local stream of the edge's own caps could last, and
+each send to the client within `generate.send_timeout_s`. A client that leaves, or a
+core that stops, closes the other side (the core then cancels at its node and writes its
+closing receipt). Any other answer is read whole, within the same bounds and at most
+`MAX_ANSWER_BYTES`, before its first byte is sent, so a core that fails on the way still
+leaves the client the edge's own answer.
 
 The core is pinned: only `core_ca` is trusted, and the handshake fails unless the core's
 certificate names, as its one URI SAN, the gateway SPIFFE ID the statement is addressed
@@ -16,9 +25,10 @@ to, before any byte of the request is sent.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
-import re
 import ssl
 from collections.abc import MutableMapping
 from pathlib import Path
@@ -28,14 +38,16 @@ import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from gateway.config import Generate
 from gateway.forward.listener import ASGIApp, Receive, Scope, Send
+from gateway.forward.paths import Target, body_doc, model_of, streams, target
 from gateway.forward.site import FORWARDED, FORWARDED_TO_CORE
 from gateway.forward.statement import make, sign
-from gateway.protocol.problems import PROBLEM_BASE
+from gateway.generate.wire import openai_error, sse
+from gateway.protocol.problems import PROBLEM_BASE, UpstreamFailed
 
 log = logging.getLogger(__name__)
 
-_INFER_PATH = re.compile(r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
 # No local node could serve: none healthy, or every one tried failed.
 _FAIL_OVER_ON = {PROBLEM_BASE + "no-healthy-node": 503, PROBLEM_BASE + "upstream-failed": 502}
 _PASSED_HEADERS = ("inference-header-content-length",)
@@ -44,6 +56,10 @@ _PASSED_HEADERS = ("inference-header-content-length",)
 _RETURNED_HEADERS = ("inference-header-content-length", "ztgate-receipt")
 SITE_WHY_HEADER = "ztgate-site-why"
 SITE_HEADER = "ztgate-site"
+# A whole (not streamed) answer the edge holds before sending it on: tensors, or a
+# whole generation with its two receipts.
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
+_EVENT_STREAM = "text/event-stream"
 
 
 class CoreForwarder:
@@ -64,6 +80,7 @@ class CoreForwarder:
     ) -> None:
         self.site = site
         self.core_site = core_site
+        self.timeout_s = timeout_s
         self.audience = f"spiffe://{trust_domain}/gateway/{core_site}"
         loaded = serialization.load_pem_private_key(key.read_bytes(), password=None)
         if not isinstance(loaded, ec.EllipticCurvePrivateKey):
@@ -81,6 +98,37 @@ class CoreForwarder:
         self.forwarded = 0
         self.failed = 0
 
+    def _request(
+        self,
+        *,
+        client_cert: str,
+        path: str,
+        model: str,
+        version: str,
+        body: bytes,
+        content_type: str,
+        extra: dict[str, str] | None,
+        head_s: float | None,
+    ) -> httpx.Request:
+        st = make(
+            site=self.site,
+            aud=self.audience,
+            client_cert=client_cert,
+            body=body,
+            model=model,
+            version=version,
+        )
+        headers = {
+            **(extra or {}),
+            **sign(st, self._key),
+            "content-type": content_type,
+            "accept-encoding": "identity",
+        }
+        timeout = httpx.Timeout(self.timeout_s, read=head_s or self.timeout_s)
+        return self._http.build_request(
+            "POST", path, content=body, headers=headers, timeout=timeout
+        )
+
     async def forward(
         self,
         *,
@@ -92,16 +140,44 @@ class CoreForwarder:
         content_type: str,
         extra: dict[str, str] | None = None,
     ) -> httpx.Response:
-        st = make(
-            site=self.site,
-            aud=self.audience,
+        """The core's whole answer (read within httpx's per-read `timeout_s`)."""
+        req = self._request(
             client_cert=client_cert,
-            body=body,
+            path=path,
             model=model,
             version=version,
+            body=body,
+            content_type=content_type,
+            extra=extra,
+            head_s=None,
         )
-        headers = {**(extra or {}), **sign(st, self._key), "content-type": content_type}
-        return await self._http.post(path, content=body, headers=headers)
+        return await self._http.send(req)
+
+    async def open(
+        self,
+        *,
+        client_cert: str,
+        path: str,
+        model: str,
+        version: str,
+        body: bytes,
+        content_type: str,
+        extra: dict[str, str] | None,
+        head_s: float,
+    ) -> httpx.Response:
+        """The core's answer, its head read within `head_s` and its body not yet read:
+        the caller reads it and closes it (closing it unread closes the connection)."""
+        req = self._request(
+            client_cert=client_cert,
+            path=path,
+            model=model,
+            version=version,
+            body=body,
+            content_type=content_type,
+            extra=extra,
+            head_s=head_s,
+        )
+        return await self._http.send(req, stream=True)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -110,14 +186,21 @@ class CoreForwarder:
 class EdgeFailover:
     """The edge's API app, failing over to the core (module doc)."""
 
-    def __init__(self, api: ASGIApp, forwarder: CoreForwarder, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        api: ASGIApp,
+        forwarder: CoreForwarder,
+        max_body_bytes: int,
+        generate: Generate | None = None,
+    ) -> None:
         self.api = api
         self.forwarder = forwarder
         self.max_body_bytes = max_body_bytes
+        self.generate = generate or Generate()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        m = _INFER_PATH.fullmatch(scope.get("path", "")) if scope["type"] == "http" else None
-        if m is None or scope.get("method") != "POST" or FORWARDED.get() is not None:
+        t = target(scope.get("path", "")) if scope["type"] == "http" else None
+        if t is None or scope.get("method") != "POST" or FORWARDED.get() is not None:
             await self.api(scope, receive, send)
             return
         held: list[MutableMapping[str, Any]] = []
@@ -152,56 +235,174 @@ class EdgeFailover:
         await self.api(scope, replay, capture)
         if start is None:
             return
-        answer = b"".join(msg.get("body", b"") for msg in out)
-        core = None
-        if _may_fail_over(answer):
-            core = await self._to_core(scope, m, body)
-        if core is None:
+        answered = False
+        if _may_fail_over(b"".join(msg.get("body", b"") for msg in out)):
+            answered = await self._to_core(scope, receive, send, t, body)
+        if not answered:  # the edge's own answer
             await send(start)
             for msg in out:
                 await send(msg)
-            return
-        await send(
-            {
-                "type": "http.response.start",
-                "status": core.status_code,
-                "headers": [
-                    (b"content-type", core.headers.get("content-type", "").encode("latin-1")),
-                    *(
-                        (k.encode(), core.headers[k].encode("latin-1"))
-                        for k in _RETURNED_HEADERS
-                        if k in core.headers
-                    ),
-                    (SITE_WHY_HEADER.encode(), FORWARDED_TO_CORE.encode()),
-                    (SITE_HEADER.encode(), self.forwarder.core_site.encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": core.content, "more_body": False})
 
-    async def _to_core(self, scope: Scope, m: re.Match[str], body: bytes) -> httpx.Response | None:
+    def _bounds(self, t: Target, streamed: bool) -> tuple[float, float]:
+        """(the wait for the answer's head, the whole answer's): an inference's are the
+        forward timeout; a generation's whole is what a local one of the edge's own caps
+        could last, and a stream's head comes after its first token."""
+        base = self.forwarder.timeout_s
+        if not t.generates:
+            return base, base
+        g = self.generate
+        first = base + g.first_token_timeout_s
+        whole = first + g.max_tokens * g.token_timeout_s
+        return (first if streamed else whole), whole
+
+    async def _to_core(
+        self, scope: Scope, receive: Receive, send: Send, t: Target, body: bytes
+    ) -> bool:
+        """Whether the core's answer (or refusal) went to the client; False: nothing was
+        sent, and the client gets the edge's own answer."""
         tls = scope.get("extensions", {}).get("tls") or {}
         chain = tls.get("client_cert_chain") or []
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if not chain:
-            return None
+        doc = await body_doc(t, body)
+        model = model_of(t, doc)
+        if not chain or model is None:
+            return False
+        head_s, whole_s = self._bounds(t, streams(t, doc))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + whole_s
         try:
-            response = await self.forwarder.forward(
-                client_cert=chain[0],
-                path=scope["path"],
-                model=m["model"],
-                version=m["version"] or "",
-                body=body,
-                content_type=headers.get("content-type", "application/json"),
-                # The binary tensor extension's JSON length; nothing else the client sent.
-                extra={k: v for k, v in headers.items() if k in _PASSED_HEADERS},
-            )
-        except (httpx.HTTPError, OSError) as exc:
-            self.forwarder.failed += 1
-            log.warning("forwarding to the core failed: %s", type(exc).__name__)
-            return None
-        self.forwarder.forwarded += 1
-        return response
+            async with asyncio.timeout_at(deadline):
+                core = await self.forwarder.open(
+                    client_cert=chain[0],
+                    path=scope["path"],
+                    model=model,
+                    version=t.version,
+                    body=body,
+                    content_type=headers.get("content-type", "application/json"),
+                    # The binary tensor extension's JSON length; nothing else the client sent.
+                    extra={k: v for k, v in headers.items() if k in _PASSED_HEADERS},
+                    head_s=head_s,
+                )
+        except (httpx.HTTPError, OSError, TimeoutError) as exc:
+            return self._failed(exc)
+        try:
+            start = _start(core, self.forwarder.core_site)
+            if core.status_code == 200 and _is_stream(core):
+                self.forwarder.forwarded += 1
+                await _Relay(self, core, deadline, t).run(start, receive, send)
+                return True
+            try:
+                answer = await self._whole(core, deadline)
+            except (httpx.HTTPError, OSError, TimeoutError, ValueError) as exc:
+                return self._failed(exc)
+            self.forwarder.forwarded += 1
+            await send(start)
+            await send({"type": "http.response.body", "body": answer, "more_body": False})
+            return True
+        finally:
+            await core.aclose()
+
+    async def _whole(self, core: httpx.Response, deadline: float) -> bytes:
+        parts: list[bytes] = []
+        size = 0
+        chunks = core.aiter_bytes()
+        while True:
+            try:
+                async with asyncio.timeout_at(_next_read(self.forwarder.timeout_s, deadline)):
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                return b"".join(parts)
+            size += len(chunk)
+            if size > MAX_ANSWER_BYTES:
+                raise ValueError(f"the core's answer is over {MAX_ANSWER_BYTES} bytes")
+            parts.append(chunk)
+
+    def _failed(self, exc: BaseException) -> bool:
+        self.forwarder.failed += 1
+        log.warning("forwarding to the core failed: %s", type(exc).__name__)
+        return False
+
+
+class _Relay:
+    """A stream of events from the core, passed on as it arrives (module doc)."""
+
+    def __init__(
+        self, failover: EdgeFailover, core: httpx.Response, deadline: float, t: Target
+    ) -> None:
+        self.core = core
+        self.deadline = deadline
+        self.read_s = failover.forwarder.timeout_s
+        self.send_s = failover.generate.send_timeout_s
+        self.openai = t.surface == "openai"
+
+    async def run(self, start: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
+        async def gone() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        pump = asyncio.ensure_future(self._pump(start, send))
+        watch = asyncio.ensure_future(gone())
+        try:
+            await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if not pump.done():  # the client left: the core's stream is closed below
+                pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError, OSError):
+                await pump
+        finally:
+            watch.cancel()
+            if not pump.done():
+                pump.cancel()
+
+    async def _pump(self, start: MutableMapping[str, Any], send: Send) -> None:
+        await send(start)
+        chunks = self.core.aiter_bytes()
+        while True:
+            try:
+                async with asyncio.timeout_at(_next_read(self.read_s, self.deadline)):
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            except (httpx.HTTPError, OSError, TimeoutError) as exc:
+                # The core stopped or went silent: the client is told, as when a local
+                # node fails mid-stream; the core's closing receipt covers what it sent.
+                log.warning("the core's stream broke off: %s", type(exc).__name__)
+                p = UpstreamFailed(
+                    "the core's stream broke off; its closing receipt covers the tokens sent"
+                )
+                chunk = sse(openai_error(p) if self.openai else p.to_dict())
+                await self._send(send, chunk)
+                break
+            await self._send(send, chunk)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _send(self, send: Send, chunk: bytes) -> None:
+        async with asyncio.timeout(self.send_s):
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+
+def _next_read(read_s: float, deadline: float) -> float:
+    return min(asyncio.get_running_loop().time() + read_s, deadline)
+
+
+def _is_stream(core: httpx.Response) -> bool:
+    kind: str = core.headers.get("content-type", "")
+    return kind.split(";")[0].strip() == _EVENT_STREAM
+
+
+def _start(core: httpx.Response, core_site: str) -> MutableMapping[str, Any]:
+    headers = [
+        (b"content-type", core.headers.get("content-type", "").encode("latin-1")),
+        *(
+            (k.encode(), core.headers[k].encode("latin-1"))
+            for k in _RETURNED_HEADERS
+            if k in core.headers
+        ),
+        (SITE_WHY_HEADER.encode(), FORWARDED_TO_CORE.encode()),
+        (SITE_HEADER.encode(), core_site.encode()),
+    ]
+    if _is_stream(core):
+        headers += [(b"cache-control", b"no-store"), (b"x-accel-buffering", b"no")]
+    return {"type": "http.response.start", "status": core.status_code, "headers": headers}
 
 
 def _may_fail_over(body: bytes) -> bool:
@@ -209,14 +410,16 @@ def _may_fail_over(body: bytes) -> bool:
     answer, and the edge's policy had allowed it. The pipeline names its decision on every
     problem raised after policy, mode and rate allowed the request; a "no node serves"
     raised before policy decided has none, and the edge's forbids and @rate must not be
-    skipped by forwarding it."""
+    skipped by forwarding it. OpenAI's routes carry the problem in `error`."""
     try:
         doc = json.loads(body)
     except ValueError:
         return False
+    if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
+        doc = doc["error"]
     if not isinstance(doc, dict):
         return False
-    return doc.get("type") in _FAIL_OVER_ON and isinstance(doc.get("decision_id"), str)
+    return bool(doc.get("type") in _FAIL_OVER_ON and isinstance(doc.get("decision_id"), str))
 
 
 def _pinned(audience: str) -> type[ssl.SSLObject]:

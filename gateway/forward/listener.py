@@ -6,11 +6,12 @@ by TLS against the forwarder CA, which is all this listener trusts); the stateme
 signed by that same certificate, name this core as audience, be fresh, name no hop but
 the sender; the client's certificate must be issued by this core's client CA; policy must
 decide `forward_for` (this site may act for this client on this model). All of that reads
-headers only. Only then does the site take one of its tokens and concurrency slots
-(`SiteLimits`), and only inside that slot is the body read, hashed against the statement
-and the nonce spent. Then the request enters the API app exactly as if the client had
-called, so the
-core's own revocations, `infer` policy, limits and receipts apply. Every refusal is a
+headers only (the model: the path's, or on OpenAI's routes the statement's, which the body
+must then name: `paths.py`). Only then does the site take one of its tokens and
+concurrency slots (`SiteLimits`), and only inside that slot is the body read, hashed
+against the statement and the nonce spent. Then the request (an inference or a
+generation) enters the API app exactly as if the client had called, so the core's own
+revocations, `infer` policy, limits and receipts apply. Every refusal is a
 problem+json whose `reason` is a stable slug, counted in `refusals`.
 """
 
@@ -31,6 +32,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from gateway.forward.limits import SiteLimits
+from gateway.forward.paths import Target, body_doc, model_of, target
 from gateway.forward.site import FORWARDED, Forwarded
 from gateway.forward.statement import Statement, StatementError, verified
 from gateway.pipeline import state_unavailable
@@ -52,9 +54,6 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-_INFER_PATH = re.compile(r"^/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
-
 
 _BODY_HEADERS = frozenset(
     (b"host", b"content-type", b"content-length", b"inference-header-content-length")
@@ -121,10 +120,16 @@ class ForwardListener:
                 log.warning("forward listener refused a request: %s", reason)
                 await problem_response(p)(scope, receive, send)
                 return
-            await self._serve(scope, send, forwarded, body, client_pem)
+            await self._serve(scope, receive, send, forwarded, body, client_pem)
 
     async def _serve(
-        self, scope: Scope, send: Send, forwarded: Forwarded, body: bytes, client_pem: str
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        forwarded: Forwarded,
+        body: bytes,
+        client_pem: str,
     ) -> None:
         assert self.api is not None  # checked by __call__
         self.accepted += 1
@@ -143,7 +148,9 @@ class ForwardListener:
         async def replay() -> MutableMapping[str, Any]:
             nonlocal sent
             if sent:
-                return {"type": "http.disconnect"}
+                # The edge's connection, its body read: what comes now is its leaving,
+                # which ends a stream (cancelled at the node, closing receipt written).
+                return await receive()
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
 
@@ -157,15 +164,15 @@ class ForwardListener:
         self, scope: Scope, receive: Receive, held: contextlib.ExitStack
     ) -> tuple[Forwarded, bytes, str]:
         site, signer = self._forwarder_of(scope)
-        m = _INFER_PATH.fullmatch(scope.get("path", ""))
-        if scope.get("method") != "POST" or m is None:
-            raise NotFound("the forward listener serves inferences only")
+        t = target(scope.get("path", ""))
+        if scope.get("method") != "POST" or t is None:
+            raise NotFound("the forward listener serves inference and generation only")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
             st = verified(headers, signer)
         except StatementError as exc:
             raise _refused(exc.reason, str(exc)) from exc
-        self._check_statement(st, site, m["model"], m["version"] or "")
+        self._check_statement(st, site, t)
         client_pem = self._client_certificate(st)
         identity = self._resolve({"extensions": {"tls": {"client_cert_chain": [client_pem]}}})
         if not self._may_forward(IdentityFacts.from_identity(identity), site, st.model):
@@ -177,6 +184,10 @@ class ForwardListener:
         body = await self._body(receive)
         if hashlib.sha256(body).hexdigest() != st.body_sha256:
             raise _refused("body-digest", "the body is not the one the statement names")
+        if t.model is None and model_of(t, await body_doc(t, body)) != st.model:
+            # OpenAI's routes read the model from the body: forward_for above decided on
+            # the statement's, so the body must name that one, as its route will read it.
+            raise _refused("statement-model", "the body names another model")
         # Fails closed: a store that cannot answer raises, and the request is refused.
         if not await self._check_nonce(f"forward:{site}:{st.nonce}", self.nonce_ttl_s):
             raise Replayed("this statement was already used", extra={"reason": "replayed"})
@@ -199,7 +210,7 @@ class ForwardListener:
             raise _refused("not-a-forwarder", "not a forwarder certificate")
         return found[0][1], cert
 
-    def _check_statement(self, st: Statement, site: str, model: str, version: str) -> None:
+    def _check_statement(self, st: Statement, site: str, t: Target) -> None:
         if st.site != site:
             raise _refused("statement-site", "the statement names another site")
         if st.aud != self.audience:
@@ -212,7 +223,9 @@ class ForwardListener:
             # No gateway forwards a forwarded request, so the sender is the only hop; a
             # longer list would be the edge's word alone in the core's receipt.
             raise _refused("forward-hops", "the hops name another site than the sender")
-        if (st.model, st.version) != (model, version):
+        # OpenAI's routes name no version, and their model is the body's (checked once
+        # the body is read, against this statement's).
+        if (st.version != t.version) or (t.model is not None and st.model != t.model):
             raise _refused("statement-model", "the statement names another model")
 
     def _client_certificate(self, st: Statement) -> str:

@@ -46,6 +46,7 @@ from gateway.protocol.problems import (
     BadRequest,
     Forbidden,
     NoHealthyNode,
+    Problem,
     RateLimited,
 )
 from gateway.receipts.commit import new_salt
@@ -478,6 +479,8 @@ class GenerateService:
                         on_attempt=None if early is None else early.attempt,
                     )
             except BaseException as exc:
+                if isinstance(exc, Problem):  # after policy allowed it (gateway/forward/)
+                    exc.extra.setdefault("decision_id", decision.id)
                 if early is not None:
                     cut = isinstance(exc, asyncio.CancelledError)
                     await early.abandon("cancelled" if cut else "node-error")
