@@ -75,6 +75,8 @@ def check_files(cfg: Config) -> list[Problem]:
     out += _file("policy.bundle", cfg.policy.bundle)
     out += _file("jobs.key_file", cfg.jobs.key_file)
     out += _file("policy.dir", cfg.policy.dir, directory=True)
+    for name in ("ca", "crl", "cert", "key", "core_ca"):  # read only once serving starts
+        out += _file(f"forward.{name}", getattr(cfg.forward, name))
     for i, key in enumerate(cfg.policy.officer_keys):
         out += _file(f"policy.officer_keys[{i}]", key)
     out += _file("mpc.dealer_cert", cfg.mpc.dealer_cert)
@@ -165,10 +167,13 @@ def _redis_url(url: str) -> list[Problem]:
 def check_ports(cfg: Config) -> list[Problem]:
     """The listen ports can be bound now: a clash is found before any slow start-up."""
     out: list[Problem] = []
-    for key, host, port in (
+    listeners = [
         ("listen.port", cfg.listen.host, cfg.listen.port),
         ("listen.admin_port", cfg.listen.admin_host, cfg.listen.admin_port),
-    ):
+    ]
+    if cfg.forward.port is not None:  # bound only once the API is up: found here first
+        listeners.append(("forward.port", cfg.forward.host, cfg.forward.port))
+    for key, host, port in listeners:
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as exc:

@@ -6,7 +6,12 @@ against an SRS this suite generates and pins (a TEST pin: see `TEST_SRS_NOTE`), 
 ACL `redis-server`, a `ztgate witness`, three `ztgate node serve` nodes with the customer
 certificates and their `ztgate mpc party` workers, an officer-signed policy bundle
 (`ztgate policy bundle sign`), and two `ztgate serve` replicas in `mode = "production"`
-on the one Redis. Every process is a real one in its own process group.
+on the one Redis, each with its forward listener (the customer's forwarder CA and CRL).
+Beside the core, one edge gateway of its own site (`EDGE_SITE`), in production mode with
+its own data dir, Redis, signed bundle and forwarder certificate, whose one node is
+down (nothing listens at its address) and whose `forward.core_url` reaches the first
+replica's forward listener through a fault proxy (`Edge.link`). Every process is a real
+one in its own process group.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 from gateway.faultproxy import ThreadedFaultProxy
 from gateway.jobs.seal import load_key
 from gateway.ports import free_port, wait_ready
-from tests.system.customer_pki import CustomerPKI
+from tests.system.customer_pki import CustomerPKI, Leaf
 from tests.system.processes import ZTGATE, Service, Services, run_cli
 
 TRUST_DOMAIN = "acme.example"
@@ -56,9 +61,27 @@ IDENTITIES: dict[str, dict[str, Any]] = {
     "cleo": {"groups": ["cleared"], "clearance": 3},
     "olga": {"groups": ["officers"], "clearance": 0},
     "audra": {"groups": ["auditors"], "clearance": 0},
+    "ari": {"groups": ["analysts"], "clearance": 2},  # may call iris; no app: no forward_for
 }
 MODEL_POLICY = {m: {"residency": ["*"]} for m in ("iris", "mnist", "risk", "tinygpt")}
 GENERATIVE = "tinygpt"  # the shipped generative example, registered as an operator would
+EDGE_SITE = "edge1"
+EDGE_NODE = "e1"  # the edge's one node: down from the start (nothing listens there)
+FORWARD_TIMEOUT_S = 5.0  # the edge's forward.timeout_s: its wait on the core, per operation
+# The officer's permit for the edge: it may act for applications on public and internal
+# models at the core (deny by default; docs/ddil.md, "Forwarding to the core").
+EDGE_FORWARDING_CEDAR = f"""// Edge site {EDGE_SITE} forwards for applications (officer-owned).
+@id("{EDGE_SITE}-forwards-for-apps")
+permit (
+  principal in Ztgate::Group::"apps",
+  action == Ztgate::Action::"forward_for",
+  resource
+)
+when {{
+  context.site == "{EDGE_SITE}" &&
+  ["public", "internal"].contains(resource.classification)
+}};
+"""
 
 
 @dataclass
@@ -70,6 +93,7 @@ class Replica:
     data_dir: Path
     service: Service
     grpc_port: int = 0  # the gRPC front (listen.grpc_port)
+    forward_port: int = 0  # the forward listener (forward.port); 0: none
 
     @property
     def base(self) -> str:
@@ -125,6 +149,19 @@ class RedisServer:
 
 
 @dataclass
+class Edge:
+    """The edge gateway (module doc): `gateway` is run like a replica; `link` is its
+    fault proxy to the core's forward listener; `forwarder` its forwarder certificate."""
+
+    gateway: Replica
+    site: str
+    link: ThreadedFaultProxy
+    redis: RedisServer
+    forwarder: Leaf
+    core: Replica  # the replica whose forward listener `link` reaches
+
+
+@dataclass
 class ProductionCluster:
     root: Path
     pki: CustomerPKI
@@ -139,6 +176,8 @@ class ProductionCluster:
     srs_sha256: str
     zk_dir: Path
     redis: RedisServer
+    edge: Edge
+    forward_crl: Path  # the core's forward.crl: the forwarder CA's CRL, reloaded live
     setup_s: dict[str, float] = field(default_factory=dict)
 
     def client(self, name: str, timeout: float = 180.0) -> httpx.Client:
@@ -167,6 +206,24 @@ def _write_policies(dest: Path) -> Path:
         {f"spiffe://{TRUST_DOMAIN}/client/{n}": v for n, v in IDENTITIES.items()}
     )
     (dest / "identities.json").write_text(json.dumps(mapping, indent=2))
+    (dest / "70-acme-edge-forwarding.cedar").write_text(EDGE_FORWARDING_CEDAR)
+    # Its example requests (signing refuses a policy no example decides): the edge may
+    # act for `shop` on iris, and not for `ari` (no app) or on a confidential model.
+    for verdict, name, client, model, classification in (
+        ("ALLOW", "edge1-forwards-for-shop", "shop", "iris", "public"),
+        ("DENY", "edge1-not-for-ari", "ari", "iris", "public"),
+        ("DENY", "edge1-not-confidential", "shop", "risk", "confidential"),
+    ):
+        example: dict[str, Any] = {
+            "description": f"{EDGE_SITE} forwarding for {client} on {model}",
+            "principal": {"spiffe_id": f"spiffe://{TRUST_DOMAIN}/client/{client}"},
+            "action": "forward_for",
+            "model": {"name": model, "classification": classification, "residency": ["*"]},
+            "context": {"site": EDGE_SITE},
+        }
+        if verdict == "ALLOW":
+            example["expect"] = [f"{EDGE_SITE}-forwards-for-apps"]
+        (dest / "tests" / verdict / f"acme-{name}.json").write_text(json.dumps(example))
     return dest
 
 
@@ -215,9 +272,39 @@ def _check(result: Any, what: str) -> str:
     return out
 
 
-def start_cluster(root: Path, services: Services) -> ProductionCluster:
+def _start_redis(name: str, where: Path, pki: CustomerPKI, services: Services) -> RedisServer:
     import secrets
 
+    redis_exe = shutil.which("redis-server")
+    if redis_exe is None:
+        raise RuntimeError("redis-server not installed (apt-get install redis-server)")
+    redis_tls = pki.redis_server()
+    redis_password = secrets.token_hex(16)
+    redis_port = free_port()
+    where.mkdir()
+    redis_argv = [
+        redis_exe, "--port", "0", "--tls-port", str(redis_port), "--bind", "127.0.0.1",
+        "--tls-cert-file", str(redis_tls.cert), "--tls-key-file", str(redis_tls.key),
+        "--tls-auth-clients", "no", "--save", "", "--appendonly", "no",
+        "--dir", str(where), "--user", "default", "off",
+        "--user", REDIS_USER, "on", f">{redis_password}", "~*", "&*", "+@all",
+    ]  # fmt: skip
+    redis_url = (
+        f"rediss://{REDIS_USER}:{redis_password}@127.0.0.1:{redis_port}/0"
+        f"?ssl_ca_certs={pki.root_ca}"
+    )
+    redis = RedisServer(
+        services.add(Service(name, redis_argv, where, where / "redis.log")),
+        redis_port,
+        redis_password,
+        pki.root_ca,
+        redis_url,
+    )
+    redis.start()
+    return redis
+
+
+def start_cluster(root: Path, services: Services) -> ProductionCluster:
     timings: dict[str, float] = {}
     t_all = time.monotonic()
     root.mkdir(parents=True, exist_ok=True)
@@ -244,33 +331,8 @@ def start_cluster(root: Path, services: Services) -> ProductionCluster:
     _check(run_cli(add_gpt, root), "model add --generative")
 
     # -- Redis: TLS only, one ACL user (production refuses plaintext redis://) ------------
-    redis_exe = shutil.which("redis-server")
-    if redis_exe is None:
-        raise RuntimeError("redis-server not installed (apt-get install redis-server)")
-    redis_tls = pki.redis_server()
-    redis_password = secrets.token_hex(16)
-    redis_port = free_port()
-    redis_dir = root / "redis"
-    redis_dir.mkdir()
-    redis_argv = [
-        redis_exe, "--port", "0", "--tls-port", str(redis_port), "--bind", "127.0.0.1",
-        "--tls-cert-file", str(redis_tls.cert), "--tls-key-file", str(redis_tls.key),
-        "--tls-auth-clients", "no", "--save", "", "--appendonly", "no",
-        "--dir", str(redis_dir), "--user", "default", "off",
-        "--user", REDIS_USER, "on", f">{redis_password}", "~*", "&*", "+@all",
-    ]  # fmt: skip
-    redis_url = (
-        f"rediss://{REDIS_USER}:{redis_password}@127.0.0.1:{redis_port}/0"
-        f"?ssl_ca_certs={pki.root_ca}"
-    )
-    redis = RedisServer(
-        services.add(Service("redis", redis_argv, redis_dir, redis_dir / "redis.log")),
-        redis_port,
-        redis_password,
-        pki.root_ca,
-        redis_url,
-    )
-    redis.start()
+    redis = _start_redis("redis", root / "redis", pki, services)
+    redis_url = redis.url
 
     # -- the witness (operator: ztgate witness init / serve) ------------------------------
     witness_dir = root / "witness"
@@ -393,15 +455,19 @@ def start_cluster(root: Path, services: Services) -> ProductionCluster:
 
     # -- gateway configs, the officer's signed policy bundle, the replicas ----------------
     gw_leaf, node_client, dealer = pki.gateway_server(), pki.gateway_node_client(), pki.dealer()
-    ports = [(free_port(), free_port(), free_port()) for _ in range(2)]  # API, admin, gRPC
-    public = [f"https://127.0.0.1:{p}" for p, _, _ in ports]
+    # API, admin, gRPC, forward
+    ports = [(free_port(), free_port(), free_port(), free_port()) for _ in range(2)]
+    public = [f"https://127.0.0.1:{p}" for p, _, _, _ in ports]
     policies = _write_policies(root / "officer" / "policies")
     # One jobs seal key both replicas share (they share jobs through Redis): private,
     # written once, as an operator provisions it (deploy/README.md).
     jobs_key = root / "jobs.key"
     load_key(jobs_key)  # makes it: random, 0600
+    # The forwarder CA's CRL every core replica loads (production refuses a forward
+    # listener without one); nothing revoked yet.
+    forward_crl = pki.forwarder_crl([], root / "forwarder.crl")
     replicas: list[Replica] = []
-    for i, (name, (port, admin, grpc)) in enumerate(zip(("gw-a", "gw-b"), ports, strict=True)):
+    for i, (name, (port, admin, grpc, fwd)) in enumerate(zip(("gw-a", "gw-b"), ports, strict=True)):
         d = root / name
         d.mkdir()
         lines = [
@@ -442,6 +508,7 @@ def start_cluster(root: Path, services: Services) -> ProductionCluster:
         lines += _table("receipts", receipts)
         lines += _table("zk", {"artefacts": [zk_dir], "srs_sha256": [srs_sha256]})
         lines += _table("mpc", {"dealer_cert": dealer.cert, "dealer_key": dealer.key, "parties": 2})
+        lines += _table("forward", {"port": fwd, "ca": pki.ca("forwarder"), "crl": forward_crl})
         for row in node_rows:
             lines += _table("nodes", row, array=True)
         config = d / "gateway.toml"
@@ -453,7 +520,16 @@ def start_cluster(root: Path, services: Services) -> ProductionCluster:
             root / "logs" / f"{name}.log",
         )
         replicas.append(
-            Replica(name, config, port, admin, d / "data", services.add(service), grpc_port=grpc)
+            Replica(
+                name,
+                config,
+                port,
+                admin,
+                d / "data",
+                services.add(service),
+                grpc_port=grpc,
+                forward_port=fwd,
+            )
         )
 
     # The security officer signs the policy and the facts it decides on (one bundle, v1).
@@ -477,6 +553,9 @@ def start_cluster(root: Path, services: Services) -> ProductionCluster:
     for r in replicas:  # one after the other: the first publishes the receipt key first
         timings[f"{r.name}_ready_s"] = r.start()
     timings["replicas_ready_s"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    edge = _start_edge(root, services, pki, registry, policies, replicas[0])
+    timings["edge_ready_s"] = time.monotonic() - t0
     timings["setup_total_s"] = time.monotonic() - t_all
     return ProductionCluster(
         root=root,
@@ -492,5 +571,105 @@ def start_cluster(root: Path, services: Services) -> ProductionCluster:
         srs_sha256=srs_sha256,
         zk_dir=zk_dir,
         redis=redis,
+        edge=edge,
+        forward_crl=forward_crl,
         setup_s=timings,
     )
+
+
+def _start_edge(
+    root: Path,
+    services: Services,
+    pki: CustomerPKI,
+    registry: Path,
+    policies: Path,
+    core: Replica,
+) -> Edge:
+    """The edge site as its operator runs it (module doc): its own CA's gateway
+    certificates, Redis, jobs key, receipt keys and officer-signed bundle (whose node
+    facts name the edge's site); `forward` at the customer's forwarder certificate for
+    the site, the core pinned by the customer's root and the core's SPIFFE ID."""
+    d = root / "edge"
+    d.mkdir()
+    redis = _start_redis("edge-redis", root / "edge-redis", pki, services)
+    link = ThreadedFaultProxy(("127.0.0.1", core.forward_port))
+    services.on_stop(link.close)
+    jobs_key = d / "jobs.key"
+    load_key(jobs_key)
+    server, node_client = pki.gateway_server(EDGE_SITE), pki.gateway_node_client(EDGE_SITE)
+    forwarder = pki.forwarder(EDGE_SITE)
+    officer_key = pki.signing_key("officer-policy")
+    port, admin = free_port(), free_port()
+    lines = [
+        f"# the edge gateway of site {EDGE_SITE} (written by the system suite)",
+        'mode = "production"',
+        f"trust_domain = {_toml(TRUST_DOMAIN)}",
+        f"site = {_toml(EDGE_SITE)}",
+        f"registry = {_toml(registry)}",
+        f"data_dir = {_toml(d / 'data')}",
+    ]
+    listen = {
+        "host": "127.0.0.1", "port": port, "admin_host": "127.0.0.1",
+        "admin_port": admin, "graceful_shutdown_s": 2,
+    }  # fmt: skip
+    tls = {
+        "cert": server.cert, "key": server.key,
+        "client_ca": pki.ca("client"), "node_ca": pki.ca("node"),
+        "node_client_cert": node_client.cert, "node_client_key": node_client.key,
+    }  # fmt: skip
+    lines += _table("listen", listen) + _table("tls", tls)
+    lines += _table(
+        "routing", {"per_try_timeout_s": 5.0, "deadline_s": 30.0, "health_interval_s": 1.0}
+    )
+    lines += _table("state", {"redis_url": redis.url, "timeout_s": 3.0})
+    lines += _table("jobs", {"key_file": jobs_key})
+    lines += _table(
+        "policy",
+        {"bundle": d / "policy-bundle.json", "officer_keys": [officer_key.with_suffix(".pub")]},
+    )
+    for model, facts in MODEL_POLICY.items():
+        lines += _table(f"policy.models.{model}", facts)
+    receipts = {
+        "signing_key": pki.signing_key(f"{EDGE_SITE}-receipt-signing"),
+        "log_key": pki.signing_key(f"{EDGE_SITE}-log-checkpoint"),
+        "checkpoint_interval_s": CHECKPOINT_INTERVAL_S,
+    }
+    lines += _table("receipts", receipts)
+    forward = {
+        "core_url": f"https://127.0.0.1:{link.port}", "core_site": SITE,
+        "core_ca": pki.root_ca, "cert": forwarder.cert, "key": forwarder.key,
+        "timeout_s": FORWARD_TIMEOUT_S,
+    }  # fmt: skip
+    lines += _table("forward", forward)
+    leaf = pki.node(EDGE_NODE)
+    node = {
+        "name": EDGE_NODE,
+        "address": f"127.0.0.1:{free_port()}",  # its node process is gone: nothing listens
+        "dns_name": pki.node_dns_name(EDGE_NODE),
+        "spiffe_id": leaf.spiffe_id,
+        "region": "eu-north",
+        "provider": "prov-e",
+        "site": EDGE_SITE,
+        "models": ["iris"],
+    }
+    lines += _table("nodes", node, array=True)
+    config = d / "gateway.toml"
+    config.write_text("\n".join(lines) + "\n")
+    bundle = d / "policy-bundle.json"
+    sign = [
+        "policy", "bundle", "sign", "--policies", str(policies), "--registry", str(registry),
+        "--nodes", str(config), "--key", str(officer_key),
+        "--version", "1", "--expires-in-days", "1", "--out", str(bundle),
+    ]  # fmt: skip
+    _check(run_cli(sign, root), "policy bundle sign (edge)")
+    checked = run_cli(["serve", "--config", str(config), "--check"], root)
+    assert "OK (production mode, 1 nodes)" in _check(checked, "serve --check (edge)")
+    service = Service(
+        f"edge-{EDGE_SITE}",
+        [*ZTGATE, "serve", "--config", str(config)],
+        d,
+        root / "logs" / "edge.log",
+    )
+    gateway = Replica(EDGE_SITE, config, port, admin, d / "data", services.add(service))
+    gateway.start()
+    return Edge(gateway, EDGE_SITE, link, redis, forwarder, core)

@@ -15,6 +15,9 @@ Layout under `root`::
     nodes/<name>.{crt,key}         spiffe://<td>/node/<name>, DNS <name>.node.<td>
     clients/<name>.{crt,key}       spiffe://<td>/client/<name>
     redis/server.{crt,key}         the Redis server (127.0.0.1)
+    forwarder-ca.crt               edge sites' forwarders only: what a core's [forward] trusts
+    forwarders/<name>.{crt,key}    spiffe://<td>/site/<site>/forwarder (one site, many renewals)
+    sites/<site>/gateway-ca.crt    another site's gateway CA, with that site's gateway leaves
     keys/<purpose>.key .pub        Ed25519: receipt signing, log checkpoints, the officer
 """
 
@@ -83,6 +86,7 @@ class CustomerPKI:
             ("client", "Client"),
             ("node", "Node"),
             ("gateway", f"Gateway {site}"),
+            ("forwarder", "Forwarder"),
         ):
             key = ec.generate_private_key(ec.SECP256R1())
             cert = self._ca_cert(
@@ -203,25 +207,82 @@ class CustomerPKI:
             self._leaf("node", name, stem, sans, ekus)
         return self._pair(stem, spiffe)
 
-    def gateway_server(self) -> Leaf:
-        stem = self.root / "gateway" / "server"
-        spiffe = self._spiffe("gateway", f"{self.site}-api")
+    def site_ca(self, site: str) -> Path:
+        """Another site's own gateway issuing CA (an edge's: its nodes trust it alone)."""
+        role = f"gateway-{site}"
+        path = self.root / "sites" / site / "gateway-ca.crt"
+        if role not in self._cas:
+            key = ec.generate_private_key(ec.SECP256R1())
+            cert = self._ca_cert(
+                f"{ORG} Gateway {site} Issuing CA", key, self._root, self._root_key, path_length=0
+            )
+            self._cas[role] = (cert, key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return path
+
+    def _gateway_role(self, site: str | None) -> tuple[str, str, Path]:
+        if site is None or site == self.site:
+            return "gateway", self.site, self.root / "gateway"
+        self.site_ca(site)
+        return f"gateway-{site}", site, self.root / "sites" / site
+
+    def gateway_server(self, site: str | None = None) -> Leaf:
+        """The API certificate. Its one URI SAN is the site's gateway SPIFFE ID: an edge
+        forwarding to this gateway pins exactly that (docs/ddil.md, "The edge pins the
+        core"), and the forward listener presents this same certificate."""
+        role, site, where = self._gateway_role(site)
+        stem = where / "server"
+        spiffe = self._spiffe("gateway", site)
         if not stem.with_suffix(".crt").is_file():
             sans = [
                 x509.UniformResourceIdentifier(spiffe),
                 x509.DNSName("localhost"),
                 x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
             ]
-            self._leaf("gateway", "gateway", stem, sans, [ExtendedKeyUsageOID.SERVER_AUTH])
+            self._leaf(role, "gateway", stem, sans, [ExtendedKeyUsageOID.SERVER_AUTH])
         return self._pair(stem, spiffe)
 
-    def gateway_node_client(self) -> Leaf:
-        stem = self.root / "gateway" / "node-client"
-        spiffe = self._spiffe("gateway", self.site)
+    def gateway_node_client(self, site: str | None = None) -> Leaf:
+        role, site, where = self._gateway_role(site)
+        stem = where / "node-client"
+        spiffe = self._spiffe("gateway", site)
         if not stem.with_suffix(".crt").is_file():
             sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(spiffe)]
-            self._leaf("gateway", self.site, stem, sans, [ExtendedKeyUsageOID.CLIENT_AUTH])
+            self._leaf(role, site, stem, sans, [ExtendedKeyUsageOID.CLIENT_AUTH])
         return self._pair(stem, spiffe)
+
+    def forwarder(self, site: str, name: str | None = None) -> Leaf:
+        """A site's forwarder certificate, from the forwarder CA (`name`: one of several
+        the site was issued, as when one is renewed or a spare is kept)."""
+        spiffe = f"spiffe://{self.trust_domain}/site/{site}/forwarder"
+        stem = self.root / "forwarders" / (name or site)
+        if not stem.with_suffix(".crt").is_file():
+            sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(spiffe)]
+            self._leaf("forwarder", site, stem, sans, [ExtendedKeyUsageOID.CLIENT_AUTH])
+        return self._pair(stem, spiffe)
+
+    def forwarder_crl(self, revoked: list[Leaf], out: Path) -> Path:
+        """The forwarder CA's CRL (`forward.crl` at a core), listing `revoked`; replaced
+        whole (write, then rename), as an operator publishes a new CRL."""
+        ca_cert, ca_key = self._cas["forwarder"]
+        now = dt.datetime.now(dt.UTC)
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(ca_cert.subject)
+            .last_update(now - dt.timedelta(minutes=5))
+            .next_update(now + dt.timedelta(days=7))
+        )
+        for leaf in revoked:
+            serial = x509.load_pem_x509_certificate(leaf.cert.read_bytes()).serial_number
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
+            )
+        crl = builder.sign(ca_key, hashes.SHA256())
+        tmp = out.with_name(out.name + ".new")
+        tmp.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+        tmp.replace(out)
+        return out
 
     def dealer(self) -> Leaf:
         stem = self.root / "gateway" / "dealer"
