@@ -71,8 +71,13 @@ class Listen:
     # The KServe v2 gRPC front (Triton's GRPCInferenceService) on `host`, same mTLS and
     # client CA as `port`; unset: no gRPC front.
     grpc_port: int | None = None
+    # Processes serving this replica's listeners (gateway/supervisor.py, docs/sizing.md).
+    workers: int = 1
 
     def __post_init__(self) -> None:
+        w = self.workers
+        if isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= 256:
+            raise ConfigError("listen.workers must be a whole number from 1 to 256")
         p = self.grpc_port
         if p is not None and (isinstance(p, bool) or not isinstance(p, int) or not 0 < p < 65536):
             raise ConfigError("listen.grpc_port must be a port number (1-65535)")
@@ -203,8 +208,12 @@ class Jobs:
     # The key that seals each job (gateway/jobs/seal.py); unset: <data_dir>/jobs.key, made
     # on first start. Replicas sharing a Redis must share this file.
     key_file: Path | None = None
+    lease_s: float = 30.0  # with Redis: a run's lease, renewed while it runs
+    adopt_after_s: float = 600.0  # a job marked for another replica's log waits this for it
 
     def __post_init__(self) -> None:
+        if not (self.lease_s > 0 and 0 < self.adopt_after_s < self.max_age_s):
+            raise ConfigError("jobs: need lease_s > 0 and 0 < adopt_after_s < max_age_s")
         if min(self.max_open_per_identity, self.max_open, self.max_attempts, self.workers) < 1:
             raise ConfigError("jobs: max_open_per_identity, max_open, max_attempts, workers >= 1")
         if not 0 < self.backoff_s <= self.backoff_max_s:

@@ -599,7 +599,9 @@ def server_options(cfg: Config) -> Sequence[tuple[str, int]]:
         # The HTTP listener's timeouts: a handshake, and a connection with nothing to do.
         ("grpc.server_handshake_timeout_ms", int(limits.header_timeout_s * 1000)),
         ("grpc.max_connection_idle_ms", int(limits.idle_timeout_s * 1000)),
-        ("grpc.so_reuseport", 0),
+        # Off for one process, so a port another process holds fails the start; on for a
+        # replica's workers (gateway/supervisor.py), which bind one port together.
+        ("grpc.so_reuseport", 1 if cfg.listen.workers > 1 else 0),
     )
 
 

@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import logging
 import logging.handlers
-from collections.abc import Iterable, Sequence
+import signal
+import socket
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +35,7 @@ from gateway.state.factory import open_store
 from gateway.telemetry import configure_logging, setup_tracing, shutdown_tracing
 
 if TYPE_CHECKING:
+    from gateway.supervisor import Worker
     from zk.record import VerifierArtefacts
 
 log = logging.getLogger(__name__)
@@ -107,11 +110,14 @@ def receipt_signers(cfg: Config) -> tuple[Signer, Signer] | None:
     return keys
 
 
-def open_receipts(cfg: Config) -> ReceiptService | None:
+def open_receipts(cfg: Config, worker: Worker | None = None) -> ReceiptService | None:
+    """The replica's receipt log; one of a replica's worker processes keeps its own log,
+    `<receipts dir>/w<i>/`, and reads the others' (gateway/supervisor.py)."""
     r = cfg.receipts
     keys = receipt_signers(cfg)
     if keys is None:
         return None
+    base = r.dir or cfg.data_dir / "receipts"
     from gateway.receipts.checkpointer import WitnessClient
     from gateway.receipts.note import WitnessKey
 
@@ -121,7 +127,7 @@ def open_receipts(cfg: Config) -> ReceiptService | None:
             for vkey, url in r.witnesses
         ]
         service = ReceiptService.open(
-            r.dir or cfg.data_dir / "receipts",
+            base if worker is None else worker.receipts_dir(base),
             *keys,
             f"{cfg.trust_domain}/{cfg.site}/receipts",
             r.checkpoint_interval_s,
@@ -129,6 +135,10 @@ def open_receipts(cfg: Config) -> ReceiptService | None:
         )
     except (OSError, ValueError) as exc:
         raise ConfigError(f"receipts: {exc}") from exc
+    if worker is not None:
+        from gateway.receipts.siblings import SiblingLogs
+
+        service.siblings = SiblingLogs(worker.siblings(base))
     return service
 
 
@@ -147,7 +157,8 @@ def add_retention(cfg: Config, gw: Gateway) -> None:
         return
     from gateway.receipts.retention import RetentionJob
 
-    job = RetentionJob(receipts.logs, policy, gw.metrics.registry)
+    # Its own logs only: another worker's log is that worker's to erase from.
+    job = RetentionJob(receipts.own_logs, policy, gw.metrics.registry)
     gw.background.append(job.run)
 
 
@@ -287,7 +298,8 @@ def add_proof_modes(cfg: Config, gw: Gateway, nodes: Sequence[NodeConfig]) -> No
         gw.background.append(mpc_sessions)
 
 
-def build_gateway(cfg: Config) -> Gateway:
+def build_gateway(cfg: Config, worker: Worker | None = None) -> Gateway:
+    """The gateway; `worker`: one of several processes serving one replica."""
     check_mode(cfg)
     models = load_models(cfg)
     policy = build_policy(cfg, models)
@@ -299,10 +311,15 @@ def build_gateway(cfg: Config) -> Gateway:
     nodes = policy.current.nodes
     clients = [NodeClient(n, channel_creds, cfg.limits.max_output_bytes) for n in nodes]
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    store = open_store(cfg.state.redis_url, cfg.data_dir, cfg.state.timeout_s)
+    store = open_store(
+        cfg.state.redis_url,
+        cfg.data_dir,
+        cfg.state.timeout_s,
+        processes=1 if worker is None else worker.count,
+    )
     revocations = Revocations(
         store,
-        cfg.data_dir / "revoked.jsonl",
+        cfg.data_dir / ("revoked.jsonl" if worker is None else worker.revocations_file),
         clock=PersistedClock(cfg.data_dir / "clock.json"),
         crl=cfg.tls.crl,
         client_ca=cfg.tls.client_ca,
@@ -320,7 +337,7 @@ def build_gateway(cfg: Config) -> Gateway:
         policy=policy,
         store=store,
         revocations=revocations,
-        receipts=open_receipts(cfg),
+        receipts=open_receipts(cfg, worker),
     )
 
     async def sync_revocations(stop: asyncio.Event) -> None:
@@ -348,8 +365,40 @@ def build_gateway(cfg: Config) -> Gateway:
     gw.background.append(sync_revocations)
     if cfg.policy.dir is not None:
         gw.background.append(watch_policy)
+    elif worker is not None:
+        gw.background.append(follow_pushes(cfg, gw))
     add_uplink(cfg, gw)
     return gw
+
+
+def follow_pushes(cfg: Config, gw: Gateway) -> Callable[[asyncio.Event], Coroutine[Any, Any, None]]:
+    """A replica's workers: a bundle pushed to one worker (`/admin/reload`) is kept in the
+    shared data dir (gateway.policy.live.ACCEPTED_BUNDLE); every other worker loads it
+    from there, verified as at a start, so no worker keeps serving the older policy."""
+    from gateway.policy.live import ACCEPTED_BUNDLE
+
+    accepted = cfg.data_dir / ACCEPTED_BUNDLE
+
+    def stamp() -> tuple[int, int] | None:
+        try:
+            st = accepted.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    async def follow(stop: asyncio.Event) -> None:
+        seen = stamp()
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=cfg.policy.watch_interval_s)
+            now = stamp()
+            if now != seen and not stop.is_set():
+                seen = now
+                if gw.policy.reload():  # the pushing worker itself finds nothing new
+                    gw.policy_changed()
+                    await gw.record("policy_load", gw.policy.engine.source.hash.encode())
+
+    return follow
 
 
 def add_uplink(cfg: Config, gw: Gateway) -> None:
@@ -435,7 +484,7 @@ def close_unserved(gw: Gateway) -> None:
                 zk.pool.close()
         if gw.receipts is not None:
             gw.receipts.closed = True
-            for rl in gw.receipts.logs():
+            for rl in gw.receipts.own_logs():
                 rl.close_sync()
 
 
@@ -554,6 +603,8 @@ def forward_server(cfg: Config, gw: Gateway) -> uvicorn.Server | None:
         may_forward=may_forward,
         resolve=gw.resolver.resolve,
         limits=SiteLimits(f.site_rate_per_s, f.site_burst, f.site_concurrency),
+        crl=f.crl,  # also checked per request: a connection outlives its handshake
+        forwarder_ca=f.ca,
     )
     gw.forward_listener = listener  # type: ignore[attr-defined]
     gw.metrics.registry.register(ForwardMetrics(listener))
@@ -577,26 +628,41 @@ def forward_server(cfg: Config, gw: Gateway) -> uvicorn.Server | None:
     )
 
 
-async def serve(cfg: Config) -> None:
+async def serve(
+    cfg: Config, worker: Worker | None = None, started: Callable[[], None] | None = None
+) -> None:
+    """Serve until SIGTERM/SIGINT. `worker`: one of a replica's processes, serving the
+    sockets its supervisor bound (gateway/supervisor.py); `started` is called once the
+    API listens."""
     configure_logging(cfg.logging.level, cfg.logging.format)
-    configure_decision_log(cfg.logging)
+    configure_decision_log(cfg.logging if worker is None else worker.decision_log(cfg.logging))
     try:
         setup_tracing()  # the standard OTEL_* variables; off unless OTEL_TRACES_EXPORTER
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    gw = build_gateway(cfg)
+    gw = build_gateway(cfg, worker)
     forward = forward_server(cfg, gw)  # before `servers`: its TLS watch joins the jobs
     api, admin = servers(cfg, gw)
+    sockets: dict[str, list[socket.socket] | None] = {"api": None, "admin": None, "forward": None}
+    if worker is not None:
+        sockets = {name: [sock] for name, sock in worker.sockets.items()}
+        if gw.jobs is not None:
+            gw.jobs.runs_jobs = worker.runs_jobs or bool(cfg.state.redis_url)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_policy, gw)
     # Only the API server owns the signal handlers; the others follow it down.
     followers = [admin] if forward is None else [admin, forward]
     for follower in followers:
         follower.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
-    api_task = asyncio.create_task(api.serve())
+    api_task = asyncio.create_task(api.serve(sockets["api"]))
     # The probes listen only once the API does: the API binds its port after its lifespan
     # startup, and a replica the orchestrator sees ready must accept connections.
     while not api.started and not api_task.done():
         await asyncio.wait([api_task], timeout=0.02)  # uvicorn sets `started`, no event
-    tasks = [asyncio.create_task(f.serve()) for f in followers]
+    tasks = [asyncio.create_task(admin.serve(sockets.get("admin")))]
+    if forward is not None:
+        tasks.append(asyncio.create_task(forward.serve(sockets.get("forward"))))
+    if api.started and started is not None:
+        started()
     try:
         await api_task
     finally:
@@ -606,7 +672,25 @@ async def serve(cfg: Config) -> None:
         shutdown_tracing()  # flush what the exporters still hold
 
 
-def run(cfg: Config) -> None:
+def reload_policy(gw: Gateway) -> None:
+    """SIGHUP: load the policy anew now (a bundle pushed to one worker, a changed dir)."""
+
+    async def reload() -> None:
+        if gw.policy.reload():  # on the loop, as the policy watch reloads it
+            gw.policy_changed()
+            await gw.record("policy_load", gw.policy.engine.source.hash.encode())
+
+    task = asyncio.ensure_future(reload())
+    _reloads.add(task)
+    task.add_done_callback(_reloads.discard)
+
+
+_reloads: set[asyncio.Future[None]] = set()
+
+
+def run(
+    cfg: Config, worker: Worker | None = None, started: Callable[[], None] | None = None
+) -> None:
     import uvloop
 
-    uvloop.run(serve(cfg))
+    uvloop.run(serve(cfg, worker, started))

@@ -14,7 +14,7 @@ import ipaddress
 import os
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -30,6 +30,13 @@ def register(sub: Any) -> None:
         "--check",
         action="store_true",
         help="validate the config (files, addresses, free ports, production rules) and exit",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="processes serving this replica (default: listen.workers, itself 1); "
+        "see docs/sizing.md",
     )
     p.set_defaults(func=_serve)
 
@@ -230,7 +237,14 @@ def _check(args: argparse.Namespace) -> int:
         cfg = load_config(args.config)
     except ConfigError as exc:
         return _report(args.config, [Problem("config", str(exc), "correct that key")])
+    cfg = with_workers(cfg, args.workers)
     problems = preflight(cfg)
+    if cfg.listen.workers > 1:
+        from gateway.supervisor import refusals
+
+        problems += [
+            Problem("listen.workers", what, "see docs/sizing.md") for what in refusals(cfg)
+        ]
     if problems:
         return _report(args.config, problems)
     try:
@@ -252,7 +266,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.check:
         return _check(args)
     try:
-        cfg = load_config(args.config)
+        cfg = with_workers(load_config(args.config), args.workers)
         # A port clash is found now, not after minutes of start-up work.
         clashes = check_ports(cfg)
         if clashes:
@@ -260,7 +274,21 @@ def _serve(args: argparse.Namespace) -> int:
         # Logs, evidence and state hold clients' data: nothing the gateway writes is
         # readable by another user of the host.
         os.umask(0o077)
+        if cfg.listen.workers > 1:
+            from gateway import supervisor
+
+            return supervisor.run(cfg)
         runtime.run(cfg)
     except ConfigError as exc:
         raise UsageError(str(exc)) from exc
     return 0
+
+
+def with_workers(cfg: Config, workers: int | None) -> Config:
+    """`--workers N` over `listen.workers`."""
+    if workers is None:
+        return cfg
+    try:
+        return replace(cfg, listen=replace(cfg.listen, workers=workers))
+    except ConfigError as exc:
+        raise UsageError(f"--workers: {exc}") from exc

@@ -37,6 +37,10 @@ class JobService:
         self.runner: Runner | None = None
         self.app: ASGIApp | None = None
         self.key = b""  # seals jobs (gateway/jobs/seal.py); read at start
+        # False in a replica's worker process other than the one that runs the shared
+        # jobs file's jobs (gateway/supervisor.py): it takes and answers jobs, never runs
+        # them, so no restart of it requeues a run another worker has under way.
+        self.runs_jobs = True
 
     def start(self) -> None:
         url = self.gw.cfg.state.redis_url
@@ -44,9 +48,11 @@ class JobService:
         if url:  # replicas share their jobs where they share their state
             from gateway.jobs.redis import RedisJobStore
 
-            store = RedisJobStore(url, timeout_s=self.gw.cfg.state.timeout_s)
+            store = RedisJobStore(
+                url, timeout_s=self.gw.cfg.state.timeout_s, lease_s=self.cfg.lease_s
+            )
         else:
-            store = JobStore(self.gw.cfg.data_dir / JOBS_FILE)
+            store = JobStore(self.gw.cfg.data_dir / JOBS_FILE, lock=self.runs_jobs)
         self.store = store
         try:
             self.key = load_key(self.cfg.key_file or self.gw.cfg.data_dir / "jobs.key")
@@ -58,11 +64,18 @@ class JobService:
             store, self.cfg, self.key, self.metrics, None if days is None else days * 86400.0
         )
         self.runner.app = self.app
-        if self.gw.receipts is not None:  # a job's second run, counted (docs/jobs.md)
-            self.gw.receipts.on_job_rerun = lambda what: self.metrics.reruns.labels(what).inc()
+        receipts = self.gw.receipts
+        if receipts is not None:  # a job's second run, counted (docs/jobs.md)
+            receipts.on_job_rerun = lambda what: self.metrics.reruns.labels(what).inc()
+            # Where each job's receipt goes, in the job store: replicas keep a log each.
+            receipts.on_job_receipt = self.runner.mark
+            self.runner.logs = receipts.job_logs
 
     async def run(self, stop: Any) -> None:
         assert self.runner is not None
+        if not self.runs_jobs:
+            await stop.wait()
+            return
         await self.runner.run(stop)
 
     async def close(self) -> None:

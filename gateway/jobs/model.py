@@ -6,7 +6,7 @@ only in where these go."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -111,7 +111,17 @@ class JobBackend(Protocol):
 
     async def get(self, job_id: str) -> JobRow | None: ...
     async def requeue_running(self) -> int: ...
-    async def claim(self, limit: int) -> list[JobRow]: ...
+    async def claim(
+        self, limit: int, logs: Sequence[str] = (), adopt_after_s: float = 0.0
+    ) -> list[JobRow]:
+        """Up to `limit` due jobs, marked running. A job marked for a receipt log not in
+        `logs` (another replica's) less than `adopt_after_s` ago is left to that replica."""
+
+    async def mark(self, job_id: str, log_id: str) -> tuple[str, ...] | None:
+        """Before a run's answer receipt is appended: the job names `log_id` as where its
+        receipt goes (and when). Returns every log the job was ever marked for, this one
+        included; None if the job is not running (finished, expired or erased)."""
+
     async def renew(self, job_id: str) -> None: ...
     async def retry(self, job_id: str, delay_s: float) -> None: ...
     async def finish(self, job_id: str, out: Outcome) -> bool:

@@ -15,6 +15,12 @@ the sorted sets `queued` (by next run), `running` (by lease end), `created` (ope
 by age, the server's clock) and `finished` (by finish time). A job's own
 `created` field is the gateway's sealed submit time (gateway/jobs/seal.py).
 
+A run about to log its answer receipt first marks the job with its receipt log's id
+(`mark_log`, `mark_at` by the server's clock; `marks`, every log ever marked): replicas
+keep separate logs, so only the marked log's replica can find that receipt again. A claim
+leaves a job marked for another replica's log to it until the mark is `adopt_after_s`
+old (docs/jobs.md, "Replicas sharing Redis").
+
 Redis keeps what it deletes in its AOF and RDB files until they are rewritten
 (docs/jobs.md): an erased job's bytes leave the disk only then.
 """
@@ -24,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis
@@ -46,11 +52,14 @@ from gateway.jobs.model import (
 )
 from gateway.state import StoreUnavailable
 
-__all__ = ["LEASE_S", "RedisJobStore"]
+__all__ = ["CLAIM_SCAN", "LEASE_S", "RedisJobStore"]
 
 T = TypeVar("T")
 PREFIX = "ztgate:jobs:"
-LEASE_S = 30.0  # a run's lease; renewed every LEASE_S / 3 while it runs
+LEASE_S = 30.0  # a run's lease (`jobs.lease_s`); renewed every third of it while it runs
+# Jobs a claim may pass over (marked for another replica's log) beyond those it takes: a
+# dead replica leaves at most `jobs.workers` such runs behind.
+CLAIM_SCAN = 64
 PURGE_BATCH = 1000  # jobs one expiry pass looks at, per kind
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, TimeoutError, OSError)
 
@@ -104,17 +113,29 @@ return {'new', id}
 """
 )
 
-# ARGV: prefix, limit, lease_s. Due queued jobs, then runs whose lease ran out.
+# ARGV: prefix, limit, lease_s, adopt_after_s, this replica's log ids (space-separated),
+# scan. Due queued jobs, then runs whose lease ran out; of each, at most `scan` more are
+# looked at than taken, past jobs left to the replica their mark names.
 _CLAIM = (
     _NOW
     + """
-local limit = tonumber(ARGV[2])
-local ids = redis.call('ZRANGEBYSCORE', P .. 'queued', '-inf', now, 'LIMIT', 0, limit)
-if #ids < limit then
-  local stale = redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', now, 'LIMIT', 0,
-    limit - #ids)
-  for _, id in ipairs(stale) do table.insert(ids, id) end
+local limit, adopt, scan = tonumber(ARGV[2]), tonumber(ARGV[4]), tonumber(ARGV[6])
+local mine = ' ' .. ARGV[5] .. ' '
+local ids = {}
+local function take(z)
+  if #ids >= limit then return end
+  local due = redis.call('ZRANGEBYSCORE', P .. z, '-inf', now, 'LIMIT', 0, limit - #ids + scan)
+  for _, id in ipairs(due) do
+    if #ids >= limit then return end
+    local m = redis.call('HMGET', P .. 'j:' .. id, 'mark_log', 'mark_at')
+    if not m[1] or string.find(mine, ' ' .. m[1] .. ' ', 1, true) or
+        now - (tonumber(m[2]) or 0) >= adopt then
+      table.insert(ids, id)
+    end
+  end
 end
+take('queued')
+take('running')
 for _, id in ipairs(ids) do
   local h = P .. 'j:' .. id
   redis.call('ZREM', P .. 'queued', id)
@@ -135,6 +156,23 @@ if redis.call('ZSCORE', P .. 'running', ARGV[2]) then
   redis.call('ZADD', P .. 'running', now + tonumber(ARGV[3]), ARGV[2])
 end
 return 1
+"""
+)
+
+# ARGV: prefix, id, log id. Over a running job only (else nil): the log its receipt goes
+# to, now; returns every log it was marked for.
+_MARK = (
+    _NOW
+    + """
+local id, log = ARGV[2], ARGV[3]
+if not redis.call('ZSCORE', P .. 'running', id) then return false end
+local h = P .. 'j:' .. id
+local marks = redis.call('HGET', h, 'marks') or ''
+if not string.find(' ' .. marks .. ' ', ' ' .. log .. ' ', 1, true) then
+  marks = marks == '' and log or marks .. ' ' .. log
+end
+redis.call('HSET', h, 'mark_log', log, 'mark_at', now, 'marks', marks)
+return marks
 """
 )
 
@@ -289,8 +327,11 @@ class RedisJobStore:
 
     lease_s: float | None = LEASE_S
 
-    def __init__(self, url: str, *, timeout_s: float = 0.5, prefix: str = PREFIX) -> None:
+    def __init__(
+        self, url: str, *, timeout_s: float = 0.5, prefix: str = PREFIX, lease_s: float = LEASE_S
+    ) -> None:
         self.prefix = prefix
+        self.lease_s = self._lease_s = lease_s
         # Bodies and results are bytes: no decoding here (the state store decodes).
         self._client: Redis = Redis.from_url(
             url,
@@ -304,6 +345,7 @@ class RedisJobStore:
         self._submit = reg(_SUBMIT)
         self._claim = reg(_CLAIM)
         self._renew = reg(_RENEW)
+        self._mark = reg(_MARK)
         self._retry = reg(_RETRY)
         self._finish = reg(_FINISH)
         self._expire = reg(_EXPIRE)
@@ -341,13 +383,21 @@ class RedisJobStore:
     async def requeue_running(self) -> int:
         return 0  # leases bring back what a dead replica was running
 
-    async def claim(self, limit: int) -> list[JobRow]:
-        ids = await self._call(self._claim(args=[self.prefix, limit, LEASE_S]))
+    async def claim(
+        self, limit: int, logs: Sequence[str] = (), adopt_after_s: float = 0.0
+    ) -> list[JobRow]:
+        args: list[Any] = [self.prefix, limit, self._lease_s, adopt_after_s, " ".join(logs)]
+        args.append(CLAIM_SCAN)
+        ids = await self._call(self._claim(args=args))
         rows = [await self.get(i.decode()) for i in ids]
         return [r for r in rows if r is not None]
 
+    async def mark(self, job_id: str, log_id: str) -> tuple[str, ...] | None:
+        marks = await self._call(self._mark(args=[self.prefix, job_id, log_id]))
+        return None if marks is None else tuple(marks.decode().split())
+
     async def renew(self, job_id: str) -> None:
-        await self._call(self._renew(args=[self.prefix, job_id, LEASE_S]))
+        await self._call(self._renew(args=[self.prefix, job_id, self._lease_s]))
 
     async def retry(self, job_id: str, delay_s: float) -> None:
         await self._call(self._retry(args=[self.prefix, job_id, delay_s]))

@@ -16,6 +16,13 @@ the client is given only the result recorded. Its receipt is logged once too: ev
 of a job carries the job (`gateway/jobs/scope.py`: its id and a seed derived from it with
 the job key), the receipt log indexes answer receipts by job id, and a second run that
 answers the same gives the first run's receipt (gateway/receipts/service.py).
+
+That index is per receipt log, and replicas sharing Redis keep a log each: so before a
+run's answer receipt is appended, the run marks the job with its log (`mark`, one store
+round trip), and a claim leaves a job marked for another replica's log to that replica
+(it comes back with its data dir, finds the receipt in its own index) until the mark is
+`jobs.adopt_after_s` old. A replica that adopts it then logs a receipt naming the logs
+it was marked for (`ext.supersedes_in`): a second receipt, never a silent one.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
@@ -63,6 +70,10 @@ RUN_TIMEOUT_S = 900.0
 # it) after a job's run answered 200, its receipt durable, before the result is recorded:
 # the one crash the exactly-once receipt must survive, placed where a test can find it.
 CRASH_ENV = "ZTGATE_TEST_CRASH_BEFORE_JOB_RECORD"
+
+
+class NotRunning(Exception):
+    """A run reached its receipt after its job stopped running (see `Runner.mark`)."""
 
 
 class JobMetrics:
@@ -208,6 +219,8 @@ class Runner:
         self.app: ASGIApp | None = None
         self.wake = asyncio.Event()
         self.hold = False
+        # This replica's receipt logs, current and frozen (set by the jobs service).
+        self.logs: Callable[[], Sequence[str]] = tuple
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -224,7 +237,8 @@ class Runner:
                         next_expiry = loop.time() + EXPIRE_INTERVAL_S
                     free = self.cfg.workers - len(self._tasks)
                     if free > 0 and not self.hold and self.app is not None:
-                        for row in await self.store.claim(free):
+                        claimed = await self.store.claim(free, self.logs(), self.cfg.adopt_after_s)
+                        for row in claimed:
                             task = asyncio.create_task(self._run_one(row))
                             self._tasks.add(task)
                             task.add_done_callback(self._done)
@@ -283,6 +297,15 @@ class Runner:
         finally:
             if lease is not None:
                 lease.cancel()
+
+    async def mark(self, job_id: str, log_id: str) -> tuple[str, ...]:
+        """The receipt service's hook, before a job's answer receipt goes into `log_id`:
+        every log the job was marked for. A job no longer running (another run finished
+        it, or it expired) gets no receipt from this run: refused."""
+        marks = await self.store.mark(job_id, log_id)
+        if marks is None:
+            raise NotRunning(f"job {job_id} is no longer running")
+        return marks
 
     async def _renew(self, job_id: str, every_s: float) -> None:
         while True:

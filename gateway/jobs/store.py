@@ -45,6 +45,7 @@ __all__ = ["JOBS_FILE", "JobStore", "SyncJobStore"]
 log = logging.getLogger(__name__)
 
 JOBS_FILE = "jobs.db"
+CLAIM_SCAN = 64  # jobs a claim may pass over beyond those it takes (gateway/jobs/redis.py)
 T = TypeVar("T")
 
 _SCHEMA = """
@@ -69,6 +70,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     result BLOB,
     receipt_id TEXT,
     mac TEXT,                       -- the gateway's seal over what the job runs as
+    mark_log TEXT,                  -- the receipt log a run's answer receipt goes to
+    mark_at REAL,
+    marks TEXT,                     -- every log it was marked for, space-separated
     UNIQUE (owner, idem_key)
 );
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (state, not_before);
@@ -125,6 +129,10 @@ class SyncJobStore:
         created = not self.path.exists()
         self.db = open_durable(self.path, timeout=10)
         self.db.executescript(_SCHEMA)
+        have = {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
+        for column in ("mark_log TEXT", "mark_at REAL", "marks TEXT"):  # a file from before
+            if column.split()[0] not in have:
+                self.db.execute(f"ALTER TABLE jobs ADD COLUMN {column}")
         os.chmod(self.path, 0o600)
         if created:
             fsync_dir(self.path.parent)  # or a crash could lose the file with its jobs
@@ -200,20 +208,26 @@ class SyncJobStore:
             )
         )
 
-    def claim(self, limit: int) -> list[JobRow]:
+    def claim(
+        self, limit: int, logs: Sequence[str] = (), adopt_after_s: float = 0.0
+    ) -> list[JobRow]:
         """Up to `limit` due jobs, marked running with one more dispatch counted, durably,
-        before any of them reaches a node."""
+        before any of them reaches a node. Passed over: jobs marked for a receipt log not
+        in `logs` less than `adopt_after_s` ago (gateway/jobs/redis.py, as there)."""
 
         def tx(db: sqlite3.Connection) -> list[JobRow]:
             now = self.clock()
-            ids = [
-                r[0]
-                for r in db.execute(
-                    "SELECT id FROM jobs WHERE state = 'queued' AND not_before <= ?"
-                    " ORDER BY not_before LIMIT ?",
-                    (now, limit),
-                )
+            due = db.execute(
+                "SELECT id, mark_log, mark_at FROM jobs WHERE state = 'queued'"
+                " AND not_before <= ? ORDER BY not_before LIMIT ?",
+                (now, limit + CLAIM_SCAN),
+            ).fetchall()
+            ours = [
+                i
+                for i, m, at in due
+                if m is None or m in logs or at is None or now - at >= adopt_after_s
             ]
+            ids = ours[:limit]
             for job_id in ids:
                 db.execute(
                     "UPDATE jobs SET state = 'running', executions = executions + 1,"
@@ -221,6 +235,25 @@ class SyncJobStore:
                     (now, job_id),
                 )
             return [_row(db.execute(_SELECT, (i,)).fetchone()) for i in ids]
+
+        return self._tx(tx)
+
+    def mark(self, job_id: str, log_id: str) -> tuple[str, ...] | None:
+        """`JobBackend.mark`: over a running job only."""
+
+        def tx(db: sqlite3.Connection) -> tuple[str, ...] | None:
+            r = db.execute(
+                "SELECT marks FROM jobs WHERE id = ? AND state = 'running'", (job_id,)
+            ).fetchone()
+            if r is None:
+                return None
+            marks = tuple((r[0] or "").split())
+            marks += () if log_id in marks else (log_id,)
+            db.execute(
+                "UPDATE jobs SET mark_log = ?, mark_at = ?, marks = ? WHERE id = ?",
+                (log_id, self.clock(), " ".join(marks), job_id),
+            )
+            return marks
 
         return self._tx(tx)
 
@@ -322,8 +355,10 @@ class JobStore:
 
     lease_s: float | None = None  # one process owns the file: a crash requeues at start
 
-    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
-        self.sync = SyncJobStore(path, clock=clock)
+    def __init__(
+        self, path: Path, clock: Callable[[], float] = time.time, *, lock: bool = True
+    ) -> None:
+        self.sync = SyncJobStore(path, lock=lock, clock=clock)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="jobs-db")
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -339,8 +374,13 @@ class JobStore:
     async def requeue_running(self) -> int:
         return await self._call(self.sync.requeue_running)
 
-    async def claim(self, limit: int) -> list[JobRow]:
-        return await self._call(self.sync.claim, limit)
+    async def claim(
+        self, limit: int, logs: Sequence[str] = (), adopt_after_s: float = 0.0
+    ) -> list[JobRow]:
+        return await self._call(self.sync.claim, limit, logs, adopt_after_s)
+
+    async def mark(self, job_id: str, log_id: str) -> tuple[str, ...] | None:
+        return await self._call(self.sync.mark, job_id, log_id)
 
     async def renew(self, job_id: str) -> None:
         return None

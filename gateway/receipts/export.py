@@ -64,8 +64,20 @@ def proof_text(proof: list[bytes]) -> bytes:
     return "".join(f"{b64(h)}\n" for h in proof).encode()
 
 
+def replica_dirs(log_dir: Path) -> list[Path]:
+    """`log_dir` and its worker dirs: a replica served by several processes keeps a log
+    per worker under `<receipts dir>/w<i>/` (gateway/supervisor.py), and its receipts dir
+    stands for all of them, so no worker's log can be left out of a bundle by mistake."""
+    workers = sorted(
+        (p for p in log_dir.glob("w*") if p.is_dir() and p.name[1:].isdigit()),
+        key=lambda p: int(p.name[1:]),
+    )
+    return [log_dir, *workers]
+
+
 def gather_logs(log_dirs: Path | Sequence[Path]) -> list[Path]:
-    """Every log under each of `log_dirs` (one per replica, say), oldest first per dir.
+    """Every log under each of `log_dirs` (one per replica, say, and each replica's
+    worker dirs: `replica_dirs`), oldest first per dir.
 
     A log found twice (the same log id in two dirs: a dir given twice, or a replica's
     volume mounted twice, or a copy of a log) is refused: a bundle must hold each log
@@ -74,7 +86,7 @@ def gather_logs(log_dirs: Path | Sequence[Path]) -> list[Path]:
     found: dict[str, Path] = {}
     paths: list[Path] = []
     for d in dirs:
-        logs = ReceiptLog.all_logs(d)
+        logs = [p for sub in replica_dirs(d) for p in ReceiptLog.all_logs(sub)]
         if not logs:
             raise BundleError(f"no receipt logs under {d}")
         for path in logs:
@@ -98,7 +110,7 @@ def merged_keyset(log_dirs: Path | Sequence[Path]) -> KeySet | None:
     dirs = [log_dirs] if isinstance(log_dirs, Path) else list(log_dirs)
     merged: dict[str, PublishedKey] = {}
     any_found = False
-    for d in dirs:
+    for d in (sub for top in dirs for sub in replica_dirs(top)):
         path = d / "keys.json"
         if not path.is_file():
             continue

@@ -12,7 +12,8 @@ import datetime as dt
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from gateway.forward.site import receipt_extensions as site_extensions
 from gateway.protocol.tensors import Tensor
 from gateway.receipts.checkpointer import Checkpointer, WitnessClient
 from gateway.receipts.issue import DenialCoalescer, Issued, derive, issue, summary, tensor_refs
-from gateway.receipts.log import LogEntry, ReceiptLog
+from gateway.receipts.log import LogEntry, LogError, ReceiptLog
 from gateway.receipts.model import (
     ClientRef,
     Denial,
@@ -37,6 +38,10 @@ from gateway.signer import FileSigner
 from gateway.signer import Signer as KeySigner
 
 log = logging.getLogger(__name__)
+
+_SUPERSEDES = ("supersedes", "supersedes_in")  # what a job's receipt names of earlier ones
+_LOG_ID = re.compile(r"[a-z2-7]{16}")  # gateway/receipts/log.py `new_log_id`
+_MAX_MARKS = 16  # other logs one job's receipt names (each is a replica that ran it)
 
 
 async def _unset(**_: object) -> Issued:
@@ -56,6 +61,12 @@ class ReceiptService:
     witnesses: Sequence[WitnessClient] = ()
     # Called with "reused" or "superseded" when a job runs again (the jobs' metrics).
     on_job_rerun: Callable[[str], None] | None = None
+    # Awaited with (job id, this log's id) before a job's answer receipt is appended: the
+    # shared job record names the log first (gateway/jobs/runner.py `mark`); returns every
+    # log the job was marked for. Replicas keep a log each: only that names the others.
+    on_job_receipt: Callable[[str, str], Awaitable[Sequence[str]]] | None = None
+    # The other workers' logs of this replica, read-only (gateway/supervisor.py).
+    siblings: Callable[[], Sequence[ReceiptLog]] | None = None
 
     def __post_init__(self) -> None:
         self.checkpointer = Checkpointer(
@@ -116,6 +127,11 @@ class ReceiptService:
             self.closed = False
 
     def logs(self) -> list[ReceiptLog]:
+        """Every log this replica serves reads of: its own, then other workers'."""
+        return [*self.own_logs(), *(self.siblings() if self.siblings else ())]
+
+    def own_logs(self) -> list[ReceiptLog]:
+        """The logs this process writes or owns (retention, closing)."""
         return [self.log, *self.frozen]
 
     async def answer(
@@ -152,6 +168,9 @@ class ReceiptService:
                 if isinstance(reused, Issued):
                     return reused
                 ext["supersedes"] = reused
+            elsewhere = await self._mark_job(job_id)
+            if elsewhere:  # adopted from a replica that may have logged it: say so
+                ext["supersedes_in"] = elsewhere
             job = (job_id, prior if holder is self.log else None)
         return await issue(
             self.log,
@@ -196,7 +215,9 @@ class ReceiptService:
                 r.inputs == tensor_refs(inputs, salt)
                 and r.outputs == tensor_refs(outputs, salt)
                 and r.verification == verification
-                and r.extensions == {**site_extensions(), **extensions}  # as `issue` adds
+                # as `issue` adds; what the logged one superseded does not make it another
+                and {k: v for k, v in r.extensions.items() if k not in _SUPERSEDES}
+                == {**site_extensions(), **extensions}
             ):
                 self._rerun("reused")
                 return Issued(signed, salt, summary(signed), reused=True)
@@ -204,6 +225,35 @@ class ReceiptService:
         log.warning("a job ran again and answered otherwise: a receipt that supersedes its first")
         # The stored body's id; recomputed only when the body is gone (erased).
         return r.receipt_id if body is not None else make_receipt_id(holder.log_id, index, nonce)
+
+    async def _mark_job(self, job_id: str) -> tuple[str, ...]:
+        """Name this log in the job's shared record before its receipt is appended; the
+        other replicas' logs the job was marked for (its receipt may be in any of them)."""
+        if self.on_job_receipt is None:
+            return ()
+        try:
+            marked = await self.on_job_receipt(job_id, self.log.log_id)
+        except Exception as exc:  # no mark, no receipt: the run fails as retryable
+            raise LogError(f"the job's receipt could not be marked: {exc}") from exc
+        # The store is not trusted with what goes into a signed receipt: log ids only, few.
+        ids = {m for m in marked if _LOG_ID.fullmatch(m)}
+        others = ids - set(self.job_logs())
+        elsewhere = tuple(sorted(others))[:_MAX_MARKS]
+        if len(ids) < len(set(marked)) or len(elsewhere) < len(others):
+            log.error("job %s: marks in the job store that are no log ids, or too many", job_id)
+        if elsewhere:
+            log.warning(
+                "job %s was marked for another replica's receipt log (%s): adopted, its "
+                "receipt names that log",
+                job_id,
+                ", ".join(elsewhere),
+            )
+        return elsewhere
+
+    def job_logs(self) -> list[str]:
+        """The logs whose job index this process searches (its own, not other workers'):
+        a job marked for any other is another process's to run again, or to adopt."""
+        return [rl.log_id for rl in (self.log, *self.frozen)]
 
     def _rerun(self, what: str) -> None:
         if self.on_job_rerun is not None:

@@ -608,7 +608,66 @@ def _receipt_facts(r: Receipt) -> dict[str, Any]:
         facts["client"] = r.client.spiffe_id if r.client else None
         facts["finish_reason"] = r.extensions.get("finish_reason")
         facts["opening"] = r.extensions.get("opening")
+    for key in ("job_id", "supersedes", "supersedes_in"):  # `_check_job_links`
+        if key in r.extensions:
+            value = r.extensions[key]
+            facts[key] = list(value) if isinstance(value, tuple) else value
     return facts
+
+
+def _check_job_links(report: Report, logs: set[str]) -> None:
+    """A job's receipt that names earlier ones (docs/jobs.md, "Exactly once"), each
+    resolved against this bundle. `supersedes`: a receipt of the same job that a second run
+    answered otherwise than. `supersedes_in`: other replicas' logs the job was marked for,
+    which held it until it was adopted: their receipts of the job (`ext.job_id`) if the
+    bundle holds any, else whether it holds that log at all (a run that died before its
+    receipt was logged leaves none)."""
+    by_job: dict[tuple[str, str], list[str]] = {}  # (log id, job id) -> its receipts there
+    for rid, facts in report.receipts.items():
+        if isinstance(facts.get("job_id"), str):
+            by_job.setdefault((str(facts["log_id"]), facts["job_id"]), []).append(rid)
+    for rid, facts in sorted(report.receipts.items()):
+        job, subject = facts.get("job_id"), f"receipt {rid}"
+        first = facts.get("supersedes")
+        if isinstance(first, str):
+            named = report.receipts.get(first)
+            if named is not None and (not isinstance(job, str) or named.get("job_id") != job):
+                report.add(
+                    subject,
+                    "invalid",
+                    "supersedes-mismatch",
+                    f"supersedes {first}, which is not a receipt of the same job",
+                )
+            else:
+                where = "in this bundle" if named is not None else "not in this bundle"
+                report.add(
+                    subject,
+                    "valid",
+                    "supersedes",
+                    f"job {job} ran again and answered otherwise: supersedes {first} ({where})",
+                    job_id=job,
+                    supersedes=[first],
+                )
+        others = facts.get("supersedes_in")
+        if not isinstance(others, list) or not isinstance(job, str):
+            continue
+        for other in sorted(str(o) for o in others):
+            found = sorted(by_job.get((other, job), []))
+            if found:
+                held = f"supersedes {', '.join(found)}"
+            elif other in logs:
+                held = "this bundle holds that log and no receipt of the job in it"
+            else:
+                held = "that log is not in this bundle"
+            report.add(
+                subject,
+                "valid",
+                "supersedes-adopted",
+                f"job {job} was adopted from another replica's log {other}: {held}",
+                job_id=job,
+                log_id=other,
+                supersedes=found,
+            )
 
 
 def _check_stream_links(report: Report) -> None:
@@ -762,6 +821,7 @@ def verify_bundle(
             report.add(f"log {st.log_id}", "invalid", "malformed-manifest", str(exc))
     _check_chains(bundle, states, report)
     _check_stream_links(report)
+    _check_job_links(report, {st.log_id for st in states})
     _final_statuses(bundle, states, trust, report)
     for st in states:
         inventory = (st.start, st.size) if st.leaves is not None else None

@@ -1,0 +1,640 @@
+"""`ztgate serve --workers N`: one replica served by several processes (gateway/supervisor.py).
+
+The local store the workers share without Redis is held to the `StateStore` contract (the
+contract tests of tests/test_state.py, run again here against it), and shown shared between
+separate connections as between processes; then a real 2-worker gateway (real TLS, real
+Triton nodes, separate processes) keeps one rate limit and one revocation set across its
+workers, serves every worker's receipts from any worker, and exports and verifies them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from gateway.pki import PKI
+from gateway.ports import free_port, wait_ready
+from gateway.receipts.model import parse_receipt_id
+from gateway.state import StateStore, StoreUnavailable
+from gateway.state.factory import open_store
+from gateway.state.sqlite import SqliteStore
+from gateway.supervisor import Worker
+from tests.conftest import TritonCluster
+from tests.gateway_harness import client_context, policy_dir
+from tests.test_client_text import client
+from tests.test_gateway import IRIS, infer_body, node_table, registry_dir
+from tests.test_gateway_policy import LIMITED
+from tests.test_state import (
+    FakeClock,
+    clock,
+    test_eject_grows_and_caps,
+    test_eject_is_idempotent_while_ejected,
+    test_eject_rejects_bad_args,
+    test_ejection_history_decays,
+    test_failure_counting,
+    test_nonce_replay,
+    test_readmit_ends_ejection_but_keeps_backoff,
+    test_revocations_grow_only_and_versioned,
+    test_satisfies_protocol,
+    test_token_bucket_clock_stepping_back,
+    test_token_bucket_refill_and_retry_after,
+    test_token_bucket_rejects_bad_args,
+)
+
+# The contract tests of tests/test_state.py, collected here against `store` below.
+__all__ = [
+    "clock",
+    "registry_dir",
+    "test_eject_grows_and_caps",
+    "test_eject_is_idempotent_while_ejected",
+    "test_eject_rejects_bad_args",
+    "test_ejection_history_decays",
+    "test_failure_counting",
+    "test_nonce_replay",
+    "test_readmit_ends_ejection_but_keeps_backoff",
+    "test_revocations_grow_only_and_versioned",
+    "test_satisfies_protocol",
+    "test_token_bucket_clock_stepping_back",
+    "test_token_bucket_refill_and_retry_after",
+    "test_token_bucket_rejects_bad_args",
+]
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def store(clock: FakeClock, tmp_path: Path) -> AsyncIterator[StateStore]:
+    s = SqliteStore(tmp_path / "state.db", clock=clock)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+# -- the shared local store ---------------------------------------------------------------
+
+
+async def test_open_store_shares_one_file_between_workers_only(tmp_path: Path) -> None:
+    shared = open_store(None, tmp_path, processes=2)
+    alone = open_store(None, tmp_path / "one")
+    try:
+        assert isinstance(shared, SqliteStore)
+        assert not isinstance(alone, SqliteStore)  # control: one process keeps memory
+    finally:
+        await shared.close()
+        await alone.close()
+
+
+async def test_two_connections_share_buckets_nonces_ejections_revocations(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    # Two stores on one file: what two worker processes hold (one connection pair each).
+    a = SqliteStore(tmp_path / "state.db", clock=clock)
+    b = SqliteStore(tmp_path / "state.db", clock=clock)
+    try:
+        got = await asyncio.gather(*((a, b)[i % 2].take_token("k", 1.0, 5) for i in range(12)))
+        assert sum(ok for ok, _ in got) == 5  # one bucket of 5, not one per worker
+        assert (await b.take_token("other", 1.0, 5))[0]  # control: another key is full
+        assert await a.check_nonce("n", 60.0)
+        assert not await b.check_nonce("n", 60.0)  # a replay through the other worker
+        assert await b.check_nonce("m", 60.0)  # control: a fresh nonce passes
+        await a.eject("node-1", 5.0, 60.0)
+        assert set(await b.ejected_until(["node-1", "node-2"])) == {"node-1"}
+        assert await a.add_revocation("ca", "01") == 1
+        assert await b.revocations_since(0) == (1, {("ca", "01")})
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_revocations_survive_reopen_and_tables_are_bounded(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    path = tmp_path / "state.db"
+    s = SqliteStore(path, clock=clock, max_keys=3)
+    await s.add_revocation("ca", "01")
+    for i in range(300):  # past one sweep interval
+        await s.take_token(f"k{i}", 1.0, 1)
+    with pytest.raises(StoreUnavailable):
+        for i in range(300):
+            await s.check_nonce(f"x{i}", 10.0)
+    clock.advance(10.0)
+    assert await s.check_nonce("after", 10.0)  # control: expired nonces make room
+    await s.close()
+    again = SqliteStore(path, clock=clock)
+    try:
+        assert await again.revocations_since(0) == (1, {("ca", "01")})
+        n = again._soft.execute("SELECT count(*) FROM buckets").fetchone()[0]
+        assert n < 300  # evicted down to the bound at a sweep
+    finally:
+        await again.close()
+
+
+async def test_a_call_that_finds_the_file_locked_waits_off_the_loop(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    import sqlite3
+
+    store = SqliteStore(tmp_path / "state.db", clock=clock)
+    other = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    try:
+        assert (await store.take_token("k", 1.0, 2))[0]  # control: the fast path
+        other.execute("BEGIN IMMEDIATE")  # another worker holds the write lock
+        waiting = asyncio.ensure_future(store.take_token("k", 1.0, 2))
+        await asyncio.sleep(0.1)  # the loop runs meanwhile: the call waits on the thread
+        assert not waiting.done()
+        other.execute("COMMIT")
+        assert (await waiting)[0]
+        assert not (await store.take_token("k", 1.0, 2))[0]  # one bucket: 2 taken, empty
+    finally:
+        other.close()
+        await store.close()
+
+
+def test_what_several_workers_cannot_serve_is_refused(pki: PKI, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from gateway.supervisor import refusals
+    from tests.gateway_harness import gateway_config
+
+    cfg = gateway_config(pki, tmp_path / "registry", tmp_path / "data", [])
+    assert refusals(cfg) == []  # control
+    edge = replace(cfg, uplink=replace(cfg.uplink, core_url="https://core:8090/publish"))
+    assert any(r.startswith("uplink.core_url") for r in refusals(edge))
+    dealer = replace(cfg, mpc=replace(cfg.mpc, dealer_listen="127.0.0.1:7000"))
+    assert any(r.startswith("mpc.dealer_listen") for r in refusals(dealer))
+
+
+def test_a_worker_knows_its_files() -> None:
+    w = Worker(1, 3)
+    assert w.receipts_dir(Path("/r")) == Path("/r/w1")
+    assert w.siblings(Path("/r")) == [Path("/r"), Path("/r/w0"), Path("/r/w2")]
+    assert w.revocations_file == "revoked-w1.jsonl" and not w.runs_jobs
+    assert Worker(0, 3).revocations_file == "revoked.jsonl" and Worker(0, 3).runs_jobs
+
+
+# -- a real 2-worker gateway --------------------------------------------------------------
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))  # a JSON string is a TOML basic string
+
+
+def _toml(raw: dict[str, Any]) -> str:
+    top = [f"{k} = {_toml_value(v)}" for k, v in raw.items() if not isinstance(v, dict | list)]
+    out = "\n".join(top) + "\n"
+    for k, v in raw.items():
+        if isinstance(v, dict):
+            out += f"\n[{k}]\n" + "".join(f"{a} = {_toml_value(b)}\n" for a, b in v.items())
+        elif isinstance(v, list) and v and isinstance(v[0], dict):
+            for item in v:
+                out += f"\n[[{k}]]\n" + "".join(
+                    f"{a} = {_toml_value(b)}\n" for a, b in item.items()
+                )
+    return out
+
+
+def write_config(
+    pki: PKI,
+    registry: Path,
+    root: Path,
+    nodes: list[dict[str, Any]],
+    workers: int,
+    policy: dict[str, Any] | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """A dev gateway.toml like tests/gateway_harness.py's, with `listen.workers`, and a
+    policy that limits lena to 20 inferences an hour (a refill takes 180 s)."""
+    gw_dir = pki.root / "gateway" / "site-a"
+    pol = policy_dir(root / "policies")
+    (pol / "15-limited.cedar").write_text(LIMITED)
+    ids = json.loads((pol / "identities.json").read_text())
+    ids["clients"]["spiffe://ztgate.local/client/lena"] = {"groups": ["limited"]}
+    (pol / "identities.json").write_text(json.dumps(ids))
+    raw: dict[str, Any] = {
+        "mode": "dev",
+        "trust_domain": pki.trust_domain,
+        "site": "site-a",
+        "registry": str(registry),
+        "data_dir": str(root / "data"),
+        "listen": {
+            "port": free_port(),
+            "admin_port": free_port(),
+            "graceful_shutdown_s": 1,
+            "workers": workers,
+        },
+        "tls": {
+            "cert": str(gw_dir / "server.crt"),
+            "key": str(gw_dir / "server.key"),
+            "client_ca": str(pki.client_ca_bundle()),
+            "node_ca": str(pki.node_ca_bundle()),
+            "node_client_cert": str(gw_dir / "node-client.crt"),
+            "node_client_key": str(gw_dir / "node-client.key"),
+            "dev_pki": True,
+        },
+        "policy": policy or {"dir": str(pol), "pre_policy_rate": "100000/minute"},
+        "state": {"timeout_s": 3.0, "revocation_sync_s": 0.2},
+        "receipts": {
+            "signing_key": str(pki.key_path("receipt-signing")),
+            "log_key": str(pki.key_path("log-checkpoint")),
+            "checkpoint_interval_s": 0.2,
+        },
+        "nodes": nodes,
+    }
+    path = root / "gateway.toml"
+    path.write_text(_toml(raw))
+    return path, raw
+
+
+@contextmanager
+def serving(config: Path, raw: dict[str, Any], *extra: str) -> Iterator[subprocess.Popen[bytes]]:
+    log = open(config.parent / "serve.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config), *extra],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        ready = f"http://127.0.0.1:{raw['listen']['admin_port']}/v2/health/ready"
+        if not wait_ready(ready, 120, proc):
+            raise AssertionError((config.parent / "serve.log").read_text()[-4000:])
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        log.close()
+
+
+def _infer_fresh(pki: PKI, name: str, base: str) -> httpx.Response:
+    """One request on a connection of its own: each new connection is hashed to a worker."""
+    with client(pki, name) as c:
+        return c.post(f"{base}/v2/models/iris/infer", json=infer_body(IRIS))
+
+
+def _log_of(r: httpx.Response) -> str:
+    return parse_receipt_id(r.json()["parameters"]["ztgate.receipt_id"])[0]
+
+
+def test_two_workers_share_one_rate_limit_and_one_revocation_set(
+    pki: PKI, triton_cluster: TritonCluster, registry_dir: Path, tmp_path: Path
+) -> None:
+    config, raw = write_config(pki, registry_dir, tmp_path, node_table(triton_cluster), 2)
+    base = f"https://127.0.0.1:{raw['listen']['port']}"
+    carl = pki.issue("client", "carl", organization="Acme")
+    with serving(config, raw):
+        # Positive control: fresh connections land on both workers (two logs answer).
+        answered = [_infer_fresh(pki, "bob", base) for _ in range(12)]
+        assert {r.status_code for r in answered} == {200}
+        both = {_log_of(r) for r in answered}
+        assert len(both) == 2, both
+        # One bucket of 20 for lena across the workers, not 20 per worker.
+        statuses, logs = [], set()
+        for _ in range(30):
+            r = _infer_fresh(pki, "lena", base)
+            statuses.append(r.status_code)
+            if r.status_code == 200:
+                logs.add(_log_of(r))
+        assert statuses == [200] * 20 + [429] * 10, statuses
+        assert logs == both  # the admitted ones came from both workers
+        # A revocation made through one worker applies on every worker.
+        ctx = client_context(pki, carl.cert, carl.key)
+
+        def carl_infers() -> httpx.Response:
+            with httpx.Client(verify=ctx, timeout=30) as c:
+                return c.post(f"{base}/v2/models/iris/infer", json=infer_body(IRIS))
+
+        before = [carl_infers() for _ in range(12)]
+        assert {r.status_code for r in before} == {200}  # control: carl served by both
+        assert {_log_of(r) for r in before} == both
+        from tests.test_gateway_policy import _issuer
+
+        with client(pki, "olga") as officer:
+            r = officer.post(
+                f"{base}/admin/revoke",
+                json={"issuer": _issuer(pki), "serial": format(carl.serial, "x")},
+            )
+            assert r.status_code == 200, r.text
+        # Every worker learns it within a few syncs of 0.2 s; 30 s only bounds the wait.
+        end = time.monotonic() + 30
+        while any(carl_infers().status_code != 401 for _ in range(16)):
+            assert time.monotonic() < end, "a worker still serves a revoked client"
+            time.sleep(0.2)
+        after = [carl_infers() for _ in range(16)]
+        assert {r.status_code for r in after} == {401}
+        assert {r.json()["detail"] for r in after} == {"client certificate has been revoked"}
+
+
+def test_any_worker_serves_every_workers_receipts_and_export_covers_all_logs(
+    pki: PKI,
+    triton_cluster: TritonCluster,
+    registry_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from gateway.cli import main
+
+    config, raw = write_config(pki, registry_dir, tmp_path, node_table(triton_cluster), 2)
+    base = f"https://127.0.0.1:{raw['listen']['port']}"
+    with serving(config, raw) as proc:
+        answered = [_infer_fresh(pki, "bob", base) for _ in range(12)]
+        ids = [r.json()["parameters"]["ztgate.receipt_id"] for r in answered]
+        logs = {parse_receipt_id(rid)[0] for rid in ids}
+        assert len(logs) == 2, logs  # control: both workers answered
+        # Every receipt, read through fresh connections (so through both workers), is
+        # found, with its inclusion proof once a checkpoint covers it (0.2 s here).
+        proofs: dict[str, str] = {}
+        end = time.monotonic() + 30
+        while len(proofs) < len(ids):
+            assert time.monotonic() < end, f"proofs for {len(proofs)} of {len(ids)}"
+            for rid in ids:
+                with client(pki, "bob") as c:
+                    r = c.get(f"{base}/v2/receipts/{rid}")
+                assert r.status_code == 200, r.text
+                assert r.json()["receipt"]["id"] == rid
+                if r.json()["inclusion_proof"] is not None:
+                    proofs[rid] = r.json()["inclusion_proof"]
+        # The log index names both workers' logs, whichever worker answers.
+        for _ in range(4):
+            with client(pki, "bob") as c:
+                listed = {entry["log_id"] for entry in c.get(f"{base}/log").json()["logs"]}
+            assert logs <= listed
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0  # a drained replica exits 0
+    receipts = tmp_path / "data" / "receipts"
+    assert sorted(p.name for p in receipts.iterdir() if p.is_dir()) == ["w0", "w1"]
+    # One export of the replica's receipts dir holds both workers' logs ...
+    out = tmp_path / "bundle"
+    capsys.readouterr()
+    assert main(["audit", "export", "--log-dir", str(receipts), str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["logs"] == 2
+    manifest = json.loads((out / "manifest.json").read_text())
+    exported = {r["id"] for entry in manifest["logs"] for r in entry["receipts"]}
+    assert set(ids) <= exported
+    # ... and verifies against a trust file naming both.
+    assert main(["audit", "trust", "--log-dir", str(receipts)]) == 0
+    trust = tmp_path / "trust.json"
+    trust.write_text(capsys.readouterr().out)
+    assert main(["verify", str(out), "--trust", str(trust), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["status"] == "valid"
+    found = {f["subject"] for f in report["findings"] if f["subject"].startswith("receipt ")}
+    assert all(any(rid in s for s in found) for rid in ids)
+    [entry] = json.loads(trust.read_text())["log_keys"]  # one key, both workers' origins
+    assert len(entry["origins"]) == 2
+    # Control: a bundle of one worker's log is not the replica's: a log is missing.
+    one = tmp_path / "one-worker"
+    assert main(["audit", "export", "--log-dir", str(receipts / "w0"), str(one)]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(one), "--trust", str(trust), "--json"]) != 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["status"] != "valid"
+    assert "missing-log" in {f["code"] for f in report["findings"]}
+
+
+def _workers_of(pid: int) -> set[int]:
+    return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+def test_a_dead_worker_is_restarted_and_sighup_reaches_every_worker(
+    pki: PKI, triton_cluster: TritonCluster, registry_dir: Path, tmp_path: Path
+) -> None:
+    config, raw = write_config(pki, registry_dir, tmp_path, node_table(triton_cluster), 2)
+    base = f"https://127.0.0.1:{raw['listen']['port']}"
+    with serving(config, raw) as proc:
+        logs = {_log_of(_infer_fresh(pki, "bob", base)) for _ in range(12)}
+        assert len(logs) == 2
+        first = _workers_of(proc.pid)
+        assert len(first) == 2
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        end = time.monotonic() + 60
+        while len(now := _workers_of(proc.pid)) < 2 or victim in now:
+            assert time.monotonic() < end and proc.poll() is None, "worker not restarted"
+            time.sleep(0.1)
+        # The replacement serves, on its old log (same log ids), beside the survivor.
+        served: set[str] = set()
+        while served != logs:
+            assert time.monotonic() < end, served
+            r = _infer_fresh(pki, "bob", base)
+            if r.status_code == 200:
+                served.add(_log_of(r))
+        # SIGHUP: every worker reloads its policy and keeps serving (uvicorn would die
+        # of an unhandled SIGHUP).
+        workers = _workers_of(proc.pid)
+        os.kill(proc.pid, signal.SIGHUP)
+        for _ in range(8):
+            assert _infer_fresh(pki, "bob", base).status_code == 200
+        assert _workers_of(proc.pid) == workers and proc.poll() is None
+
+
+def test_a_replica_whose_workers_cannot_start_exits_non_zero(
+    pki: PKI, triton_cluster: TritonCluster, registry_dir: Path, tmp_path: Path
+) -> None:
+    config, raw = write_config(pki, registry_dir, tmp_path, node_table(triton_cluster), 2)
+    # A policy that does not parse passes the preflight (a readable dir) and fails in
+    # the workers, as they build the gateway.
+    broken = policy_dir(tmp_path / "broken")
+    (broken / "50-broken.cedar").write_text("permit (principal, action, resource) when {")
+    text = config.read_text().replace(str(tmp_path / "policies"), str(broken))
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text)
+    run = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(bad)],
+        capture_output=True,
+        timeout=120,
+    )
+    assert run.returncode != 0
+    assert b"could not start" in run.stderr and b"policy" in run.stderr
+    # Control: the same config with the registry serves (and --workers overrides it).
+    with serving(config, raw, "--workers", "2") as proc:
+        assert len(_workers_of(proc.pid)) == 2
+
+
+def test_serve_check_and_grpc_front_with_several_workers(
+    pki: PKI,
+    triton_cluster: TritonCluster,
+    registry_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import socket
+
+    import tritonclient.grpc as grpcclient
+
+    from gateway.cli import main
+
+    config, raw = write_config(pki, registry_dir, tmp_path, node_table(triton_cluster), 2)
+    grpc_port = free_port()
+    text = config.read_text().replace("[listen]\n", f"[listen]\ngrpc_port = {grpc_port}\n")
+    config.write_text(text)
+    # The workers bind the gRPC port together (SO_REUSEPORT): one another process holds
+    # must be refused, not shared.
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", grpc_port))
+        holder.listen()
+        assert main(["serve", "--config", str(config), "--check"]) == 2
+        assert "listen.grpc_port" in capsys.readouterr().err
+        # One process does not share it: its own start fails on the port (not --check's).
+    assert main(["serve", "--config", str(config), "--check"]) == 0  # control: port free
+    assert main(["serve", "--config", str(config), "--check", "--workers", "0"]) == 2
+    assert "listen.workers" in capsys.readouterr().err
+    # Both workers serve the gRPC front: fresh channels reach both logs.
+    issued = pki.ensure("client", "bob")
+    logs = set()
+    with serving(config, raw):
+        # The front is a background task of each worker: wait until both listen.
+        end = time.monotonic() + 30
+        while (config.parent / "serve.log").read_text().count("gRPC front listening") < 2:
+            assert time.monotonic() < end, "the workers' gRPC fronts did not start"
+            time.sleep(0.1)
+        for _ in range(12):
+            c = grpcclient.InferenceServerClient(
+                f"127.0.0.1:{grpc_port}",
+                ssl=True,
+                root_certificates=str(pki.root_ca),
+                private_key=str(issued.key),
+                certificate_chain=str(issued.cert),
+                channel_args=[("grpc.use_local_subchannel_pool", 1)],  # a connection each
+            )
+            try:
+                inp = grpcclient.InferInput("input", list(IRIS.shape), "FP32")
+                inp.set_data_from_numpy(IRIS)
+                got = c.infer("iris", [inp]).get_response()
+            finally:
+                c.close()
+            rid = got.parameters["ztgate.receipt_id"].string_param
+            logs.add(parse_receipt_id(rid)[0])
+    assert len(logs) == 2, logs
+
+
+def test_without_redis_jobs_are_shared_and_run_by_one_worker(
+    pki: PKI, triton_cluster: TritonCluster, registry_dir: Path, tmp_path: Path
+) -> None:
+    config, raw = write_config(pki, registry_dir, tmp_path, node_table(triton_cluster), 2)
+    base = f"https://127.0.0.1:{raw['listen']['port']}"
+    with serving(config, raw):
+        # Control: fresh connections reach both workers.
+        assert len({_log_of(_infer_fresh(pki, "bob", base)) for _ in range(12)}) == 2
+        ids = []
+        for i in range(8):  # each submit on its own connection: both workers take some
+            with client(pki, "bob") as c:
+                r = c.post(
+                    f"{base}/v2/models/iris/jobs",
+                    json=infer_body(IRIS),
+                    headers={"idempotency-key": f"workers-{i}"},
+                )
+            assert r.status_code == 202, r.text
+            ids.append(r.json()["id"])
+        receipts = set()
+        end = time.monotonic() + 60
+        for job_id in ids:
+            while True:  # polled through fresh connections: any worker answers
+                with client(pki, "bob") as c:
+                    view = c.get(f"{base}/v2/jobs/{job_id}").json()
+                if view["status"] in ("done", "failed"):
+                    break
+                assert time.monotonic() < end, view
+                time.sleep(0.1)
+            assert view["status"] == "done" and view["http_status"] == 200, view
+            assert view["node_executions"] == 1  # run once, not once per worker
+            receipts.add(parse_receipt_id(view["receipt_id"])[0])
+        assert len(receipts) == 1  # one worker runs the replica's jobs
+
+
+def test_a_bundle_pushed_to_one_worker_reaches_every_worker(
+    pki: PKI, triton_cluster: TritonCluster, registry_dir: Path, tmp_path: Path
+) -> None:
+    import datetime as dt
+
+    from gateway.pki import load_signing_key
+    from gateway.policy.bundle import build_bundle, facts_from, sign_bundle
+    from gateway.registry import Registry
+    from tests.gateway_harness import gateway_config
+
+    nodes = node_table(triton_cluster)
+    signed_nodes = gateway_config(pki, registry_dir, tmp_path / "facts", nodes).nodes
+    facts = facts_from(
+        Registry.open(registry_dir).entries(), signed_nodes, {}, default_residency=("*",)
+    )
+    key = load_signing_key(pki.key_path("officer-policy"))
+    policies = policy_dir(tmp_path / "signed-policies")
+
+    def bundle(version: int) -> bytes:
+        b = build_bundle(policies, facts, version, dt.timedelta(days=1), "0.1.0", 300)
+        return sign_bundle(b, key)
+
+    path = tmp_path / "bundle.json"
+    path.write_bytes(bundle(5))
+    policy = {
+        "bundle": str(path),
+        "officer_keys": [str(pki.key_path("officer-policy").with_suffix(".pub"))],
+        "watch_interval_s": 0.2,
+        "pre_policy_rate": "100000/minute",
+    }
+    config, raw = write_config(pki, registry_dir, tmp_path, nodes, 2, policy)
+    base = f"https://127.0.0.1:{raw['listen']['port']}"
+
+    def versions() -> list[int]:
+        out = []
+        for _ in range(12):  # fresh connections: both workers answer some
+            with client(pki, "olga") as officer:
+                out.append(officer.get(f"{base}/admin/policy").json()["version"])
+        return out
+
+    with serving(config, raw):
+        assert set(versions()) == {5}  # control: every worker starts on the file's v5
+        with client(pki, "olga") as officer:
+            r = officer.post(f"{base}/admin/reload", content=bundle(6))
+            assert r.status_code == 200, r.text
+        end = time.monotonic() + 30
+        while set(seen := versions()) != {6}:
+            assert time.monotonic() < end, f"a worker still serves the older policy: {seen}"
+            time.sleep(0.2)
+        assert _infer_fresh(pki, "bob", base).status_code == 200
+
+
+def test_a_replica_moved_to_workers_still_serves_and_exports_its_old_log(
+    pki: PKI,
+    triton_cluster: TritonCluster,
+    registry_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from gateway.cli import main
+
+    config, raw = write_config(pki, registry_dir, tmp_path, node_table(triton_cluster), 2)
+    base = f"https://127.0.0.1:{raw['listen']['port']}"
+    with serving(config, raw, "--workers", "1"):  # one process: its log in receipts/
+        old = _infer_fresh(pki, "bob", base).json()["parameters"]["ztgate.receipt_id"]
+    with serving(config, raw):
+        new = {_log_of(_infer_fresh(pki, "bob", base)) for _ in range(12)}
+        assert len(new) == 2 and parse_receipt_id(old)[0] not in new
+        for _ in range(8):  # through fresh connections: every worker finds the old one
+            with client(pki, "bob") as c:
+                r = c.get(f"{base}/v2/receipts/{old}")
+            assert r.status_code == 200, r.text
+    receipts = tmp_path / "data" / "receipts"
+    assert main(["audit", "export", "--log-dir", str(receipts), str(tmp_path / "b"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["logs"] == 3  # the old log and both workers'
