@@ -380,6 +380,40 @@ def test_a_client_leaving_a_forwarded_stream_closes_the_cores_stream(
     assert closing.extensions["forwarded_by"] == EDGE_SITE
 
 
+@pytest.mark.parametrize("verb", ["generate", "generate_stream"])
+def test_a_client_leaving_before_the_cores_answer_starts_closes_the_request_to_the_core(
+    edge: Edge, sites: PKI, verb: str
+) -> None:
+    """The link holds every chunk for minutes, so the core's answer (a whole one, or a
+    stream's first event) cannot start: the client gives up and leaves, and the edge stops
+    waiting and closes its request to the core (its forwarder's `left`) rather than hold
+    it to the whole bound. The core never got the request, so it has no receipt to show:
+    the edge's count is the observable. The control: the link restored, the same request,
+    the client staying, is answered by the core."""
+    forwarder = edge.gw.forwarder  # type: ignore[attr-defined]
+    before = forwarder.left
+    url = f"{edge.base}/v2/models/{LLM_MODEL}/{verb}"
+    who = client(sites, "alice")
+    ctx = client_context(sites, who.cert, who.key)
+    edge.proxy.delay(600)
+    try:
+        with httpx.Client(verify=ctx, timeout=httpx.Timeout(30, read=2.0)) as c:
+            with pytest.raises(httpx.ReadTimeout):
+                c.post(url, json=triton())
+        end = time.monotonic() + 60  # far inside the edge's own wait for the core's head
+        while forwarder.left == before:
+            assert time.monotonic() < end, "the edge kept waiting for the core"
+            time.sleep(0.05)
+    finally:
+        edge.proxy.restore()
+    assert forwarder.left == before + 1
+    with alice_http(sites) as c:
+        ok = c.post(url, json=triton())
+    assert ok.status_code == 200, ok.text
+    assert ok.headers[SITE_WHY_HEADER] == "forwarded-to-core"
+    assert forwarder.left == before + 1
+
+
 def test_a_core_stream_gone_silent_ends_at_the_forward_timeout_with_an_error_event(
     edge: Edge, core: Site, sites: PKI, long_body: dict[str, Any]
 ) -> None:
@@ -557,16 +591,12 @@ def test_a_core_stream_that_never_ends_is_cut_at_the_whole_generations_bound(
         relay = _Relay(failover, core, loop.time() + 0.5, Target("triton", LLM_MODEL, ""))
         sent: list[bytes] = []
 
-        async def receive() -> MutableMapping[str, Any]:
-            await asyncio.Event().wait()  # the client stays
-            return {"type": "http.disconnect"}
-
         async def send(msg: MutableMapping[str, Any]) -> None:
             if msg["type"] == "http.response.body":
                 sent.append(msg.get("body", b""))
 
         start = {"type": "http.response.start", "status": 200, "headers": []}
-        await relay.run(start, receive, send)
+        await relay.run(start, loop.create_future(), send)  # the client stays
         await core.aclose()
         await forwarder_.aclose()
         return sent, closed
@@ -580,3 +610,94 @@ def test_a_core_stream_that_never_ends_is_cut_at_the_whole_generations_bound(
 
 async def _unused_app(scope: Any, receive: Any, send: Any) -> None:
     raise AssertionError("not called")
+
+
+def relayed(
+    parts: list[bytes | float | Exception],
+    *,
+    surface: str = "triton",
+    timeout_s: float = 5.0,
+    generate: Generate | None = None,
+) -> bytes:
+    """What a client receives when the edge relays a core stream made of `parts` (bytes
+    sent, a float a pause in seconds, an exception the link raising) (module doc: a
+    fabricated core answer, for faults a real core cannot be made to give on cue)."""
+
+    class Forwarder:
+        core_site = CORE_SITE
+
+    Forwarder.timeout_s = timeout_s  # type: ignore[attr-defined]
+
+    async def scenario() -> bytes:
+        async def body() -> AsyncIterator[bytes]:
+            for part in parts:
+                if isinstance(part, Exception):
+                    raise part
+                if isinstance(part, float):
+                    await asyncio.sleep(part)
+                else:
+                    yield part
+
+        core = httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body())
+        failover = EdgeFailover(_unused_app, Forwarder(), 1 << 20, generate)  # type: ignore[arg-type]
+        loop = asyncio.get_running_loop()
+        model = LLM_MODEL if surface == "triton" else None
+        relay = _Relay(failover, core, loop.time() + 60, Target(surface, model, ""))  # type: ignore[arg-type]
+        sent: list[bytes] = []
+
+        async def send(msg: MutableMapping[str, Any]) -> None:
+            if msg["type"] == "http.response.body":
+                sent.append(msg.get("body", b""))
+
+        start = {"type": "http.response.start", "status": 200, "headers": []}
+        await relay.run(start, loop.create_future(), send)
+        return b"".join(sent)
+
+    return asyncio.run(scenario())
+
+
+def sse_events(wire: bytes) -> list[dict[str, Any]]:
+    """The events a reader of the SSE wire format gets: each ends at a blank line, and its
+    `data:` lines together are its JSON."""
+    out = []
+    for block in wire.split(b"\n\n"):
+        data = [line[6:] for line in block.split(b"\n") if line.startswith(b"data: ")]
+        if data:
+            out.append(json.loads(b"\n".join(data)))
+    return out
+
+
+@pytest.mark.parametrize("surface", ["triton", "openai"])
+def test_a_core_stream_broken_inside_an_event_still_ends_with_a_readable_error_event(
+    surface: str,
+) -> None:
+    """The link breaks after half an event: the edge ends that event before its error
+    event, so a reader gets the event before it and the error, not one event glued from
+    both. The control: broken after a whole event, the wire is that event and the error."""
+    whole = b'data: {"text_output":"he"}\n\n'
+    cut = relayed([whole, b'data: {"text_output":"l', httpx.ReadError("cut")], surface=surface)
+    clean = relayed([whole, httpx.ReadError("cut")], surface=surface)
+    for wire in (cut, clean):
+        got = sse_events(wire.replace(b'data: {"text_output":"l\n\n', b""))
+        assert got[0] == {"text_output": "he"}
+        error = got[-1]["error"] if surface == "openai" else got[-1]
+        assert error["type"] == "https://ztgate.dev/problems/upstream-failed"
+    assert cut.startswith(whole + b'data: {"text_output":"l\n\n')
+    assert clean.startswith(whole + b"data: {") and b"\n\n\n" not in clean
+
+
+def test_a_stream_held_back_by_a_stop_sequence_is_not_cut_by_the_per_read_timeout() -> None:
+    """The core holds back tokens that may begin a stop sequence (up to the longest
+    one's length, each within its token timeout): a pause between two events longer than
+    `forward.timeout_s` but within that is a healthy stream, relayed whole. The control,
+    the same pause past the bound (a tiny token timeout), ends with the error event."""
+    parts: list[bytes | float | Exception] = [
+        b'data: {"text_output":"a"}\n\n',
+        0.5,
+        b'data: {"text_output":"b","finish_reason":"stop"}\n\n',
+    ]
+    held = relayed(parts, timeout_s=0.1, generate=Generate(token_timeout_s=0.1))
+    assert [e.get("text_output") for e in sse_events(held)] == ["a", "b"]
+    cut = relayed(parts, timeout_s=0.1, generate=Generate(token_timeout_s=0.001))
+    last = sse_events(cut)[-1]
+    assert last["type"] == "https://ztgate.dev/problems/upstream-failed"

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gzip
+import http.client
 import json
 import threading
 import time
@@ -927,3 +929,133 @@ def test_a_site_has_at_most_its_concurrency_cap_in_the_core(core: Core, sites: P
         assert got and got[0].status_code == 200, got
         ok, _ = send(core, sites, fwd, alice, body)
         assert ok.status_code == 200, ok.text
+
+
+# --- findings of the forwarding review ------------------------------------------------------
+def signed(
+    core: Core, fwd: Issued, who: Issued, body: bytes, model: str = "iris"
+) -> dict[str, str]:
+    """A statement's headers, built as an edge builds them."""
+    st = statement.make(
+        site=fwd.name,
+        aud=f"spiffe://{core.cfg.trust_domain}/gateway/{CORE_SITE}",
+        client_cert=leaf_pem(who),
+        body=body,
+        model=model,
+        version="",
+    )
+    key = serialization.load_pem_private_key(fwd.key.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return {**statement.sign(st, key), "content-type": "application/json"}
+
+
+def test_a_forwarder_revoked_while_its_connection_is_open_is_refused_at_its_next_request(
+    core: Core, sites: PKI, tmp_path: Path
+) -> None:
+    """The CRL is checked at a handshake, and an edge's kept-alive connection outlives its
+    handshake: the listener checks the current `forward.crl` per request too. On one
+    connection, the request before the revocation is answered (the control), the one
+    after the new CRL is written is refused, counted under its reason."""
+    fwd = sites.issue(
+        "forwarder", EDGE_SITE, site=EDGE_SITE, out=(tmp_path / "f.crt", tmp_path / "f.key")
+    )
+    alice = client(sites, "alice")
+    body = infer_body(IRIS)
+    listener = core.gw.forward_listener  # type: ignore[attr-defined]
+    conn = http.client.HTTPSConnection(
+        "127.0.0.1",
+        core.cfg.forward.port or 0,
+        context=client_context(sites, fwd.cert, fwd.key),
+        timeout=15,
+    )
+
+    def post() -> tuple[int, dict[str, Any]]:
+        conn.request(
+            "POST", "/v2/models/iris/infer", body=body, headers=signed(core, fwd, alice, body)
+        )
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+
+    try:
+        status, doc = post()
+        assert status == 200, doc
+        kept = conn.sock
+        assert kept is not None
+        refused = listener.refusals["forwarder-revoked"]
+        assert core.cfg.forward.crl is not None
+        forwarder_crl(sites, [fwd.serial], core.cfg.forward.crl)
+        status, doc = post()
+        assert conn.sock is kept  # the same connection: no handshake in between
+        assert status == 403, doc
+        assert doc["type"] == "https://ztgate.dev/problems/forbidden"
+        assert doc["reason"] == "forwarder-revoked"
+        assert listener.refusals["forwarder-revoked"] == refused + 1
+    finally:
+        conn.close()
+    ok, _ = send(core, sites, forwarder(sites, EDGE_SITE), alice, body)
+    assert ok.status_code == 200, ok.text
+
+
+def test_a_compressed_request_is_not_forwarded(core: Core, sites: PKI, edge: str) -> None:
+    """The edge decides on a gzip body decompressed, but the statement would bind, and
+    the core read, the bytes as sent: the edge's own refusal stands (its policy allowed
+    the request: only the encoding kept it at the edge) and the core sees nothing. The
+    control: the same body uncompressed is forwarded and answered."""
+    alice = client(sites, "alice")
+    body = infer_body(IRIS)
+    url = f"{edge}/v2/models/iris/infer"
+    with httpx.Client(verify=client_context(sites, alice.cert, alice.key), timeout=30) as c:
+        before = reached(core)
+        r = c.post(
+            url,
+            content=gzip.compress(body),
+            headers={"content-encoding": "gzip", "content-type": "application/json"},
+        )
+        assert reached(core) == before
+        assert r.status_code in (502, 503), r.text
+        doc = r.json()
+        assert doc["type"].rsplit("/", 1)[-1] in ("no-healthy-node", "upstream-failed")
+        assert "decision_id" in doc
+        assert SITE_WHY_HEADER not in r.headers
+        ok = c.post(url, content=body, headers={"content-type": "application/json"})
+    assert ok.status_code == 200, ok.text
+    assert ok.headers[SITE_WHY_HEADER] == "forwarded-to-core"
+
+
+def test_a_sites_generations_take_at_most_half_its_slots(core: Core, sites: PKI) -> None:
+    """A cap of two: while one of the site's generations is in the core (its body held
+    back by the test), a second generation is refused before its body is read, and an
+    inference (the control, built the same way) still gets the other slot."""
+    fwd, alice = forwarder(sites, EDGE_SITE), client(sites, "alice")
+    gen = json.dumps({"text_input": "def ", "parameters": {"max_tokens": 4}}).encode()
+    gate = threading.Event()
+    base = f"{core.forward_base}/v2/models/iris"
+
+    def slow() -> Iterator[bytes]:
+        yield gen[:10]
+        gate.wait(30)
+        yield gen[10:]
+
+    def post(path: str, body: bytes, sent: bytes | Iterator[bytes]) -> httpx.Response:
+        with httpx.Client(verify=client_context(sites, fwd.cert, fwd.key), timeout=30) as c:
+            return c.post(base + path, content=sent, headers=signed(core, fwd, alice, body))
+
+    got: list[httpx.Response] = []
+    with site_limits(core, rate_per_s=1000.0, burst=1000, concurrency=2) as limits:
+        held = threading.Thread(target=lambda: got.append(post("/generate", gen, slow())))
+        held.start()
+        try:
+            end = time.monotonic() + 20
+            while limits.busy(EDGE_SITE) == 0:
+                assert time.monotonic() < end, "the first generation never reached the core"
+                time.sleep(0.02)
+            r = post("/generate_stream", gen, gen)
+            assert r.status_code == 503 and reason(r) == "overloaded:site-generations"
+            infer = infer_body(IRIS)
+            ok = post("/infer", infer, infer)
+            assert ok.status_code == 200, ok.text
+        finally:
+            gate.set()
+            held.join(30)
+    # The held one was let in: what the core then says of iris is its own answer.
+    assert got and got[0].json().get("reason", "").startswith("site-") is False, got

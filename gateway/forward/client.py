@@ -8,15 +8,18 @@ first, under the edge's policy; only when it ends in `no-healthy-node` or
 decision: its forbids and @rate ran), before any byte of the answer was sent, is the
 same body sent to the core's forward listener, and the core's answer, or its refusal, is
 what the client gets, marked `ztgate-site-why: forwarded-to-core`. A request that itself
-came through a forward listener is never forwarded again.
+came through a forward listener is never forwarded again, nor is a compressed one (the
+edge decided on its body decompressed; the statement would bind the bytes as sent).
 
 A stream of events is passed on as it arrives, one read at a time: each read within
-`timeout_s`, the whole within what a local stream of the edge's own caps could last, and
-each send to the client within `generate.send_timeout_s`. A client that leaves, or a
-core that stops, closes the other side (the core then cancels at its node and writes its
-closing receipt). Any other answer is read whole, within the same bounds and at most
-`MAX_ANSWER_BYTES`, before its first byte is sent, so a core that fails on the way still
-leaves the client the edge's own answer.
+`timeout_s` plus what the core may hold back for a stop sequence, the whole within what
+a local stream of the edge's own caps could last, and each send to the client within
+`generate.send_timeout_s`. A client that leaves (from the moment the request is sent,
+before the core's answer starts too), or a core that stops, closes the other side (the
+core then cancels a stream at its node and writes its closing receipt); a link broken
+inside an event has that event ended before the error event. Any other answer is read
+whole, within the same bounds and at most `MAX_ANSWER_BYTES`, before its first byte is
+sent, so a core that fails on the way still leaves the client the edge's own answer.
 
 The core is pinned: only `core_ca` is trusted, and the handshake fails unless the core's
 certificate names, as its one URI SAN, the gateway SPIFFE ID the statement is addressed
@@ -30,9 +33,9 @@ import contextlib
 import json
 import logging
 import ssl
-from collections.abc import MutableMapping
+from collections.abc import Coroutine, MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from cryptography.hazmat.primitives import serialization
@@ -43,6 +46,7 @@ from gateway.forward.listener import ASGIApp, Receive, Scope, Send
 from gateway.forward.paths import Target, body_doc, model_of, streams, target
 from gateway.forward.site import FORWARDED, FORWARDED_TO_CORE
 from gateway.forward.statement import make, sign
+from gateway.generate.ask import MAX_STOP_BYTES
 from gateway.generate.wire import openai_error, sse
 from gateway.protocol.problems import PROBLEM_BASE, UpstreamFailed
 
@@ -60,6 +64,7 @@ SITE_HEADER = "ztgate-site"
 # whole generation with its two receipts.
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
 _EVENT_STREAM = "text/event-stream"
+_T = TypeVar("_T")
 
 
 class CoreForwarder:
@@ -97,6 +102,7 @@ class CoreForwarder:
         )
         self.forwarded = 0
         self.failed = 0
+        self.left = 0  # requests whose client left before the core's answer started
 
     def _request(
         self,
@@ -258,49 +264,79 @@ class EdgeFailover:
     async def _to_core(
         self, scope: Scope, receive: Receive, send: Send, t: Target, body: bytes
     ) -> bool:
-        """Whether the core's answer (or refusal) went to the client; False: nothing was
-        sent, and the client gets the edge's own answer."""
+        """Whether the core's answer (or refusal) went to the client, or the client left
+        while the core was asked; False: nothing was sent, and the client gets the edge's
+        own answer."""
         tls = scope.get("extensions", {}).get("tls") or {}
         chain = tls.get("client_cert_chain") or []
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if headers.get("content-encoding", "identity").strip().lower() != "identity":
+            # The edge decided on the decompressed body, but the statement would bind, and
+            # the core read, the bytes as sent: a compressed request is not forwarded.
+            return False
         doc = await body_doc(t, body)
         model = model_of(t, doc)
         if not chain or model is None:
             return False
         head_s, whole_s = self._bounds(t, streams(t, doc))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + whole_s
+        deadline = asyncio.get_running_loop().time() + whole_s
+        # One watcher for the client's leaving, from the request's sending to the answer's
+        # end: a client gone before the core's answer starts closes the core's request.
+        watch = asyncio.ensure_future(_gone(receive))
         try:
-            async with asyncio.timeout_at(deadline):
-                core = await self.forwarder.open(
-                    client_cert=chain[0],
-                    path=scope["path"],
-                    model=model,
-                    version=t.version,
-                    body=body,
-                    content_type=headers.get("content-type", "application/json"),
-                    # The binary tensor extension's JSON length; nothing else the client sent.
-                    extra={k: v for k, v in headers.items() if k in _PASSED_HEADERS},
-                    head_s=head_s,
-                )
-        except (httpx.HTTPError, OSError, TimeoutError) as exc:
-            return self._failed(exc)
-        try:
-            start = _start(core, self.forwarder.core_site)
-            if core.status_code == 200 and _is_stream(core):
-                self.forwarder.forwarded += 1
-                await _Relay(self, core, deadline, t).run(start, receive, send)
-                return True
             try:
-                answer = await self._whole(core, deadline)
-            except (httpx.HTTPError, OSError, TimeoutError, ValueError) as exc:
+                core = await _unless_gone(
+                    watch,
+                    asyncio.timeout_at(deadline),
+                    self.forwarder.open(
+                        client_cert=chain[0],
+                        path=scope["path"],
+                        model=model,
+                        version=t.version,
+                        body=body,
+                        content_type=headers.get("content-type", "application/json"),
+                        # The binary tensor extension's JSON length; nothing else the
+                        # client sent.
+                        extra={k: v for k, v in headers.items() if k in _PASSED_HEADERS},
+                        head_s=head_s,
+                    ),
+                )
+            except (httpx.HTTPError, OSError, TimeoutError) as exc:
                 return self._failed(exc)
-            self.forwarder.forwarded += 1
-            await send(start)
-            await send({"type": "http.response.body", "body": answer, "more_body": False})
-            return True
+            if core is None:
+                return self._left()
+            try:
+                return await self._answer(core, deadline, t, watch, send)
+            finally:
+                await core.aclose()
         finally:
-            await core.aclose()
+            watch.cancel()
+
+    async def _answer(
+        self,
+        core: httpx.Response,
+        deadline: float,
+        t: Target,
+        watch: asyncio.Future[None],
+        send: Send,
+    ) -> bool:
+        start = _start(core, self.forwarder.core_site)
+        if core.status_code == 200 and _is_stream(core):
+            self.forwarder.forwarded += 1
+            await _Relay(self, core, deadline, t).run(start, watch, send)
+            return True
+        try:
+            answer = await _unless_gone(
+                watch, contextlib.nullcontext(), self._whole(core, deadline)
+            )
+        except (httpx.HTTPError, OSError, TimeoutError, ValueError) as exc:
+            return self._failed(exc)
+        if answer is None:
+            return self._left()
+        self.forwarder.forwarded += 1
+        await send(start)
+        await send({"type": "http.response.body", "body": answer, "more_body": False})
+        return True
 
     async def _whole(self, core: httpx.Response, deadline: float) -> bytes:
         parts: list[bytes] = []
@@ -322,6 +358,44 @@ class EdgeFailover:
         log.warning("forwarding to the core failed: %s", type(exc).__name__)
         return False
 
+    def _left(self) -> bool:
+        """The client left before the core's answer started: its request to the core was
+        closed (the core then cancels a stream at its node), and nobody is answered."""
+        self.forwarder.left += 1
+        return True
+
+
+async def _gone(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_gone(
+    watch: asyncio.Future[None],
+    bound: contextlib.AbstractAsyncContextManager[object],
+    work: Coroutine[Any, Any, _T],
+) -> _T | None:
+    """`work`'s result, or None once the client left first (`work` is then cancelled,
+    which closes what it had opened towards the core)."""
+
+    async def bounded() -> _T:
+        async with bound:
+            return await work
+
+    task = asyncio.ensure_future(bounded())
+    either: set[asyncio.Future[Any]] = {task, watch}
+    try:
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
 
 class _Relay:
     """A stream of events from the core, passed on as it arrives (module doc)."""
@@ -331,25 +405,27 @@ class _Relay:
     ) -> None:
         self.core = core
         self.deadline = deadline
-        self.read_s = failover.forwarder.timeout_s
-        self.send_s = failover.generate.send_timeout_s
+        # Between two events the core may hold back tokens that could begin a stop
+        # sequence (gateway/generate/stop.py): up to the longest one's length, each within
+        # the core's token timeout, so a healthy stream is not cut for it.
+        g = failover.generate
+        self.read_s = failover.forwarder.timeout_s + g.token_timeout_s * MAX_STOP_BYTES
+        self.send_s = g.send_timeout_s
         self.openai = t.surface == "openai"
+        self._tail = b""  # the last bytes relayed: whether they ended an event
 
-    async def run(self, start: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
-        async def gone() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
+    async def run(
+        self, start: MutableMapping[str, Any], watch: asyncio.Future[None], send: Send
+    ) -> None:
+        """Relay until the core's stream ends or `watch` (the client's leaving) does."""
         pump = asyncio.ensure_future(self._pump(start, send))
-        watch = asyncio.ensure_future(gone())
         try:
             await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if not pump.done():  # the client left: the core's stream is closed below
+            if not pump.done():  # the client left: the core's stream is closed by the caller
                 pump.cancel()
             with contextlib.suppress(asyncio.CancelledError, TimeoutError, OSError):
                 await pump
         finally:
-            watch.cancel()
             if not pump.done():
                 pump.cancel()
 
@@ -370,9 +446,14 @@ class _Relay:
                     "the core's stream broke off; its closing receipt covers the tokens sent"
                 )
                 chunk = sse(openai_error(p) if self.openai else p.to_dict())
+                if self._tail and not self._tail.endswith(b"\n\n"):
+                    # The link broke inside an event: end it, or a reader would read the
+                    # error event as the rest of the half one.
+                    chunk = b"\n\n" + chunk
                 await self._send(send, chunk)
                 break
             await self._send(send, chunk)
+            self._tail = (self._tail + chunk)[-2:]
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _send(self, send: Send, chunk: bytes) -> None:

@@ -2,17 +2,19 @@
 by the ordinary pipeline as that client.
 
 Nothing the edge says is taken on trust: the site is the forwarder certificate's (verified
-by TLS against the forwarder CA, which is all this listener trusts); the statement must be
-signed by that same certificate, name this core as audience, be fresh, name no hop but
-the sender; the client's certificate must be issued by this core's client CA; policy must
-decide `forward_for` (this site may act for this client on this model). All of that reads
-headers only (the model: the path's, or on OpenAI's routes the statement's, which the body
-must then name: `paths.py`). Only then does the site take one of its tokens and
-concurrency slots (`SiteLimits`), and only inside that slot is the body read, hashed
-against the statement and the nonce spent. Then the request (an inference or a
+by TLS against the forwarder CA, which is all this listener trusts, and not revoked in
+`forward.crl` as it is now: checked per request too, since a kept-alive connection
+outlives its handshake: `crl.py`); the statement must be signed by that same certificate,
+name this core as audience, be fresh, name no hop but the sender; the client's certificate
+must be issued by this core's client CA; policy must decide `forward_for` (this site may
+act for this client on this model). All of that reads headers only (the model: the path's,
+or on OpenAI's routes the statement's, which the body must then name: `paths.py`). Only
+then does the site take one of its tokens and concurrency slots (`SiteLimits`; a
+generation, one of at most half of them), and only inside that slot is the body read,
+hashed against the statement and the nonce spent. Then the request (an inference or a
 generation) enters the API app exactly as if the client had called, so the core's own
-revocations, `infer` policy, limits and receipts apply. Every refusal is a
-problem+json whose `reason` is a stable slug, counted in `refusals`.
+revocations, `infer` policy, limits and receipts apply. Every refusal is a problem+json
+whose `reason` is a stable slug, counted in `refusals`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from gateway.forward.crl import ForwarderCRL
 from gateway.forward.limits import SiteLimits
 from gateway.forward.paths import Target, body_doc, model_of, target
 from gateway.forward.site import FORWARDED, Forwarded
@@ -84,6 +87,8 @@ class ForwardListener:
         resolve: Callable[[dict[str, Any]], Any],
         limits: SiteLimits,
         clock: Callable[[], float] = time.time,
+        crl: Path | None = None,
+        forwarder_ca: Path | None = None,
     ) -> None:
         self.api = api
         self.site = site
@@ -100,6 +105,9 @@ class ForwardListener:
         self._resolve = resolve
         self._clock = clock
         self.limits = limits
+        # `forward.crl` at the handshake is the TLS context's; this is the same file for
+        # the requests of a connection opened before a revocation.
+        self._crl = ForwarderCRL(crl, forwarder_ca) if crl and forwarder_ca else None
         self.refusals: Counter[str] = Counter()
         self.accepted = 0
 
@@ -163,6 +171,8 @@ class ForwardListener:
     async def _check(
         self, scope: Scope, receive: Receive, held: contextlib.ExitStack
     ) -> tuple[Forwarded, bytes, str]:
+        if self._crl is not None:
+            await self._crl.refresh()
         site, signer = self._forwarder_of(scope)
         t = target(scope.get("path", ""))
         if scope.get("method") != "POST" or t is None:
@@ -180,7 +190,7 @@ class ForwardListener:
                 "forward-for-denied", f"site {site} may not act for this client on this model"
             )
         # From here the request costs the core memory and a nonce: within the site's bounds.
-        held.enter_context(self.limits.slot(site))
+        held.enter_context(self.limits.slot(site, generates=t.generates))
         body = await self._body(receive)
         if hashlib.sha256(body).hexdigest() != st.body_sha256:
             raise _refused("body-digest", "the body is not the one the statement names")
@@ -208,6 +218,10 @@ class ForwardListener:
         found = [self._forwarder.fullmatch(u) for u in uris]
         if len(uris) != 1 or found[0] is None or ExtendedKeyUsageOID.CLIENT_AUTH not in ekus:
             raise _refused("not-a-forwarder", "not a forwarder certificate")
+        if self._crl is not None and self._crl.revoked(cert):
+            # A kept-alive connection opened before the revocation: refused from its next
+            # request, as a new connection is at its handshake.
+            raise _refused("forwarder-revoked", "this forwarder certificate is revoked")
         return found[0][1], cert
 
     def _check_statement(self, st: Statement, site: str, t: Target) -> None:
