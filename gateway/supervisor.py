@@ -3,9 +3,11 @@
 The supervisor binds the listening sockets once (the API, the admin listener, the forward
 listener if configured; for the API and forward listeners one socket per worker in one
 SO_REUSEPORT group, see `bind`), then forks the workers; each runs the whole gateway
-(`gateway.runtime.serve`) on its inherited sockets. Every check runs in every worker,
-and every worker answers only once its receipt is durable in its own log (fsync before
-the answer, as for one process).
+(`gateway.runtime.serve`) on its inherited sockets. The admin port is the supervisor's
+own: each worker serves its admin app on a private unix socket, and the supervisor answers
+probes and scrapes for the whole replica from them (gateway/admin_relay.py). Every check
+runs in every worker, and every worker answers only once its receipt is durable in its own
+log (fsync before the answer, as for one process).
 
 What the workers share and what each keeps (docs/sizing.md):
 - state: Redis if `state.redis_url` is set, else one SQLite file under the data dir
@@ -25,10 +27,18 @@ The supervisor restarts a worker that dies, at most `MAX_RESTARTS` in `RESTART_W
 (past that it stops the replica: a crash loop needs an operator, not a faster loop). It
 forwards SIGTERM and SIGINT (graceful drain) and SIGHUP (reload the policy now) to every
 worker, and exits non-zero when a worker cannot start.
+
+Forks stay safe while the supervisor serves the admin port: it has one thread, and its
+asyncio loop runs in slices between which it reaps, restarts and forks, so a fork never
+happens inside a coroutine nor beside another thread; the child closes the admin
+connections it inherited (`Supervisor.spawn`) and never runs that loop. Restarting with a
+fresh exec would be cleaner still but would re-import the gateway per restart and pass
+every socket and the whole parsed config through exec.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -41,6 +51,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import uvicorn
+
+from gateway.admin_relay import AdminRelay, RunDir, connection_fds
 from gateway.config import Config, ConfigError, Logging
 
 log = logging.getLogger(__name__)
@@ -145,12 +158,12 @@ def bind(host: str, port: int, count: int) -> list[socket.socket]:
     return out
 
 
-def bind_all(cfg: Config, workers: int) -> dict[str, list[socket.socket]]:
-    """Every listener's sockets; the admin listener's one is shared by all workers (any
-    worker answers a probe)."""
+def bind_all(cfg: Config, workers: int, run: RunDir) -> dict[str, list[socket.socket]]:
+    """The workers' sockets: the API (and forward) listeners', and each worker's private
+    admin socket (the admin port itself is the supervisor's)."""
     out = {
         "api": bind(cfg.listen.host, cfg.listen.port, workers),
-        "admin": bind(cfg.listen.admin_host, cfg.listen.admin_port, 1),
+        "admin": [run.bind(i) for i in range(workers)],
     }
     f = cfg.forward
     if f.port is not None and f.ca is not None:
@@ -215,6 +228,12 @@ class Supervisor:
         self.stopping = False
         self.exit_code = 0
         self._signals: list[int] = []
+        self.loop: asyncio.AbstractEventLoop | None = None  # the admin port's, run in slices
+        self.relay: AdminRelay | None = None
+        self.admin: uvicorn.Server | None = None
+        self._admin_task: asyncio.Task[None] | None = None
+        self.admin_socket: socket.socket | None = None
+        self.run_dir: RunDir | None = None
 
     # -- processes ------------------------------------------------------------------
     def spawn(self, index: int) -> None:
@@ -226,6 +245,7 @@ class Supervisor:
                 os.close(read_fd)
                 for child in self.children.values():
                     os.close(child.ready_fd)
+                self._leave_admin()
                 mine = {k: v[index % len(v)] for k, v in self.sockets.items()}
                 worker = Worker(index, self.count, mine)
                 code = _worker_main(self.cfg, worker, write_fd)
@@ -238,6 +258,26 @@ class Supervisor:
         os.close(write_fd)
         self.children[pid] = _Child(index, pid, read_fd)
         log.info("worker %d started (pid %d)", index, pid)
+
+    def _leave_admin(self) -> None:
+        """In a forked worker: close the admin port and the connections the supervisor
+        was serving on it, or a client would not see them close while this worker lives.
+        The objects behind them stay referenced (by `self`, on this process's stack until
+        it exits), so nothing closes those descriptor numbers again once reused."""
+        fds = [] if self.admin is None else connection_fds(self.admin)
+        if self.admin_socket is not None:
+            fds.append(self.admin_socket.fileno())
+        if self.run_dir is not None:
+            fds.append(self.run_dir.fd)
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def alive(self) -> int:
+        return len(self.children)
+
+    def serving(self, index: int) -> bool:
+        return any(c.index == index and c.ready for c in self.children.values())
 
     def _reap(self) -> None:
         while True:
@@ -279,6 +319,8 @@ class Supervisor:
             self.stop()
             return
         self.restarts.append(now)
+        if self.relay is not None:
+            self.relay.restarts.inc()
         log.error("worker %d died (exit %d): restarting it", child.index, code)
         self.spawn(child.index)
 
@@ -317,17 +359,47 @@ class Supervisor:
     def _on_signal(self, sig: int, _frame: object) -> None:
         self._signals.append(sig)  # handled in the loop, outside the handler
 
+    def _start_admin(self) -> None:
+        """The admin port, served by this process for the replica (gateway/admin_relay.py)."""
+        assert self.run_dir is not None
+        listen = self.cfg.listen
+        self.admin_socket = bind(listen.admin_host, listen.admin_port, 1)[0]
+        addresses = [self.run_dir.address(i) for i in range(self.count)]
+        self.relay = AdminRelay(addresses, self.alive, self.serving)
+        self.admin = self.relay.server(listen.graceful_shutdown_s)
+        self.loop = asyncio.new_event_loop()  # never the running loop at a fork
+        self._admin_task = self.loop.create_task(self.admin.serve([self.admin_socket]))
+
+    def _wait(self, timeout_s: float) -> None:
+        """Serve the admin port for `timeout_s`, then see which workers started."""
+        if self.loop is None:
+            self._check_ready(timeout_s)
+            return
+        self.loop.run_until_complete(asyncio.sleep(timeout_s))
+        self._check_ready(0)
+
+    def _stop_admin(self) -> None:
+        if self.loop is None or self.admin is None or self._admin_task is None:
+            return
+        self.admin.should_exit = True
+        with contextlib.suppress(Exception):
+            wait = asyncio.wait_for(self._admin_task, self.cfg.listen.graceful_shutdown_s + 1)
+            self.loop.run_until_complete(wait)
+        self.loop.close()
+
     def run(self) -> int:
-        self.sockets = bind_all(self.cfg, self.count)
+        self.run_dir = RunDir(self.cfg.data_dir)
+        self.sockets = bind_all(self.cfg, self.count, self.run_dir)
         _prepare_shared(self.cfg)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, self._on_signal)
         try:
+            self._start_admin()
             for i in range(self.count):
                 self.spawn(i)
             deadline: float | None = None
             while self.children:
-                self._check_ready(0.2)
+                self._wait(0.2)
                 while self._signals:
                     got = self._signals.pop(0)
                     if got in (signal.SIGTERM, signal.SIGINT):
@@ -344,9 +416,13 @@ class Supervisor:
                     self.signal_all(signal.SIGKILL)
         finally:
             self.signal_all(signal.SIGKILL)
+            self._stop_admin()
             for socks in self.sockets.values():
                 for sock in socks:
                     sock.close()
+            if self.admin_socket is not None:
+                self.admin_socket.close()
+            self.run_dir.close()  # the sockets' files stay: the next run unlinks them
         return self.exit_code
 
 

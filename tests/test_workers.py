@@ -440,6 +440,14 @@ def test_a_dead_worker_is_restarted_and_sighup_reaches_every_worker(
             r = _infer_fresh(pki, "bob", base)
             if r.status_code == 200:
                 served.add(_log_of(r))
+        # The admin port counts the restart and sees both workers again.
+        metrics = _samples(_admin(raw, "/metrics").text)
+        assert metrics["ztgate_worker_restarts_total"] == [({}, 1.0)]
+        assert metrics["ztgate_workers_alive"] == [({}, 2.0)]
+        end = time.monotonic() + 30
+        while _admin(raw, "/readyz").status_code != 200:
+            assert time.monotonic() < end, "the replica is not ready after the restart"
+            time.sleep(0.2)
         # SIGHUP: every worker reloads its policy and keeps serving (uvicorn would die
         # of an unhandled SIGHUP).
         workers = _workers_of(proc.pid)
@@ -638,3 +646,184 @@ def test_a_replica_moved_to_workers_still_serves_and_exports_its_old_log(
     receipts = tmp_path / "data" / "receipts"
     assert main(["audit", "export", "--log-dir", str(receipts), str(tmp_path / "b"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["logs"] == 3  # the old log and both workers'
+
+
+# -- the admin port answers for the whole replica -------------------------------------------
+
+
+def _admin(raw: dict[str, Any], path: str) -> httpx.Response:
+    return httpx.get(f"http://127.0.0.1:{raw['listen']['admin_port']}{path}", timeout=30)
+
+
+def _samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, []).append((s.labels, s.value))
+    return out
+
+
+def _listening_socket(port: int) -> str:
+    """The kernel's name of the socket listening on 127.0.0.1:`port`."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if f[1] == f"0100007F:{port:04X}" and f[3] == "0A":  # 0A: LISTEN
+            return f"socket:[{f[9]}]"
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def _holds(pid: int, name: str) -> bool:
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd) == name:
+                return True
+        except FileNotFoundError:  # closed meanwhile
+            continue
+    return False
+
+
+def _served(text: str) -> dict[str, float]:
+    """Inferences answered, by worker label, from a merged exposition."""
+    out: dict[str, float] = {}
+    for labels, value in _samples(text).get("ztgate_infer_requests_total", []):
+        if labels["outcome"] == "ok":
+            out[labels["worker"]] = out.get(labels["worker"], 0.0) + value
+    return out
+
+
+def test_merged_metrics_keep_each_family_once_with_a_worker_label() -> None:
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from gateway.admin_relay import _Exposition, merge
+
+    parsed = []
+    for worker, n in ((0, 2), (1, 5)):
+        reg = CollectorRegistry()
+        c = Counter("ztgate_requests", "API requests", ["route"], registry=reg)
+        h = Histogram("ztgate_infer_seconds", "latency", registry=reg, buckets=(0.1, 1.0))
+        c.labels('a "quoted" route').inc(n)
+        h.observe(0.5)
+        text = generate_latest(reg).decode()
+        parsed.append((worker, list(text_string_to_metric_families(text))))
+    out = generate_latest(_Exposition(merge(parsed))).decode()
+    assert out.count("# TYPE ztgate_requests_total counter") == 1
+    assert out.count("# HELP ztgate_infer_seconds ") == 1
+    got = _samples(out)
+    assert sorted((lab["worker"], v) for lab, v in got["ztgate_requests_total"]) == [
+        ("0", 2.0),
+        ("1", 5.0),
+    ]
+    assert {lab["route"] for lab, _ in got["ztgate_requests_total"]} == {'a "quoted" route'}
+    buckets = [(lab["worker"], lab["le"]) for lab, _ in got["ztgate_infer_seconds_bucket"]]
+    assert sorted(buckets) == sorted((w, le) for w in "01" for le in ("0.1", "1.0", "+Inf"))
+
+
+async def test_the_relay_leaves_out_a_worker_that_answers_badly_or_not_at_all(
+    tmp_path: Path,
+) -> None:
+    """Stand-in workers on real unix sockets: a worker's exposition that does not parse or
+    is over the cap cannot be caused for real; a silent one is a stopped worker's socket."""
+    from prometheus_client import CollectorRegistry, Counter, generate_latest
+
+    from gateway.admin_relay import MAX_RESPONSE_BYTES, AdminRelay, RunDir
+
+    reg = CollectorRegistry()
+    Counter("ztgate_requests", "API requests", registry=reg).inc(3)
+    ok = b"HTTP/1.0 200 OK\r\n\r\n"
+    answers = [
+        ok + generate_latest(reg),
+        ok + b"ztgate_requests_total{ 3\n",
+        ok + b"#" * (MAX_RESPONSE_BYTES + 1),
+    ]
+    # Longer than a unix socket address may be: reached through the directory's descriptor.
+    run = RunDir(tmp_path / ("a-long-data-dir-" * 8))
+    sockets = [run.bind(i) for i in range(4)]  # w3 is bound and never answers
+    servers = []
+    for sock, answer in zip(sockets, answers, strict=False):
+
+        async def answer_with(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answer: bytes = answer
+        ) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(answer)
+            await writer.drain()
+            writer.close()
+
+        servers.append(await asyncio.start_unix_server(answer_with, sock=sock))
+    relay = AdminRelay([run.address(i) for i in range(4)], lambda: 4, lambda _: True)
+    transport = httpx.ASGITransport(app=relay.app())
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://relay") as c:
+            got = _samples((await c.get("/metrics")).text)
+            assert got["ztgate_requests_total"] == [({"worker": "0"}, 3.0)]  # control
+            failed = {lab["worker"]: v for lab, v in got["ztgate_metrics_scrape_failures_total"]}
+            assert failed == {"1": 1.0, "2": 1.0, "3": 1.0}
+            r = await c.get("/readyz")  # w0 and w1 answer 200; w2 over the cap; w3 silent
+            assert r.status_code == 503 and r.json() == {"workers": 4, "ready": 2}
+            assert (await c.get("/healthz")).status_code == 200
+    finally:
+        for server in servers:
+            server.close()
+        for sock in sockets:
+            sock.close()
+        run.close()
+
+
+def test_the_admin_port_answers_for_the_whole_replica(
+    pki: PKI, triton_cluster: TritonCluster, registry_dir: Path, tmp_path: Path
+) -> None:
+    config, raw = write_config(pki, registry_dir, tmp_path, node_table(triton_cluster), 2)
+    base = f"https://127.0.0.1:{raw['listen']['port']}"
+    run_dir = tmp_path / "data" / "run"
+    with serving(config, raw) as proc:
+        assert run_dir.stat().st_mode & 0o777 == 0o700
+        assert sorted(p.name for p in run_dir.iterdir()) == ["w0.sock", "w1.sock"]
+        answered = [_infer_fresh(pki, "bob", base) for _ in range(12)]
+        assert {r.status_code for r in answered} == {200}
+        assert len({_log_of(r) for r in answered}) == 2  # control: both workers served
+        text = _admin(raw, "/metrics").text
+        served = _served(text)
+        assert set(served) == {"0", "1"} and all(v > 0 for v in served.values()), served
+        assert sum(served.values()) == 12
+        assert text.count("# TYPE ztgate_infer_requests_total counter") == 1
+        # Positive control: the sum follows the requests sent, it is no constant.
+        assert _infer_fresh(pki, "bob", base).status_code == 200
+        assert sum(_served(_admin(raw, "/metrics").text).values()) == 13
+        own = _samples(_admin(raw, "/metrics").text)
+        assert own["ztgate_workers_alive"] == [({}, 2.0)]
+        assert own["ztgate_worker_restarts_total"] == [({}, 0.0)]
+        assert "ztgate_metrics_scrape_failures_total" not in own  # none failed yet
+        for path in ("/v2/health/live", "/healthz", "/v2/health/ready", "/readyz"):
+            assert _admin(raw, path).status_code == 200, path
+        # The supervisor forks restarts while it serves the admin port: one thread only,
+        # and the workers do not hold the admin port (the supervisor does: the control).
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        assert "Threads:\t1\n" in status
+        port = _listening_socket(raw["listen"]["admin_port"])
+        assert _holds(proc.pid, port)
+        assert not any(_holds(pid, port) for pid in _workers_of(proc.pid))
+        # A stopped worker (a real fault: it holds its socket and answers nothing) makes
+        # the replica unready, not dead; the other worker's metrics still come.
+        victim = min(_workers_of(proc.pid))
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            for path in ("/v2/health/ready", "/readyz"):
+                r = _admin(raw, path)
+                assert r.status_code == 503 and r.json() == {"workers": 2, "ready": 1}, r.text
+            for path in ("/v2/health/live", "/healthz"):
+                assert _admin(raw, path).status_code == 200, path
+            got = _samples(_admin(raw, "/metrics").text)
+            [(failed, count)] = got["ztgate_metrics_scrape_failures_total"]
+            assert count == 1.0
+            workers = {lab["worker"] for lab, _ in got["ztgate_infer_requests_total"]}
+            assert workers == {"0", "1"} - {failed["worker"]}
+        finally:
+            os.kill(victim, signal.SIGCONT)
+        end = time.monotonic() + 30  # bounds the wait; the worker answers at once
+        while (r := _admin(raw, "/readyz")).status_code != 200:
+            assert time.monotonic() < end, r.text
+            time.sleep(0.2)
+        assert set(_served(_admin(raw, "/metrics").text)) == {"0", "1"}
