@@ -7,6 +7,7 @@ problem type URI); on Triton's, problem+json, whose `error` member is Triton's.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -14,11 +15,12 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive
 
 from gateway.generate import verified
 from gateway.generate.ask import Ask, Surface, parse
 from gateway.generate.session import Closed, GenerateService, Opened, Piece, Stream, is_generative
-from gateway.generate.sse import EventStream
+from gateway.generate.sse import EventStream, client_gone
 from gateway.generate.wire import DONE, OpenAIWire, TritonWire, openai_error, sse
 from gateway.jobs.scope import job_of
 from gateway.pipeline.context import Caller, Incoming
@@ -30,6 +32,10 @@ if TYPE_CHECKING:
     from gateway.app import Gateway
 
 Wire = OpenAIWire | TritonWire
+
+# nginx's "client closed request": the answer to a whole generation whose client left.
+# Nobody reads it; the request metric counts it.
+CLIENT_GONE = 499
 
 
 def service_for(gw: Gateway) -> GenerateService:
@@ -51,7 +57,31 @@ def _wire(stream: Stream) -> Wire:
     return TritonWire(stream) if stream.ask.surface == "triton" else OpenAIWire(stream)
 
 
-async def _collect(stream: Stream) -> tuple[str, Opened, Closed]:
+async def _collect(stream: Stream, receive: Receive) -> tuple[str, Opened, Closed] | None:
+    """The whole generation, or None once its client left first. Its leaving cancels the
+    generation at the node as a stream's does (`Stream.events`' cleanup: the closing
+    receipt says `cancelled` and commits what was produced; the stream slot and the token
+    reservation are settled), instead of running to max_tokens for nobody."""
+    read = asyncio.ensure_future(_read(stream))
+    watch = asyncio.ensure_future(client_gone(receive))
+    try:
+        await asyncio.wait({read, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if read.done():
+            return read.result()
+        return None
+    finally:
+        watch.cancel()
+        if not read.done():
+            read.cancel()
+            # Its cleanup writes the closing receipt (shielded): waited for, so the slot
+            # is free by the time the answer is sent.
+            await asyncio.wait({read})
+        for task in (read, watch):  # retrieved: nobody is left to tell
+            if task.done() and not task.cancelled():
+                task.exception()
+
+
+async def _read(stream: Stream) -> tuple[str, Opened, Closed]:
     text: list[str] = []
     opened: Opened | None = None
     closed: Closed | None = None
@@ -183,7 +213,10 @@ async def _run(
         )
         if ask.stream or streaming:
             return stream  # sent outside the admission slot, holding a stream slot
-        text, opened, closed = await _collect(stream)
+        whole = await _collect(stream, request.receive)
+        if whole is None:
+            return Response(status_code=CLIENT_GONE)
+        text, opened, closed = whole
         wire = _wire(stream)
         headers = {}
         if closed.issued is not None:

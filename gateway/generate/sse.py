@@ -16,6 +16,13 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 
+async def client_gone(receive: Receive) -> None:
+    """Returns once the client has left: called after the request body was read, the
+    ASGI receive channel has nothing else to say (a job's replay blocks instead)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 class EventStream(Response):
     media_type = "text/event-stream"
 
@@ -49,12 +56,8 @@ class EventStream(Response):
         self.outcome = "complete"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def gone() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
         pump = asyncio.ensure_future(self._pump(send))
-        watch = asyncio.ensure_future(gone())
+        watch = asyncio.ensure_future(client_gone(receive))
         try:
             done, _ = await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
             if pump not in done:
