@@ -212,8 +212,10 @@ class Jobs:
     adopt_after_s: float = 600.0  # a job marked for another replica's log waits this for it
 
     def __post_init__(self) -> None:
-        if not (self.lease_s > 0 and 0 < self.adopt_after_s < self.max_age_s):
-            raise ConfigError("jobs: need lease_s > 0 and 0 < adopt_after_s < max_age_s")
+        if not (_finite(self.lease_s) and self.lease_s > 0):
+            raise ConfigError("jobs.lease_s must be a positive number of seconds")
+        if not 0 < self.adopt_after_s < self.max_age_s:
+            raise ConfigError("jobs: need 0 < adopt_after_s < max_age_s")
         if min(self.max_open_per_identity, self.max_open, self.max_attempts, self.workers) < 1:
             raise ConfigError("jobs: max_open_per_identity, max_open, max_attempts, workers >= 1")
         if not 0 < self.backoff_s <= self.backoff_max_s:
@@ -868,6 +870,14 @@ def parse_config(raw: dict[str, Any], base: Path) -> Config:
         raise ConfigError("routing: need 0 < eject_base_s <= eject_max_s")
     if r.ewma_decay_s <= 0:
         raise ConfigError("routing: ewma_decay_s must be positive")
+    # A run's lease, renewed every third of it, must outlast renewals that take the whole
+    # Redis deadline (2 x timeout_s + 0.25, gateway/jobs/redis.py): else a live run's job
+    # is claimed again while it runs.
+    floor = 3 * (2 * cfg.state.timeout_s + 0.25)
+    if cfg.state.redis_url and not cfg.jobs.lease_s > floor:
+        raise ConfigError(
+            f"jobs.lease_s must exceed 3 x (2 x state.timeout_s + 0.25) = {floor:g} s"
+        )
     rep = cfg.reputation
     if not all(0 < x <= 1 for x in (rep.rate_suspect, rep.rate_established, rep.rate_trusted)):
         raise ConfigError("reputation: spot-check rates must be in (0, 1]; never zero")

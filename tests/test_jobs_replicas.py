@@ -53,7 +53,10 @@ from tests.test_jobs import (
 )
 
 registry_dir = test_gateway.registry_dir  # the fixture: the session's model registry
-LEASE_S = 1.0  # short leases: a dead replica's run is up for claiming within a second
+# Short leases: a dead replica's run is up for claiming within seconds. A lease must
+# outlast 3 Redis deadlines (gateway/config.py): 3 x (2 x 1.0 + 0.25) = 6.75 s.
+REDIS_TIMEOUT_S = 1.0
+LEASE_S = 7.0
 
 
 def redis_call(url: str, fn: str, *args: Any) -> Any:
@@ -100,7 +103,7 @@ def replica_a(
     toml += f"""
 [state]
 redis_url = "{redis_url}"
-timeout_s = 3.0
+timeout_s = {REDIS_TIMEOUT_S}
 [receipts]
 signing_key = "{pki.key_path("receipt-signing")}"
 log_key = "{pki.key_path("log-checkpoint")}"
@@ -174,7 +177,7 @@ def test_a_job_whose_replica_died_after_its_receipt_waits_for_that_replica(
     nodes = node_table(triton_cluster)
     jobs = {**JOBS, "key_file": str(tmp_path / "jobs.key"), "lease_s": LEASE_S}
     jobs["adopt_after_s"] = 3000.0  # never within this test
-    shared = {"redis_url": redis_server, "timeout_s": 3.0}
+    shared = {"redis_url": redis_server, "timeout_s": REDIS_TIMEOUT_S}
     b_cfg = gateway_config(pki, registry_dir, tmp_path / "b", nodes, jobs=jobs, state=shared)
     who = pki.issue("client", "jobxwait", organization="Acme")
     a_logs, b_logs = tmp_path / "a" / "receipts", tmp_path / "b" / "receipts"
@@ -258,7 +261,7 @@ def test_a_job_whose_replica_never_returns_is_adopted_under_a_receipt_naming_its
     nodes = node_table(triton_cluster)
     jobs = {**JOBS, "key_file": str(tmp_path / "jobs.key"), "lease_s": LEASE_S}
     jobs["adopt_after_s"] = 2.0
-    shared = {"redis_url": redis_server, "timeout_s": 3.0}
+    shared = {"redis_url": redis_server, "timeout_s": REDIS_TIMEOUT_S}
     b_cfg = gateway_config(pki, registry_dir, tmp_path / "b", nodes, jobs=jobs, state=shared)
     who = pki.issue("client", "jobxadopt", organization="Acme")
     a_logs, b_logs = tmp_path / "a" / "receipts", tmp_path / "b" / "receipts"
@@ -319,19 +322,22 @@ def test_the_disk_store_passes_over_a_job_marked_for_another_log_until_it_may_be
         )
         store.submit(job, 10, 10)
         assert len(store.claim(1, ("loga",), 600.0)) == 1
-        assert store.mark("j1", "loga") == ("loga",)
-        store.retry("j1", 0.0)  # its receipt did not go in: queued again, still marked
+        assert store.mark("j1", "loga", 1) == ("loga",)
+        store.retry("j1", 0.0, 1)  # its receipt did not go in: queued again, still marked
         assert store.claim(1, ("logb",), 600.0) == []  # another log's job: left alone
         now[0] += 599.0
         assert store.claim(1, ("logb",), 600.0) == []
         now[0] += 1.0
         (adopted,) = store.claim(1, ("logb",), 600.0)  # the mark is old enough
         assert adopted.executions == 2
-        assert store.mark("j1", "logb") == ("loga", "logb")
-        store.retry("j1", 0.0)
+        assert store.mark("j1", "loga", 1) is None  # the first run's fence: taken over
+        assert store.mark("j1", "logb", 2) == ("loga", "logb")
+        store.retry("j1", 0.0, 1)  # nor does the first run requeue the second
+        assert store.claim(1, ("logb", "loga"), 600.0) == []
+        store.retry("j1", 0.0, 2)
         (back,) = store.claim(1, ("logb", "loga"), 600.0)  # its own log's: at once
         assert back.executions == 3
-        assert store.mark("nope", "loga") is None  # no running job: no mark
+        assert store.mark("nope", "loga", 1) is None  # no running job: no mark
     finally:
         store.close()
 
@@ -361,7 +367,7 @@ def test_verify_resolves_what_a_jobs_receipt_supersedes() -> None:
     reasons = {(f.subject, f.details.get("log_id")): f.reason for f in report.findings}
     assert reasons[("receipt b1", "loga")].endswith("supersedes a1")
     assert reasons[("receipt b1", "logc")].endswith("that log is not in this bundle")
-    assert "no receipt of the job" in reasons[("receipt b2", "logd")]
+    assert "no receipt body of the job" in reasons[("receipt b2", "logd")]
 
 
 async def test_a_jobs_receipt_is_marked_first_and_names_only_other_logs_the_store_gave(
@@ -371,7 +377,8 @@ async def test_a_jobs_receipt_is_marked_first_and_names_only_other_logs_the_stor
     receipt is appended (no mark, no receipt: a retryable log error); the adopted run's
     receipt names the other logs the store gave, never this replica's own or anything
     that is not a log id (the store is not trusted with what a signed receipt says);
-    a rerun that gives the logged receipt makes no mark (no store round trip)."""
+    a rerun marks too, and gives the logged receipt only if that names every other log
+    marked (here it does)."""
     service = ReceiptService.open(
         tmp_path / "receipts",
         pki.key_path("receipt-signing"),
@@ -401,13 +408,13 @@ async def test_a_jobs_receipt_is_marked_first_and_names_only_other_logs_the_stor
         assert calls[-1] == ("j1", own, size)  # marked while the log had no receipt of it
         assert adopted.receipt.extensions["supersedes_in"] == (other,)
         again = await service.answer(**fields, seed=job_seed(JOB_KEY, "j1"), job_id="j1")
-        assert again.reused and len(calls) == 2  # the logged receipt: no mark needed
+        assert again.reused and len(calls) == 3  # it names every other log already
 
         given[:] = [own]  # control: marked only for this log, as a first run is
         first = await service.answer(**fields, seed=job_seed(JOB_KEY, "j2"), job_id="j2")
         assert "supersedes_in" not in first.receipt.extensions
         sync = await service.answer(**fields)  # no job: no mark
-        assert "job_id" not in sync.receipt.extensions and len(calls) == 3
+        assert "job_id" not in sync.receipt.extensions and len(calls) == 4
     finally:
         await service.close()
 
@@ -418,3 +425,292 @@ def test_adopt_after_s_must_leave_a_job_time_to_run() -> None:
     for bad in ({"adopt_after_s": 3600.0}, {"adopt_after_s": 0.0}, {"lease_s": 0.0}):
         with pytest.raises(ConfigError):
             Jobs(**{"max_age_s": 3600.0, **bad})  # type: ignore[arg-type]
+
+
+def _open_jobs_db(path: str, lock: bool, barrier: Any, out: Any) -> None:
+    barrier.wait()  # both processes open the file at once, as `serve --workers 2` does
+    try:
+        SyncJobStore(Path(path), lock=lock).close()
+        out.put("ok")
+    except Exception as exc:  # reported to the test, which names it
+        out.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_worker_processes_opening_a_jobs_db_from_before_the_marks_at_once_all_start(
+    tmp_path: Path,
+) -> None:
+    """Two real processes (a replica's workers without Redis: one owns the file's lock,
+    one opens it without) open an old `jobs.db` together: the mark columns are checked and
+    added in one write transaction, so neither fails on the other's `ALTER TABLE`."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for trial in range(8):
+        path = tmp_path / f"jobs{trial}.db"
+        old = SyncJobStore(path, lock=False)
+        for column in ("mark_log", "mark_at", "marks"):  # as a jobs.db of the last release
+            old.db.execute(f"ALTER TABLE jobs DROP COLUMN {column}")
+        old.close()
+        barrier, out = ctx.Barrier(2), ctx.Queue()
+        procs = [
+            ctx.Process(target=_open_jobs_db, args=(str(path), lock, barrier, out))
+            for lock in (True, False)
+        ]
+        for proc in procs:
+            proc.start()
+        got = sorted(out.get(timeout=60) for _ in procs)
+        for proc in procs:
+            proc.join(timeout=60)
+        assert got == ["ok", "ok"], got
+        store = SyncJobStore(path, lock=False)
+        try:
+            have = {r[1] for r in store.db.execute("PRAGMA table_info(jobs)")}
+        finally:
+            store.close()
+        assert {"mark_log", "mark_at", "marks"} <= have
+
+
+async def test_a_run_whose_lease_lapsed_neither_marks_nor_requeues_the_run_that_took_over(
+    redis_server: str,
+) -> None:
+    """Real Redis. Run 1 (replica A) stops renewing its lease (a slow or cut-off link), B
+    claims the job as run 2 and marks it. Run 1, still alive, cannot mark the job (so it
+    logs no receipt) nor move B's run back to the queue; B's own run can (control)."""
+    from gateway.jobs.redis import RedisJobStore
+
+    prefix = f"ztgate:jobs-fence:{os.getpid()}:"
+    a = RedisJobStore(redis_server, timeout_s=5.0, prefix=prefix, lease_s=0.2)
+    b = RedisJobStore(redis_server, timeout_s=5.0, prefix=prefix, lease_s=600.0)
+    log_a, log_b = "a" * 16, "b" * 16
+    job = NewJob(
+        "j1", "spiffe://o", "k", "d", "/v2/models/iris/infer", "iris", 1.0, "c", {}, b"x", "m"
+    )
+    try:
+        assert (await a.submit(job, 10, 10)).created
+        (run1,) = await a.claim(1, (log_a,), 600.0)
+        assert run1.executions == 1
+        end = time.monotonic() + PATIENCE_S
+        while not (taken := await b.claim(1, (log_b,), 600.0)):  # once A's lease is over
+            assert time.monotonic() < end, "run 1's lease never ended"
+            await asyncio.sleep(0.05)
+        (run2,) = taken
+        assert run2.executions == 2
+        assert await a.mark("j1", log_a, run1.executions) is None  # fenced: no receipt
+        assert await b.mark("j1", log_b, run2.executions) == (log_b,)
+        await a.retry("j1", 0.0, run1.executions)  # fenced: B's run stays running
+        assert await b._client.zscore(prefix + "running", "j1") is not None
+        assert await b._client.zscore(prefix + "queued", "j1") is None
+        await b.retry("j1", 0.0, run2.executions)  # control: the run that holds it
+        assert await b._client.zscore(prefix + "queued", "j1") is not None
+        assert await b._client.zscore(prefix + "running", "j1") is None
+        assert await b.erase_jobs(["j1", "nope"]) == 1  # by job id (an erased receipt's)
+        assert await b.get("j1") is None
+    finally:
+        await a.erase_owner("spiffe://o")
+        await a.close()
+        await b.close()
+
+
+def _services(pki: PKI, tmp_path: Path, *names: str) -> list[ReceiptService]:
+    return [
+        ReceiptService.open(
+            tmp_path / name,
+            pki.key_path("receipt-signing"),
+            pki.key_path("log-checkpoint"),
+            RECEIPT_ORIGIN,
+        )
+        for name in names
+    ]
+
+
+def _facts(*issued: Any) -> Report:
+    from gateway.receipts.verify import _receipt_facts
+
+    report = Report()
+    for i in issued:
+        report.receipts[i.receipt.receipt_id] = _receipt_facts(i.receipt)
+    return report
+
+
+async def test_a_rerun_after_another_replica_adopted_the_job_supersedes_its_own_receipt(
+    pki: PKI, tmp_path: Path
+) -> None:
+    """Two real logs, one shared mark record (as Redis keeps it). A logs RA and dies; B
+    adopts, its RB naming A's log; B dies too; A comes back and runs the job again with
+    the same answer: not RA again (RB says it replaces RA) but a receipt superseding RA
+    and naming B's log. All three tied together, as verify finds; a further rerun on A,
+    with no other log marked since, gives that receipt (control)."""
+    a, b = _services(pki, tmp_path, "a", "b")
+    marks: list[str] = []
+    reruns: list[str] = []
+
+    async def mark(job_id: str, log_id: str) -> list[str]:
+        marks.extend([] if log_id in marks else [log_id])
+        return list(marks)
+
+    a.on_job_receipt = b.on_job_receipt = mark
+    a.on_job_rerun = reruns.append
+    fields, seed = answer_fields(0), job_seed(JOB_KEY, "j1")
+    try:
+        ra = await a.answer(**fields, seed=seed, job_id="j1")
+        rb = await b.answer(**fields, seed=seed, job_id="j1")
+        assert rb.receipt.extensions["supersedes_in"] == (a.log.log_id,)
+        ra2 = await a.answer(**fields, seed=seed, job_id="j1")
+        assert not ra2.reused and reruns == ["superseded"]
+        assert ra2.receipt.extensions["supersedes"] == ra.receipt.receipt_id
+        assert ra2.receipt.extensions["supersedes_in"] == (b.log.log_id,)
+        again = await a.answer(**fields, seed=seed, job_id="j1")  # control
+        assert again.reused and again.receipt.receipt_id == ra2.receipt.receipt_id
+        assert reruns == ["superseded", "reused"]
+        report = _facts(ra, rb, ra2)
+        _check_job_links(report, {a.log.log_id, b.log.log_id})
+        assert not [f for f in report.findings if f.code == "job-receipts-unlinked"]
+    finally:
+        await a.close()
+        await b.close()
+
+
+def test_verify_reports_answer_receipts_of_one_job_that_nothing_links() -> None:
+    """Two answer receipts of a job that neither `supersedes` nor `supersedes_in` ties
+    (a lost or deleted mark, a replica from before marks): `job-receipts-unlinked`. The
+    control, the same two linked by `supersedes_in`, and a generation job's stream
+    receipts (never indexed by job), are not reported."""
+    report = Report()
+    answer = {"kind": "answer"}
+    report.receipts = {
+        "a1": {**answer, "log_id": "loga", "job_id": "j1"},
+        "b1": {**answer, "log_id": "logb", "job_id": "j1"},  # nothing ties it to a1
+        "a2": {**answer, "log_id": "loga", "job_id": "j2"},
+        "b2": {**answer, "log_id": "logb", "job_id": "j2", "supersedes_in": ["loga"]},
+        "a3": {"kind": "open", "log_id": "loga", "job_id": "j3"},
+        "a4": {"kind": "close", "log_id": "loga", "job_id": "j3"},
+    }
+    _check_job_links(report, {"loga", "logb"})
+    (unlinked,) = [f for f in report.findings if f.code == "job-receipts-unlinked"]
+    assert unlinked.subject == "job j1" and unlinked.details["receipts"] == ["a1", "b1"]
+
+
+async def test_a_job_marked_for_more_other_logs_than_a_receipt_names_gets_no_receipt(
+    pki: PKI, tmp_path: Path
+) -> None:
+    """A receipt names at most 16 other logs the job was marked for; a store that gives
+    more (a writer padding the marks) gets no receipt at all, rather than one that leaves
+    some out (a retryable log error). 16 is named in full (control)."""
+    (service,) = _services(pki, tmp_path, "r")
+    given: list[str] = []
+
+    async def mark(job_id: str, log_id: str) -> list[str]:
+        return [log_id, *given]
+
+    service.on_job_receipt = mark
+    fields = answer_fields(0)
+    try:
+        given[:] = [f"{chr(ord('a') + i)}" * 16 for i in range(16)]
+        full = await service.answer(**fields, seed=job_seed(JOB_KEY, "j1"), job_id="j1")
+        assert full.receipt.extensions["supersedes_in"] == tuple(sorted(given))
+        given.append("q" * 16)
+        size = service.log.size
+        with pytest.raises(LogError):
+            await service.answer(**fields, seed=job_seed(JOB_KEY, "j2"), job_id="j2")
+        assert service.log.size == size and service.log.job_receipt("j2") is None
+    finally:
+        await service.close()
+
+
+def test_a_jobs_lease_must_outlast_its_renewals() -> None:
+    """`jobs.lease_s`: finite, and with Redis above 3 x the store's deadline
+    (2 x state.timeout_s + 0.25), or a live run's job is claimed again while it runs."""
+    from gateway.config import parse_config
+    from tests.test_config import raw
+
+    with pytest.raises(ConfigError):
+        Jobs(lease_s=float("inf"))
+    ok = parse_config(raw(state={"timeout_s": 1.0}, jobs={"lease_s": 7.0}), Path("/"))
+    assert ok.jobs.lease_s == 7.0  # control: 7 > 3 x 2.25
+    with pytest.raises(ConfigError, match="lease_s"):
+        parse_config(raw(state={"timeout_s": 1.0}, jobs={"lease_s": 6.5}), Path("/"))
+    alone = raw(state={"timeout_s": 1.0, "redis_url": None}, jobs={"lease_s": 6.5})
+    assert parse_config(alone, Path("/")).jobs.lease_s == 6.5  # no Redis: no lease kept
+
+
+def test_erasing_a_receipt_a_job_was_logged_under_erases_that_job(pki: PKI, tmp_path: Path) -> None:
+    """`ztgate audit erase` of a receipt the job's record does not name (one a later run
+    superseded, or an adopted job's first): the job it was logged for (`ext.job_id`)
+    goes too, so its input does not run again after the erasure. Another job stays
+    (control)."""
+
+    async def log_one() -> Any:
+        (service,) = _services(pki, tmp_path, "receipts")
+        try:
+            return await service.answer(
+                **answer_fields(0), seed=job_seed(JOB_KEY, "j1"), job_id="j1"
+            )
+        finally:
+            await service.close()
+
+    first = asyncio.run(log_one())
+    data = tmp_path / "data"
+    store = SyncJobStore(data / "jobs.db", lock=False)
+    try:
+        for job_id in ("j1", "j2"):  # j1 queued again, as after its run's crash
+            route = "/v2/models/iris/infer"
+            args = (job_id, "spiffe://o", job_id, "d", route, "iris", 1.0, "c", {}, b"x", "m")
+            store.submit(NewJob(*args), 10, 10)
+    finally:
+        store.close()
+    where = ["--log-dir", str(tmp_path / "receipts"), "--data-dir", str(data)]
+    erased = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "audit",
+            "erase",
+            "--json",
+            *where,
+            first.receipt.receipt_id,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert erased.returncode == 0, erased.stderr
+    assert json.loads(erased.stdout) == {"erased": 1, "jobs": 1}
+    store = SyncJobStore(data / "jobs.db", lock=False)
+    try:
+        assert store.get("j1") is None and store.get("j2") is not None
+    finally:
+        store.close()
+
+
+async def test_a_replica_whose_receipt_log_fails_claims_one_job_at_a_time(
+    pki: PKI, tmp_path: Path
+) -> None:
+    """A log that cannot append (frozen, as a log found cut short at open is: set here,
+    since a full disk cannot be made on demand) fails the answer and flags the service;
+    the runner then claims one job at a time, at most every `backoff_max_s` (each run
+    would mark a job for this log and hold it here). The next append that succeeds
+    clears the flag and the runner claims its `workers` again (control)."""
+    from gateway.jobs.runner import JobMetrics, Runner
+    from gateway.jobs.store import JobStore
+
+    (service,) = _services(pki, tmp_path, "receipts")
+    store = JobStore(tmp_path / "jobs.db")
+    runner = Runner(store, Jobs(workers=4, backoff_max_s=30.0), JOB_KEY, JobMetrics(None))
+    runner.log_failing = lambda: service.append_failed
+    fields = answer_fields(0)
+    try:
+        assert runner._free(0.0) == 4
+        service.log.frozen_reason = "test: as a log found cut short at open"
+        with pytest.raises(LogError):
+            await service.answer(**fields, seed=job_seed(JOB_KEY, "j1"), job_id="j1")
+        assert service.append_failed
+        assert runner._free(0.0) == 1  # one run, to find out whether the log is back
+        runner._probe_at = 30.0  # as after that run's claim
+        assert runner._free(29.0) == 0 and runner._free(30.0) == 1
+        service.log.frozen_reason = None
+        await service.answer(**fields)  # any answer that goes in
+        assert not service.append_failed and runner._free(0.0) == 4
+    finally:
+        await service.close()
+        await store.close()

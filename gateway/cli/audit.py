@@ -163,17 +163,18 @@ def _erase(args: argparse.Namespace) -> int:
         except FormatError as exc:
             raise UsageError(str(exc)) from exc
         by_log.setdefault(log_id, []).append(rid)
-    total = 0
+    total, job_ids = 0, set[str]()
     for log_id, rids in by_log.items():
         path = args.log_dir / log_id
         if not (path / "log.db").is_file():
             raise UsageError(f"no log {log_id} under {args.log_dir}")
         rl = ReceiptLog(path, None, read_only=True)
         try:
+            job_ids |= _jobs_of(rl, rids)  # read before the bodies go
             total += rl.erase_sync(rids, args.reason)
         finally:
             rl.close_sync()
-    jobs = _erase_jobs(args.data_dir, args.config, args.receipt_ids, args.subject)
+    jobs = _erase_jobs(args.data_dir, args.config, args.receipt_ids, args.subject, job_ids)
     text = (
         f"erased {total} receipt bod{'y' if total == 1 else 'ies'}; leaves and proofs kept; "
         "the erasure is logged at the active log's next checkpoint"
@@ -184,11 +185,35 @@ def _erase(args: argparse.Namespace) -> int:
     return 0
 
 
+def _jobs_of(rl: Any, receipt_ids: list[str]) -> set[str]:
+    """The jobs these receipts were logged for (`ext.job_id`): a superseded or adopted-from
+    receipt is not the one the job's record names, and its job, left, could run its input
+    again after the erasure (docs/jobs.md, "Erasure")."""
+    from gateway.receipts.model import FormatError, SignedReceipt, parse_receipt_id
+
+    jobs: set[str] = set()
+    for rid in receipt_ids:
+        body = rl.body_at(parse_receipt_id(rid)[1])
+        try:
+            receipt = SignedReceipt.from_bytes(body).receipt if body is not None else None
+        except (FormatError, ValueError):
+            continue
+        if receipt is not None and receipt.receipt_id == rid:
+            job = receipt.extensions.get("job_id")
+            jobs.update([job] if isinstance(job, str) else [])
+    return jobs
+
+
 def _erase_jobs(
-    data_dir: Path | None, config: Path | None, receipt_ids: list[str], subject: str | None
+    data_dir: Path | None,
+    config: Path | None,
+    receipt_ids: list[str],
+    subject: str | None,
+    job_ids: set[str],
 ) -> int:
-    """A job's stored answer carries its receipt: it goes with the receipt's body. A
-    subject's jobs all go, queued ones (which have no receipt yet) too."""
+    """A job's stored answer carries its receipt: it goes with the receipt's body, and so
+    does every job an erased receipt was logged for. A subject's jobs all go, queued ones
+    (which have no receipt yet) too."""
     import asyncio
 
     from gateway.config import ConfigError, load_config
@@ -206,6 +231,7 @@ def _erase_jobs(
                 shared = RedisJobStore(url, timeout_s=max(cfg.state.timeout_s, 5.0))
                 try:
                     n = await shared.erase_receipts(receipt_ids) if receipt_ids else 0
+                    n += await shared.erase_jobs(sorted(job_ids)) if job_ids else 0
                     return n + (await shared.erase_owner(subject) if subject else 0)
                 finally:
                     await shared.close()
@@ -221,6 +247,7 @@ def _erase_jobs(
     store = SyncJobStore(path, lock=False)
     try:
         n = store.erase_receipts(receipt_ids) if receipt_ids else 0
+        n += store.erase_jobs(sorted(job_ids)) if job_ids else 0
         return n + (store.erase_owner(subject) if subject else 0)
     finally:
         store.close()

@@ -70,6 +70,7 @@ class JobService:
             # Where each job's receipt goes, in the job store: replicas keep a log each.
             receipts.on_job_receipt = self.runner.mark
             self.runner.logs = receipts.job_logs
+            self.runner.log_failing = lambda: receipts.append_failed
 
     async def run(self, stop: Any) -> None:
         assert self.runner is not None

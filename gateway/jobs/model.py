@@ -117,13 +117,16 @@ class JobBackend(Protocol):
         """Up to `limit` due jobs, marked running. A job marked for a receipt log not in
         `logs` (another replica's) less than `adopt_after_s` ago is left to that replica."""
 
-    async def mark(self, job_id: str, log_id: str) -> tuple[str, ...] | None:
+    async def mark(self, job_id: str, log_id: str, run: int) -> tuple[str, ...] | None:
         """Before a run's answer receipt is appended: the job names `log_id` as where its
         receipt goes (and when). Returns every log the job was ever marked for, this one
-        included; None if the job is not running (finished, expired or erased)."""
+        included; None if the job is not running (finished, expired or erased) or not as
+        run `run` (its `executions` when claimed: a later claim took it over)."""
 
     async def renew(self, job_id: str) -> None: ...
-    async def retry(self, job_id: str, delay_s: float) -> None: ...
+    async def retry(self, job_id: str, delay_s: float, run: int) -> None:
+        """Queued again after `delay_s`, if still running as run `run` (as `mark`)."""
+
     async def finish(self, job_id: str, out: Outcome) -> bool:
         """Record `out` and drop the request; False if the job was not running (already
         finished, expired or erased): nothing changes."""

@@ -159,13 +159,23 @@ return 1
 """
 )
 
-# ARGV: prefix, id, log id. Over a running job only (else nil): the log its receipt goes
-# to, now; returns every log it was marked for.
+# A run's fence: the job's `executions` when the run claimed it. A run whose lease lapsed
+# and that another claim took over neither marks nor requeues the job.
+_FENCE = """
+local function fenced(id, run)
+  if not redis.call('ZSCORE', P .. 'running', id) then return true end
+  return tonumber(redis.call('HGET', P .. 'j:' .. id, 'executions')) ~= tonumber(run)
+end
+"""
+
+# ARGV: prefix, id, log id, run. Over a running job only, as that run (else nil): the log
+# its receipt goes to, now; returns every log it was marked for.
 _MARK = (
     _NOW
+    + _FENCE
     + """
 local id, log = ARGV[2], ARGV[3]
-if not redis.call('ZSCORE', P .. 'running', id) then return false end
+if fenced(id, ARGV[4]) then return false end
 local h = P .. 'j:' .. id
 local marks = redis.call('HGET', h, 'marks') or ''
 if not string.find(' ' .. marks .. ' ', ' ' .. log .. ' ', 1, true) then
@@ -176,12 +186,13 @@ return marks
 """
 )
 
-# ARGV: prefix, id, delay_s
+# ARGV: prefix, id, delay_s, run
 _RETRY = (
     _NOW
+    + _FENCE
     + """
 local id = ARGV[2]
-if not redis.call('ZSCORE', P .. 'running', id) then return 0 end
+if fenced(id, ARGV[4]) then return 0 end
 redis.call('ZREM', P .. 'running', id)
 redis.call('ZADD', P .. 'queued', now + tonumber(ARGV[3]), id)
 redis.call('HSET', P .. 'j:' .. id, 'state', 'queued', 'updated', now)
@@ -261,6 +272,19 @@ local n = 0
 for i = 2, #ARGV do
   local id = redis.call('GET', P .. 'r:' .. ARGV[i])
   if id then drop(id); n = n + 1 end
+end
+return n
+"""
+)
+
+# ARGV: prefix, job ids...
+_ERASE_JOBS = (
+    _NOW
+    + _DROP
+    + """
+local n = 0
+for i = 2, #ARGV do
+  if redis.call('EXISTS', P .. 'j:' .. ARGV[i]) == 1 then drop(ARGV[i]); n = n + 1 end
 end
 return n
 """
@@ -351,6 +375,7 @@ class RedisJobStore:
         self._expire = reg(_EXPIRE)
         self._erase = reg(_ERASE)
         self._erase_owner = reg(_ERASE_OWNER)
+        self._erase_jobs = reg(_ERASE_JOBS)
         self._old = reg(_OLD)
 
     async def _call(self, aw: Awaitable[T]) -> T:
@@ -392,15 +417,15 @@ class RedisJobStore:
         rows = [await self.get(i.decode()) for i in ids]
         return [r for r in rows if r is not None]
 
-    async def mark(self, job_id: str, log_id: str) -> tuple[str, ...] | None:
-        marks = await self._call(self._mark(args=[self.prefix, job_id, log_id]))
+    async def mark(self, job_id: str, log_id: str, run: int) -> tuple[str, ...] | None:
+        marks = await self._call(self._mark(args=[self.prefix, job_id, log_id, run]))
         return None if marks is None else tuple(marks.decode().split())
 
     async def renew(self, job_id: str) -> None:
         await self._call(self._renew(args=[self.prefix, job_id, self._lease_s]))
 
-    async def retry(self, job_id: str, delay_s: float) -> None:
-        await self._call(self._retry(args=[self.prefix, job_id, delay_s]))
+    async def retry(self, job_id: str, delay_s: float, run: int) -> None:
+        await self._call(self._retry(args=[self.prefix, job_id, delay_s, run]))
 
     async def finish(self, job_id: str, out: Outcome) -> bool:
         args: list[Any] = [self.prefix, job_id, out.state, out.status, json.dumps(out.headers)]
@@ -423,6 +448,10 @@ class RedisJobStore:
 
     async def erase_receipts(self, receipt_ids: list[str]) -> int:
         return int(await self._call(self._erase(args=[self.prefix, *receipt_ids])))
+
+    async def erase_jobs(self, job_ids: Sequence[str]) -> int:
+        """Delete these jobs, whatever their state (the jobs an erased receipt named)."""
+        return int(await self._call(self._erase_jobs(args=[self.prefix, *job_ids])))
 
     async def erase_owner(self, owner: str) -> int:
         """Delete every job of one client, queued ones too (`ztgate audit erase --subject`)."""

@@ -222,6 +222,14 @@ class Runner:
         # This replica's receipt logs, current and frozen (set by the jobs service).
         self.logs: Callable[[], Sequence[str]] = tuple
         self._tasks: set[asyncio.Task[None]] = set()
+        # Job id -> the running run's `executions` when claimed: its fence in the store.
+        self._runs: dict[str, int] = {}
+        # Whether this replica's receipt log failed its last answer (set by the jobs
+        # service): each run marks its job for that log, which holds the job here until
+        # `adopt_after_s`, so only one run at a time is tried, at most every
+        # `backoff_max_s`, until an append succeeds.
+        self.log_failing: Callable[[], bool] = lambda: False
+        self._probe_at = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         requeued = await self.store.requeue_running()
@@ -235,9 +243,11 @@ class Runner:
                     if loop.time() >= next_expiry:
                         await self._expire()
                         next_expiry = loop.time() + EXPIRE_INTERVAL_S
-                    free = self.cfg.workers - len(self._tasks)
+                    free = self._free(loop.time())
                     if free > 0 and not self.hold and self.app is not None:
                         claimed = await self.store.claim(free, self.logs(), self.cfg.adopt_after_s)
+                        if claimed and self.log_failing():
+                            self._probe_at = loop.time() + self.cfg.backoff_max_s
                         for row in claimed:
                             task = asyncio.create_task(self._run_one(row))
                             self._tasks.add(task)
@@ -253,6 +263,13 @@ class Runner:
                 task.cancel()
             if self._tasks:
                 await asyncio.wait(self._tasks, timeout=5)
+
+    def _free(self, now: float) -> int:
+        """How many jobs to claim now (`log_failing`: one, when none runs and none was
+        tried in the last `backoff_max_s`)."""
+        if not self.log_failing():
+            return self.cfg.workers - len(self._tasks)
+        return 0 if self._tasks or now < self._probe_at else 1
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -285,6 +302,7 @@ class Runner:
     async def _run_one(self, row: JobRow) -> None:
         assert self.app is not None
         self.metrics.dispatches.inc()
+        self._runs[row.id] = row.executions
         lease = None
         if self.store.lease_s is not None:
             lease = asyncio.create_task(self._renew(row.id, self.store.lease_s / 3))
@@ -295,14 +313,17 @@ class Runner:
             # its lease ends), a second dispatch counted.
             log.error("job %s: its outcome could not be stored: %s", row.id, exc)
         finally:
+            if self._runs.get(row.id) == row.executions:
+                del self._runs[row.id]
             if lease is not None:
                 lease.cancel()
 
     async def mark(self, job_id: str, log_id: str) -> tuple[str, ...]:
         """The receipt service's hook, before a job's answer receipt goes into `log_id`:
-        every log the job was marked for. A job no longer running (another run finished
-        it, or it expired) gets no receipt from this run: refused."""
-        marks = await self.store.mark(job_id, log_id)
+        every log the job was marked for. A job no longer running as this run (another run
+        finished it or took it over when this one's lease lapsed, or it expired) gets no
+        receipt from this run: refused."""
+        marks = await self.store.mark(job_id, log_id, self._runs.get(job_id, -1))
         if marks is None:
             raise NotRunning(f"job {job_id} is no longer running")
         return marks
@@ -392,6 +413,6 @@ class Runner:
             delay = min(self.cfg.backoff_s * 2 ** (row.attempts - 1), self.cfg.backoff_max_s)
             self.metrics.retries.inc()
             log.info("job %s: answer %d, retry %d in %.1f s", row.id, status, row.attempts, delay)
-            await self.store.retry(row.id, delay)
+            await self.store.retry(row.id, delay, row.executions)
             return
         await self._finish(row, "done" if status == 200 else "failed", status, headers, body)

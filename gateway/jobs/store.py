@@ -129,13 +129,19 @@ class SyncJobStore:
         created = not self.path.exists()
         self.db = open_durable(self.path, timeout=10)
         self.db.executescript(_SCHEMA)
-        have = {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
-        for column in ("mark_log TEXT", "mark_at REAL", "marks TEXT"):  # a file from before
-            if column.split()[0] not in have:
-                self.db.execute(f"ALTER TABLE jobs ADD COLUMN {column}")
+        self._tx(self._add_mark_columns)  # under the write lock: workers open it at once
         os.chmod(self.path, 0o600)
         if created:
             fsync_dir(self.path.parent)  # or a crash could lose the file with its jobs
+
+    @staticmethod
+    def _add_mark_columns(db: sqlite3.Connection) -> None:
+        """A file from before the marks gains their columns (checked and added in one
+        transaction: a replica's worker processes open the file at the same time)."""
+        have = {r[1] for r in db.execute("PRAGMA table_info(jobs)")}
+        for column in ("mark_log TEXT", "mark_at REAL", "marks TEXT"):
+            if column.split()[0] not in have:
+                db.execute(f"ALTER TABLE jobs ADD COLUMN {column}")
 
     def close(self) -> None:
         self.db.close()
@@ -238,12 +244,13 @@ class SyncJobStore:
 
         return self._tx(tx)
 
-    def mark(self, job_id: str, log_id: str) -> tuple[str, ...] | None:
-        """`JobBackend.mark`: over a running job only."""
+    def mark(self, job_id: str, log_id: str, run: int) -> tuple[str, ...] | None:
+        """`JobBackend.mark`: over a running job only, as that run."""
 
         def tx(db: sqlite3.Connection) -> tuple[str, ...] | None:
             r = db.execute(
-                "SELECT marks FROM jobs WHERE id = ? AND state = 'running'", (job_id,)
+                "SELECT marks FROM jobs WHERE id = ? AND state = 'running' AND executions = ?",
+                (job_id, run),
             ).fetchone()
             if r is None:
                 return None
@@ -257,13 +264,13 @@ class SyncJobStore:
 
         return self._tx(tx)
 
-    def retry(self, job_id: str, delay_s: float) -> None:
+    def retry(self, job_id: str, delay_s: float, run: int) -> None:
         now = self.clock()
         self._tx(
             lambda db: db.execute(
                 "UPDATE jobs SET state = 'queued', not_before = ?, updated = ?"
-                " WHERE id = ? AND state = 'running'",
-                (now + delay_s, now, job_id),
+                " WHERE id = ? AND state = 'running' AND executions = ?",
+                (now + delay_s, now, job_id, run),
             )
         )
 
@@ -341,6 +348,16 @@ class SyncJobStore:
         self._scrub()
         return n
 
+    def erase_jobs(self, job_ids: Sequence[str]) -> int:
+        """Delete these jobs, whatever their state (the jobs an erased receipt named)."""
+
+        def tx(db: sqlite3.Connection) -> int:
+            return sum(db.execute("DELETE FROM jobs WHERE id = ?", (i,)).rowcount for i in job_ids)
+
+        n = self._tx(tx)
+        self._scrub()
+        return n
+
     def erase_owner(self, owner: str) -> int:
         """Delete every job of one client, queued ones too (an erasure request for that
         subject: `ztgate audit erase --subject`)."""
@@ -379,14 +396,14 @@ class JobStore:
     ) -> list[JobRow]:
         return await self._call(self.sync.claim, limit, logs, adopt_after_s)
 
-    async def mark(self, job_id: str, log_id: str) -> tuple[str, ...] | None:
-        return await self._call(self.sync.mark, job_id, log_id)
+    async def mark(self, job_id: str, log_id: str, run: int) -> tuple[str, ...] | None:
+        return await self._call(self.sync.mark, job_id, log_id, run)
 
     async def renew(self, job_id: str) -> None:
         return None
 
-    async def retry(self, job_id: str, delay_s: float) -> None:
-        await self._call(self.sync.retry, job_id, delay_s)
+    async def retry(self, job_id: str, delay_s: float, run: int) -> None:
+        await self._call(self.sync.retry, job_id, delay_s, run)
 
     async def finish(self, job_id: str, out: Outcome) -> bool:
         return await self._call(self.sync.finish, job_id, out)

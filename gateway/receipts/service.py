@@ -22,7 +22,7 @@ from gateway.forward.site import receipt_extensions as site_extensions
 from gateway.protocol.tensors import Tensor
 from gateway.receipts.checkpointer import Checkpointer, WitnessClient
 from gateway.receipts.issue import DenialCoalescer, Issued, derive, issue, summary, tensor_refs
-from gateway.receipts.log import LogEntry, LogError, ReceiptLog
+from gateway.receipts.log import JobReceipted, LogEntry, LogError, ReceiptLog
 from gateway.receipts.model import (
     ClientRef,
     Denial,
@@ -67,6 +67,10 @@ class ReceiptService:
     on_job_receipt: Callable[[str, str], Awaitable[Sequence[str]]] | None = None
     # The other workers' logs of this replica, read-only (gateway/supervisor.py).
     siblings: Callable[[], Sequence[ReceiptLog]] | None = None
+    # The last answer receipt this log was given could not be appended (disk full, I/O
+    # error, a frozen log); the next that can clears it. The jobs runner claims sparingly
+    # meanwhile: each run would mark a job for a log that cannot take its receipt.
+    append_failed: bool = False
 
     def __post_init__(self) -> None:
         self.checkpointer = Checkpointer(
@@ -163,30 +167,46 @@ class ReceiptService:
                     ((rl, i) for rl in self.frozen if (i := rl.job_receipt(job_id)) is not None),
                     (self.log, None),
                 )
+            # Marked first, reruns too: a receipt that another log's run may have claimed
+            # to replace is not given again as the job's answer.
+            elsewhere = await self._mark_job(job_id)
             if prior is not None:
                 reused = self._job_receipt(holder, prior, seed, inputs, outputs, verification, ext)
                 if isinstance(reused, Issued):
-                    return reused
+                    named = reused.receipt.extensions.get("supersedes_in", ())
+                    if set(elsewhere) <= set(named if isinstance(named, tuple | list) else ()):
+                        self._rerun("reused")
+                        return reused
+                    # Another log was marked since it was logged: a new receipt naming both.
+                    reused = reused.receipt.receipt_id
+                self._rerun("superseded")
                 ext["supersedes"] = reused
-            elsewhere = await self._mark_job(job_id)
             if elsewhere:  # adopted from a replica that may have logged it: say so
                 ext["supersedes_in"] = elsewhere
             job = (job_id, prior if holder is self.log else None)
-        return await issue(
-            self.log,
-            self.signer,
-            client=client,
-            model=model,
-            inputs=inputs,
-            outputs=outputs,
-            policy=policy,
-            verification=verification,
-            nodes=nodes,
-            request_id=request_id,
-            extensions=ext,
-            seed=seed,  # the request's own (pipeline.context), or drawn by `issue`
-            job=job,
-        )
+        try:
+            issued = await issue(
+                self.log,
+                self.signer,
+                client=client,
+                model=model,
+                inputs=inputs,
+                outputs=outputs,
+                policy=policy,
+                verification=verification,
+                nodes=nodes,
+                request_id=request_id,
+                extensions=ext,
+                seed=seed,  # the request's own (pipeline.context), or drawn by `issue`
+                job=job,
+            )
+        except JobReceipted:  # another run's receipt got there first: not the log's fault
+            raise
+        except LogError:
+            self.append_failed = True
+            raise
+        self.append_failed = False
+        return issued
 
     def _job_receipt(
         self,
@@ -200,9 +220,10 @@ class ReceiptService:
     ) -> Issued | str:
         """A job ran again after its receipt was logged (a crash before its result was
         recorded). The same seed gives the same salt, so the same tensors give the same
-        commitments: then the logged receipt is the answer's (returned), and no second one
-        is logged. The verification and the receipted evidence must match too (a zk proof
-        is randomised: a second proof is a second execution's evidence, which the first
+        commitments: then the logged receipt is the answer's (returned; `answer` gives it
+        unless another log was marked for the job since), and no second one is logged.
+        The verification and the receipted evidence must match too (a zk proof is
+        randomised: a second proof is a second execution's evidence, which the first
         receipt does not commit to). Otherwise (a nondeterministic node, other evidence, or
         the first body erased) the id of the receipt a new one must supersede: a second,
         different execution, logged as one."""
@@ -219,9 +240,7 @@ class ReceiptService:
                 and {k: v for k, v in r.extensions.items() if k not in _SUPERSEDES}
                 == {**site_extensions(), **extensions}
             ):
-                self._rerun("reused")
                 return Issued(signed, salt, summary(signed), reused=True)
-        self._rerun("superseded")
         log.warning("a job ran again and answered otherwise: a receipt that supersedes its first")
         # The stored body's id; recomputed only when the body is gone (erased).
         return r.receipt_id if body is not None else make_receipt_id(holder.log_id, index, nonce)
@@ -238,9 +257,11 @@ class ReceiptService:
         # The store is not trusted with what goes into a signed receipt: log ids only, few.
         ids = {m for m in marked if _LOG_ID.fullmatch(m)}
         others = ids - set(self.job_logs())
-        elsewhere = tuple(sorted(others))[:_MAX_MARKS]
-        if len(ids) < len(set(marked)) or len(elsewhere) < len(others):
-            log.error("job %s: marks in the job store that are no log ids, or too many", job_id)
+        if len(others) > _MAX_MARKS:  # naming only some could leave a receipt unlinked
+            raise LogError(f"job {job_id} is marked for more than {_MAX_MARKS} other logs")
+        elsewhere = tuple(sorted(others))
+        if len(ids) < len(set(marked)):
+            log.error("job %s: marks in the job store that are no log ids", job_id)
         if elsewhere:
             log.warning(
                 "job %s was marked for another replica's receipt log (%s): adopted, its "

@@ -621,11 +621,12 @@ def _check_job_links(report: Report, logs: set[str]) -> None:
     answered otherwise than. `supersedes_in`: other replicas' logs the job was marked for,
     which held it until it was adopted: their receipts of the job (`ext.job_id`) if the
     bundle holds any, else whether it holds that log at all (a run that died before its
-    receipt was logged leaves none)."""
+    receipt was logged leaves none). Then `_check_unlinked_jobs`."""
     by_job: dict[tuple[str, str], list[str]] = {}  # (log id, job id) -> its receipts there
     for rid, facts in report.receipts.items():
         if isinstance(facts.get("job_id"), str):
             by_job.setdefault((str(facts["log_id"]), facts["job_id"]), []).append(rid)
+    _check_unlinked_jobs(report)
     for rid, facts in sorted(report.receipts.items()):
         job, subject = facts.get("job_id"), f"receipt {rid}"
         first = facts.get("supersedes")
@@ -656,7 +657,12 @@ def _check_job_links(report: Report, logs: set[str]) -> None:
             if found:
                 held = f"supersedes {', '.join(found)}"
             elif other in logs:
-                held = "this bundle holds that log and no receipt of the job in it"
+                # Not "the log has none": an export from a later leaf, an erasure or
+                # retention leaves bodies out of the bundle.
+                held = (
+                    "no receipt body of the job among those the bundle holds from that log "
+                    "(an export from a later leaf, an erasure or retention may leave one out)"
+                )
             else:
                 held = "that log is not in this bundle"
             report.add(
@@ -667,6 +673,50 @@ def _check_job_links(report: Report, logs: set[str]) -> None:
                 job_id=job,
                 log_id=other,
                 supersedes=found,
+            )
+
+
+def _check_unlinked_jobs(report: Report) -> None:
+    """Answer receipts of one job (`ext.job_id`) that `supersedes` / `supersedes_in` do not
+    all tie together: what a lost or removed job-store mark, a replica from before marks,
+    or a store writer leaves. Reported whatever the job store said, so that no second
+    receipt of a job is silent (docs/jobs.md, "Replicas sharing Redis")."""
+    jobs: dict[str, list[str]] = {}
+    for rid, facts in report.receipts.items():
+        if facts.get("kind") == "answer" and isinstance(facts.get("job_id"), str):
+            jobs.setdefault(facts["job_id"], []).append(rid)
+    for job, rids in sorted(jobs.items()):
+        if len(rids) < 2:
+            continue
+        group = {r: r for r in rids}  # union-find over the job's receipts
+
+        def root(r: str, group: dict[str, str] = group) -> str:
+            while group[r] != r:
+                r = group[r]
+            return r
+
+        by_log: dict[str, list[str]] = {}
+        for r in sorted(rids):
+            by_log.setdefault(str(report.receipts[r]["log_id"]), []).append(r)
+        for r in rids:
+            facts = report.receipts[r]
+            tied = [facts["supersedes"]] if facts.get("supersedes") in group else []
+            named = facts.get("supersedes_in")
+            for other in named if isinstance(named, list) else []:
+                # all of that log's receipts of the job: tied there by `supersedes`, or
+                # left apart (and reported) when they are not
+                tied += by_log.get(str(other), [])[:1]
+            for o in tied:
+                group[root(o)] = root(r)
+        if len({root(r) for r in rids}) > 1:
+            report.add(
+                f"job {job}",
+                "valid",
+                "job-receipts-unlinked",
+                f"{len(rids)} answer receipts of job {job}, not all tied by supersedes or "
+                "supersedes_in: more than one answer to the job, unexplained",
+                job_id=job,
+                receipts=sorted(rids),
             )
 
 
