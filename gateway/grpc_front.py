@@ -29,7 +29,9 @@ import json
 import logging
 import os
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -41,8 +43,15 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from gateway import __version__
 from gateway.app import EXTENSIONS, SERVER_NAME, Gateway
 from gateway.config import Config
-from gateway.forward.site import one_request
+from gateway.forward.client import SITE_HEADER, SITE_WHY_HEADER, CoreForwarder, ask_core, eligible
+from gateway.forward.site import FORWARDED_TO_CORE, one_request
 from gateway.pipeline import Answer, Asked, Caller, DecodeStage, Incoming, body_of
+from gateway.protocol.codec import (
+    HEADER_LENGTH,
+    JSON_CONTENT_TYPE,
+    OCTET_CONTENT_TYPE,
+    decode_response,
+)
 from gateway.protocol.problems import (
     BadRequest,
     Internal,
@@ -52,7 +61,7 @@ from gateway.protocol.problems import (
     Unauthenticated,
     UnsupportedExtension,
 )
-from gateway.protocol.tensors import JsonScalar, canonical_bytes, pack_bytes
+from gateway.protocol.tensors import JsonScalar, Limits, Tensor, canonical_bytes, pack_bytes
 from gateway.registry import ModelEntry
 from gateway.server import ReloadingContext
 
@@ -246,17 +255,106 @@ def infer_response(answer: Answer) -> Message:
     """The answer as a `ModelInferResponse`: raw output contents, and the same `ztgate.*`
     parameters as the HTTP answer (receipt id and summary, salt, verification)."""
     asked = answer.decided.asked
-    resp = service_pb2.ModelInferResponse(
-        model_name=asked.entry.name, model_version=asked.entry.version, id=asked.request.id or ""
+    return _response(
+        asked.entry.name,
+        asked.entry.version,
+        asked.request.id or "",
+        answer.parameters(),
+        answer.outcome.outputs,
     )
-    for key, value in answer.parameters().items():
+
+
+def _response(
+    name: str,
+    version: str,
+    request_id: str,
+    parameters: Mapping[str, JsonScalar],
+    outputs: Sequence[Tensor],
+) -> Message:
+    resp = service_pb2.ModelInferResponse(model_name=name, model_version=version, id=request_id)
+    for key, value in parameters.items():
         set_parameter(resp.parameters[key], value)
-    for t in answer.outcome.outputs:
+    for t in outputs:
         out = resp.outputs.add()
         out.name, out.datatype = t.name, t.datatype
         out.shape.extend(t.shape)
         resp.raw_output_contents.append(canonical_bytes(t))
     return resp
+
+
+# --- failing over to the core (an edge with `forward.core_url`) -------------------------------
+SITE_WHY_PARAMETER = "ztgate.site_why"
+SITE_PARAMETER = "ztgate.site"
+_MAX_CORE_DETAIL = 1024
+# A body this large is decoded off the event loop.
+_OFFLOAD_ANSWER_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True)
+class CoreRefusal:
+    """The core's problem for a request the edge forwarded: a gRPC status and its
+    trailing metadata, as the edge's own problems leave (`trailers`)."""
+
+    code: grpc.StatusCode
+    detail: str
+    trailers: tuple[tuple[str, str], ...]
+    problem_type: str
+    request_id: str | None
+
+
+def _site_metadata(core_site: str) -> tuple[tuple[str, str], ...]:
+    return ((SITE_WHY_HEADER, FORWARDED_TO_CORE), (SITE_HEADER, core_site))
+
+
+def _infer_path(name: str, version: str) -> str:
+    quoted = urllib.parse.quote(name, safe="")
+    if version:
+        return f"/v2/models/{quoted}/versions/{urllib.parse.quote(version, safe='')}/infer"
+    return f"/v2/models/{quoted}/infer"
+
+
+def core_refusal(status: int, body: bytes, core_site: str) -> CoreRefusal:
+    """The core's problem+json as a gRPC status (the HTTP status decides the code, as
+    for the edge's own problems); only its type, detail and ids are kept."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):
+        doc = {}
+    ptype = doc.get("type")
+    ptype = ptype if isinstance(ptype, str) and _ascii(ptype) else Internal.type
+    detail = doc.get("detail")
+    detail = detail[:_MAX_CORE_DETAIL] if isinstance(detail, str) else "the core refused"
+    md = [(PROBLEM_TYPE_KEY, ptype)]
+    request_id = doc.get("request_id")
+    request_id = request_id if isinstance(request_id, str) and _ascii(request_id) else None
+    if request_id is not None:
+        md.append((REQUEST_ID_KEY, request_id))
+    md += _site_metadata(core_site)
+    return CoreRefusal(
+        STATUS.get(status, grpc.StatusCode.INTERNAL),
+        detail,
+        tuple(md),
+        ptype,
+        request_id,
+    )
+
+
+async def core_response(body: bytes, headers: Mapping[str, str], core_site: str) -> Message:
+    """The core's 200 inference answer (the HTTP codec's JSON or binary form) as a
+    `ModelInferResponse`, read by the same codec under the answer cap, with the site's
+    parameters added (a stream's message has no metadata of its own). Raises the codec's
+    `Problem` when it does not parse."""
+    raw_length = headers.get(HEADER_LENGTH.lower())
+    length = int(raw_length) if raw_length is not None and raw_length.isdigit() else None
+    limits = Limits(max_body_bytes=len(body) + 1)
+    if len(body) > _OFFLOAD_ANSWER_BYTES:
+        resp = await asyncio.to_thread(decode_response, body, length, limits)
+    else:
+        resp = decode_response(body, length, limits)
+    params = {**resp.parameters, SITE_WHY_PARAMETER: FORWARDED_TO_CORE, SITE_PARAMETER: core_site}
+    return _response(resp.model_name, resp.model_version or "", resp.id or "", params, resp.outputs)
 
 
 # --- the client-CA CRL, per RPC --------------------------------------------------------------
@@ -505,16 +603,66 @@ class GrpcFront(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[
         with one_request():  # a stream's messages share a task (gateway/forward/site.py)
             return await self.gw.pipeline.infer(came, respond, decode)
 
+    async def _from_core(
+        self, request: Message, context: Any, exc: Exception
+    ) -> tuple[Message | CoreRefusal, str] | None:
+        """At an edge, the core's answer (or refusal) to an inference the edge's own nodes
+        could not serve, and the core's site; None: the edge's own problem stands. The
+        rule is the HTTP front's (gateway/forward/client.py): only after the edge's policy
+        allowed it (the problem names its decision). The body forwarded is the one the
+        edge decoded and decided on (`codec_body`), so gRPC's own compression is no bar;
+        the statement binds the client's certificate from the gRPC auth context."""
+        forwarder = getattr(self.gw, "forwarder", None)
+        if not isinstance(forwarder, CoreForwarder) or not isinstance(exc, Problem):
+            return None
+        chain = peer_scope(context)["extensions"]["tls"]["client_cert_chain"]
+        if not chain or not eligible(exc.to_dict()):
+            return None
+        try:
+            body, header_length = codec_body(request, self.gw.cfg.limits.max_json_bytes)
+        except Problem:
+            return None
+        binary = header_length < len(body)
+        answer = await ask_core(
+            forwarder,
+            client_cert=chain[0],
+            path=_infer_path(request.model_name, request.model_version),
+            model=request.model_name,
+            version=request.model_version,
+            body=body,
+            content_type=OCTET_CONTENT_TYPE if binary else JSON_CONTENT_TYPE,
+            extra={HEADER_LENGTH.lower(): str(header_length)} if binary else None,
+            within_s=context.time_remaining(),
+        )
+        if answer is None:
+            return None
+        site = forwarder.core_site
+        if answer.status != 200:
+            return core_refusal(answer.status, answer.body, site), site
+        try:
+            return await core_response(answer.body, answer.headers, site), site
+        except Exception as bad:  # a Problem or any other: the core's answer is unusable
+            log.warning("gRPC: the core's answer did not parse: %s", type(bad).__name__)
+            return None
+
     async def ModelInfer(self, request: Message, context: Any) -> Message:
+        forwarded: tuple[tuple[str, str], ...] = ()
         try:
             resp = await self._infer(request, context)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await _abort(context, self.problem("ModelInfer", exc))
+            core = await self._from_core(request, context, exc)
+            if core is None:
+                await _abort(context, self.problem("ModelInfer", exc))
+            resp, site = core
+            if isinstance(resp, CoreRefusal):
+                self._count("ModelInfer", resp.code)
+                await context.abort(resp.code, resp.detail, trailing_metadata=resp.trailers)
+            forwarded = _site_metadata(site)
         self._count("ModelInfer", grpc.StatusCode.OK)
         context.set_trailing_metadata(
-            ((REQUEST_ID_KEY, resp.parameters["ztgate.request_id"].string_param),)
+            ((REQUEST_ID_KEY, resp.parameters["ztgate.request_id"].string_param), *forwarded)
         )
         return resp
 
@@ -531,11 +679,19 @@ class GrpcFront(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                problem = self.problem("ModelStreamInfer", exc)
-                if isinstance(problem, Unauthenticated):
-                    await _abort(context, problem)
-                yield stream_error(request, problem)
-                continue
+                core = await self._from_core(request, context, exc)
+                if core is not None:  # per message, as a unary call (site as parameters)
+                    resp, site = core
+                    if isinstance(resp, CoreRefusal):
+                        self._count("ModelStreamInfer", resp.code)
+                        yield core_stream_error(request, resp, site)
+                        continue
+                else:
+                    problem = self.problem("ModelStreamInfer", exc)
+                    if isinstance(problem, Unauthenticated):
+                        await _abort(context, problem)
+                    yield stream_error(request, problem)
+                    continue
             self._count("ModelStreamInfer", grpc.StatusCode.OK)
             yield service_pb2.ModelStreamInferResponse(infer_response=resp)
 
@@ -553,6 +709,24 @@ def stream_error(request: Message, problem: Problem) -> Message:
     if isinstance(request_id, str):
         set_parameter(resp.parameters["ztgate.request_id"], request_id)
     return service_pb2.ModelStreamInferResponse(error_message=problem.detail, infer_response=resp)
+
+
+def core_stream_error(request: Message, refusal: CoreRefusal, core_site: str) -> Message:
+    """The core's refusal of a stream message, answered in the stream as `stream_error`
+    answers the edge's own, with the site's parameters."""
+    resp = service_pb2.ModelInferResponse(
+        model_name=request.model_name, model_version=request.model_version, id=request.id
+    )
+    params: dict[str, JsonScalar] = {
+        "ztgate.problem_type": refusal.problem_type,
+        SITE_WHY_PARAMETER: FORWARDED_TO_CORE,
+        SITE_PARAMETER: core_site,
+    }
+    if refusal.request_id is not None:
+        params["ztgate.request_id"] = refusal.request_id
+    for key, value in params.items():
+        set_parameter(resp.parameters[key], value)
+    return service_pb2.ModelStreamInferResponse(error_message=refusal.detail, infer_response=resp)
 
 
 # --- the server ----------------------------------------------------------------------------

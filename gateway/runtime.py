@@ -562,7 +562,10 @@ def edge_failover(cfg: Config, gw: Gateway, api: Any) -> Any:
 
     gw.background.append(close_forwarder)
     gw.forwarder = forwarder  # type: ignore[attr-defined]
-    return EdgeFailover(api, forwarder, cfg.limits.max_body_bytes, cfg.generate)
+    failover = EdgeFailover(api, forwarder, cfg.limits.max_body_bytes, cfg.generate)
+    if gw.jobs is not None:  # jobs lean on the core as sync calls do (docs/ddil.md)
+        gw.jobs.app = failover
+    return failover
 
 
 def forward_server(cfg: Config, gw: Gateway) -> uvicorn.Server | None:

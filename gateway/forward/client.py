@@ -10,6 +10,8 @@ same body sent to the core's forward listener, and the core's answer, or its ref
 what the client gets, marked `ztgate-site-why: forwarded-to-core`. A request that itself
 came through a forward listener is never forwarded again, nor is a compressed one (the
 edge decided on its body decompressed; the statement would bind the bytes as sent).
+Jobs run through this wrapper too (gateway/runtime.py), and the gRPC front, under the
+same rule, hands the core the HTTP body it made of its message through `ask_core`.
 
 A stream of events is passed on as it arrives, one read at a time: each read within
 `timeout_s` plus what the core may hold back for a stop sequence, the whole within what
@@ -33,7 +35,8 @@ import contextlib
 import json
 import logging
 import ssl
-from collections.abc import Coroutine, MutableMapping
+from collections.abc import Coroutine, Mapping, MutableMapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -339,19 +342,7 @@ class EdgeFailover:
         return True
 
     async def _whole(self, core: httpx.Response, deadline: float) -> bytes:
-        parts: list[bytes] = []
-        size = 0
-        chunks = core.aiter_bytes()
-        while True:
-            try:
-                async with asyncio.timeout_at(_next_read(self.forwarder.timeout_s, deadline)):
-                    chunk = await anext(chunks)
-            except StopAsyncIteration:
-                return b"".join(parts)
-            size += len(chunk)
-            if size > MAX_ANSWER_BYTES:
-                raise ValueError(f"the core's answer is over {MAX_ANSWER_BYTES} bytes")
-            parts.append(chunk)
+        return await _read_whole(core, self.forwarder.timeout_s, deadline)
 
     def _failed(self, exc: BaseException) -> bool:
         self.forwarder.failed += 1
@@ -363,6 +354,85 @@ class EdgeFailover:
         closed (the core then cancels a stream at its node), and nobody is answered."""
         self.forwarder.left += 1
         return True
+
+
+@dataclass(frozen=True)
+class CoreAnswer:
+    """The core's whole answer to a request handed to it by a front other than HTTP's."""
+
+    status: int
+    headers: dict[str, str]  # content-type and `_RETURNED_HEADERS` only, lowercase
+    body: bytes
+
+
+def eligible(problem: Mapping[str, Any]) -> bool:
+    """Whether a problem (as `Problem.to_dict` writes it) leaves the request to the core:
+    no local node could answer, and the edge's policy had allowed it (`_may_fail_over`)."""
+    return bool(
+        problem.get("type") in _FAIL_OVER_ON and isinstance(problem.get("decision_id"), str)
+    )
+
+
+async def ask_core(
+    forwarder: CoreForwarder,
+    *,
+    client_cert: str,
+    path: str,
+    model: str,
+    version: str,
+    body: bytes,
+    content_type: str,
+    extra: dict[str, str] | None,
+    within_s: float | None,
+) -> CoreAnswer | None:
+    """An inference the edge's own nodes could not serve, asked of the core as
+    `EdgeFailover` asks it (the statement binds `body`, exactly the bytes the edge decided
+    on), read whole within `timeout_s` (and `within_s`, the caller's own deadline) and
+    `MAX_ANSWER_BYTES`. None when the core could not be reached or its answer not read:
+    the caller then answers with the edge's own problem. Counted as `EdgeFailover` counts;
+    a caller that goes away cancels this, which closes the request to the core."""
+    bound = forwarder.timeout_s if within_s is None else min(forwarder.timeout_s, within_s)
+    deadline = asyncio.get_running_loop().time() + max(bound, 0.0)
+    try:
+        async with asyncio.timeout_at(deadline):
+            core = await forwarder.open(
+                client_cert=client_cert,
+                path=path,
+                model=model,
+                version=version,
+                body=body,
+                content_type=content_type,
+                extra=extra,
+                head_s=forwarder.timeout_s,
+            )
+            try:
+                answer = await _read_whole(core, forwarder.timeout_s, deadline)
+            finally:
+                await core.aclose()
+    except (httpx.HTTPError, OSError, TimeoutError, ValueError) as exc:
+        forwarder.failed += 1
+        log.warning("forwarding to the core failed: %s", type(exc).__name__)
+        return None
+    forwarder.forwarded += 1
+    kept = ("content-type", *_RETURNED_HEADERS)
+    headers = {k: core.headers[k] for k in kept if k in core.headers}
+    return CoreAnswer(core.status_code, headers, answer)
+
+
+async def _read_whole(core: httpx.Response, read_s: float, deadline: float) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    chunks = core.aiter_bytes()
+    while True:
+        try:
+            async with asyncio.timeout_at(_next_read(read_s, deadline)):
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return b"".join(parts)
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            raise ValueError(f"the core's answer is over {MAX_ANSWER_BYTES} bytes")
+        parts.append(chunk)
 
 
 async def _gone(receive: Receive) -> None:
@@ -498,9 +568,7 @@ def _may_fail_over(body: bytes) -> bool:
         return False
     if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
         doc = doc["error"]
-    if not isinstance(doc, dict):
-        return False
-    return bool(doc.get("type") in _FAIL_OVER_ON and isinstance(doc.get("decision_id"), str))
+    return isinstance(doc, dict) and eligible(doc)
 
 
 def _pinned(audience: str) -> type[ssl.SSLObject]:
