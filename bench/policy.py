@@ -5,10 +5,9 @@ Run: ``.venv/bin/python bench/policy.py [--requests 20000] [--dir policies]``
 Every call decides 4 modes x 3 nodes (12 Cedar requests) for one inference request.
 
 * ``hit``          the same request again: every (mode, node) comes from the cache.
-* ``miss``         cache cleared before each call: one batched Cedar call (plus a second
-                   when redundant/mpc must re-count providers), with the schema checking
-                   each request (the default).
-* ``miss-nocheck`` the same without handing Cedar the schema per call, for comparison.
+* ``miss``         cache cleared before each call: every piece of the policy set asked
+                   (engine.py, _pieces), without the schema per request (the default).
+* ``miss-check``   the same, handing Cedar the schema with every request, for comparison.
 * ``mix``          a realistic stream: 40 callers (apps, analysts, org-rule clients), each
                    with its own batch size, purpose, payload size and two models; a node
                    occasionally ejected, the hour moving through a working day, a
@@ -22,9 +21,15 @@ Per node class (issue 19), ``--fleet``: the shipped policies on the 3 nodes abov
 300 simulated nodes (registry-free NodeFacts over 8 regions, 6 providers, trust 0-2),
 for one mode (the client named it) and for all four:
 
-* ``new``   a request the decision cache has not seen (a new caller or batch size);
-            what the node-reading policies answer per class is cached by what they
-            read (the model and mode here), so it is shared with earlier requests.
+* ``new``   a request the decision cache has not seen (a batch size new to this
+            caller; every 250th request a new caller): each piece of the policy set is
+            cached by what it reads, so most of these ask Cedar nothing (another caller
+            had that batch size) and are the engine's bookkeeping alone.
+* ``fresh``  a batch size and hour no request had before: the piece that reads them
+            is asked (one Cedar request), the rest is known.
+* ``caller``  a caller the engine has not seen since the last reload: its entity is
+            built and the pieces that read the caller are asked (one per mode for the
+            permits that read the mode, one for those that do not).
 * ``cold``  every cache cleared first, as after a policy reload or revocation bump.
 * ``hit``   the same request again.
 """
@@ -112,8 +117,21 @@ def fleet_cases(
     def hit(_: int) -> object:
         return engine.decide_infer(who[0], "iris", ctx0, names, modes=modes)
 
+    strangers = [
+        IdentityFacts(f"{CLIENT}new{i}", f"new{i}", "Acme", "Sales", "", str(i)) for i in range(n)
+    ]
+
+    def caller(i: int) -> object:
+        return engine.decide_infer(strangers[i], "iris", ctx0, names, modes=modes)
+
+    def fresh(i: int) -> object:
+        # Hours 0-7 (the other cases use noon): 2048 (batch size, hour) pairs never seen.
+        ctx = InferContext(1 + i % 256, 1024, "", NOON.replace(hour=(i // 256) % 8))
+        return engine.decide_infer(who[0], "iris", ctx, names, modes=modes)
+
     new(-1)  # the classes' own answers, as any running gateway has them
-    rows = [("new", timed(n, new)), ("cold", timed(max(n // 10, 50), cold))]
+    rows = [("new", timed(n, new)), ("fresh", timed(n, fresh)), ("caller", timed(n, caller))]
+    rows.append(("cold", timed(max(n // 10, 50), cold)))
     hit(0)
     rows.append(("hit", timed(n, hit)))
     return rows
@@ -147,8 +165,11 @@ def fleet_rows(n: int, directory: Path) -> None:
                     f"{name:<26}{len(nodes):>6}{engine.class_count:>8}{len(samples):>7}"
                     f"{p50:>9.1f}{p99:>9.1f}"
                 )
-        # Before issue 19: every node decided on its own, every mode, nothing shared.
-        before = PolicyEngine(source, models=MODELS, nodes=nodes, node_classes=False)
+        # Before issue 19: every node decided on its own, every mode, nothing shared, the
+        # schema handed to Cedar with every request.
+        before = PolicyEngine(
+            source, models=MODELS, nodes=nodes, node_classes=False, check_requests=True
+        )
         samples = timed(10 if len(nodes) > 10 else 200, per_node_miss(before, names))
         p50, p99 = percentiles(samples)
         name = "per node (before), all"
@@ -275,7 +296,7 @@ def main() -> None:
         return
     source = load_policy_dir(args.dir)
     engine = PolicyEngine(source, models=MODELS, nodes=NODES)
-    nocheck = PolicyEngine(source, models=MODELS, nodes=NODES, check_requests=False)
+    check = PolicyEngine(source, models=MODELS, nodes=NODES, check_requests=True)
     demo = IdentityFacts(CLIENT + "demo", "demo")
     ctx = InferContext(1, 1024, "", NOON)
     nodes = [x.name for x in NODES]
@@ -291,7 +312,7 @@ def main() -> None:
     engine.decide_infer(demo, "iris", ctx, nodes)
     rows.append(("hit", timed(n, lambda _: engine.decide_infer(demo, "iris", ctx, nodes))))
     rows.append(("miss", timed(max(n // 20, 200), miss(engine))))
-    rows.append(("miss-nocheck", timed(max(n // 20, 200), miss(nocheck))))
+    rows.append(("miss-check", timed(max(n // 20, 200), miss(check))))
     rates = []
     for name, profiles in (("mix", True), ("mix-uniform", False)):
         rows.append((name, mix(engine, n, random.Random(7), profiles)))

@@ -168,7 +168,8 @@ def engines(tmp_path: Path, files: dict[str, str]) -> tuple[PolicyEngine, Policy
     source = load_policy_dir(policy_dir(tmp_path, files)) if files else load_policy_dir(POLICIES)
     return (
         PolicyEngine(source, models=MODELS, nodes=FLEET),
-        PolicyEngine(source, models=MODELS, nodes=FLEET, node_classes=False),
+        # The reference: the whole set, every node alone, the schema on every request.
+        PolicyEngine(source, models=MODELS, nodes=FLEET, node_classes=False, check_requests=True),
     )
 
 

@@ -1,22 +1,34 @@
 """The Cedar policy engine: one batched, cached decision per inference request.
 
 Built once per policy source and set of model/node facts. Cedar's parsed handles
-(policy set, schema, entities) are kept, so a decision costs one `is_authorized_batch`
-call for the (mode, node) pairs not already cached.
+(policy set, schema, entities) are kept, so a decision costs at most one
+`is_authorized_batch` call per piece of the policy set (below) with something new to
+answer, and none for a request already cached.
 
 Fail closed, three ways: a pair whose evaluation reports an error in any policy is
 denied even if a permit matched (Cedar itself skips an erroring policy, which would
 silently disarm a `forbid`); NoDecision (e.g. a context the schema refuses) is a deny;
-and every context attribute the schema declares is always filled (facts.infer_context).
+and every context attribute a policy reads is always filled (facts.infer_context; a
+piece gets those its policies read, all of them where that cannot be bounded).
 
 Node classes (node_class.py): nodes whose records agree on every attribute a policy reads
 get the same answer, so Cedar decides one representative per class and the answer is
-given to each node of it. The set is cut in two (_Split): the policies that never read
-the node are decided once per mode, and those that do per class, cached by the part of
-the request they read (node_class.policy_reads; the model and mode for the shipped set),
-so a request on a known fleet costs one Cedar request per mode, not one per node. Only
-the modes asked for are decided (the pipeline asks for the client's mode alone when it
-names one). tests/test_policy_classes.py holds all of it to deciding each node alone.
+given to each node of it. The set is decided in pieces (_pieces): the policies that read
+the node (per class), those that read the caller, and the rest by whether they read the
+mode or provider count; each piece's answer is cached by the part of the request it
+reads (node_class.policy_reads), so a request the cache has not seen asks Cedar only
+about what is new in it (a new batch size: one small request; a new caller: one per
+mode), and the answers are combined as one call over the whole set would give them
+(_combine, fail closed). Only the modes asked for are decided when no policy reads the
+mode. tests/test_policy_classes.py and tests/test_policy_speed.py hold all of it to
+deciding each node alone with the whole set.
+
+Cedar is handed the schema with `infer` requests only where the schema refuses the shape
+the gateway builds (then each request is NoDecision: denied); otherwise not: the
+policies were validated against it at load, the request is built from typed facts that
+the load-time probe (source._probe_schema, and the engine's own) matched to the schema's
+types, and a piece is handed only the context attributes it reads. The re-check cost
+about half of every Cedar request.
 
 Cache: each (mode, node class) decision is keyed by the exact Cedar request it came from
 (every principal, resource and context attribute, via the facts that determine them),
@@ -32,10 +44,11 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import operator
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -171,13 +184,17 @@ class PolicyEngine:
         nodes: Sequence[F.NodeFacts],
         default_rate: F.Rate = DEFAULT_RATE,
         cache_size: int = 65536,
-        check_requests: bool = True,
+        check_requests: bool = False,
         node_classes: bool = True,
     ) -> None:
-        """`check_requests`: hand Cedar the schema per call so it re-checks each request's
-        shape (roughly doubles the cost of a cache miss; off only for measurement).
-        `node_classes`: False decides every node on its own (the reference the
-        equivalence tests compare with)."""
+        """`check_requests`: hand Cedar the schema with every `infer` request so it
+        re-checks the request's shape (about half of a Cedar request's cost). Off by
+        default: the gateway builds every request from typed facts, the policies were
+        validated against the schema at load, and the schema is probed here with the
+        very shape the gateway builds; where it refuses that shape, every request is
+        checked (so each is NoDecision: denied). `node_classes`: False decides every node
+        on its own with the whole policy set (the reference the equivalence tests compare
+        with)."""
         for m in models.values():
             F.check_model(m)
         self.source = source
@@ -203,11 +220,17 @@ class PolicyEngine:
             json.dumps({**parsed, "staticPolicies": permits})
         )
         self._scope_cache: OrderedDict[tuple[Any, ...], bool] = OrderedDict()
-        self._request_schema = self._schema if check_requests else None
         ents = [F.group_entity(g) for g in source.identities.groups()]
         ents += [F.model_entity(m) for m in self._models.values()]
         ents.append(F.resource_entity(F.ResourceFacts("Gateway")))
         self._base = cedarpy.Entities.from_json_str(json.dumps(ents), self._schema)
+        if not check_requests and not self._shape_accepted(nodes):
+            log.warning("the schema refuses the infer requests the gateway builds: denied")
+            check_requests = True
+        # The schema for `infer` requests (None: not re-checked per request, see above).
+        # Other actions are rare and always checked.
+        self.checks_requests = check_requests
+        self._request_schema = self._schema if check_requests else None
         # A permit without @rate still gets a limit: never unlimited.
         self._rates = {
             p.id: p.rate or default_rate for p in source.policies if p.effect == "permit"
@@ -231,7 +254,8 @@ class PolicyEngine:
             for name, record in self._node_json.items()
         }
         self.class_count = len(ids)
-        self._split = _split(parsed, keys) if node_classes and len(ids) > 1 else None
+        # Deciding the policy set in pieces by what each reads (_pieces); None: whole.
+        self._pieces = _pieces(parsed, keys) if node_classes else None
         # Deciding only the mode a client names gives the same decision (rate, token
         # budgets, nodes) as deciding all of them only when no policy's answer can change
         # with the mode: a mode-conditional permit or forbid would otherwise change which
@@ -239,11 +263,13 @@ class PolicyEngine:
         # with buckets keyed by rate, add limits together).
         reads = policy_reads(parsed["staticPolicies"].values())
         self.mode_blind = reads.context is not None and not (reads.context & _MODE_DEPENDENT)
-        # Answers of the two halves of a split policy set (_Split): the node-free half
-        # per request, mode and count; the node half per what it reads, then class.
+        # Answers of the pieces (_Piece), each by the part of the request it reads: the
+        # node-free pieces' in _free, the node piece's in _near, then per class.
         self._free: OrderedDict[tuple[Any, ...], _Part] = OrderedDict()
         self._near: OrderedDict[tuple[Any, ...], dict[int, _Part]] = OrderedDict()
         self._interned: dict[_Part, _Part] = {}
+        self._rows: OrderedDict[tuple[Any, ...], dict[int, PairResult]] = OrderedDict()
+        self._folds: dict[tuple[_Part, ...], _Part] = {}  # _fold's answers
         # Cedar lists reasons in no fixed order; report them in file order.
         self._order = {p.id: i for i, p in enumerate(source.policies)}
         # The purpose literals the policies compare against (None: used some other way).
@@ -382,14 +408,14 @@ class PolicyEngine:
         self._misses += fresh
         if not todo:
             return groups
-        if self._split is None:
+        if self._pieces is None:
             asks = [(mode, first[c], count) for _, mode, count, missing in todo for c in missing]
             answers = iter(self._cedar(identity, base, purpose, self._policies, asks))
             for group, _, count, missing in todo:
                 for c in missing:
                     group[c] = _judge(next(answers), count, self._order)
         else:
-            self._split_results(identity, base, purpose, self._split, first, todo)
+            self._piece_results(identity, base, purpose, self._pieces, first, todo)
         for group, mode, _, missing in todo:
             for c in missing:
                 if group[c].errors:
@@ -413,91 +439,172 @@ class PolicyEngine:
         purpose: str,
         policies: cedarpy.PolicySet,
         asks: Sequence[tuple[str, F.NodeFacts, int]],
+        only: tuple[str, ...] | None = None,
     ) -> list[cedarpy.AuthzResult]:
-        """One batched Cedar call: `policies` on each (mode, node, count) of `asks`."""
+        """One batched Cedar call: `policies` on each (mode, node, count) of `asks`.
+        `only`: the context attributes `policies` read, all Cedar is handed when the
+        schema is not (an attribute no policy reads cannot change an answer; one it reads
+        is always there, so none errors for lack of one)."""
         principal, entities = self._client(identity)
-        requests = [
-            {
-                "principal": principal,
-                "action": F.action_uid(F.INFER),
-                "resource": F.uid("Model", base.model),
-                "context": {
-                    "mode": mode,
-                    "node": self._node_json[node.name],
-                    "batch_size": base.batch_size,
-                    "payload_class": base.payload_class,
-                    "hour": base.hour,
-                    "purpose": purpose,
-                    "distinct_providers": count,
-                    "prompt_tokens": base.prompt_tokens,
-                    "max_tokens": base.max_tokens,
-                    "temperature_milli": base.temperature_milli,
-                    "top_p_milli": base.top_p_milli,
-                },
+        action = F.action_uid(F.INFER)
+        resource = F.uid("Model", base.model)
+        if self._request_schema is not None:
+            only = None  # the schema wants every attribute it declares
+        requests = []
+        for mode, node, count in asks:
+            context = {
+                "mode": mode,
+                "node": self._node_json[node.name],
+                "batch_size": base.batch_size,
+                "payload_class": base.payload_class,
+                "hour": base.hour,
+                "purpose": purpose,
+                "distinct_providers": count,
+                "prompt_tokens": base.prompt_tokens,
+                "max_tokens": base.max_tokens,
+                "temperature_milli": base.temperature_milli,
+                "top_p_milli": base.top_p_milli,
             }
-            for mode, node, count in asks
-        ]
+            if only is not None:
+                context = {k: context[k] for k in only}
+            requests.append(
+                {"principal": principal, "action": action, "resource": resource, "context": context}
+            )
         return list(cedarpy.is_authorized_batch(requests, policies, entities, self._request_schema))
 
-    def _split_results(
+    def _shape_accepted(self, nodes: Sequence[F.NodeFacts]) -> bool:
+        """Whether the schema accepts an `infer` request as _cedar builds it (as the
+        source's load-time probe checks; a source can reach the engine another way)."""
+        node = nodes[0] if nodes else F.NodeFacts("probe", "eu-west", "prov-a", 1)
+        request = {
+            "principal": F.uid("Client", "spiffe://probe/client/p"),
+            "action": F.action_uid(F.INFER),
+            "resource": F.uid("Model", next(iter(self._models), "probe")),
+            "context": F.infer_context("none", node, 1, "small", 0, "", 1),
+        }
+        answer = cedarpy.is_authorized(request, "", self._base, self._schema)
+        return answer.decision != cedarpy.Decision.NoDecision
+
+    def _piece_results(
         self,
         identity: F.IdentityFacts,
         base: _Key,
         purpose: str,
-        split: _Split,
+        pieces: Sequence[_Piece],
         first: Mapping[int, F.NodeFacts],
         todo: Sequence[tuple[dict[int, PairResult], str, int, list[int]]],
     ) -> None:
-        """Fills each group's missing classes from the policies that never read the node
-        (decided once per mode and count) and those that do (per class, cached by what
-        they read, so shared across callers and requests): what the whole set answers
-        (_combine)."""
+        """Fills each group's missing classes from the policy set's pieces (_pieces), each
+        answered once per distinct part of the request it reads (cached by that part, so
+        shared across callers, modes and requests), then combined as one Cedar call over
+        the whole set answers (_combine)."""
         free, near = self._free, self._near
-        halves: list[tuple[tuple[Any, ...], dict[int, _Part]]] = []
-        need_free: dict[tuple[Any, ...], tuple[str, F.NodeFacts, int]] = {}
-        need_near: dict[tuple[int, int], tuple[dict[int, _Part], int]] = {}
-        near_asks: list[tuple[str, F.NodeFacts, int]] = []
+        values: dict[str, Any] = {
+            "batch_size": base.batch_size,
+            "payload_class": base.payload_class,
+            "hour": base.hour,
+            "purpose": base.purpose,
+            "prompt_tokens": base.prompt_tokens,
+            "max_tokens": base.max_tokens,
+            "temperature_milli": base.temperature_milli,
+            "top_p_milli": base.top_p_milli,
+        }
+        caller = (base.spiffe_id, base.name, base.organization, base.unit)
+        stems = [
+            (
+                i,
+                base.policy_hash,
+                base.revocation_version,
+                caller if piece.reads.principal else (),
+                base.model if piece.reads.resource else "",
+            )
+            for i, piece in enumerate(pieces)
+        ]
+        # Per todo entry: the node-free pieces' keys, and the node piece's key and answers.
+        keyed: list[tuple[list[tuple[Any, ...]], tuple[Any, ...], dict[int, _Part] | None]] = []
+        asks: list[dict[tuple[Any, ...], tuple[str, F.NodeFacts, int]]] = [{} for _ in pieces]
+        near_asks: list[tuple[dict[int, _Part], int]] = []
+        fixed: dict[int, tuple[Any, ...]] = {}  # keys of pieces that read no mode or count
         for _, mode, count, missing in todo:
-            key = (*base, mode, count)
-            if key in free:
-                free.move_to_end(key)
+            values["mode"], values["distinct_providers"] = mode, count
+            keys: list[tuple[Any, ...]] = []
+            nkey: tuple[Any, ...] = ()
+            parts: dict[int, _Part] | None = None
+            for i, piece in enumerate(pieces):
+                key = fixed.get(i)
+                if key is None:
+                    key = (*stems[i], piece.pick(values))
+                    if not piece.varies:
+                        fixed[i] = key
+                if not piece.node:
+                    keys.append(key)
+                    if key in free:
+                        free.move_to_end(key)
+                    elif key not in asks[i]:
+                        asks[i][key] = (mode, first[missing[0]], count)
+                    continue
+                nkey = key
+                parts = near.get(key)
+                if parts is None:
+                    parts = near[key] = {}
+                else:
+                    near.move_to_end(key)
+                if parts.keys() >= set(missing):
+                    continue
+                for c in missing:
+                    if c not in parts and (id(parts), c) not in asks[i]:
+                        asks[i][(id(parts), c)] = (mode, first[c], count)
+                        near_asks.append((parts, c))
+            keyed.append((keys, nkey, parts))
+        interned = self._interned
+        if len(interned) > 4096:
+            interned.clear()
+        for i, piece in enumerate(pieces):
+            if not asks[i]:
+                continue
+            got = self._cedar(
+                identity, base, purpose, piece.policies, list(asks[i].values()), piece.context
+            )
+            if piece.node:
+                for (parts, c), answer in zip(near_asks, got, strict=True):
+                    part = _part(answer, self._order)
+                    # Equal answers as one object: most classes answer alike, and below
+                    # they are then combined once.
+                    parts[c] = interned.setdefault(part, part)
             else:
-                need_free[key] = (mode, first[missing[0]], count)
-            reduced = _reduced(split.node_reads, base, mode, count)
-            parts = near.get(reduced)
+                for key, answer in zip(asks[i], got, strict=True):
+                    free[key] = _part(answer, self._order)
+        rows, folds = self._rows, self._folds
+        if len(folds) > 4096:
+            folds.clear()
+        for (group, _, count, missing), (keys, nkey, parts) in zip(todo, keyed, strict=True):
+            answers = tuple(free[k] for k in keys)
+            half = folds.get(answers)
+            if half is None:
+                half = folds[answers] = _fold(answers, self._order)
             if parts is None:
-                parts = near[reduced] = {}
+                whole = _combine(half, _NOTHING, count, self._order)
+                group.update(dict.fromkeys(missing, whole))
+                continue
+            # Each class's answer is fixed by the folded half, the node piece's key and
+            # the count: kept as a row, so a request that differs from an earlier one
+            # only in what the node-free pieces read, and answers alike, copies it.
+            row_key = (half, nkey, count)
+            row = rows.get(row_key)
+            if row is None:
+                row = rows[row_key] = {}
             else:
-                near.move_to_end(reduced)
-            halves.append((key, parts))
-            for c in missing:
-                if c not in parts and (id(parts), c) not in need_near:
-                    need_near[(id(parts), c)] = (parts, c)
-                    near_asks.append((mode, first[c], count))
-        if need_free:
-            got = self._cedar(identity, base, purpose, split.free, list(need_free.values()))
-            for key, answer in zip(need_free, got, strict=True):
-                free[key] = _part(answer, self._order)
-        if near_asks:
-            got = self._cedar(identity, base, purpose, split.node, near_asks)
-            interned = self._interned
-            if len(interned) > 4096:
-                interned.clear()
-            for (parts, c), answer in zip(need_near.values(), got, strict=True):
-                part = _part(answer, self._order)
-                # Equal answers as one object: most classes answer alike, and below they
-                # are then combined once.
-                parts[c] = interned.setdefault(part, part)
-        for (group, _, count, missing), (key, parts) in zip(todo, halves, strict=True):
-            half = free[key]
-            combined: dict[int, PairResult] = {}
-            for c in missing:
-                part = parts[c]
-                result = combined.get(id(part))
-                if result is None:
-                    result = combined[id(part)] = _combine(half, part, count, self._order)
-                group[c] = result
-        for cached in (free, near):
+                rows.move_to_end(row_key)
+            if not row.keys() >= set(missing):
+                combined: dict[int, PairResult] = {}
+                for c in missing:
+                    part = parts[c]
+                    result = combined.get(id(part))
+                    if result is None:
+                        result = combined[id(part)] = _combine(half, part, count, self._order)
+                    row[c] = result
+            group.update(zip(missing, map(row.__getitem__, missing), strict=True))
+        for cached in (free, near, rows):
             while len(cached) > self._cache_size:
                 cached.popitem(last=False)
 
@@ -521,14 +628,17 @@ class PolicyEngine:
         errors: list[str] = []
         for mode in evaluated:
             offered = mode in model.allowed_modes  # the registry's technical limit
-            ok: set[int] = set()
-            for c in fleet.first:
-                r = decided[mode][c]
+            results = decided[mode]
+            # Each distinct answer once, in the order its first class comes: many classes
+            # share one answer object, and lists below keep first occurrences only.
+            answers = {id(r): r for r in map(results.__getitem__, fleet.first)}.values()
+            some, every = False, True
+            for r in answers:
                 if r.errors:
                     errors.extend(r.errors)
                 if r.allowed:
                     if offered:
-                        ok.add(c)
+                        some = True
                         permits.add(r.determining)
                         if mode == "none":
                             for pid in r.determining:
@@ -536,11 +646,14 @@ class PolicyEngine:
                                 spot = got.stricter(spot) if got is not None else spot
                                 proof = F.stricter_proof(proof, self._proofs.get(pid))
                 else:
+                    every = False
                     forbids.extend(r.determining)
-            if ok:
+            if some:
                 modes.append(mode)
-                every = len(ok) == len(fleet.first)
-                by_mode[mode] = fleet.names if every else fleet.only(ok)
+                if every:
+                    by_mode[mode] = fleet.names
+                else:
+                    by_mode[mode] = fleet.only({c for c in fleet.first if results[c].allowed})
         rate: F.Rate | None = None
         if modes:
             determining = tuple(dict.fromkeys(pid for ids in sorted(permits) for pid in ids))
@@ -635,7 +748,7 @@ class PolicyEngine:
             "resource": F.uid(resource.type, resource.id),
             "context": {},
         }
-        answer = cedarpy.is_authorized(request, self._policies, entities, self._request_schema)
+        answer = cedarpy.is_authorized(request, self._policies, entities, self._schema)
         r = _judge(answer, 0, self._order)
         blanket: tuple[str, ...] = ()
         if r.allowed and action in F.ADMIN_ACTIONS:
@@ -726,6 +839,7 @@ class PolicyEngine:
             self._cached = 0
             self._free.clear()
             self._near.clear()
+            self._rows.clear()
             self._version = version
 
     def purpose_key(self, purpose: str) -> str:
@@ -749,6 +863,7 @@ class PolicyEngine:
         self._cached = 0
         self._free.clear()
         self._near.clear()
+        self._rows.clear()
         self._hits = self._misses = 0
 
     def decide_forward_for(self, identity: F.IdentityFacts, site: str, model: str) -> AuthzDecision:
@@ -768,7 +883,7 @@ class PolicyEngine:
             return AuthzDecision(
                 os.urandom(16).hex(), False, F.FORWARD_FOR, (), (), self.policy_hash, unknown
             )
-        answer = cedarpy.is_authorized(request, self._policies, entities, self._request_schema)
+        answer = cedarpy.is_authorized(request, self._policies, entities, self._schema)
         r = _judge(answer, 0, self._order)
         naming = tuple(p for p in r.determining if F.FORWARD_FOR in (self._named.get(p) or ()))
         allowed = r.allowed and bool(naming) and not r.errors
@@ -841,13 +956,17 @@ class _Pairs(Mapping[tuple[str, str], PairResult]):
         return repr(dict(self.items()))
 
 
-class _Split(NamedTuple):
-    """A policy set cut in two: `free` never reads `context.node`, `node` does (and
-    reads `node_reads` of the rest of the request)."""
+class _Piece(NamedTuple):
+    """Some policies of the set, with what they read of a request: their answer is shared
+    by every request that agrees on it. At most one piece reads the node (`node`), decided
+    per class; the others never do."""
 
-    free: cedarpy.PolicySet
-    node: cedarpy.PolicySet
-    node_reads: Reads
+    policies: cedarpy.PolicySet
+    reads: Reads
+    node: bool
+    varies: bool  # reads the mode or the provider count: answered per mode and count
+    context: tuple[str, ...] | None  # the context attributes read (None: all of them)
+    pick: Callable[[Mapping[str, Any]], tuple[Any, ...]]  # their values, the node aside
 
 
 class _Part(NamedTuple):
@@ -859,7 +978,9 @@ class _Part(NamedTuple):
     errors: tuple[str, ...]
 
 
-# The context attributes of `infer` a reduced key can hold (the node is the class).
+_NOTHING = _Part(False, (), (), ())
+
+# The context attributes of `infer` a piece's key can hold (the node is the class).
 _CONTEXT_KEYS = frozenset(
     {
         "mode",
@@ -877,55 +998,63 @@ _CONTEXT_KEYS = frozenset(
 )
 
 
-def _split(parsed: Mapping[str, Any], keys: set[str]) -> _Split | None:
-    """The policy set cut by whether each policy reads the node; None where cutting
-    gains nothing (no policy reads it) or is not understood (templates)."""
+def _pieces(parsed: Mapping[str, Any], keys: set[str]) -> tuple[_Piece, ...] | None:
+    """The policies that can match `infer`, cut by what they read, so that a request the
+    cache has not seen asks Cedar only about what is new in it: the node-reading ones
+    (decided per class), those that read the caller, and the rest by whether they read
+    the mode or the provider count. A new batch size then costs one small request (the
+    piece reading neither caller nor mode), a new caller one per mode (the caller's
+    piece, where a policy in it reads the mode); the pieces that do not read the caller
+    are shared by every caller. None where cutting is not understood (templates).
+
+    A policy whose action scope is `action == ` another action cannot match an `infer`
+    request (the scope is tested before its conditions, so it cannot error either) and
+    is left out; `action in [...]` stays (a group may hold `infer`)."""
     if parsed.get("templates") or parsed.get("templateLinks"):
         return None
     static: Mapping[str, Any] = parsed["staticPolicies"]
-    node = {
-        pid: body
-        for pid, body in static.items()
-        if node_attributes({"staticPolicies": {pid: body}}, keys) != frozenset()
-    }
-    if not node:
-        return None
-    free = {pid: body for pid, body in static.items() if pid not in node}
-    reads = policy_reads(node.values())
-    if reads.context is not None and not reads.context <= _CONTEXT_KEYS:
-        reads = Reads(reads.principal, reads.resource, None)  # unknown: all of it
-    return _Split(
-        cedarpy.PolicySet.from_json_str(json.dumps({**parsed, "staticPolicies": free})),
-        cedarpy.PolicySet.from_json_str(json.dumps({**parsed, "staticPolicies": node})),
-        reads,
-    )
+    groups: dict[tuple[bool, bool, bool], dict[str, Any]] = {}
+    for pid, body in static.items():
+        scope = body["action"]
+        if scope.get("op") == "==" and scope.get("entity") != F.action_uid(F.INFER):
+            continue
+        reads = policy_reads([body])
+        node = node_attributes({"staticPolicies": {pid: body}}, keys) != frozenset()
+        varies = reads.context is None or bool(reads.context & _MODE_DEPENDENT)
+        # The caller's policies as one piece: a new caller asks all of them anyway, and
+        # one piece is one Cedar call.
+        caller = not node and reads.principal
+        shape = (node, caller, not node and not caller and varies)
+        groups.setdefault(shape, {})[pid] = body
+    out = []
+    for (node, _, _), bodies in sorted(groups.items(), key=lambda g: g[0]):
+        reads = policy_reads(bodies.values())
+        context = reads.context
+        if context is not None and not context <= _CONTEXT_KEYS:
+            context = None  # unknown: all of it
+        reads = Reads(reads.principal, reads.resource, context)
+        keyed = sorted((_CONTEXT_KEYS if context is None else context) - {"node"})
+        out.append(
+            _Piece(
+                cedarpy.PolicySet.from_json_str(json.dumps({**parsed, "staticPolicies": bodies})),
+                reads,
+                node,
+                context is None or bool(context & _MODE_DEPENDENT),
+                None if context is None else tuple(sorted(context | ({"node"} if node else set()))),
+                _picker(keyed),
+            )
+        )
+    return tuple(out)
 
 
-def _reduced(reads: Reads, base: _Key, mode: str, count: int) -> tuple[Any, ...]:
-    """The part of a request the node-reading policies read (the node aside): their
-    answer for one node class is shared by every request that agrees on it."""
-    values = {
-        "mode": mode,
-        "batch_size": base.batch_size,
-        "payload_class": base.payload_class,
-        "hour": base.hour,
-        "purpose": base.purpose,
-        "distinct_providers": count,
-        "prompt_tokens": base.prompt_tokens,
-        "max_tokens": base.max_tokens,
-        "temperature_milli": base.temperature_milli,
-        "top_p_milli": base.top_p_milli,
-    }
-    context = reads.context
-    return (
-        base.policy_hash,
-        base.revocation_version,
-        (base.spiffe_id, base.name, base.organization, base.unit) if reads.principal else (),
-        base.model if reads.resource else "",
-        tuple(values.items())
-        if context is None
-        else tuple((k, values[k]) for k in sorted(context) if k != "node"),
-    )
+def _picker(keys: Sequence[str]) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
+    """The values of `keys`, as a tuple, from a mapping."""
+    if not keys:
+        return lambda _: ()
+    if len(keys) == 1:
+        key = keys[0]
+        return lambda values: (values[key],)
+    return operator.itemgetter(*keys)
 
 
 def _part(answer: cedarpy.AuthzResult, order: Mapping[str, int]) -> _Part:
@@ -936,6 +1065,25 @@ def _part(answer: cedarpy.AuthzResult, order: Mapping[str, int]) -> _Part:
     if answer.allowed:
         return _Part(False, (), reasons, errors)
     return _Part(False, reasons, (), errors)
+
+
+def _fold(parts: Sequence[_Part], order: Mapping[str, int]) -> _Part:
+    """Several pieces' answers as one piece's: any no-decision, every forbid, the permits
+    (which count only where no forbid matched), every error."""
+    if len(parts) == 1:
+        return parts[0]
+    for p in parts:
+        if p.no_decision:
+            return p
+    forbids = tuple(pid for p in parts for pid in p.forbids)
+    permits = tuple(pid for p in parts for pid in p.permits)
+    errors = tuple(e for p in parts for e in p.errors)
+    return _Part(
+        False,
+        tuple(sorted(forbids, key=lambda pid: order.get(pid, -1))),
+        () if forbids else tuple(sorted(permits, key=lambda pid: order.get(pid, -1))),
+        tuple(sorted(errors)),
+    )
 
 
 def _combine(free: _Part, node: _Part, count: int, order: Mapping[str, int]) -> PairResult:
