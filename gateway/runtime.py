@@ -608,6 +608,8 @@ def forward_server(cfg: Config, gw: Gateway) -> uvicorn.Server | None:
         limits=SiteLimits(f.site_rate_per_s, f.site_burst, f.site_concurrency),
         crl=f.crl,  # also checked per request: a connection outlives its handshake
         forwarder_ca=f.ca,
+        # An edge's job runs here as a job (one receipt per job), once the key is read.
+        jobs_key=lambda: b"" if gw.jobs is None else gw.jobs.key,
     )
     gw.forward_listener = listener  # type: ignore[attr-defined]
     gw.metrics.registry.register(ForwardMetrics(listener))

@@ -11,13 +11,16 @@ has its control: the same call over the cut link gets the edge's own refusal.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +31,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from gateway.config import Config, Forward
@@ -49,9 +53,12 @@ from tests.test_forwarding import (
     forwarder,
     infer_body,
     reached,
+    reason,
+    receipt,
     receipt_at,
     registry_dir,
     running,
+    send,
     site_config,
     sites,
 )
@@ -249,9 +256,11 @@ def test_a_job_forwarded_then_crashed_before_its_record_is_forwarded_again(
     """The edge's runner dies (`CRASH_ENV`: `os._exit`, what a SIGKILL there leaves) after
     the core answered a job's run, before the job recorded it. Restarted, the edge runs
     the job again and forwards it again, with a fresh nonce, so the core accepts it (a
-    nonce derived from the job id would have been refused as a replay: docs/ddil.md):
-    two core receipts, both the client's, and the job keeps one result, naming the
-    second. Control: a job run once after the restart is forwarded once."""
+    nonce derived from the job id would have been refused as a replay: docs/ddil.md),
+    and the statement names the job: the core computes again and answers under the
+    receipt it logged for the first run. One core receipt, the client's, naming the
+    job, and the job's result names it. Control: a job run once after the restart is
+    forwarded once, under a receipt of its own."""
     alice = client(sites, "alice")
     port, admin = free_port(), free_port()
     spec = {
@@ -309,14 +318,15 @@ def test_a_job_forwarded_then_crashed_before_its_record_is_forwarded_again(
         with http(sites, alice) as c:
             view = poll(c, base, job_id, lambda v: v["status"] in ("done", "failed"))
             assert view["status"] == "done" and view["node_executions"] == 2, view
-            twice = [r for r in forwarded_receipts(core) if r.receipt_id not in before]
-            assert len(twice) == 2
-            assert view["receipt_id"] in {r.receipt_id for r in twice}
-            assert view["receipt_id"] != once[0].receipt_id  # the last run's
-            for r in twice:
-                assert r.client is not None
-                assert r.client.spiffe_id == "spiffe://ztgate.local/client/alice"
-            seen = {r.receipt_id for r in twice}
+            still = [r for r in forwarded_receipts(core) if r.receipt_id not in before]
+            assert [r.receipt_id for r in still] == [once[0].receipt_id]  # reused
+            assert view["receipt_id"] == once[0].receipt_id
+            r = once[0]
+            assert r.client is not None
+            assert r.client.spiffe_id == "spiffe://ztgate.local/client/alice"
+            assert str(r.extensions["job_id"]).startswith(f"fwd/{EDGE_SITE}/")
+            assert str(r.extensions["job_id"]).endswith(f"/{job_id}")
+            seen = {r.receipt_id for r in still}
             other = poll(c, base, submit(c, "crash-2"), lambda v: v["status"] == "done")
             assert other["node_executions"] == 1
             fresh = [r for r in forwarded_receipts(core) if r.receipt_id not in before | seen]
@@ -327,6 +337,216 @@ def test_a_job_forwarded_then_crashed_before_its_record_is_forwarded_again(
             second.wait(timeout=20)
         finally:
             kill(second)
+
+
+class AnswerHold:
+    """A real TCP link from an edge to the core's forward listener that can hold the
+    core's answers: while `held`, what the core sends on a connection after its TLS
+    handshake (the bytes that answer the edge's second flight on) is read and kept back,
+    until `cut` resets every connection. That is a link that went down after the core
+    answered and before the edge read the answer, without a timing race; `FaultProxy`
+    has no one-way hold (its delay is both ways, so it would hold the request too)."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.held = False
+        self.up = True
+        self._open: set[asyncio.StreamWriter] = set()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._server = self._call(asyncio.start_server(self._accept, "127.0.0.1", 0))
+        self.port: int = self._server.sockets[0].getsockname()[1]
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
+
+    def cut(self) -> None:
+        async def reset() -> None:
+            self.up = False
+            for w in list(self._open):
+                w.transport.abort()
+
+        self._call(reset())
+
+    def restore(self) -> None:
+        self.held, self.up = False, True
+
+    def close(self) -> None:
+        self.cut()
+        self._server.close()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.up:
+            writer.transport.abort()
+            return
+        try:
+            up_r, up_w = await asyncio.wait_for(asyncio.open_connection(*self.upstream), 5)
+        except (OSError, TimeoutError):
+            writer.transport.abort()
+            return
+        self._open |= {writer, up_w}
+        # The handshake's flights pass: the core's first bytes, and whatever it sends
+        # before the edge speaks again. Once the edge has spoken after the core's first
+        # bytes (its Finished and request, or a request on a kept-alive connection), what
+        # the core sends is an answer.
+        state = {"down_seen": False, "spoke": False}
+
+        async def up() -> None:
+            while data := await reader.read(65536):
+                if state["down_seen"]:
+                    state["spoke"] = True
+                up_w.write(data)
+                await up_w.drain()
+
+        async def down() -> None:
+            while data := await up_r.read(65536):
+                state["down_seen"] = True
+                if self.held and state["spoke"]:
+                    continue  # read from the core, never passed on
+                writer.write(data)
+                await writer.drain()
+
+        pumps = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for p in pumps:
+                p.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            for w in (writer, up_w):
+                self._open.discard(w)
+                w.transport.abort()
+
+
+def job_receipts(core: Core, job_id: str) -> list[Any]:
+    """The core's answer receipts for site-b's job `job_id` (its id at the core ends so)."""
+    return [
+        r
+        for r in forwarded_receipts(core)
+        if str(r.extensions.get("job_id", "")).endswith(f"/{job_id}")
+    ]
+
+
+def reruns(core: Core) -> dict[str, float]:
+    r = httpx.get(f"http://127.0.0.1:{core.cfg.listen.admin_port}/metrics", timeout=10)
+    assert r.status_code == 200
+    return {
+        s.labels["receipt"]: s.value
+        for fam in text_string_to_metric_families(r.text)
+        for s in fam.samples
+        if s.name == "ztgate_job_reruns_total"
+    }
+
+
+def test_a_job_whose_core_answer_the_link_lost_keeps_the_one_core_receipt(
+    core: Core,
+    sites: PKI,
+    triton_cluster: TritonCluster,
+    registry_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """DDIL: the core answers a job's run, and the link goes down before the edge reads
+    the answer (`AnswerHold`, then a cut). The edge's run fails as retryable, the job
+    stays queued through the outage, and once the link is back it is forwarded again:
+    the core computes again and answers under the receipt it logged the first time (its
+    rerun counted `reused`). The job's result names that receipt, the one the core
+    logged for it. Control: while the answer is held, the job is not done (the edge
+    never got it), so the result comes from the second run."""
+    alice = client(sites, "alice")
+    link = AnswerHold(("127.0.0.1", core.cfg.forward.port or 0))
+    fwd = forwarder(sites, EDGE_SITE)
+    cfg = site_config(
+        sites,
+        registry_dir,
+        tmp_path / "edge",
+        [dead_node(triton_cluster, ["iris"])],
+        EDGE_SITE,
+        jobs=JOBS,
+    )
+    cfg = dataclasses.replace(
+        cfg,
+        forward=Forward(
+            core_url=f"https://127.0.0.1:{link.port}",
+            core_site=CORE_SITE,
+            core_ca=sites.root_ca,
+            cert=fwd.cert,
+            key=fwd.key,
+            timeout_s=PATIENCE_S,  # the edge waits: the test, not a timer, cuts the link
+        ),
+    )
+    base = f"https://127.0.0.1:{cfg.listen.port}"
+    try:
+        with running(cfg), http(sites, alice) as c:
+            link.held = True
+            sub = c.post(
+                f"{base}/v2/models/iris/jobs",
+                content=infer_body(IRIS),
+                headers={"idempotency-key": "flap-1", "content-type": "application/json"},
+            )
+            assert sub.status_code == 202, sub.text
+            job_id = sub.json()["id"]
+            end = time.monotonic() + PATIENCE_S
+            while not (logged := job_receipts(core, job_id)):
+                assert time.monotonic() < end, "the core never answered the job's run"
+                time.sleep(0.1)
+            assert c.get(f"{base}/v2/jobs/{job_id}").json()["status"] != "done"
+            before = reruns(core).get("reused", 0.0)
+            link.cut()  # the held answer is lost with the link
+            kept = poll(c, base, job_id, lambda v: v["attempts"] >= 2)
+            assert kept["status"] in ("queued", "running"), kept
+            link.restore()
+            done = poll(c, base, job_id, lambda v: v["status"] in ("done", "failed"))
+            assert done["status"] == "done" and done["http_status"] == 200, done
+            assert [r.receipt_id for r in job_receipts(core, job_id)] == [logged[0].receipt_id]
+            assert done["receipt_id"] == logged[0].receipt_id
+            assert done["response"]["parameters"]["ztgate.receipt_id"] == logged[0].receipt_id
+            assert reruns(core).get("reused", 0.0) >= before + 1
+    finally:
+        link.close()
+
+
+def test_a_forwarded_job_reuses_its_receipt_only_for_the_same_client_and_body(
+    core: Core, sites: PKI
+) -> None:
+    """Statements signed with site-b's forwarder key, as a captured edge could sign them.
+    The same job and body again (a fresh nonce): the core answers under the receipt it
+    logged (the positive control). Another body under the same job id: a new receipt
+    that supersedes it, never the logged one reused. Another client naming the same job
+    id: a job of its own at the core (its id names the client), so neither reused nor
+    superseding the first client's. A statement without a job (as before): a receipt per
+    request. A job that is no job id: refused as a malformed statement."""
+    fwd, alice, demo = forwarder(sites, EDGE_SITE), client(sites, "alice"), client(sites, "demo")
+    job = secrets.token_hex(16)
+    body, other_body = infer_body(IRIS), infer_body(IRIS * 1.5)
+
+    def run(who: Issued, data: bytes, **kw: Any) -> dict[str, Any]:
+        r, _ = send(core, sites, fwd, who, data, **kw)
+        assert r.status_code == 200, r.text
+        return receipt(core, sites, who, r)
+
+    first = run(alice, body, job=job)
+    assert first["ext"]["job_id"].startswith(f"fwd/{EDGE_SITE}/")
+    assert first["ext"]["job_id"].endswith(f"/{job}")
+    assert "supersedes" not in first["ext"]
+    again = run(alice, body, job=job)
+    assert again["id"] == first["id"]  # the same answer, its receipt
+    swapped = run(alice, other_body, job=job)
+    assert swapped["id"] != first["id"]
+    assert swapped["ext"]["supersedes"] == first["id"]
+    assert swapped["ext"]["job_id"] == first["ext"]["job_id"]
+    theirs = run(demo, body, job=job)
+    assert theirs["id"] not in (first["id"], swapped["id"])
+    assert "supersedes" not in theirs["ext"]
+    assert theirs["ext"]["job_id"] != first["ext"]["job_id"]
+    assert theirs["ext"]["job_id"].endswith(f"/{job}")
+    plain = [run(alice, body) for _ in range(2)]
+    assert plain[0]["id"] != plain[1]["id"]
+    assert all("job_id" not in p["ext"] for p in plain)
+    bad, _ = send(core, sites, fwd, alice, body, job="../" + job)
+    assert bad.status_code == 403 and reason(bad) == "forbidden:statement-malformed"
 
 
 # --- the gRPC front -----------------------------------------------------------------------

@@ -10,7 +10,8 @@ same body sent to the core's forward listener, and the core's answer, or its ref
 what the client gets, marked `ztgate-site-why: forwarded-to-core`. A request that itself
 came through a forward listener is never forwarded again, nor is a compressed one (the
 edge decided on its body decompressed; the statement would bind the bytes as sent).
-Jobs run through this wrapper too (gateway/runtime.py), and the gRPC front, under the
+Jobs run through this wrapper too (gateway/runtime.py), their statement naming the job
+(the core then keeps one receipt per job: listener.py), and the gRPC front, under the
 same rule, hands the core the HTTP body it made of its message through `ask_core`.
 
 A stream of events is passed on as it arrives, one read at a time: each read within
@@ -51,6 +52,7 @@ from gateway.forward.site import FORWARDED, FORWARDED_TO_CORE
 from gateway.forward.statement import make, sign
 from gateway.generate.ask import MAX_STOP_BYTES
 from gateway.generate.wire import openai_error, sse
+from gateway.jobs.scope import job_of
 from gateway.protocol.problems import PROBLEM_BASE, UpstreamFailed
 
 log = logging.getLogger(__name__)
@@ -118,6 +120,7 @@ class CoreForwarder:
         content_type: str,
         extra: dict[str, str] | None,
         head_s: float | None,
+        job: str | None = None,
     ) -> httpx.Request:
         st = make(
             site=self.site,
@@ -126,6 +129,7 @@ class CoreForwarder:
             body=body,
             model=model,
             version=version,
+            job=job,
         )
         headers = {
             **(extra or {}),
@@ -173,9 +177,12 @@ class CoreForwarder:
         content_type: str,
         extra: dict[str, str] | None,
         head_s: float,
+        job: str | None = None,
     ) -> httpx.Response:
         """The core's answer, its head read within `head_s` and its body not yet read:
-        the caller reads it and closes it (closing it unread closes the connection)."""
+        the caller reads it and closes it (closing it unread closes the connection).
+        `job`: the edge's job id, when this is a run of one (the core keeps one receipt
+        per job: statement.py)."""
         req = self._request(
             client_cert=client_cert,
             path=path,
@@ -185,6 +192,7 @@ class CoreForwarder:
             content_type=content_type,
             extra=extra,
             head_s=head_s,
+            job=job,
         )
         return await self._http.send(req, stream=True)
 
@@ -282,6 +290,7 @@ class EdgeFailover:
         if not chain or model is None:
             return False
         head_s, whole_s = self._bounds(t, streams(t, doc))
+        job = job_of(scope)  # a run of the edge's job: the core keeps one receipt for it
         deadline = asyncio.get_running_loop().time() + whole_s
         # One watcher for the client's leaving, from the request's sending to the answer's
         # end: a client gone before the core's answer starts closes the core's request.
@@ -302,6 +311,7 @@ class EdgeFailover:
                         # client sent.
                         extra={k: v for k, v in headers.items() if k in _PASSED_HEADERS},
                         head_s=head_s,
+                        job=None if job is None else job.id,
                     ),
                 )
             except (httpx.HTTPError, OSError, TimeoutError) as exc:

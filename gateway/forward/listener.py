@@ -15,6 +15,17 @@ hashed against the statement and the nonce spent. Then the request (an inference
 generation) enters the API app exactly as if the client had called, so the core's own
 revocations, `infer` policy, limits and receipts apply. Every refusal is a problem+json
 whose `reason` is a stable slug, counted in `refusals`.
+
+A statement naming the edge's job (`job`) is run as a job of this core's: under the id
+`fwd/<site>/<client digest>/<job id>` (the site the certificate's, the client the verified
+one: no site names another's jobs, nor a client's job for another client) and the seed
+HMAC(this core's jobs key, that id), as the jobs runner's own runs are (gateway/jobs/
+scope.py). So every run of one job commits to the same outputs under the same salt, and
+the receipt log answers a rerun with the same result under the receipt it already logged,
+a different one with a receipt that supersedes it (gateway/receipts/service.py): a link
+that broke after the core answered, or an edge that crashed before recording it, costs a
+second computation, not a second receipt. The nonce stays the statement's own, random:
+each run is a new request, and its replay is still refused.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ from gateway.forward.limits import SiteLimits
 from gateway.forward.paths import Target, body_doc, model_of, target
 from gateway.forward.site import FORWARDED, Forwarded
 from gateway.forward.statement import Statement, StatementError, verified
+from gateway.jobs.scope import JOB_EXTENSION, JobScope, forwarded_job, job_seed
 from gateway.pipeline import state_unavailable
 from gateway.policy.facts import IdentityFacts
 from gateway.protocol.problems import (
@@ -89,6 +101,7 @@ class ForwardListener:
         clock: Callable[[], float] = time.time,
         crl: Path | None = None,
         forwarder_ca: Path | None = None,
+        jobs_key: Callable[[], bytes] = lambda: b"",
     ) -> None:
         self.api = api
         self.site = site
@@ -108,6 +121,9 @@ class ForwardListener:
         # `forward.crl` at the handshake is the TLS context's; this is the same file for
         # the requests of a connection opened before a revocation.
         self._crl = ForwarderCRL(crl, forwarder_ca) if crl and forwarder_ca else None
+        # This core's jobs key (read when its jobs service starts); empty: none, and an
+        # edge's job runs here as any forwarded request, one receipt per run.
+        self._jobs_key = jobs_key
         self.refusals: Counter[str] = Counter()
         self.accepted = 0
 
@@ -119,7 +135,7 @@ class ForwardListener:
         with contextlib.ExitStack() as held:  # the site's slot, until the answer is sent
             try:
                 try:
-                    forwarded, body, client_pem = await self._check(scope, receive, held)
+                    forwarded, body, client_pem, job = await self._check(scope, receive, held)
                 except StoreUnavailable as exc:  # the nonce store: refuse, never a 500
                     raise state_unavailable(exc) from exc
             except Problem as p:
@@ -128,7 +144,7 @@ class ForwardListener:
                 log.warning("forward listener refused a request: %s", reason)
                 await problem_response(p)(scope, receive, send)
                 return
-            await self._serve(scope, receive, send, forwarded, body, client_pem)
+            await self._serve(scope, receive, send, forwarded, body, client_pem, job)
 
     async def _serve(
         self,
@@ -138,6 +154,7 @@ class ForwardListener:
         forwarded: Forwarded,
         body: bytes,
         client_pem: str,
+        job: JobScope | None,
     ) -> None:
         assert self.api is not None  # checked by __call__
         self.accepted += 1
@@ -147,6 +164,8 @@ class ForwardListener:
         # (checked above against the client CA) and the core's own revocations.
         tls["client_cert_chain"] = [client_pem]
         inner["extensions"] = {**scope.get("extensions", {}), "tls": tls}
+        if job is not None:  # put there only here, never from the network (jobs/scope.py)
+            inner["extensions"][JOB_EXTENSION] = job
         # Only the headers that say how to read the body: the statement binds nothing
         # else, so nothing else a forwarder adds (a purpose, a deadline) may speak for the
         # client.
@@ -170,7 +189,7 @@ class ForwardListener:
 
     async def _check(
         self, scope: Scope, receive: Receive, held: contextlib.ExitStack
-    ) -> tuple[Forwarded, bytes, str]:
+    ) -> tuple[Forwarded, bytes, str, JobScope | None]:
         if self._crl is not None:
             await self._crl.refresh()
         site, signer = self._forwarder_of(scope)
@@ -201,7 +220,16 @@ class ForwardListener:
         # Fails closed: a store that cannot answer raises, and the request is refused.
         if not await self._check_nonce(f"forward:{site}:{st.nonce}", self.nonce_ttl_s):
             raise Replayed("this statement was already used", extra={"reason": "replayed"})
-        return Forwarded(site, st.hops, self.site), body, client_pem
+        return Forwarded(site, st.hops, self.site), body, client_pem, self._job(site, st, identity)
+
+    def _job(self, site: str, st: Statement, identity: Any) -> JobScope | None:
+        """The job scope of a statement naming the edge's job: its id namespaced by the
+        certificate's site and the verified client, not by the statement's word."""
+        key = self._jobs_key()
+        if st.job is None or not key:
+            return None
+        job_id = forwarded_job(site, identity.spiffe_id, st.job)
+        return JobScope(job_id, job_seed(key, job_id))
 
     def _forwarder_of(self, scope: Scope) -> tuple[str, x509.Certificate]:
         tls = scope.get("extensions", {}).get("tls")

@@ -8,6 +8,12 @@ log, and a key that signs checkpoints never signs anything a peer chose the byte
 
 The statement travels in two headers: its canonical JSON (base64url) and an ECDSA
 P-256/SHA-256 signature over exactly those bytes (base64url of DER).
+
+`job`, the edge's job id when the request is a run of one of its jobs, is optional and
+left out of the JSON when absent, so a statement without it is byte for byte v1's: the
+core runs such a request as a job of its own (listener.py), one receipt however often the
+edge runs it. A core from before `job` refuses a statement naming one as malformed:
+upgrade cores before their edges.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ MAX_HOPS = 4
 MAX_STATEMENT_BYTES = 8192  # a client certificate and a few short fields
 _NONCE_RE = re.compile(r"^[0-9a-f]{32}$")
 _SITE_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_JOB_RE = re.compile(r"^[0-9a-f]{32}$")  # a job id as gateway/jobs/routes.py draws it
 
 
 class StatementError(ValueError):
@@ -56,10 +63,13 @@ class Statement:
     iat: int  # unix seconds
     hops: tuple[str, ...]  # sites the request passed, this one last
     v: int = VERSION
+    job: str | None = None  # the edge's job id, for a job's run
 
     def encode(self) -> bytes:
         d = asdict(self)
         d["hops"] = list(self.hops)
+        if self.job is None:
+            del d["job"]
         return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -73,6 +83,7 @@ def make(
     version: str,
     hops: tuple[str, ...] = (),
     now: float | None = None,
+    job: str | None = None,
 ) -> Statement:
     return Statement(
         site=site,
@@ -84,6 +95,7 @@ def make(
         nonce=secrets.token_hex(16),
         iat=int(time.time() if now is None else now),
         hops=(*hops, site),
+        job=job,
     )
 
 
@@ -134,8 +146,10 @@ def _parse(raw: bytes) -> Statement:
         "hops": list,
         "v": int,
     }
-    if not isinstance(d, dict) or set(d) != set(fields):
+    if not isinstance(d, dict) or set(d) - {"job"} != set(fields):
         raise StatementError("statement-malformed", "the statement's fields are not v1's")
+    if "job" in d and not (isinstance(d["job"], str) and _JOB_RE.fullmatch(d["job"])):
+        raise StatementError("statement-malformed", "the statement's job is not a job id")
     for name, kind in fields.items():
         if not isinstance(d[name], kind) or isinstance(d[name], bool):
             raise StatementError("statement-malformed", f"statement field {name} has a bad type")

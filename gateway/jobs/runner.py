@@ -41,7 +41,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from gateway.config import Jobs
 from gateway.jobs.model import PROBLEM_HEADERS, JobBackend, JobRow, Outcome
-from gateway.jobs.scope import JOB_EXTENSION, JobScope, job_seed
+from gateway.jobs.scope import JOB_EXTENSION, JobScope, is_forwarded, job_seed
 from gateway.jobs.seal import seal, seal_result
 from gateway.protocol.problems import DeadlineExceeded, Internal
 from gateway.state import StoreUnavailable
@@ -323,6 +323,8 @@ class Runner:
         every log the job was marked for. A job no longer running as this run (another run
         finished it or took it over when this one's lease lapsed, or it expired) gets no
         receipt from this run: refused."""
+        if is_forwarded(job_id):  # an edge's job: the edge's store has it, this one none
+            return ()
         marks = await self.store.mark(job_id, log_id, self._runs.get(job_id, -1))
         if marks is None:
             raise NotRunning(f"job {job_id} is no longer running")

@@ -18,11 +18,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["JOB_EXTENSION", "JobScope", "job_of", "job_seed"]
+__all__ = ["JOB_EXTENSION", "JobScope", "forwarded_job", "is_forwarded", "job_of", "job_seed"]
 
 JOB_EXTENSION = "ztgate.job"
 _SEED = b"ztgate/job-request-seed/v1\n"
 SEED_SIZE = 16
+_FORWARDED = "fwd/"  # no job id this gateway draws has a slash (routes.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +34,18 @@ class JobScope:
 
 def job_seed(key: bytes, job_id: str) -> bytes:
     return hmac.new(key, _SEED + job_id.encode(), hashlib.sha256).digest()[:SEED_SIZE]
+
+
+def forwarded_job(site: str, client: str, job_id: str) -> str:
+    """The id a core runs an edge's job under (gateway/forward/listener.py): namespaced by
+    the forwarding site (its certificate's) and the client (a digest of its SPIFFE ID), so
+    no site can name another's jobs, nor one client's job for another client."""
+    return f"{_FORWARDED}{site}/{hashlib.sha256(client.encode()).hexdigest()[:32]}/{job_id}"
+
+
+def is_forwarded(job_id: str) -> bool:
+    """An edge's job, run here by the forward listener: no row in this gateway's store."""
+    return job_id.startswith(_FORWARDED)
 
 
 def job_of(scope: Mapping[str, Any]) -> JobScope | None:
