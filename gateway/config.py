@@ -108,8 +108,9 @@ class Limits:
     max_inputs: int = 64
     max_json_depth: int = 32
     max_output_bytes: int = 64 * 1024 * 1024
-    # Requests this replica works on at once (503 past it), and per client identity (429):
+    # Requests this process works on at once (503 past it), and per client identity (429):
     # checked before the body is read, so one client cannot hold every slot, or the loop.
+    # Per worker with listen.workers > 1 (docs/sizing.md): N times these per replica.
     max_concurrent: int = 256
     max_concurrent_per_identity: int = 8
     # Worker processes that decode JSON bodies over 64 KiB off the event loop (one such
@@ -134,7 +135,7 @@ class Generate:
     max_prompt_tokens: int = 8192
     max_tokens: int = 1024
     default_max_tokens: int = 64  # when a request names no max_tokens
-    # Open streams per client identity on this replica (429 past it), besides
+    # Open streams per client identity in this process (429 past it; per worker), besides
     # limits.max_concurrent_per_identity, which a stream holds only until its first token.
     max_streams_per_identity: int = 4
     first_token_timeout_s: float = 30.0

@@ -23,6 +23,7 @@ from gateway.identity import IdentityResolver
 from gateway.policy.facts import IdentityFacts
 from gateway.policy.live import LivePolicy, Loaded, ReloadRefused, bundle_loader, dir_loader
 from gateway.policy.source import PolicyError
+from gateway.receipts.log import ReceiptLog
 from gateway.receipts.service import ReceiptService
 from gateway.registry import ModelEntry, Registry, RegistryError
 from gateway.revocation import Revocations
@@ -142,7 +143,7 @@ def open_receipts(cfg: Config, worker: Worker | None = None) -> ReceiptService |
     return service
 
 
-def add_retention(cfg: Config, gw: Gateway) -> None:
+def add_retention(cfg: Config, gw: Gateway, worker: Worker | None = None) -> None:
     """The receipt retention job (`gateway.receipts.retention`), where configured."""
     receipts = gw.receipts
     if receipts is None:
@@ -157,8 +158,20 @@ def add_retention(cfg: Config, gw: Gateway) -> None:
         return
     from gateway.receipts.retention import RetentionJob
 
-    # Its own logs only: another worker's log is that worker's to erase from.
-    job = RetentionJob(receipts.own_logs, policy, gw.metrics.registry)
+    # Its own logs, and worker 0 (or the one process) the logs no process writes; another
+    # worker's log is that worker's to erase from.
+    logs: Callable[[], Sequence[ReceiptLog]] = receipts.own_logs
+    if worker is None or worker.index == 0:
+        from gateway.receipts.siblings import UnownedLogs, unowned_dirs
+
+        base = cfg.receipts.dir or cfg.data_dir / "receipts"
+        unowned = UnownedLogs(unowned_dirs(base, 1 if worker is None else worker.count))
+
+        def with_unowned() -> list[ReceiptLog]:
+            return [*receipts.own_logs(), *unowned()]
+
+        logs = with_unowned
+    job = RetentionJob(logs, policy, gw.metrics.registry)
     gw.background.append(job.run)
 
 
@@ -317,9 +330,13 @@ def build_gateway(cfg: Config, worker: Worker | None = None) -> Gateway:
         cfg.state.timeout_s,
         processes=1 if worker is None else worker.count,
     )
+    revoked = "revoked.jsonl" if worker is None else worker.revocations_file
+    from gateway.supervisor import merge_revocations
+
+    merge_revocations(cfg.data_dir, revoked)  # the workers' files, with one process or many
     revocations = Revocations(
         store,
-        cfg.data_dir / ("revoked.jsonl" if worker is None else worker.revocations_file),
+        cfg.data_dir / revoked,
         clock=PersistedClock(cfg.data_dir / "clock.json"),
         crl=cfg.tls.crl,
         client_ca=cfg.tls.client_ca,
@@ -360,7 +377,7 @@ def build_gateway(cfg: Config, worker: Worker | None = None) -> Gateway:
 
     policy.listeners.append(relabel)
     add_proof_modes(cfg, gw, nodes)
-    add_retention(cfg, gw)
+    add_retention(cfg, gw, worker)
     add_lie_accounting(cfg, gw)
     gw.background.append(sync_revocations)
     if cfg.policy.dir is not None:
@@ -387,16 +404,20 @@ def follow_pushes(cfg: Config, gw: Gateway) -> Callable[[asyncio.Event], Corouti
         return st.st_mtime_ns, st.st_size
 
     async def follow(stop: asyncio.Event) -> None:
-        seen = stamp()
+        # Never a stamp: the first pass reloads, for a bundle pushed to another worker
+        # while this one started, or a SIGHUP it ignored then (gateway/supervisor.py).
+        seen: tuple[int, int] | bool | None = False
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=cfg.policy.watch_interval_s)
             now = stamp()
-            if now != seen and not stop.is_set():
+            if now != seen:
                 seen = now
-                if gw.policy.reload():  # the pushing worker itself finds nothing new
+                before = gw.policy.current.version  # a version is one content (live.py)
+                # The pushing worker itself, and a worker already on it, find nothing new.
+                if gw.policy.reload() and gw.policy.current.version != before:
                     gw.policy_changed()
                     await gw.record("policy_load", gw.policy.engine.source.hash.encode())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=cfg.policy.watch_interval_s)
 
     return follow
 

@@ -19,14 +19,16 @@ What the workers share and what each keeps (docs/sizing.md):
 - jobs: with Redis, every worker runs jobs (as replicas do); without, the jobs database is
   shared and worker 0 alone runs them (a restart requeues only its own interrupted runs);
 - revocations: each worker keeps its own grow-only copy on disk (worker 0's is the
-  replica's `revoked.jsonl`, which `ztgate pki revoke --data-dir` writes offline);
+  replica's `revoked.jsonl`, which `ztgate pki revoke --data-dir` writes offline), and
+  merges the others' into it at start (`merge_revocations`);
 - policy: a bundle pushed to one worker is kept in the shared data dir, and the others
   load it from there (`gateway.runtime.follow_pushes`).
 
 The supervisor restarts a worker that dies, at most `MAX_RESTARTS` in `RESTART_WINDOW_S`
 (past that it stops the replica: a crash loop needs an operator, not a faster loop). It
-forwards SIGTERM and SIGINT (graceful drain) and SIGHUP (reload the policy now) to every
-worker, and exits non-zero when a worker cannot start.
+forwards SIGTERM and SIGINT (graceful drain) to every worker and SIGHUP (reload the policy
+now) to every serving one (one still starting loads the newest policy once it serves), and
+exits non-zero when a worker cannot start.
 
 Forks stay safe while the supervisor serves the admin port: it has one thread, and its
 asyncio loop runs in slices between which it reaps, restarts and forks, so a fork never
@@ -88,8 +90,8 @@ class Worker:
 
     @property
     def revocations_file(self) -> str:
-        # Worker 0 keeps the replica's file: an offline `ztgate pki revoke --data-dir`
-        # writes it, worker 0 learns it at start and publishes it to the shared store.
+        # Worker 0 keeps the replica's file, the one `ztgate pki revoke --data-dir` writes
+        # offline; every worker merges all of them at start (`merge_revocations`).
         return "revoked.jsonl" if self.index == 0 else f"revoked-{self.name}.jsonl"
 
     @property
@@ -171,6 +173,48 @@ def bind_all(cfg: Config, workers: int, run: RunDir) -> dict[str, list[socket.so
     return out
 
 
+def merge_revocations(data_dir: Path, into: str) -> int:
+    """Copy into `data_dir/into` every entry of the replica's other revocation files; the
+    number copied. Called at every start, with one process or several, before the process
+    reads its own file: an offline `ztgate pki revoke --data-dir` (which writes
+    `revoked.jsonl`) reaches every worker before it serves, and a revocation a worker took
+    (in `revoked-w<i>.jsonl`) survives a move back to one process, even when the replica
+    stopped before worker 0 synced it. The others' files are read without their locks (a
+    worker may be appending to one): a torn last line is skipped, and the store's sync
+    brings that entry."""
+    import json
+
+    from gateway.state.durable import FileRevocations
+
+    found: list[tuple[str, str]] = []
+    for other in sorted(data_dir.glob("revoked*.jsonl")):
+        if other.name == into:
+            continue
+        try:
+            lines = other.read_bytes().split(b"\n")
+        except OSError as exc:
+            raise ConfigError(f"revocations: cannot read {other}: {exc}") from exc
+        for line in lines:
+            try:
+                obj = json.loads(line) if line.strip() else None
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                issuer, serial = obj.get("issuer"), obj.get("serial")
+                if isinstance(issuer, str) and isinstance(serial, str):
+                    found.append((issuer, serial.lower()))
+    if not found:
+        return 0
+    own = FileRevocations(data_dir / into)
+    try:
+        before = own.version
+        for entry in found:
+            own.add(*entry)  # idempotent, fsynced
+        return own.version - before
+    finally:
+        own.close()
+
+
 def _prepare_shared(cfg: Config) -> None:
     """Files the workers would otherwise race to create: the jobs seal key, and the
     shared SQLite files (the state store, the jobs database)."""
@@ -185,15 +229,20 @@ def _prepare_shared(cfg: Config) -> None:
         SyncJobStore(cfg.data_dir / JOBS_FILE, lock=False).close()
 
 
-def _worker_main(cfg: Config, worker: Worker, ready_fd: int) -> int:
+def _worker_main(cfg: Config, worker: Worker, ready_fd: int, supervisor: int) -> int:
     """The forked child: the whole gateway on the inherited sockets."""
     from gateway import runtime
     from gateway.workers import init_worker
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
+    # Until `runtime.serve` installs its reload handler, a SIGHUP (whose default kills)
+    # is ignored: the policy watch's first pass loads what it asked for.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # Exit if the supervisor is gone (SIGKILL, OOM): nobody else would stop this worker.
-    init_worker(os.getppid())
+    # Its pid as taken before the fork: were it gone by now, getppid() would name the
+    # reaper, and the watch would wait for that one to go instead.
+    init_worker(supervisor)
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # init_worker ignores it; the drain needs it
 
     def started() -> None:
@@ -238,6 +287,7 @@ class Supervisor:
     # -- processes ------------------------------------------------------------------
     def spawn(self, index: int) -> None:
         read_fd, write_fd = os.pipe()
+        supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
@@ -248,7 +298,7 @@ class Supervisor:
                 self._leave_admin()
                 mine = {k: v[index % len(v)] for k, v in self.sockets.items()}
                 worker = Worker(index, self.count, mine)
-                code = _worker_main(self.cfg, worker, write_fd)
+                code = _worker_main(self.cfg, worker, write_fd, supervisor)
             except BaseException:
                 log.exception("worker %d failed", index)
             finally:
@@ -345,8 +395,10 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child.pid, signal.SIGKILL)
 
-    def signal_all(self, sig: int) -> None:
-        for pid in list(self.children):
+    def signal_all(self, sig: int, *, ready_only: bool = False) -> None:
+        for pid, child in list(self.children.items()):
+            if ready_only and not child.ready:
+                continue  # still starting: it loads the newest policy once it serves
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
 
@@ -407,7 +459,7 @@ class Supervisor:
                         self.stop()
                     elif got == signal.SIGHUP:
                         log.warning("SIGHUP: every worker reloads its policy")
-                        self.signal_all(signal.SIGHUP)
+                        self.signal_all(signal.SIGHUP, ready_only=True)
                 self._reap()
                 if self.stopping and deadline is None:
                     deadline = time.monotonic() + self.cfg.listen.graceful_shutdown_s

@@ -10,6 +10,7 @@ workers, serves every worker's receipts from any worker, and exports and verifie
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -827,3 +828,376 @@ def test_the_admin_port_answers_for_the_whole_replica(
             assert time.monotonic() < end, r.text
             time.sleep(0.2)
         assert set(_served(_admin(raw, "/metrics").text)) == {"0", "1"}
+
+
+# -- what the review of `serve --workers N` found (each with its control) ------------------
+
+
+def _fake_nodes(pki: PKI) -> list[dict[str, Any]]:
+    """A node table whose node nobody serves: enough for a gateway that is built, not asked."""
+    issued = pki.ensure("node", "n1")
+    return [
+        {
+            "name": "n1",
+            "address": f"127.0.0.1:{free_port()}",
+            "dns_name": pki.node_dns_name("n1"),
+            "spiffe_id": issued.spiffe_id,
+            "region": "eu-west",
+            "provider": "p1",
+        }
+    ]
+
+
+def _signed_bundles(pki: PKI, registry: Path, root: Path, nodes: list[dict[str, Any]]) -> Any:
+    """bundle(version): a signed policy bundle for `registry` and `nodes`, as the officer
+    makes one."""
+    import datetime as dt
+
+    from gateway.pki import load_signing_key
+    from gateway.policy.bundle import build_bundle, facts_from, sign_bundle
+    from gateway.registry import Registry
+    from tests.gateway_harness import gateway_config
+
+    signed_nodes = gateway_config(pki, registry, root / "facts", nodes).nodes
+    facts = facts_from(
+        Registry.open(registry).entries(), signed_nodes, {}, default_residency=("*",)
+    )
+    key = load_signing_key(pki.key_path("officer-policy"))
+    policies = policy_dir(root / "signed-policies")
+
+    def bundle(version: int) -> bytes:
+        b = build_bundle(policies, facts, version, dt.timedelta(days=1), "0.1.0", 300)
+        return sign_bundle(b, key)
+
+    return bundle
+
+
+def test_sighup_while_workers_start_neither_stops_the_replica_nor_is_lost(
+    pki: PKI, triton_cluster: TritonCluster, registry_dir: Path, tmp_path: Path
+) -> None:
+    """A SIGHUP (reload now) that reaches a worker still building its gateway used to kill
+    it (SIGHUP's default), and the supervisor then stopped the replica; and one a starting
+    worker ignores must not be lost: its policy watch's first pass loads the newest."""
+    nodes = node_table(triton_cluster)
+    bundle = _signed_bundles(pki, registry_dir, tmp_path, nodes)
+    path = tmp_path / "bundle.json"
+    path.write_bytes(bundle(5))
+    policy = {
+        "bundle": str(path),
+        "officer_keys": [str(pki.key_path("officer-policy").with_suffix(".pub"))],
+        "watch_interval_s": 0.2,
+        "pre_policy_rate": "100000/minute",
+    }
+    config, raw = write_config(pki, registry_dir, tmp_path, nodes, 2, policy)
+    base = f"https://127.0.0.1:{raw['listen']['port']}"
+    log_path = tmp_path / "serve.log"
+    out = open(log_path, "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    ready = f"http://127.0.0.1:{raw['listen']['admin_port']}/v2/health/ready"
+    try:
+        # Both workers have loaded v5 and are still starting: the officer's file moves to
+        # v6, and SIGHUPs reach the supervisor and every worker until the replica serves.
+        end = time.monotonic() + 120
+        while log_path.read_text().count("policy loaded: bundle:") < 2:
+            assert time.monotonic() < end and proc.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(0.005)
+        path.write_bytes(bundle(6))
+        first = _workers_of(proc.pid)
+        hups = 0
+        while True:
+            for pid in [proc.pid, *_workers_of(proc.pid)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGHUP)
+                    hups += 1
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(ready, timeout=1).status_code == 200:
+                    break
+            assert time.monotonic() < end and proc.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(0.005)
+        assert hups > 2  # the signals came while the workers started
+        assert _workers_of(proc.pid) == first  # neither worker died of one
+        assert _samples(_admin(raw, "/metrics").text)["ztgate_worker_restarts_total"] == [({}, 0.0)]
+
+        def versions() -> set[int]:
+            got = set()
+            for _ in range(12):  # fresh connections: both workers answer some
+                with client(pki, "olga") as officer:
+                    got.add(officer.get(f"{base}/admin/policy").json()["version"])
+            return got
+
+        # Not lost: every worker serves v6 with no further signal (30 s bounds the wait).
+        while (seen := versions()) != {6}:
+            assert time.monotonic() < end + 30, f"a worker still serves the older policy: {seen}"
+            time.sleep(0.2)
+        # Control: a SIGHUP to a serving replica still reloads every worker, and kills none.
+        path.write_bytes(bundle(7))
+        os.kill(proc.pid, signal.SIGHUP)
+        while (seen := versions()) != {7}:
+            assert time.monotonic() < end + 60, f"a worker did not reload on SIGHUP: {seen}"
+            time.sleep(0.2)
+        assert _workers_of(proc.pid) == first and proc.poll() is None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        out.close()
+
+
+def test_every_revocation_file_reaches_every_process_at_start(
+    pki: PKI, registry_dir: Path, tmp_path: Path
+) -> None:
+    """An offline `ztgate pki revoke --data-dir` writes revoked.jsonl (worker 0's file): a
+    worker other than 0 must refuse the certificate from its start; a revocation a worker
+    took lives in revoked-w<i>.jsonl: one process, after a move back, must still know it."""
+    from gateway.runtime import build_gateway, close_unserved
+    from gateway.state.durable import FileRevocations
+    from tests.gateway_harness import gateway_config
+
+    data = tmp_path / "data"
+    cfg = gateway_config(pki, registry_dir, data, _fake_nodes(pki))
+    data.mkdir(parents=True, exist_ok=True)
+    offline = FileRevocations(data / "revoked.jsonl")  # what `pki revoke --data-dir` does
+    offline.add("CN=client CA", "abc123")
+    offline.close()
+    taken = FileRevocations(data / "revoked-w1.jsonl")  # worker 1's, from an earlier run
+    taken.add("CN=client CA", "def456")
+    taken.close()
+
+    def known(worker: Worker | None) -> tuple[bool, bool, bool]:
+        gw = build_gateway(cfg, worker)
+        try:
+            r = gw.revocations
+            return (
+                r.revoked("CN=client CA", "abc123"),
+                r.revoked("CN=client CA", "def456"),
+                r.revoked("CN=client CA", "0badc0de"),
+            )
+        finally:
+            close_unserved(gw)
+
+    # Worker 1 of 2, before worker 0 ever synced; worker 2 of 3, which never ran.
+    assert known(Worker(1, 2)) == (True, True, False)  # control: an unrevoked serial
+    assert known(Worker(2, 3)) == (True, True, False)
+    # One process again: worker 1's revocation is known, and kept in its own file now.
+    assert known(None) == (True, True, False)
+    kept = FileRevocations(data / "revoked.jsonl")
+    try:
+        assert ("CN=client CA", "def456") in kept
+    finally:
+        kept.close()
+
+
+def test_an_older_bundle_never_replaces_the_one_the_replica_keeps(
+    pki: PKI, registry_dir: Path, tmp_path: Path
+) -> None:
+    """Two workers on one data dir, each judging a push by its own running version: the
+    one still on v5 must not write v6 over the v7 the other accepted (a restart would
+    load v6: a rollback)."""
+    from dataclasses import replace
+
+    from gateway.policy.bundle import verify_bundle
+    from gateway.policy.live import ACCEPTED_BUNDLE, LivePolicy, bundle_loader
+    from gateway.runtime import load_models
+    from tests.gateway_harness import gateway_config
+
+    nodes = _fake_nodes(pki)
+    bundle = _signed_bundles(pki, registry_dir, tmp_path, nodes)
+    path = tmp_path / "bundle.json"
+    path.write_bytes(bundle(5))
+    cfg = gateway_config(pki, registry_dir, tmp_path / "data", nodes)
+    cfg = replace(
+        cfg,
+        policy=replace(
+            cfg.policy,
+            bundle=path,
+            dir=None,
+            officer_keys=(str(pki.key_path("officer-policy").with_suffix(".pub")),),
+        ),
+    )
+    latest = {n: v[max(v, key=int)] for n, v in load_models(cfg).items()}
+    first, second = (LivePolicy(bundle_loader(cfg, latest)) for _ in range(2))
+    assert first.current.version == second.current.version == 5
+    kept = tmp_path / "data" / ACCEPTED_BUNDLE
+
+    def on_disk() -> int:
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+        from gateway.pki import signing_key_id
+
+        pub = load_pem_public_key(pki.key_path("officer-policy").with_suffix(".pub").read_bytes())
+        import datetime as dt
+
+        from gateway import __version__
+
+        got = verify_bundle(
+            kept.read_bytes(),
+            {signing_key_id(pub): pub},  # type: ignore[arg-type]
+            now=dt.datetime.now(dt.UTC),
+            running_version=__version__,
+        )
+        assert got.bundle is not None, got
+        return got.bundle.version
+
+    assert first.reload(bundle(7)), first.last_error
+    assert on_disk() == 7
+    assert not second.reload(bundle(6))  # older than the replica's: refused, not written
+    assert second.last_rejection == "rollback" and on_disk() == 7
+    assert second.current.version == 5
+    assert second.reload(bundle(8)), second.last_error  # control: a newer one is kept
+    assert on_disk() == 8
+    # And the worker that missed the pushes loads the kept one as a restart would.
+    assert first.reload() and first.current.version == 8
+
+
+async def _log_with_receipts(root: Path, into: Path, n: int) -> list[str]:
+    """A receipt log holding `n` receipts, moved to `into` (a receipts dir or a worker's)."""
+    from tests.test_receipts import make_world
+
+    world = await make_world(root, witness_http=False)
+    ids = [(await world.receipt(request_id=f"r{i}")).receipt.receipt_id for i in range(n)]
+    await world.log.close()
+    world.log_dir.rename(into)  # the same files (the log's birth inode is kept)
+    return ids
+
+
+async def test_logs_no_process_writes_stay_under_retention_and_erasure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from gateway.cli import main
+    from gateway.config import Retention
+    from gateway.receipts.retention import RetentionJob
+    from gateway.receipts.siblings import UnownedLogs, unowned_dirs
+
+    receipts = tmp_path / "receipts"
+    before = await _log_with_receipts(tmp_path / "a", receipts, 2)  # one process, before
+    w1 = await _log_with_receipts(tmp_path / "b", receipts / "w1", 2)  # a running worker's
+    w2 = await _log_with_receipts(tmp_path / "c", receipts / "w2", 2)  # a third worker, gone
+    assert unowned_dirs(receipts, 2) == [receipts, receipts / "w2"]
+    assert unowned_dirs(receipts, 1) == [receipts / "w1", receipts / "w2"]
+
+    def bodies(ids: list[str]) -> int:
+        from gateway.receipts.log import ReceiptLog
+        from gateway.receipts.model import parse_receipt_id
+
+        n = 0
+        for rid in ids:
+            log_id = parse_receipt_id(rid)[0]
+            [path] = [p for p in receipts.rglob(log_id) if (p / "log.db").is_file()]
+            rl = ReceiptLog.open_readonly(path, strict=True)
+            try:
+                n += rl.body(rid) is not None
+            finally:
+                rl.close_sync()
+        return n
+
+    # Erasure: the replica's receipts dir finds a worker's log (it used to look only at
+    # <dir>/<log id>); control: a log that is nowhere is still refused.
+    assert main(["audit", "erase", "--log-dir", str(receipts), w1[0], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["erased"] == 1
+    assert bodies(w1) == 1
+    unknown = w1[1].replace(w1[1].split(".")[0], "a" * 16, 1)
+    assert main(["audit", "erase", "--log-dir", str(receipts), unknown]) == 2
+
+    # Retention, 31 days on, of worker 0 of 2: the old process's log and the gone worker's.
+    settings = Retention(body_days=30.0)
+    later = time.time() + 31 * 86400.0
+    logs = UnownedLogs(unowned_dirs(receipts, 2))
+    job = RetentionJob(logs, settings, CollectorRegistry(), clock=lambda: later)
+    try:
+        assert (await job.run_pass()).expired == 4
+    finally:
+        logs.close()
+    assert bodies(before) == bodies(w2) == 0
+    assert bodies(w1) == 1  # control: a running worker's log is its own to erase from
+    # Back to one process: every worker's log is now the process's to keep under retention.
+    logs = UnownedLogs(unowned_dirs(receipts, 1))
+    job = RetentionJob(logs, settings, CollectorRegistry(), clock=lambda: later)
+    try:
+        assert (await job.run_pass()).expired == 1
+    finally:
+        logs.close()
+    assert bodies(w1) == 0
+
+
+async def test_sibling_logs_are_read_strictly_read_only_and_reopened_at_most_so_often(
+    tmp_path: Path,
+) -> None:
+    import sqlite3
+
+    from gateway.receipts.log import ReceiptLog
+    from gateway.receipts.siblings import SiblingLogs
+    from tests.test_receipts import make_world
+
+    world = await make_world(tmp_path, witness_http=False)
+    try:
+        await world.receipt(request_id="first")
+        [path] = ReceiptLog.all_logs(world.log_dir)
+        strict = ReceiptLog.open_readonly(path, strict=True)
+        loose = ReceiptLog.open_readonly(path)  # a frozen log of its own, erasable
+        try:
+            with pytest.raises(sqlite3.OperationalError, match="readonly"):
+                strict._db.execute("INSERT INTO meta VALUES ('probe', '1')")
+            loose._db.execute("INSERT INTO meta VALUES ('probe', '1')")  # control
+            assert strict.size == loose.size == world.log.size
+        finally:
+            strict.close_sync()
+            loose.close_sync()
+        siblings = SiblingLogs([world.log_dir])
+        try:
+            siblings.reopen_every_s = 3600.0  # no second look within the hour
+            [held] = siblings()
+            size = held.size
+            await world.receipt(request_id="second")  # the writer grows its log
+            [again] = siblings()
+            assert again is held and again.size == size
+            siblings.reopen_every_s = 0.0  # control: looked at again, the growth is seen
+            [fresh] = siblings()
+            assert fresh is not held and fresh.size == size + 1
+        finally:
+            siblings.close()
+    finally:
+        await world.log.close()
+
+
+def _wal_bytes(store: SqliteStore) -> int:
+    return os.path.getsize(f"{store.path}-wal")
+
+
+async def test_the_shared_store_bounds_its_queue_and_its_wal(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    import sqlite3
+
+    from gateway.state.sqlite import JOURNAL_SIZE_LIMIT
+
+    store = SqliteStore(tmp_path / "state.db", clock=clock)
+    other = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    try:
+        limit = store._soft.execute("PRAGMA journal_size_limit").fetchone()[0]
+        assert limit == JOURNAL_SIZE_LIMIT
+        store.max_queued = 2
+        other.execute("BEGIN IMMEDIATE")  # another worker holds the lock: calls queue
+        waiting = [asyncio.ensure_future(store.take_token(f"k{i}", 1.0, 2)) for i in range(2)]
+        await asyncio.sleep(0)  # both reach the store's thread's queue
+        with pytest.raises(StoreUnavailable, match="queued"):
+            await store.take_token("k9", 1.0, 2)  # past the bound: fails closed
+        other.execute("COMMIT")
+        assert [ok for ok, _ in await asyncio.gather(*waiting)] == [True, True]
+        assert (await store.take_token("k9", 1.0, 2))[0]  # control: the queue drained
+        # A WAL past its bound is emptied at the next checkpoint, not only copied back.
+        for i in range(200):
+            await store.add_revocation("ca", f"{i:x}")
+        assert _wal_bytes(store) > 0
+        store.wal_truncate_bytes = 0
+        store._checkpoint()
+        assert _wal_bytes(store) == 0
+    finally:
+        other.close()
+        await store.close()

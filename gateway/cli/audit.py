@@ -164,10 +164,16 @@ def _erase(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from exc
         by_log.setdefault(log_id, []).append(rid)
     total, job_ids = 0, set[str]()
+    from gateway.receipts.export import replica_dirs
+
     for log_id, rids in by_log.items():
-        path = args.log_dir / log_id
-        if not (path / "log.db").is_file():
+        # The replica's receipts dir stands for its workers' logs too (`w<i>/`).
+        found = [
+            d / log_id for d in replica_dirs(args.log_dir) if (d / log_id / "log.db").is_file()
+        ]
+        if not found:
             raise UsageError(f"no log {log_id} under {args.log_dir}")
+        path = found[0]
         rl = ReceiptLog(path, None, read_only=True)
         try:
             job_ids |= _jobs_of(rl, rids)  # read before the bodies go

@@ -18,6 +18,7 @@ did not change while it was read.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -418,7 +419,24 @@ def bundle_loader(
                 # Survive a restart, in the gateway's own data dir: the officer's file
                 # is never written (it may be on a read-only mount, and it is theirs).
                 accepted.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(accepted, data, mode=None)
+                # A replica's workers share the file (gateway/supervisor.py), each judging
+                # a push by its own running version: under the lock, an older bundle (or
+                # another one of the same version) never replaces the one kept there.
+                lock = accepted.with_name(".accepted.lock")
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    kept = verify(accepted.read_bytes()) if accepted.is_file() else None
+                    if kept is not None and kept.bundle is not None and kept.source is not None:
+                        v, same = kept.bundle.version, kept.source.hash == policy_hash
+                        if v > b.version or (v == b.version and not same):
+                            raise ReloadRefused(
+                                f"this replica keeps version {v} (pushed to another worker)",
+                                "rollback",
+                            )
+                    atomic_write(accepted, data, mode=None)
+                finally:
+                    os.close(fd)  # releases the lock
             state["version"], state["hash"] = b.version, policy_hash
 
         return Loaded(

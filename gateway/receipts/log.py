@@ -232,8 +232,10 @@ class ReceiptLog:
         max_batch: int = 4096,
         max_queue: int = 16384,
         read_only: bool = False,
+        strict: bool = False,
     ) -> None:
         self.path = path
+        self._strict = strict  # writes nothing at all (`open_readonly`)
         self._key = log_key
         self.marker = HeadMarker(marker) if marker is not None and not read_only else None
         self._marker_path = marker
@@ -243,8 +245,13 @@ class ReceiptLog:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self._db_thread = ThreadPoolExecutor(1, thread_name_prefix=f"receipt-log-{path.name}")
-        self._db = open_durable(path / "log.db", timeout=30)
-        self._db.executescript(_SCHEMA)
+        if strict:
+            self._db = sqlite3.connect(
+                f"file:{path / 'log.db'}?mode=ro", uri=True, check_same_thread=False, timeout=30
+            )
+        else:
+            self._db = open_durable(path / "log.db", timeout=30)
+            self._db.executescript(_SCHEMA)
         # Reads go through their own connection: in WAL mode it sees committed data only,
         # never a batch the writer thread has not yet committed.
         self._rdb = sqlite3.connect(
@@ -387,8 +394,11 @@ class ReceiptLog:
         return cls(path, log_key, marker=marker, max_batch=max_batch, max_queue=max_queue)
 
     @classmethod
-    def open_readonly(cls, path: Path) -> ReceiptLog:
-        return cls(path, None, read_only=True)
+    def open_readonly(cls, path: Path, *, strict: bool = False) -> ReceiptLog:
+        """A log this process does not append to. `strict`: another process's log, which
+        this one only reads: both connections read-only, no schema script, no stored
+        hashes caught up (its writer does that); erasures need the default."""
+        return cls(path, None, read_only=True, strict=strict)
 
     @staticmethod
     def all_logs(directory: Path) -> list[Path]:
@@ -403,7 +413,7 @@ class ReceiptLog:
         stays exportable."""
         size = stored_size(self._rdb)
         try:
-            hashed = catch_up(self._rdb, self._db, size)
+            hashed = 0 if self._strict else catch_up(self._rdb, self._db, size)
             if hashed:
                 log.warning(
                     "receipt log %s: stored the tree hashes of %d leaves", self.log_id, hashed

@@ -12,7 +12,8 @@ token meter), which first try their transaction on the event loop itself, on a c
 that never waits for a lock: ~20 µs of CPU a call, where the hop to the store's thread
 costs ~85 µs. When another worker holds the lock, or a size check is due (it reads a
 whole table), the call goes to the store's thread instead, which waits for the lock (up to
-the busy timeout) while the loop serves other requests.
+the busy timeout) while the loop serves other requests. At most `MAX_QUEUED` calls wait
+for that thread per process; past it a call fails closed.
 
 Durability follows the Redis store's split: soft state (buckets, nonces, health) commits
 without an fsync (`synchronous=NORMAL`: it survives a worker's crash, not a power cut),
@@ -35,7 +36,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -56,7 +57,16 @@ SWEEP_EVERY = 256  # inserts between two checks of a table's size
 EXPIRED_PER_CALL = 64  # expired nonces/meters deleted by one insert: amortised O(1)
 
 T = TypeVar("T")
-CHECKPOINT_EVERY = 512  # commits on the loop's connection between two WAL checkpoints
+CHECKPOINT_EVERY = 512  # per-request commits (either path) between two WAL checkpoints
+# Under load a passive checkpoint rarely finds a moment with no writer, and the WAL grew
+# (160 MB at 2 x 2,500 req/s): past WAL_TRUNCATE_BYTES a checkpoint waits for the writers
+# (up to the busy timeout, on a thread of its own) and empties the file, and SQLite cuts a
+# WAL it resets back to JOURNAL_SIZE_LIMIT (docs/sizing.md has the figures).
+WAL_TRUNCATE_BYTES = 8 * 1024 * 1024
+JOURNAL_SIZE_LIMIT = 8 * 1024 * 1024
+# Calls waiting for the store's thread, per process: past it a call fails closed
+# (`StoreUnavailable`) rather than queue without bound behind a locked file.
+MAX_QUEUED = 1024
 
 
 class _Slow(Exception):
@@ -101,6 +111,7 @@ def _connect(path: Path, synchronous: str, timeout_s: float) -> sqlite3.Connecti
     db = sqlite3.connect(path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute(f"PRAGMA synchronous={synchronous}")
+    db.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
     return db
 
 
@@ -128,8 +139,16 @@ class SqliteStore:
         # checkpoints the WAL itself (that writes and syncs the database file).
         self._fast = _connect(self.path, "NORMAL", 0.0)
         self._fast.execute("PRAGMA wal_autocheckpoint=0")
-        self._fast_commits = 0
+        self._fast_commits = 0  # per-request commits, both paths (`_committed`)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="state-sqlite")
+        # Checkpoints on a thread and connection of their own: behind the store's queue
+        # under saturation they came too late to keep the WAL small (it grows ~80 MB/s).
+        self._ckpt_db = _connect(self.path, "NORMAL", wait)
+        self._ckpt_pool = ThreadPoolExecutor(1, thread_name_prefix="state-sqlite-ckpt")
+        self._ckpt: Future[None] | None = None
+        self._queued = 0  # calls submitted to the store's thread and not yet done
+        self.max_queued = MAX_QUEUED
+        self.wal_truncate_bytes = WAL_TRUNCATE_BYTES
         self._inserts = 0
         self._closed = False
 
@@ -137,11 +156,16 @@ class SqliteStore:
     async def _call(self, fn: Callable[[], T]) -> T:
         if self._closed:
             raise StoreUnavailable("state store closed")
+        if self._queued >= self.max_queued:
+            raise StoreUnavailable(f"local state store: {self._queued} calls queued already")
         loop = asyncio.get_running_loop()
+        self._queued += 1
         try:
             return await loop.run_in_executor(self._pool, fn)
         except sqlite3.Error as exc:  # locked past the timeout, disk full, read-only
             raise StoreUnavailable(f"local state store: {exc}") from exc
+        finally:
+            self._queued -= 1
 
     async def _request_tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """`fn` in one transaction: on the loop if the lock is free now, else on the
@@ -158,16 +182,28 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"local state store: {exc}") from exc
         else:
-            self._fast_commits += 1
-            if self._fast_commits % CHECKPOINT_EVERY == 0:
-                self._pool.submit(self._checkpoint)
+            self._committed()
             return out
-        return await self._call(lambda: self._tx(self._soft, fn))
+        out = await self._call(lambda: self._tx(self._soft, fn))
+        self._committed()
+        return out
+
+    def _committed(self) -> None:
+        # Counted on both paths: under contention most commits take the store's thread.
+        self._fast_commits += 1
+        due = self._fast_commits % CHECKPOINT_EVERY == 0
+        if due and (self._ckpt is None or self._ckpt.done()):  # one at a time
+            self._ckpt = self._ckpt_pool.submit(self._checkpoint)
 
     def _checkpoint(self) -> None:
         # PASSIVE: copies what no reader needs, never waits; failures retry next time.
+        # TRUNCATE only once the WAL has grown past its bound (WAL_TRUNCATE_BYTES).
+        try:
+            big = os.path.getsize(f"{self.path}-wal") > self.wal_truncate_bytes
+        except OSError:
+            big = False
         with contextlib.suppress(sqlite3.Error):
-            self._soft.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            self._ckpt_db.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if big else 'PASSIVE'})")
 
     @staticmethod
     def _tx(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -493,6 +529,8 @@ class SqliteStore:
             return
         self._closed = True
         self._pool.shutdown(wait=True)
+        self._ckpt_pool.shutdown(wait=True)
+        self._ckpt_db.close()
         self._soft.close()
         self._hard.close()
         self._fast.close()
