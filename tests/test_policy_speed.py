@@ -29,7 +29,7 @@ from gateway.policy import (
     load_policy_dir,
 )
 from gateway.policy.facts import MODES
-from tests.test_policy import IDENTITIES, MODELS, NOON, POLICIES, policy_dir, who
+from tests.test_policy import IDENTITIES, MODELS, NOON, PERMIT_ALL, POLICIES, policy_dir, who
 from tests.test_policy_classes import (
     FLEET,
     MODE_BLIND,
@@ -194,3 +194,55 @@ def test_a_new_batch_size_asks_cedar_one_request_and_a_new_caller_one_per_mode(
     asked.clear()
     engine.decide_infer(who("alice"), "m0", InferContext(2, 10, "", NOON), names)
     assert asked == []
+
+
+# A record whose field names look like the JSON form's own keys (`__entity`, `Var`): what
+# its values read must still key the pieces' answers (found by a review: the reads analysis
+# took the field for an entity literal or a variable and never looked at its value).
+HIDDEN_READS = {
+    "principal-under-__entity": """
+@id("cleared-only")
+permit (principal, action == Ztgate::Action::"infer", resource)
+when { {"__entity": principal.clearance >= 3}["__entity"] };
+""",
+    "principal-under-Var": """
+@id("cleared-only")
+permit (principal, action == Ztgate::Action::"infer", resource)
+when { {"Var": principal.clearance >= 3}["Var"] };
+""",
+    "context-under-Var": """
+@id("no-none")
+forbid (principal, action == Ztgate::Action::"infer", resource)
+when { {"Var": context has mode && context.mode == "none"}["Var"] };
+"""
+    + PERMIT_ALL,
+    "resource-under-__entity": """
+@id("no-restricted")
+forbid (principal, action == Ztgate::Action::"infer", resource)
+when { {"__entity": resource.classification == "restricted"}["__entity"] };
+"""
+    + PERMIT_ALL,
+}
+
+
+@pytest.mark.parametrize("rules", sorted(HIDDEN_READS))
+def test_a_record_field_named_like_the_json_forms_keys_hides_nothing_from_the_pieces(
+    tmp_path: Path, rules: str
+) -> None:
+    src = load_policy_dir(policy_dir(tmp_path, {"70-probe.cedar": HIDDEN_READS[rules]}, only=True))
+    nodes = FLEET[:3]
+    names = [n.name for n in nodes]
+    fast = PolicyEngine(src, models=MODELS, nodes=nodes)
+    whole = PolicyEngine(src, models=MODELS, nodes=nodes, node_classes=False, check_requests=True)
+    ctx = InferContext(1, 10, "", NOON)
+    # The cleared caller first: a piece keyed without the caller would hand its permit on.
+    callers = [who("carol"), *IDENTITIES]
+    allowed = denied = 0
+    for model in sorted(MODELS):
+        for ident in callers:
+            got = fast.decide_infer(ident, model, ctx, names)
+            want = whole.decide_infer(ident, model, ctx, names)
+            assert same(got, want), (rules, ident.name, model)
+            allowed += bool(want.modes)
+            denied += not want.modes
+    assert allowed and denied  # the rule decides both ways on these cases

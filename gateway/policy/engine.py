@@ -604,8 +604,11 @@ class PolicyEngine:
                         result = combined[id(part)] = _combine(half, part, count, self._order)
                     row[c] = result
             group.update(zip(missing, map(row.__getitem__, missing), strict=True))
-        for cached in (free, near, rows):
-            while len(cached) > self._cache_size:
+        # `near` and `rows` hold an answer per node class under each key: bounded by
+        # answers, as the main cache is, not by keys.
+        per_class = max(1, self._cache_size // max(1, self.class_count))
+        for cached, bound in ((free, self._cache_size), (near, per_class), (rows, per_class)):
+            while len(cached) > bound:
                 cached.popitem(last=False)
 
     def _assemble(

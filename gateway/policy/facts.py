@@ -250,6 +250,25 @@ class InferContext:
     temperature_milli: int = 0
     top_p_milli: int = 0
 
+    def __post_init__(self) -> None:
+        # Cedar is no longer handed the schema per request (engine.py): a bool (an int to
+        # Python) would compare unequal to a Long without an error, and a value past 64 bits
+        # would go unchecked. Every Long the gateway sends is a plain int in Cedar's range.
+        for name in _LONGS:
+            v = getattr(self, name)
+            if type(v) is not int or not -(2**63) <= v < 2**63:
+                raise ValueError(f"InferContext.{name} must be an int in Cedar's Long range")
+
+
+_LONGS = (
+    "batch_size",
+    "payload_bytes",
+    "prompt_tokens",
+    "max_tokens",
+    "temperature_milli",
+    "top_p_milli",
+)
+
 
 @dataclass(frozen=True, slots=True)
 class ResourceFacts:

@@ -158,17 +158,20 @@ def parse_request(raw: Any) -> Request:
     hour = _int(c, "hour", 12)
     if not 0 <= hour <= 23:
         raise RequestFormatError("context.hour must be 0-23")
-    ctx = F.InferContext(
-        batch_size=_int(c, "batch_size", 1),
-        payload_bytes=_int(c, "payload_bytes", 1024),
-        purpose=_str(c, "purpose"),
-        now=dt.datetime(2025, 1, 1, hour, tzinfo=dt.UTC),
-        # Generative requests (0: a tensor request): counts and sampling, never text.
-        prompt_tokens=_int(c, "prompt_tokens", 0),
-        max_tokens=_int(c, "max_tokens", 0),
-        temperature_milli=_int(c, "temperature_milli", 0),
-        top_p_milli=_int(c, "top_p_milli", 0),
-    )
+    try:
+        ctx = F.InferContext(
+            batch_size=_int(c, "batch_size", 1),
+            payload_bytes=_int(c, "payload_bytes", 1024),
+            purpose=_str(c, "purpose"),
+            now=dt.datetime(2025, 1, 1, hour, tzinfo=dt.UTC),
+            # Generative requests (0: a tensor request): counts and sampling, never text.
+            prompt_tokens=_int(c, "prompt_tokens", 0),
+            max_tokens=_int(c, "max_tokens", 0),
+            temperature_milli=_int(c, "temperature_milli", 0),
+            top_p_milli=_int(c, "top_p_milli", 0),
+        )
+    except ValueError as exc:  # a number past Cedar's 64-bit Long
+        raise RequestFormatError(f"context: {exc}") from exc
     return Request(model=model, nodes=nodes, mode=mode, node=node, context=ctx, **common)
 
 

@@ -104,6 +104,11 @@ def policy_reads(bodies: Iterable[Mapping[str, Any]]) -> Reads:
             return True
         if "Slot" in node or "Unknown" in node:
             return False
+        record = node.get("Record")
+        if isinstance(record, dict):
+            # A record's field names are the policy author's, not operators: a field called
+            # `__entity` or `Var` must not hide what its value reads.
+            return all(visit(v) for v in record.values())
         literal = node.get("__entity")
         if isinstance(literal, dict):
             # Groups, models and the gateway are the same for every request; a client's
