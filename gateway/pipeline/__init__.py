@@ -12,7 +12,6 @@ test built without the app (tests/test_pipeline.py).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -167,10 +166,12 @@ class Pipeline:
             try:
                 with stage("identity"):
                     caller = self.identity(incoming.scope, stale_ok=stale_ok)
-                async with contextlib.AsyncExitStack() as slot:
-                    with stage("admission"):
-                        await slot.enter_async_context(self.admission(caller))
+                with stage("admission"):
+                    slot = await self.admission.enter(caller)
+                try:
                     return await handler(caller)
+                finally:
+                    self.admission.leave(slot)
             except StoreUnavailable as exc:
                 raise state_unavailable(exc) from exc
         except Problem as p:

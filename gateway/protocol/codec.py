@@ -35,6 +35,7 @@ from gateway.protocol.tensors import (
     Limits,
     RequestedOutput,
     Tensor,
+    all_finite,
     canonical_bytes,
 )
 
@@ -268,7 +269,7 @@ def _from_json(data: Any, dt: DataType, count: int, where: str, limits: Limits) 
             arr = np.array(flat, dtype=dt.dtype)
     except (OverflowError, ValueError, TypeError) as e:
         raise InvalidTensor(f"{where}: 'data' cannot be converted to {dt.name}: {e}") from None
-    if kind == "f" and not np.isfinite(arr).all():
+    if kind == "f" and not all_finite(arr):
         # JSON has no NaN/Inf, so a non-finite value here means overflow.
         raise InvalidTensor(f"{where}: 'data' holds a value out of range for {dt.name}")
     return arr
@@ -465,7 +466,7 @@ def _json_data(t: Tensor) -> list[Any] | None:
             return [b.decode("utf-8") for b in flat.tolist()]
         except UnicodeDecodeError:
             return None
-    if flat.dtype.kind == "f" and not np.isfinite(flat).all():
+    if flat.dtype.kind == "f" and not all_finite(flat):
         return None
     return flat.tolist()  # type: ignore[no-any-return]
 

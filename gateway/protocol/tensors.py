@@ -6,6 +6,7 @@ so the rest of the gateway can trust shapes, dtypes and sizes without rechecking
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
@@ -23,6 +24,7 @@ __all__ = [
     "Limits",
     "RequestedOutput",
     "Tensor",
+    "all_finite",
     "canonical_bytes",
     "pack_bytes",
 ]
@@ -31,6 +33,17 @@ JsonScalar = str | int | float | bool
 
 # numpy 1.x arrays cannot have more dimensions than this.
 MAX_RANK = 32
+
+# Up to this many elements `all_finite` checks in Python: numpy's fixed cost per call
+# (~1.2 us) is then most of the check, and a batch-1 answer is a handful of floats.
+_FINITE_IN_PYTHON_MAX = 64
+
+
+def all_finite(arr: npt.NDArray[Any]) -> bool:
+    """No NaN and no infinity in a float array: `np.isfinite(arr).all()`, cheaper when small."""
+    if arr.size <= _FINITE_IN_PYTHON_MAX:
+        return all(map(math.isfinite, arr.ravel().tolist()))
+    return bool(np.isfinite(arr).all())
 
 
 @dataclass(frozen=True, slots=True)

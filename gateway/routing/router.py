@@ -45,7 +45,7 @@ from gateway.config import NodeConfig, Routing
 from gateway.forward.site import answered_by
 from gateway.job import Job, NodeFilter
 from gateway.protocol.problems import BadRequest, DeadlineExceeded, NoHealthyNode, UpstreamFailed
-from gateway.protocol.tensors import DATATYPES, Tensor
+from gateway.protocol.tensors import DATATYPES, Tensor, all_finite
 from gateway.registry import ModelEntry
 from gateway.routing.node_client import GenerateRequest, NodeClient, NodeError
 from gateway.routing.reputation import Reputation
@@ -561,6 +561,6 @@ def check_reply(
         total += t.data.nbytes
         if total > max_bytes:
             raise NodeError(node, f"reply larger than {max_bytes} bytes")
-        if t.data.dtype.kind == "f" and not np.isfinite(t.data).all():
+        if t.data.dtype.kind == "f" and not all_finite(t.data):
             nonfinite = True
     return nonfinite
