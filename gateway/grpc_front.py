@@ -313,11 +313,16 @@ def _infer_path(name: str, version: str) -> str:
     return f"/v2/models/{quoted}/infer"
 
 
+_MAX_REFUSAL_BYTES = 64 * 1024
+
+
 def core_refusal(status: int, body: bytes, core_site: str) -> CoreRefusal:
     """The core's problem+json as a gRPC status (the HTTP status decides the code, as
     for the edge's own problems); only its type, detail and ids are kept."""
     try:
-        doc = json.loads(body)
+        # A problem document is small; a larger body is no problem document (and is not
+        # parsed on the event loop).
+        doc = json.loads(body) if len(body) <= _MAX_REFUSAL_BYTES else None
     except ValueError:
         doc = None
     if not isinstance(doc, dict):

@@ -9,17 +9,20 @@ reading. Nothing is mocked.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator
+import types
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gateway.generate.session import Stream
 from gateway.pki import PKI
 from gateway.receipts.model import Receipt
 from tests.conftest import LLM_MODEL, TritonCluster, llm_entries, llm_nodes
@@ -227,3 +230,49 @@ def test_a_forwarded_whole_generation_is_cancelled_at_the_core_when_the_edges_cl
     sent = closing.extensions["completion_tokens"]
     assert isinstance(sent, int) and sent < FORWARD_LONG
     assert closing.extensions["forwarded_by"] == EDGE_SITE
+
+
+def test_a_second_finish_while_the_first_writes_the_closing_receipt_waits_for_it() -> None:
+    """`Stream.events` ends with `yield await finish()` and a `finally: await finish()`: a
+    client leaving while the first writes the closing receipt runs the second at once. It
+    must wait for that same finish (one closing receipt, tokens settled once), not fail.
+    The real method on a stand-in stream: a slow closing-receipt write cannot be placed
+    at that instant with a real node (a mock of a fault, said so)."""
+
+    async def go() -> tuple[int, object, BaseException | None]:
+        s = types.SimpleNamespace(closed=None, _done=False, _finishing=None, settled=0)
+
+        async def finish_once() -> None:
+            if s._done:
+                return
+            s._done = True
+            await asyncio.sleep(0.2)  # the closing receipt being written
+            s.settled += 1
+            s.closed = "closed"
+
+        s._finish = finish_once
+
+        async def events() -> AsyncIterator[object]:
+            try:
+                yield await Stream.finish(s)  # type: ignore[arg-type]
+            finally:
+                await Stream.finish(s)  # type: ignore[arg-type]
+
+        async def read() -> None:
+            async for _ in events():
+                pass
+
+        task = asyncio.ensure_future(read())
+        await asyncio.sleep(0.05)
+        task.cancel()  # the client left while the closing receipt was written
+        error: BaseException | None = None
+        try:
+            await task
+        except BaseException as exc:
+            error = exc
+        await asyncio.sleep(0.3)
+        return s.settled, s.closed, error
+
+    settled, closed, error = asyncio.run(go())
+    assert settled == 1 and closed == "closed"
+    assert isinstance(error, asyncio.CancelledError)  # the client's leaving, not an error

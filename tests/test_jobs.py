@@ -1137,6 +1137,18 @@ async def test_a_job_run_again_gets_its_logged_receipt_unless_it_answered_otherw
         zk_again = await service.answer(**proved, seed=job_seed(key, "job-z"), job_id="job-z")
         assert not zk_again.reused
         assert zk_again.receipt.extensions["supersedes"] == zk_job.receipt.receipt_id
+
+        # The same tensors from another model file, or for another certificate: another
+        # execution too, never handed the first receipt (it names the first model and key).
+        for other in (
+            {"model": ModelRef("iris", "1", "cd" * 32)},
+            {"client": ClientRef("spiffe://ztgate.local/client/alice", "20", "CN=other CA")},
+        ):
+            seed = job_seed(key, "job-m")
+            base = await service.answer(**fields, seed=seed, job_id="job-m")
+            moved = await service.answer(**{**fields, **other}, seed=seed, job_id="job-m")
+            assert not moved.reused
+            assert moved.receipt.extensions["supersedes"] == base.receipt.receipt_id
         size, reruns[:] = service.log.size, ["reused"]
 
         # The log itself refuses a second receipt for the job that supersedes nothing.

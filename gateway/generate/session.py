@@ -152,6 +152,7 @@ class Stream:
     timing: StreamTiming | None = None
     closed: Closed | None = None
     _done: bool = False
+    _finishing: asyncio.Future[None] | None = None
     mode: str = "none"  # none | redundant (gateway/generate/verified.py)
     call: GenerateCall | None = None
     stopped: bool = False  # a stop sequence ended it (gateway/generate/stop.py)
@@ -205,9 +206,13 @@ class Stream:
         """Cancel at the node, close the receipt, settle tokens, free the slot; once."""
         if self.closed is not None:
             return self.closed
-        task = asyncio.ensure_future(self._finish())
-        _FINISHING.add(task)
-        task.add_done_callback(_FINISHING.discard)
+        # One task, shared: a second call while the first is still writing the closing
+        # receipt (a client leaving then) waits for the same one.
+        task = self._finishing
+        if task is None:
+            task = self._finishing = asyncio.ensure_future(self._finish())
+            _FINISHING.add(task)
+            task.add_done_callback(_FINISHING.discard)
         await asyncio.shield(task)
         assert self.closed is not None
         return self.closed

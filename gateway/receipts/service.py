@@ -171,7 +171,9 @@ class ReceiptService:
             # to replace is not given again as the job's answer.
             elsewhere = await self._mark_job(job_id)
             if prior is not None:
-                reused = self._job_receipt(holder, prior, seed, inputs, outputs, verification, ext)
+                reused = self._job_receipt(
+                    holder, prior, seed, client, model, inputs, outputs, verification, ext
+                )
                 if isinstance(reused, Issued):
                     named = reused.receipt.extensions.get("supersedes_in", ())
                     if set(elsewhere) <= set(named if isinstance(named, tuple | list) else ()):
@@ -213,6 +215,8 @@ class ReceiptService:
         holder: ReceiptLog,
         index: int,
         seed: bytes,
+        client: ClientRef,
+        model: ModelRef,
         inputs: Sequence[Tensor],
         outputs: Sequence[Tensor],
         verification: VerificationRef,
@@ -233,7 +237,11 @@ class ReceiptService:
             signed = SignedReceipt.from_bytes(body)
             r = signed.receipt
             if (
-                r.inputs == tensor_refs(inputs, salt)
+                # the same caller's certificate and the same model file: a rerun on another
+                # model (or a key that changed) is another execution, whatever it answered
+                r.client == client
+                and r.model == model
+                and r.inputs == tensor_refs(inputs, salt)
                 and r.outputs == tensor_refs(outputs, salt)
                 and r.verification == verification
                 # as `issue` adds; what the logged one superseded does not make it another
