@@ -182,9 +182,7 @@ def merge_revocations(data_dir: Path, into: str) -> int:
     stopped before worker 0 synced it. The others' files are read without their locks (a
     worker may be appending to one): a torn last line is skipped, and the store's sync
     brings that entry."""
-    import json
-
-    from gateway.state.durable import FileRevocations
+    from gateway.state.durable import FileRevocations, parse_entry
 
     found: list[tuple[str, str]] = []
     for other in sorted(data_dir.glob("revoked*.jsonl")):
@@ -194,15 +192,8 @@ def merge_revocations(data_dir: Path, into: str) -> int:
             lines = other.read_bytes().split(b"\n")
         except OSError as exc:
             raise ConfigError(f"revocations: cannot read {other}: {exc}") from exc
-        for line in lines:
-            try:
-                obj = json.loads(line) if line.strip() else None
-            except ValueError:
-                continue
-            if isinstance(obj, dict):
-                issuer, serial = obj.get("issuer"), obj.get("serial")
-                if isinstance(issuer, str) and isinstance(serial, str):
-                    found.append((issuer, serial.lower()))
+        for entry in filter(None, map(parse_entry, lines)):
+            found.append((entry[0], entry[1].lower()))
     if not found:
         return 0
     own = FileRevocations(data_dir / into)

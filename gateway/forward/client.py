@@ -51,6 +51,7 @@ from gateway.forward.paths import Target, body_doc, model_of, streams, target
 from gateway.forward.site import FORWARDED, FORWARDED_TO_CORE
 from gateway.forward.statement import make, sign
 from gateway.generate.ask import MAX_STOP_BYTES
+from gateway.generate.sse import client_gone
 from gateway.generate.wire import openai_error, sse
 from gateway.jobs.scope import job_of
 from gateway.protocol.problems import PROBLEM_BASE, UpstreamFailed
@@ -294,7 +295,7 @@ class EdgeFailover:
         deadline = asyncio.get_running_loop().time() + whole_s
         # One watcher for the client's leaving, from the request's sending to the answer's
         # end: a client gone before the core's answer starts closes the core's request.
-        watch = asyncio.ensure_future(_gone(receive))
+        watch = asyncio.ensure_future(client_gone(receive))
         try:
             try:
                 core = await _unless_gone(
@@ -340,7 +341,9 @@ class EdgeFailover:
             return True
         try:
             answer = await _unless_gone(
-                watch, contextlib.nullcontext(), self._whole(core, deadline)
+                watch,
+                contextlib.nullcontext(),
+                _read_whole(core, self.forwarder.timeout_s, deadline),
             )
         except (httpx.HTTPError, OSError, TimeoutError, ValueError) as exc:
             return self._failed(exc)
@@ -350,9 +353,6 @@ class EdgeFailover:
         await send(start)
         await send({"type": "http.response.body", "body": answer, "more_body": False})
         return True
-
-    async def _whole(self, core: httpx.Response, deadline: float) -> bytes:
-        return await _read_whole(core, self.forwarder.timeout_s, deadline)
 
     def _failed(self, exc: BaseException) -> bool:
         self.forwarder.failed += 1
@@ -443,11 +443,6 @@ async def _read_whole(core: httpx.Response, read_s: float, deadline: float) -> b
         if size > MAX_ANSWER_BYTES:
             raise ValueError(f"the core's answer is over {MAX_ANSWER_BYTES} bytes")
         parts.append(chunk)
-
-
-async def _gone(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 async def _unless_gone(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from gateway.receipts.log import LogError, ReceiptLog
@@ -31,12 +31,29 @@ __all__ = ["SiblingLogs", "UnownedLogs", "unowned_dirs"]
 REOPEN_EVERY_S = 0.25
 
 
-class SiblingLogs:
-    """Callable: every log under `dirs`, each as of its latest committed leaf."""
+class _HeldLogs:
+    """The logs under `dirs`, each held open once opened, until `close`."""
 
     def __init__(self, dirs: Sequence[Path]) -> None:
         self.dirs = list(dirs)
         self._open: dict[Path, ReceiptLog] = {}
+
+    def _paths(self) -> Iterator[Path]:
+        for d in self.dirs:
+            if d.is_dir():
+                yield from ReceiptLog.all_logs(d)
+
+    def close(self) -> None:
+        for rl in self._open.values():
+            rl.close_sync()
+        self._open.clear()
+
+
+class SiblingLogs(_HeldLogs):
+    """Callable: every log under `dirs`, each as of its latest committed leaf."""
+
+    def __init__(self, dirs: Sequence[Path]) -> None:
+        super().__init__(dirs)
         self._checked: dict[Path, float] = {}  # time.monotonic() of the last look
         self.reopen_every_s = REOPEN_EVERY_S
 
@@ -69,18 +86,7 @@ class SiblingLogs:
         return fresh
 
     def __call__(self) -> list[ReceiptLog]:
-        out = []
-        for d in self.dirs:
-            for path in ReceiptLog.all_logs(d) if d.is_dir() else []:
-                got = self._fresh(path)
-                if got is not None:
-                    out.append(got)
-        return out
-
-    def close(self) -> None:
-        for rl in self._open.values():
-            rl.close_sync()
-        self._open.clear()
+        return [got for got in map(self._fresh, self._paths()) if got is not None]
 
 
 def unowned_dirs(base: Path, workers: int) -> list[Path]:
@@ -95,28 +101,18 @@ def unowned_dirs(base: Path, workers: int) -> list[Path]:
     return [base, *(d for d in subs if int(d.name[1:]) >= workers)]
 
 
-class UnownedLogs:
+class UnownedLogs(_HeldLogs):
     """Callable: every log under `dirs`, opened for erasures (as `ztgate audit expire` opens
     one), once each; for the retention job of worker 0 or of the one process."""
 
-    def __init__(self, dirs: Sequence[Path]) -> None:
-        self.dirs = list(dirs)
-        self._open: dict[Path, ReceiptLog] = {}
-
     def __call__(self) -> list[ReceiptLog]:
         out = []
-        for d in self.dirs:
-            for path in ReceiptLog.all_logs(d) if d.is_dir() else []:
-                if path not in self._open:
-                    try:
-                        self._open[path] = ReceiptLog.open_readonly(path)
-                    except (OSError, sqlite3.Error, LogError) as exc:
-                        log.error("receipt log %s: not under retention: %s", path, exc)
-                        continue
-                out.append(self._open[path])
+        for path in self._paths():
+            if path not in self._open:
+                try:
+                    self._open[path] = ReceiptLog.open_readonly(path)
+                except (OSError, sqlite3.Error, LogError) as exc:
+                    log.error("receipt log %s: not under retention: %s", path, exc)
+                    continue
+            out.append(self._open[path])
         return out
-
-    def close(self) -> None:
-        for rl in self._open.values():
-            rl.close_sync()
-        self._open.clear()

@@ -31,7 +31,8 @@ class RevocationFileError(Exception):
     """The revocation file is corrupt, or already owned by another process."""
 
 
-def _parse(line: bytes) -> tuple[str, str] | None:
+def parse_entry(line: bytes) -> tuple[str, str] | None:
+    """One line of a revocation file, or None where it is not one (torn, blank, other)."""
     try:
         obj = json.loads(line)
     except ValueError:  # includes UnicodeDecodeError and JSONDecodeError
@@ -85,7 +86,7 @@ class FileRevocations:
         for i, raw in enumerate(lines):
             if i > last:
                 break
-            entry = _parse(raw)
+            entry = parse_entry(raw)
             if entry is None:
                 if i == last:
                     break  # torn final write: drop it
