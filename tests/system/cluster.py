@@ -6,7 +6,9 @@ against an SRS this suite generates and pins (a TEST pin: see `TEST_SRS_NOTE`), 
 ACL `redis-server`, a `ztgate witness`, three `ztgate node serve` nodes with the customer
 certificates and their `ztgate mpc party` workers, an officer-signed policy bundle
 (`ztgate policy bundle sign`), and two `ztgate serve` replicas in `mode = "production"`
-on the one Redis, each with its forward listener (the customer's forwarder CA and CRL).
+on the one Redis, each with its forward listener (the customer's forwarder CA and CRL);
+the second, gw-b, with `listen.workers = 2` (a supervisor and two worker processes, a
+receipt log each: `REPLICA_WORKERS`).
 Beside the core, one edge gateway of its own site (`EDGE_SITE`), in production mode with
 its own data dir, Redis, signed bundle and forwarder certificate, whose one node is
 down (nothing listens at its address) and whose `forward.core_url` reaches the first
@@ -32,6 +34,8 @@ import numpy as np
 from gateway.faultproxy import ThreadedFaultProxy
 from gateway.jobs.seal import load_key
 from gateway.ports import free_port, wait_ready
+from gateway.receipts.export import merged_keyset
+from gateway.receipts.signing import KeySet
 from tests.system.customer_pki import CustomerPKI, Leaf
 from tests.system.processes import ZTGATE, Service, Services, run_cli
 
@@ -47,6 +51,9 @@ TEST_SRS_NOTE = (
 )
 SHIPPED_POLICIES = Path(__file__).resolve().parents[2] / "policies"
 REDIS_USER = "ztgate"  # the one ACL user (the `default` user is off)
+# listen.workers of each core replica: gw-b is served by a supervisor and two worker
+# processes (gateway/supervisor.py, docs/sizing.md), as an operator configures it.
+REPLICA_WORKERS = {"gw-a": 1, "gw-b": 2}
 
 # name, region, provider, serves the zk prover
 NODES: tuple[tuple[str, str, str, bool], ...] = (
@@ -94,6 +101,7 @@ class Replica:
     service: Service
     grpc_port: int = 0  # the gRPC front (listen.grpc_port)
     forward_port: int = 0  # the forward listener (forward.port); 0: none
+    workers: int = 1  # listen.workers: processes serving it (one log each)
 
     @property
     def base(self) -> str:
@@ -101,9 +109,18 @@ class Replica:
 
     @property
     def receipts_dir(self) -> Path:
+        """What an operator hands `ztgate audit trust/export --log-dir`: it stands for
+        every worker's log (`w<i>/` under it) when the replica runs several."""
         return self.data_dir / "receipts"
 
-    def start(self, deadline_s: float = 120.0) -> float:
+    def keyset(self) -> KeySet:
+        """The receipt keys the replica publishes (`keys.json` beside each of its logs),
+        merged as `ztgate audit export` merges them."""
+        keys = merged_keyset(self.receipts_dir)
+        assert keys is not None, f"{self.name} publishes no receipt keys"
+        return keys
+
+    def start(self, deadline_s: float = 240.0) -> float:
         """Start `ztgate serve`; seconds until its admin listener says ready."""
         t0 = time.monotonic()
         self.service.start()
@@ -482,6 +499,8 @@ def start_cluster(root: Path, services: Services) -> ProductionCluster:
             "host": "127.0.0.1", "port": port, "admin_host": "127.0.0.1",
             "admin_port": admin, "graceful_shutdown_s": 2, "grpc_port": grpc,
         }  # fmt: skip
+        if REPLICA_WORKERS[name] > 1:
+            listen["workers"] = REPLICA_WORKERS[name]
         tls = {
             "cert": gw_leaf.cert, "key": gw_leaf.key,
             "client_ca": pki.ca("client"), "node_ca": pki.ca("node"),
@@ -529,6 +548,7 @@ def start_cluster(root: Path, services: Services) -> ProductionCluster:
                 services.add(service),
                 grpc_port=grpc,
                 forward_port=fwd,
+                workers=REPLICA_WORKERS[name],
             )
         )
 

@@ -192,6 +192,16 @@ class CustomerPKI:
             self._leaf("client", name, stem, sans, [ExtendedKeyUsageOID.CLIENT_AUTH])
         return self._pair(stem, spiffe)
 
+    def spare_client(self, name: str, tag: str) -> Leaf:
+        """One more certificate of client `name` (its SPIFFE ID: the officer's mapping
+        applies), of its own serial: revoking it leaves `name`'s own certificate alone."""
+        spiffe = self._spiffe("client", name)
+        stem = self.root / "clients" / f"{name}-{tag}"
+        if not stem.with_suffix(".crt").is_file():
+            sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(spiffe)]
+            self._leaf("client", name, stem, sans, [ExtendedKeyUsageOID.CLIENT_AUTH])
+        return self._pair(stem, spiffe)
+
     def node_dns_name(self, name: str) -> str:
         return f"{name}.node.{self.trust_domain}"
 

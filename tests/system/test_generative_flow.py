@@ -22,7 +22,7 @@ from gateway.llm.tokenizer import chat_prompt, encode
 from gateway.receipts.canonical import canonical_json
 from gateway.receipts.commit import commit_tensor
 from gateway.receipts.model import SignedReceipt
-from gateway.receipts.signing import KeySet, verify_summary
+from gateway.receipts.signing import verify_summary
 from gateway.receipts.stream import OUTPUT, PROMPT, token_tensor
 from tests.system.cluster import GENERATIVE, ProductionCluster, Replica
 
@@ -62,7 +62,7 @@ def test_a_stream_opens_and_closes_with_receipts_that_verify(
     assert events[0]["choices"][0]["delta"].get("content", "") == ""  # receipt before text
     assert last["finish_reason"] in ("stop", "length")
 
-    keys = KeySet.load(replica.receipts_dir / "keys.json")
+    keys = replica.keyset()
     opening = read_back(cluster, replica, first["receipt"]["id"])
     closing = read_back(cluster, replica, last["receipt_id"])
     for signed, shown in ((opening, first["receipt"]), (closing, last["receipt"])):

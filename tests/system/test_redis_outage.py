@@ -210,11 +210,17 @@ def readiness(
 
 
 def gauge(replica: Replica, name: str) -> float:
+    """`name` on the replica's admin port; a replica of several workers shows one sample
+    per worker (label `worker`), and they must all say the same."""
     text = httpx.get(f"http://127.0.0.1:{replica.admin_port}/metrics", timeout=30).text
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"no {name} in {replica.name}'s /metrics")
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith((name + " ", name + "{"))
+    ]
+    assert len(values) == replica.workers, f"{name} in {replica.name}'s /metrics: {values}"
+    assert len(set(values)) == 1, f"{replica.name}'s workers disagree on {name}: {values}"
+    return values[0]
 
 
 def says(replica: Replica, prober: httpx.Client, status: int) -> bool:

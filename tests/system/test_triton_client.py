@@ -34,7 +34,7 @@ from gateway.protocol.tensors import Tensor
 from gateway.receipts.canonical import canonical_json
 from gateway.receipts.commit import commit_tensor
 from gateway.receipts.model import SignedReceipt
-from gateway.receipts.signing import KeySet, verify_summary
+from gateway.receipts.signing import verify_summary
 from tests.system.cluster import ProductionCluster, Replica
 from tests.system.customer_pki import Leaf
 
@@ -152,7 +152,7 @@ def _check_receipt(
     salted commitments to exactly the tensors the client sent and got."""
     assert params["ztgate.verification"] == "none"
     line = params["ztgate.receipt"]
-    keys = KeySet.load(replica.receipts_dir / "keys.json")
+    keys = replica.keyset()
     assert verify_summary(line, keys), line
     assert line.split(" ")[1] == params["ztgate.receipt_id"]
 
