@@ -787,7 +787,8 @@ def test_a_node_killed_mid_stream_ends_it_with_an_error_event_and_a_closing_rece
     assert logged is not None and logged.receipt_id == closing["ztgate"]["receipt_id"]
     assert logged.extensions["finish_reason"] == "node-error"
     sent = closing["usage"]["completion_tokens"]
-    assert 1 <= sent < 100 and logged.extensions["completion_tokens"] == sent
+    assert 1 <= sent < 100  # cut short by the kill, after the first token's text
+    assert logged.extensions["completion_tokens"] == sent
 
 
 # ------------------------------------------------------------------------- stop sequences
