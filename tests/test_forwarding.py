@@ -17,6 +17,7 @@ import dataclasses
 import gzip
 import http.client
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ import numpy as np
 import pytest
 import uvicorn
 import uvloop
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client.parser import text_string_to_metric_families
@@ -40,6 +42,7 @@ from gateway.config import Config, ConfigError, Forward
 from gateway.faultproxy import ThreadedFaultProxy
 from gateway.forward import statement
 from gateway.forward.client import SITE_WHY_HEADER, CoreForwarder
+from gateway.forward.crl import CHECK_INTERVAL_S, ForwarderCRL
 from gateway.forward.limits import SiteLimits
 from gateway.pki import PKI, Issued, forwarder_crl
 from gateway.ports import free_port
@@ -814,14 +817,21 @@ def test_the_edge_pins_the_cores_ca_and_spiffe_id(core: Core, sites: PKI) -> Non
                 timeout_s=15,
             )
             try:
-                return await f.forward(
+                r = await f.open(
                     client_cert=leaf_pem(alice),
                     path="/v2/models/iris/infer",
                     model="iris",
                     version="",
                     body=infer_body(IRIS),
                     content_type="application/json",
+                    extra=None,
+                    head_s=15,
                 )
+                try:
+                    await r.aread()
+                finally:
+                    await r.aclose()
+                return r
             finally:
                 await f.aclose()
 
@@ -953,9 +963,10 @@ def test_a_forwarder_revoked_while_its_connection_is_open_is_refused_at_its_next
     core: Core, sites: PKI, tmp_path: Path
 ) -> None:
     """The CRL is checked at a handshake, and an edge's kept-alive connection outlives its
-    handshake: the listener checks the current `forward.crl` per request too. On one
-    connection, the request before the revocation is answered (the control), the one
-    after the new CRL is written is refused, counted under its reason."""
+    handshake: the listener checks the current `forward.crl` per request too (the file
+    looked at once a second at most). On one connection, the request before the
+    revocation is answered (the control), and once the new CRL is written the next ones
+    are refused within that second, counted under their reason."""
     fwd = sites.issue(
         "forwarder", EDGE_SITE, site=EDGE_SITE, out=(tmp_path / "f.crt", tmp_path / "f.key")
     )
@@ -984,8 +995,16 @@ def test_a_forwarder_revoked_while_its_connection_is_open_is_refused_at_its_next
         refused = listener.refusals["forwarder-revoked"]
         assert core.cfg.forward.crl is not None
         forwarder_crl(sites, [fwd.serial], core.cfg.forward.crl)
-        status, doc = post()
-        assert conn.sock is kept  # the same connection: no handshake in between
+        # The listener looks at the file at most once per CHECK_INTERVAL_S: answered
+        # until then (a bound on the wait, not a timed assertion).
+        end = time.monotonic() + 20
+        while True:
+            status, doc = post()
+            assert conn.sock is kept  # the same connection: no handshake in between
+            if status != 200:
+                break
+            assert time.monotonic() < end, "the new CRL never reached the open connection"
+            time.sleep(0.1)
         assert status == 403, doc
         assert doc["type"] == "https://ztgate.dev/problems/forbidden"
         assert doc["reason"] == "forwarder-revoked"
@@ -994,6 +1013,51 @@ def test_a_forwarder_revoked_while_its_connection_is_open_is_refused_at_its_next
         conn.close()
     ok, _ = send(core, sites, forwarder(sites, EDGE_SITE), alice, body)
     assert ok.status_code == 200, ok.text
+
+
+def test_the_forward_crl_is_looked_at_once_a_second_at_most(
+    sites: PKI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The per-request check stats `forward.crl` at most once per CHECK_INTERVAL_S (a
+    syscall on the event loop per forwarded request, else), on a clock the test moves: two
+    requests within the interval stat it once, and miss a CRL written in between; the
+    first after the interval reads it (the control). A CRL that does not parse keeps the
+    revocations read before, and is read again at the next look. Stats are counted by a
+    wrapper around the real os.stat (counting, not faking)."""
+    path = forwarder_crl(sites, [], tmp_path / "forwarder.crl")
+    now = [100.0]
+    crl = ForwarderCRL(path, sites.forwarder_ca_bundle(), clock=lambda: now[0])
+    fwd = sites.issue(
+        "forwarder", EDGE_SITE, site=EDGE_SITE, out=(tmp_path / "f.crt", tmp_path / "f.key")
+    )
+    cert = x509.load_pem_x509_certificate(fwd.cert.read_bytes())
+    stats: list[str] = []
+    real_stat = os.stat
+
+    def counting_stat(p: Any, *args: Any, **kw: Any) -> os.stat_result:
+        if os.fspath(p) == os.fspath(path):
+            stats.append(os.fspath(p))
+        return real_stat(p, *args, **kw)
+
+    monkeypatch.setattr(os, "stat", counting_stat)
+    now[0] += CHECK_INTERVAL_S
+    asyncio.run(crl.refresh())
+    assert len(stats) == 1 and not crl.revoked(cert)
+    forwarder_crl(sites, [fwd.serial], path)
+    now[0] += CHECK_INTERVAL_S / 2
+    asyncio.run(crl.refresh())  # a second request within the interval: no stat
+    assert len(stats) == 1 and not crl.revoked(cert)
+    now[0] += CHECK_INTERVAL_S / 2
+    asyncio.run(crl.refresh())  # the interval is over: looked at, and the change read
+    assert len(stats) == 2 and crl.revoked(cert)
+    path.write_bytes(b"half a file")
+    now[0] += CHECK_INTERVAL_S
+    asyncio.run(crl.refresh())
+    assert len(stats) == 3 and crl.revoked(cert)  # the revocations read before stand
+    forwarder_crl(sites, [], path)  # the file fixed: read at the next look
+    now[0] += CHECK_INTERVAL_S
+    asyncio.run(crl.refresh())
+    assert len(stats) == 4 and not crl.revoked(cert)
 
 
 def test_a_compressed_request_is_not_forwarded(core: Core, sites: PKI, edge: str) -> None:

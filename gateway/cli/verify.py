@@ -1,7 +1,9 @@
 """`ztgate verify`: check receipts offline against the auditor's trust file.
 
 Exit codes: 0 valid, 1 invalid, 2 usage (bad arguments, unreadable input or trust file),
-3 pending (signed, but not yet in a signed checkpoint). No network is used.
+3 pending (signed, but not yet in a signed checkpoint, or not yet witnessed: in no
+checkpoint cosigned as the witness policy requires, while an earlier one of its log is).
+No network is used.
 
 The report (`--format text|md|html|json`, to stdout or `--output`) is written after the
 checks; whatever a library prints or logs while they run goes to stderr (third-party

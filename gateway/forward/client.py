@@ -143,30 +143,6 @@ class CoreForwarder:
             "POST", path, content=body, headers=headers, timeout=timeout
         )
 
-    async def forward(
-        self,
-        *,
-        client_cert: str,
-        path: str,
-        model: str,
-        version: str,
-        body: bytes,
-        content_type: str,
-        extra: dict[str, str] | None = None,
-    ) -> httpx.Response:
-        """The core's whole answer (read within httpx's per-read `timeout_s`)."""
-        req = self._request(
-            client_cert=client_cert,
-            path=path,
-            model=model,
-            version=version,
-            body=body,
-            content_type=content_type,
-            extra=extra,
-            head_s=None,
-        )
-        return await self._http.send(req)
-
     async def open(
         self,
         *,

@@ -3,13 +3,13 @@ by the ordinary pipeline as that client.
 
 Nothing the edge says is taken on trust: the site is the forwarder certificate's (verified
 by TLS against the forwarder CA, which is all this listener trusts, and not revoked in
-`forward.crl` as it is now: checked per request too, since a kept-alive connection
-outlives its handshake: `crl.py`); the statement must be signed by that same certificate,
-name this core as audience, be fresh, name no hop but the sender; the client's certificate
-must be issued by this core's client CA; policy must decide `forward_for` (this site may
-act for this client on this model). All of that reads headers only (the model: the path's,
-or on OpenAI's routes the statement's, which the body must then name: `paths.py`). Only
-then does the site take one of its tokens and concurrency slots (`SiteLimits`; a
+`forward.crl` as it was at most a second ago: checked per request too, since a kept-alive
+connection outlives its handshake: `crl.py`); the statement must be signed by that same
+certificate, name this core as audience, be fresh, name no hop but the sender; the client's
+certificate must be issued by this core's client CA; policy must decide `forward_for` (this
+site may act for this client on this model). All of that reads headers only (the model: the
+path's, or on OpenAI's routes the statement's, which the body must then name: `paths.py`).
+Only then does the site take one of its tokens and concurrency slots (`SiteLimits`; a
 generation, one of at most half of them), and only inside that slot is the body read,
 hashed against the statement and the nonce spent. Then the request (an inference or a
 generation) enters the API app exactly as if the client had called, so the core's own

@@ -107,10 +107,14 @@ def build(report: Report) -> View:
             "the auditor's own keys"
         )
     elif status == "pending":
-        headline = (
-            f"Valid so far, not final: {_n(by_status['pending'], 'receipt')} not yet in a "
-            "signed checkpoint"
-        )
+        # Not yet witnessed (verify.py) is told apart: a witness's cosignature still due.
+        waiting = {f.subject for f in report.findings if f.code == "not-yet-witnessed"}
+        said = [f"{_n(by_status['pending'] - len(waiting), 'receipt')} not yet in a signed "
+                "checkpoint"] if by_status["pending"] > len(waiting) else []  # fmt: skip
+        if waiting:
+            said.append(f"{_n(len(waiting), 'receipt')} not yet witnessed (no checkpoint "
+                        "including it cosigned as required yet)")  # fmt: skip
+        headline = "Valid so far, not final: " + "; ".join(said)
     else:
         headline = f"Verification FAILED: {_n(invalid, 'problem')} found (see Problems)"
 

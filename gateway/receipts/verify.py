@@ -6,7 +6,9 @@ Nothing here opens a socket. Every check yields a `Finding` with a status:
     valid    signature, inclusion in a signed (and, if required, cosigned) checkpoint,
              key window, consistency and, when given, the client's salts all check out
     invalid  something failed; `code` and `reason` say what
-    pending  signed, but no checkpoint includes it yet (final once one does)
+    pending  signed, but no checkpoint includes it yet, or (`not-yet-witnessed`) none
+             that includes it is cosigned as the witness policy requires, while an
+             earlier one of its log is (final once one does)
     erased   the body was deleted (retention or erasure); its leaf and proofs remain
 
 A report's status is `invalid` if any finding is, else `pending` if any is, else `valid`.
@@ -71,6 +73,7 @@ from gateway.receipts.signing import (
 )
 
 __all__ = [
+    "NOT_YET_WITNESSED",
     "PROOF_VERIFIERS",
     "Finding",
     "Report",
@@ -84,6 +87,9 @@ __all__ = [
 ]
 
 Status = Literal["valid", "invalid", "pending", "erased"]
+# Pending: in its log's checkpoints, but none yet cosigned as the witness policy requires
+# (the code of such a finding; docs/compliance.md, section 2.1).
+NOT_YET_WITNESSED = "not-yet-witnessed"
 TRUST_FORMAT = "ztgate-trust/v1"
 
 # mode -> fn(receipt, evidence: {file name: bytes}) -> Verdict
@@ -533,12 +539,14 @@ def _check_receipt(
         )
         return
     judge, witnessed = vc, vc
+    behind: str | None = None  # why it is not yet witnessed, when it is pending on that
     if state is not None:
         proven = state.proven_in(index, leaf_ok, vc.checkpoint.size)
         judge = state.chain[proven[0]]
         if policy.active:
             ok = [s for s in proven if policy.satisfied(state.chain[s].cosigned)]
-            if not ok:
+            behind = None if ok else _not_yet_witnessed(state, policy, index, leaf_ok)
+            if not ok and behind is None:
                 report.add(
                     subject,
                     "invalid",
@@ -546,7 +554,7 @@ def _check_receipt(
                     f"no checkpoint of the bundle that includes it is {policy.describe()}",
                 )
                 return
-            witnessed = state.chain[ok[-1]]
+            witnessed = state.chain[ok[-1]] if ok else witnessed
     when = dt.datetime.fromtimestamp(judge.time, dt.UTC)
     window = trust.receipt_keys.window(r.key_id, when)
     if not window:
@@ -559,7 +567,7 @@ def _check_receipt(
         "checkpoint_size": judge.checkpoint.size,
         "checkpoint_time": format_time(when),
     }
-    if policy.active:
+    if policy.active and behind is None:
         details["witnessed_size"] = witnessed.checkpoint.size
         details["witnesses"] = sorted(witnessed.cosigned)
     if salts is not None and r.receipt_id in salts:
@@ -576,7 +584,39 @@ def _check_receipt(
         details["proof_reverified"] = True
     elif r.verification is not None and r.verification.proof_sha256:
         details["proof_reverified"] = False
+    if behind is not None:
+        report.add(subject, "pending", NOT_YET_WITNESSED, behind, **details)
+        return
     report.add(subject, "valid", **details)
+
+
+def _not_yet_witnessed(
+    state: _LogState, policy: WitnessPolicy, index: int, leaf_ok: bool
+) -> str | None:
+    """Why a receipt no witnessed checkpoint includes is pending, or None: it is invalid.
+
+    Pending: it is proven in each of its log's checkpoints that cover it (its inventory
+    leaf matched, the chain consistent), none satisfies the policy, and an earlier
+    checkpoint of the log does: witnessing of this log stands, and has not reached it.
+    A later witnessed checkpoint that does not prove it, or a log the policy never
+    covered in this bundle, is `missing-cosignature`. A failing cosignature never gets
+    here (`bad-cosignature`, `_verify_note`). The bundle records no witness's refusal:
+    one that refused these checkpoints looks the same until a later export, where a
+    pending receipt either verifies or stays pending (docs/compliance.md, section 2.1).
+    """
+    if not (leaf_ok and state.leaves is not None and state.consistent):
+        return None
+    done = [s for s, vc in state.chain.items() if policy.satisfied(vc.cosigned)]
+    if not done or max(done) > index:
+        return None
+    head = state.chain[max(state.chain)]
+    cosigners = ", ".join(sorted(head.cosigned)) or "no trusted witness"
+    return (
+        f"not yet witnessed: no checkpoint including it is {policy.describe()} yet; its "
+        f"log's are, up to size {max(done)}; the latest (size {head.checkpoint.size}, signed "
+        f"{format_time(dt.datetime.fromtimestamp(head.time, dt.UTC))}) is cosigned by "
+        f"{cosigners}. Final once a witnessed checkpoint covers it: verify a later export"
+    )
 
 
 # --- what the report says was checked -----------------------------------------------------

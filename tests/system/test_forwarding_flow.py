@@ -206,14 +206,21 @@ async def _as_forwarder(cluster: ProductionCluster, forwarder: Leaf) -> httpx.Re
         timeout_s=FORWARD_TIMEOUT_S,
     )
     try:
-        return await fwd.forward(
+        r = await fwd.open(
             client_cert=leaf_pem + "\n",
             path="/v2/models/iris/infer",
             model="iris",
             version="",
             body=json.dumps(Call(CLIENT, "iris", "none", 0, 200).body()).encode(),
             content_type="application/json",
+            extra=None,
+            head_s=FORWARD_TIMEOUT_S,
         )
+        try:
+            await r.aread()  # the whole answer, as the edge reads one
+        finally:
+            await r.aclose()
+        return r
     finally:
         await fwd.aclose()
 

@@ -1,0 +1,142 @@
+"""`ztgate verify` with a witness policy on receipts no witnessed checkpoint covers yet
+(docs/compliance.md, section 2.1): in its log's checkpoints, the latest of them not yet
+cosigned while an earlier one is, a receipt is `pending` (`not-yet-witnessed`, exit 3),
+not `invalid`; a cosignature that does not verify is still `invalid` (exit 1).
+
+Real parts: a receipt log, a witness over in-process ASGI, `ztgate audit export`'s bundle
+writer and the CLI itself. The untampered bundle, once the witness cosigns, is the
+control that the same receipt then verifies.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from gateway.cli import main
+from gateway.receipts.bundle import BundleReader
+from gateway.receipts.export import export_bundle
+from gateway.receipts.note import SignedNote
+from gateway.receipts.verify import NOT_YET_WITNESSED, verify_bundle
+from tests.test_receipts import WITNESS, Issued, World, make_world
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    """Receipts in two cosigned checkpoints."""
+    w = await make_world(tmp_path)
+    for _ in range(2):
+        await w.receipt()
+        await w.checkpoint()
+    yield w
+    if not w.log._closed:
+        await w.log.close()
+
+
+async def _unwitnessed(world: World) -> Issued:
+    """A receipt whose only checkpoint the witness has not cosigned (it was down)."""
+    newest = await world.receipt()
+    await world.log.checkpoint()
+    return newest
+
+
+def _verify(
+    capsys: pytest.CaptureFixture[str], bundle: Path, trust: Path, *extra: str
+) -> tuple[int, str]:
+    capsys.readouterr()
+    rc = main(["verify", str(bundle), "--trust", str(trust), "--require-witness", WITNESS, *extra])
+    return rc, capsys.readouterr().out
+
+
+async def test_a_receipt_in_a_checkpoint_not_yet_cosigned_is_pending(
+    world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    newest = await _unwitnessed(world)
+    trust = world.write_trust(tmp_path / "trust.json")
+    out = tmp_path / "b"
+    export_bundle(world.log_dir, out)
+    report = verify_bundle(BundleReader(out), world.trust(), [WITNESS])
+    rid = newest.receipt.receipt_id
+    [mine] = [f for f in report.findings if f.subject == f"receipt {rid}"]
+    assert (mine.status, mine.code) == ("pending", NOT_YET_WITNESSED)
+    assert "not yet witnessed" in mine.reason and "witnessed_size" not in mine.details
+    assert not [f for f in report.findings if f.status == "invalid"]
+    older = {i.receipt.receipt_id for i in world.issued[:-1]}
+    assert older <= {f.subject.split()[-1] for f in report.findings if f.status == "valid"}
+    # The CLI: exit 3, not 1; the headline and the pending list say what is awaited.
+    rc, text = _verify(capsys, out, trust)
+    assert rc == 3, text
+    status, headline = text.splitlines()[:2]
+    assert status.startswith("status: PENDING"), text
+    assert headline.startswith("Valid so far, not final: 1 receipt not yet witnessed"), text
+    assert f"pending: receipt {rid}: not yet witnessed" in text
+    rc, doc = _verify(capsys, out, trust, "--json")
+    assert rc == 3 and json.loads(doc)["status"] == "pending"
+    # Control: once the witness cosigns a later checkpoint, the same receipt verifies.
+    await world.checkpoint()
+    again = tmp_path / "c"
+    export_bundle(world.log_dir, again)
+    rc, text = _verify(capsys, again, trust)
+    assert rc == 0, text
+
+
+async def test_a_forged_cosignature_on_that_checkpoint_is_invalid(
+    world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The pending bundle with the witness's cosignature of an earlier checkpoint copied
+    onto the uncosigned one, wherever the bundle ships that checkpoint (its file and the
+    proofs that embed it): what someone holding the bundle would do to pass it off as
+    witnessed. It is invalid (`bad-cosignature`), not pending. Control: the bundle as
+    exported is pending (the test above)."""
+    newest = await _unwitnessed(world)
+    trust = world.write_trust(tmp_path / "trust.json")
+    out = tmp_path / "b"
+    export_bundle(world.log_dir, out)
+    rc, _ = _verify(capsys, out, trust)
+    assert rc == 3  # control: as exported, pending
+    cps = out / "logs" / world.log.log_id / "checkpoints"
+    sizes = sorted(int(p.stem) for p in cps.glob("*.checkpoint"))
+    witnessed = SignedNote.parse((cps / f"{sizes[-2]}.checkpoint").read_text())
+    [cosig] = [(n, s) for n, s in witnessed.signatures if n == WITNESS]
+    bare = (cps / f"{sizes[-1]}.checkpoint").read_text()
+    note = SignedNote.parse(bare)
+    assert WITNESS not in [n for n, _ in note.signatures]
+    forged = SignedNote(note.text, (*note.signatures, cosig)).render()
+    edited = 0
+    for path in out.rglob("*"):
+        if path.is_file() and path.suffix in (".checkpoint", ".tlog-proof"):
+            text = path.read_text()
+            if bare in text:
+                path.write_text(text.replace(bare, forged))
+                edited += 1
+    assert edited >= 2  # the checkpoint file and the newest receipt's proof
+    report = verify_bundle(BundleReader(out), world.trust(), [WITNESS])
+    codes = {f.code for f in report.findings if f.status == "invalid"}
+    assert "bad-cosignature" in codes, codes
+    rid = newest.receipt.receipt_id
+    mine = {f.status for f in report.findings if f.subject == f"receipt {rid}"}
+    assert mine == {"invalid"}
+    rc, text = _verify(capsys, out, trust)
+    assert rc == 1 and "[bad-cosignature]" in text, text
+
+
+async def test_a_log_the_witness_never_cosigned_is_not_pending(tmp_path: Path) -> None:
+    """Pending needs witnessing of the log to stand: with no checkpoint of the log
+    cosigned as required, its receipts are `missing-cosignature` (invalid). Control: the
+    same bundle without a witness policy is valid."""
+    w = await make_world(tmp_path, witness_http=False)
+    try:
+        await w.receipt()
+        await w.checkpoint()
+    finally:
+        await w.log.close()
+    out = tmp_path / "b"
+    export_bundle(w.log_dir, out)
+    assert verify_bundle(BundleReader(out), w.trust()).status == "valid"
+    report = verify_bundle(BundleReader(out), w.trust(), [WITNESS])
+    assert report.status == "invalid"
+    assert {f.code for f in report.findings if f.status != "valid"} == {"missing-cosignature"}
