@@ -64,6 +64,38 @@ def gateway_cpu_s(pid: int) -> float:
     return total
 
 
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds of each thread of the supervisor and its workers, keyed
+    "<process>/<thread>": process "sup" or "w<pid>", thread "main" (the event loop) or
+    the thread's name as the kernel knows it and its id (`/proc/<pid>/task/*/stat`)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    try:
+        top = psutil.Process(pid)
+        procs = [top, *top.children(recursive=True)]
+    except psutil.Error:
+        return out
+    for p in procs:
+        who = "sup" if p.pid == pid else f"w{p.pid}"
+        for task in Path(f"/proc/{p.pid}/task").glob("*"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = (task / "stat").read_text()
+                name = stat[stat.index("(") + 1 : stat.rindex(")")]
+                fields = stat[stat.rindex(")") + 2 :].split()
+                cpu = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+                tid = int(task.name)
+                out[f"{who}/{'main' if tid == p.pid else f'{name}:{tid}'}"] = cpu
+    return out
+
+
+def thread_report(before: dict[str, float], after: dict[str, float], n: int) -> list[str]:
+    """Per thread µs of CPU per request over the run, the busiest first (>= 1 µs)."""
+    rows = [(k, (v - before.get(k, 0.0)) / n * 1e6) for k, v in after.items()]
+    return [
+        f"    {k:<40} {us:8.1f} µs/req" for k, us in sorted(rows, key=lambda r: -r[1]) if us >= 1
+    ]
+
+
 # --- the load generator (its own process) ---------------------------------------------------
 def loadgen(args: argparse.Namespace) -> int:
     """Send `--requests` over `--concurrency` connections; print one JSON line of results."""
@@ -125,6 +157,18 @@ def measure(cluster: Any, config: Path, workers: int, args: argparse.Namespace) 
     pki = cluster.root / "pki"
     with gateway_process(cluster, cfg_path, log_path) as gw:
         time.sleep(0.5)  # let every worker finish its start-up before the CPU is counted
+        idle_ms_s = float("nan")
+        if args.idle:  # what the background loops cost with no request at all
+            idle0, idle_t0 = thread_cpu_s(gw.pid), time.perf_counter()
+            time.sleep(args.idle)
+            idle1, idle_s = thread_cpu_s(gw.pid), time.perf_counter() - idle_t0
+            idle_ms_s = (sum(idle1.values()) - sum(idle0.values())) / idle_s * 1e3
+            if args.threads:
+                busy = sorted(
+                    ((k, v - idle0.get(k, 0.0)) for k, v in idle1.items()), key=lambda r: -r[1]
+                )
+                for k, v in busy[:6]:
+                    print(f"    idle {k:<35} {v / idle_s * 1e3:8.2f} ms/s", flush=True)
         cmd = [
             sys.executable,
             __file__,
@@ -146,13 +190,16 @@ def measure(cluster: Any, config: Path, workers: int, args: argparse.Namespace) 
         if first != "GO":
             gen.wait(timeout=30)
             raise RuntimeError(f"load generator failed before the run: {first!r}")
-        cpu0 = gateway_cpu_s(gw.pid)
+        cpu0, threads0 = gateway_cpu_s(gw.pid), thread_cpu_s(gw.pid)
         out, _ = gen.communicate(timeout=600)
         cpu = gateway_cpu_s(gw.pid) - cpu0
+        threads1 = thread_cpu_s(gw.pid)
     res = json.loads(out.strip().splitlines()[-1])
     if res["errors"]:
         raise RuntimeError(f"workers={workers}: {res['errors'][:3]}")
     n, lat = res["n"], sorted(res["lat"])
+    if args.threads:
+        print("\n".join(thread_report(threads0, threads1, n)), flush=True)
     return {
         "workers": workers,
         "requests": n,
@@ -161,6 +208,7 @@ def measure(cluster: Any, config: Path, workers: int, args: argparse.Namespace) 
         "p99_ms": pct(lat, 0.99) * 1e3,
         "gateway_cpu_ms": cpu / n * 1e3,
         "loadgen_cpu_ms": res["cpu_s"] / n * 1e3,
+        "idle_cpu_ms_s": idle_ms_s,
     }
 
 
@@ -173,6 +221,8 @@ def main() -> int:
     ap.add_argument("--redis", action="store_true", help="state in a local redis-server")
     ap.add_argument("--dir", type=Path, help="cluster directory (default: a temp dir)")
     ap.add_argument("--json", type=Path, help="write the rows here")
+    ap.add_argument("--threads", action="store_true", help="print CPU per request per thread")
+    ap.add_argument("--idle", type=float, default=0.0, help="seconds of idle CPU measured first")
     ap.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--ca", help=argparse.SUPPRESS)

@@ -163,6 +163,81 @@ async def test_a_call_that_finds_the_file_locked_waits_off_the_loop(
         await store.close()
 
 
+# Two worker processes taking from one bucket, each as fast as it can: the one-statement
+# bucket (gateway/state/sqlite.py `_TAKE`) must stay atomic across processes.
+_HAMMER = """
+import asyncio, sys, time
+from pathlib import Path
+from gateway.state.sqlite import SqliteStore
+
+async def main() -> None:
+    store = SqliteStore(Path(sys.argv[1]))
+    go = Path(sys.argv[2])
+    while not go.exists():  # both processes start taking together (a spin: no skew)
+        pass
+    took = 0
+    for _ in range(int(sys.argv[3])):
+        took += (await store.take_token("shared", float(sys.argv[4]), int(sys.argv[5])))[0]
+    await store.close()
+    print(took)
+
+asyncio.run(main())
+"""
+
+
+def test_two_processes_hammering_one_bucket_never_take_more_than_it_holds(
+    tmp_path: Path,
+) -> None:
+    path, go = tmp_path / "state.db", tmp_path / "go"
+    # Refills one token in ~11 days: none in the test. Each process alone could take 2,000
+    # of the 2,500: both take for tens of milliseconds, side by side.
+    rate, burst, calls = 1e-6, 2500, 2000
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _HAMMER, str(path), str(go), str(calls), str(rate), str(burst)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    time.sleep(0.5)  # let both open the store (correctness does not depend on it)
+    go.touch()
+    took = [int(p.communicate(timeout=120)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert sum(took) == burst  # 4,000 calls, one bucket: exactly what it held, no more
+    # Control: the same bucket refills with time. A clock 10 tokens later grants 10 more.
+    later = SqliteStore(path, clock=lambda: time.time() + 10 / rate)
+
+    async def take() -> int:
+        try:
+            return sum([(await later.take_token("shared", rate, burst))[0] for _ in range(30)])
+        finally:
+            await later.close()
+
+    assert asyncio.run(take()) == 10
+
+
+async def test_a_state_file_from_before_the_one_statement_bucket_is_upgraded(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    import sqlite3
+
+    path = tmp_path / "state.db"
+    old = sqlite3.connect(path, isolation_level=None)
+    old.execute(
+        "CREATE TABLE buckets (key TEXT PRIMARY KEY, tokens REAL NOT NULL, ts REAL NOT NULL)"
+    )
+    old.execute("INSERT INTO buckets VALUES ('k', 1.0, ?)", (clock(),))  # one token left
+    old.close()
+    store = SqliteStore(path, clock=clock)
+    try:
+        assert (await store.take_token("k", 1e-3, 5))[0]  # the old row kept its one token
+        assert not (await store.take_token("k", 1e-3, 5))[0]
+        assert (await store.take_token("new", 1e-3, 5))[0]  # control: a new bucket is full
+    finally:
+        await store.close()
+
+
 def test_what_several_workers_cannot_serve_is_refused(pki: PKI, tmp_path: Path) -> None:
     from dataclasses import replace
 
