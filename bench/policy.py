@@ -27,9 +27,12 @@ for one mode (the client named it) and for all four:
             had that batch size) and are the engine's bookkeeping alone.
 * ``fresh``  a batch size and hour no request had before: the piece that reads them
             is asked (one Cedar request), the rest is known.
-* ``caller``  a caller the engine has not seen since the last reload: its entity is
-            built and the pieces that read the caller are asked (one per mode for the
-            permits that read the mode, one for those that do not).
+* ``caller``  a caller the engine has not seen since the last reload, whose class
+            (gateway/policy/caller_class.py: its grant and the strings the policies tell
+            apart) another caller had: Acme/Sales strangers, as org-rule clients are;
+            the caller-reading piece's answer is the class's, so Cedar is asked nothing.
+* ``class``  a new caller of a class no caller had (identities.json gives each its own
+            role): its entity is built and the caller-reading piece asked once per mode.
 * ``cold``  every cache cleared first, as after a policy reload or revocation bump.
 * ``hit``   the same request again.
 """
@@ -37,6 +40,7 @@ for one mode (the client named it) and for all four:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import platform
 import random
@@ -46,13 +50,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gateway.policy import (
+    Grant,
     IdentityFacts,
     InferContext,
     ModelFacts,
     NodeFacts,
     PolicyEngine,
+    PolicySource,
     load_policy_dir,
 )
+from gateway.policy.identities import IdentityMap
 
 NODES = [
     NodeFacts("n1", "eu-west", "prov-a", 1),
@@ -97,6 +104,15 @@ def fleet(n: int, seed: int = 19) -> list[NodeFacts]:
     ]
 
 
+def with_odd_callers(source: PolicySource, n: int) -> PolicySource:
+    """`source` with `n` more identities.json clients, each of its own class (a role no
+    other caller has): the `class` case's callers."""
+    clients = dict(source.identities.clients)
+    for i in range(n):
+        clients[f"{CLIENT}odd{i}"] = Grant(("apps",), (f"r{i}",), 1)
+    return dataclasses.replace(source, identities=IdentityMap(clients, source.identities.rules))
+
+
 def fleet_cases(
     engine: PolicyEngine, names: list[str], modes: tuple[str, ...] | None, n: int
 ) -> list[tuple[str, list[float]]]:
@@ -124,6 +140,11 @@ def fleet_cases(
     def caller(i: int) -> object:
         return engine.decide_infer(strangers[i], "iris", ctx0, names, modes=modes)
 
+    odd = [IdentityFacts(f"{CLIENT}odd{i}", f"odd{i}", "", "", "", str(i)) for i in range(n)]
+
+    def klass(i: int) -> object:
+        return engine.decide_infer(odd[i], "iris", ctx0, names, modes=modes)
+
     def fresh(i: int) -> object:
         # Hours 0-7 (the other cases use noon): 2048 (batch size, hour) pairs never seen.
         ctx = InferContext(1 + i % 256, 1024, "", NOON.replace(hour=(i // 256) % 8))
@@ -131,6 +152,7 @@ def fleet_cases(
 
     new(-1)  # the classes' own answers, as any running gateway has them
     rows = [("new", timed(n, new)), ("fresh", timed(n, fresh)), ("caller", timed(n, caller))]
+    rows.append(("class", timed(n, klass)))
     rows.append(("cold", timed(max(n // 10, 50), cold)))
     hit(0)
     rows.append(("hit", timed(n, hit)))
@@ -150,7 +172,7 @@ def per_node_miss(engine: PolicyEngine, names: list[str]) -> Callable[[int], obj
 
 def fleet_rows(n: int, directory: Path) -> None:
     """Misses on 3 and on 300 nodes, one mode and all modes (see the docstring)."""
-    source = load_policy_dir(directory)
+    source = with_odd_callers(load_policy_dir(directory), n)
     print(f"policy per node class, {len(source.policies)} policies, model iris")
     print(f"python {platform.python_version()} on {platform.machine()}\n")
     print(f"{'case':<26}{'nodes':>6}{'classes':>8}{'calls':>7}{'p50 us':>9}{'p99 us':>9}")

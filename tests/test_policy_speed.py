@@ -187,8 +187,8 @@ def test_a_new_batch_size_asks_cedar_one_request_and_a_new_caller_one_per_mode(
     assert d.modes == first.modes and sum(asked) == 1  # only the batch-size piece
     asked.clear()
     d = engine.decide_infer(who("alice"), "m0", InferContext(2, 10, "", NOON), names)
-    # The caller's pieces: the permits that read the mode (one per mode) and those that
-    # do not (one); the rest is shared with demo's requests.
+    # Alice's grant is not demo's: a new caller class (tests/test_policy_callers.py for
+    # a known one). The caller's piece is asked once per mode; the rest is shared.
     assert sum(asked) <= len(MODES) + 1
     # Control: the same request again asks nothing.
     asked.clear()

@@ -17,11 +17,16 @@ given to each node of it. The set is decided in pieces (_pieces): the policies t
 the node (per class), those that read the caller, and the rest by whether they read the
 mode or provider count; each piece's answer is cached by the part of the request it
 reads (node_class.policy_reads), so a request the cache has not seen asks Cedar only
-about what is new in it (a new batch size: one small request; a new caller: one per
-mode), and the answers are combined as one call over the whole set would give them
-(_combine, fail closed). Only the modes asked for are decided when no policy reads the
-mode. tests/test_policy_classes.py and tests/test_policy_speed.py hold all of it to
-deciding each node alone with the whole set.
+about what is new in it (a new batch size: one small request; a caller of a new class:
+one per mode), and the answers are combined as one call over the whole set would give
+them (_combine, fail closed). Callers are classed too (caller_class.py): the caller's
+piece is keyed by what of the caller its policies can tell apart (the grant, compared
+strings), the caller itself where a policy could single it out (an owner, a uid named),
+so a new caller whose class another caller had asks Cedar nothing; an answer with an
+error is kept for its own caller (the error may name it). Only the modes asked for are
+decided when no policy reads the mode. tests/test_policy_classes.py,
+tests/test_policy_speed.py and tests/test_policy_callers.py hold all of it to deciding
+each node and caller alone with the whole set.
 
 Cedar is handed the schema with `infer` requests only where the schema refuses the shape
 the gateway builds (then each request is NoDecision: denied); otherwise not: the
@@ -55,6 +60,7 @@ from typing import Any, NamedTuple
 import cedarpy
 
 from gateway.policy import facts as F
+from gateway.policy.caller_class import CallerClasses, model_strings
 from gateway.policy.node_class import Reads, class_key, node_attributes, policy_reads
 from gateway.policy.source import PolicySource, named_actions
 
@@ -256,6 +262,18 @@ class PolicyEngine:
         self.class_count = len(ids)
         # Deciding the policy set in pieces by what each reads (_pieces); None: whole.
         self._pieces = _pieces(parsed, keys) if node_classes else None
+        # Which callers the pieces cannot tell apart (caller_class.py): the node-free
+        # pieces that read the caller are keyed by that class, not by the caller.
+        strings = model_strings(F.model_entity(m) for m in self._models.values())
+        self._callers = (
+            CallerClasses(_infer_bodies(parsed).values(), strings)
+            if self._pieces is not None
+            and any(p.reads.principal and not p.node for p in self._pieces)
+            else None
+        )
+        # Templates (their links name principals) are not analysed: every caller alone.
+        templated = bool(parsed.get("templates") or parsed.get("templateLinks"))
+        self._scope_callers = CallerClasses(permits.values(), strings, whole=templated)
         # Deciding only the mode a client names gives the same decision (rate, token
         # budgets, nodes) as deciding all of them only when no policy's answer can change
         # with the mode: a mode-conditional permit or forbid would otherwise change which
@@ -510,12 +528,18 @@ class PolicyEngine:
             "top_p_milli": base.top_p_milli,
         }
         caller = (base.spiffe_id, base.name, base.organization, base.unit)
+        # The node-free pieces by the caller's class (caller_class.py); the node piece by
+        # the caller itself, so that an answer with errors (which may name the caller) is
+        # never handed to another.
+        klass: tuple[str, str, str, str] | int = caller
+        if self._callers is not None:
+            klass = self._callers.of(identity, self.source.identities.resolve)
         stems = [
             (
                 i,
                 base.policy_hash,
                 base.revocation_version,
-                caller if piece.reads.principal else (),
+                (caller if piece.node else klass) if piece.reads.principal else (),
                 base.model if piece.reads.resource else "",
             )
             for i, piece in enumerate(pieces)
@@ -556,6 +580,7 @@ class PolicyEngine:
                         asks[i][(id(parts), c)] = (mode, first[c], count)
                         near_asks.append((parts, c))
             keyed.append((keys, nkey, parts))
+        mine: dict[tuple[Any, ...], _Part] = {}
         interned = self._interned
         if len(interned) > 4096:
             interned.clear()
@@ -572,13 +597,22 @@ class PolicyEngine:
                     # they are then combined once.
                     parts[c] = interned.setdefault(part, part)
             else:
+                shared = klass is not caller and piece.reads.principal
                 for key, answer in zip(asks[i], got, strict=True):
-                    free[key] = _part(answer, self._order)
+                    part = _part(answer, self._order)
+                    if shared and (part.errors or part.no_decision):
+                        mine[key] = part  # an error may name the caller: not its class's
+                    else:
+                        free[key] = part
         rows, folds = self._rows, self._folds
         if len(folds) > 4096:
             folds.clear()
         for (group, _, count, missing), (keys, nkey, parts) in zip(todo, keyed, strict=True):
-            answers = tuple(free[k] for k in keys)
+            answers = (
+                tuple(mine[k] if k in mine else free[k] for k in keys)
+                if mine
+                else (tuple(map(free.__getitem__, keys)))
+            )
             half = folds.get(answers)
             if half is None:
                 half = folds[answers] = _fold(answers, self._order)
@@ -709,8 +743,16 @@ class PolicyEngine:
 
         This is what a gateway asks before reading a body: a caller with no permit for
         the model costs no body bytes and no decoding."""
-        key = (self.policy_hash, identity, model)
+        key: tuple[Any, ...] = (self.policy_hash, identity, model)
         hit = self._scope_cache.get(key)
+        if hit is None:
+            # The caller's class for the permits' scopes: a new caller whose groups
+            # another caller had asks Cedar nothing.
+            klass = self._scope_callers.of(identity, self.source.identities.resolve)
+            key = (self.policy_hash, klass, model)
+            hit = self._scope_cache.get(key)
+            if hit is not None:
+                self._remember_scope((self.policy_hash, identity, model), hit)
         if hit is not None:
             self._scope_cache.move_to_end(key)
             return hit
@@ -723,10 +765,14 @@ class PolicyEngine:
         }
         answer = cedarpy.is_authorized(request, self._scopes, entities, None)
         ok = answer.decision == cedarpy.Decision.Allow
+        self._remember_scope(key, ok)
+        self._remember_scope((self.policy_hash, identity, model), ok)
+        return ok
+
+    def _remember_scope(self, key: tuple[Any, ...], ok: bool) -> None:
         self._scope_cache[key] = ok
         if len(self._scope_cache) > 4096:
             self._scope_cache.popitem(last=False)
-        return ok
 
     # ------------------------------------------------------------------ other actions
 
@@ -1015,12 +1061,8 @@ def _pieces(parsed: Mapping[str, Any], keys: set[str]) -> tuple[_Piece, ...] | N
     is left out; `action in [...]` stays (a group may hold `infer`)."""
     if parsed.get("templates") or parsed.get("templateLinks"):
         return None
-    static: Mapping[str, Any] = parsed["staticPolicies"]
     groups: dict[tuple[bool, bool, bool], dict[str, Any]] = {}
-    for pid, body in static.items():
-        scope = body["action"]
-        if scope.get("op") == "==" and scope.get("entity") != F.action_uid(F.INFER):
-            continue
+    for pid, body in _infer_bodies(parsed).items():
         reads = policy_reads([body])
         node = node_attributes({"staticPolicies": {pid: body}}, keys) != frozenset()
         varies = reads.context is None or bool(reads.context & _MODE_DEPENDENT)
@@ -1048,6 +1090,17 @@ def _pieces(parsed: Mapping[str, Any], keys: set[str]) -> tuple[_Piece, ...] | N
             )
         )
     return tuple(out)
+
+
+def _infer_bodies(parsed: Mapping[str, Any]) -> dict[str, Any]:
+    """The static policies that can match `infer`: a policy whose action scope is
+    `action ==` another action cannot (the scope is tested before its conditions)."""
+    infer = F.action_uid(F.INFER)
+    return {
+        pid: body
+        for pid, body in parsed["staticPolicies"].items()
+        if body["action"].get("op") != "==" or body["action"].get("entity") == infer
+    }
 
 
 def _picker(keys: Sequence[str]) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
