@@ -1,6 +1,8 @@
 """One replica on 1 and on 2 worker processes (`ztgate serve --workers N`), side by side.
 
 Run: ``.venv/bin/python bench/workers.py [--requests 3000] [--concurrency 8] [--workers 1 2]``
+or, to give each worker the same load whatever the count,
+``.venv/bin/python bench/workers.py --runs 1:4 2:8 1:4 2:8`` (``workers:connections`` per run).
 
 One node, the ``full`` configuration of ``bench/gateway_overhead.py`` (Cedar policy,
 admission and ``@rate`` limits, receipts signed and fsynced before each answer), iris
@@ -15,6 +17,11 @@ requests served; and the load generator's own CPU ms per request, separately, si
 small machine it competes with the gateway and the node for the same cores. Without Redis
 the workers share the SQLite state store (gateway/state/sqlite.py); ``--redis`` runs both
 sides with a local redis-server instead.
+
+The per-identity admission limit (``[limits] max_concurrent_per_identity``, 8 by default,
+per worker) is raised to four times the run's connections, so that the kernel's uneven
+spread of connections over workers never throttles the bench; 429 answers are counted and
+reported (a run with any is not a measurement), as is each worker's share of connections.
 """
 
 from __future__ import annotations
@@ -107,6 +114,7 @@ def loadgen(args: argparse.Namespace) -> int:
     per[0] += args.requests - sum(per)
     lat: list[list[float]] = [[] for _ in per]
     errors: list[str] = []
+    throttled = [0, 0]  # 429 answers: warm-up, measured
     start = threading.Barrier(len(per) + 1)
 
     def worker(i: int) -> None:
@@ -114,7 +122,9 @@ def loadgen(args: argparse.Namespace) -> int:
         try:
             for _ in range(args.warmup):
                 conn.request("POST", path, body=body, headers=headers)
-                conn.getresponse().read()
+                resp = conn.getresponse()
+                resp.read()
+                throttled[0] += resp.status == 429
             start.wait()
             for _ in range(per[i]):
                 t0 = time.perf_counter()
@@ -122,7 +132,9 @@ def loadgen(args: argparse.Namespace) -> int:
                 resp = conn.getresponse()
                 resp.read()
                 lat[i].append(time.perf_counter() - t0)
-                if resp.status != 200:
+                if resp.status == 429:  # counted and reported: the run is then not a figure
+                    throttled[1] += 1
+                elif resp.status != 200:
                     errors.append(f"status {resp.status}")
                     return
         except Exception as exc:  # reported, and the run fails
@@ -144,14 +156,34 @@ def loadgen(args: argparse.Namespace) -> int:
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     flat = [x for xs in lat for x in xs]
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-    print(json.dumps({"n": len(flat), "wall_s": wall, "cpu_s": cpu, "lat": flat, "errors": errors}))
+    out = {"n": len(flat), "wall_s": wall, "cpu_s": cpu, "lat": flat, "errors": errors}
+    print(json.dumps(out | {"throttled": throttled}))
     return 1 if errors else 0
 
 
 # --- one run ---------------------------------------------------------------------------------
-def measure(cluster: Any, config: Path, workers: int, args: argparse.Namespace) -> dict[str, Any]:
+def connections_per_worker(pid: int, port: int) -> list[int]:
+    """Established client connections each worker holds on the gateway's port, busiest
+    first: how evenly the kernel spread the load generator's connections."""
+    counts = []
+    with contextlib.suppress(psutil.Error):
+        top = psutil.Process(pid)
+        for p in top.children() or [top]:  # one worker: the process itself serves
+            with contextlib.suppress(psutil.Error):
+                conns = p.net_connections(kind="tcp")
+                counts.append(
+                    sum(c.status == "ESTABLISHED" and c.laddr.port == port for c in conns)
+                )
+    return sorted(counts, reverse=True)
+
+
+def measure(
+    cluster: Any, config: Path, workers: int, concurrency: int, args: argparse.Namespace
+) -> dict[str, Any]:
     log_path = cluster.root / f"gateway-w{workers}.log"
+    limits = f"\n[limits]\nmax_concurrent_per_identity = {max(8, 4 * concurrency)}\n"
     text = config.read_text().replace("\n[listen]\n", f"\n[listen]\nworkers = {workers}\n")
+    text += limits  # a new table at the end: after [[nodes]] and [state] alike
     cfg_path = cluster.root / f"gateway-w{workers}.toml"
     cfg_path.write_text(text)
     pki = cluster.root / "pki"
@@ -178,12 +210,10 @@ def measure(cluster: Any, config: Path, workers: int, args: argparse.Namespace) 
             "--cert", str(pki / "clients" / "bench" / "client.crt"),
             "--key", str(pki / "clients" / "bench" / "client.key"),
             "--requests", str(args.requests),
-            "--concurrency", str(args.concurrency),
+            "--concurrency", str(concurrency),
             "--warmup", str(args.warmup),
         ]  # fmt: skip
-        print(
-            f"  workers={workers}: {args.requests} requests, c={args.concurrency} ...", flush=True
-        )
+        print(f"  workers={workers}: {args.requests} requests, c={concurrency} ...", flush=True)
         gen = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         assert gen.stdout is not None
         first = gen.stdout.readline().strip()
@@ -191,6 +221,7 @@ def measure(cluster: Any, config: Path, workers: int, args: argparse.Namespace) 
             gen.wait(timeout=30)
             raise RuntimeError(f"load generator failed before the run: {first!r}")
         cpu0, threads0 = gateway_cpu_s(gw.pid), thread_cpu_s(gw.pid)
+        spread = connections_per_worker(gw.pid, cluster.gateway_port)
         out, _ = gen.communicate(timeout=600)
         cpu = gateway_cpu_s(gw.pid) - cpu0
         threads1 = thread_cpu_s(gw.pid)
@@ -202,6 +233,9 @@ def measure(cluster: Any, config: Path, workers: int, args: argparse.Namespace) 
         print("\n".join(thread_report(threads0, threads1, n)), flush=True)
     return {
         "workers": workers,
+        "concurrency": concurrency,
+        "spread": spread,
+        "throttled": res["throttled"],
         "requests": n,
         "req_s": n / res["wall_s"],
         "p50_ms": pct(lat, 0.50) * 1e3,
@@ -218,6 +252,13 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=25, help="unmeasured requests per connection")
     ap.add_argument("--concurrency", type=int, default=8, help="connections, one thread each")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument(
+        "--runs",
+        nargs="+",
+        metavar="W:C",
+        help="runs as workers:connections (e.g. 1:4 2:8 for the same load per worker); "
+        "replaces --workers and --concurrency",
+    )
     ap.add_argument("--redis", action="store_true", help="state in a local redis-server")
     ap.add_argument("--dir", type=Path, help="cluster directory (default: a temp dir)")
     ap.add_argument("--json", type=Path, help="write the rows here")
@@ -233,6 +274,12 @@ def main() -> int:
         return loadgen(args)
     signal.signal(signal.SIGTERM, _sigterm)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    plan = [(w, args.concurrency) for w in args.workers]
+    if args.runs:
+        try:
+            plan = [(int(w), int(c)) for w, c in (r.split(":") for r in args.runs)]
+        except ValueError:
+            ap.error("--runs takes workers:connections, e.g. 1:4 2:8")
     load = os.getloadavg()
     rows: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
@@ -243,8 +290,8 @@ def main() -> int:
             cluster = stack.enter_context(cluster_env(root, 1))
             url = stack.enter_context(redis_server()) if args.redis else None
             config = variant_config(cluster, "redis" if url else "full", url)
-            for workers in args.workers:
-                rows.append(measure(cluster, config, workers, args))
+            for workers, concurrency in plan:
+                rows.append(measure(cluster, config, workers, concurrency, args))
         except KeyboardInterrupt:
             print("\ninterrupted: stopping the gateway and nodes", file=sys.stderr)
             return 130
@@ -255,14 +302,16 @@ def main() -> int:
     print(
         f"full pipeline (policy, limits, receipts fsynced), state: "
         f"{'Redis' if args.redis else 'SQLite shared by the workers (memory for 1)'}; "
-        f"iris batch 1, {args.requests} requests, c={args.concurrency}\n"
+        f"iris batch 1, {args.requests} requests a run\n"
     )
-    head = ("workers", "req/s", "p50 ms", "p99 ms", "gw CPU ms", "gen CPU ms")
-    print("{:>7} {:>8} {:>8} {:>8} {:>10} {:>11}".format(*head))
+    head = ("workers", "c", "conns/worker", "req/s", "p50 ms", "p99 ms", "gw CPU ms", "gen CPU ms")
+    print("{:>7} {:>3} {:>12} {:>8} {:>8} {:>8} {:>10} {:>11} 429s".format(*head))
     for r in rows:
+        spread = "+".join(map(str, r["spread"]))
         print(
-            f"{r['workers']:>7} {r['req_s']:>8.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
-            f"{r['gateway_cpu_ms']:>10.2f} {r['loadgen_cpu_ms']:>11.2f}"
+            f"{r['workers']:>7} {r['concurrency']:>3} {spread:>12} {r['req_s']:>8.0f} "
+            f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['gateway_cpu_ms']:>10.2f} "
+            f"{r['loadgen_cpu_ms']:>11.2f} {r['throttled'][1]} (warm-up {r['throttled'][0]})"
         )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
