@@ -1,7 +1,8 @@
 """`ztgate verify` with a witness policy on receipts no witnessed checkpoint covers yet
 (docs/compliance.md, section 2.1): in its log's checkpoints, the latest of them not yet
 cosigned while an earlier one is, a receipt is `pending` (`not-yet-witnessed`, exit 3),
-not `invalid`; a cosignature that does not verify is still `invalid` (exit 1).
+not `invalid`, for the witness grace (default 24 h; past it `missing-cosignature`,
+exit 1); a cosignature that does not verify is still `invalid` (exit 1).
 
 Real parts: a receipt log, a witness over in-process ASGI, `ztgate audit export`'s bundle
 writer and the CLI itself. The untampered bundle, once the witness cosigns, is the
@@ -10,9 +11,11 @@ control that the same receipt then verifies.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -21,7 +24,8 @@ from gateway.cli import main
 from gateway.receipts.bundle import BundleReader
 from gateway.receipts.export import export_bundle
 from gateway.receipts.note import SignedNote
-from gateway.receipts.verify import NOT_YET_WITNESSED, verify_bundle
+from gateway.receipts.signing import format_time
+from gateway.receipts.verify import NOT_YET_WITNESSED, WITNESS_GRACE, verify_bundle
 from tests.test_receipts import WITNESS, Issued, World, make_world
 
 
@@ -140,3 +144,41 @@ async def test_a_log_the_witness_never_cosigned_is_not_pending(tmp_path: Path) -
     report = verify_bundle(BundleReader(out), w.trust(), [WITNESS])
     assert report.status == "invalid"
     assert {f.code for f in report.findings if f.status != "valid"} == {"missing-cosignature"}
+
+
+async def test_past_the_witness_grace_a_receipt_behind_is_invalid(
+    world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Pending on the witness lasts the witness grace (default 24 h) from its log's last
+    witnessed checkpoint, timed by that checkpoint's cosignature: verified later, the same
+    bundle's receipt is `missing-cosignature` (invalid, exit 1), the reason naming the
+    grace and the age. Control: within the grace (or with a longer `--witness-grace`) it
+    is pending (exit 3). The library and the CLI alike."""
+    newest = await _unwitnessed(world)
+    trust = world.write_trust(tmp_path / "trust.json")
+    out = tmp_path / "b"
+    export_bundle(world.log_dir, out)
+    rid = newest.receipt.receipt_id
+    start = dt.datetime.now(dt.UTC)
+
+    def mine(now: dt.datetime, **kw: Any) -> tuple[str, str, str]:
+        report = verify_bundle(BundleReader(out), world.trust(), [WITNESS], now=now, **kw)
+        [f] = [f for f in report.findings if f.subject == f"receipt {rid}"]
+        return f.status, f.code, f.reason
+
+    assert WITNESS_GRACE == dt.timedelta(hours=24)
+    assert mine(start + dt.timedelta(hours=23))[:2] == ("pending", NOT_YET_WITNESSED)
+    status, code, why = mine(start + dt.timedelta(hours=25))
+    assert (status, code) == ("invalid", "missing-cosignature"), why
+    assert "past the witness grace of 24h 0m" in why and "25h" in why, why
+    longer = {"witness_grace": dt.timedelta(days=2)}
+    assert mine(start + dt.timedelta(hours=25), **longer)[:2] == ("pending", NOT_YET_WITNESSED)
+    later = format_time(start + dt.timedelta(hours=25))
+    rc, text = _verify(capsys, out, trust, "--now", later)
+    assert rc == 1 and f"receipt {rid}: [missing-cosignature]" in text, text
+    rc, text = _verify(capsys, out, trust, "--now", later, "--witness-grace", "2d")
+    assert rc == 3 and "[not-yet-witnessed]" in text, text
+    rc, text = _verify(capsys, out, trust, "--now", later, "--witness-grace", "93600")
+    assert rc == 3, text  # in seconds: 26 h
+    rc, text = _verify(capsys, out, trust, "--witness-grace", "soon")
+    assert rc == 2, text

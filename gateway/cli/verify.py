@@ -2,8 +2,8 @@
 
 Exit codes: 0 valid, 1 invalid, 2 usage (bad arguments, unreadable input or trust file),
 3 pending (signed, but not yet in a signed checkpoint, or not yet witnessed: in no
-checkpoint cosigned as the witness policy requires, while an earlier one of its log is).
-No network is used.
+checkpoint cosigned as the witness policy requires, while an earlier one of its log is,
+cosigned within `--witness-grace` of the check; past it, invalid). No network is used.
 
 The report (`--format text|md|html|json`, to stdout or `--output`) is written after the
 checks; whatever a library prints or logs while they run goes to stderr (third-party
@@ -18,6 +18,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import sys
 import tarfile
 from collections.abc import Iterator
@@ -43,6 +44,10 @@ def register(sub: Any) -> None:
     p.add_argument("--witness-quorum", type=int, metavar="K",
                    help="require valid cosignatures from at least K of the trust file's "
                    "witnesses (default: the trust file's witness_policy.quorum)")  # fmt: skip
+    p.add_argument("--witness-grace", default="24h", metavar="DURATION",
+                   help="how long after its log's last witnessed checkpoint a receipt may "
+                   "be pending on the witness (not-yet-witnessed) before it is invalid "
+                   "(missing-cosignature): seconds, or with s/m/h/d (default 24h)")  # fmt: skip
     p.add_argument("--salts", type=Path, metavar="FILE",
                    help="a client's salts and tensors, to check commitments")  # fmt: skip
     p.add_argument("--allow-dev-srs", action="store_true",
@@ -87,11 +92,12 @@ def _verify(args: argparse.Namespace) -> int:
         trust = TrustPolicy.load(args.trust)
         salts = load_salts(args.salts) if args.salts else None
         now = parse_time(args.now) if args.now else dt.datetime.now(dt.UTC)
+        grace = _duration(args.witness_grace)
         if not args.target.exists():
             raise UsageError(f"{args.target} does not exist")
         with _checks_write_nothing_to_stdout(verbose=bool(getattr(args, "verbose", False))):
             report = verify_path(
-                args.target, trust, args.require_witness, salts, now, args.witness_quorum
+                args.target, trust, args.require_witness, salts, now, args.witness_quorum, grace
             )
             if args.held:
                 from gateway.receipts.bundle import BundleReader
@@ -115,6 +121,20 @@ def _verify(args: argparse.Namespace) -> int:
     else:
         print(text)
     return report.exit_code
+
+
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> dt.timedelta:
+    """``90``, ``90s``, ``15m``, ``24h``, ``7d``."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
+    try:
+        if m is None:
+            raise ValueError("a duration is seconds, or with s/m/h/d")
+        return dt.timedelta(seconds=float(m[1]) * _UNITS[m[2]])
+    except (ValueError, OverflowError) as exc:
+        raise UsageError(f"--witness-grace {text!r}: {exc}") from None
 
 
 class _OwnLogsOnly(logging.Filter):

@@ -4,30 +4,80 @@ The TLS context checks the CRL at the handshake only, and an edge's kept-alive c
 keeps its handshake: so the listener also asks this, per request, about the certificate
 the connection was opened with. The file is looked at (a stat, a syscall on the event
 loop) at most once per `CHECK_INTERVAL_S` of the process's monotonic clock, whatever the
-request rate, and re-read when it changed (the same signed-CRL reading as the client
-CRL's, gateway/revocation.py), in a thread: a revocation reaches a connection already
-open within that interval of the file's change. A file that cannot be read or holds no
-CRL keeps what was read before, as a rejected TLS reload keeps the old context, and is
-tried again at the next look.
+request rate, and re-read when it changed, in a thread; requests arriving during that
+read wait for it (one read, shared), so none is checked against the list it replaces.
+A revocation reaches a connection already open within that interval of the file's
+change. The file's stamp holds its inode and ctime besides mtime and size: a copy that
+keeps the size and the mtime (cp -p, rsync -t) still changes the ctime.
+
+Only a CRL signed by a forwarder CA counts, and each CA's revocations only move forward:
+a CA's CRL replaces the one held for it only when its CRL number (its thisUpdate, when it
+has none) is not lower, so a validly signed older CRL that lists fewer certificates does
+not un-revoke any. A file that cannot be read, holds no CRL, or none that verifies keeps
+what was read before (an error is logged, as a rejected TLS reload keeps the old context)
+and is tried again at the next look: a wrong CA's CRL or a broken signature never empties
+the list.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 
-from gateway.revocation import signed_crl_entries
-
 log = logging.getLogger(__name__)
 
-_CRL_BEGIN = b"-----BEGIN X509 CRL-----"
+_CRL_END = b"-----END X509 CRL-----"
 # How stale the per-request answer may be: the stat it saves is per request.
 CHECK_INTERVAL_S = 1.0
+
+_Stamp = tuple[int, int, int, int]  # inode, mtime_ns, ctime_ns, size
+
+
+@dataclass(frozen=True)
+class _Held:
+    """One CA's CRL as read: how recent it is, and what it revokes."""
+
+    number: int | None
+    this_update: dt.datetime
+    entries: frozenset[tuple[str, str]]
+
+    def newer_than(self, other: _Held) -> bool:
+        if self.number is not None and other.number is not None:
+            return self.number >= other.number
+        return self.this_update >= other.this_update
+
+
+def _verified_crls(crl_pem: bytes, ca_pem: bytes) -> dict[str, _Held]:
+    """Issuer -> its CRL in the file, for each CRL signed by one of the CAs; others are
+    logged and skipped. ValueError when the file holds no CRL."""
+    cas = x509.load_pem_x509_certificates(ca_pem)
+    blocks = crl_pem.split(_CRL_END)[:-1]
+    if not blocks:
+        raise ValueError("no CRL in the file")
+    out: dict[str, _Held] = {}
+    for block in blocks:
+        crl = x509.load_pem_x509_crl(block.strip() + b"\n" + _CRL_END + b"\n")
+        issuer = crl.issuer.rfc4514_string()
+        signers = [c for c in cas if c.subject == crl.issuer]
+        if not any(crl.is_signature_valid(c.public_key()) for c in signers):  # type: ignore[arg-type]
+            log.error("forward.crl: ignoring a CRL not signed by a forwarder CA (%s)", issuer)
+            continue
+        try:
+            number: int | None = crl.extensions.get_extension_for_class(
+                x509.CRLNumber
+            ).value.crl_number
+        except x509.ExtensionNotFound:
+            number = None
+        entries = frozenset((issuer, format(r.serial_number, "x")) for r in crl)
+        out[issuer] = _Held(number, crl.last_update_utc, entries)
+    return out
 
 
 class ForwarderCRL:
@@ -35,40 +85,69 @@ class ForwarderCRL:
         self.path = crl
         self.ca = ca
         self._clock = clock
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: _Stamp | None = None
+        self._held: dict[str, _Held] = {}
         self._entries: frozenset[tuple[str, str]] = frozenset()
+        self._reading: asyncio.Task[None] | None = None
         self._load(self._stat())
         self._looked_at = clock()
 
-    def _stat(self) -> tuple[int, int] | None:
+    def _stat(self) -> _Stamp | None:
         try:
             st = self.path.stat()
         except OSError:
             return None
-        return (st.st_mtime_ns, st.st_size)
+        return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
-    def _load(self, stamp: tuple[int, int] | None) -> None:
+    def _load(self, stamp: _Stamp | None) -> None:
         try:
-            data = self.path.read_bytes()
-            if _CRL_BEGIN not in data:
-                raise ValueError("no CRL in the file")
-            entries = signed_crl_entries(data, self.ca.read_bytes())
+            found = _verified_crls(self.path.read_bytes(), self.ca.read_bytes())
+            if not found:
+                raise ValueError("no CRL in it is signed by a forwarder CA")
         except (OSError, ValueError) as exc:
-            log.error("forward.crl unreadable; keeping the revocations read before: %s", exc)
+            log.error("forward.crl unusable; keeping the revocations read before: %s", exc)
             return  # the stamp stays the old one: the next look reads the file again
-        self._entries = frozenset(entries)
+        held = dict(self._held)
+        for issuer, new in found.items():
+            old = held.get(issuer)
+            if old is None or new.newer_than(old):
+                held[issuer] = new
+            else:
+                log.error(
+                    "forward.crl: keeping %s's CRL (number %s, thisUpdate %s): the file's is "
+                    "older (number %s, thisUpdate %s)",
+                    issuer,
+                    old.number,
+                    old.this_update.isoformat(),
+                    new.number,
+                    new.this_update.isoformat(),
+                )
+        self._held = held
+        self._entries = frozenset().union(*(h.entries for h in held.values()))
         self._stamp = stamp
 
     async def refresh(self) -> None:
         """Re-read the file if it changed since it was last read; looked at (a stat) at
-        most once per `CHECK_INTERVAL_S`."""
+        most once per `CHECK_INTERVAL_S` after the last look (or read) ended."""
+        if self._reading is not None:
+            await asyncio.shield(self._reading)  # a caller's cancellation spares the read
+            return
         now = self._clock()
         if now - self._looked_at < CHECK_INTERVAL_S:
             return
-        self._looked_at = now
         stamp = self._stat()
-        if stamp is not None and stamp != self._stamp:
+        if stamp is None or stamp == self._stamp:
+            self._looked_at = now
+            return
+        self._reading = asyncio.ensure_future(self._read(stamp))
+        await asyncio.shield(self._reading)
+
+    async def _read(self, stamp: _Stamp) -> None:
+        try:
             await asyncio.to_thread(self._load, stamp)
+        finally:
+            self._looked_at = self._clock()
+            self._reading = None
 
     def revoked(self, cert: x509.Certificate) -> bool:
         return (cert.issuer.rfc4514_string(), format(cert.serial_number, "x")) in self._entries

@@ -8,7 +8,8 @@ Nothing here opens a socket. Every check yields a `Finding` with a status:
     invalid  something failed; `code` and `reason` say what
     pending  signed, but no checkpoint includes it yet, or (`not-yet-witnessed`) none
              that includes it is cosigned as the witness policy requires, while an
-             earlier one of its log is (final once one does)
+             earlier one of its log is, cosigned within the witness grace of `now`
+             (final once one does; past the grace, `missing-cosignature`)
     erased   the body was deleted (retention or erasure); its leaf and proofs remain
 
 A report's status is `invalid` if any finding is, else `pending` if any is, else `valid`.
@@ -75,6 +76,7 @@ from gateway.receipts.signing import (
 __all__ = [
     "NOT_YET_WITNESSED",
     "PROOF_VERIFIERS",
+    "WITNESS_GRACE",
     "Finding",
     "Report",
     "TrustError",
@@ -90,6 +92,9 @@ Status = Literal["valid", "invalid", "pending", "erased"]
 # Pending: in its log's checkpoints, but none yet cosigned as the witness policy requires
 # (the code of such a finding; docs/compliance.md, section 2.1).
 NOT_YET_WITNESSED = "not-yet-witnessed"
+# How long that may last: past it, a witness that stopped cosigning (down for good, or
+# refusing a split view) is `missing-cosignature`, not an open-ended exit 3.
+WITNESS_GRACE = dt.timedelta(hours=24)
 TRUST_FORMAT = "ztgate-trust/v1"
 
 # mode -> fn(receipt, evidence: {file name: bytes}) -> Verdict
@@ -130,6 +135,9 @@ class WitnessPolicy:
 
     names: tuple[str, ...] = ()
     quorum: int = 0
+    # How long after its log's last witnessed checkpoint a receipt may be pending on the
+    # witness (`not-yet-witnessed`) before it is `missing-cosignature`.
+    grace: dt.timedelta = WITNESS_GRACE
 
     @property
     def active(self) -> bool:
@@ -545,15 +553,17 @@ def _check_receipt(
         judge = state.chain[proven[0]]
         if policy.active:
             ok = [s for s in proven if policy.satisfied(state.chain[s].cosigned)]
-            behind = None if ok else _not_yet_witnessed(state, policy, index, leaf_ok)
-            if not ok and behind is None:
+            late = None if ok else _not_yet_witnessed(state, policy, index, leaf_ok, now)
+            if not ok and (late is None or late[0] == "invalid"):
                 report.add(
                     subject,
                     "invalid",
                     "missing-cosignature",
-                    f"no checkpoint of the bundle that includes it is {policy.describe()}",
+                    f"no checkpoint of the bundle that includes it is {policy.describe()}"
+                    + (f"; {late[1]}" if late else ""),
                 )
                 return
+            behind = late[1] if late else None
             witnessed = state.chain[ok[-1]] if ok else witnessed
     when = dt.datetime.fromtimestamp(judge.time, dt.UTC)
     window = trust.receipt_keys.window(r.key_id, when)
@@ -591,13 +601,17 @@ def _check_receipt(
 
 
 def _not_yet_witnessed(
-    state: _LogState, policy: WitnessPolicy, index: int, leaf_ok: bool
-) -> str | None:
-    """Why a receipt no witnessed checkpoint includes is pending, or None: it is invalid.
+    state: _LogState, policy: WitnessPolicy, index: int, leaf_ok: bool, now: dt.datetime
+) -> tuple[Literal["pending", "invalid"], str] | None:
+    """Whether a receipt no witnessed checkpoint includes is pending, and why; None: it is
+    invalid (`missing-cosignature`), as it is with ("invalid", why) past the grace.
 
     Pending: it is proven in each of its log's checkpoints that cover it (its inventory
     leaf matched, the chain consistent), none satisfies the policy, and an earlier
     checkpoint of the log does: witnessing of this log stands, and has not reached it.
+    That lasts `policy.grace` from the log's last witnessed checkpoint, timed by its
+    cosignatures (the latest valid one: a time a witness vouched for, which the log cannot
+    move): past it the witness has stopped for good, or refuses this log's checkpoints.
     A later witnessed checkpoint that does not prove it, or a log the policy never
     covered in this bundle, is `missing-cosignature`. A failing cosignature never gets
     here (`bad-cosignature`, `_verify_note`). The bundle records no witness's refusal:
@@ -609,14 +623,27 @@ def _not_yet_witnessed(
     done = [s for s, vc in state.chain.items() if policy.satisfied(vc.cosigned)]
     if not done or max(done) > index:
         return None
+    last = state.chain[max(done)]
+    vouched = dt.datetime.fromtimestamp(max(last.cosigned.values()), dt.UTC)
+    if now - vouched > policy.grace:
+        return "invalid", (
+            f"past the witness grace of {_span(policy.grace)}: its log's last witnessed "
+            f"checkpoint (size {max(done)}) was cosigned {format_time(vouched)}, "
+            f"{_span(now - vouched)} before this check"
+        )
     head = state.chain[max(state.chain)]
     cosigners = ", ".join(sorted(head.cosigned)) or "no trusted witness"
-    return (
+    return "pending", (
         f"not yet witnessed: no checkpoint including it is {policy.describe()} yet; its "
         f"log's are, up to size {max(done)}; the latest (size {head.checkpoint.size}, signed "
         f"{format_time(dt.datetime.fromtimestamp(head.time, dt.UTC))}) is cosigned by "
         f"{cosigners}. Final once a witnessed checkpoint covers it: verify a later export"
     )
+
+
+def _span(d: dt.timedelta) -> str:
+    s = int(d.total_seconds())
+    return f"{s}s" if s < 120 else f"{s // 3600}h {s % 3600 // 60}m"
 
 
 # --- what the report says was checked -----------------------------------------------------
@@ -836,7 +863,11 @@ def _scope(
             for t in trust.log_keys
         ],
         "witnesses": sorted(trust.witnesses),
-        "witness_policy": {"required": list(policy.names), "quorum": policy.quorum},
+        "witness_policy": {
+            "required": list(policy.names),
+            "quorum": policy.quorum,
+            "grace_s": policy.grace.total_seconds(),
+        },
         "salts": None if salts is None else len(salts),
         "proof_reverifiers": sorted(PROOF_VERIFIERS),
         "checked_at": format_time(now),
@@ -877,11 +908,15 @@ def verify_bundle(
     salts: Mapping[str, Any] | None = None,
     now: dt.datetime | None = None,
     quorum: int | None = None,
+    witness_grace: dt.timedelta = WITNESS_GRACE,
 ) -> Report:
     """`require`: witnesses that must all cosign; `quorum`: how many of the trust file's
-    witnesses must (default: the trust file's ``witness_policy``)."""
+    witnesses must (default: the trust file's ``witness_policy``); `witness_grace`: how
+    long after its log's last witnessed checkpoint (by its cosignatures' time) a receipt
+    may still be pending on the witness (`not-yet-witnessed`) rather than invalid."""
     now = now or dt.datetime.now(dt.UTC)
-    policy = WitnessPolicy(tuple(require), trust.witness_quorum if quorum is None else quorum)
+    quorum = trust.witness_quorum if quorum is None else quorum
+    policy = WitnessPolicy(tuple(require), quorum, witness_grace)
     report = Report(scope=_scope(f"bundle v{bundle.version}", trust, policy, salts, now))
     origins: set[str] = set()
     states: list[_LogState] = []
@@ -1457,16 +1492,22 @@ def verify_path(
     salts: Mapping[str, Any] | None = None,
     now: dt.datetime | None = None,
     quorum: int | None = None,
+    witness_grace: dt.timedelta = WITNESS_GRACE,
 ) -> Report:
-    """A bundle (directory or .tar) or a single receipt file. Raises `BundleError` (usage)."""
+    """A bundle (directory or .tar) or a single receipt file. Raises `BundleError` (usage).
+    `witness_grace`: see `verify_bundle`."""
     for name in require:
         if name not in trust.witnesses:
             raise TrustError(f"required witness {name!r} is not in the trust file")
     if quorum is not None and not 0 <= quorum <= len(trust.witnesses):
         raise TrustError(f"witness quorum {quorum}: the trust file has {len(trust.witnesses)}")
+    if witness_grace < dt.timedelta(0):
+        raise TrustError("the witness grace cannot be negative")
     if path.is_file() and not tarfile.is_tarfile(path):
         report = verify_receipt_file(path, trust, require, salts, now, quorum)
     else:
-        report = verify_bundle(BundleReader(path), trust, require, salts, now, quorum)
+        report = verify_bundle(
+            BundleReader(path), trust, require, salts, now, quorum, witness_grace
+        )
     report.scope["target"] = str(path)
     return report

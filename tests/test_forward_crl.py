@@ -1,0 +1,218 @@
+"""`forward.crl` as the forward listener reads it (gateway/forward/crl.py): only a CRL the
+forwarder CA signed counts, a CA's revocations only move forward (CRL number, else
+thisUpdate), a rewrite that keeps the size and the mtime is seen, and requests arriving
+during a re-read wait for it.
+
+Real parts: EC keys, a CA certificate and CRLs signed with `cryptography`, files on disk,
+the real os.stat. The clock is the test's (the look interval is a second of it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+import gateway.forward.crl as crl_mod
+from gateway.forward.crl import CHECK_INTERVAL_S, ForwarderCRL
+
+NAME = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test forwarder CA")])
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+A, B = 0xA1, 0xB2
+
+
+@dataclass
+class CA:
+    key: ec.EllipticCurvePrivateKey
+    pem: Path
+
+    def crl(
+        self,
+        serials: Iterable[int],
+        number: int | None = None,
+        this_update: dt.datetime = T0,
+        key: ec.EllipticCurvePrivateKey | None = None,
+    ) -> bytes:
+        b = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(NAME)
+            .last_update(this_update)
+            .next_update(this_update + dt.timedelta(days=7))
+        )
+        if number is not None:
+            b = b.add_extension(x509.CRLNumber(number), critical=False)
+        for s in serials:
+            b = b.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(s).revocation_date(T0).build()
+            )
+        signed = b.sign(key or self.key, hashes.SHA256())
+        return signed.public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> CA:
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(NAME)
+        .issuer_name(NAME)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(T0 - dt.timedelta(days=1))
+        .not_valid_after(T0 + dt.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    pem = tmp_path / "forwarder-ca.pem"
+    pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return CA(key, pem)
+
+
+class Reader:
+    """A ForwarderCRL on the test's clock; `look` moves it past the interval and refreshes."""
+
+    def __init__(self, path: Path, ca: CA) -> None:
+        self.now = [0.0]
+        self.crl = ForwarderCRL(path, ca.pem, clock=lambda: self.now[0])
+
+    def look(self) -> None:
+        self.now[0] += CHECK_INTERVAL_S
+        asyncio.run(self.crl.refresh())
+
+    def revoked(self, serial: int) -> bool:
+        cert: Any = _Cert(serial)
+        return self.crl.revoked(cert)
+
+
+@dataclass
+class _Cert:  # what `revoked` reads of a certificate: its issuer and serial
+    serial_number: int
+    issuer: x509.Name = NAME
+
+
+def test_a_crl_not_signed_by_the_forwarder_ca_keeps_the_revocations(ca: CA, tmp_path: Path) -> None:
+    """A file whose CRL is signed by another key (a wrong CA's CRL installed, a broken
+    signature) keeps the revocations read before: it does not empty them. Control: a
+    newer CRL the forwarder CA signed, adding one, is read."""
+    path = tmp_path / "forward.crl"
+    path.write_bytes(ca.crl([A], number=1))
+    r = Reader(path, ca)
+    assert r.revoked(A) and not r.revoked(B)
+    other = ec.generate_private_key(ec.SECP256R1())
+    path.write_bytes(ca.crl([], number=2, key=other))
+    r.look()
+    assert r.revoked(A)  # refusal: the badly signed CRL un-revokes nobody
+    path.write_bytes(ca.crl([A, B], number=2))
+    r.look()
+    assert r.revoked(A) and r.revoked(B)  # control: a good newer CRL is read
+
+
+@pytest.mark.parametrize("by", ["number", "this_update"])
+def test_an_older_crl_does_not_unrevoke(ca: CA, tmp_path: Path, by: str) -> None:
+    """A validly signed CRL older than the one held (a lower CRL number; without numbers,
+    an earlier thisUpdate) listing fewer certificates keeps the revocations. Control: a
+    CRL as recent or newer is read, and may drop one."""
+
+    def crl(serials: list[int], n: int) -> bytes:
+        if by == "number":
+            return ca.crl(serials, number=n)
+        return ca.crl(serials, this_update=T0 + dt.timedelta(hours=n))
+
+    path = tmp_path / "forward.crl"
+    path.write_bytes(crl([A, B], 5))
+    r = Reader(path, ca)
+    assert r.revoked(A) and r.revoked(B)
+    path.write_bytes(crl([A], 4))
+    r.look()
+    assert r.revoked(B)  # refusal: replayed older CRL
+    path.write_bytes(crl([A], 5))
+    r.look()
+    assert r.revoked(A) and not r.revoked(B)  # control: as recent is read
+    path.write_bytes(crl([A, B], 6))
+    r.look()
+    assert r.revoked(B)
+
+
+def test_a_rewrite_keeping_size_and_mtime_is_seen(ca: CA, tmp_path: Path) -> None:
+    """A CRL rewritten in place with the same size and its mtime put back (what cp -p,
+    rsync -t, touch -r do) is re-read: the ctime, which no copy can keep, is in the stamp.
+    Control: an untouched file is looked at and not re-read (reads counted around the
+    real parser)."""
+    a, b = ca.crl([A], number=1), ca.crl([A, B], number=2)
+    size = max(len(a), len(b))  # the same size: padded (bytes after the last CRL are ignored)
+    a, b = a.ljust(size, b"\n"), b.ljust(size, b"\n")
+    path = tmp_path / "forward.crl"
+    path.write_bytes(a)
+    r = Reader(path, ca)
+    reads: list[bytes] = []
+    real = crl_mod._verified_crls
+
+    def counting(data: bytes, ca_pem: bytes) -> Any:
+        reads.append(data)
+        return real(data, ca_pem)
+
+    crl_mod._verified_crls = counting  # type: ignore[assignment]
+    try:
+        r.look()
+        assert not reads  # control: unchanged, not re-read
+        st = path.stat()
+        with path.open("r+b") as f:  # in place: the same inode
+            f.write(b)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        after = path.stat()
+        assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_ino,
+        )
+        r.look()
+        assert len(reads) == 1 and r.revoked(B)
+    finally:
+        crl_mod._verified_crls = real
+
+
+async def test_requests_during_a_read_wait_for_it(ca: CA, tmp_path: Path) -> None:
+    """Requests that arrive while one re-reads a changed CRL wait for that read (there is
+    one) and are checked against the new list, not the old. The read is held in its
+    thread on an event the test sets (a stand-in for a large CRL's parse: no slow read
+    can be caused on demand). Control: before the change, the certificate is served."""
+    path = tmp_path / "forward.crl"
+    path.write_bytes(ca.crl([A], number=1))
+    r = Reader(path, ca)
+    assert not r.revoked(B)  # control
+    entered, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+    real = crl_mod._verified_crls
+
+    def held(data: bytes, ca_pem: bytes) -> Any:
+        calls.append(1)
+        entered.set()
+        release.wait(60)
+        return real(data, ca_pem)
+
+    crl_mod._verified_crls = held  # type: ignore[assignment]
+    try:
+        path.write_bytes(ca.crl([A, B], number=2))
+        r.now[0] += CHECK_INTERVAL_S
+        first = asyncio.ensure_future(r.crl.refresh())
+        await asyncio.to_thread(entered.wait, 60)
+        others = [asyncio.ensure_future(r.crl.refresh()) for _ in range(5)]
+        await asyncio.sleep(0)
+        assert not any(t.done() for t in others)  # they wait for the read in flight
+        release.set()
+        await asyncio.gather(first, *others)
+        assert r.revoked(B) and len(calls) == 1
+    finally:
+        release.set()
+        crl_mod._verified_crls = real
