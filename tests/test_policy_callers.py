@@ -345,3 +345,57 @@ def test_the_fleet_bench_callers_share_one_class_on_the_shipped_policies(tmp_pat
         for i in range(50)
     }
     assert len(keys) == 1
+
+
+def test_a_new_caller_of_a_class_whose_scope_answer_is_oldest_is_answered(
+    tmp_path: Path,
+) -> None:
+    """The scope cache is keyed by class only: a full cache whose oldest entry is the
+    class's answer still answers its next caller (it once raised KeyError there)."""
+    source = load_policy_dir(policy_dir(tmp_path))  # the shipped rules
+    engine = PolicyEngine(source, models=models(), nodes=FLEET[:3])
+
+    def c(i: int) -> IdentityFacts:
+        return IdentityFacts(f"{CLIENT}k{i}", f"k{i}", "Acme", "Sales")
+
+    assert engine.may_infer(c(0), "m0")
+    assert engine.may_infer(c(1), "m0")  # control: a class-mate while the cache has room
+    for i in range(2, 2 + 4096):  # other traffic: the m0 answer becomes the oldest
+        engine.may_infer(c(i), "m1")
+    assert engine.may_infer(c(99_999), "m0")
+
+
+def test_one_clients_many_certificates_do_not_push_other_callers_classes_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Callers are remembered by what their grant reads, not per certificate: one client
+    with 4,097 serials is one entry, so a new caller of a long-known class still asks
+    Cedar nothing afterwards; a caller of a new class does (control)."""
+    ids = {
+        "clients": {},
+        "organizations": [
+            {"organization": "Acme", "groups": ["apps"]},
+            {"organization": "Other", "groups": ["apps"], "roles": ["x"]},
+        ],
+    }
+    files = {"60-callers.cedar": FOLDABLE, "identities.json": json.dumps(ids)}
+    source = load_policy_dir(policy_dir(tmp_path, files))
+    names = [n.name for n in FLEET[:3]]
+    engine = PolicyEngine(source, models=models(), nodes=FLEET[:3])
+    ctx = InferContext(1, 10, "", NOON)
+
+    def c(i: int, org: str = "Acme", serial: str = "") -> IdentityFacts:
+        return IdentityFacts(f"{CLIENT}v{i}", f"v{i}", org, "Sales", "CN=ca", serial)
+
+    engine.decide_infer(c(1), "m0", ctx, names)
+    engine.may_infer(c(1), "m0")
+    for s in range(4097):
+        who = IdentityFacts(f"{CLIENT}att", "att", "Acme", "Sales", "CN=ca", f"{s:x}")
+        engine.may_infer(who, "m0")
+        engine.decide_infer(who, "m0", ctx, names)
+    spy = Spy(monkeypatch)
+    engine.decide_infer(c(3), "m0", ctx, names)
+    engine.may_infer(c(3), "m0")
+    assert spy.take() == 0
+    engine.decide_infer(c(4, "Other"), "m0", ctx, names)
+    assert spy.take() > 0

@@ -25,6 +25,7 @@ What a class holds, failing safe (any doubt keys by the caller itself, as before
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -37,6 +38,7 @@ _GROUP = f"{NAMESPACE}::Group"
 # The Client entity's string attributes (facts.client_entity), as IdentityFacts names them.
 STRINGS = ("spiffe_id", "name", "organization", "unit")
 _OTHER = ("other",)  # a tuple: never equal to a string value
+_LIMIT = 4096  # callers and classes remembered (least recently used dropped)
 
 
 class CallerClasses:
@@ -63,23 +65,32 @@ class CallerClasses:
                 self._visit(condition.get("body"))
         self.compared -= self.exact
         # Each class as a small number, never reused (`of`): cache keys hold it.
-        self._ids: dict[tuple[Any, ...], int] = {}
-        self._known: dict[IdentityFacts, int] = {}
+        self._ids: OrderedDict[tuple[Any, ...], int] = OrderedDict()
+        # Per caller as its grant sees it (not per certificate: one client's many serials
+        # would otherwise push every other caller out).
+        self._known: OrderedDict[tuple[str, str, str, str], int] = OrderedDict()
         self._next = itertools.count()
 
     def of(self, identity: IdentityFacts, resolve: Callable[[IdentityFacts], Grant]) -> int:
-        """The caller's class (`key`) as a number, kept per caller. Numbers are never
-        reused, so dropping these maps (bounded) only costs misses."""
-        hit = self._known.get(identity)
+        """The caller's class (`key`) as a number, kept per caller, least recently used
+        dropped past `_LIMIT`. Numbers are never reused, so a dropped entry only costs
+        misses, never another class's answer."""
+        caller = (identity.spiffe_id, identity.name, identity.organization, identity.unit)
+        hit = self._known.get(caller)
+        if hit is not None:
+            self._known.move_to_end(caller)
+            return hit
+        key = self.key(identity, resolve(identity))
+        hit = self._ids.get(key)
         if hit is None:
-            if len(self._known) > 4096 or len(self._ids) > 4096:
-                self._known.clear()
-                self._ids.clear()
-            key = self.key(identity, resolve(identity))
-            hit = self._ids.get(key)
-            if hit is None:
-                hit = self._ids[key] = next(self._next)
-            self._known[identity] = hit
+            hit = self._ids[key] = next(self._next)
+            if len(self._ids) > _LIMIT:
+                self._ids.popitem(last=False)
+        else:
+            self._ids.move_to_end(key)
+        self._known[caller] = hit
+        if len(self._known) > _LIMIT:
+            self._known.popitem(last=False)
         return hit
 
     def key(self, identity: IdentityFacts, grant: Grant) -> tuple[Any, ...]:

@@ -743,16 +743,11 @@ class PolicyEngine:
 
         This is what a gateway asks before reading a body: a caller with no permit for
         the model costs no body bytes and no decoding."""
-        key: tuple[Any, ...] = (self.policy_hash, identity, model)
+        # Keyed by the caller's class for the permits' scopes (a dict lookup per caller):
+        # a new caller whose groups another caller had asks Cedar nothing.
+        klass = self._scope_callers.of(identity, self.source.identities.resolve)
+        key: tuple[Any, ...] = (self.policy_hash, klass, model)
         hit = self._scope_cache.get(key)
-        if hit is None:
-            # The caller's class for the permits' scopes: a new caller whose groups
-            # another caller had asks Cedar nothing.
-            klass = self._scope_callers.of(identity, self.source.identities.resolve)
-            key = (self.policy_hash, klass, model)
-            hit = self._scope_cache.get(key)
-            if hit is not None:
-                self._remember_scope((self.policy_hash, identity, model), hit)
         if hit is not None:
             self._scope_cache.move_to_end(key)
             return hit
@@ -766,7 +761,6 @@ class PolicyEngine:
         answer = cedarpy.is_authorized(request, self._scopes, entities, None)
         ok = answer.decision == cedarpy.Decision.Allow
         self._remember_scope(key, ok)
-        self._remember_scope((self.policy_hash, identity, model), ok)
         return ok
 
     def _remember_scope(self, key: tuple[Any, ...], ok: bool) -> None:
