@@ -103,7 +103,8 @@ CREATE TABLE IF NOT EXISTS quarantine (node TEXT PRIMARY KEY, record TEXT NOT NU
 # ?5 rate, ?6 slack (tokens). In an UPSERT's SET every column names the row as it was, so
 # `_REFILLED` is the bucket before the take; the same arithmetic as MemoryStore's: a clock
 # stepping back refills nothing. `ok` says what happened (the statement returns it): 1 took,
-# 0 refused, 3 a new bucket (full, so it took: cost <= burst).
+# 0 refused, 3 a new bucket (full, so it took: cost <= burst); 3 because it is odd (`ok % 2`:
+# taken) and at least `_INSERTED` (new: counts toward the size check).
 _REFILLED = "iif(?4 > ts, min(?2, tokens + (?4 - ts) * ?5), tokens)"
 # `_REFILLED` is this constant, never input.
 _TAKE = (
