@@ -1042,22 +1042,27 @@ def test_the_forward_crl_is_looked_at_once_a_second_at_most(
     monkeypatch.setattr(os, "stat", counting_stat)
     now[0] += CHECK_INTERVAL_S
     asyncio.run(crl.refresh())
-    assert len(stats) == 1 and not crl.revoked(cert)
+    assert len(stats) == 1
+    assert not crl.revoked(cert)
     forwarder_crl(sites, [fwd.serial], path)
     now[0] += CHECK_INTERVAL_S / 2
     asyncio.run(crl.refresh())  # a second request within the interval: no stat
-    assert len(stats) == 1 and not crl.revoked(cert)
+    assert len(stats) == 1
+    assert not crl.revoked(cert)
     now[0] += CHECK_INTERVAL_S / 2
     asyncio.run(crl.refresh())  # the interval is over: looked at, and the change read
-    assert len(stats) == 2 and crl.revoked(cert)
+    assert len(stats) == 2
+    assert crl.revoked(cert)
     path.write_bytes(b"half a file")
     now[0] += CHECK_INTERVAL_S
     asyncio.run(crl.refresh())
-    assert len(stats) == 3 and crl.revoked(cert)  # the revocations read before stand
+    assert len(stats) == 3
+    assert crl.revoked(cert)  # the revocations read before stand
     forwarder_crl(sites, [], path)  # the file fixed: read at the next look
     now[0] += CHECK_INTERVAL_S
     asyncio.run(crl.refresh())
-    assert len(stats) == 4 and not crl.revoked(cert)
+    assert len(stats) == 4
+    assert not crl.revoked(cert)
 
 
 def test_a_compressed_request_is_not_forwarded(core: Core, sites: PKI, edge: str) -> None:

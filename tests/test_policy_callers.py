@@ -163,7 +163,8 @@ def test_caller_classes_decide_as_the_whole_set_with_the_schema_on_every_request
     if "purpose-is-my-name" in files.get("60-callers.cedar", ""):
         assert len(keys) == n
     else:
-        assert not fast._callers.opaque and n - len(keys) >= 10
+        assert not fast._callers.opaque
+        assert n - len(keys) >= 10
     allowed = denied = errors = 0
     for ctx in CONTEXTS:
         for model in sorted(models()):
@@ -180,7 +181,8 @@ def test_caller_classes_decide_as_the_whole_set_with_the_schema_on_every_request
                     # saw another caller.
                     alone = PolicyEngine(source, models=models(), nodes=fleet)
                     assert fast.may_infer(ident, model) == alone.may_infer(ident, model)
-    assert allowed and denied
+    assert allowed
+    assert denied
     if "clearance-overflow" in files.get("60-callers.cedar", ""):
         assert errors  # and evaluation errors too
 
@@ -230,24 +232,40 @@ def test_a_second_caller_of_a_class_asks_cedar_nothing_and_an_owner_or_a_named_c
 
     ctx = InferContext(1, 10, "", NOON)
     first = engine.decide_infer(c(1), "m0", ctx, names)
-    assert first.allowed and spy.take() > 0  # cold
+    n = spy.take()
+    assert first.allowed
+    assert n > 0  # cold
     # A second caller with the same attributes: nothing asked, the same answer.
     d = engine.decide_infer(c(11), "m0", ctx, names)
-    assert spy.take() == 0 and d.modes == first.modes and d.determining == first.determining
+    n = spy.take()
+    assert n == 0
+    assert d.modes == first.modes
+    assert d.determining == first.determining
     assert same(d, slow.decide_infer(c(11), "m0", ctx, names))
     spy.take()  # the reference's requests
-    assert engine.may_infer(c(1), "m0") and spy.take() > 0
-    assert engine.may_infer(c(12), "m0") and spy.take() == 0  # c1's scope answer
+    assert engine.may_infer(c(1), "m0")
+    n = spy.take()
+    assert n > 0
+    assert engine.may_infer(c(12), "m0")
+    n = spy.take()
+    assert n == 0  # c1's scope answer
     # The owner of m0 (c2): its own class, asked, and allowed by owner-calls-own-model.
     d = engine.decide_infer(c(2), "m0", ctx, names)
-    assert spy.take() > 0 and "owner-calls-own-model" in d.determining
+    n = spy.take()
+    assert n > 0
+    assert "owner-calls-own-model" in d.determining
     assert "owner-calls-own-model" not in first.determining
     # The caller forbidden by uid (c3): asked, and denied where its class-mates are not.
     d = engine.decide_infer(c(3), "m0", ctx, names)
-    assert spy.take() > 0 and not d.allowed and "named-forbid" in d.determining
+    n = spy.take()
+    assert n > 0
+    assert not d.allowed
+    assert "named-forbid" in d.determining
     # The caller a rule names by `name` (c7): asked, and permitted by that rule.
     d = engine.decide_infer(c(7), "m0", ctx, names)
-    assert spy.take() > 0 and "name-literal" in d.determining
+    n = spy.take()
+    assert n > 0
+    assert "name-literal" in d.determining
     # Each as the whole set decides it.
     for i in (2, 3, 7):
         assert same(engine.decide_infer(c(i), "m0", ctx, names), slow.decide_infer(
@@ -255,7 +273,9 @@ def test_a_second_caller_of_a_class_asks_cedar_nothing_and_an_owner_or_a_named_c
     # Control: another caller of the first class after all of these: still nothing asked.
     spy.take()
     d = engine.decide_infer(c(13), "m0", ctx, names)
-    assert spy.take() == 0 and d.determining == first.determining
+    n = spy.take()
+    assert n == 0
+    assert d.determining == first.determining
 
 
 def test_an_evaluation_error_is_never_handed_to_another_caller_of_the_class(
@@ -277,15 +297,70 @@ def test_an_evaluation_error_is_never_handed_to_another_caller_of_the_class(
     a, b = (IdentityFacts(f"{CLIENT}e{i}", f"e{i}", "Acme", "Sales") for i in (1, 2))
     big = InferContext(8, 10, "", NOON)
     d = engine.decide_infer(a, "m0", big, names)
-    assert not d.allowed and any("clearance-overflow" in e for e in d.errors)
+    assert not d.allowed
+    assert any("clearance-overflow" in e for e in d.errors)
     spy.take()
     d = engine.decide_infer(b, "m0", big, names)
-    assert not d.allowed and spy.take() > 0  # asked again, not handed a's answer
+    n = spy.take()
+    assert not d.allowed
+    assert n > 0  # asked again, not handed a's answer
     # Positive control: a batch no rule errors on; b's class-mate then asks nothing.
     small = InferContext(1, 10, "", NOON)
     assert engine.decide_infer(a, "m0", small, names).allowed
     spy.take()
-    assert engine.decide_infer(b, "m0", small, names).allowed and spy.take() == 0
+    allowed = engine.decide_infer(b, "m0", small, names).allowed
+    n = spy.take()
+    assert allowed
+    assert n == 0
+
+
+def test_an_evaluation_error_is_cached_for_the_caller_that_got_it_and_no_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The errored answer is kept under the caller itself: its repeat asks Cedar nothing
+    # (a client that can make a rule err does not make every request a fresh batch),
+    # while a class-mate still asks (the error is not shared).
+    org = {"organization": "Acme", "groups": ["apps"], "clearance": 2}
+    files = {
+        "60-overflow.cedar": OVERFLOW,
+        "identities.json": json.dumps({"clients": {}, "organizations": [org]}),
+    }
+    source = load_policy_dir(policy_dir(tmp_path, files))
+    nodes = FLEET[:2]
+    names = [x.name for x in nodes]
+    engine = PolicyEngine(source, models=models(), nodes=nodes)
+    slow = PolicyEngine(source, models=models(), nodes=nodes, node_classes=False)
+    spy = Spy(monkeypatch)
+    a, b = (IdentityFacts(f"{CLIENT}r{i}", f"r{i}", "Acme", "Sales") for i in (1, 2))
+    big = InferContext(8, 10, "", NOON)
+    first = engine.decide_infer(a, "m0", big, names)
+    cold = spy.take()
+    assert cold > 0
+    assert any("clearance-overflow" in e for e in first.errors)
+    # A request that differs only in what no erring piece reads (not the same request,
+    # which the decision cache answers): a's own errored answer, nothing asked.
+    other = InferContext(8, 10, "", NOON, prompt_tokens=5)
+    again = engine.decide_infer(a, "m0", other, names)
+    n = spy.take()
+    assert n == 0
+    assert again.errors == first.errors
+    assert same(again, slow.decide_infer(a, "m0", other, names))
+    spy.take()  # the reference's requests
+    # A class-mate: asked, and its own errors, not a's.
+    d = engine.decide_infer(b, "m0", big, names)
+    n = spy.take()
+    assert n > 0
+    assert not d.allowed
+    assert same(d, slow.decide_infer(b, "m0", big, names))
+    # Positive control: an answer without errors is the class's: the class-mate of a
+    # caller that asked asks nothing.
+    small = InferContext(1, 10, "", NOON)
+    assert engine.decide_infer(a, "m0", small, names).allowed
+    spy.take()
+    d = engine.decide_infer(b, "m0", small, names)
+    n = spy.take()
+    assert d.allowed
+    assert n == 0
 
 
 def test_the_class_holds_what_the_policies_can_tell_apart() -> None:
@@ -336,7 +411,8 @@ def test_the_fleet_bench_callers_share_one_class_on_the_shipped_policies(tmp_pat
     source = load_policy_dir(policy_dir(tmp_path))
     nodes = [NodeFacts("n1", "eu-west", "prov-a", 1), NodeFacts("n2", "eu-central", "prov-b", 1)]
     engine = PolicyEngine(source, models=models(), nodes=nodes)
-    assert engine._callers is not None and not engine._callers.opaque
+    assert engine._callers is not None
+    assert not engine._callers.opaque
     keys = {
         engine._callers.key(
             IdentityFacts(f"{CLIENT}new{i}", f"new{i}", "Acme", "Sales"),

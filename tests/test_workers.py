@@ -173,8 +173,10 @@ from gateway.state.sqlite import SqliteStore
 async def main() -> None:
     store = SqliteStore(Path(sys.argv[1]))
     go = Path(sys.argv[2])
+    deadline = time.monotonic() + 60  # a parent that never says go: exit, not spin on
     while not go.exists():  # both processes start taking together (a spin: no skew)
-        pass
+        if time.monotonic() > deadline:
+            sys.exit(2)
     took = 0
     for _ in range(int(sys.argv[3])):
         took += (await store.take_token("shared", float(sys.argv[4]), int(sys.argv[5])))[0]
@@ -200,9 +202,14 @@ def test_two_processes_hammering_one_bucket_never_take_more_than_it_holds(
         )
         for _ in range(2)
     ]
-    time.sleep(0.5)  # let both open the store (correctness does not depend on it)
-    go.touch()
-    took = [int(p.communicate(timeout=120)[0]) for p in procs]
+    try:
+        time.sleep(0.5)  # let both open the store (correctness does not depend on it)
+        go.touch()
+        took = [int(p.communicate(timeout=120)[0]) for p in procs]
+    finally:
+        for p in procs:  # no child outlives a failed wait
+            p.kill()
+            p.wait()
     assert all(p.returncode == 0 for p in procs)
     assert sum(took) == burst  # 4,000 calls, one bucket: exactly what it held, no more
     # Control: the same bucket refills with time. A clock 10 tokens later grants 10 more.

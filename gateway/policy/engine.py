@@ -534,6 +534,10 @@ class PolicyEngine:
         klass: tuple[str, str, str, str] | int = caller
         if self._callers is not None:
             klass = self._callers.of(identity, self.source.identities.resolve)
+        # A class-keyed answer with errors is cached under the caller itself in place of
+        # the class (an error may name the caller: never handed to a class-mate), and that
+        # key is looked up first: a caller that keeps erring asks once per part, not per request.
+        shared = klass is not caller
         stems = [
             (
                 i,
@@ -561,6 +565,12 @@ class PolicyEngine:
                     if not piece.varies:
                         fixed[i] = key
                 if not piece.node:
+                    if shared and piece.reads.principal:
+                        own = (*key[:3], caller, *key[4:])
+                        if own in free:
+                            free.move_to_end(own)
+                            keys.append(own)
+                            continue
                     keys.append(key)
                     if key in free:
                         free.move_to_end(key)
@@ -597,11 +607,12 @@ class PolicyEngine:
                     # they are then combined once.
                     parts[c] = interned.setdefault(part, part)
             else:
-                shared = klass is not caller and piece.reads.principal
+                classed = shared and piece.reads.principal
                 for key, answer in zip(asks[i], got, strict=True):
                     part = _part(answer, self._order)
-                    if shared and (part.errors or part.no_decision):
-                        mine[key] = part  # an error may name the caller: not its class's
+                    if classed and (part.errors or part.no_decision):
+                        # This request reads it by the class key; later ones by their own.
+                        mine[key] = free[(*key[:3], caller, *key[4:])] = part
                     else:
                         free[key] = part
         rows, folds = self._rows, self._folds
@@ -760,13 +771,10 @@ class PolicyEngine:
         }
         answer = cedarpy.is_authorized(request, self._scopes, entities, None)
         ok = answer.decision == cedarpy.Decision.Allow
-        self._remember_scope(key, ok)
-        return ok
-
-    def _remember_scope(self, key: tuple[Any, ...], ok: bool) -> None:
         self._scope_cache[key] = ok
         if len(self._scope_cache) > 4096:
             self._scope_cache.popitem(last=False)
+        return ok
 
     # ------------------------------------------------------------------ other actions
 
