@@ -29,7 +29,7 @@ from gateway.forward.crl import CHECK_INTERVAL_S, ForwarderCRL
 
 NAME = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test forwarder CA")])
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
-A, B = 0xA1, 0xB2
+A, B, C = 0xA1, 0xB2, 0xC3
 
 
 @dataclass
@@ -60,9 +60,8 @@ class CA:
         return signed.public_bytes(serialization.Encoding.PEM)
 
 
-@pytest.fixture
-def ca(tmp_path: Path) -> CA:
-    key = ec.generate_private_key(ec.SECP256R1())
+def _ca_cert(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """A self-signed forwarder CA certificate named NAME for `key`."""
     cert = (
         x509.CertificateBuilder()
         .subject_name(NAME)
@@ -74,8 +73,14 @@ def ca(tmp_path: Path) -> CA:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> CA:
+    key = ec.generate_private_key(ec.SECP256R1())
     pem = tmp_path / "forwarder-ca.pem"
-    pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pem.write_bytes(_ca_cert(key))
     return CA(key, pem)
 
 
@@ -108,14 +113,16 @@ def test_a_crl_not_signed_by_the_forwarder_ca_keeps_the_revocations(ca: CA, tmp_
     path = tmp_path / "forward.crl"
     path.write_bytes(ca.crl([A], number=1))
     r = Reader(path, ca)
-    assert r.revoked(A) and not r.revoked(B)
+    assert r.revoked(A)
+    assert not r.revoked(B)
     other = ec.generate_private_key(ec.SECP256R1())
     path.write_bytes(ca.crl([], number=2, key=other))
     r.look()
     assert r.revoked(A)  # refusal: the badly signed CRL un-revokes nobody
     path.write_bytes(ca.crl([A, B], number=2))
     r.look()
-    assert r.revoked(A) and r.revoked(B)  # control: a good newer CRL is read
+    assert r.revoked(A)  # control: a good newer CRL is read
+    assert r.revoked(B)
 
 
 @pytest.mark.parametrize("by", ["number", "this_update"])
@@ -132,19 +139,23 @@ def test_an_older_crl_does_not_unrevoke(ca: CA, tmp_path: Path, by: str) -> None
     path = tmp_path / "forward.crl"
     path.write_bytes(crl([A, B], 5))
     r = Reader(path, ca)
-    assert r.revoked(A) and r.revoked(B)
+    assert r.revoked(A)
+    assert r.revoked(B)
     path.write_bytes(crl([A], 4))
     r.look()
     assert r.revoked(B)  # refusal: replayed older CRL
     path.write_bytes(crl([A], 5))
     r.look()
-    assert r.revoked(A) and not r.revoked(B)  # control: as recent is read
+    assert r.revoked(A)  # control: as recent is read
+    assert not r.revoked(B)
     path.write_bytes(crl([A, B], 6))
     r.look()
     assert r.revoked(B)
 
 
-def test_a_rewrite_keeping_size_and_mtime_is_seen(ca: CA, tmp_path: Path) -> None:
+def test_a_rewrite_keeping_size_and_mtime_is_seen(
+    ca: CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A CRL rewritten in place with the same size and its mtime put back (what cp -p,
     rsync -t, touch -r do) is re-read: the ctime, which no copy can keep, is in the stamp.
     Control: an untouched file is looked at and not re-read (reads counted around the
@@ -162,27 +173,27 @@ def test_a_rewrite_keeping_size_and_mtime_is_seen(ca: CA, tmp_path: Path) -> Non
         reads.append(data)
         return real(data, ca_pem)
 
-    crl_mod._verified_crls = counting  # type: ignore[assignment]
-    try:
-        r.look()
-        assert not reads  # control: unchanged, not re-read
-        st = path.stat()
-        with path.open("r+b") as f:  # in place: the same inode
-            f.write(b)
-        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-        after = path.stat()
-        assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
-            st.st_size,
-            st.st_mtime_ns,
-            st.st_ino,
-        )
-        r.look()
-        assert len(reads) == 1 and r.revoked(B)
-    finally:
-        crl_mod._verified_crls = real
+    monkeypatch.setattr(crl_mod, "_verified_crls", counting)
+    r.look()
+    assert not reads  # control: unchanged, not re-read
+    st = path.stat()
+    with path.open("r+b") as f:  # in place: the same inode
+        f.write(b)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ino,
+    )
+    r.look()
+    assert len(reads) == 1
+    assert r.revoked(B)
 
 
-async def test_requests_during_a_read_wait_for_it(ca: CA, tmp_path: Path) -> None:
+async def test_requests_during_a_read_wait_for_it(
+    ca: CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Requests that arrive while one re-reads a changed CRL wait for that read (there is
     one) and are checked against the new list, not the old. The read is held in its
     thread on an event the test sets (a stand-in for a large CRL's parse: no slow read
@@ -201,7 +212,7 @@ async def test_requests_during_a_read_wait_for_it(ca: CA, tmp_path: Path) -> Non
         release.wait(60)
         return real(data, ca_pem)
 
-    crl_mod._verified_crls = held  # type: ignore[assignment]
+    monkeypatch.setattr(crl_mod, "_verified_crls", held)
     try:
         path.write_bytes(ca.crl([A, B], number=2))
         r.now[0] += CHECK_INTERVAL_S
@@ -212,7 +223,80 @@ async def test_requests_during_a_read_wait_for_it(ca: CA, tmp_path: Path) -> Non
         assert not any(t.done() for t in others)  # they wait for the read in flight
         release.set()
         await asyncio.gather(first, *others)
-        assert r.revoked(B) and len(calls) == 1
+        assert r.revoked(B)
+        assert len(calls) == 1
     finally:
-        release.set()
-        crl_mod._verified_crls = real
+        release.set()  # a failed assertion must not leave the read's thread waiting
+
+
+def test_a_file_with_a_newer_and_an_older_crl_of_one_ca_keeps_the_newer(
+    ca: CA, tmp_path: Path
+) -> None:
+    """`cat new.crl old.crl`: the file's newest CRL of a CA counts, wherever it stands in
+    the file, not the last one. Control: the same two CRLs the other way round, and the
+    older one alone (which does not revoke B)."""
+    new, old = ca.crl([A, B], number=2), ca.crl([A], number=1)
+    newer_first, older_first, alone = (
+        tmp_path / "newer-first.crl",
+        tmp_path / "older-first.crl",
+        tmp_path / "alone.crl",
+    )
+    newer_first.write_bytes(new + old)
+    older_first.write_bytes(old + new)
+    alone.write_bytes(old)
+    assert Reader(newer_first, ca).revoked(B)  # the fix: the older CRL after it is not kept
+    assert Reader(older_first, ca).revoked(B)  # control
+    only_old = Reader(alone, ca)
+    assert only_old.revoked(A)  # control: the older CRL is read...
+    assert not only_old.revoked(B)  # ...and does not revoke B
+
+
+def test_two_forwarder_cas_of_one_name_keep_each_its_crl(ca: CA, tmp_path: Path) -> None:
+    """Two forwarder CAs with one subject (a key rotation: both in the CA file for a
+    while): each one's CRL is held on its own, by the key that verified it. The old CA's
+    CRL number 50 neither hides the new CA's number 1 (A stays revoked, C is) nor makes
+    the new CA's later CRLs "older"; the old CA's older CRL still un-revokes nobody.
+    Control: with the old CA's CRL alone, C is not revoked."""
+    rotated = ec.generate_private_key(ec.SECP256R1())
+    ca.pem.write_bytes(ca.pem.read_bytes() + _ca_cert(rotated))
+    path = tmp_path / "forward.crl"
+    path.write_bytes(ca.crl([A], number=50))
+    r = Reader(path, ca)
+    assert r.revoked(A)
+    assert not r.revoked(C)  # control
+    path.write_bytes(ca.crl([A], number=50) + ca.crl([C], number=1, key=rotated))
+    r.look()
+    assert r.revoked(A)
+    assert r.revoked(C)
+    path.write_bytes(ca.crl([], number=49) + ca.crl([C, B], number=2, key=rotated))
+    r.look()
+    assert r.revoked(A)  # refusal: the old CA's older CRL un-revokes nobody
+    assert r.revoked(B)  # the new CA's next CRL is read
+    assert r.revoked(C)
+
+
+def test_an_unexpected_parse_fault_keeps_the_revocations(
+    ca: CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault the CRL parser raises other than ValueError (a TypeError from
+    `is_signature_valid` for a CA key type it does not take, a DuplicateExtension) keeps
+    what was held, and the refresh every request awaits returns (the listener answers as
+    before: served, or 403 for a revoked certificate; never 500). The parser is made to
+    raise TypeError: with the EC and RSA CAs ztgate issues no real CRL file causes it.
+    Control: once the parser works again, the same file is read."""
+    path = tmp_path / "forward.crl"
+    path.write_bytes(ca.crl([A], number=1))
+    r = Reader(path, ca)
+    real = crl_mod._verified_crls
+
+    def broken(data: bytes, ca_pem: bytes) -> Any:
+        raise TypeError("unsupported key type")
+
+    monkeypatch.setattr(crl_mod, "_verified_crls", broken)
+    path.write_bytes(ca.crl([A, B], number=2))
+    r.look()  # does not raise
+    assert r.revoked(A)  # refusal: kept
+    assert not r.revoked(B)
+    monkeypatch.setattr(crl_mod, "_verified_crls", real)
+    r.look()
+    assert r.revoked(B)  # control: the file is tried again at the next look

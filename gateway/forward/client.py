@@ -110,39 +110,6 @@ class CoreForwarder:
         self.failed = 0
         self.left = 0  # requests whose client left before the core's answer started
 
-    def _request(
-        self,
-        *,
-        client_cert: str,
-        path: str,
-        model: str,
-        version: str,
-        body: bytes,
-        content_type: str,
-        extra: dict[str, str] | None,
-        head_s: float | None,
-        job: str | None = None,
-    ) -> httpx.Request:
-        st = make(
-            site=self.site,
-            aud=self.audience,
-            client_cert=client_cert,
-            body=body,
-            model=model,
-            version=version,
-            job=job,
-        )
-        headers = {
-            **(extra or {}),
-            **sign(st, self._key),
-            "content-type": content_type,
-            "accept-encoding": "identity",
-        }
-        timeout = httpx.Timeout(self.timeout_s, read=head_s or self.timeout_s)
-        return self._http.build_request(
-            "POST", path, content=body, headers=headers, timeout=timeout
-        )
-
     async def open(
         self,
         *,
@@ -160,17 +127,23 @@ class CoreForwarder:
         the caller reads it and closes it (closing it unread closes the connection).
         `job`: the edge's job id, when this is a run of one (the core keeps one receipt
         per job: statement.py)."""
-        req = self._request(
+        st = make(
+            site=self.site,
+            aud=self.audience,
             client_cert=client_cert,
-            path=path,
+            body=body,
             model=model,
             version=version,
-            body=body,
-            content_type=content_type,
-            extra=extra,
-            head_s=head_s,
             job=job,
         )
+        headers = {
+            **(extra or {}),
+            **sign(st, self._key),
+            "content-type": content_type,
+            "accept-encoding": "identity",
+        }
+        timeout = httpx.Timeout(self.timeout_s, read=head_s)
+        req = self._http.build_request("POST", path, content=body, headers=headers, timeout=timeout)
         return await self._http.send(req, stream=True)
 
     async def aclose(self) -> None:

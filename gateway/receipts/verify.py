@@ -146,6 +146,15 @@ class WitnessPolicy:
     def satisfied(self, cosigned: Mapping[str, int]) -> bool:
         return all(n in cosigned for n in self.names) and len(cosigned) >= self.quorum
 
+    def witnessed_at(self, cosigned: Mapping[str, int]) -> int:
+        """When `cosigned` (which satisfies this policy) came to: the latest of the named
+        witnesses' times and the quorum-th earliest; a witness the policy does not need,
+        cosigning later, does not move it."""
+        times = [cosigned[n] for n in self.names]
+        if self.quorum:
+            times.append(sorted(cosigned.values())[self.quorum - 1])
+        return max(times, default=0)
+
     def describe(self) -> str:
         parts = [f"cosigned by {', '.join(self.names)}"] if self.names else []
         if self.quorum:
@@ -610,8 +619,9 @@ def _not_yet_witnessed(
     leaf matched, the chain consistent), none satisfies the policy, and an earlier
     checkpoint of the log does: witnessing of this log stands, and has not reached it.
     That lasts `policy.grace` from the log's last witnessed checkpoint, timed by its
-    cosignatures (the latest valid one: a time a witness vouched for, which the log cannot
-    move): past it the witness has stopped for good, or refuses this log's checkpoints.
+    cosignatures (when the policy's witnesses made it witnessed: a time they vouched for,
+    which the log cannot move; one after the check's time counts as past the grace): past
+    it the witness has stopped for good, or refuses this log's checkpoints.
     A later witnessed checkpoint that does not prove it, or a log the policy never
     covered in this bundle, is `missing-cosignature`. A failing cosignature never gets
     here (`bad-cosignature`, `_verify_note`). The bundle records no witness's refusal:
@@ -624,12 +634,13 @@ def _not_yet_witnessed(
     if not done or max(done) > index:
         return None
     last = state.chain[max(done)]
-    vouched = dt.datetime.fromtimestamp(max(last.cosigned.values()), dt.UTC)
-    if now - vouched > policy.grace:
+    vouched = dt.datetime.fromtimestamp(policy.witnessed_at(last.cosigned), dt.UTC)
+    if now - vouched > policy.grace or vouched > now:  # a time after the check's: no grace
+        age = f"{_span(now - vouched)} before" if vouched <= now else "after"
         return "invalid", (
             f"past the witness grace of {_span(policy.grace)}: its log's last witnessed "
             f"checkpoint (size {max(done)}) was cosigned {format_time(vouched)}, "
-            f"{_span(now - vouched)} before this check"
+            f"{age} this check"
         )
     head = state.chain[max(state.chain)]
     cosigners = ", ".join(sorted(head.cosigned)) or "no trusted witness"
