@@ -1,7 +1,8 @@
 """`forward.crl` as the forward listener reads it (gateway/forward/crl.py): only a CRL the
-forwarder CA signed counts, a CA's revocations only move forward (CRL number, else
-thisUpdate), a rewrite that keeps the size and the mtime is seen, and requests arriving
-during a re-read wait for it.
+forwarder CA signed counts, revocations only accumulate (no validly signed CRL, older,
+of the same number, or a delta, un-revokes), the read is bounded (a regular file, a size
+cap, a wait cap), a rewrite that keeps the size and the mtime is seen, and requests
+arriving during a re-read wait for it.
 
 Real parts: EC keys, a CA certificate and CRLs signed with `cryptography`, files on disk,
 the real os.stat. The clock is the test's (the look interval is a second of it).
@@ -128,8 +129,8 @@ def test_a_crl_not_signed_by_the_forwarder_ca_keeps_the_revocations(ca: CA, tmp_
 @pytest.mark.parametrize("by", ["number", "this_update"])
 def test_an_older_crl_does_not_unrevoke(ca: CA, tmp_path: Path, by: str) -> None:
     """A validly signed CRL older than the one held (a lower CRL number; without numbers,
-    an earlier thisUpdate) listing fewer certificates keeps the revocations. Control: a
-    CRL as recent or newer is read, and may drop one."""
+    an earlier thisUpdate), or as recent, listing fewer certificates keeps the
+    revocations: they only accumulate. Control: a newer CRL adding one is read."""
 
     def crl(serials: list[int], n: int) -> bytes:
         if by == "number":
@@ -146,11 +147,90 @@ def test_an_older_crl_does_not_unrevoke(ca: CA, tmp_path: Path, by: str) -> None
     assert r.revoked(B)  # refusal: replayed older CRL
     path.write_bytes(crl([A], 5))
     r.look()
-    assert r.revoked(A)  # control: as recent is read
-    assert not r.revoked(B)
-    path.write_bytes(crl([A, B], 6))
+    assert r.revoked(B)  # refusal: as recent, fewer entries
+    assert not r.revoked(C)
+    path.write_bytes(crl([A, C], 6))
     r.look()
+    assert r.revoked(C)  # control: a newer CRL is read
     assert r.revoked(B)
+
+
+def test_a_delta_crl_adds_and_unrevokes_nobody(ca: CA, tmp_path: Path) -> None:
+    """A delta CRL (a higher number, only the new revocations; signed by the CA, often
+    public) in place of the base, or after it in one file, un-revokes nobody the base
+    listed. Control: what the delta lists is revoked."""
+    base = ca.crl([A, B], number=10)
+    delta = ca.crl([C], number=11)
+    path = tmp_path / "forward.crl"
+    path.write_bytes(base)
+    r = Reader(path, ca)
+    path.write_bytes(delta)
+    r.look()
+    assert r.revoked(A)  # refusal: the delta replaced the file
+    assert r.revoked(C)  # control
+    both = tmp_path / "both.crl"
+    both.write_bytes(base + delta)
+    fresh = Reader(both, ca)
+    assert fresh.revoked(A)
+    assert fresh.revoked(C)
+
+
+def test_a_fifo_or_an_oversized_file_in_its_place_keeps_the_revocations(
+    ca: CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A FIFO in the CRL's place (its read would block for ever) and a file over the size
+    cap are refused without blocking; what was held stays. Control: a regular file of
+    the right size in the same place is read."""
+    path = tmp_path / "forward.crl"
+    path.write_bytes(ca.crl([A], number=1))
+    r = Reader(path, ca)
+    path.unlink()
+    os.mkfifo(path)
+    r.look()  # returns: O_NONBLOCK and the regular-file check
+    assert r.revoked(A)
+    path.unlink()
+    monkeypatch.setattr(crl_mod, "MAX_BYTES", 64)
+    path.write_bytes(ca.crl([A, B], number=2))
+    r.look()
+    assert not r.revoked(B)  # refusal: over the cap, not read
+    monkeypatch.setattr(crl_mod, "MAX_BYTES", 8 << 20)
+    path.write_bytes(ca.crl([A, B], number=3))
+    r.look()
+    assert r.revoked(B)  # control
+
+
+async def test_a_read_that_does_not_end_holds_requests_back_at_most_the_wait_cap(
+    ca: CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read stuck in its thread (a hung file system: held on an event here, since no
+    hang can be caused on demand) holds a request back at most READ_WAIT_S; it is then
+    checked against what is held. Control: once the read ends, its CRL counts."""
+    monkeypatch.setattr(crl_mod, "READ_WAIT_S", 0.2)
+    path = tmp_path / "forward.crl"
+    path.write_bytes(ca.crl([A], number=1))
+    r = Reader(path, ca)
+    release = threading.Event()
+    real = crl_mod._verified_entries
+
+    def stuck(data: bytes, ca_pem: bytes) -> Any:
+        release.wait(60)
+        return real(data, ca_pem)
+
+    monkeypatch.setattr(crl_mod, "_verified_entries", stuck)
+    try:
+        path.write_bytes(ca.crl([A, B], number=2))
+        r.now[0] += CHECK_INTERVAL_S
+        await asyncio.wait_for(r.crl.refresh(), 30)  # returns after the wait cap
+        assert not r.revoked(B)  # checked against what is held meanwhile
+        await asyncio.wait_for(r.crl.refresh(), 30)  # a later request: the same cap
+        release.set()
+        for _ in range(300):
+            if r.revoked(B):
+                break
+            await asyncio.sleep(0.05)
+        assert r.revoked(B)  # control: the read, once done, counts
+    finally:
+        release.set()
 
 
 def test_a_rewrite_keeping_size_and_mtime_is_seen(
@@ -167,13 +247,13 @@ def test_a_rewrite_keeping_size_and_mtime_is_seen(
     path.write_bytes(a)
     r = Reader(path, ca)
     reads: list[bytes] = []
-    real = crl_mod._verified_crls
+    real = crl_mod._verified_entries
 
     def counting(data: bytes, ca_pem: bytes) -> Any:
         reads.append(data)
         return real(data, ca_pem)
 
-    monkeypatch.setattr(crl_mod, "_verified_crls", counting)
+    monkeypatch.setattr(crl_mod, "_verified_entries", counting)
     r.look()
     assert not reads  # control: unchanged, not re-read
     st = path.stat()
@@ -204,7 +284,7 @@ async def test_requests_during_a_read_wait_for_it(
     assert not r.revoked(B)  # control
     entered, release = threading.Event(), threading.Event()
     calls: list[int] = []
-    real = crl_mod._verified_crls
+    real = crl_mod._verified_entries
 
     def held(data: bytes, ca_pem: bytes) -> Any:
         calls.append(1)
@@ -212,7 +292,7 @@ async def test_requests_during_a_read_wait_for_it(
         release.wait(60)
         return real(data, ca_pem)
 
-    monkeypatch.setattr(crl_mod, "_verified_crls", held)
+    monkeypatch.setattr(crl_mod, "_verified_entries", held)
     try:
         path.write_bytes(ca.crl([A, B], number=2))
         r.now[0] += CHECK_INTERVAL_S
@@ -232,9 +312,9 @@ async def test_requests_during_a_read_wait_for_it(
 def test_a_file_with_a_newer_and_an_older_crl_of_one_ca_keeps_the_newer(
     ca: CA, tmp_path: Path
 ) -> None:
-    """`cat new.crl old.crl`: the file's newest CRL of a CA counts, wherever it stands in
-    the file, not the last one. Control: the same two CRLs the other way round, and the
-    older one alone (which does not revoke B)."""
+    """`cat new.crl old.crl`: every CRL of the file counts, so the older one after the
+    newer drops nothing. Control: the same two CRLs the other way round, and the older
+    one alone (which does not revoke B)."""
     new, old = ca.crl([A, B], number=2), ca.crl([A], number=1)
     newer_first, older_first, alone = (
         tmp_path / "newer-first.crl",
@@ -253,10 +333,10 @@ def test_a_file_with_a_newer_and_an_older_crl_of_one_ca_keeps_the_newer(
 
 def test_two_forwarder_cas_of_one_name_keep_each_its_crl(ca: CA, tmp_path: Path) -> None:
     """Two forwarder CAs with one subject (a key rotation: both in the CA file for a
-    while): each one's CRL is held on its own, by the key that verified it. The old CA's
-    CRL number 50 neither hides the new CA's number 1 (A stays revoked, C is) nor makes
-    the new CA's later CRLs "older"; the old CA's older CRL still un-revokes nobody.
-    Control: with the old CA's CRL alone, C is not revoked."""
+    while): a CRL counts when either key verifies it. The old CA's CRL number 50 neither
+    hides the new CA's number 1 (A stays revoked, C is) nor keeps the new CA's later CRLs
+    out; the old CA's older CRL un-revokes nobody. Control: with the old CA's CRL alone,
+    C is not revoked."""
     rotated = ec.generate_private_key(ec.SECP256R1())
     ca.pem.write_bytes(ca.pem.read_bytes() + _ca_cert(rotated))
     path = tmp_path / "forward.crl"
@@ -287,16 +367,16 @@ def test_an_unexpected_parse_fault_keeps_the_revocations(
     path = tmp_path / "forward.crl"
     path.write_bytes(ca.crl([A], number=1))
     r = Reader(path, ca)
-    real = crl_mod._verified_crls
+    real = crl_mod._verified_entries
 
     def broken(data: bytes, ca_pem: bytes) -> Any:
         raise TypeError("unsupported key type")
 
-    monkeypatch.setattr(crl_mod, "_verified_crls", broken)
+    monkeypatch.setattr(crl_mod, "_verified_entries", broken)
     path.write_bytes(ca.crl([A, B], number=2))
     r.look()  # does not raise
     assert r.revoked(A)  # refusal: kept
     assert not r.revoked(B)
-    monkeypatch.setattr(crl_mod, "_verified_crls", real)
+    monkeypatch.setattr(crl_mod, "_verified_entries", real)
     r.look()
     assert r.revoked(B)  # control: the file is tried again at the next look

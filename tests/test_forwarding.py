@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -1058,11 +1059,14 @@ def test_the_forward_crl_is_looked_at_once_a_second_at_most(
     asyncio.run(crl.refresh())
     assert len(stats) == 3
     assert crl.revoked(cert)  # the revocations read before stand
-    forwarder_crl(sites, [], path)  # the file fixed: read at the next look
+    other = SimpleNamespace(issuer=cert.issuer, serial_number=cert.serial_number + 1)
+    assert not crl.revoked(other)  # type: ignore[arg-type]
+    forwarder_crl(sites, [other.serial_number], path)  # the file fixed: read at the next look
     now[0] += CHECK_INTERVAL_S
     asyncio.run(crl.refresh())
     assert len(stats) == 4
-    assert not crl.revoked(cert)
+    assert crl.revoked(other)  # type: ignore[arg-type]
+    assert crl.revoked(cert)  # revocations only accumulate: dropping a serial needs a restart
 
 
 def test_a_compressed_request_is_not_forwarded(core: Core, sites: PKI, edge: str) -> None:

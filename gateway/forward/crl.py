@@ -10,34 +10,29 @@ A revocation reaches a connection already open within that interval of the file'
 change. The file's stamp holds its inode and ctime besides mtime and size: a copy that
 keeps the size and the mtime (cp -p, rsync -t) still changes the ctime.
 
-Only a CRL signed by a forwarder CA counts, and each CA's revocations only move forward:
-a CA's CRL replaces the one held for it only when its CRL number (its thisUpdate, when it
-has none) is not lower, so a validly signed older CRL that lists fewer certificates does
-not un-revoke any. A CA is its name and its key (two CAs of one name, a key rotation,
-keep each its own CRL and numbering), and of a CA's CRLs in one file the newest counts,
-wherever it stands. A file that cannot be read, holds no CRL, none that verifies, or
-makes the parser fail in any way keeps what was read before (an error is logged, as a
-rejected TLS reload keeps the old context) and is tried again at the next look: a wrong
-CA's CRL or a broken signature never empties the list.
-
-What is held for a CA stays after its certificate leaves the CA file: harmless, as TLS
-refuses the certificates it issued. Only a change of `forward.crl` triggers a re-read:
-a change of the CA file alone does not (it is read again with the next CRL file).
+Revocations only accumulate while the process runs: every certificate a CRL signed by a
+forwarder CA lists (any CA certificate of its issuer's name whose key verifies it) is
+added to what is held, and nothing read later removes one. So no validly signed CRL can
+un-revoke a forwarder — an older one replayed, one of the same number, a delta CRL (it
+adds what it lists), a file that drops a CA's CRL — nor can a CRL the forwarder CA did
+not sign, a broken file, or a parser fault (logged; the next look reads the file again).
+Only a restart starts from the file alone: an officer's revocation must stay in the file
+(SECURITY.md, forwarding). The read is bounded: a regular file only (a FIFO or device in
+its place would block the read for ever), at most `MAX_BYTES`, and a request waits for a
+read at most `READ_WAIT_S`, then is checked against what is held (logged).
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import hashlib
 import logging
+import os
+import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 log = logging.getLogger(__name__)
 
@@ -46,61 +41,43 @@ _CRL_END = b"-----END X509 CRL-----"
 CHECK_INTERVAL_S = 1.0
 
 _Stamp = tuple[int, int, int, int]  # inode, mtime_ns, ctime_ns, size
-_Key = tuple[str, bytes]  # issuer, SHA-256 of the verifying CA's SubjectPublicKeyInfo
+_Entry = tuple[str, str]  # issuer, serial as lowercase hex
+MAX_BYTES = 8 << 20  # a CRL of ~200k entries; a bigger file is refused (kept: what is held)
+READ_WAIT_S = 2.0
 
 
-@dataclass(frozen=True)
-class _Held:
-    """One CA's CRL as read: how recent it is, and what it revokes."""
+def _read_regular(path: Path) -> bytes:
+    """The file's bytes, if it is a regular file of at most MAX_BYTES (O_NONBLOCK: opening a
+    FIFO put in its place must not wait for a writer)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        data = f.read(MAX_BYTES + 1)
+    if len(data) > MAX_BYTES:
+        raise ValueError(f"larger than {MAX_BYTES} bytes")
+    return data
 
-    number: int | None
-    this_update: dt.datetime
-    entries: frozenset[tuple[str, str]]
 
-    def newer_than(self, other: _Held) -> bool:
-        if self.number is not None and other.number is not None:
-            return self.number >= other.number
-        return self.this_update >= other.this_update
-
-
-def _verified_crls(crl_pem: bytes, ca_pem: bytes) -> dict[_Key, _Held]:
-    """(issuer, the verifying CA's key) -> the newest of its CRLs in the file, for each CRL
-    signed by one of the CAs; others are logged and skipped. Keyed by the CA's key too, so
-    that two CAs with one name (a key rotation) each keep their own CRL and numbering.
-    ValueError when the file holds no CRL."""
+def _verified_entries(crl_pem: bytes, ca_pem: bytes) -> set[_Entry]:
+    """What each CRL in the file signed by a forwarder CA revokes; others are logged and
+    skipped. ValueError when no CRL in the file verifies."""
     cas = x509.load_pem_x509_certificates(ca_pem)
-    blocks = crl_pem.split(_CRL_END)[:-1]
-    if not blocks:
-        raise ValueError("no CRL in the file")
-    out: dict[_Key, _Held] = {}
-    for block in blocks:
+    out: set[_Entry] = set()
+    verified = 0
+    for block in crl_pem.split(_CRL_END)[:-1]:
         crl = x509.load_pem_x509_crl(block.strip() + b"\n" + _CRL_END + b"\n")
         issuer = crl.issuer.rfc4514_string()
-        signer = next(
-            (
-                c
-                for c in cas
-                if c.subject == crl.issuer and crl.is_signature_valid(c.public_key())  # type: ignore[arg-type]
-            ),
-            None,
-        )
-        if signer is None:
+        if not any(
+            c.subject == crl.issuer and crl.is_signature_valid(c.public_key())  # type: ignore[arg-type]
+            for c in cas
+        ):
             log.error("forward.crl: ignoring a CRL not signed by a forwarder CA (%s)", issuer)
             continue
-        spki = signer.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        try:
-            number: int | None = crl.extensions.get_extension_for_class(
-                x509.CRLNumber
-            ).value.crl_number
-        except x509.ExtensionNotFound:
-            number = None
-        entries = frozenset((issuer, format(r.serial_number, "x")) for r in crl)
-        key = (issuer, hashlib.sha256(spki).digest())
-        new, old = _Held(number, crl.last_update_utc, entries), out.get(key)
-        if old is None or new.newer_than(old):  # `cat new.crl old.crl` keeps the new one
-            out[key] = new
+        verified += 1
+        out |= {(issuer, format(r.serial_number, "x")) for r in crl}
+    if not verified:
+        raise ValueError("no CRL in it is signed by a forwarder CA")
     return out
 
 
@@ -110,8 +87,7 @@ class ForwarderCRL:
         self.ca = ca
         self._clock = clock
         self._stamp: _Stamp | None = None
-        self._held: dict[_Key, _Held] = {}
-        self._entries: frozenset[tuple[str, str]] = frozenset()
+        self._entries: frozenset[_Entry] = frozenset()
         self._reading: asyncio.Task[None] | None = None
         self._load(self._stat())
         self._looked_at = clock()
@@ -125,36 +101,18 @@ class ForwarderCRL:
 
     def _load(self, stamp: _Stamp | None) -> None:
         try:
-            found = _verified_crls(self.path.read_bytes(), self.ca.read_bytes())
-            if not found:
-                raise ValueError("no CRL in it is signed by a forwarder CA")
+            found = _verified_entries(_read_regular(self.path), self.ca.read_bytes())
         except Exception as exc:  # any fault (a parser surprise too) must not reach requests
             log.error("forward.crl unusable; keeping the revocations read before: %r", exc)
             return  # the stamp stays the old one: the next look reads the file again
-        held = dict(self._held)
-        for key, new in found.items():
-            old = held.get(key)
-            if old is None or new.newer_than(old):
-                held[key] = new
-            else:
-                log.error(
-                    "forward.crl: keeping %s's CRL (number %s, thisUpdate %s): the file's is "
-                    "older (number %s, thisUpdate %s)",
-                    key[0],
-                    old.number,
-                    old.this_update.isoformat(),
-                    new.number,
-                    new.this_update.isoformat(),
-                )
-        self._held = held
-        self._entries = frozenset().union(*(h.entries for h in held.values()))
+        self._entries = self._entries | found
         self._stamp = stamp
 
     async def refresh(self) -> None:
         """Re-read the file if it changed since it was last read; looked at (a stat) at
         most once per `CHECK_INTERVAL_S` after the last look (or read) ended."""
         if self._reading is not None:
-            await asyncio.shield(self._reading)  # a caller's cancellation spares the read
+            await self._wait()  # a caller's cancellation spares the read (shielded)
             return
         now = self._clock()
         if now - self._looked_at < CHECK_INTERVAL_S:
@@ -166,7 +124,18 @@ class ForwarderCRL:
         self._reading = asyncio.ensure_future(self._read(stamp))
         # Retrieved even when every waiter was cancelled: no "never retrieved" warning.
         self._reading.add_done_callback(lambda t: t.cancelled() or t.exception())
-        await asyncio.shield(self._reading)
+        await self._wait()
+
+    async def _wait(self) -> None:
+        """Wait for the read in progress, at most READ_WAIT_S (a hung file system must not
+        hang every forwarded request): then answer from what is held."""
+        assert self._reading is not None
+        try:
+            await asyncio.wait_for(asyncio.shield(self._reading), READ_WAIT_S)
+        except TimeoutError:
+            log.error(
+                "forward.crl: a read is taking over %ss; checking against what is held", READ_WAIT_S
+            )
 
     async def _read(self, stamp: _Stamp) -> None:
         try:
