@@ -237,3 +237,43 @@ async def test_the_witness_grace_counts_only_the_witnesses_the_policy_counts(
     assert mine(25, [], 2) == "pending"  # control: quorum 2 counts the late one
     assert mine(-1, [WITNESS], 0) == "invalid"  # cosigned after the check: past the grace
     assert mine(1, [WITNESS], 0) == "pending"  # control
+
+
+async def test_a_cosignature_time_no_date_can_hold_is_invalid_not_a_crash(
+    world: World, tmp_path: Path
+) -> None:
+    """A trusted witness's real cosignature whose timestamp is past year 9999 (any value
+    below 2^64 signs) is `bad-cosignature`, a finding, not an exception out of the
+    verifier. Control: the same witness cosigning with a sane time gives no such finding."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from gateway.receipts.note import Cosigner
+
+    await _unwitnessed(world)
+    late = Cosigner("witness.example/w3", ed25519.Ed25519PrivateKey.generate())
+    trust = world.trust()
+    trust.witnesses[late.key.name] = late.key
+
+    def bundle_with(ts: int, name: str) -> Path:
+        out = tmp_path / name
+        export_bundle(world.log_dir, out)
+        cps = out / "logs" / world.log.log_id / "checkpoints"
+        bare = cps / f"{min(int(p.stem) for p in cps.glob('*.checkpoint'))}.checkpoint"
+        text = bare.read_text()
+        note = SignedNote.parse(text)
+        cosigned = SignedNote(note.text, (*note.signatures, late.cosign(note.text, ts))).render()
+        for path in out.rglob("*"):
+            if path.is_file() and path.suffix in (".checkpoint", ".tlog-proof"):
+                body = path.read_text()
+                if text in body:
+                    path.write_text(body.replace(text, cosigned))
+        return out
+
+    def codes(out: Path) -> list[str]:
+        report = verify_bundle(BundleReader(out), trust, [WITNESS])
+        return [f.code for f in report.findings if f.status == "invalid"]
+
+    assert "bad-cosignature" in codes(bundle_with(2**62, "far"))
+    assert "bad-cosignature" not in codes(
+        bundle_with(int(dt.datetime.now(dt.UTC).timestamp()), "now")
+    )

@@ -92,6 +92,8 @@ Status = Literal["valid", "invalid", "pending", "erased"]
 # Pending: in its log's checkpoints, but none yet cosigned as the witness policy requires
 # (the code of such a finding; docs/compliance.md, section 2.1).
 NOT_YET_WITNESSED = "not-yet-witnessed"
+# The last second `datetime` can hold (9999-12-31T23:59:59Z): times past it are refused.
+_LAST_TIME = 253402300799
 # How long that may last: past it, a witness that stopped cosigning (down for good, or
 # refusing a split view) is `missing-cosignature`, not an open-ended exit 3.
 WITNESS_GRACE = dt.timedelta(hours=24)
@@ -326,12 +328,18 @@ def _verify_note(raw: str | bytes, trust: TrustPolicy) -> _VerifiedCheckpoint | 
         )
     if cp.time is None:
         return Verdict.failure("malformed-checkpoint", "checkpoint has no time line")
+    if not 0 <= cp.time <= _LAST_TIME:
+        return Verdict.failure("malformed-checkpoint", "checkpoint time out of range")
     cosigned: dict[str, int] = {}
     for name, wk in trust.witnesses.items():
         status, ts = wk.verify(note)
         if status == "invalid":
             return Verdict.failure("bad-cosignature", f"witness {name}'s cosignature fails")
         if status == "valid":
+            if not 0 <= ts <= _LAST_TIME:  # signed, but no date: refused, never a crash
+                return Verdict.failure(
+                    "bad-cosignature", f"witness {name}'s cosignature time is out of range"
+                )
             cosigned[name] = ts
     return _VerifiedCheckpoint(cp, note.text, cp.time, cosigned, note)
 
