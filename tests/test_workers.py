@@ -163,6 +163,56 @@ async def test_a_call_that_finds_the_file_locked_waits_off_the_loop(
         await store.close()
 
 
+# Processes opening one NEW state file at the same moment (workers of a replica whose data
+# dir is fresh, a `ztgate` command beside them): each must start.
+_OPEN = """
+import asyncio, sys, time
+from pathlib import Path
+from gateway.state.sqlite import SqliteStore
+
+go = Path(sys.argv[2])
+deadline = time.monotonic() + 60
+while not go.exists():
+    if time.monotonic() > deadline:
+        sys.exit(2)
+
+async def main() -> None:
+    store = SqliteStore(Path(sys.argv[1]))
+    print(int((await store.take_token("k", 1.0, 10))[0]))
+    await store.close()
+
+asyncio.run(main())
+"""
+
+
+def test_processes_opening_one_new_state_file_together_all_start(tmp_path: Path) -> None:
+    """Switching a new file to WAL takes a lock SQLite does not wait for; the store retries
+    it (bounded), so six processes released together on ten fresh files all start and
+    take. Control: the file each round made is one shared store (six takes, one bucket)."""
+    for round_ in range(10):
+        path, go = tmp_path / f"state{round_}.db", tmp_path / f"go{round_}"
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", _OPEN, str(path), str(go)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(6)
+        ]
+        try:
+            time.sleep(0.3)
+            go.touch()
+            outs = [p.communicate(timeout=120) for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+        codes = [p.returncode for p in procs]
+        assert codes == [0] * 6, [err[-300:] for _, err in outs]
+        assert sum(int(out) for out, _ in outs) == 6
+
+
 # Two worker processes taking from one bucket, each as fast as it can: the one-statement
 # bucket (gateway/state/sqlite.py `_TAKE`) must stay atomic across processes.
 _HAMMER = """

@@ -142,9 +142,24 @@ def prepare(path: Path) -> None:
         db.close()
 
 
+_WAL_SWITCH_S = 10.0
+
+
 def _connect(path: Path, synchronous: str, timeout_s: float) -> sqlite3.Connection:
     db = sqlite3.connect(path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
+    # Switching a new file to WAL takes a lock SQLite's busy handler does not wait for: two
+    # processes opening one new file together (workers, `ztgate` commands) would fail at
+    # once. Retried for a bounded while, at start only (never on the request path).
+    deadline = time.monotonic() + _WAL_SWITCH_S
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                db.close()
+                raise
+            time.sleep(0.01)
     db.execute(f"PRAGMA synchronous={synchronous}")
     db.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
     return db
