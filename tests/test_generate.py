@@ -784,10 +784,12 @@ def test_a_node_killed_mid_stream_ends_it_with_an_error_event_and_a_closing_rece
     assert "failed during the stream" in error["error"]["message"]
     opening = got[0]["ztgate"]["receipt"]["id"]
     logged = closing_of(gateway, opening)
-    assert logged is not None and logged.receipt_id == closing["ztgate"]["receipt_id"]
+    assert logged is not None
+    assert logged.receipt_id == closing["ztgate"]["receipt_id"]
     assert logged.extensions["finish_reason"] == "node-error"
     sent = closing["usage"]["completion_tokens"]
-    assert 1 <= sent < 100  # cut short by the kill, after the first token's text
+    assert sent >= 1  # after the first token's text
+    assert sent < 100  # cut short by the kill
     assert logged.extensions["completion_tokens"] == sent
 
 
